@@ -1,0 +1,53 @@
+"""rknet_jax: Runge-Kutta convolutional networks (RKNets) in JAX and Flax Linen.
+
+The public API is imported lazily, so ``import rknet_jax`` is cheap and pulling in
+one part (say the Butcher tableaus) does not import the model zoo or the checkpoint
+code.  Everything listed in ``__all__`` is reachable as ``rknet_jax.<name>``.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # numerics (paper section 3.1, equations 1-3)
+    "ButcherTableau": "rknet_jax.tableaus",
+    "algebraic_order": "rknet_jax.order_conditions",
+    "rk_step": "rknet_jax.rk",
+    "odeint_fixed": "rknet_jax.rk",
+    # Flax Linen building blocks
+    "TableauStep": "rknet_jax.tableau_block",
+    "Conv": "rknet_jax.conv",
+    # models (paper section 3.3) and the model zoo
+    "create_model": "rknet_jax.registry",
+    "list_models": "rknet_jax.registry",
+    "erknet_from_densenet": "rknet_jax.registry",
+    "irknet_from_cliquenet": "rknet_jax.registry",
+    # counting in the paper's conventions
+    "count_params": "rknet_jax.counting",
+    "count_flops": "rknet_jax.counting",
+    # trained models from an experiments workdir
+    "load_checkpoint": "rknet_jax.checkpoint",
+}
+
+_SUBMODULES = ("tableaus", "order_conditions", "rk", "tableau_block", "conv",
+               "registry", "counting", "checkpoint")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+  if name in _SUBMODULES:
+    module = importlib.import_module(f"rknet_jax.{name}")
+    globals()[name] = module
+    return module
+  raise AttributeError(f"module 'rknet_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))
