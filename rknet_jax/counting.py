@@ -38,6 +38,7 @@ Rules, per equation of the jaxpr (``B`` = the input batch; results are divided b
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -63,12 +64,13 @@ _SHARDED_PRIMITIVES = frozenset({"shard_map", "xla_pmap", "pmap"})
 
 def _normalize_input_shape(input_shape) -> tuple[int, ...]:
   """Validates ``input_shape`` and returns it as NHWC with a batch dimension."""
-  try:
-    shape = tuple(int(d) for d in input_shape)
-  except TypeError as e:
+  if (isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__len__") or
+      not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
+              for d in input_shape)):
     raise ValueError(
         f"input_shape must be a sequence of ints, (H, W, C) or (N, H, W, C); got "
-        f"{input_shape!r}") from e
+        f"{input_shape!r}")
+  shape = tuple(int(d) for d in input_shape)
   if len(shape) == 3:
     shape = (1,) + shape
   if len(shape) != 4 or any(d <= 0 for d in shape):
