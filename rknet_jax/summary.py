@@ -1,0 +1,112 @@
+"""Per-period parameter and FLOP table of a model built by name.
+
+Usage::
+
+  python -m rknet_jax.summary "ERKNet-7x1 6x1 6x1" --growth_rate 36
+  python -m rknet_jax.summary "IRKNet-5x1 5x1 5x1-AB" --growth_rate 150 --num_classes 100
+  python -m rknet_jax.summary "ERKNet-3x1 3x1 3x1 1x1-B" --stem imagenet --num_classes 1000
+
+One row per top-level submodule of the model (preprocessor/stem, each period, each
+transition, postprocessor, classifier), in execution order, then the totals.  Counts follow
+the paper's conventions (section 4, Tables 1-3), measured from the model's own jaxpr by
+:mod:`rknet_jax.counting`: params = trainable parameters (BN running statistics
+excluded); FLOPs = 2 x multiply-adds of convolutions and dense layers per image.
+"""
+
+import argparse
+import sys
+from typing import Sequence
+
+from rknet_jax import counting
+
+
+def _growth_rate(text: str):
+  try:
+    values = [int(v) for v in text.replace(" ", "").split(",") if v]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"--growth_rate must be an int or comma-separated ints (one per period); got "
+        f"{text!r}") from None
+  if not values:
+    raise argparse.ArgumentTypeError(f"--growth_rate is empty: {text!r}")
+  return values[0] if len(values) == 1 else tuple(values)
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f"expected a positive int; got {text!r}")
+  return value
+
+
+def default_image_size(model) -> int:
+  """224 for models with the ImageNet preprocessor, 32 (CIFAR/SVHN) otherwise."""
+  return 224 if getattr(model, "stem", None) == "imagenet" else 32
+
+
+def format_table(title: str, counts: counting.Counts) -> str:
+  """The per-submodule table of ``counts`` (see :class:`rknet_jax.counting.Counts`)."""
+  rows = []
+  for name in counts.modules:
+    rows.append((name or "(root)", counts.params_by_module.get(name, 0),
+                 counts.flops_by_module.get(name, 0)))
+  width = max([len("module"), len("total")] + [len(r[0]) for r in rows])
+  lines = [title,
+           f"input {'x'.join(map(str, counts.input_shape[1:]))} (NHWC, per image); "
+           "params: trainable (BN running stats excluded); "
+           "FLOPs: 2 x multiply-adds of convs and FCs",
+           f"{'module':<{width}}  {'params':>13}  {'params (M)':>10}  {'GFLOPs':>9}"]
+  rule = "-" * len(lines[-1])
+  lines.append(rule)
+  for name, p, f in rows:
+    lines.append(f"{name:<{width}}  {p:>13,}  {p / 1e6:>10.4f}  {f / 1e9:>9.4f}")
+  lines.append(rule)
+  lines.append(f"{'total':<{width}}  {counts.params:>13,}  {counts.params / 1e6:>10.4f}  "
+               f"{counts.flops / 1e9:>9.4f}")
+  return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m rknet_jax.summary",
+      description="Per-period params / GFLOPs table of a model built by "
+      "rknet_jax.create_model (paper conventions, measured from its jaxpr).")
+  parser.add_argument("name", help="model name, e.g. 'ERKNet-7x1 6x1 6x1' or one of "
+                      "rknet_jax.list_models()")
+  parser.add_argument("--growth_rate", type=_growth_rate, default=None,
+                      help="k: one int, or comma-separated ints, one per period")
+  parser.add_argument("--num_classes", type=_positive_int, default=None)
+  parser.add_argument("--stem", choices=("cifar", "imagenet"), default=None,
+                      help="preprocessor (default: the model's)")
+  parser.add_argument("--bottleneck_width", type=_positive_int, default=None)
+  parser.add_argument("--image_size", type=_positive_int, default=None,
+                      help="square input side (default 224 for the ImageNet stem, else 32)")
+  parser.add_argument("--channels", type=_positive_int, default=3,
+                      help="input channels (default 3)")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the exit status."""
+  args = build_parser().parse_args(argv)
+  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  kwargs = {k: getattr(args, k) for k in
+            ("growth_rate", "num_classes", "stem", "bottleneck_width")
+            if getattr(args, k) is not None}
+  try:
+    model = registry.create_model(args.name, **kwargs)
+  except (ValueError, TypeError) as e:
+    print(f"error: cannot build {args.name!r}: {e}", file=sys.stderr)
+    return 2
+  size = args.image_size or default_image_size(model)
+  counts = counting.model_counts(model, (1, size, size, args.channels))
+  title = f"{args.name}  ({type(model).__name__}, {getattr(model, 'num_classes', '?')} classes)"
+  print(format_table(title, counts))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
