@@ -1,0 +1,286 @@
+"""Dense and clique blocks, and the ERK / IRK time-steps built from them.
+
+Paper section 3.3 (``shared/paper/ARCHITECTURE.md``, "ERK time-step" and "IRK time-step"):
+
+* :class:`DenseLayer` / :class:`DenseBlock` -- DenseNet's dense connectivity (Huang et al.
+  2017): layer l reads the concatenation of the block input and all earlier growths.
+* :class:`ERKStep` -- one time-step of an s-stage ERK method (equation 5, Figure 2): a dense
+  block of s*m layers at growth rate k; growths (i-1)m+1 .. im form group i = h b_i z_i
+  (Rules 1-3), and y_{n+1} = y_n + sum_i group_i (an explicit, parameter-free summation).
+* :class:`CliqueBlock` -- CliqueNet's alternately updated clique (Yang et al. 2018) with its
+  weight sharing: stage I, then N alternate updates (Gauss-Seidel or Jacobi order).
+* :class:`IRKStep` -- one time-step of an s-stage IRK method (equation 6, Figure 3):
+  y_{n+1} = y_n + sum_i X_i over the final stage values (Rule 4: m = 1).
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rknet_jax import conv as conv_lib
+from rknet_jax import layers
+
+__all__ = ["DenseLayer", "DenseBlock", "ERKStep", "CliqueBlock", "IRKStep", "UPDATE_ORDERS"]
+
+UPDATE_ORDERS = ("gauss_seidel", "jacobi")
+"""Orders of the alternate update: newest values (the paper's, CliqueNet's) or previous pass."""
+
+
+def _sum(arrays):
+  # Explicit additions (no einsum), so FLOP counting sees no multiply-add here.
+  out = arrays[0]
+  for a in arrays[1:]:
+    out = out + a
+  return out
+
+
+class DenseLayer(nn.Module):
+  """One dense layer on the concatenation of ``inputs``, giving ``growth_rate`` channels.
+
+  Plain: BN -> ReLU -> 3x3 conv.  Bottleneck ("B"): BN -> ReLU -> 1x1 conv (width w) ->
+  BN -> ReLU -> 3x3 conv.  Pre-activation, no biases, dropout after each conv if > 0.
+  With ``remat`` the segment concat -> BN -> ReLU -> first conv, whose input grows linearly
+  along a block (quadratic memory over the block), is rematerialised (jax.checkpoint).
+
+  Attributes:
+    growth_rate: k, output channels.
+    bottleneck_width: w, or None for the plain layer.
+  """
+  growth_rate: int
+  bottleneck_width: Optional[int] = None
+  dropout_rate: float = 0.0
+  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
+  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, inputs, train: bool):
+    first = layers.maybe_remat(layers.BNReLUConv, self.remat, train_argnum=2)
+    common = dict(dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
+                  bn_epsilon=self.bn_epsilon, dtype=self.dtype)
+    if self.bottleneck_width is None:
+      return first(self.growth_rate, (3, 3), name="bn_relu_conv3x3", **common)(inputs, train)
+    h = first(self.bottleneck_width, (1, 1), name="bn_relu_conv1x1", **common)(inputs, train)
+    return layers.BNReLUConv(self.growth_rate, (3, 3), name="bn_relu_conv3x3",
+                             **common)(h, train)
+
+
+class DenseBlock(nn.Module):
+  """DenseNet dense block of ``num_layers`` :class:`DenseLayer` s.
+
+  Returns the list ``[x, g_1, ..., g_L]`` of the block input and the growths (k channels
+  each); DenseNet concatenates it, the ERK time-step groups and sums it.
+  """
+  num_layers: int
+  growth_rate: int
+  bottleneck_width: Optional[int] = None
+  dropout_rate: float = 0.0
+  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
+  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    feats = [x]
+    for l in range(self.num_layers):
+      feats.append(DenseLayer(
+          self.growth_rate, self.bottleneck_width, dropout_rate=self.dropout_rate,
+          bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+          remat=self.remat, name=f"layer{l + 1}")(list(feats), train))
+    return feats
+
+
+class ERKStep(nn.Module):
+  """One ERK time-step: dense block + explicit summation (paper section 3.3.1, Figure 2).
+
+  ``y`` must have m*k channels (Rule 1).  The dense block has s*m layers (Rule 3); growths
+  (i-1)m+1 .. im concatenated are group i, standing for h b_i z_i (Rule 2); the output is
+  y + sum_i group_i.  With s = m = 1 and no bottleneck this is a pre-activation residual
+  unit y + conv(relu(bn(y))).
+
+  Attributes:
+    num_stages: s.
+    growth_multiplier: m.
+    growth_rate: k.
+    bottleneck_width: None (plain layers) or the bottleneck width w.
+  """
+  num_stages: int
+  growth_multiplier: int
+  growth_rate: int
+  bottleneck_width: Optional[int] = None
+  dropout_rate: float = 0.0
+  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
+  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, y, train: bool):
+    s, m, k = self.num_stages, self.growth_multiplier, self.growth_rate
+    if y.shape[-1] != m * k:
+      raise ValueError(f"ERKStep: Rule 1 needs y with m*k = {m}*{k} = {m * k} channels, "
+                       f"got {y.shape[-1]}")
+    feats = DenseBlock(s * m, k, self.bottleneck_width, dropout_rate=self.dropout_rate,
+                       bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+                       dtype=self.dtype, remat=self.remat, name="dense_block")(y, train)
+    growths = feats[1:]
+    groups = [layers.concat(growths[i * m:(i + 1) * m]) for i in range(s)]
+    return _sum([y.astype(groups[0].dtype)] + groups)
+
+
+class CliqueBlock(nn.Module):
+  """CliqueNet's alternately updated clique block (Yang et al. 2018; paper section 3.3.2).
+
+  Stages X_1..X_s of k channels each; X_0 = the block input (any width c_0).
+
+  ``share_weights=True`` (CliqueNet, the paper): one filter W_0i (c_0 -> k) from X_0 to each
+  stage and one W_ji (k -> k) for every ordered pair j != i, s^2 filters when c_0 = k, all
+  parameters ``W_{j}_{i}`` of this module.  Pass I: X_i = g(concat(X_0, X_1..X_{i-1})) with
+  W_0i, W_1i, .., W_(i-1)i.  Each update pass: X_i = g(concat(X_j, j != i, j >= 1)) with
+  the same W_ji.  g = BN -> ReLU -> conv on the concatenation, computed as ONE convolution
+  whose kernel is the concatenation of the W_ji along the input axis (equal to the sum of
+  one convolution per input).  Every pass, including each update iteration, has its own
+  BatchNorms (as CliqueNet's code, which builds new BN layers in every loop).
+  Bottleneck (``bottleneck_width`` w not None): the W are 1x1 (-> w), followed by
+  BN -> ReLU -> a per-stage 3x3 conv w -> k shared by all passes (its BNs are not).
+  Plain: the W are 3x3 (-> k).
+
+  ``share_weights=False`` (the authors' later RKCNN code): pass I is s dense layers (each on
+  concat(X_0, earlier stages)); the update pass has its own per-stage dense layers on
+  concat(X_0, the other s-1 stages), reused (BNs included, as in that code) by every update
+  iteration.  Dense layers are bottleneck layers of width w, or plain 3x3 if w is None.
+
+  Update order: "gauss_seidel" reads the newest value of every stage (the paper's);
+  "jacobi" reads the values of the previous pass.  ``num_updates`` passes iterate the same
+  shared weights (fixed-point iterations of the implicit stage equations).
+
+  Initialisation: each W_ji is He-normal with its own fan-in (as an independent k -> k
+  convolution, as in CliqueNet's code).
+
+  Returns ``(stage_one, final)``: lists of the s stage values after pass I and after the
+  last update.
+  """
+  num_stages: int
+  growth_rate: int
+  bottleneck_width: Optional[int] = None
+  num_updates: int = 1
+  update_order: str = "gauss_seidel"
+  share_weights: bool = True
+  dropout_rate: float = 0.0
+  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
+  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def _check(self):
+    if self.update_order not in UPDATE_ORDERS:
+      raise ValueError(f"update_order={self.update_order!r}: expected one of {UPDATE_ORDERS}")
+    if not isinstance(self.num_updates, int) or self.num_updates < 0:
+      raise ValueError(f"num_updates={self.num_updates!r}: expected an int >= 0")
+    if self.num_stages < 1:
+      raise ValueError(f"num_stages={self.num_stages}: expected >= 1")
+    if self.share_weights and self.num_stages < 2 and self.num_updates > 0:
+      raise ValueError("a clique block with shared weights needs s >= 2 stages: with s = 1 "
+                       "the update pass has no other stage to read (equation 6)")
+
+  @nn.compact
+  def __call__(self, x0, train: bool):
+    self._check()
+    if self.share_weights:
+      return self._shared(x0, train)
+    return self._unshared(x0, train)
+
+  def _common(self):
+    return dict(dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
+                bn_epsilon=self.bn_epsilon, dtype=self.dtype)
+
+  def _shared(self, x0, train):
+    s, k, w = self.num_stages, self.growth_rate, self.bottleneck_width
+    bottleneck = w is not None
+    ksize = (1, 1) if bottleneck else (3, 3)
+    wout = w if bottleneck else k
+    c0 = x0.shape[-1]
+    W = {}
+    for i in range(1, s + 1):
+      for j in range(0, s + 1):
+        if j != i:
+          W[j, i] = self.param(f"W_{j}_{i}", conv_lib.he_normal,
+                               ksize + (c0 if j == 0 else k, wout), jnp.float32)
+    post = ({i: conv_lib.Conv(k, (3, 3), dtype=self.dtype, name=f"stage{i}_conv3x3")
+             for i in range(1, s + 1)} if bottleneck else {})
+    seg_cls = layers.maybe_remat(layers.BNReLUKernelConv, self.remat, train_argnum=3)
+
+    def g(pass_name, i, inputs, sources):
+      kernel = jnp.concatenate([W[j, i] for j in sources], axis=2)
+      h = seg_cls(name=f"{pass_name}_stage{i}", **self._common())(inputs, kernel, train)
+      if bottleneck:
+        h = layers.BatchNorm(train, self.bn_momentum, self.bn_epsilon, self.dtype,
+                             name=f"{pass_name}_stage{i}_bn3x3")(h)
+        h = post[i](nn.relu(h))
+        if self.dropout_rate > 0:
+          h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+      return h
+
+    X = {}
+    for i in range(1, s + 1):
+      X[i] = g("pass1", i, [x0] + [X[j] for j in range(1, i)], list(range(0, i)))
+    stage_one = [X[i] for i in range(1, s + 1)]
+    for u in range(1, self.num_updates + 1):
+      prev = dict(X)
+      src = X if self.update_order == "gauss_seidel" else prev
+      for i in range(1, s + 1):
+        others = [j for j in range(1, s + 1) if j != i]
+        X[i] = g(f"update{u}", i, [src[j] for j in others], others)
+    return stage_one, [X[i] for i in range(1, s + 1)]
+
+  def _unshared(self, x0, train):
+    s, k = self.num_stages, self.growth_rate
+    mk = lambda name: DenseLayer(k, self.bottleneck_width, remat=self.remat, name=name,
+                                 **self._common())
+    X = []
+    for i in range(s):
+      X.append(mk(f"pass1_stage{i + 1}")([x0] + X[:i], train))
+    stage_one = list(X)
+    update = [mk(f"update_stage{i + 1}") for i in range(s)]
+    for _ in range(self.num_updates):
+      prev = list(X)
+      for i in range(s):
+        src = X if self.update_order == "gauss_seidel" else prev
+        X[i] = update[i]([x0] + [src[j] for j in range(s) if j != i], train)
+    return stage_one, X
+
+
+class IRKStep(nn.Module):
+  """One IRK time-step: clique block + explicit summation (paper section 3.3.2, Figure 3).
+
+  ``y`` must have k channels (Rules 1 and 4: m = 1).  y_{n+1} = y_n + sum_i X_i with the
+  stage values X_i after the last alternate update (see :class:`CliqueBlock`).
+  """
+  num_stages: int
+  growth_rate: int
+  bottleneck_width: Optional[int] = None
+  num_updates: int = 1
+  update_order: str = "gauss_seidel"
+  share_weights: bool = True
+  dropout_rate: float = 0.0
+  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
+  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, y, train: bool):
+    k = self.growth_rate
+    if y.shape[-1] != k:
+      raise ValueError(f"IRKStep: Rules 1 and 4 (m = 1) need y with k = {k} channels, "
+                       f"got {y.shape[-1]}")
+    _, final = CliqueBlock(
+        self.num_stages, k, self.bottleneck_width, num_updates=self.num_updates,
+        update_order=self.update_order, share_weights=self.share_weights,
+        dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
+        bn_epsilon=self.bn_epsilon, dtype=self.dtype, remat=self.remat,
+        name="clique_block")(y, train)
+    return _sum([y.astype(final[0].dtype)] + final)
