@@ -52,7 +52,7 @@ _CONSISTENCY_TOL = 1e-12
 def _as_float_tuple(values, what):
   try:
     return tuple(float(v) for v in values)
-  except TypeError as e:
+  except (TypeError, ValueError) as e:
     raise ValueError(f"ButcherTableau: {what} must be a sequence of numbers, "
                      f"got {values!r}") from e
 

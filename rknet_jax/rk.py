@@ -1,0 +1,387 @@
+"""Pure Runge-Kutta steps for any pytree state (paper section 3.1, equations 1-3).
+
+:func:`rk_step` advances dy/dt = f(t, y) (equation 1) by one step of size h with a
+Butcher tableau (a, b, c):
+
+    z_i     = f(t + c_i h, y + h sum_j a_ij z_j),   i = 1..s      (equation 3)
+    y_next  = y + h sum_i b_i z_i                                  (equation 2)
+
+:func:`odeint_fixed` repeats it ``num_steps`` times with ``lax.scan``.
+
+Explicit tableaus (a strictly lower triangular) evaluate the stages in order; stages with
+weight b_i = 0 that no later stage uses (the FSAL stage of Dormand-Prince) are skipped,
+as are terms whose coefficient is exactly 0.
+
+Implicit tableaus: the stage equations are solved with a *fixed* number of iterations,
+so the step is an ordinary traced computation (``jit``, ``grad``, ``vmap`` just work and
+the cost is known in advance):
+
+* ``solver="fixed_point"`` (default).  Start from the explicit-Euler-like predictor
+  z_i^0 = f(t, y) and iterate z^{k+1}_i = f(t + c_i h, y + h sum_j a_ij z^k_j) (all
+  stages from the previous iterate, Jacobi style).  The map contracts when
+  h L ||A|| < 1 (L: Lipschitz constant of f in y, ||A||: a norm of the stage matrix), and
+  each iteration shrinks the stage error by about that factor.  Since the predictor's
+  error is O(h), k iterations leave a stage error O(h^{k+1}), so the step has order
+  min(p, k + 1) (Picard iteration of a collocation/RK method): **k >= p - 1 iterations
+  preserve the order p asymptotically**.  The default, p + 1, keeps two iterations of
+  margin so the iteration error sits well below the truncation error for moderate
+  h L ||A|| (<= 0.5, say).  For stiff f (h L ||A|| >= 1) fixed-point iteration diverges
+  no matter how many iterations are used: take a smaller h or ``solver="newton"``.
+* ``solver="newton"``.  Newton's method on the s * n stage equations with the Jacobian
+  from ``jax.jacfwd`` and a dense solve; costs O((s n)^3) per iteration, so it is meant
+  for small states (tests, toy ODEs, stiff problems), not for feature maps.  The stage
+  error after k iterations is O(h^{2^{k+1} - 1}), so the default is the smallest k with
+  2^{k+1} - 1 >= p, plus one.
+
+The iterations are unrolled Python loops (not ``lax.fori_loop``), so ``f`` may be a
+bound Flax Linen module that creates parameters or updates batch statistics; the
+compiled graph holds (iterations + 1) * s evaluations of f.
+"""
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from rknet_jax import tableaus as tableaus_lib
+
+__all__ = ["rk_step", "odeint_fixed", "runge_kutta_step", "default_implicit_iterations",
+           "SOLVERS", "measured_order", "convergence_errors"]
+
+SOLVERS = ("fixed_point", "newton")
+
+VectorField = Callable[[Any, Any], Any]
+
+
+def _check_solver(solver):
+  if solver not in SOLVERS:
+    raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+
+
+def _check_iterations(implicit_iterations):
+  if implicit_iterations is None:
+    return None
+  if (isinstance(implicit_iterations, bool)
+      or not isinstance(implicit_iterations, (int, np.integer))
+      or implicit_iterations < 1):
+    raise ValueError("implicit_iterations must be None or a positive int, got "
+                     f"{implicit_iterations!r}")
+  return int(implicit_iterations)
+
+
+def default_implicit_iterations(order: int, solver: str = "fixed_point") -> int:
+  """Default number of iterations for an implicit method of order ``order``.
+
+  ``fixed_point``: order + 1 (order - 1 is the asymptotic minimum, see the module
+  docstring).  ``newton``: the smallest k with 2^{k+1} - 1 >= order, plus one.
+  """
+  _check_solver(solver)
+  if solver == "fixed_point":
+    return int(order) + 1
+  k = 0
+  while 2 ** (k + 1) - 1 < order:
+    k += 1
+  return k + 1
+
+
+def _is_static_zero(v) -> bool:
+  return isinstance(v, (int, float, np.floating, np.integer)) and v == 0
+
+
+def _combine(y, h, coeffs: Sequence[Any], zs: Sequence[Any]):
+  """y + h * sum_j coeffs[j] * zs[j] leaf-wise, skipping static zeros; keeps y's dtypes."""
+  terms = [(cf, z) for cf, z in zip(coeffs, zs) if not _is_static_zero(cf)]
+  if not terms:
+    return y
+  coeffs = [cf for cf, _ in terms]
+
+  def leaf(yl, *zl):
+    acc = coeffs[0] * zl[0]
+    for cf, z in zip(coeffs[1:], zl[1:]):
+      acc = acc + cf * z
+    return (yl + h * acc).astype(jnp.result_type(yl))
+
+  return jax.tree_util.tree_map(leaf, y, *[z for _, z in terms])
+
+
+def _stage_time(t, h, ci):
+  return t if _is_static_zero(ci) else t + ci * h
+
+
+def _coefficient_lists(a, b, c):
+  """Python lists of per-entry coefficients (floats, or traced scalars for arrays)."""
+  s = len(b)
+  a_rows = [[a[i][j] for j in range(s)] for i in range(s)]
+  return a_rows, [b[i] for i in range(s)], [c[i] for i in range(s)]
+
+
+def runge_kutta_step(stage_fn: Callable[[int, Any, Any], Any], t, y, h, a, b, c, *,
+                     explicit: bool, implicit_iterations: int = 1,
+                     solver: str = "fixed_point", shared_predictor: bool = True):
+  """One RK step with stage-indexed vector fields z_i = stage_fn(i, t_i, Y_i) (eq. 3-4).
+
+  The general form behind :func:`rk_step` and :class:`rknet_jax.TableauStep`: besides
+  f(t, y) (``stage_fn`` ignoring i, equation 3) it covers one function per stage
+  (equation 4 of the paper).  Coefficients may be Python floats (static: exact zeros are
+  skipped) or traced scalars/arrays (learnable: nothing is skipped).
+
+  Args:
+    stage_fn: ``stage_fn(i, t_i, Y_i) -> z_i`` with Y_i shaped like ``y``.
+    t, y, h: current time, state (any pytree of arrays) and step size.
+    a, b, c: the tableau; ``a[i][j]``, ``b[i]``, ``c[i]`` indexing must work (nested
+      tuples or arrays).
+    explicit: treat a as strictly lower triangular (entries on and above the diagonal
+      are never read) and evaluate the stages in order.
+    implicit_iterations: number of fixed-point or Newton iterations (implicit only).
+    solver: ``"fixed_point"`` or ``"newton"`` (implicit only; see the module docstring).
+    shared_predictor: initial guess z_i^0 = stage_fn(0, t, y) for every stage (one
+      evaluation, right when all stages share f); otherwise z_i^0 =
+      stage_fn(i, t + c_i h, y) (one evaluation per stage).
+
+  Returns:
+    y_next with the structure and dtypes of ``y``.
+  """
+  s = len(b)
+  a_rows, b_list, c_list = _coefficient_lists(a, b, c)
+  if explicit:
+    # Stage i is needed if b_i != 0 or a later needed stage uses it.
+    needed = [False] * s
+    for i in reversed(range(s)):
+      needed[i] = (not _is_static_zero(b_list[i])) or any(
+          needed[k] and not _is_static_zero(a_rows[k][i]) for k in range(i + 1, s))
+    zs = [None] * s
+    for i in range(s):
+      if needed[i]:
+        y_i = _combine(y, h, a_rows[i][:i], zs[:i])
+        zs[i] = stage_fn(i, _stage_time(t, h, c_list[i]), y_i)
+    return _combine(y, h, b_list, zs)
+
+  _check_solver(solver)
+  iterations = _check_iterations(implicit_iterations)
+  if iterations is None:
+    raise ValueError("implicit_iterations must be a positive int for implicit tableaus")
+  if solver == "newton":
+    return _newton_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations)
+
+  # Stages whose row of a is (statically) zero are explicit: compute them once.
+  static_rows = [all(_is_static_zero(v) for v in row) for row in a_rows]
+  if shared_predictor:
+    z0 = stage_fn(0, t, y)
+    zs = [z0] * s
+  else:
+    zs = [stage_fn(i, _stage_time(t, h, c_list[i]), y) for i in range(s)]
+  for i in range(s):
+    if static_rows[i]:
+      zs[i] = stage_fn(i, _stage_time(t, h, c_list[i]), y)
+  for _ in range(iterations):
+    zs = [zs[i] if static_rows[i] else
+          stage_fn(i, _stage_time(t, h, c_list[i]), _combine(y, h, a_rows[i], zs))
+          for i in range(s)]
+  return _combine(y, h, b_list, zs)
+
+
+def _newton_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations):
+  """Newton iterations on G(Z) = Z - F(Z) = 0 for the stacked stage slopes Z (s, n)."""
+  s = len(b_list)
+  y_flat, unravel = ravel_pytree(y)
+  dtype = y_flat.dtype
+  n = y_flat.shape[0]
+  a_mat = jnp.stack([jnp.stack([jnp.asarray(v, dtype) for v in row]) for row in a_rows])
+  b_vec = jnp.stack([jnp.asarray(v, dtype) for v in b_list])
+
+  def residual(z_flat):
+    z = z_flat.reshape(s, n)
+    stage_states = y_flat[None, :] + h * (a_mat @ z)
+    fz = jnp.concatenate([
+        ravel_pytree(stage_fn(i, _stage_time(t, h, c_list[i]),
+                              unravel(stage_states[i].astype(dtype))))[0].astype(dtype)
+        for i in range(s)])
+    g = z_flat - fz
+    return g, g
+
+  z0 = ravel_pytree(stage_fn(0, t, y))[0].astype(dtype)
+  z = jnp.tile(z0, s)
+  for _ in range(iterations):
+    jac, g = jax.jacfwd(residual, has_aux=True)(z)
+    z = z - jnp.linalg.solve(jac, g)
+  y_next = y_flat + h * (b_vec @ z.reshape(s, n))
+  return unravel(y_next.astype(dtype))
+
+
+def rk_step(f: VectorField, t, y, h, tableau, *, implicit_iterations: Optional[int] = None,
+            solver: str = "fixed_point"):
+  """One Runge-Kutta step y_{n+1} = y_n + h sum_i b_i z_i (paper eqs. 2-3).
+
+  Args:
+    f: the vector field ``f(t, y)`` of equation 1, returning a pytree like ``y``.
+    t: current time t_n (Python or JAX scalar).
+    y: current state y_n, any pytree of floating arrays (float32 or float64).
+    h: step size (Python or JAX scalar; may be traced, e.g. learned).
+    tableau: a :class:`~rknet_jax.tableaus.ButcherTableau` or the name of a shipped one.
+    implicit_iterations: for implicit tableaus, the fixed number of solver iterations;
+      ``None`` picks :func:`default_implicit_iterations` (``order + 1`` for fixed-point
+      iteration).  Ignored for explicit tableaus.  See the module docstring for how to
+      choose it: fixed-point iteration needs h L ||A|| < 1 and k >= p - 1 iterations
+      to keep order p.
+    solver: ``"fixed_point"`` (default, any state size) or ``"newton"`` (dense Jacobian
+      via ``jax.jacfwd``; small states only).
+
+  Returns:
+    y_{n+1}, with the pytree structure and leaf dtypes of ``y``.
+
+  Works under ``jax.jit`` (pass the tableau as a static argument or close over it),
+  ``jax.grad`` and ``jax.vmap``.
+  """
+  tableau = tableaus_lib.get(tableau)
+  _check_solver(solver)
+  iterations = _check_iterations(implicit_iterations)
+  if tableau.is_implicit and iterations is None:
+    iterations = default_implicit_iterations(tableau.order, solver)
+  return runge_kutta_step(lambda i, ti, yi: f(ti, yi), t, y, h, tableau.a, tableau.b,
+                          tableau.c, explicit=tableau.is_explicit,
+                          implicit_iterations=iterations or 1, solver=solver,
+                          shared_predictor=True)
+
+
+def _check_num_steps(num_steps):
+  if (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))
+      or num_steps < 1):
+    raise ValueError("num_steps must be a positive Python int (the number of fixed "
+                     f"steps; there is no default step size), got {num_steps!r}")
+  return int(num_steps)
+
+
+def odeint_fixed(f: VectorField, y0, t0, t1, num_steps: int, tableau, *,
+                 implicit_iterations: Optional[int] = None, solver: str = "fixed_point",
+                 return_trajectory: bool = False):
+  """Integrates dy/dt = f(t, y) from t0 to t1 with ``num_steps`` equal RK steps (eq. 1-3).
+
+  The steps run in a ``lax.scan`` (one compiled step body whatever ``num_steps``); step n
+  starts at t_n = t0 + n h with h = (t1 - t0) / num_steps (no accumulated rounding of t).
+
+  Args:
+    f: vector field ``f(t, y)``.
+    y0: initial state, any pytree of floating arrays.
+    t0, t1: start and end time (may be traced; t1 < t0 integrates backwards).
+    num_steps: positive Python int, required: there is no default step size.
+    tableau: :class:`~rknet_jax.tableaus.ButcherTableau` or a shipped name.
+    implicit_iterations, solver: as in :func:`rk_step`.
+    return_trajectory: if True, return the states at t_0, t_1, ..., t_{num_steps}
+      stacked along a new leading axis (num_steps + 1 entries) instead of the final one.
+
+  Returns:
+    y(t1) (same structure and dtypes as ``y0``), or the trajectory.
+
+  Raises:
+    ValueError: if ``num_steps`` is not a positive int, or for a bad solver or
+      iteration count (before anything is traced).
+  """
+  num_steps = _check_num_steps(num_steps)
+  tableau = tableaus_lib.get(tableau)
+  _check_solver(solver)
+  _check_iterations(implicit_iterations)
+  # Strongly typed leaves, so the scan carry keeps one type.
+  y0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), y0)
+  h = (t1 - t0) / num_steps
+
+  def body(y, n):
+    y_next = rk_step(f, t0 + n * h, y, h, tableau,
+                     implicit_iterations=implicit_iterations, solver=solver)
+    return y_next, (y_next if return_trajectory else None)
+
+  y_final, ys = lax.scan(body, y0, jnp.arange(num_steps))
+  if not return_trajectory:
+    return y_final
+  return jax.tree_util.tree_map(
+      lambda first, rest: jnp.concatenate([first[None], rest], axis=0), y0, ys)
+
+
+# ----------------------------------------------------------------------------------------
+# Measured convergence order (used by ``python -m rknet_jax.tableaus``).
+
+_LINEAR_A = np.array([[-0.5, 2.0, 0.0], [-2.0, -0.5, 0.5], [0.0, -0.5, -0.3]])
+_LINEAR_Y0 = np.array([1.0, 0.0, 0.5])
+_LOG_A = np.array([[0.0, 1.0], [-1.0, -0.2]])
+_LOG_Y0 = np.array([1.5, 0.5])
+
+
+def _linear_problem():
+  """y' = A y, y(0) = y0 on [0, 1]; exact y(1) = expm(A) y0."""
+  a = jnp.asarray(_LINEAR_A)
+  exact = jax.scipy.linalg.expm(a) @ jnp.asarray(_LINEAR_Y0)
+  return (lambda t, y: a @ y), jnp.asarray(_LINEAR_Y0), exact
+
+
+def _nonlinear_problem():
+  """Non-autonomous Riccati u' = -2 t u^2 (u = 1/(1+t^2)) and the coupled system
+  v' = v * (B log v) (v = exp(expm(B t) log v0)), as one dict state, on [0, 1]."""
+  b = jnp.asarray(_LOG_A)
+
+  def f(t, y):
+    return {"u": -2.0 * t * y["u"] ** 2, "v": y["v"] * (b @ jnp.log(y["v"]))}
+
+  y0 = {"u": jnp.asarray(1.0, jnp.float64), "v": jnp.asarray(_LOG_Y0)}
+  exact = {"u": jnp.asarray(0.5, jnp.float64),
+           "v": jnp.exp(jax.scipy.linalg.expm(b) @ jnp.log(jnp.asarray(_LOG_Y0)))}
+  return f, y0, exact
+
+
+def default_step_counts(order: int):
+  """Step counts that keep float64 errors of the test problems above round-off."""
+  if order <= 2:
+    return (16, 32, 64, 128)
+  if order <= 4:
+    return (8, 16, 32, 64)
+  return (8, 12, 16, 24)
+
+
+def convergence_errors(tableau, problem: str = "nonlinear", num_steps=None,
+                       implicit_iterations: Optional[int] = None,
+                       solver: str = "fixed_point"):
+  """Max-norm errors at t = 1 on a float64 test problem, one per entry of ``num_steps``.
+
+  ``problem`` = ``"linear"`` (y' = A y, reference ``expm``) or ``"nonlinear"`` (Riccati
+  + log-linear system with closed-form solutions), both over [0, 1].  One compilation
+  per call: the step count is a traced loop bound.
+  """
+  tableau = tableaus_lib.get(tableau)
+  problems = {"linear": _linear_problem, "nonlinear": _nonlinear_problem}
+  if problem not in problems:
+    raise ValueError(f"problem must be one of {sorted(problems)}, got {problem!r}")
+  num_steps = tuple(num_steps or default_step_counts(tableau.order))
+  for n in num_steps:
+    _check_num_steps(n)
+  with jax.enable_x64(True):
+    f, y0, exact = problems[problem]()
+
+    @jax.jit
+    def error(n):
+      h = 1.0 / n.astype(jnp.float64)
+
+      def body(k, y):
+        return rk_step(f, k * h, y, h, tableau, implicit_iterations=implicit_iterations,
+                       solver=solver)
+
+      y1 = lax.fori_loop(0, n, body, y0)
+      diffs = jax.tree_util.tree_map(lambda u, v: jnp.max(jnp.abs(u - v)), y1, exact)
+      return jnp.max(jnp.stack(jax.tree_util.tree_leaves(diffs)))
+
+    return np.array([float(error(jnp.asarray(n, jnp.int64))) for n in num_steps])
+
+
+def measured_order(tableau, problem: str = "nonlinear", num_steps=None,
+                   implicit_iterations: Optional[int] = None,
+                   solver: str = "fixed_point") -> float:
+  """Empirical convergence order: least-squares slope of log(error) vs log(h).
+
+  Uses :func:`convergence_errors` (float64, t in [0, 1], h = 1 / num_steps).
+  """
+  tableau = tableaus_lib.get(tableau)
+  num_steps = tuple(num_steps or default_step_counts(tableau.order))
+  errors = convergence_errors(tableau, problem, num_steps, implicit_iterations, solver)
+  hs = 1.0 / np.asarray(num_steps, np.float64)
+  return float(np.polyfit(np.log(hs), np.log(errors), 1)[0])
