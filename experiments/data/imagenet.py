@@ -1,0 +1,205 @@
+"""ImageNet (ILSVRC2012) through tfds + tf.data, with a deterministic, resumable global order.
+
+Paper, section 4.1: scale + aspect-ratio augmentation, standard colour (PCA lighting)
+augmentation and photometric distortions for training; a single 224 centre crop for evaluation.
+This follows fb.resnet.torch (which DenseNet, the paper's baseline, used):
+RandomSizedCrop -> ColorJitter(brightness, contrast, saturation 0.4) -> Lighting(0.1, AlexNet
+PCA) -> normalise -> horizontal flip; evaluation resizes the shorter side to 256 and centre-crops
+224 (sizes scale with `image_size`).
+
+Order. The global stream of epoch e is: the training split read with its files shuffled by
+seed(e), then a seeded `shuffle(shuffle_buffer)`, then the first steps_per_epoch*B examples.
+Example i of the whole run (i = step*B + position) is kept by the host that owns `position`, and
+only then decoded and augmented, with stateless random ops seeded by (seed, i). So global batch s
+is a pure function of (seed, s), whatever the host count. Every host reads the (encoded) records
+of the whole stream but decodes only its own 1/P of them. Resuming at step s inside epoch e
+replays the records of the first (s mod steps_per_epoch)*B examples of epoch e through the
+shuffle buffer without decoding them: at most one epoch of reading (~140 GB of JPEG bytes), a few
+minutes on local SSD, and zero cost when resuming at an epoch boundary.
+"""
+import numpy as np
+
+from experiments.data import tfds_utils
+
+# AlexNet's PCA of ImageNet RGB pixels in [0, 1] (as in fb.resnet.torch).
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+              (-0.5808, -0.0045, -0.8140),
+              (-0.5836, -0.6948, 0.4203))
+LIGHTING_STD = 0.1
+JITTER = 0.4  # brightness, contrast and saturation factors drawn from U(1 - 0.4, 1 + 0.4)
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_TAG_EPOCH = 0x1A9E_0001
+_TAG_AUGMENT = 0x1A9E_0002
+
+
+def _seed_word(*words: int) -> int:
+  """A 31-bit integer seed derived from `words` (for tf.data / tf.random ops)."""
+  state = np.random.SeedSequence([int(w) % (1 << 64) for w in words]).generate_state(1)[0]
+  return int(state) & 0x7FFFFFFF
+
+
+def splits(validation_size: int):
+  """TFDS split strings (train, validation, test): validation is train's first records.
+
+  TFDS shuffles ImageNet's examples when it prepares the dataset, so the first
+  `validation_size` records are a random sample, the same for every seed.
+  """
+  if validation_size:
+    return f"train[{validation_size}:]", f"train[:{validation_size}]", "validation"
+  return "train", None, "validation"
+
+
+def split_size(builder, split: str) -> int:
+  """Number of examples in a (possibly sliced) TFDS split, without reading it."""
+  tfds = tfds_utils.import_tfds()
+  ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  n = int(ds.cardinality())
+  if n < 0:  # unknown / infinite cardinality: fall back on the metadata
+    n = builder.info.splits[split].num_examples
+  return n
+
+
+def _standardise(tf, image, mean, std):
+  mean = tf.constant(np.asarray(mean, np.float32) / 255.0)
+  std = tf.constant(np.asarray(std, np.float32) / 255.0)
+  return (image - mean) / std
+
+
+def _grayscale(tf, image):
+  return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+
+
+def train_preprocess(tf, image_bytes, seed, *, image_size: int, mean, std):
+  """Random resized crop, colour jitter, PCA lighting, flip, standardise; seed: int64[2]."""
+  seeds = tf.random.experimental.stateless_split(seed, num=7)
+  shape = tf.image.extract_jpeg_shape(image_bytes)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seeds[0],
+      min_object_covered=0.0, aspect_ratio_range=CROP_RATIO, area_range=CROP_SCALE,
+      max_attempts=10, use_image_if_no_bounding_boxes=True)
+  oy, ox, _ = tf.unstack(begin)
+  h, w, _ = tf.unstack(size)
+  image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([oy, ox, h, w]), channels=3)
+  image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+  image = tf.clip_by_value(image / 255.0, 0.0, 1.0)
+  # Photometric distortions (fb.resnet.torch ColorJitter, fixed order): blend with black,
+  # with the mean grey level, and with the grey image.
+  u = lambda s: tf.random.stateless_uniform([], s, 1.0 - JITTER, 1.0 + JITTER)
+  image = image * u(seeds[1])
+  a = u(seeds[2])
+  image = image * a + tf.reduce_mean(_grayscale(tf, image)) * (1.0 - a)
+  a = u(seeds[3])
+  image = image * a + _grayscale(tf, image) * (1.0 - a)
+  image = tf.clip_by_value(image, 0.0, 1.0)
+  # AlexNet PCA lighting noise.
+  alpha = tf.random.stateless_normal([3], seeds[4], stddev=LIGHTING_STD)
+  rgb = tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL))
+  image = image + rgb
+  flip = tf.random.stateless_uniform([], seeds[5]) < 0.5
+  image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  image = _standardise(tf, image, mean, std)
+  image.set_shape([image_size, image_size, 3])
+  return image
+
+
+def eval_preprocess(tf, image_bytes, *, image_size: int, mean, std):
+  """Resize the shorter side to image_size*256/224, take the centre image_size crop."""
+  image = tf.io.decode_jpeg(image_bytes, channels=3)
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  resize_to = float(round(image_size * 256 / 224))
+  scale = resize_to / tf.reduce_min(shape)
+  new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), image_size)
+  image = tf.image.resize(image, new, method="bilinear", antialias=True)
+  oy = (new[0] - image_size) // 2
+  ox = (new[1] - image_size) // 2
+  image = image[oy:oy + image_size, ox:ox + image_size, :]
+  image = tf.clip_by_value(image / 255.0, 0.0, 1.0)
+  image = _standardise(tf, image, mean, std)
+  image.set_shape([image_size, image_size, 3])
+  return image
+
+
+def _read(builder, split, *, shuffle_seed=None):
+  tfds = tfds_utils.import_tfds()
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+  return builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
+                            decoders={"image": tfds.decode.SkipDecoding()},
+                            read_config=read_config)
+
+
+def _host_filter(tf, batch_size, start, local):
+  def keep(i, unused_example):
+    pos = i % batch_size
+    return tf.logical_and(pos >= start, pos < start + local)
+  return keep
+
+
+def train_batches(builder, *, split: str, num_examples: int, batch_size: int, seed: int,
+                  start_step: int, process_index: int, process_count: int, augment: bool,
+                  image_size: int, shuffle_buffer: int, mean, std):
+  """Yields this host's slice of global batch s, s = start_step, ... forever (see module doc)."""
+  tf = tfds_utils.import_tf()
+  steps = num_examples // batch_size
+  if steps == 0:
+    raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples")
+  local = batch_size // process_count
+  start = process_index * local
+  per_epoch = steps * batch_size
+  aug_seed = _seed_word(seed, _TAG_AUGMENT)
+  epoch, k = divmod(start_step, steps)
+
+  def preprocess(i, example):
+    if augment:
+      image = train_preprocess(tf, example["image"], tf.stack([tf.constant(aug_seed, tf.int64), i]),
+                               image_size=image_size, mean=mean, std=std)
+    else:
+      image = eval_preprocess(tf, example["image"], image_size=image_size, mean=mean, std=std)
+    return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
+  while True:
+    epoch_seed = _seed_word(seed, _TAG_EPOCH, epoch)
+    ds = _read(builder, split, shuffle_seed=epoch_seed)
+    ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    ds = ds.take(per_epoch).enumerate(start=epoch * per_epoch)  # i = step * B + position
+    if k:
+      ds = ds.skip(k * batch_size)
+    ds = ds.filter(_host_filter(tf, batch_size, start, local))
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    yield from ds.as_numpy_iterator()
+    epoch, k = epoch + 1, 0
+
+
+def eval_batches(builder, *, split: str, num_examples: int, batch_size: int,
+                 process_index: int, process_count: int, image_size: int, mean, std,
+                 with_index: bool):
+  """Yields padded, masked batches covering `split` exactly once across all hosts."""
+  tf = tfds_utils.import_tf()
+  local = batch_size // process_count
+  start = process_index * local
+  num_batches = -(-num_examples // batch_size)
+  full, rest = divmod(num_examples, batch_size)
+  mine = full * local + min(max(rest - start, 0), local)
+  pad = num_batches * local - mine
+
+  def preprocess(i, example):
+    out = {"image": eval_preprocess(tf, example["image"], image_size=image_size, mean=mean,
+                                    std=std),
+           "label": tf.cast(example["label"], tf.int32),
+           "mask": tf.constant(1.0, tf.float32)}
+    if with_index:
+      out["index"] = i
+    return out
+
+  ds = _read(builder, split).take(num_examples).enumerate()
+  ds = ds.filter(_host_filter(tf, batch_size, start, local))
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = {"image": tf.zeros([image_size, image_size, 3], tf.float32),
+             "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32)}
+  if with_index:
+    padding["index"] = tf.constant(-1, tf.int64)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
+  ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
+  yield from ds.as_numpy_iterator()

@@ -1,0 +1,73 @@
+"""TensorFlow / TFDS plumbing shared by the input pipelines.
+
+TensorFlow is only used for tf.data and image decoding. It is imported lazily, and the first
+import hides every GPU/TPU from it, so that it never allocates accelerator memory that JAX needs.
+"""
+import os
+import threading
+
+_TF_LOCK = threading.Lock()
+_TF_READY = False
+
+
+def import_tf():
+  """Imports TensorFlow, hiding accelerators from it before any op runs; returns the module."""
+  global _TF_READY
+  with _TF_LOCK:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if not _TF_READY:
+      for kind in ("GPU", "TPU"):
+        try:
+          tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):
+          # RuntimeError: TF was initialised before us (then it must already see no devices of
+          # this kind, checked below); ValueError: no such device type in this build.
+          pass
+      visible = [d for d in tf.config.get_visible_devices() if d.device_type != "CPU"]
+      if visible:
+        raise RuntimeError(
+            f"TensorFlow was initialised before the input pipeline and can see {visible}; "
+            "it would compete with JAX for accelerator memory. Import experiments.input_pipeline "
+            "(or call tf.config.set_visible_devices([], 'GPU')) before any TensorFlow use.")
+      _TF_READY = True
+    return tf
+
+
+def import_tfds():
+  """Imports tensorflow_datasets after TensorFlow has been kept off the accelerators."""
+  import_tf()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
+def tfds_is_mocked() -> bool:
+  """True inside `tfds.testing.mock_data` (synthetic data: nothing on disk to check or cache)."""
+  tfds = import_tfds()
+  as_dataset = tfds.core.dataset_builder.DatasetBuilder.as_dataset
+  return getattr(as_dataset, "__module__", "").startswith("tensorflow_datasets.testing")
+
+
+def default_data_dir() -> str:
+  """TFDS's default data directory (`$TFDS_DATA_DIR`, else ~/tensorflow_datasets)."""
+  return import_tfds().core.constants.DATA_DIR
+
+
+def get_builder(name: str, data_dir, *, download: bool, manual_dir=None):
+  """Returns the TFDS builder for `name`, preparing it first only if `download` allows it.
+
+  Goes through `tfds.builder(...)` and `builder.as_dataset(...)`, which is the path that
+  `tfds.testing.mock_data` patches, so tests never touch the network or the disk.
+  """
+  tfds = import_tfds()
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not tfds_is_mocked() and not builder.is_prepared():
+    if not download:
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and config.download is "
+          "False; run experiments.input_pipeline.preflight(config) for what to do.")
+    kwargs = {}
+    if manual_dir is not None:
+      kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    builder.download_and_prepare(**kwargs)
+  return builder

@@ -1,0 +1,388 @@
+"""Input pipelines: datasets, preprocessing, deterministic resumable per-host batches, exact eval.
+
+Datasets (paper section 4.1, plus `digits` for an offline quickstart):
+
+| name | images | classes | train / validation (held out of train) / test |
+| --- | --- | --- | --- |
+| `digits` | 8x8x1 (scikit-learn, bundled) | 10 | 1,293 / 144 / 360 (fixed seeded test split) |
+| `cifar10`, `cifar100` | 32x32x3 | 10, 100 | 45,000 / 5,000 / 10,000 |
+| `svhn_cropped` | 32x32x3 | 10 | 68,257 / 5,000 / 26,032 (`svhn_extra` adds 531,131) |
+| `imagenet2012` | image_size^2 x 3 | 1000 | 1,271,167 / 10,000 / 50,000 (official val) |
+
+Config fields read (a `ml_collections.ConfigDict` or a dict; those after `seed` are optional):
+  dataset: one of the names above.
+  batch_size: global batch size (all hosts together).
+  seed: training seed (default 0): fixes the order of the training examples and the
+    augmentation; batch `s` is a pure function of (seed, s).
+  data_dir: TFDS data directory (None: `$TFDS_DATA_DIR` or ~/tensorflow_datasets).
+  validation_size: examples held out of the official training split for model selection
+    (None: the dataset's default above; 0: no validation split).
+  split_seed: seed of the validation hold-out (default 0), separate from `seed` so that runs
+    with different seeds are selected on the same validation examples.
+  augment: training augmentation (None: dataset default). False for digits, CIFAR and SVHN (the
+    paper trains CIFAR without augmentation); True gives pad-4 random crop + horizontal flip.
+    ImageNet defaults to True (random resized crop, colour jitter, PCA lighting, flip); False
+    trains on centre crops.
+  image_size: ImageNet crop size (default 224).
+  download: allow TFDS to download and prepare a missing dataset (default False; ImageNet is
+    then prepared from the manual download, see below).
+  manual_dir: folder with ImageNet's tar files (default `<data_dir>/downloads/manual`).
+  shuffle_buffer: ImageNet shuffle buffer in examples (default 10,000, ~1 GB of JPEG bytes).
+  svhn_extra: train SVHN on train+extra (default False).
+  prefetch: host batches prepared ahead by a background thread (default 2).
+
+Determinism and resumption. Digits, CIFAR and SVHN are held in host memory as uint8 arrays; epoch
+e visits the training examples in `permutation(seed, e)` order and the last N mod B are dropped,
+so `steps_per_epoch = N // B`, and batch s is exact and free to compute from (seed, s). ImageNet is
+streamed with tf.data (see experiments/data/imagenet.py for its order and resumption cost).
+Host p of P receives rows [p*B/P, (p+1)*B/P) of every global batch, so the global batch does not
+depend on the host count; augmentation randomness depends only on (seed, step, row).
+
+Evaluation. `eval_iterator` covers its split exactly once: global eval batch k holds examples
+[k*B, (k+1)*B), the last one padded with zero images whose `mask` is 0, and every host yields
+ceil(N/B) batches. Sum a metric times `mask` and divide by the sum of `mask`.
+
+ImageNet preparation (manual; TFDS cannot download it):
+  1. Get ILSVRC2012_img_train.tar (~138 GB) and ILSVRC2012_img_val.tar (~6.3 GB) from
+     https://image-net.org/download-images (account required).
+  2. Put both in `<data_dir>/downloads/manual/` (or any folder given as `manual_dir`).
+  3. Prepare once: `tfds build imagenet2012 --data_dir=<data_dir> --manual_dir=<manual_dir>`
+     (several hours, ~160 GB more disk), or train once with `--config.download=True`.
+  `preflight(config)` names the missing file or folder before any training starts.
+"""
+import dataclasses
+import os
+from typing import NamedTuple, Optional, Tuple
+
+from experiments.data import imagenet as imagenet_lib
+from experiments.data import in_memory
+from experiments.data import prefetch as prefetch_lib
+from experiments.data import tfds_utils
+
+IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+EVAL_SPLITS = ("validation", "test")
+
+
+class DatasetInfo(NamedTuple):
+  """Static facts about a dataset (sizes with the default validation hold-out).
+
+  `train_size` excludes the `validation_size` examples held out of the official training split;
+  `test_size` is the official test split (ImageNet: the official validation set).
+  `mean` / `std` are the per-channel statistics used for standardisation, in raw pixel units
+  (0..255; digits 0..16).
+  """
+  name: str
+  num_classes: int
+  image_shape: Tuple[int, int, int]
+  train_size: int
+  validation_size: int
+  test_size: int
+  mean: Tuple[float, ...] = ()
+  std: Tuple[float, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  num_classes: int
+  image_shape: Tuple[int, int, int]
+  official_train: int
+  default_validation: int
+  test: int
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+  default_augment: bool
+  in_memory: bool
+
+
+def _scaled(values, scale=255.0):
+  return tuple(v * scale for v in values)
+
+
+# Per-channel mean/std of each official training split (CIFAR/SVHN/ImageNet: the widely used
+# published values; digits: computed from all 1,797 images, checked by a test).
+_SPECS = {
+    "digits": _Spec(10, (8, 8, 1), 1797 - in_memory.DIGITS_TEST_SIZE, 144,
+                    in_memory.DIGITS_TEST_SIZE, (4.884164579855314,), (6.016787548672236,),
+                    False, True),
+    "cifar10": _Spec(10, (32, 32, 3), 50_000, 5_000, 10_000,
+                     _scaled((0.4914, 0.4822, 0.4465)), _scaled((0.2470, 0.2435, 0.2616)),
+                     False, True),
+    "cifar100": _Spec(100, (32, 32, 3), 50_000, 5_000, 10_000,
+                      _scaled((0.5071, 0.4865, 0.4409)), _scaled((0.2673, 0.2564, 0.2762)),
+                      False, True),
+    "svhn_cropped": _Spec(10, (32, 32, 3), 73_257, 5_000, 26_032,
+                          _scaled((0.4377, 0.4438, 0.4728)), _scaled((0.1980, 0.2010, 0.1970)),
+                          False, True),
+    "imagenet2012": _Spec(1000, (224, 224, 3), 1_281_167, 10_000, 50_000,
+                          _scaled((0.485, 0.456, 0.406)), _scaled((0.229, 0.224, 0.225)),
+                          True, False),
+}
+DATASETS = tuple(_SPECS)
+
+
+def _spec(name) -> _Spec:
+  if name not in _SPECS:
+    raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+  return _SPECS[name]
+
+
+def dataset_info(name: str, *, image_size: int = 224) -> DatasetInfo:
+  """Sizes, shape, classes and standardisation constants of dataset `name`.
+
+  Args:
+    name: one of `DATASETS`.
+    image_size: ImageNet crop size (ignored by the other datasets).
+  Raises:
+    ValueError: unknown name (the message lists the known ones).
+  """
+  spec = _spec(name)
+  shape = (image_size, image_size, 3) if name == "imagenet2012" else spec.image_shape
+  return DatasetInfo(name, spec.num_classes, shape, spec.official_train - spec.default_validation,
+                     spec.default_validation, spec.test, spec.mean, spec.std)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config parsing (all validation happens here, before any data is touched).
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  dataset: str
+  batch_size: int
+  seed: int
+  data_dir: Optional[str]
+  validation_size: int
+  split_seed: int
+  augment: bool
+  image_size: int
+  download: bool
+  manual_dir: Optional[str]
+  shuffle_buffer: int
+  svhn_extra: bool
+  prefetch: int
+
+  @property
+  def spec(self) -> _Spec:
+    return _SPECS[self.dataset]
+
+
+def _field(config, name, default=_MISSING):
+  if isinstance(config, dict) or hasattr(config, "get"):
+    value = config.get(name, default)
+  else:
+    value = getattr(config, name, default)
+  if value is _MISSING:
+    raise ValueError(f"config has no field {name!r}, which the input pipeline needs")
+  return value
+
+
+def _int(name, value, minimum=None):
+  if isinstance(value, bool) or not isinstance(value, int):
+    try:
+      import numpy as np  # pylint: disable=g-import-not-at-top
+      if isinstance(value, np.integer):
+        value = int(value)
+      else:
+        raise TypeError
+    except TypeError:
+      raise ValueError(f"config.{name} must be an integer, got {value!r}") from None
+  if minimum is not None and value < minimum:
+    raise ValueError(f"config.{name} must be >= {minimum}, got {value}")
+  return value
+
+
+def _settings(config) -> _Settings:
+  dataset = _field(config, "dataset")
+  spec = _spec(dataset)
+  batch_size = _int("batch_size", _field(config, "batch_size"), 1)
+  validation_size = _field(config, "validation_size", None)
+  if validation_size is None:
+    validation_size = spec.default_validation
+  validation_size = _int("validation_size", validation_size, 0)
+  svhn_extra = bool(_field(config, "svhn_extra", False))
+  if svhn_extra and dataset != "svhn_cropped":
+    raise ValueError(f"config.svhn_extra=True applies to svhn_cropped only, not {dataset!r}")
+  official = spec.official_train + (531_131 if svhn_extra else 0)
+  if validation_size >= official:
+    raise ValueError(f"config.validation_size={validation_size} must be smaller than the "
+                     f"{official} official training examples of {dataset}")
+  augment = _field(config, "augment", None)
+  augment = spec.default_augment if augment is None else bool(augment)
+  if augment and dataset == "digits":
+    raise ValueError("config.augment=True is not supported for digits (8x8 images: pad-4 "
+                     "crops would remove half the digit); use augment=False or None")
+  image_size = _int("image_size", _field(config, "image_size", 224), 8)
+  data_dir = _field(config, "data_dir", None)
+  manual_dir = _field(config, "manual_dir", None)
+  return _Settings(
+      dataset=dataset, batch_size=batch_size, seed=_int("seed", _field(config, "seed", 0)),
+      data_dir=os.path.expanduser(data_dir) if data_dir else None,
+      validation_size=validation_size,
+      split_seed=_int("split_seed", _field(config, "split_seed", 0)),
+      augment=augment, image_size=image_size, download=bool(_field(config, "download", False)),
+      manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
+      shuffle_buffer=_int("shuffle_buffer", _field(config, "shuffle_buffer", 10_000), 1),
+      svhn_extra=svhn_extra, prefetch=_int("prefetch", _field(config, "prefetch", 2), 1))
+
+
+def _check_hosts(batch_size, process_index, process_count, what="batch_size"):
+  process_count = _int("process_count", process_count, 1)
+  process_index = _int("process_index", process_index, 0)
+  if process_index >= process_count:
+    raise ValueError(f"process_index={process_index} must be < process_count={process_count}")
+  if batch_size % process_count:
+    raise ValueError(f"{what}={batch_size} is not divisible by process_count={process_count}")
+  return process_index, process_count
+
+
+def _manual_dir(s: _Settings) -> str:
+  return s.manual_dir or os.path.join(s.data_dir or tfds_utils.default_data_dir(), "downloads",
+                                      "manual")
+
+
+def _imagenet_builder(s: _Settings):
+  return tfds_utils.get_builder("imagenet2012", s.data_dir, download=s.download,
+                                manual_dir=_manual_dir(s))
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def preflight(config) -> str:
+  """Checks the config and that the data can be loaded, before any training starts.
+
+  Returns a one-line description of where the data comes from. Raises ValueError for bad
+  config values and FileNotFoundError naming the missing dataset folder or ImageNet tar file.
+  Under `tfds.testing.mock_data` only the config is checked.
+  """
+  s = _settings(config)
+  if s.dataset == "digits":
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    path = os.path.join(os.path.dirname(datasets.__file__), "data", "digits.csv.gz")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"scikit-learn's bundled digits file is missing: {path}")
+    return f"digits: scikit-learn bundled data ({path})"
+  tfds = tfds_utils.import_tfds()
+  if tfds_utils.tfds_is_mocked():
+    return f"{s.dataset}: tfds.testing.mock_data (synthetic)"
+  builder = tfds.builder(s.dataset, data_dir=s.data_dir)
+  where = str(builder.data_dir)
+  if builder.is_prepared():
+    return f"{s.dataset}: prepared TFDS dataset in {where}"
+  fix = (f"prepare it with `tfds build {s.dataset} --data_dir={builder.data_dir_root}` or set "
+         "config.download=True")
+  if s.dataset == "imagenet2012":
+    manual = _manual_dir(s)
+    missing = [os.path.join(manual, f) for f in IMAGENET_MANUAL_FILES
+               if not os.path.isfile(os.path.join(manual, f))]
+    if missing:
+      raise FileNotFoundError(
+          f"imagenet2012 is not prepared in {where} (no dataset_info.json there) and the manual "
+          f"download is incomplete: missing {', '.join(missing)}. Download "
+          f"{' and '.join(IMAGENET_MANUAL_FILES)} from https://image-net.org/download-images "
+          f"into {manual} (or set config.manual_dir), then {fix}.")
+    if not s.download:
+      raise FileNotFoundError(
+          f"imagenet2012 is not prepared in {where} (no dataset_info.json there); the tar files "
+          f"are in {manual}: {fix} (takes hours).")
+    return f"imagenet2012: will be prepared from {manual} into {where}"
+  if not s.download:
+    raise FileNotFoundError(
+        f"{s.dataset} is not prepared in {where} (no dataset_info.json there) and "
+        f"config.download is False: {fix}.")
+  return f"{s.dataset}: will be downloaded into {where}"
+
+
+def split_sizes(config) -> dict:
+  """{"train", "validation", "test"} example counts for this config (train after hold-out)."""
+  s = _settings(config)
+  if s.spec.in_memory:
+    splits = in_memory.load_splits(s)
+    return {"train": len(splits.train), "validation": len(splits.validation),
+            "test": len(splits.test)}
+  builder = _imagenet_builder(s)
+  train, validation, test = imagenet_lib.splits(s.validation_size)
+  return {"train": imagenet_lib.split_size(builder, train),
+          "validation": imagenet_lib.split_size(builder, validation) if validation else 0,
+          "test": imagenet_lib.split_size(builder, test)}
+
+
+def steps_per_epoch(config) -> int:
+  """Training steps per epoch: train_examples // batch_size (the remainder is dropped)."""
+  s = _settings(config)
+  n = split_sizes(config)["train"]
+  if n < s.batch_size:
+    raise ValueError(f"batch_size={s.batch_size} exceeds the {n} training examples of "
+                     f"{s.dataset}")
+  return n // s.batch_size
+
+
+def train_iterator(config, *, start_step: int, process_index: int, process_count: int):
+  """Yields this host's part of global training batches start_step, start_step + 1, ... forever.
+
+  Each item is {"image": float32[B/P, H, W, C], "label": int32[B/P]} with B = config.batch_size
+  and P = process_count; host p gets rows [p*B/P, (p+1)*B/P) of the global batch, and global
+  batch s is a pure function of (config.seed, s), so a run resumed at `start_step` sees exactly
+  the batches an uninterrupted run would. Batches are prepared by a background thread.
+  """
+  s = _settings(config)
+  process_index, process_count = _check_hosts(s.batch_size, process_index, process_count)
+  start_step = _int("start_step", start_step, 0)
+  if s.spec.in_memory:
+    train = in_memory.load_splits(s).train
+    batches = in_memory.train_batches(
+        train, mean=s.spec.mean, std=s.spec.std, batch_size=s.batch_size, seed=s.seed,
+        start_step=start_step, process_index=process_index, process_count=process_count,
+        augment=s.augment)
+  else:
+    builder = _imagenet_builder(s)
+    split = imagenet_lib.splits(s.validation_size)[0]
+    batches = imagenet_lib.train_batches(
+        builder, split=split, num_examples=imagenet_lib.split_size(builder, split),
+        batch_size=s.batch_size, seed=s.seed, start_step=start_step,
+        process_index=process_index, process_count=process_count, augment=s.augment,
+        image_size=s.image_size, shuffle_buffer=s.shuffle_buffer, mean=s.spec.mean,
+        std=s.spec.std)
+  return prefetch_lib.Prefetcher(batches, size=s.prefetch)
+
+
+def eval_iterator(config, split: str, *, batch_size: int, process_index: int,
+                  process_count: int, with_index: bool = False):
+  """Yields padded, masked batches that cover `split` exactly once across all hosts.
+
+  Items are {"image": float32[b, H, W, C], "label": int32[b], "mask": float32[b]} with
+  b = batch_size // process_count; padding rows have zero image, label 0 and mask 0. Every host
+  yields ceil(N / batch_size) batches. `split` is "validation" (held out of the official training
+  split) or "test" (the official test split). with_index=True adds "index": int64[b], the
+  example's position in the split (-1 for padding).
+  """
+  if split not in EVAL_SPLITS:
+    raise ValueError(f"Unknown eval split {split!r}; expected one of {EVAL_SPLITS}")
+  s = _settings(config)
+  batch_size = _int("batch_size", batch_size, 1)
+  process_index, process_count = _check_hosts(batch_size, process_index, process_count,
+                                              what="eval batch_size")
+  if split == "validation" and s.validation_size == 0:
+    raise ValueError(f"config.validation_size=0: {s.dataset} has no validation split to "
+                     "evaluate")
+  if s.spec.in_memory:
+    data = getattr(in_memory.load_splits(s), split)
+    batches = in_memory.eval_batches(
+        data, mean=s.spec.mean, std=s.spec.std, batch_size=batch_size,
+        process_index=process_index, process_count=process_count, with_index=with_index)
+  else:
+    builder = _imagenet_builder(s)
+    name = dict(zip(("validation", "test"), imagenet_lib.splits(s.validation_size)[1:]))[split]
+    batches = imagenet_lib.eval_batches(
+        builder, split=name, num_examples=imagenet_lib.split_size(builder, name),
+        batch_size=batch_size, process_index=process_index, process_count=process_count,
+        image_size=s.image_size, mean=s.spec.mean, std=s.spec.std, with_index=with_index)
+  return prefetch_lib.Prefetcher(batches, size=s.prefetch)
+
+
+def clear_cache():
+  """Frees the in-memory copies of datasets loaded by this process."""
+  in_memory.clear_cache()
