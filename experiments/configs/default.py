@@ -1,0 +1,73 @@
+"""Default hyper-parameters: the paper's CIFAR recipe (section 4.1) for ERKNet-6x1 6x1 6x1.
+
+Every other config in this folder imports this one and overrides a few fields, so the
+full list of fields, with what each means, lives here. Train with
+
+  python -m experiments.main --config=experiments/configs/default.py --workdir=/tmp/rknet_default
+
+and override any field on the command line, e.g. ``--config.num_epochs=1 --config.seed=7``.
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the default configuration (Table 1 row 1: ERKNet-6x1 6x1 6x1, k=36, CIFAR-10)."""
+  config = ml_collections.ConfigDict()
+
+  # ---- model (rknet_jax.create_model(model, growth_rate=..., stem=..., **model_kwargs))
+  config.model = "ERKNet-6x1 6x1 6x1"
+  config.growth_rate = 36
+  # "cifar": 3x3 conv preprocessor (also SVHN, digits); "imagenet": 7x7/2 conv + BN + max-pool.
+  config.stem = "cifar"
+  # Any further create_model keyword arguments (e.g. multiscale, m-values of Table 3).
+  config.model_kwargs = ml_collections.ConfigDict()
+  config.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (logits stay float32)
+  config.remat = False  # rematerialise each time-step in the backward pass (saves memory)
+
+  # ---- data (read by experiments/input_pipeline.py; see its docstring)
+  config.dataset = "cifar10"  # cifar10 | cifar100 | svhn_cropped | imagenet2012 | digits
+  config.data_dir = ""  # tfds data_dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.manual_dir = ""  # ImageNet tar files; "" = <data_dir>/downloads/manual
+  config.download = True  # let tfds download and prepare CIFAR/SVHN when missing
+  # Examples held out of the official training split for model selection ("best"
+  # checkpoint). 0 = train on the whole training split as the paper does: no selection,
+  # the reported test error is of the final model.
+  config.validation_size = 0
+  config.split_seed = 0  # seed of the validation hold-out
+  config.augment = False  # the paper uses no augmentation on CIFAR; True = pad-4 crop + flip
+  config.image_size = 224  # ImageNet crop size (the other datasets keep their native size)
+  config.shuffle_buffer = 10_000  # ImageNet shuffle buffer (examples)
+  config.svhn_extra = False  # SVHN: train on train + extra
+  config.prefetch = 2  # host batches prepared ahead by a background thread
+  config.batch_size = 64  # GLOBAL batch, split over all devices of all hosts
+  config.eval_batch_size = 256  # global; the last batch is padded and masked
+  config.seed = 0  # seeds parameter init, dropout and the order of the training data
+
+  # ---- optimisation (section 4.1): SGD, Nesterov momentum 0.9, weight decay 1e-4
+  config.num_epochs = 300
+  config.num_train_steps = -1  # > 0 overrides num_epochs * steps_per_epoch (for tests)
+  config.learning_rate = 0.1
+  # "step": lr x lr_decay_factor at each of lr_decay_fractions of training (CIFAR: 50%, 75%),
+  #         or every lr_decay_every_epochs epochs when that is > 0 (ImageNet: 30);
+  # "cosine": cosine decay to 0; "constant".
+  config.lr_schedule = "step"
+  config.lr_decay_fractions = (0.5, 0.75)
+  config.lr_decay_every_epochs = 0
+  config.lr_decay_factor = 0.1
+  config.warmup_epochs = 0.0  # linear warm-up from 0 over this many epochs (any schedule)
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 1e-4
+  # Which parameters weight decay applies to: "kernels" = conv and dense kernels only
+  # (not BN scale/bias, not dense biases); "all" = every trainable parameter, as
+  # PyTorch's SGD(weight_decay=...) does.
+  config.weight_decay_params = "kernels"
+
+  # ---- evaluation, logging, checkpoints
+  config.eval_every_epochs = 1  # validation (if validation_size > 0) every N epochs
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000  # plus one at the end of every epoch
+  config.keep_checkpoints = 3  # keep the last K checkpoints, plus the validation-best one
+  config.test_model = "final"  # report test error of the "final" or validation-"best" model
+  return config

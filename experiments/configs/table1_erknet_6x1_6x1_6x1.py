@@ -1,0 +1,18 @@
+"""Table 1, CIFAR-10: ERKNet-6x1 6x1 6x1 (k = 36), batch 64, no augmentation, 300 epochs.
+
+Paper: 0.66 GFLOPs, 0.74 M params, 7.08% test error. Command:
+
+  python -m experiments.main --config=experiments/configs/table1_erknet_6x1_6x1_6x1.py --workdir=runs/table1_erknet_6x1_6x1_6x1
+"""
+
+from experiments.configs import default
+
+
+def get_config():
+  """ERKNet-6x1 6x1 6x1, k = 36, CIFAR-10 (section 4.1 recipe: lr 0.1, /10 at epochs 150 and 225)."""
+  config = default.get_config()
+  config.model = "ERKNet-6x1 6x1 6x1"
+  config.growth_rate = 36
+  config.dataset = "cifar10"
+  config.batch_size = 64
+  return config

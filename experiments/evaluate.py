@@ -1,0 +1,84 @@
+"""Evaluates a checkpoint of a training workdir exactly (every example counted once).
+
+  python -m experiments.evaluate --workdir=DIR [--step=N] [--split=test]
+
+Uses the run's own config (``DIR/run.json``) for the data and the model; by default the
+newest intact checkpoint. Prints one JSON line: examples, loss, top-1 and top-5 error.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: newest intact).")
+flags.DEFINE_enum("split", "test", ["test", "validation"], "Which split to evaluate.")
+flags.DEFINE_integer("batch_size", None, "Global eval batch (default: the run's).")
+flags.DEFINE_string("data_dir", None, "Override the run's data_dir.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size=None,
+                        data_dir=None, mesh=None) -> dict:
+  """Exact metrics of checkpoint ``step`` (newest intact if None) of ``workdir`` on ``split``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  from rknet_jax import checkpoint as rk_ckpt  # pylint: disable=g-import-not-at-top
+
+  run_file = os.path.join(workdir, train.RUN_FILE)
+  if not os.path.exists(run_file):
+    raise FileNotFoundError(f"{run_file} not found: not a training workdir")
+  with open(run_file) as f:
+    run = json.load(f)
+  config = ml_collections.ConfigDict(run["config"])
+  if batch_size is not None:
+    config.eval_batch_size = batch_size
+  if data_dir is not None:
+    config.data_dir = data_dir
+  mesh = train.make_mesh() if mesh is None else mesh
+  if config.eval_batch_size % mesh.devices.size:
+    raise ValueError(f"eval batch {config.eval_batch_size} is not divisible by the "
+                     f"{mesh.devices.size} devices")
+  input_pipeline.preflight(config)
+  model = train.build_model(config, run["num_classes"])
+  target = rk_ckpt.abstract_variables(model, run["input_shape"],
+                                      sharding=NamedSharding(mesh, P()))
+  manager = rk_ckpt.checkpoint_manager(workdir, read_only=True)
+  try:
+    found, restored = rk_ckpt.restore_newest_intact(
+        manager,
+        lambda s: ocp.args.Composite(**{rk_ckpt.MODEL_ITEM: ocp.args.StandardRestore(target)}),
+        step=step)
+  finally:
+    manager.close()
+  if found is None:
+    raise FileNotFoundError(f"no intact checkpoint under {workdir}")
+  eval_step = train.make_eval_step(model, mesh)
+  batches = input_pipeline.eval_iterator(
+      config, split, batch_size=config.eval_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  out = train.evaluate(eval_step, restored[rk_ckpt.MODEL_ITEM], batches, mesh,
+                       config.eval_batch_size)
+  out.update(step=int(found), split=split, model=config.model, dataset=config.dataset)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  out = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.split, FLAGS.batch_size,
+                            FLAGS.data_dir)
+  logging.info("%s", out)
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  app.run(main)

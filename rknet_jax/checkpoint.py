@@ -1,0 +1,166 @@
+"""Trained RKNets from an experiments workdir: ``load_checkpoint(workdir)``.
+
+A workdir written by ``experiments.train.train_and_evaluate`` holds
+
+* ``model.json``: the exact ``rknet_jax.create_model`` call (name and keyword arguments)
+  and the input image shape, so the model can be rebuilt without the training config;
+* ``checkpoints/<step>/``: orbax checkpoints with the items ``model`` (``params`` and
+  ``batch_stats``, the two collections of the model contract), ``train`` (optimiser
+  state, step, RNG) and ``meta`` (JSON: step, epoch, dataset, ...).
+
+This module only reads. The training-side writer lives in ``experiments/checkpointing.py``;
+the two share the layout constants and :func:`restore_newest_intact` defined here.
+"""
+
+import json
+import logging
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_SUBDIR = "checkpoints"
+MODEL_FILE = "model.json"
+MODEL_ITEM = "model"
+TRAIN_ITEM = "train"
+META_ITEM = "meta"
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def write_model_spec(workdir: str, name: str, kwargs: dict, input_shape: Sequence[int]):
+  """Writes ``model.json``: the ``create_model`` call that rebuilds the trained model."""
+  spec = {"name": name, "kwargs": dict(kwargs), "input_shape": [int(d) for d in input_shape]}
+  tmp = os.path.join(workdir, MODEL_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(spec, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(workdir, MODEL_FILE))
+
+
+def read_model_spec(workdir: str) -> Optional[dict]:
+  """Returns the ``model.json`` of ``workdir``, or None when there is none."""
+  path = os.path.join(workdir, MODEL_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def model_from_spec(spec: dict):
+  """Rebuilds the model of a ``model.json`` spec with ``rknet_jax.create_model``."""
+  from rknet_jax.registry import create_model  # pylint: disable=g-import-not-at-top
+  kwargs = dict(spec["kwargs"])
+  if isinstance(kwargs.get("dtype"), str):
+    kwargs["dtype"] = _DTYPES[kwargs["dtype"]]
+  return create_model(spec["name"], **kwargs)
+
+
+def abstract_variables(model, input_shape: Sequence[int], sharding=None):
+  """Shapes/dtypes (with ``sharding``) of ``model.init`` variables; nothing is computed."""
+  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda x: model.init({"params": jax.random.PRNGKey(0)}, x, train=False), x)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), dict(shapes))
+
+
+def checkpoint_manager(workdir: str, *, read_only: bool = True,
+                       options: Optional[ocp.CheckpointManagerOptions] = None):
+  """An orbax ``CheckpointManager`` on ``workdir/checkpoints`` with this layout's items."""
+  if options is None:
+    options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR),
+      item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM), options=options)
+
+
+def restore_newest_intact(manager, make_args: Callable[[int], Any],
+                          step: Optional[int] = None,
+                          on_damaged: Optional[Callable[[int, Exception], None]] = None):
+  """Restores the newest checkpoint that reads back completely.
+
+  Steps are tried newest first. A step whose restore fails (orbax raises ``ValueError``
+  on a committed step with truncated or missing files; tensorstore and the file system
+  raise other errors) is reported with a warning, handed to ``on_damaged`` and skipped;
+  it is never deleted here. With ``step`` given, only that step is tried and any error
+  propagates.
+
+  Args:
+    manager: an orbax ``CheckpointManager``.
+    make_args: ``step -> ocp.args.Composite`` restore arguments.
+    step: a specific step, or None for the newest intact one.
+    on_damaged: called with ``(step, error)`` for each damaged step skipped.
+
+  Returns:
+    ``(step, restored)``, or ``(None, None)`` when there is no intact checkpoint.
+  """
+  if step is not None:
+    if step not in manager.all_steps():
+      raise ValueError(
+          f"no checkpoint for step {step} in {manager.directory}; "
+          f"available steps: {sorted(manager.all_steps())}")
+    return step, manager.restore(step, args=make_args(step))
+  for s in sorted(manager.all_steps(), reverse=True):
+    try:
+      return s, manager.restore(s, args=make_args(s))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning(
+          "Checkpoint step %d in %s is damaged and is skipped (%s: %s); trying the "
+          "previous one. The damaged files are kept for inspection.",
+          s, manager.directory, type(e).__name__, e)
+      if on_damaged is not None:
+        on_damaged(s, e)
+  return None, None
+
+
+def load_checkpoint(workdir: str, step: Optional[int] = None):
+  """Loads a trained model from an experiments workdir.
+
+  Args:
+    workdir: the ``--workdir`` of ``python -m experiments.main``.
+    step: the checkpoint step; None = the newest intact checkpoint (a damaged newer one
+      is skipped with a warning).
+
+  Returns:
+    ``(model, variables, predict)``: the Flax module (rebuilt from ``model.json``), its
+    ``{"params", "batch_stats"}`` on the default device, and a jitted
+    ``predict(images) -> float32 logits`` in inference mode (``train=False``), for NHWC
+    images preprocessed as in training.
+  """
+  spec = read_model_spec(workdir)
+  if spec is None:
+    raise FileNotFoundError(
+        f"{os.path.join(workdir, MODEL_FILE)} not found: {workdir!r} is not a workdir "
+        "written by experiments.main / train_and_evaluate")
+  model = model_from_spec(spec)
+  target = abstract_variables(model, spec["input_shape"])
+  manager = checkpoint_manager(workdir, read_only=True)
+  try:
+    found, restored = restore_newest_intact(
+        manager, lambda s: ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardRestore(target)}),
+        step=step)
+  finally:
+    manager.close()
+  if found is None:
+    raise FileNotFoundError(
+        f"no intact checkpoint in {os.path.join(workdir, CHECKPOINT_SUBDIR)}")
+  variables = dict(restored[MODEL_ITEM])
+
+  @jax.jit
+  def _predict(variables, images):
+    return model.apply(variables, images, train=False)
+
+  def predict(images):
+    """Logits ``float32[N, num_classes]`` of NHWC ``images`` (inference mode)."""
+    return _predict(variables, jnp.asarray(images, jnp.float32))
+
+  logging.info("Loaded %s from %s step %d", spec["name"], workdir, found)
+  return model, variables, predict
+
+
+__all__ = ["load_checkpoint"]
