@@ -23,7 +23,7 @@ Config fields read (a `ml_collections.ConfigDict` or a dict; those after `seed` 
     paper trains CIFAR without augmentation); True gives pad-4 random crop + horizontal flip.
     ImageNet defaults to True (random resized crop, colour jitter, PCA lighting, flip); False
     trains on centre crops.
-  image_size: ImageNet crop size (default 224).
+  image_size: ImageNet crop size (None or 0: 224; the other datasets keep their native size).
   download: allow TFDS to download and prepare a missing dataset (default False; ImageNet is
     then prepared from the manual download, see below).
   manual_dir: folder with ImageNet's tar files (default `<data_dir>/downloads/manual`).
@@ -213,7 +213,8 @@ def _settings(config) -> _Settings:
   if augment and dataset == "digits":
     raise ValueError("config.augment=True is not supported for digits (8x8 images: pad-4 "
                      "crops would remove half the digit); use augment=False or None")
-  image_size = _int("image_size", _field(config, "image_size", 224), 8)
+  image_size = _field(config, "image_size", None)
+  image_size = 224 if not image_size else _int("image_size", image_size, 8)
   data_dir = _field(config, "data_dir", None)
   manual_dir = _field(config, "manual_dir", None)
   return _Settings(
@@ -381,6 +382,18 @@ def eval_iterator(config, split: str, *, batch_size: int, process_index: int,
         batch_size=batch_size, process_index=process_index, process_count=process_count,
         image_size=s.image_size, mean=s.spec.mean, std=s.spec.std, with_index=with_index)
   return prefetch_lib.Prefetcher(batches, size=s.prefetch)
+
+
+def load_splits(config) -> in_memory.Splits:
+  """The in-memory splits (digits, CIFAR, SVHN) as uint8 images, int32 labels and int64 ids.
+
+  `ids` are positions in the official split each example comes from, so train and validation ids
+  are disjoint. For inspection and tests; training uses `train_iterator`.
+  """
+  s = _settings(config)
+  if not s.spec.in_memory:
+    raise ValueError(f"{s.dataset} is streamed with tf.data, not held in memory")
+  return in_memory.load_splits(s)
 
 
 def clear_cache():
