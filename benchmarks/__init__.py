@@ -1,0 +1,1 @@
+"""Benchmarks of rknet_jax (run as ``python -m benchmarks.<name>``)."""
