@@ -377,3 +377,25 @@ def test_imagenet_eval_preprocessing_centre_crop_and_standardisation():
 def test_tensorflow_sees_no_accelerator():
   assert all(d.device_type == "CPU" for d in tf.config.get_visible_devices())
   assert os.environ.get("TF_CPP_MIN_LOG_LEVEL") is not None
+
+
+def test_prefetcher_propagates_errors_and_stops_when_abandoned():
+  import gc  # pylint: disable=g-import-not-at-top
+  from experiments.data import prefetch  # pylint: disable=g-import-not-at-top
+
+  def failing():
+    yield 1
+    raise KeyError("boom")
+
+  it = prefetch.Prefetcher(failing())
+  assert next(it) == 1
+  with pytest.raises(KeyError, match="boom"):
+    next(it)
+  assert list(prefetch.Prefetcher(iter(range(5)), size=1)) == list(range(5))
+  endless = prefetch.Prefetcher(itertools.count(), size=2)
+  assert [next(endless) for _ in range(3)] == [0, 1, 2]
+  thread = endless._thread  # pylint: disable=protected-access
+  del endless
+  gc.collect()
+  thread.join(timeout=5)  # the producer notices within ~0.1 s
+  assert not thread.is_alive()

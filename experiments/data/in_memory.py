@@ -49,7 +49,7 @@ def _rng(*words: int) -> np.random.Generator:
 
 
 # ------------------------------------------------------------------------------------------------
-# Loading (cached per process; never cached under tfds.testing.mock_data).
+# Loading (cached per process and per data source).
 
 _CACHE_LOCK = threading.Lock()
 _OFFICIAL_CACHE = {}
@@ -96,25 +96,43 @@ def _read_tfds_split(builder, split: str) -> Split:
   return Split(images, labels, np.arange(len(labels), dtype=np.int64))
 
 
+def _source_token(dataset: str):
+  """Identifies where data comes from: the TFDS loading functions in effect.
+
+  `tfds.testing.mock_data` installs new functions in each context, so cached arrays are never
+  reused across mock contexts (or between mocked and real data).
+  """
+  if dataset == "digits":
+    return "sklearn"
+  core = tfds_utils.import_tfds().core
+  return (core.dataset_builder.DatasetBuilder.as_dataset,
+          core.dataset_builder.FileReaderBuilder._as_dataset)  # pylint: disable=protected-access
+
+
+def _cached(cache, key, make, max_entries=2):
+  with _CACHE_LOCK:
+    if key in cache:
+      return cache[key]
+  value = make()
+  with _CACHE_LOCK:
+    if len(cache) >= max_entries:  # bounded host memory: usually one dataset per process
+      cache.clear()
+    cache[key] = value
+  return value
+
+
 def load_official(settings):
-  """Returns (official train Split, test Split) for an in-memory dataset."""
-  mocked = settings.dataset != "digits" and tfds_utils.tfds_is_mocked()
-  key = (settings.dataset, settings.data_dir, settings.svhn_extra)
-  if not mocked:
-    with _CACHE_LOCK:
-      if key in _OFFICIAL_CACHE:
-        return _OFFICIAL_CACHE[key]
-  if settings.dataset == "digits":
-    result = _load_digits()
-  else:
+  """Returns (official train Split, test Split) for an in-memory dataset (cached)."""
+  def make():
+    if settings.dataset == "digits":
+      return _load_digits()
     builder = tfds_utils.get_builder(settings.dataset, settings.data_dir,
                                      download=settings.download)
     train_split = "train+extra" if settings.svhn_extra else "train"
-    result = (_read_tfds_split(builder, train_split), _read_tfds_split(builder, "test"))
-  if not mocked:
-    with _CACHE_LOCK:
-      _OFFICIAL_CACHE[key] = result
-  return result
+    return _read_tfds_split(builder, train_split), _read_tfds_split(builder, "test")
+  key = (settings.dataset, settings.data_dir, settings.svhn_extra,
+         _source_token(settings.dataset))
+  return _cached(_OFFICIAL_CACHE, key, make)
 
 
 def holdout(official_train: Split, validation_size: int, split_seed: int):
@@ -132,21 +150,13 @@ def holdout(official_train: Split, validation_size: int, split_seed: int):
 
 def load_splits(settings) -> Splits:
   """Train (official train minus validation), validation (held out) and test, in memory."""
-  mocked = settings.dataset != "digits" and tfds_utils.tfds_is_mocked()
+  def make():
+    official_train, test = load_official(settings)
+    train, validation = holdout(official_train, settings.validation_size, settings.split_seed)
+    return Splits(train, validation, test)
   key = (settings.dataset, settings.data_dir, settings.svhn_extra, settings.validation_size,
-         settings.split_seed)
-  if not mocked:
-    with _CACHE_LOCK:
-      if key in _SPLITS_CACHE:
-        return _SPLITS_CACHE[key]
-  official_train, test = load_official(settings)
-  train, validation = holdout(official_train, settings.validation_size, settings.split_seed)
-  splits = Splits(train, validation, test)
-  if not mocked:
-    with _CACHE_LOCK:
-      _SPLITS_CACHE.clear()  # one configuration at a time: bounded memory
-      _SPLITS_CACHE[key] = splits
-  return splits
+         settings.split_seed, _source_token(settings.dataset))
+  return _cached(_SPLITS_CACHE, key, make, max_entries=1)
 
 
 # ------------------------------------------------------------------------------------------------

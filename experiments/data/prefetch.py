@@ -5,12 +5,34 @@ import threading
 _DONE = object()
 
 
+def _put(q, stop, item) -> bool:
+  while not stop.is_set():
+    try:
+      q.put(item, timeout=0.1)
+      return True
+    except queue.Full:
+      continue
+  return False
+
+
+def _produce(iterable, q, stop):
+  # A plain function (not a method): the thread must not keep the Prefetcher alive, so that an
+  # abandoned Prefetcher is garbage-collected and its __del__ stops this thread.
+  try:
+    for item in iterable:
+      if not _put(q, stop, item):
+        return
+    _put(q, stop, _DONE)
+  except BaseException as e:  # pylint: disable=broad-except
+    _put(q, stop, e)
+
+
 class Prefetcher:
   """Iterates `iterable` in a daemon thread, keeping up to `size` items ready.
 
   The producer does the host-side work (indexing, augmentation, tf.data decoding) while the
   accelerator runs the previous step. Exceptions in the producer are re-raised in the consumer.
-  `close()` (also called when the iterator is garbage-collected) stops the thread.
+  `close()` (also called when the Prefetcher is garbage-collected) stops the thread.
   """
 
   def __init__(self, iterable, size: int = 2):
@@ -19,26 +41,9 @@ class Prefetcher:
     self._queue = queue.Queue(maxsize=size)
     self._stop = threading.Event()
     self._finished = False
-    self._thread = threading.Thread(target=self._run, args=(iterable,), daemon=True)
+    self._thread = threading.Thread(target=_produce, args=(iterable, self._queue, self._stop),
+                                    daemon=True, name="input-pipeline-prefetch")
     self._thread.start()
-
-  def _put(self, item) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _run(self, iterable):
-    try:
-      for item in iterable:
-        if not self._put(item):
-          return
-      self._put(_DONE)
-    except BaseException as e:  # pylint: disable=broad-except
-      self._put(e)
 
   def __iter__(self):
     return self
