@@ -14,6 +14,7 @@ excluded); FLOPs = 2 x multiply-adds of convolutions and dense layers per image.
 """
 
 import argparse
+import re
 import sys
 from typing import Sequence
 
@@ -47,13 +48,39 @@ def default_image_size(model) -> int:
   return 224 if getattr(model, "stem", None) == "imagenet" else 32
 
 
-def format_table(title: str, counts: counting.Counts) -> str:
-  """The per-submodule table of ``counts`` (see :class:`rknet_jax.counting.Counts`)."""
-  rows = []
+_STEP = re.compile(r"^(period\d+)_step(\d+)$")
+
+
+def rows(counts: counting.Counts, group_steps: bool = True):
+  """``(label, params, flops)`` per top-level submodule, in execution order.
+
+  With ``group_steps`` the time-steps ``period<p>_step<t>`` of rknet_jax.models (each a
+  top-level submodule, with its own parameters) are summed into one ``period<p>`` row,
+  labelled with its number of time-steps r.
+  """
+  out, index = [], {}
   for name in counts.modules:
-    rows.append((name or "(root)", counts.params_by_module.get(name, 0),
-                 counts.flops_by_module.get(name, 0)))
-  width = max([len("module"), len("total")] + [len(r[0]) for r in rows])
+    p = counts.params_by_module.get(name, 0)
+    f = counts.flops_by_module.get(name, 0)
+    match = _STEP.match(name) if group_steps else None
+    if match is None:
+      out.append([name or "(root)", p, f, None])
+      continue
+    period = match.group(1)
+    if period not in index:
+      index[period] = len(out)
+      out.append([period, 0, 0, 0])
+    row = out[index[period]]
+    row[1] += p
+    row[2] += f
+    row[3] += 1
+  return [(label if n is None else f"{label} (r={n})", p, f) for label, p, f, n in out]
+
+
+def format_table(title: str, counts: counting.Counts, group_steps: bool = True) -> str:
+  """The per-period table of ``counts`` (see :class:`rknet_jax.counting.Counts`)."""
+  table = rows(counts, group_steps)
+  width = max([len("module"), len("total")] + [len(r[0]) for r in table])
   lines = [title,
            f"input {'x'.join(map(str, counts.input_shape[1:]))} (NHWC, per image); "
            "params: trainable (BN running stats excluded); "
@@ -61,7 +88,7 @@ def format_table(title: str, counts: counting.Counts) -> str:
            f"{'module':<{width}}  {'params':>13}  {'params (M)':>10}  {'GFLOPs':>9}"]
   rule = "-" * len(lines[-1])
   lines.append(rule)
-  for name, p, f in rows:
+  for name, p, f in table:
     lines.append(f"{name:<{width}}  {p:>13,}  {p / 1e6:>10.4f}  {f / 1e9:>9.4f}")
   lines.append(rule)
   lines.append(f"{'total':<{width}}  {counts.params:>13,}  {counts.params / 1e6:>10.4f}  "
@@ -86,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="square input side (default 224 for the ImageNet stem, else 32)")
   parser.add_argument("--channels", type=_positive_int, default=3,
                       help="input channels (default 3)")
+  parser.add_argument("--steps", action="store_true",
+                      help="one row per time-step instead of per period")
   return parser
 
 
@@ -104,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   size = args.image_size or default_image_size(model)
   counts = counting.model_counts(model, (1, size, size, args.channels))
   title = f"{args.name}  ({type(model).__name__}, {getattr(model, 'num_classes', '?')} classes)"
-  print(format_table(title, counts))
+  print(format_table(title, counts, group_steps=not args.steps))
   return 0
 
 
