@@ -28,6 +28,9 @@ Config fields read (a `ml_collections.ConfigDict` or a dict; those after `seed` 
     then prepared from the manual download, see below).
   manual_dir: folder with ImageNet's tar files (default `<data_dir>/downloads/manual`).
   shuffle_buffer: ImageNet shuffle buffer in examples (default 10,000, ~1 GB of JPEG bytes).
+  host_shards: ImageNet only (default False): each host reads only its 1/P of the training
+    records (`tfds.even_splits`) instead of reading all and decoding its 1/P. Cuts I/O P-fold on
+    pods, but then global batches depend on the host count (resume with the same count).
   svhn_extra: train SVHN on train+extra (default False).
   prefetch: host batches prepared ahead by a background thread (default 2).
 
@@ -162,6 +165,7 @@ class _Settings:
   shuffle_buffer: int
   svhn_extra: bool
   prefetch: int
+  host_shards: bool
 
   @property
   def spec(self) -> _Spec:
@@ -225,7 +229,8 @@ def _settings(config) -> _Settings:
       augment=augment, image_size=image_size, download=bool(_field(config, "download", False)),
       manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
       shuffle_buffer=_int("shuffle_buffer", _field(config, "shuffle_buffer", 10_000), 1),
-      svhn_extra=svhn_extra, prefetch=_int("prefetch", _field(config, "prefetch", 2), 1))
+      svhn_extra=svhn_extra, prefetch=_int("prefetch", _field(config, "prefetch", 2), 1),
+      host_shards=bool(_field(config, "host_shards", False)))
 
 
 def _check_hosts(batch_size, process_index, process_count, what="batch_size"):
@@ -346,7 +351,7 @@ def train_iterator(config, *, start_step: int, process_index: int, process_count
         batch_size=s.batch_size, seed=s.seed, start_step=start_step,
         process_index=process_index, process_count=process_count, augment=s.augment,
         image_size=s.image_size, shuffle_buffer=s.shuffle_buffer, mean=s.spec.mean,
-        std=s.spec.std)
+        std=s.spec.std, host_shards=s.host_shards)
   return prefetch_lib.Prefetcher(batches, size=s.prefetch)
 
 

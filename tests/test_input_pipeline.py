@@ -346,6 +346,21 @@ def test_imagenet_pipeline_shapes_determinism_resume_hosts():
                      labels=split_labels)
 
 
+def test_imagenet_host_shards_mode_is_deterministic_and_resumable():
+  config = dict(IMAGENET, host_shards=True)
+  with tfds.testing.mock_data(num_examples=24):
+    for p in range(2):
+      run = take(ip.train_iterator(config, start_step=1, process_index=p, process_count=2), 4)
+      assert all(b["image"].shape == (4, 32, 32, 3) for b in run)
+      resumed = take(ip.train_iterator(config, start_step=3, process_index=p, process_count=2),
+                     2)
+      assert_batches_equal(run[2:], resumed)
+    # The two hosts read different shards with different orders and augmentations.
+    h0, h1 = (take(ip.train_iterator(config, start_step=0, process_index=p, process_count=2), 1)
+              for p in range(2))
+    assert not np.array_equal(h0[0]["image"], h1[0]["image"])
+
+
 def test_imagenet_eval_preprocessing_centre_crop_and_standardisation():
   from experiments.data import imagenet  # pylint: disable=g-import-not-at-top
   info = ip.dataset_info("imagenet2012")

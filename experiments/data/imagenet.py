@@ -15,7 +15,9 @@ is a pure function of (seed, s), whatever the host count. Every host reads the (
 of the whole stream but decodes only its own 1/P of them. Resuming at step s inside epoch e
 replays the records of the first (s mod steps_per_epoch)*B examples of epoch e through the
 shuffle buffer without decoding them: at most one epoch of reading (~140 GB of JPEG bytes), a few
-minutes on local SSD, and zero cost when resuming at an epoch boundary.
+minutes on local SSD, and zero cost when resuming at an epoch boundary. On many hosts, where
+reading everything everywhere costs too much I/O, `host_shards=True` makes each host read only
+its `tfds.even_splits` shard (global batches then depend on the host count).
 """
 import numpy as np
 
@@ -138,17 +140,30 @@ def _host_filter(tf, batch_size, start, local):
 
 def train_batches(builder, *, split: str, num_examples: int, batch_size: int, seed: int,
                   start_step: int, process_index: int, process_count: int, augment: bool,
-                  image_size: int, shuffle_buffer: int, mean, std):
-  """Yields this host's slice of global batch s, s = start_step, ... forever (see module doc)."""
-  tf = tfds_utils.import_tf()
-  steps = num_examples // batch_size
-  if steps == 0:
-    raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples")
-  local = batch_size // process_count
-  start = process_index * local
-  per_epoch = steps * batch_size
+                  image_size: int, shuffle_buffer: int, mean, std, host_shards: bool = False):
+  """Yields this host's slice of global batch s, s = start_step, ... forever (see module doc).
+
+  host_shards=True (for many hosts): host p reads only `tfds.even_splits(split, P)[p]`, shuffled
+  with seed (seed, epoch, p), and its b = B/P rows of batch s are its records
+  [(s - e*S)*b, (s - e*S + 1)*b) of epoch e. I/O per host drops P-fold; steps per epoch stay
+  N // B; each batch is still a pure function of (seed, s) for a fixed P, but the global batches
+  depend on P (so a run must be resumed with the same host count).
+  """
+  if host_shards and process_count > 1:
+    return _sharded_train_batches(
+        builder, split=split, num_examples=num_examples, batch_size=batch_size, seed=seed,
+        start_step=start_step, process_index=process_index, process_count=process_count,
+        augment=augment, image_size=image_size, shuffle_buffer=shuffle_buffer, mean=mean,
+        std=std)
+  return _global_train_batches(
+      builder, split=split, num_examples=num_examples, batch_size=batch_size, seed=seed,
+      start_step=start_step, process_index=process_index, process_count=process_count,
+      augment=augment, image_size=image_size, shuffle_buffer=shuffle_buffer, mean=mean, std=std)
+
+
+def _train_map_fn(tf, *, seed, augment, image_size, mean, std):
+  """(global example number i, record) -> {"image", "label"}; augmentation seeded by (seed, i)."""
   aug_seed = _seed_word(seed, _TAG_AUGMENT)
-  epoch, k = divmod(start_step, steps)
 
   def preprocess(i, example):
     if augment:
@@ -157,7 +172,22 @@ def train_batches(builder, *, split: str, num_examples: int, batch_size: int, se
     else:
       image = eval_preprocess(tf, example["image"], image_size=image_size, mean=mean, std=std)
     return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+  return preprocess
 
+
+def _global_train_batches(builder, *, split, num_examples, batch_size, seed, start_step,
+                          process_index, process_count, augment, image_size, shuffle_buffer,
+                          mean, std):
+  tf = tfds_utils.import_tf()
+  steps = num_examples // batch_size
+  if steps == 0:
+    raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples")
+  local = batch_size // process_count
+  start = process_index * local
+  per_epoch = steps * batch_size
+  epoch, k = divmod(start_step, steps)
+  preprocess = _train_map_fn(tf, seed=seed, augment=augment, image_size=image_size, mean=mean,
+                             std=std)
   while True:
     epoch_seed = _seed_word(seed, _TAG_EPOCH, epoch)
     ds = _read(builder, split, shuffle_seed=epoch_seed)
@@ -167,6 +197,38 @@ def train_batches(builder, *, split: str, num_examples: int, batch_size: int, se
       ds = ds.skip(k * batch_size)
     ds = ds.filter(_host_filter(tf, batch_size, start, local))
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    yield from ds.as_numpy_iterator()
+    epoch, k = epoch + 1, 0
+
+
+def _sharded_train_batches(builder, *, split, num_examples, batch_size, seed, start_step,
+                           process_index, process_count, augment, image_size, shuffle_buffer,
+                           mean, std):
+  tf = tfds_utils.import_tf()
+  tfds = tfds_utils.import_tfds()
+  steps = num_examples // batch_size
+  if steps == 0:
+    raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples")
+  local = batch_size // process_count
+  shard = tfds.even_splits(split, n=process_count)[process_index]
+  per_epoch = steps * local  # <= the shard's floor(N/P) examples
+  epoch, k = divmod(start_step, steps)
+  preprocess = _train_map_fn(tf, seed=seed, augment=augment, image_size=image_size, mean=mean,
+                             std=std)
+
+  def number(j, example):  # host record j -> global example number step * B + row
+    step, row = j // local, j % local
+    return step * batch_size + process_index * local + row, example
+
+  while True:
+    epoch_seed = _seed_word(seed, _TAG_EPOCH, epoch, process_index)
+    ds = _read(builder, shard, shuffle_seed=epoch_seed)
+    ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    ds = ds.take(per_epoch).enumerate(start=epoch * per_epoch)
+    if k:
+      ds = ds.skip(k * local)
+    ds = ds.map(number).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     yield from ds.as_numpy_iterator()
     epoch, k = epoch + 1, 0
