@@ -64,7 +64,7 @@ class _PeriodsMixin:
     outputs = []
     for p in range(P):
       for t in range(self.steps[p]):
-        x = make_step(p, name=f"period{p + 1}_step{t + 1}")(x, train)
+        x = make_step(p, t, name=f"period{p + 1}_step{t + 1}")(x, train)
       outputs.append(x)
       if p < P - 1:
         x = layers.Transition(m[p + 1] * k[p + 1], attention=self.attention,
@@ -156,7 +156,8 @@ class RKNet(_PeriodsMixin, nn.Module):
     self.check()
     bw = self.bottleneck_widths
 
-    def make_step(p, name):
+    def make_step(p, t, name):
+      del t
       common = dict(dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
                     bn_epsilon=self.bn_epsilon, dtype=self.dtype, remat=self.remat, name=name)
       width = None if bw is None else bw[p]
@@ -170,19 +171,58 @@ class RKNet(_PeriodsMixin, nn.Module):
     return self._forward(x, train, make_step)
 
 
+TABLEAU_STEP_OPTIONS = ("step_size", "learn_coefficients", "learn_step_size",
+                        "implicit_iterations", "hidden_features", "kernel_size",
+                        "stage_functions")
+"""Options of :class:`~rknet_jax.tableau_block.TableauStep` a tableau RKNet passes on."""
+
+
+def tableau_stage_functions(tableau, vector_fields: int, options) -> str:
+  """``stage_functions`` of TableauStep for a name term's first number (1 or s).
+
+  1 -> "shared" (one f(t, y), equation 3); s (the tableau's stage count) -> "per_stage"
+  (f_i, equation 4).  For a 1-stage tableau both read "1": ``stage_functions`` in
+  ``options`` decides (default "per_stage").  Raises ValueError otherwise or on a conflict.
+  """
+  s = tableau.num_stages
+  if vector_fields not in (1, s):
+    raise ValueError(f"a time-step of tableau {tableau.name!r} ({s} stages) has 1 shared "
+                     f"vector field or {s} (one per stage): the term's first number must be "
+                     f"1 or {s}, got {vector_fields}")
+  wanted = options.get("stage_functions")
+  if s == 1:
+    return wanted or "per_stage"
+  implied = "shared" if vector_fields == 1 else "per_stage"
+  if wanted is not None and wanted != implied:
+    raise ValueError(f"stage_functions={wanted!r} contradicts the name's term "
+                     f"'{vector_fields}×r' ({implied}) for tableau {tableau.name!r}")
+  return implied
+
+
+def check_tableau_step_options(options) -> None:
+  """ValueError for an option a tableau RKNet does not pass to TableauStep."""
+  unknown = sorted(set(options) - set(TABLEAU_STEP_OPTIONS))
+  if unknown:
+    raise ValueError(f"unknown tableau-step option(s) {unknown}: allowed are "
+                     f"{list(TABLEAU_STEP_OPTIONS)} (and bn_momentum, bn_epsilon)")
+
+
 class TableauRKNet(_PeriodsMixin, nn.Module):
   """RKNet whose time-steps are :class:`~rknet_jax.tableau_block.TableauStep` s.
 
   Same preprocessor, periods, transitions and postprocessor as :class:`RKNet`; each of the
   r_n time-steps of period n is one step of the Runge-Kutta method ``tableau`` (a name of
-  :func:`rknet_jax.tableaus.get`) with a convolutional vector field on m_n k_n channels.
-  ``stages`` holds, per period, how many vector fields a time-step has: 1 (one f(t, y)
-  shared by all stages, conditioned on the stage time) or the tableau's stage count s (one
-  f_i per stage, the relaxation of equation 4).
+  :func:`rknet_jax.tableaus.get`) with a convolutional vector field on m_n k_n channels
+  (pre-activation BN -> ReLU -> 3x3 conv, twice).  ``stages`` holds, per period, how many
+  vector fields a time-step has: 1 (one f(t, y) shared by all stages and conditioned on the
+  stage time, equation 3) or the tableau's stage count s (one f_i per stage, the relaxation
+  of equation 4).  Time-step n of a period starts at t_n = n h.  With ``remat`` each whole
+  time-step is rematerialised; ``dropout_rate`` applies to the transitions only.
 
   Attributes:
     tableau: name of the Butcher tableau.
-    step_options: extra ``(field, value)`` pairs passed to every TableauStep.
+    step_options: extra ``(field, value)`` pairs for every TableauStep (see
+      ``TABLEAU_STEP_OPTIONS``; e.g. learn_coefficients, learn_step_size, step_size).
     (the others as :class:`RKNet`)
   """
   tableau: str
@@ -201,31 +241,34 @@ class TableauRKNet(_PeriodsMixin, nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
 
+  def _step_kwargs(self, p):
+    options = dict(self.step_options)
+    check_tableau_step_options(options)
+    tab = _get_tableau(self.tableau)
+    options["stage_functions"] = tableau_stage_functions(tab, self.stages[p], options)
+    return dict(options, tableau=tab.name, momentum=self.bn_momentum,
+                epsilon=self.bn_epsilon, dtype=self.dtype)
+
   def check(self):
     """Raise ValueError on an inconsistent configuration (before any array is built)."""
     from rknet_jax import tableau_block  # pylint: disable=g-import-not-at-top
     self._check_periods()
-    tab = _get_tableau(self.tableau)
-    for f in self.stages:
-      if f not in (1, tab.num_stages):
-        raise ValueError(
-            f"TableauRKNet: a time-step of {tab.name!r} ({tab.num_stages} stages) has 1 "
-            f"shared vector field or {tab.num_stages} (one per stage), got {f}")
-    tableau_block.check_step_options(dict(self.step_options))
+    for p in range(len(self.stages)):
+      try:
+        tableau_block.TableauStep(**self._step_kwargs(p), parent=None)
+      except (TypeError, KeyError) as e:
+        raise ValueError(f"TableauRKNet: bad tableau-step options: {e}") from None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     from rknet_jax import tableau_block  # pylint: disable=g-import-not-at-top
     self.check()
-    tab = _get_tableau(self.tableau)
+    step_cls = layers.maybe_remat(tableau_block.TableauStep, self.remat, train_argnum=2)
 
-    def make_step(p, name):
-      return tableau_block.make_step(
-          tab, channels=self.growth_multipliers[p] * self.growth_rates[p],
-          per_stage_fields=self.stages[p] != 1 or tab.num_stages == 1,
-          dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
-          bn_epsilon=self.bn_epsilon, dtype=self.dtype, remat=self.remat, name=name,
-          **dict(self.step_options))
+    def make_step(p, t, name):
+      kwargs = self._step_kwargs(p)
+      h = float(kwargs.get("step_size", 1.0))
+      return step_cls(time=t * h, name=name, **kwargs)
 
     return self._forward(x, train, make_step)
 
