@@ -54,6 +54,7 @@ ImageNet preparation (manual; TFDS cannot download it):
   `preflight(config)` names the missing file or folder before any training starts.
 """
 import dataclasses
+import numbers
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -64,6 +65,7 @@ from experiments.data import tfds_utils
 
 IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 EVAL_SPLITS = ("validation", "test")
+SVHN_EXTRA_SIZE = 531_131
 
 
 class DatasetInfo(NamedTuple):
@@ -173,7 +175,7 @@ class _Settings:
 
 
 def _field(config, name, default=_MISSING):
-  if isinstance(config, dict) or hasattr(config, "get"):
+  if hasattr(config, "get"):  # dict, ml_collections.ConfigDict / FrozenConfigDict
     value = config.get(name, default)
   else:
     value = getattr(config, name, default)
@@ -182,33 +184,27 @@ def _field(config, name, default=_MISSING):
   return value
 
 
-def _int(name, value, minimum=None):
-  if isinstance(value, bool) or not isinstance(value, int):
-    try:
-      import numpy as np  # pylint: disable=g-import-not-at-top
-      if isinstance(value, np.integer):
-        value = int(value)
-      else:
-        raise TypeError
-    except TypeError:
-      raise ValueError(f"config.{name} must be an integer, got {value!r}") from None
+def _int(label, value, minimum=None):
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{label} must be an integer, got {value!r}")
+  value = int(value)
   if minimum is not None and value < minimum:
-    raise ValueError(f"config.{name} must be >= {minimum}, got {value}")
+    raise ValueError(f"{label} must be >= {minimum}, got {value}")
   return value
 
 
 def _settings(config) -> _Settings:
   dataset = _field(config, "dataset")
   spec = _spec(dataset)
-  batch_size = _int("batch_size", _field(config, "batch_size"), 1)
+  batch_size = _int("config.batch_size", _field(config, "batch_size"), 1)
   validation_size = _field(config, "validation_size", None)
   if validation_size is None:
     validation_size = spec.default_validation
-  validation_size = _int("validation_size", validation_size, 0)
+  validation_size = _int("config.validation_size", validation_size, 0)
   svhn_extra = bool(_field(config, "svhn_extra", False))
   if svhn_extra and dataset != "svhn_cropped":
     raise ValueError(f"config.svhn_extra=True applies to svhn_cropped only, not {dataset!r}")
-  official = spec.official_train + (531_131 if svhn_extra else 0)
+  official = spec.official_train + (SVHN_EXTRA_SIZE if svhn_extra else 0)
   if validation_size >= official:
     raise ValueError(f"config.validation_size={validation_size} must be smaller than the "
                      f"{official} official training examples of {dataset}")
@@ -218,18 +214,19 @@ def _settings(config) -> _Settings:
     raise ValueError("config.augment=True is not supported for digits (8x8 images: pad-4 "
                      "crops would remove half the digit); use augment=False or None")
   image_size = _field(config, "image_size", None)
-  image_size = 224 if not image_size else _int("image_size", image_size, 8)
+  image_size = 224 if not image_size else _int("config.image_size", image_size, 8)
   data_dir = _field(config, "data_dir", None)
   manual_dir = _field(config, "manual_dir", None)
   return _Settings(
-      dataset=dataset, batch_size=batch_size, seed=_int("seed", _field(config, "seed", 0)),
+      dataset=dataset, batch_size=batch_size,
+      seed=_int("config.seed", _field(config, "seed", 0)),
       data_dir=os.path.expanduser(data_dir) if data_dir else None,
       validation_size=validation_size,
-      split_seed=_int("split_seed", _field(config, "split_seed", 0)),
+      split_seed=_int("config.split_seed", _field(config, "split_seed", 0)),
       augment=augment, image_size=image_size, download=bool(_field(config, "download", False)),
       manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
-      shuffle_buffer=_int("shuffle_buffer", _field(config, "shuffle_buffer", 10_000), 1),
-      svhn_extra=svhn_extra, prefetch=_int("prefetch", _field(config, "prefetch", 2), 1),
+      shuffle_buffer=_int("config.shuffle_buffer", _field(config, "shuffle_buffer", 10_000), 1),
+      svhn_extra=svhn_extra, prefetch=_int("config.prefetch", _field(config, "prefetch", 2), 1),
       host_shards=bool(_field(config, "host_shards", False)))
 
 
@@ -368,7 +365,7 @@ def eval_iterator(config, split: str, *, batch_size: int, process_index: int,
   if split not in EVAL_SPLITS:
     raise ValueError(f"Unknown eval split {split!r}; expected one of {EVAL_SPLITS}")
   s = _settings(config)
-  batch_size = _int("batch_size", batch_size, 1)
+  batch_size = _int("eval batch_size", batch_size, 1)
   process_index, process_count = _check_hosts(batch_size, process_index, process_count,
                                               what="eval batch_size")
   if split == "validation" and s.validation_size == 0:

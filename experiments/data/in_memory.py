@@ -165,9 +165,14 @@ def load_splits(settings) -> Splits:
 
 def standardise(images: np.ndarray, mean, std) -> np.ndarray:
   """Per-channel standardisation (x - mean) / std in float32, NHWC."""
-  mean = np.asarray(mean, np.float32)
-  inv_std = 1.0 / np.asarray(std, np.float32)
-  return (images.astype(np.float32) - mean) * inv_std
+  n, h, w, c = images.shape
+  # Broadcasting over a length-C trailing axis is slow in numpy; tile mean/std along each row.
+  mean = np.tile(np.asarray(mean, np.float32), h * w)
+  inv_std = np.tile(1.0 / np.asarray(std, np.float32), h * w)
+  out = images.reshape(n, h * w * c).astype(np.float32)
+  out -= mean
+  out *= inv_std
+  return out.reshape(n, h, w, c)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -188,10 +193,11 @@ def pad_crop_flip(images: np.ndarray, *, seed: int, step: int, start: int, globa
   offsets = rng.integers(0, 2 * pad + 1, size=(global_batch, 2))[start:start + n]
   flips = (rng.random(global_batch) < 0.5)[start:start + n]
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  rows = offsets[:, 0:1] + np.arange(h)  # [n, h]
-  cols = offsets[:, 1:2] + np.arange(w)  # [n, w]
-  cols = np.where(flips[:, None], cols[:, ::-1], cols)
-  return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  out = np.empty_like(images)
+  for j, ((dy, dx), flip) in enumerate(zip(offsets, flips)):
+    crop = padded[j, dy:dy + h, dx:dx + w]
+    out[j] = crop[:, ::-1] if flip else crop
+  return out
 
 
 def train_batches(train: Split, *, mean, std, batch_size: int, seed: int, start_step: int,
