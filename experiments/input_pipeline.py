@@ -329,7 +329,8 @@ def train_iterator(config, *, start_step: int, process_index: int, process_count
   Each item is {"image": float32[B/P, H, W, C], "label": int32[B/P]} with B = config.batch_size
   and P = process_count; host p gets rows [p*B/P, (p+1)*B/P) of the global batch, and global
   batch s is a pure function of (config.seed, s), so a run resumed at `start_step` sees exactly
-  the batches an uninterrupted run would. Batches are prepared by a background thread.
+  the batches an uninterrupted run would. Batches are prepared by a background thread; call
+  `.close()` on the returned iterator to stop it early (garbage collection also does).
   """
   s = _settings(config)
   process_index, process_count = _check_hosts(s.batch_size, process_index, process_count)
