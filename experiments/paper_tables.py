@@ -6,8 +6,9 @@ Usage::
   python -m experiments.paper_tables --table 3  # one table
 
 The 16 rows are the 13 RKNet rows (the ready-made models of ``rknet_jax.list_models()``)
-and the three baselines of Table 2 (DenseNet-BC, two CliqueNets).  Every model is built with :func:`rknet_jax.create_model` and counted from its own jaxpr
-by :mod:`rknet_jax.counting` (paper conventions: params = trainable parameters, BN running
+and the three baselines of Table 2 (DenseNet-BC, two CliqueNets).  Every model is built
+with :func:`rknet_jax.create_model` and counted from its own jaxpr by
+:mod:`rknet_jax.counting` (paper conventions: params = trainable parameters, BN running
 statistics excluded; FLOPs = 2 x multiply-adds of convolutions and FC layers per image).
 Inputs: CIFAR 32x32x3 (Tables 1-2, params counted for 10 classes, as the paper states for
 Table 2), ImageNet 224x224x3 with 1000 classes (Table 3).  The paper's values are those of

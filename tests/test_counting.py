@@ -60,13 +60,6 @@ def test_batch_stats_are_not_params():
   assert count_params(model, (8, 8, 3)) == n_all - n_stats
 
 
-def test_count_params_matches_real_init():
-  model = SmallNet(num_classes=7)
-  variables = model.init({"params": jax.random.key(1)}, jnp.zeros((2, 8, 8, 3)))
-  real = sum(int(v.size) for v in jax.tree.leaves(variables["params"]))
-  assert count_params(model, (2, 8, 8, 3)) == real
-
-
 class DenseOnly(nn.Module):
 
   @nn.compact
@@ -317,3 +310,69 @@ def test_bad_input_shape(bad):
 def test_not_a_module():
   with pytest.raises(ValueError, match="flax.linen Module"):
     count_params(functools.partial(SmallNet), (8, 8, 3))
+
+
+# --------------------------------------------------------------------------------------
+# Small models of the registry, counted by hand from ARCHITECTURE.md's rules.
+
+
+def test_registry_erknet_hand_count():
+  from rknet_jax import registry
+  # ERKNet-2x1 1x1, k = 4, m = 1, CIFAR stem, multiscale, 10 classes, 8x8x3 input.
+  model = registry.create_model("ERKNet-2×1 1×1", growth_rate=4)
+  stem = 3 * 3 * 3 * 4                                  # 3x3 conv 3 -> 4, no BN/bias
+  period1 = (2 * 4 + 9 * 4 * 4) + (2 * 8 + 9 * 8 * 4)   # layers see 4, then 8 channels
+  transition = 2 * 4 + 4 * 4                            # BN + 1x1 conv 4 -> 4
+  period2 = 2 * 4 + 9 * 4 * 4
+  post = 2 * (2 * 4) + (8 * 10 + 10)                    # BN per period; FC 8 -> 10
+  assert count_params(model, (8, 8, 3)) == stem + period1 + transition + period2 + post
+  flops = 2 * (8 * 8 * 4 * 27                           # stem at 8x8
+               + 8 * 8 * 4 * (9 * 4 + 9 * 8)            # period 1 at 8x8
+               + 8 * 8 * 4 * 4                          # transition conv before pooling
+               + 4 * 4 * 4 * (9 * 4)                    # period 2 at 4x4
+               + 8 * 10)                                # classifier
+  assert count_flops(model, (2, 8, 8, 3)) == flops
+
+
+def test_registry_irknet_hand_count():
+  from rknet_jax import registry
+  # IRKNet-2x1 2x1, k = 4: per time-step s^2 = 4 shared 3x3 filters k -> k; pass I BNs
+  # see X0 (4) and [X0, X1] (8); pass II BNs see X2 (4) and X1 (4).
+  model = registry.create_model("IRKNet-2×1 2×1", growth_rate=4)
+  step_params = 4 * (9 * 4 * 4) + 2 * (4 + 8 + 4 + 4)
+  params = 3 * 3 * 3 * 4 + step_params + (2 * 4 + 4 * 4) + step_params + (
+      2 * (2 * 4) + 8 * 10 + 10)
+  assert count_params(model, (8, 8, 3)) == params
+  # pass I: 4 -> 4 and 8 -> 4 convs; pass II: two 4 -> 4 convs (filters reused)
+  step_macs_per_pixel = 4 * 9 * (4 + 8 + 4 + 4)
+  flops = 2 * (8 * 8 * 4 * 27 + 8 * 8 * step_macs_per_pixel + 8 * 8 * 4 * 4
+               + 4 * 4 * step_macs_per_pixel + 8 * 10)
+  assert count_flops(model, (8, 8, 3)) == flops
+
+
+def test_count_params_equals_real_init_of_registry_model():
+  from rknet_jax import registry
+  model = registry.create_model("IRKNet-2×1 2×1-AB", growth_rate=4, num_classes=3)
+  x = jnp.zeros((2, 8, 8, 3))
+  variables = model.init({"params": jax.random.key(0)}, x, train=False)
+  real = sum(int(v.size) for v in jax.tree.leaves(variables["params"]))
+  assert real > 0
+  assert count_params(model, x.shape) == real
+  assert count_flops(model, x.shape) == counting.jaxpr_flops(
+      jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)) // 2
+
+
+def test_summary_cli(capsys):
+  from rknet_jax import registry, summary
+  assert summary.main(["ERKNet-2x2 1x1", "--growth_rate", "4", "--image_size", "8"]) == 0
+  out = capsys.readouterr().out
+  model = registry.create_model("ERKNet-2x2 1x1", growth_rate=4)
+  c = counting.model_counts(model, (8, 8, 3))
+  lines = {l.split()[0]: l for l in out.splitlines() if l.strip()}
+  assert f"{c.params:,}" in lines["total"]
+  # the two time-steps of period 1 are one row, with their params summed
+  p1 = c.params_by_module["period1_step1"] + c.params_by_module["period1_step2"]
+  assert "period1 (r=2)" in out and f"{p1:,}" in lines["period1"]
+  assert "transition1" in lines and "stem" in lines
+  assert summary.main(["ERKNet-2x0", "--growth_rate", "4"]) == 2
+  assert "2x0" in capsys.readouterr().err
