@@ -228,11 +228,16 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",))
 
 
-def create_train_state(model, tx, input_shape, seed: int, mesh: Mesh) -> TrainState:
-  """Initialises the state directly as replicated arrays on ``mesh``."""
+def make_init_fn(model, tx, input_shape, mesh: Mesh):
+  """Jitted ``seed -> TrainState``, created directly as replicated arrays on ``mesh``.
+
+  Initialisation is traced with ``jax.threefry_partitionable(False)``: the values are
+  as random, and XLA:CPU compiles the non-partitionable threefry several times faster
+  (the state is replicated, so partitioning the random bits buys nothing here).
+  """
   replicated = NamedSharding(mesh, P())
 
-  def init():
+  def init(seed):
     key = jax.random.PRNGKey(seed)
     init_key, rng = jax.random.split(key)
     x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
@@ -242,8 +247,20 @@ def create_train_state(model, tx, input_shape, seed: int, mesh: Mesh) -> TrainSt
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), rng=rng)
 
-  abstract = jax.eval_shape(init)
-  return jax.jit(init, out_shardings=jax.tree.map(lambda _: replicated, abstract))()
+  with jax.threefry_partitionable(False):
+    abstract = jax.eval_shape(init, 0)
+  jitted = jax.jit(init, out_shardings=jax.tree.map(lambda _: replicated, abstract))
+
+  def init_fn(seed: int) -> TrainState:
+    with jax.threefry_partitionable(False):
+      return jitted(jnp.asarray(seed, jnp.int32))
+
+  return init_fn
+
+
+def create_train_state(model, tx, input_shape, seed: int, mesh: Mesh) -> TrainState:
+  """Initial ``TrainState`` (params, BN statistics, optimiser state, step 0, RNG)."""
+  return make_init_fn(model, tx, input_shape, mesh)(seed)
 
 
 def cross_entropy(logits, labels):
@@ -458,6 +475,33 @@ def _preempted(flag) -> bool:
   return bool(np.any(flags))
 
 
+_FN_CACHE: dict = {}
+_OPTIMIZER_FIELDS = ("learning_rate", "lr_schedule", "lr_decay_fractions",
+                     "lr_decay_every_epochs", "lr_decay_factor", "warmup_epochs", "momentum",
+                     "nesterov", "weight_decay", "weight_decay_params")
+
+
+def _compiled_functions(config, name, kwargs, model, tx, schedule, input_shape, mesh,
+                        schedule_steps):
+  """(init_fn, train_step, eval_step), reused by later runs of the same setup in-process.
+
+  Repeated ``train_and_evaluate`` calls (sweeps over seeds, tests, resuming in the same
+  process) then skip recompilation; the key holds everything the functions depend on.
+  """
+  key = json.dumps([name, kwargs, list(input_shape), [config[f] for f in _OPTIMIZER_FIELDS],
+                    list(schedule_steps), [d.id for d in mesh.devices.flat],
+                    list(mesh.axis_names)], sort_keys=True, default=str)
+  if key not in _FN_CACHE:
+    if len(_FN_CACHE) >= 8:
+      _FN_CACHE.pop(next(iter(_FN_CACHE)))
+    init_fn = make_init_fn(model, tx, input_shape, mesh)
+    with jax.threefry_partitionable(False):
+      example = jax.eval_shape(lambda: init_fn(0))
+    _FN_CACHE[key] = (init_fn, make_train_step(model, tx, schedule, mesh, example),
+                      make_eval_step(model, mesh))
+  return _FN_CACHE[key]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        mesh: Optional[Mesh] = None) -> dict:
   """Trains ``config.model`` on ``config.dataset`` in ``workdir``; returns ``results.json``.
@@ -498,7 +542,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       json.dump(run, f, indent=2)
     os.replace(os.path.join(workdir, RUN_FILE + ".tmp"), os.path.join(workdir, RUN_FILE))
 
-  state = create_train_state(model, tx, input_shape, config.seed, mesh)
+  init_fn, train_step, eval_step = _compiled_functions(
+      config, name, kwargs, model, tx, schedule, input_shape, mesh,
+      (steps_per_epoch, total_steps))
+  state = init_fn(config.seed)
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
@@ -515,8 +562,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       raise ValueError(f"checkpoint {start_step} holds step {int(state.step)}")
     logging.info("Resumed from checkpoint step %d in %s", start_step, ckpts.directory)
 
-  train_step = make_train_step(model, tx, schedule, mesh, state)
-  eval_step = make_eval_step(model, mesh)
   log = MetricsLog(workdir, start_step)
   flag, previous_handler = _install_sigterm()
 

@@ -1,0 +1,192 @@
+"""Tests for experiments/train.py: data parallelism, exact eval, end-to-end runs, resume.
+
+Tiny models (k = 4, one or two periods) and few steps keep every test to seconds; the
+eight virtual CPU devices come from tests/conftest.py.
+"""
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import evaluate as evaluate_lib
+from experiments import input_pipeline
+from experiments import train
+from experiments.configs import default
+from experiments.data import tfds_utils
+import rknet_jax
+
+tfds = tfds_utils.import_tfds()
+
+
+def tiny_config(**overrides):
+  """ERKNet-1x1 1x1, k = 4, on digits: compiles and trains in about a second."""
+  c = default.get_config()
+  c.model = "ERKNet-1x1 1x1"
+  c.growth_rate = 4
+  c.dataset = "digits"
+  c.download = False
+  c.validation_size = 144
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.num_train_steps = 12
+  c.log_every_steps = 4
+  c.checkpoint_every_steps = 5
+  c.prefetch = 1
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def test_eight_devices_give_the_losses_and_params_of_one_device():
+  """Batch sharded on 8 devices, BN over the global batch: same function as 1 device."""
+  config = tiny_config()
+  info = input_pipeline.dataset_info("digits")
+  model = train.build_model(config, info.num_classes)
+  schedule = train.learning_rate_schedule(config, 20, 100)
+  tx = train.make_optimizer(config, schedule)
+  batches = [b for _, b in zip(range(3), input_pipeline.train_iterator(
+      config, start_step=0, process_index=0, process_count=1))]
+  results = {}
+  for n in (1, 8):
+    mesh = train.make_mesh(jax.devices()[:n])
+    state = train.create_train_state(model, tx, info.image_shape, 0, mesh)
+    step = train.make_train_step(model, tx, schedule, mesh, state)
+    losses = []
+    for b in batches:
+      state, m = step(state, train.global_batch(b, mesh, config.batch_size))
+      losses.append(float(m["loss"]))
+    leaf = jax.tree.leaves(state.params)[0]
+    assert len(leaf.sharding.device_set) == n  # replicated on every mesh device
+    results[n] = (losses, jax.device_get(state.params), jax.device_get(state.batch_stats))
+  np.testing.assert_allclose(results[1][0], results[8][0], rtol=0, atol=1e-5)
+  assert results[1][0][0] != results[1][0][2]  # training moved
+  for a, b in zip(jax.tree.leaves(results[1][1:]), jax.tree.leaves(results[8][1:])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_exact_eval_counts_1003_examples_at_batch_64_on_8_devices():
+  with tfds.testing.mock_data(num_examples=1003):
+    config = tiny_config(dataset="cifar10", validation_size=0, data_dir="/nonexistent")
+    info = input_pipeline.dataset_info("cifar10")
+    model = train.build_model(config, info.num_classes)
+    mesh = train.make_mesh()
+    variables = train.create_train_state(model, train.make_optimizer(config, 0.1),
+                                         info.image_shape, 1, mesh).model_vars()
+    assert mesh.devices.size == 8
+    batches = input_pipeline.eval_iterator(config, "test", batch_size=64, process_index=0,
+                                           process_count=1)
+    out = train.evaluate(train.make_eval_step(model, mesh), variables, batches, mesh, 64)
+    assert out["examples"] == 1003
+    # Reference: every example once, no padding, plain numpy.
+    images, labels = [], []
+    for b in input_pipeline.eval_iterator(config, "test", batch_size=1003, process_index=0,
+                                          process_count=1):
+      images.append(b["image"]), labels.append(b["label"])
+    logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
+        jax.device_get(variables), np.concatenate(images)))
+    labels = np.concatenate(labels)
+    assert len(labels) == 1003
+    top1 = np.mean(np.argmax(logits, -1) != labels)
+    top5 = np.mean([l not in np.argsort(-z)[:5] for z, l in zip(logits, labels)])
+    assert out["top1_error"] == pytest.approx(top1, abs=1e-9)
+    assert out["top5_error"] == pytest.approx(top5, abs=1e-9)
+
+
+def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(test_model="best", num_train_steps=40, keep_checkpoints=2)
+  results = train.train_and_evaluate(config, workdir)
+  for key in ("dataset", "model", "params", "gflops", "steps", "test_examples",
+              "test_top1_error", "test_top5_error", "test_model"):
+    assert key in results
+  with open(os.path.join(workdir, "results.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk["test_top1_error"] == results["test_top1_error"]
+  assert on_disk["test_examples"] == 360 and on_disk["steps"] == 40
+  assert on_disk["test_model"] == "best"
+  assert on_disk["params"] == rknet_jax.count_params(
+      train.build_model(config, 10), (8, 8, 1))
+  assert on_disk["gflops"] > 0
+  assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert {r["split"] for r in recs} == {"train", "validation", "test"}
+  assert all(np.isfinite(r["loss"]) for r in recs)
+  # Checkpoints: epoch ends (20, 40) and every 5 steps; keep last 2 + the best one.
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if s.isdigit())
+  assert steps[-2:] == [35, 40]
+  best = on_disk["best_validation_step"]
+  val = {r["step"]: r["top1_error"] for r in recs if r["split"] == "validation"}
+  assert best in steps and val[best] == min(val.values())
+  assert on_disk["test_checkpoint_step"] == best
+  assert len(steps) <= 3
+  # The exact evaluator on the best checkpoint reproduces the run's test numbers.
+  out = evaluate_lib.evaluate_checkpoint(workdir, step=best)
+  assert out["examples"] == 360
+  assert out["top1_error"] == pytest.approx(on_disk["test_top1_error"], abs=1e-9)
+  # load_checkpoint: the final model (8-device checkpoint) on one device.
+  model, variables, predict = rknet_jax.load_checkpoint(workdir)
+  assert set(variables) == {"params", "batch_stats"}
+  test = next(iter(input_pipeline.eval_iterator(config, "test", batch_size=360,
+                                                process_index=0, process_count=1)))
+  logits = np.asarray(predict(test["image"]))
+  assert logits.shape == (360, 10) and logits.dtype == np.float32
+  final = evaluate_lib.evaluate_checkpoint(workdir)
+  assert final["step"] == 40
+  assert np.mean(np.argmax(logits, -1) != test["label"]) == pytest.approx(
+      final["top1_error"], abs=1e-9)
+  assert model.num_classes == 10
+
+
+def test_checkpoint_from_8_devices_resumes_on_1_device_and_matches(tmp_path):
+  """Stop after 6 steps on 8 devices, finish on 1: same params as 12 steps on 1 device."""
+  config = tiny_config(lr_schedule="constant", validation_size=0, checkpoint_every_steps=6)
+  one = train.make_mesh(jax.devices()[:1])
+  ref = str(tmp_path / "ref")
+  train.train_and_evaluate(config, ref, mesh=one)
+  split = str(tmp_path / "split")
+  first = config.copy_and_resolve_references()
+  first.num_train_steps = 6
+  train.train_and_evaluate(first, split, mesh=train.make_mesh())
+  r = train.train_and_evaluate(config, split, mesh=one)
+  assert r["steps"] == 12
+  _, ref_vars, _ = rknet_jax.load_checkpoint(ref)
+  _, split_vars, _ = rknet_jax.load_checkpoint(split)
+  for a, b in zip(jax.tree.leaves(ref_vars), jax.tree.leaves(split_vars)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tmp_path):
+  workdir = str(tmp_path / "nan")
+  config = tiny_config(learning_rate=1e30, weight_decay=0.0, checkpoint_every_steps=1,
+                       log_every_steps=1, lr_schedule="constant", validation_size=0)
+  with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step (\d+)") as e:
+    train.train_and_evaluate(config, workdir)
+  bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert steps and max(steps) < bad  # the broken state was never written
+  _, variables, _ = rknet_jax.load_checkpoint(workdir)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+
+
+@pytest.mark.parametrize("dataset,model,stem,size", [
+    ("cifar10", "ERKNet-1x1 1x1", "cifar", 32),
+    ("imagenet2012", "ERKNet-1x1 1x1-B", "imagenet", 32),
+])
+def test_mock_data_end_to_end(tmp_path, dataset, model, stem, size):
+  """The tfds pipelines (CIFAR-10 in memory, ImageNet via tf.data) drive a few steps."""
+  with tfds.testing.mock_data(num_examples=80):
+    config = tiny_config(dataset=dataset, model=model, stem=stem, image_size=size,
+                         validation_size=16, batch_size=16, eval_batch_size=16,
+                         num_train_steps=3, data_dir="/nonexistent", download=False,
+                         shuffle_buffer=16, augment=dataset == "imagenet2012")
+    r = train.train_and_evaluate(config, str(tmp_path / dataset))
+  assert r["steps"] == 3 and r["dataset"] == dataset
+  assert r["test_examples"] == 80
+  assert 0.0 <= r["test_top1_error"] <= 1.0 and r["test_top5_error"] <= r["test_top1_error"]
+  assert np.isfinite(r["test_loss"])
