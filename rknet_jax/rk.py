@@ -38,7 +38,6 @@ bound Flax Linen module that creates parameters or updates batch statistics; the
 compiled graph holds (iterations + 1) * s evaluations of f.
 """
 
-import math
 from typing import Any, Callable, Optional, Sequence
 
 import jax

@@ -383,7 +383,10 @@ def _main(argv=None):
   parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
   args = parser.parse_args(argv)
 
+  # Under ``python -m`` this file runs as __main__, a second copy of the module; use the
+  # package's copy so the tableau class is the one order_conditions and rk know.
   from rknet_jax import order_conditions  # pylint: disable=g-import-not-at-top
+  from rknet_jax import tableaus as lib  # pylint: disable=g-import-not-at-top
   measure = None
   if not args.no_empirical:
     from rknet_jax import rk  # pylint: disable=g-import-not-at-top
@@ -392,8 +395,8 @@ def _main(argv=None):
   header = ["name", "kind", "stages", "declared", "algebraic", "measured (linear)",
             "measured (nonlinear)"]
   rows = []
-  for name in names():
-    t = get(name)
+  for name in lib.names():
+    t = lib.get(name)
     kind = ("explicit" if t.is_explicit else
             "DIRK" if t.is_diagonally_implicit else "implicit")
     row = [name, kind, str(t.num_stages), str(t.order),
