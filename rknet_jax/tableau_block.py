@@ -193,6 +193,32 @@ class TableauStep(nn.Module):
     """The resolved :class:`~rknet_jax.tableaus.ButcherTableau`."""
     return tableaus_lib.get(self.tableau)
 
+  @property
+  def num_evaluations(self) -> int:
+    """Evaluations of the vector field per step (cost: each is one f, i.e. two convs).
+
+    Explicit: the stages actually needed (all s with learnable coefficients; stages
+    with b_i = 0 used by no later stage are skipped otherwise).  Implicit: the
+    predictor (1 shared, s per stage) plus s per fixed-point iteration, minus the
+    re-evaluations saved for stages whose row of a is zero (fixed coefficients only).
+    """
+    tableau = self.butcher_tableau
+    s = tableau.num_stages
+    if tableau.is_explicit:
+      if self.learn_coefficients:
+        return s
+      needed = [False] * s
+      for i in reversed(range(s)):
+        needed[i] = tableau.b[i] != 0 or any(
+            needed[k] and tableau.a[k][i] != 0 for k in range(i + 1, s))
+      return sum(needed)
+    iterations = self.implicit_iterations or rk_lib.default_implicit_iterations(
+        tableau.order)
+    predictor = 1 if self.stage_functions == "shared" else s
+    zero_rows = 0 if self.learn_coefficients else sum(
+        all(v == 0 for v in row) for row in tableau.a)
+    return predictor + zero_rows + (s - zero_rows) * iterations
+
   def _factory(self):
     if self.vector_field is not None:
       return self.vector_field

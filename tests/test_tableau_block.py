@@ -209,3 +209,37 @@ def test_usable_inside_a_flax_model():
   assert {"TableauStep_0", "TableauStep_1"} <= set(variables["params"])
   out, _ = Tiny().apply(variables, x, train=True, mutable=["batch_stats"])
   assert out.shape == (2, 4)
+
+
+class _Calls:
+  n = 0
+
+
+class _CountingField(nn.Module):
+  """f(t, y) = -y that counts its evaluations (a Python side effect, no parameters)."""
+  calls: _Calls
+
+  @nn.compact
+  def __call__(self, t, y, train=False):
+    self.calls.n += 1
+    return -y
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_stage"])
+@pytest.mark.parametrize("learn", [False, True])
+def test_num_evaluations_counts_vector_field_calls(mode, learn):
+  x = jnp.ones((1, 2, 2, 1))
+  for name in tableaus.names():
+    calls = _Calls()
+    step = TableauStep(tableau=tableaus.get(name), stage_functions=mode,
+                       learn_coefficients=learn,
+                       vector_field=functools.partial(_CountingField, calls))
+    variables = step.init(jax.random.key(0), x)
+    calls.n = 0
+    y = step.apply(variables, x)
+    assert calls.n == step.num_evaluations, name
+    if not learn:  # f = -y: one step approximates exp(-h) y with h = 1
+      assert abs(float(y[0, 0, 0, 0]) - np.exp(-1.0)) < 0.4, name
+  assert TableauStep(tableau="dopri5").num_evaluations == 6  # FSAL stage skipped
+  assert TableauStep(tableau="gauss_legendre2",
+                     implicit_iterations=3).num_evaluations == 1 + 2 * 3
