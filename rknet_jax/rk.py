@@ -174,8 +174,8 @@ def runge_kutta_step(stage_fn: Callable[[int, Any, Any], Any], t, y, h, a, b, c,
   else:
     zs = [stage_fn(i, _stage_time(t, h, c_list[i]), y) for i in range(s)]
   for i in range(s):
-    if static_rows[i]:
-      zs[i] = stage_fn(i, _stage_time(t, h, c_list[i]), y)
+    if static_rows[i] and not (shared_predictor and _is_static_zero(c_list[i])):
+      zs[i] = stage_fn(i, _stage_time(t, h, c_list[i]), y)  # else z0 is already exact
   for _ in range(iterations):
     zs = [zs[i] if static_rows[i] else
           stage_fn(i, _stage_time(t, h, c_list[i]), _combine(y, h, a_rows[i], zs))

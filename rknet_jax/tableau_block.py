@@ -199,8 +199,8 @@ class TableauStep(nn.Module):
 
     Explicit: the stages actually needed (all s with learnable coefficients; stages
     with b_i = 0 used by no later stage are skipped otherwise).  Implicit: the
-    predictor (1 shared, s per stage) plus s per fixed-point iteration, minus the
-    re-evaluations saved for stages whose row of a is zero (fixed coefficients only).
+    predictor (1 shared, s per stage) plus s per fixed-point iteration, except that a
+    stage whose row of a is zero (fixed coefficients only) is evaluated once.
     """
     tableau = self.butcher_tableau
     s = tableau.num_stages
@@ -214,10 +214,13 @@ class TableauStep(nn.Module):
       return sum(needed)
     iterations = self.implicit_iterations or rk_lib.default_implicit_iterations(
         tableau.order)
-    predictor = 1 if self.stage_functions == "shared" else s
-    zero_rows = 0 if self.learn_coefficients else sum(
-        all(v == 0 for v in row) for row in tableau.a)
-    return predictor + zero_rows + (s - zero_rows) * iterations
+    shared = self.stage_functions == "shared"
+    predictor = 1 if shared else s
+    zero_rows = [] if self.learn_coefficients else [
+        i for i, row in enumerate(tableau.a) if all(v == 0 for v in row)]
+    # A zero row is evaluated once, at y_n; with a shared f and c_i = 0 that is z0.
+    extra = sum(1 for i in zero_rows if not (shared and tableau.c[i] == 0))
+    return predictor + extra + (s - len(zero_rows)) * iterations
 
   def _factory(self):
     if self.vector_field is not None:
