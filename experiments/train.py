@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from experiments import metrics as metrics_lib
 from rknet_jax import checkpoint as rk_ckpt
 
 STEMS = ("cifar", "imagenet")
@@ -42,7 +43,6 @@ LR_SCHEDULES = ("step", "cosine", "constant")
 WEIGHT_DECAY_PARAMS = ("kernels", "all")
 TEST_MODELS = ("final", "best")
 RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
 # Fields that define *which* model a workdir holds: a restart with a different value is
@@ -357,7 +357,7 @@ class MetricsLog:
 
   def __init__(self, workdir: str, resume_step: int):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = os.path.join(workdir, metrics_lib.METRICS_FILE)
     self.writer = None
     if not self.enabled:
       return
@@ -377,8 +377,7 @@ class MetricsLog:
         f.write("".join(l + "\n" for l in kept))
       os.replace(self.path + ".tmp", self.path)
     try:
-      from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
-      self.writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.writer = metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard"))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("TensorBoard summaries disabled (%s); metrics.jsonl is still written", e)
 
@@ -403,47 +402,6 @@ class MetricsLog:
   def close(self):
     if self.writer is not None:
       self.writer.close()
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        pass
-  return out
-
-
-def plot_curves(workdir: str, out_path: str):
-  """PNG of training loss and train/validation/test top-1 error against step (Agg)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  recs = read_metrics(workdir)
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  for split, style in (("train", "-"), ("validation", "o-"), ("test", "s")):
-    rs = [r for r in recs if r["split"] == split]
-    if not rs:
-      continue
-    steps = [r["step"] for r in rs]
-    if "loss" in rs[0]:
-      ax1.plot(steps, [r["loss"] for r in rs], style, label=split)
-    if "top1_error" in rs[0]:
-      ax2.plot(steps, [100 * r["top1_error"] for r in rs], style, label=split)
-  ax1.set(xlabel="step", ylabel="cross-entropy loss", title="loss")
-  ax2.set(xlabel="step", ylabel="top-1 error (%)", title="top-1 error")
-  for ax in (ax1, ax2):
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend()
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
-  plt.close(fig)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -684,7 +642,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   log.close()
 
   from rknet_jax.counting import count_flops, count_params  # pylint: disable=g-import-not-at-top
-  val_hist = [r for r in read_metrics(workdir) if r["split"] == "validation"]
+  val_hist = [r for r in metrics_lib.read_metrics(workdir) if r["split"] == "validation"]
   results = {
       "dataset": config.dataset, "model": config.model, "growth_rate": config.growth_rate,
       "params": int(count_params(model, input_shape)),
@@ -705,7 +663,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=2)
     try:
-      plot_curves(workdir, os.path.join(workdir, CURVES_FILE))
+      metrics_lib.plot_curves(workdir, os.path.join(workdir, CURVES_FILE))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("could not draw %s: %s", CURVES_FILE, e)
   logging.info("Done: test top-1 error %.4f, top-5 %.4f on %d examples (%s model, step %d)",
