@@ -18,6 +18,7 @@ _EXPORTS = {
     "odeint_fixed": "rknet_jax.rk",
     # Flax Linen building blocks
     "TableauStep": "rknet_jax.tableau_block",
+    "ConvVectorField": "rknet_jax.tableau_block",
     "Conv": "rknet_jax.conv",
     # models (paper section 3.3) and the model zoo
     "create_model": "rknet_jax.registry",
@@ -32,7 +33,7 @@ _EXPORTS = {
 }
 
 _SUBMODULES = ("tableaus", "order_conditions", "rk", "tableau_block", "conv",
-               "registry", "counting", "checkpoint")
+               "registry", "counting", "summary", "checkpoint")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
