@@ -67,6 +67,14 @@ def _identity(config) -> dict:
   return json.loads(json.dumps(out))
 
 
+def _probe_write(directory: str):
+  """Creates and removes a file: the only reliable writability test (root, read-only mounts)."""
+  path = os.path.join(directory, f".write_probe.{os.getpid()}")
+  with open(path, "w") as f:
+    f.write("ok")
+  os.remove(path)
+
+
 def validate_config(config: ml_collections.ConfigDict, workdir: str,
                     mesh: Optional[Mesh] = None):
   """Checks the config and workdir; raises ``ValueError`` before any data or compilation.
@@ -128,6 +136,10 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str,
       raise ValueError(f"workdir {workdir!r} cannot be created: {e}") from e
     if not os.path.isdir(workdir) or not os.access(workdir, os.W_OK | os.X_OK):
       raise ValueError(f"workdir {workdir!r} is not a writable directory")
+    try:
+      _probe_write(workdir)
+    except OSError as e:
+      raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
     run_file = os.path.join(workdir, RUN_FILE)
     if os.path.exists(run_file):
       with open(run_file) as f:
