@@ -17,13 +17,12 @@ skipped), plus SIGTERM -> checkpoint and exit 0, and a non-finite loss -> error 
 step, with no checkpoint of the broken state.
 """
 
-import dataclasses
 import json
 import math
 import os
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from absl import logging
 import flax
@@ -48,10 +47,6 @@ CURVES_FILE = "curves.png"
 # Fields that define *which* model a workdir holds: a restart with a different value is
 # refused (the checkpoint would not fit, or would silently mean something else).
 IDENTITY_FIELDS = ("model", "growth_rate", "stem", "model_kwargs", "dataset")
-
-
-class Preempted(Exception):
-  """Raised inside the loop when SIGTERM was received; the run checkpoints and returns."""
 
 
 # --------------------------------------------------------------------------- config

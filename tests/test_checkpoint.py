@@ -178,6 +178,16 @@ def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
   assert any(k.startswith(f"{newest}-") for k in kept)
   assert_same_run(finished_run(work), reference)
 
+  # The evaluation CLI reproduces the run's exact test numbers from its final checkpoint.
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate", f"--workdir={ref_dir}"], cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+      capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+  evaluated = json.loads(out.strip().splitlines()[-1])
+  assert evaluated["step"] == STEPS and evaluated["examples"] == 360
+  assert evaluated["top1_error"] == reference[2]["test_top1_error"]
+
   # 5. A committed step with a whole item missing is damaged too: load_checkpoint skips it
   #    (with a warning) and gives the previous step; asked for it by number, it raises.
   steps = checkpoint_steps(ref_dir)

@@ -7,7 +7,6 @@ import os
 
 from absl import flags
 import jax
-import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import pytest

@@ -4,11 +4,11 @@ Tiny models (k = 4, one or two periods) and few steps keep every test to seconds
 eight virtual CPU devices come from tests/conftest.py.
 """
 import json
+import logging
 import os
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -143,22 +143,26 @@ def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tmp_path):
   assert model.num_classes == 10
 
 
-def test_checkpoint_from_8_devices_resumes_on_1_device_and_matches(tmp_path):
-  """Stop after 6 steps on 8 devices, finish on 1: same params as 12 steps on 1 device."""
+def test_checkpoints_move_between_8_and_1_devices_and_match(tmp_path, caplog):
+  """6 steps on 8 devices then 6 on 1 (and 1 then 8) = 12 steps on 1 device."""
   config = tiny_config(lr_schedule="constant", validation_size=0, checkpoint_every_steps=6)
-  one = train.make_mesh(jax.devices()[:1])
-  ref = str(tmp_path / "ref")
-  train.train_and_evaluate(config, ref, mesh=one)
-  split = str(tmp_path / "split")
   first = config.copy_and_resolve_references()
   first.num_train_steps = 6
-  train.train_and_evaluate(first, split, mesh=train.make_mesh())
-  r = train.train_and_evaluate(config, split, mesh=one)
-  assert r["steps"] == 12
+  one, eight = train.make_mesh(jax.devices()[:1]), train.make_mesh()
+  ref = str(tmp_path / "ref")
+  train.train_and_evaluate(config, ref, mesh=one)
   _, ref_vars, _ = rknet_jax.load_checkpoint(ref)
-  _, split_vars, _ = rknet_jax.load_checkpoint(split)
-  for a, b in zip(jax.tree.leaves(ref_vars), jax.tree.leaves(split_vars)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for name, a, b in (("8to1", eight, one), ("1to8", one, eight)):
+    workdir = str(tmp_path / name)
+    train.train_and_evaluate(first, workdir, mesh=a)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      r = train.train_and_evaluate(config, workdir, mesh=b)
+    assert "Resumed from checkpoint step 6" in caplog.text
+    assert r["steps"] == 12 and r["devices"] == b.devices.size
+    _, got, _ = rknet_jax.load_checkpoint(workdir)
+    for x, y in zip(jax.tree.leaves(ref_vars), jax.tree.leaves(got)):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tmp_path):
