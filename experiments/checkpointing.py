@@ -11,7 +11,8 @@ Damaged checkpoints (a committed step whose files are truncated or missing; orba
 on restore) are skipped with a warning and moved to ``workdir/damaged_checkpoints/`` --
 never deleted, never used -- and the run resumes from the previous intact one. Moving
 them out of the way keeps orbax's "last K" bookkeeping and later saves of the same step
-number working.
+number working. If no checkpoint restores at all, the run stops with an error and moves
+nothing (a changed model definition looks like that; starting over would bury the work).
 """
 
 import logging
@@ -102,6 +103,14 @@ class RunCheckpoints:
 
     step, restored = rk_ckpt.restore_newest_intact(
         self.manager, make_args, on_damaged=lambda s, e: damaged.append((s, e)))
+    if damaged and step is None:
+      # Nothing restores: more likely a code/model change than damage everywhere. Refuse
+      # to start over (that would bury the work) and leave every checkpoint in place.
+      detail = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in damaged)
+      raise RuntimeError(
+          f"none of the checkpoints in {self.directory} can be restored ({detail}). "
+          "Nothing was moved or deleted. If the model code changed, restore it; to start "
+          "over, use a new --workdir.")
     if damaged:
       for s, e in damaged:
         self._quarantine(s, e)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -176,6 +177,14 @@ def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tmp_path
   assert steps and max(steps) < bad  # the broken state was never written
   _, variables, _ = rknet_jax.load_checkpoint(workdir)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+  # When no checkpoint restores at all, the run refuses to start over and moves nothing.
+  for s in steps:
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(s), "model"))
+  with pytest.raises(RuntimeError, match="none of the checkpoints .* can be restored"):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit()) == sorted(steps)
+  assert not os.path.exists(os.path.join(workdir, "damaged_checkpoints"))
 
 
 @pytest.mark.parametrize("dataset,model,stem,size", [
