@@ -107,7 +107,9 @@ def parse_name(name: str) -> ParsedName:
   parts = rest.split("-")
   term_text, tags = parts[0], parts[1:]
   terms = term_text.split()
-  if not terms or term_text != " ".join(terms):
+  if not terms:
+    raise _bad(f"model name {name!r}: no period terms: expected {_NAME_FORM}")
+  if term_text != " ".join(terms):
     raise _bad(f"model name {name!r}: period terms {term_text!r} must be separated by single "
                f"spaces, each {_TERM_FORM}")
   parsed = [_parse_term(t, name) for t in terms]

@@ -124,7 +124,7 @@ BAD = [
     ("DenseNet-121", dict(growth_rate=12), "contradicts"),
     ("DenseNet-121", dict(attention=True), "attention"),
     ("CliqueNet-ABD-T30-k150", {}, "'ABD'"),
-    ("CliqueNet-B-T18-k80", {}, "T=18"),
+    ("CliqueNet-B-T21-k80", {}, "T=21"),
     ("AlexNet", {}, "AlexNet"),
 ]
 
@@ -164,10 +164,11 @@ def test_erknet_from_densenet_names_the_broken_rule():
   # Plain DenseNet-40 starts with 16 channels, not a multiple of k = 12: Rule 1.
   with pytest.raises(ValueError, match="Rule 1"):
     registry.erknet_from_densenet("DenseNet-40-k12")
-  # A conforming plain DenseNet: init 2k, 4 layers = 2 stages of m = 2, no compression.
+  # A conforming plain DenseNet: init 2k, 4 layers = 2 stages of m = 2; no compression, so
+  # block 2 starts with 16 + 4*8 = 48 = 6k channels and its 6 layers are 1 stage of m = 6.
   cfg = registry.erknet_from_densenet(dict(block_layers=(4, 6), growth_rate=8,
                                            init_features=16))
-  assert cfg["name"] == "ERKNet-2×1 2×1" and cfg["growth_multipliers"] == (2, 6)
+  assert cfg["name"] == "ERKNet-2×1 1×1" and cfg["growth_multipliers"] == (2, 6)
 
 
 def test_irknet_from_cliquenet_is_the_table_2_irknet():
