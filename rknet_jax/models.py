@@ -355,7 +355,8 @@ class CliqueNet(nn.Module):
   per-stage 3x3 conv k -> k.
 
   Attributes:
-    block_layers: stages (layers) per block, T / 3 each for CliqueNet (T = 18: 6, 6, 6).
+    block_layers: stages per block: T / 3 each (T = 18: 6, 6, 6), or T / 6 with B, whose
+      stages are two conv layers each (T = 30: 5, 5, 5).
     growth_rates: k per block.
   """
   block_layers: Tuple[int, ...]

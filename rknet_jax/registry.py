@@ -24,7 +24,8 @@ How a name reads (the paper's notation, section 3.2)::
 
 Baselines: ``DenseNet-121``/``-169``/``-201``/``-161`` (ImageNet, BC), ``DenseNet-BC-<L>-k<k>``
 and ``DenseNet-<L>-k<k>`` (CIFAR, 3 blocks of (L-4)/6 bottleneck or (L-4)/3 plain layers),
-``CliqueNet[-<letters of ABC>]-T<T>-k<k>`` (CIFAR, 3 blocks of T/3 layers).
+``CliqueNet[-<letters of ABC>]-T<T>-k<k>`` (CIFAR, 3 blocks; T counts conv layers, so a
+block has T/3 stages, or T/6 with B where each stage is a 1x1 and a 3x3 conv).
 
 The names :func:`list_models` returns are ready-made configurations (every row of the
 paper's Tables 1-3 and the baselines): ``create_model(name)`` needs no other argument, and
@@ -312,9 +313,10 @@ def create_model(name: str, *, growth_rate: Union[int, Sequence[int], None] = No
                  f"'-k{p.growth_rate}'")
   k = growth_rate if growth_rate is not None else (p.growth_rate or preset.get("growth_rate"))
   if k is None:
+    tagged = [n for n in _PRESETS if n.startswith(p.canonical() + "-k")]
     raise _bad(f"{name}: growth_rate is required (an int k or one per period), e.g. "
                f"create_model({name!r}, growth_rate=36), or a ready-made name from "
-               "list_models()")
+               f"list_models(){' such as ' + ' or '.join(map(repr, tagged)) if tagged else ''}")
   ks = _per_period(k, P, "growth_rate", name)
   ms = _per_period(_pick(growth_multipliers, preset, "growth_multipliers", 1), P,
                    "growth_multipliers", name)
@@ -367,6 +369,13 @@ def create_model(name: str, *, growth_rate: Union[int, Sequence[int], None] = No
   method = method or "explicit"
   if method not in models.METHODS:
     raise _bad(f"{name}: method={method!r}: expected one of {models.METHODS}")
+  if method == "explicit":
+    for arg, val, default in (("num_updates", num_updates, 1),
+                              ("update_order", update_order, "gauss_seidel"),
+                              ("share_weights", share_weights, True)):
+      if val != default:
+        raise _bad(f"{name}: {arg}={val!r} applies to implicit (IRK) time-steps only, not "
+                   "to explicit ones")
   if method == "implicit" and any(m != 1 for m in ms):
     raise _bad(f"{name}: growth_multipliers={ms}: Rule 4 of the paper fixes m = 1 in "
                "IRKNets (implicit time-steps)")

@@ -189,7 +189,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(name):
 
 def test_whole_model_remat_equivalence():
   x = _images((2, 8, 8, 3))
-  kwargs = dict(growth_rate=4)
+  kwargs = dict(growth_rate=4, dropout_rate=0.2)  # dropout masks must be recomputed alike
   plain = registry.create_model("IRKNet-2×1 2×1-AB", **kwargs)
   rem = registry.create_model("IRKNet-2×1 2×1-AB", remat=True, **kwargs)
   variables = _init(plain, x)
@@ -198,7 +198,8 @@ def test_whole_model_remat_equivalence():
   def step(model):
     def loss(params):
       logits, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                x, train=True, mutable=["batch_stats"])
+                                x, train=True, mutable=["batch_stats"],
+                                rngs={"dropout": jax.random.PRNGKey(3)})
       return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels]), upd
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
