@@ -47,6 +47,9 @@ CURVES_FILE = "curves.png"
 # Fields that define *which* model a workdir holds: a restart with a different value is
 # refused (the checkpoint would not fit, or would silently mean something else).
 IDENTITY_FIELDS = ("model", "growth_rate", "stem", "model_kwargs", "dataset")
+# Fields that define the data stream: a resume with other values continues, with a warning
+# (the run is then no longer the same as an uninterrupted one).
+STREAM_FIELDS = ("seed", "batch_size", "validation_size", "split_seed", "augment")
 
 
 # --------------------------------------------------------------------------- config
@@ -138,7 +141,13 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str,
     run_file = os.path.join(workdir, RUN_FILE)
     if os.path.exists(run_file):
       with open(run_file) as f:
-        previous = json.load(f).get("identity", {})
+        previous_run = json.load(f)
+      previous = previous_run.get("identity", {})
+      for k in STREAM_FIELDS:
+        old_value = previous_run.get("config", {}).get(k, config.get(k))
+        if old_value != config.get(k):
+          logging.warning("Resuming %s with config.%s=%r (the run so far used %r): the data "
+                          "stream changes from here on.", workdir, k, config.get(k), old_value)
       current = _identity(config)
       diff = {k: (previous.get(k), current[k]) for k in current
               if previous.get(k) != current[k]}
