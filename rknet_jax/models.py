@@ -216,7 +216,8 @@ class TableauRKNet(_PeriodsMixin, nn.Module):
   (pre-activation BN -> ReLU -> 3x3 conv, twice).  ``stages`` holds, per period, how many
   vector fields a time-step has: 1 (one f(t, y) shared by all stages and conditioned on the
   stage time, equation 3) or the tableau's stage count s (one f_i per stage, the relaxation
-  of equation 4).  Time-step n of a period starts at t_n = n h.  With ``remat`` each whole
+  of equation 4).  Time-step n of a period starts at t_n = n h (h: the initial step size,
+  ``step_size``, default 1).  With ``remat`` each whole
   time-step is rematerialised; ``dropout_rate`` applies to the transitions only.
 
   Attributes:

@@ -37,6 +37,7 @@ import re
 from typing import Any, Dict, Optional, Sequence, Union
 
 import jax.numpy as jnp
+import numpy as np
 
 from rknet_jax import blocks
 from rknet_jax import layers
@@ -188,7 +189,7 @@ def list_models():
 def _per_period(value, P, what, name):
   if isinstance(value, bool):
     raise _bad(f"{name}: {what}={value!r}: expected a positive int or one per period")
-  if isinstance(value, int):
+  if isinstance(value, (int, np.integer)):
     value = (value,) * P
   try:
     value = tuple(value)
@@ -199,9 +200,9 @@ def _per_period(value, P, what, name):
     raise _bad(f"{name}: {what}={value!r} has {len(value)} entries, expected {P} (one per "
                "period)")
   for v in value:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
       raise _bad(f"{name}: {what}={value!r}: every entry must be a positive int, got {v!r}")
-  return value
+  return tuple(int(v) for v in value)
 
 
 def _check_dtype(dtype, name):
