@@ -21,6 +21,15 @@ _EXPORTS = {
     "ConvVectorField": "rknet_jax.tableau_block",
     "Conv": "rknet_jax.conv",
     # models (paper section 3.3) and the model zoo
+    "RKNet": "rknet_jax.models",
+    "TableauRKNet": "rknet_jax.models",
+    "DenseNet": "rknet_jax.models",
+    "CliqueNet": "rknet_jax.models",
+    "ERKStep": "rknet_jax.blocks",
+    "IRKStep": "rknet_jax.blocks",
+    "DenseBlock": "rknet_jax.blocks",
+    "CliqueBlock": "rknet_jax.blocks",
+    "parse_name": "rknet_jax.registry",
     "create_model": "rknet_jax.registry",
     "list_models": "rknet_jax.registry",
     "erknet_from_densenet": "rknet_jax.registry",
@@ -33,7 +42,8 @@ _EXPORTS = {
 }
 
 _SUBMODULES = ("tableaus", "order_conditions", "rk", "tableau_block", "conv",
-               "registry", "counting", "summary", "checkpoint")
+               "layers", "blocks", "models", "registry", "counting", "summary",
+               "checkpoint")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
