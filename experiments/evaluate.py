@@ -72,6 +72,8 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
 
 
 def main(argv):
+  from experiments import metrics  # pylint: disable=g-import-not-at-top
+  metrics.console_logging()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   out = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.split, FLAGS.batch_size,

@@ -13,7 +13,6 @@ Multi-host (one process per host, every process runs the same command):
 ``--distributed``.
 """
 
-import logging as pylogging
 import os
 import sys
 
@@ -55,24 +54,13 @@ def initialize_distributed():
                jax.device_count())
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Drops orbax's per-save INFO chatter so the console shows the run's progress."""
-
-  def filter(self, record):
-    if "/orbax/" not in record.pathname:
-      return True
-    # Saves without validation metrics are expected between evaluations.
-    return (record.levelno >= pylogging.WARNING
-            and "did not provide metrics" not in record.getMessage())
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # TensorFlow (tf.data only) must never take accelerator memory.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from experiments import metrics  # pylint: disable=g-import-not-at-top
+  metrics.console_logging()
   initialize_distributed()
   from experiments import train  # pylint: disable=g-import-not-at-top
   logging.info("Config:\n%s", FLAGS.config)

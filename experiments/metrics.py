@@ -7,11 +7,32 @@ than the whole digits quickstart spends compiling).
 """
 
 import json
+import logging as pylogging
 import os
 import socket
 import time
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class _QuietOrbax(pylogging.Filter):
+  """Drops orbax's per-save INFO chatter so the console shows the run's progress."""
+
+  def filter(self, record):
+    if "/orbax/" not in record.pathname:
+      return True
+    # Saves without validation metrics are expected between evaluations.
+    return (record.levelno >= pylogging.WARNING
+            and "did not provide metrics" not in record.getMessage())
+
+
+def console_logging():
+  """absl INFO logging on the console, without orbax's per-checkpoint INFO lines."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+    handler.addFilter(_QuietOrbax())
 
 
 class TensorBoardWriter:

@@ -28,6 +28,8 @@ flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 
 
 def main(argv):
+  from experiments import metrics  # pylint: disable=g-import-not-at-top
+  metrics.console_logging()
   del argv
   from experiments import input_pipeline, train  # pylint: disable=g-import-not-at-top
   from experiments.configs import default  # pylint: disable=g-import-not-at-top
