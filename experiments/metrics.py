@@ -22,8 +22,10 @@ class _QuietOrbax(pylogging.Filter):
     if "/orbax/" not in record.pathname:
       return True
     # Saves without validation metrics are expected between evaluations.
+    message = record.getMessage()
     return (record.levelno >= pylogging.WARNING
-            and "did not provide metrics" not in record.getMessage())
+            and "did not provide metrics" not in message
+            and "directory is read only" not in message)
 
 
 def console_logging():

@@ -187,14 +187,14 @@ def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tmp_path
   assert not os.path.exists(os.path.join(workdir, "damaged_checkpoints"))
 
 
-@pytest.mark.parametrize("dataset,model,stem,size", [
-    ("cifar10", "ERKNet-1x1 1x1", "cifar", 32),
-    ("imagenet2012", "ERKNet-1x1 1x1-B", "imagenet", 32),
+@pytest.mark.parametrize("dataset,model,stem,size,dtype", [
+    ("cifar10", "ERKNet-1x1 1x1", "cifar", 32, "bfloat16"),
+    ("imagenet2012", "ERKNet-1x1 1x1-B", "imagenet", 32, "float32"),
 ])
-def test_mock_data_end_to_end(tmp_path, dataset, model, stem, size):
+def test_mock_data_end_to_end(tmp_path, dataset, model, stem, size, dtype):
   """The tfds pipelines (CIFAR-10 in memory, ImageNet via tf.data) drive a few steps."""
   with tfds.testing.mock_data(num_examples=80):
-    config = tiny_config(dataset=dataset, model=model, stem=stem, image_size=size,
+    config = tiny_config(dataset=dataset, model=model, stem=stem, image_size=size, dtype=dtype,
                          validation_size=16, batch_size=16, eval_batch_size=16,
                          num_train_steps=3, data_dir="/nonexistent", download=False,
                          shuffle_buffer=16, augment=dataset == "imagenet2012")
