@@ -78,7 +78,14 @@ def _worker(args):
   import optax
   from rknet_jax import conv as conv_lib
 
+  if args.malloc == "keep":
+    from benchmarks.cpu_allocator import keep_freed_memory
+    if not keep_freed_memory():
+      raise RuntimeError("--malloc keep needs glibc's mallopt")
   conv_lib.set_default_impl(args.impl)
+  if args.variant == "chunked":
+    from benchmarks import chunked_dense
+    chunked_dense.install()
   model = _build(args.model, args.remat, args.dtype)
   batch = args.batch
   rng = np.random.default_rng(0)
@@ -128,8 +135,10 @@ def _worker(args):
 
   mem = compiled.memory_analysis()
   temp_bytes = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
-  times, cpu_times = [], []
+  times, cpu_times, faults = [], [], 0
   for i in range(args.warmup + args.steps):
+    if i == args.warmup:
+      faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0, c0 = time.perf_counter(), _cpu_seconds()
     state, out = run(state)
     jax.block_until_ready(out)
@@ -139,12 +148,15 @@ def _worker(args):
     if not np.all(np.isfinite(np.asarray(out, np.float32))):
       raise FloatingPointError(f"non-finite output at step {i}")
   median = statistics.median(times)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
   print(json.dumps({
       "model": args.model, "impl": args.impl, "resolved_impl": conv_lib.resolve_impl(),
       "remat": args.remat, "mode": args.mode, "batch": batch, "dtype": args.dtype,
       "params": num_params, "compile_s": compile_s, "step_s": times,
       "median_step_s": median, "img_s": batch / median,
-      "median_cpu_s": statistics.median(cpu_times),
+      "median_cpu_s": statistics.median(cpu_times), "malloc": args.malloc,
+      "variant": args.variant,
+      "page_faults_per_step": faults / args.steps,
       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
       "xla_temp_gb": None if temp_bytes is None else temp_bytes / 2**30,
       "backend": jax.default_backend()}))
@@ -168,7 +180,10 @@ def _configs(args):
     for mode in args.modes:
       for remat in remats:
         for impl in args.impls:
-          out.append(dict(model=model, mode=mode, remat=remat, impl=impl))
+          for malloc in args.malloc:
+            for variant in args.variants:
+              out.append(dict(model=model, mode=mode, remat=remat, impl=impl,
+                              malloc=malloc, variant=variant))
   return out
 
 
@@ -177,8 +192,14 @@ def _run_config(cfg, args):
   cmd = [sys.executable, "-m", "benchmarks.bench_models", "--worker",
          "--model", cfg["model"], "--mode", cfg["mode"], "--impl", cfg["impl"],
          "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-         "--dtype", args.dtype] + (["--remat_on"] if cfg["remat"] else [])
-  proc = subprocess.run(cmd, capture_output=True, text=True,
+         "--dtype", args.dtype, "--malloc_one", cfg["malloc"],
+         "--variant_one", cfg["variant"]] + (
+             ["--remat_on"] if cfg["remat"] else [])
+  env = dict(os.environ)
+  if cfg["malloc"] == "thp":
+    env["GLIBC_TUNABLES"] = ":".join(
+        t for t in (env.get("GLIBC_TUNABLES", ""), "glibc.malloc.hugetlb=1") if t)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if proc.returncode != 0:
     sys.stderr.write(proc.stderr[-3000:])
@@ -211,25 +232,28 @@ def _driver(args):
         shown = {k: v for k, v in res.items() if k != "step_s"}
         print(f"  round {r + 1} {cfg}: {json.dumps(shown)}", flush=True)
   print(f"load average at end {os.getloadavg()[0]:.2f}\n")
-  print("| model | mode | batch | conv impl | remat | params | images/s | step ms | "
-        "CPU s/step | compile s | peak RSS GB | XLA temp GB |")
-  print("| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+  print("| model | mode | batch | conv impl | remat | malloc | layers | params | images/s | "
+        "step ms | CPU s/step | faults/step | compile s | peak RSS GB | XLA temp GB |")
+  print("| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |")
   for i, cfg in enumerate(configs):
     ok = [r for r in results[i] if "error" not in r]
     if not ok:
       err = results[i][0]["error"][:60]
       print(f"| {cfg['model']} | {cfg['mode']} | | {cfg['impl']} | {cfg['remat']} | "
-            f"FAILED: {err} | | | | | | |")
+            f"{cfg['malloc']} | {cfg['variant']} | FAILED: {err} | | | | | | | |")
       continue
     r0 = ok[0]
     impl = cfg["impl"] if cfg["impl"] == r0["resolved_impl"] else (
         f"{cfg['impl']}->{r0['resolved_impl']}")
     temp = [r["xla_temp_gb"] for r in ok if r["xla_temp_gb"] is not None]
     print(f"| {cfg['model']} | {cfg['mode']} | {r0['batch']} | {impl} | "
-          f"{'on' if cfg['remat'] else 'off'} | {r0['params']:,} | "
+          f"{'on' if cfg['remat'] else 'off'} | {cfg['malloc']} | {cfg['variant']} | "
+          f"{r0['params']:,} | "
           f"{_fmt([r['img_s'] for r in ok], '.1f')} | "
           f"{_fmt([r['median_step_s'] * 1e3 for r in ok], '.0f')} | "
           f"{_fmt([r['median_cpu_s'] for r in ok], '.2f')} | "
+          f"{_fmt([r['page_faults_per_step'] for r in ok], '.0f')} | "
           f"{_fmt([r['compile_s'] for r in ok], '.1f')} | "
           f"{_fmt([r['peak_rss_gb'] for r in ok], '.2f')} | {_fmt(temp, '.2f')} |")
   ref = PYTORCH_REFERENCE
@@ -255,6 +279,17 @@ def main(argv=None):
                       choices=["auto", "xla", "dot1x1", "dot"],
                       help="conv formulations (rknet_jax.conv); several = A/B comparison")
   parser.add_argument("--remat", default="both", choices=["off", "on", "both"])
+  parser.add_argument("--malloc", nargs="+", default=["thp"],
+                      choices=["default", "thp", "keep"],
+                      help="glibc malloc of the worker: 'default' = as the process starts; "
+                      "'thp' = GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge "
+                      "pages for malloc: 512x fewer page faults); 'keep' = never return "
+                      "freed memory (benchmarks/cpu_allocator.py: no faults, but the heap "
+                      "fragments and RSS grows)")
+  parser.add_argument("--variants", nargs="+", default=["stock"], choices=["stock", "chunked"],
+                      help="'stock' = the library's layers; 'chunked' = dense-layer "
+                      "BN-ReLU-1x1 computed part by part without the concatenation "
+                      "(benchmarks/chunked_dense.py, same variables and results)")
   parser.add_argument("--train_batch", type=int, default=64)
   parser.add_argument("--infer_batch", type=int, default=256)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
@@ -271,9 +306,13 @@ def main(argv=None):
   parser.add_argument("--impl", help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--remat_on", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--malloc_one", help=argparse.SUPPRESS)
+  parser.add_argument("--variant_one", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
     args.remat = args.remat_on
+    args.malloc = args.malloc_one
+    args.variant = args.variant_one
     _worker(args)
   else:
     for name, value in (("--steps", args.steps), ("--rounds", args.rounds),

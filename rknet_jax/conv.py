@@ -14,14 +14,16 @@ activations and HWIO kernels; they differ only in how XLA is asked to compute th
 ``"dot"``
   ``"dot1x1"`` plus, for stride-1 kxk convolutions (k > 1), XLA's native convolution
   for the forward pass and the input gradient, and a custom VJP for the *kernel*
-  gradient (:func:`_kernel_grad_shifted_dots`).  On CPU XLA computes the kernel
-  gradient of a 3x3 convolution as a convolution with a 32x32 "kernel" and 3x3
-  "output", wrapped in layout copies, at a fraction of the machine's matmul speed; the
-  custom VJP computes it as one matrix product of row-shifted inputs with
-  column-shifted output gradients.
+  gradient (:func:`_kernel_grad_shifted_dots`): one matrix product of row-shifted
+  inputs with column-shifted output gradients instead of XLA's convolution with a
+  32x32 "kernel" and 3x3 "output".  Measured on a 2-core CPU (benchmarks/README.md) it
+  is *slower* than XLA's own kernel gradient once page faults are out of the picture
+  (the shifted copies cost more than the layout copies XLA makes), so it is an
+  opt-in experiment, not the CPU default.
 ``"auto"`` (the default)
-  ``"dot"`` when JAX's default backend is the CPU, ``"xla"`` otherwise; decided when
-  the function is traced.
+  ``"dot1x1"`` when JAX's default backend is the CPU (the fastest formulation measured
+  there for the paper's CIFAR models), ``"xla"`` on GPU/TPU; decided when the function
+  is traced.
 
 The default used when no ``impl`` is given is set with :func:`set_default_impl` (or
 temporarily with :func:`default_impl`).  Forward passes always contain a
@@ -86,13 +88,13 @@ def default_impl(impl: str):
 def resolve_impl(impl: Optional[str] = None) -> str:
   """The concrete formulation (``"xla"``, ``"dot1x1"`` or ``"dot"``) ``impl`` stands for.
 
-  ``None`` means the default (:func:`get_default_impl`); ``"auto"`` means ``"dot"`` on
-  the CPU backend and ``"xla"`` on GPU/TPU (``jax.default_backend()`` at trace time).
+  ``None`` means the default (:func:`get_default_impl`); ``"auto"`` means ``"dot1x1"``
+  on the CPU backend and ``"xla"`` on GPU/TPU (``jax.default_backend()`` at trace time).
   """
   impl = _default_impl if impl is None else impl
   _check_impl(impl)
   if impl == "auto":
-    return "dot" if jax.default_backend() == "cpu" else "xla"
+    return "dot1x1" if jax.default_backend() == "cpu" else "xla"
   return impl
 
 
@@ -229,6 +231,44 @@ def conv2d(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = "SAME"
   if resolved == "dot" and strides == (1, 1):
     return _conv_custom_kernel_grad(x, kernel, pads)
   return _xla_conv(x, kernel, strides, pads)
+
+
+def conv1x1_concat(xs: Sequence[Any], kernel, impl: Optional[str] = None):
+  """Stride-1 1x1 convolution of the channel concatenation of ``xs``, not materialised.
+
+  A filter on a concatenation is the sum of one filter per part (the identity behind
+  the paper's reading of dense and clique blocks, section 3.3): with the ``"dot1x1"``
+  and ``"dot"`` formulations this computes ``sum_j xs[j] @ kernel[0, 0, rows_j]`` as one
+  ``dot_general`` per part, so neither the concatenation nor its gradient (slices
+  summed into each part's gradient) is built; ``"xla"`` concatenates and calls
+  :func:`conv2d`.  Same result, gradients and FLOP count as
+  ``conv2d(concatenate(xs, -1), kernel)``.
+
+  Args:
+    xs: NHWC arrays with equal N, H, W (one or more).
+    kernel: ``(1, 1, sum of their channels, D)``.
+    impl: as :func:`conv2d`.
+  """
+  xs = list(xs)
+  resolved = resolve_impl(impl)
+  if not xs:
+    raise ValueError("conv1x1_concat needs at least one input")
+  if any(x.ndim != 4 or x.shape[:3] != xs[0].shape[:3] for x in xs):
+    raise ValueError(f"conv1x1_concat inputs must be NHWC with equal N, H, W, got "
+                     f"{[x.shape for x in xs]}")
+  channels = [x.shape[3] for x in xs]
+  if kernel.ndim != 4 or kernel.shape[:2] != (1, 1) or kernel.shape[2] != sum(channels):
+    raise ValueError(f"conv1x1_concat: kernel must be (1, 1, {sum(channels)}, D) for "
+                     f"inputs with channels {channels}, got {kernel.shape}")
+  if resolved == "xla" or len(xs) == 1:
+    x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)
+    return conv2d(x, kernel, impl=resolved)
+  y, offset = None, 0
+  for x, c in zip(xs, channels):
+    part = lax.dot_general(x, kernel[0, 0, offset:offset + c], (((3,), (0,)), ((), ())))
+    y = part if y is None else y + part
+    offset += c
+  return y
 
 
 class Conv(nn.Module):

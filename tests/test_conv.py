@@ -150,18 +150,44 @@ def test_forward_flops_identical_for_every_impl():
 
 def test_auto_resolves_by_backend_and_default_is_settable():
   assert jax.default_backend() == "cpu"
-  assert conv_lib.resolve_impl("auto") == "dot"
+  assert conv_lib.resolve_impl("auto") == "dot1x1"
   assert conv_lib.get_default_impl() == "auto"
   x, k, _ = _inputs(3, jnp.float32, n=1, h=4, w=4)
   with conv_lib.default_impl("xla"):
     assert conv_lib.resolve_impl() == "xla"
     jaxpr = jax.make_jaxpr(lambda a, b: conv2d(a, b))(x, k)
     assert "custom_vjp" not in str(jaxpr)
-  assert conv_lib.resolve_impl() == "dot"
-  assert "custom_vjp" in str(jax.make_jaxpr(lambda a, b: conv2d(a, b))(x, k))
+  assert conv_lib.resolve_impl() == "dot1x1"
+  assert "custom_vjp" in str(jax.make_jaxpr(lambda a, b: conv2d(a, b, impl="dot"))(x, k))
   # 1x1 under "dot": a dot_general, no convolution at all.
   k1 = jnp.ones((1, 1, 5, 4))
   assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda a: conv2d(a, k1))(x))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_conv1x1_concat_equals_conv_of_concatenation(impl):
+  from rknet_jax.counting import jaxpr_flops
+  keys = jax.random.split(jax.random.PRNGKey(4), 4)
+  xs = [jax.random.normal(kk, (2, 5, 6, c)) for kk, c in zip(keys[:3], (3, 4, 2))]
+  k = jax.random.normal(keys[3], (1, 1, 9, 5))
+
+  def ref(xs, k):
+    return _ref(jnp.concatenate(xs, -1), k, 1, "SAME")
+
+  got = lambda xs, k: conv_lib.conv1x1_concat(xs, k, impl=impl)
+  y, vjp = jax.vjp(got, xs, k)
+  yr, vjpr = jax.vjp(ref, xs, k)
+  np.testing.assert_allclose(y, yr, rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(keys[0], y.shape)
+  for a, b in zip(jax.tree_util.tree_leaves(vjp(g)), jax.tree_util.tree_leaves(vjpr(g))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert jaxpr_flops(jax.make_jaxpr(got)(xs, k)) == 2 * 2 * 5 * 6 * 9 * 5
+  if impl != "xla":
+    assert "concatenate" not in str(jax.make_jaxpr(got)(xs, k))
+  with pytest.raises(ValueError, match=r"\(1, 1, 9, D\)"):
+    conv_lib.conv1x1_concat(xs, jnp.zeros((1, 1, 8, 5)), impl=impl)
+  with pytest.raises(ValueError, match="equal N, H, W"):
+    conv_lib.conv1x1_concat([xs[0], xs[1][:, :4]], k, impl=impl)
 
 
 def test_bad_arguments_raise_clear_errors():
