@@ -164,7 +164,7 @@ def model_spec(config, num_classes: int) -> tuple[str, dict]:
   """The ``create_model`` call of a config: ``(name, kwargs)`` (JSON-able)."""
   kwargs = dict(growth_rate=int(config.growth_rate), num_classes=int(num_classes),
                 stem=config.stem, dtype=config.dtype, remat=bool(config.remat))
-  kwargs.update(config.model_kwargs.to_dict())
+  kwargs.update({k: v for k, v in config.model_kwargs.to_dict().items() if v is not None})
   return config.model, kwargs
 
 

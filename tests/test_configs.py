@@ -126,6 +126,10 @@ def test_command_line_overrides():
   c = parse(f"--config={CONFIG_DIR}/digits.py", "--config.num_epochs=1", "--config.seed=7",
             "--config.model=ERKNet-2x1 2x1")
   assert (c.num_epochs, c.seed, c.model) == (1, 7, "ERKNet-2x1 2x1")
+  c = parse(f"--config={CONFIG_DIR}/digits.py", "--config.model_kwargs.dropout_rate=0.2",
+            "--config.model_kwargs.growth_multipliers=(2,3)")
+  model = train.build_model(c, 10)
+  assert model.dropout_rate == 0.2 and tuple(model.growth_multipliers) == (2, 3)
   c = parse(f"--config={CONFIG_DIR}/table2_irknet_5x1_5x1_5x1_ab_k150.py:cifar100")
   assert c.dataset == "cifar100" and c.batch_size == 32
   with pytest.raises(Exception, match="num_epoch"):  # a typo'd field is refused, not ignored

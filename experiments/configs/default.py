@@ -9,6 +9,7 @@ and override any field on the command line, e.g. ``--config.num_epochs=1 --confi
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -20,8 +21,18 @@ def get_config():
   config.growth_rate = 36
   # "cifar": 3x3 conv preprocessor (also SVHN, digits); "imagenet": 7x7/2 conv + BN + max-pool.
   config.stem = "cifar"
-  # Any further create_model keyword arguments (e.g. multiscale, m-values of Table 3).
-  config.model_kwargs = ml_collections.ConfigDict()
+  # Further rknet_jax.create_model keyword arguments; unset (None) = the model's default.
+  # E.g. --config.model_kwargs.dropout_rate=0.2 or --config.model_kwargs.num_updates=2.
+  config.model_kwargs = ml_collections.ConfigDict({
+      "growth_multipliers": config_dict.placeholder(tuple),  # m per period (Table 3)
+      "bottleneck_width": config_dict.placeholder(int),  # "B" names; default 4k / k
+      "attention": config_dict.placeholder(bool),  # default: the name has "A"
+      "multiscale": config_dict.placeholder(bool),  # default: True (CIFAR)
+      "num_updates": 1,  # IRK alternate updates per time-step (paper: 1)
+      "update_order": "gauss_seidel",  # or "jacobi"
+      "share_weights": True,  # IRK clique-block weight sharing (paper)
+      "dropout_rate": 0.0,  # dropout after every conv (paper: none)
+  })
   config.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (logits stay float32)
   config.remat = False  # rematerialise each time-step in the backward pass (saves memory)
 
