@@ -4,7 +4,9 @@ For each convolution shape of ERKNet-6x1 6x1 6x1-B (k = 36, batch 64, CIFAR) it 
 with every formulation (``impl``), the forward pass, the input gradient, the kernel
 gradient and the full VJP, each as its own jitted function.  Formulations are
 interleaved round by round (so machine noise hits them alike) and the table reports
-the median over rounds and the spread (min-max) of the per-round medians.
+the median over rounds and the spread (min-max) of the per-round medians.  By default
+glibc is told to keep freed memory (``--malloc keep``): otherwise every call's fresh
+output buffer page-faults, which on a VM costs more than the arithmetic.
 
     python -m benchmarks.bench_conv                 # all shapes, all impls
     python -m benchmarks.bench_conv --rounds 3 --shapes 3x3
@@ -64,7 +66,13 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--reps", type=int, default=5, help="timed calls per round")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--malloc", default="keep", choices=["default", "keep"],
+                      help="'keep': glibc keeps freed memory (benchmarks/cpu_allocator.py), "
+                      "so repeated calls do not page-fault on fresh output buffers")
   args = parser.parse_args(argv)
+  if args.malloc == "keep":
+    from benchmarks.cpu_allocator import keep_freed_memory
+    keep_freed_memory()
   dtype = jnp.dtype(args.dtype)
   print(f"backend={jax.default_backend()} devices={jax.device_count()} dtype={dtype.name}")
   print("ms per call: median over rounds [min-max of round medians]")
