@@ -56,7 +56,7 @@ def splits(validation_size: int):
 def split_size(builder, split: str) -> int:
   """Number of examples in a (possibly sliced) TFDS split, without reading it."""
   tfds = tfds_utils.import_tfds()
-  ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  ds = tfds_utils.as_dataset(builder, split=split, decoders={"image": tfds.decode.SkipDecoding()})
   n = int(ds.cardinality())
   if n < 0:  # unknown / infinite cardinality: fall back on the metadata
     n = builder.info.splits[split].num_examples
@@ -126,7 +126,7 @@ def eval_preprocess(tf, image_bytes, *, image_size: int, mean, std):
 def _read(builder, split, *, shuffle_seed=None):
   tfds = tfds_utils.import_tfds()
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
-  return builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
+  return tfds_utils.as_dataset(builder, split=split, shuffle_files=shuffle_seed is not None,
                             decoders={"image": tfds.decode.SkipDecoding()},
                             read_config=read_config)
 

@@ -81,7 +81,7 @@ def _load_digits():
 
 def _read_tfds_split(builder, split: str) -> Split:
   tfds = tfds_utils.import_tfds()
-  ds = builder.as_dataset(split=split, shuffle_files=False)
+  ds = tfds_utils.as_dataset(builder, split=split, shuffle_files=False)
   ds = ds.map(lambda ex: (ex["image"], ex["label"])).batch(4096)
   images, labels = [], []
   for x, y in tfds.as_numpy(ds):

@@ -8,6 +8,11 @@ import threading
 
 _TF_LOCK = threading.Lock()
 _TF_READY = False
+# `builder.as_dataset` is serialised: under `tfds.testing.mock_data` every call enters and
+# leaves a `MockFs` that patches the file-system functions process-wide. Two threads (say the
+# train prefetcher and the evaluator) interleaving those patches would restore them out of
+# order and leave a dead mock installed for the rest of the process.
+_AS_DATASET_LOCK = threading.RLock()
 
 
 def import_tf():
@@ -71,3 +76,20 @@ def get_builder(name: str, data_dir, *, download: bool, manual_dir=None):
       kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=manual_dir)
     builder.download_and_prepare(**kwargs)
   return builder
+
+
+def as_dataset(builder, **kwargs):
+  """`builder.as_dataset(**kwargs)`, one call at a time in this process (see `_AS_DATASET_LOCK`).
+
+  Under `tfds.testing.mock_data`, the public `as_dataset` wraps the mocked reader in a `MockFs`,
+  which redirects *every* thread's file-system calls (etils.epath, tf.io.gfile) into a temporary
+  folder while it is entered. Orbax's checkpoint threads writing at the same moment would then
+  write into, or fail to find, the wrong folder. The mocked reader (`_as_dataset`) needs no file
+  system, so it is called directly there.
+  """
+  with _AS_DATASET_LOCK:
+    if tfds_is_mocked():
+      return builder._as_dataset(  # pylint: disable=protected-access
+          split=kwargs["split"], decoders=kwargs.get("decoders"),
+          read_config=kwargs.get("read_config"), shuffle_files=kwargs.get("shuffle_files", False))
+    return builder.as_dataset(**kwargs)
