@@ -4,6 +4,7 @@ import glob
 import importlib
 import json
 import os
+import re
 
 from absl import flags
 import jax
@@ -69,7 +70,8 @@ def test_every_config_has_the_fields_its_command_and_a_known_model(name):
   train.build_model(config, 10)  # the name parses and the options are accepted
   if name != "default":
     src = open(os.path.join(CONFIG_DIR, name + ".py")).read()
-    assert "from experiments.configs import default" in src
+    # every config builds on the defaults, directly or through a recipe config (imagenet.py)
+    assert re.search(r"from experiments\.configs import (default|imagenet)\b", src), name
 
 
 @pytest.mark.parametrize("spec,model,dataset,batch,paper_params", TABLE_ROWS,
