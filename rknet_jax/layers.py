@@ -7,6 +7,7 @@ section 3.2 / 4.2 of the paper:
   the channel concatenation of its inputs (the building brick of dense and clique blocks).
 * :class:`BNReLUKernelConv` -- the same with a kernel handed in by the caller, so that a
   clique block can share (slices of) one set of filters between its two passes.
+* :class:`BatchNormParts` -- BatchNorm of a channel concatenation computed part by part.
 * :class:`CifarStem`, :class:`ImageNetStem` -- the preprocessors.
 * :class:`ChannelAttention`, :class:`Transition` -- the (attentional) transition layers.
 * :class:`Postprocessor` -- per-period BN -> ReLU -> global average pool, with or without
@@ -20,17 +21,26 @@ Rematerialisation: :func:`maybe_remat` wraps a layer class in :func:`flax.linen.
 (callers give explicit names), computes the same values and gradients, and updates the
 BatchNorm running statistics once: the recomputation in the backward pass only rebuilds
 activations, the new statistics are outputs of the forward pass.
+
+Concatenations read by a 1x1 convolution (bottleneck dense layers, bottleneck clique
+stages) are never built: BatchNorm statistics are per channel, so the statistics of a
+concatenation are those of its parts (:class:`BatchNormParts`), and a 1x1 filter on a
+concatenation is the sum of one filter per part (:func:`rknet_jax.conv.conv1x1_concat`).
+Same variables, values and FLOPs as the concat -> BN -> ReLU -> conv formulation; on CPU it
+avoids XLA's fused BatchNorm backward over the concatenation's gradient slices and the
+quadratic (over a dense block) concatenations (benchmarks/README.md, finding 4).
 """
 
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from rknet_jax import conv as conv_lib
 
 __all__ = [
-    "BatchNorm", "concat", "BNReLUConv", "BNReLUKernelConv", "maybe_remat", "CifarStem",
+    "BatchNorm", "BatchNormParts", "concat", "BNReLUConv", "BNReLUKernelConv", "maybe_remat", "CifarStem",
     "ImageNetStem", "ChannelAttention", "Transition", "Postprocessor", "glorot_uniform",
     "DEFAULT_BN_MOMENTUM", "DEFAULT_BN_EPSILON",
 ]
@@ -58,6 +68,81 @@ def BatchNorm(train: bool, momentum: float, epsilon: float, dtype: Any,
                       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+class BatchNormParts(nn.Module):
+  """BatchNorm of the channel concatenation of ``inputs``, computed part by part.
+
+  The same variables as :func:`BatchNorm` applied to ``concat(inputs)`` (params ``scale``,
+  ``bias``; batch_stats ``mean``, ``var``; one entry per channel of the concatenation, in
+  order) and flax's arithmetic (float32 statistics, fast variance E[x^2] - E[x]^2 clipped
+  at 0, running averages updated in training but not at initialisation).  Statistics are
+  per channel, so each part's statistics are exactly the concatenation's for its channels,
+  and each part is normalised with its slice of the same scale/bias/mean/var; only the
+  per-channel vectors are concatenated (for the running averages).
+
+  Returns the list of normalised parts (in ``dtype``), one per input.
+  """
+  momentum: float = DEFAULT_BN_MOMENTUM
+  epsilon: float = DEFAULT_BN_EPSILON
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Sequence[Any], train: bool):
+    xs = list(inputs)
+    if not xs:
+      raise ValueError("BatchNormParts needs at least one input")
+    channels = [x.shape[-1] for x in xs]
+    c = sum(channels)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if train:
+      stat_dtype = jnp.promote_types(self.dtype, jnp.float32)
+      means, variances = [], []
+      for x in xs:
+        x = x.astype(stat_dtype)
+        axes = tuple(range(x.ndim - 1))
+        mu, mu2 = jnp.mean(x, axes), jnp.mean(lax.square(x), axes)
+        means.append(mu)
+        variances.append(jnp.maximum(0.0, mu2 - lax.square(mu)))
+      if not self.is_initializing():
+        ra_mean.value = (self.momentum * ra_mean.value
+                         + (1 - self.momentum) * jnp.concatenate(means))
+        ra_var.value = (self.momentum * ra_var.value
+                        + (1 - self.momentum) * jnp.concatenate(variances))
+    else:
+      means = _split(ra_mean.value, channels)
+      variances = _split(ra_var.value, channels)
+    scales = _split(self.param("scale", nn.initializers.ones, (c,), jnp.float32), channels)
+    biases = _split(self.param("bias", nn.initializers.zeros, (c,), jnp.float32), channels)
+    out = []
+    for x, mu, var, scale, bias in zip(xs, means, variances, scales, biases):
+      mul = lax.rsqrt(var + self.epsilon) * scale
+      out.append(((x - mu) * mul + bias).astype(self.dtype))
+    return out
+
+
+def _split(v, sizes):
+  """``v`` cut into consecutive slices of the given sizes (static slices)."""
+  out, offset = [], 0
+  for n in sizes:
+    out.append(v[offset:offset + n])
+    offset += n
+  return out
+
+
+class _ConvKernel(nn.Module):
+  """Declares the ``kernel`` parameter :class:`rknet_jax.conv.Conv` would (same name,
+  shape, initialiser and rng), for convolutions computed by the caller."""
+  shape: Sequence[int]
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", conv_lib.he_normal, tuple(self.shape), jnp.float32)
+
+
+def _as_list(inputs):
+  return list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+
+
 def _dropout(x, rate: float, train: bool):
   # Built only when rate > 0, so models without dropout need no 'dropout' rng.
   if rate > 0.0:
@@ -71,7 +156,10 @@ class BNReLUConv(nn.Module):
   The dense layer of DenseNet (Huang et al. 2017) and of the ERK time-step (paper section
   3.3.1, Figure 2).  ``inputs`` may be one array or a sequence of NHWC arrays that are
   concatenated on channels first (inside this module, so that under remat the concatenation
-  is recomputed rather than stored).
+  is recomputed rather than stored).  For a 1x1 stride-1 conv on several inputs the
+  concatenation is not built: BN and ReLU run part by part (:class:`BatchNormParts`) and
+  the conv is a sum of per-part 1x1 filters (:func:`rknet_jax.conv.conv1x1_concat`); same
+  variables (``bn/{scale,bias,mean,var}``, ``conv/kernel``), values and gradients.
 
   Attributes:
     features: output channels.
@@ -91,7 +179,14 @@ class BNReLUConv(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, train: bool):
-    x = concat(inputs)
+    xs = _as_list(inputs)
+    if len(xs) > 1 and tuple(self.kernel_size) == (1, 1) and tuple(self.strides) == (1, 1):
+      hs = BatchNormParts(self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(xs, train)
+      kernel = _ConvKernel((1, 1, sum(h.shape[-1] for h in hs), self.features),
+                           name="conv")()
+      x = conv_lib.conv1x1_concat([nn.relu(h) for h in hs], kernel.astype(self.dtype))
+      return _dropout(x, self.dropout_rate, train)
+    x = concat(xs)
     x = BatchNorm(train, self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(x)
     x = nn.relu(x)
     x = conv_lib.Conv(self.features, tuple(self.kernel_size), strides=tuple(self.strides),
@@ -105,7 +200,9 @@ class BNReLUKernelConv(nn.Module):
   Used by the clique block (paper section 3.3.2): the kernel is the concatenation, along
   its input-feature axis, of the shared filters W_ji of the stages that feed stage i (a
   filter on a concatenation equals the sum of one filter per input), so the same W_ji
-  serve both passes while each pass has its own BatchNorm (this module's ``bn``).
+  serve both passes while each pass has its own BatchNorm (this module's ``bn``).  With a
+  1x1 kernel and several inputs, BN -> ReLU -> conv runs part by part as in
+  :class:`BNReLUConv` (same variables and values).
   """
   dropout_rate: float = 0.0
   bn_momentum: float = DEFAULT_BN_MOMENTUM
@@ -114,10 +211,16 @@ class BNReLUKernelConv(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, kernel, train: bool):
-    x = concat(inputs)
-    if x.shape[-1] != kernel.shape[2]:
-      raise ValueError(f"BNReLUKernelConv: input has {x.shape[-1]} channels but the kernel "
+    xs = _as_list(inputs)
+    c = sum(x.shape[-1] for x in xs)
+    if c != kernel.shape[2]:
+      raise ValueError(f"BNReLUKernelConv: input has {c} channels but the kernel "
                        f"expects {kernel.shape[2]}")
+    if len(xs) > 1 and tuple(kernel.shape[:2]) == (1, 1):
+      hs = BatchNormParts(self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(xs, train)
+      x = conv_lib.conv1x1_concat([nn.relu(h) for h in hs], kernel.astype(self.dtype))
+      return _dropout(x, self.dropout_rate, train)
+    x = concat(xs)
     x = BatchNorm(train, self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(x)
     x = nn.relu(x)
     x = conv_lib.conv2d(x.astype(self.dtype), kernel.astype(self.dtype))

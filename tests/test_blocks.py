@@ -303,3 +303,97 @@ def test_running_stats_updated_once_per_forward_with_remat():
                              rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(got["var"], momentum + (1 - momentum) * y.var(axis=(0, 1, 2)),
                              rtol=1e-5, atol=1e-7)
+
+
+class _PlainBNReLUConv(nn.Module):
+  """concat -> flax BatchNorm -> ReLU -> one conv of the concatenation (the formulation the
+  library's per-part path replaces), with the same submodule names ``bn`` and ``conv``."""
+  features: int
+
+  @nn.compact
+  def __call__(self, inputs, train):
+    x = jnp.concatenate(inputs, axis=-1)
+    x = nn.BatchNorm(use_running_average=not train, momentum=layers.DEFAULT_BN_MOMENTUM,
+                     epsilon=layers.DEFAULT_BN_EPSILON, name="bn")(x)
+    return nn.Conv(self.features, (1, 1), use_bias=False, name="conv")(jax.nn.relu(x))
+
+
+@pytest.mark.parametrize("impl", ["dot1x1", "xla"])
+def test_chunked_bn_relu_conv1x1_equals_concat_formulation(impl):
+  """BNReLUConv (1x1 on a list) and BNReLUKernelConv (1x1 kernel) computed part by part
+  equal BN -> ReLU -> conv of the materialised concatenation: same variables, outputs
+  (train and eval), parameter and input gradients, and BN running statistics."""
+  from rknet_jax import conv as conv_lib
+  parts = [_x(5, seed=1), _x(3, seed=2) * 2.0 + 1.0, _x(4, seed=3) - 0.5]
+  d = 6
+  chunked = layers.BNReLUConv(d, (1, 1))
+  plain = _PlainBNReLUConv(d)
+  with conv_lib.default_impl(impl):
+    v = chunked.init(_key(), parts, train=False)
+    assert set(v["params"]) == {"bn", "conv"}
+    assert v["params"]["conv"]["kernel"].shape == (1, 1, 12, d)
+    assert v["params"]["bn"]["scale"].shape == (12,)
+    assert v["batch_stats"]["bn"]["mean"].shape == (12,)
+    # Non-trivial BN parameters and running statistics, so slices are really checked.
+    rng = np.random.default_rng(7)
+    params = {"bn": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 12), jnp.float32),
+                     "bias": jnp.asarray(rng.normal(size=12), jnp.float32)},
+              "conv": v["params"]["conv"]}
+    stats = {"bn": {"mean": jnp.asarray(rng.normal(size=12), jnp.float32),
+                    "var": jnp.asarray(rng.uniform(0.5, 2.0, 12), jnp.float32)}}
+
+    def kernel_conv(p, s, xs, train):
+      return layers.BNReLUKernelConv().apply(
+          {"params": {"bn": p["bn"]}, "batch_stats": s}, xs, p["conv"]["kernel"], train,
+          mutable=["batch_stats"])
+
+    runs = {
+        "chunked": lambda p, s, xs, train: chunked.apply(
+            {"params": p, "batch_stats": s}, xs, train, mutable=["batch_stats"]),
+        "kernel": kernel_conv,
+        "plain": lambda p, s, xs, train: plain.apply(
+            {"params": p, "batch_stats": s}, xs, train,
+            mutable=["batch_stats"]),
+    }
+    results = {}
+    for name, run in runs.items():
+      def loss(p, xs, run=run):
+        out, upd = run(p, stats, xs, True)
+        return jnp.sum(jnp.sin(out)), (out, upd["batch_stats"])
+      (_, (out, new_stats)), grads = jax.jit(jax.value_and_grad(
+          loss, argnums=(0, 1), has_aux=True))(params, parts)
+      eval_out = jax.jit(lambda p, xs, run=run: run(p, stats, xs, False)[0])(params, parts)
+      results[name] = (out, new_stats, grads, eval_out)
+    # The per-part path builds no activation-sized concatenation with the dot formulation.
+    jaxpr = jax.make_jaxpr(lambda p, xs: jax.grad(
+        lambda q, ys: jnp.sum(runs["chunked"](q, stats, ys, True)[0]), argnums=(0, 1))(
+            p, xs))(params, parts)
+    concats = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "concatenate"
+               and e.outvars[0].aval.ndim == 4]
+    assert (len(concats) == 0) == (impl == "dot1x1")
+  ref = results["plain"]
+  assert float(jnp.max(jnp.abs(ref[1]["bn"]["mean"] - stats["bn"]["mean"]))) > 1e-3
+  for name in ("chunked", "kernel"):
+    out, new_stats, grads, eval_out = results[name]
+    np.testing.assert_allclose(out, ref[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(eval_out, ref[3], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(new_stats), jax.tree_util.tree_leaves(ref[1])):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    g_ref = ref[2]
+    np.testing.assert_allclose(grads[0]["conv"]["kernel"], g_ref[0]["conv"]["kernel"],
+                               rtol=1e-5, atol=1e-5)
+    for key in ("scale", "bias"):
+      np.testing.assert_allclose(grads[0]["bn"][key], g_ref[0]["bn"][key],
+                                 rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[1], g_ref[1]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_dense_layer_init_equals_concat_formulation():
+  """The per-part layer declares the same parameters with the same initial values."""
+  parts = [_x(5, seed=1), _x(3, seed=2)]
+  got = layers.BNReLUConv(6, (1, 1)).init(_key(), parts, train=False)
+  want = layers.BNReLUConv(6, (1, 1)).init(_key(), jnp.concatenate(parts, -1), train=False)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(a, b)
