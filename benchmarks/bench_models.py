@@ -83,9 +83,6 @@ def _worker(args):
     if not keep_freed_memory():
       raise RuntimeError("--malloc keep needs glibc's mallopt")
   conv_lib.set_default_impl(args.impl)
-  if args.variant == "chunked":
-    from benchmarks import chunked_dense
-    chunked_dense.install()
   model = _build(args.model, args.remat, args.dtype)
   batch = args.batch
   rng = np.random.default_rng(0)
@@ -155,7 +152,6 @@ def _worker(args):
       "params": num_params, "compile_s": compile_s, "step_s": times,
       "median_step_s": median, "img_s": batch / median,
       "median_cpu_s": statistics.median(cpu_times), "malloc": args.malloc,
-      "variant": args.variant,
       "page_faults_per_step": faults / args.steps,
       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
       "xla_temp_gb": None if temp_bytes is None else temp_bytes / 2**30,
@@ -181,9 +177,7 @@ def _configs(args):
       for remat in remats:
         for impl in args.impls:
           for malloc in args.malloc:
-            for variant in args.variants:
-              out.append(dict(model=model, mode=mode, remat=remat, impl=impl,
-                              malloc=malloc, variant=variant))
+            out.append(dict(model=model, mode=mode, remat=remat, impl=impl, malloc=malloc))
   return out
 
 
@@ -192,8 +186,7 @@ def _run_config(cfg, args):
   cmd = [sys.executable, "-m", "benchmarks.bench_models", "--worker",
          "--model", cfg["model"], "--mode", cfg["mode"], "--impl", cfg["impl"],
          "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-         "--dtype", args.dtype, "--malloc_one", cfg["malloc"],
-         "--variant_one", cfg["variant"]] + (
+         "--dtype", args.dtype, "--malloc_one", cfg["malloc"]] + (
              ["--remat_on"] if cfg["remat"] else [])
   env = dict(os.environ)
   if cfg["malloc"] == "thp":
@@ -232,23 +225,23 @@ def _driver(args):
         shown = {k: v for k, v in res.items() if k != "step_s"}
         print(f"  round {r + 1} {cfg}: {json.dumps(shown)}", flush=True)
   print(f"load average at end {os.getloadavg()[0]:.2f}\n")
-  print("| model | mode | batch | conv impl | remat | malloc | layers | params | images/s | "
+  print("| model | mode | batch | conv impl | remat | malloc | params | images/s | "
         "step ms | CPU s/step | faults/step | compile s | peak RSS GB | XLA temp GB |")
-  print("| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: "
+  print("| --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: | ---: |")
   for i, cfg in enumerate(configs):
     ok = [r for r in results[i] if "error" not in r]
     if not ok:
       err = results[i][0]["error"][:60]
       print(f"| {cfg['model']} | {cfg['mode']} | | {cfg['impl']} | {cfg['remat']} | "
-            f"{cfg['malloc']} | {cfg['variant']} | FAILED: {err} | | | | | | | |")
+            f"{cfg['malloc']} | FAILED: {err} | | | | | | | |")
       continue
     r0 = ok[0]
     impl = cfg["impl"] if cfg["impl"] == r0["resolved_impl"] else (
         f"{cfg['impl']}->{r0['resolved_impl']}")
     temp = [r["xla_temp_gb"] for r in ok if r["xla_temp_gb"] is not None]
     print(f"| {cfg['model']} | {cfg['mode']} | {r0['batch']} | {impl} | "
-          f"{'on' if cfg['remat'] else 'off'} | {cfg['malloc']} | {cfg['variant']} | "
+          f"{'on' if cfg['remat'] else 'off'} | {cfg['malloc']} | "
           f"{r0['params']:,} | "
           f"{_fmt([r['img_s'] for r in ok], '.1f')} | "
           f"{_fmt([r['median_step_s'] * 1e3 for r in ok], '.0f')} | "
@@ -286,10 +279,6 @@ def main(argv=None):
                       "pages for malloc: 512x fewer page faults); 'keep' = never return "
                       "freed memory (benchmarks/cpu_allocator.py: no faults, but the heap "
                       "fragments and RSS grows)")
-  parser.add_argument("--variants", nargs="+", default=["stock"], choices=["stock", "chunked"],
-                      help="'stock' = the library's layers; 'chunked' = dense-layer "
-                      "BN-ReLU-1x1 computed part by part without the concatenation "
-                      "(benchmarks/chunked_dense.py, same variables and results)")
   parser.add_argument("--train_batch", type=int, default=64)
   parser.add_argument("--infer_batch", type=int, default=256)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
@@ -307,12 +296,10 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--remat_on", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--malloc_one", help=argparse.SUPPRESS)
-  parser.add_argument("--variant_one", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
     args.remat = args.remat_on
     args.malloc = args.malloc_one
-    args.variant = args.variant_one
     _worker(args)
   else:
     for name, value in (("--steps", args.steps), ("--rounds", args.rounds),
