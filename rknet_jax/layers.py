@@ -150,6 +150,20 @@ def _dropout(x, rate: float, train: bool):
   return x
 
 
+def _per_part(xs, kernel_size, strides) -> bool:
+  """Whether BN -> ReLU -> conv of the concatenation of ``xs`` runs part by part.
+
+  Only for a 1x1 stride-1 conv of several inputs, and only where the convolution
+  formulation is not XLA's native one (``rknet_jax.conv.resolve_impl() != "xla"``, i.e. the
+  CPU under ``impl="auto"``): there it saves memory and time (benchmarks/README.md), while
+  on GPU/TPU the single concatenation compiles several times faster for deep blocks
+  (ERKNet-3x1 3x1 3x1 1x1-B train step: 41 s vs 109 s on CPU, benchmarks/bench_compile.py).
+  Both paths have the same variables, values and gradients.
+  """
+  return (len(xs) > 1 and tuple(kernel_size) == (1, 1) and tuple(strides) == (1, 1)
+          and conv_lib.resolve_impl() != "xla")
+
+
 class BNReLUConv(nn.Module):
   """Pre-activation unit on a concatenation: concat -> BN -> ReLU -> conv [-> dropout].
 
@@ -157,7 +171,7 @@ class BNReLUConv(nn.Module):
   3.3.1, Figure 2).  ``inputs`` may be one array or a sequence of NHWC arrays that are
   concatenated on channels first (inside this module, so that under remat the concatenation
   is recomputed rather than stored).  For a 1x1 stride-1 conv on several inputs the
-  concatenation is not built: BN and ReLU run part by part (:class:`BatchNormParts`) and
+  concatenation is not built (on CPU, see ``_per_part``): BN and ReLU run part by part (:class:`BatchNormParts`) and
   the conv is a sum of per-part 1x1 filters (:func:`rknet_jax.conv.conv1x1_concat`); same
   variables (``bn/{scale,bias,mean,var}``, ``conv/kernel``), values and gradients.
 
@@ -180,7 +194,7 @@ class BNReLUConv(nn.Module):
   @nn.compact
   def __call__(self, inputs, train: bool):
     xs = _as_list(inputs)
-    if len(xs) > 1 and tuple(self.kernel_size) == (1, 1) and tuple(self.strides) == (1, 1):
+    if _per_part(xs, self.kernel_size, self.strides):
       hs = BatchNormParts(self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(xs, train)
       kernel = _ConvKernel((1, 1, sum(h.shape[-1] for h in hs), self.features),
                            name="conv")()
@@ -216,7 +230,7 @@ class BNReLUKernelConv(nn.Module):
     if c != kernel.shape[2]:
       raise ValueError(f"BNReLUKernelConv: input has {c} channels but the kernel "
                        f"expects {kernel.shape[2]}")
-    if len(xs) > 1 and tuple(kernel.shape[:2]) == (1, 1):
+    if _per_part(xs, kernel.shape[:2], (1, 1)):
       hs = BatchNormParts(self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(xs, train)
       x = conv_lib.conv1x1_concat([nn.relu(h) for h in hs], kernel.astype(self.dtype))
       return _dropout(x, self.dropout_rate, train)
