@@ -72,20 +72,6 @@ PROBLEMS = {
 }
 
 
-def step_counts(tableau):
-  """Step counts keeping float64 errors between ~1e-2 and ~1e-13 (out of round-off)."""
-  order = tableau.order
-  if tableau.name == "dopri5":
-    # Dormand and Prince minimised the principal (h^5) error coefficient, so the h^6
-    # terms dominate down to smaller h: fits over 8..24 steps give slopes ~5.3-5.5.
-    return (16, 24, 32, 48)
-  if order <= 2:
-    return (16, 32, 64, 128)
-  if order <= 4:
-    return (8, 16, 32, 64)
-  return (8, 12, 16, 24)
-
-
 def max_error(y, exact):
   return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree_util.tree_leaves(y), jax.tree_util.tree_leaves(exact)))
@@ -104,7 +90,7 @@ def test_empirical_convergence_order(name, problem):
     h = T_END / n.astype(jnp.float64)
     return lax.fori_loop(0, n, lambda k, y: rk.rk_step(f, k * h, y, h, tableau), y0)
 
-  ns = step_counts(tableau)
+  ns = rk.default_step_counts(tableau)
   errors = np.array([max_error(integrate(jnp.asarray(n)), exact) for n in ns])
   assert np.all(errors > 1e-13), f"errors {errors} reach round-off"
   slope = np.polyfit(np.log(T_END / np.asarray(ns, np.float64)), np.log(errors), 1)[0]
