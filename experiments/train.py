@@ -629,7 +629,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     flush(step)
     if step == total_steps and last_saved != step:
       save(step)
-    ckpts.wait_until_finished()
   finally:
     if it is not None and hasattr(it, "close"):
       it.close()
