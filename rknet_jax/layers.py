@@ -164,6 +164,19 @@ def _per_part(xs, kernel_size, strides) -> bool:
           and conv_lib.resolve_impl() != "xla")
 
 
+def _bn_relu_conv(xs, kernel, strides, train, dropout_rate, bn_momentum, bn_epsilon, dtype):
+  """concat(xs) -> BN -> ReLU -> conv with HWIO ``kernel`` [-> dropout], inside the calling
+  module (its submodule ``bn``): part by part where :func:`_per_part` says so, else on the
+  concatenation (built here, so that under remat it is recomputed rather than stored)."""
+  if _per_part(xs, kernel.shape[:2], strides):
+    hs = BatchNormParts(bn_momentum, bn_epsilon, dtype, name="bn")(xs, train)
+    x = conv_lib.conv1x1_concat([nn.relu(h) for h in hs], kernel.astype(dtype))
+  else:
+    x = BatchNorm(train, bn_momentum, bn_epsilon, dtype, name="bn")(concat(xs))
+    x = conv_lib.conv2d(nn.relu(x).astype(dtype), kernel.astype(dtype), strides)
+  return _dropout(x, dropout_rate, train)
+
+
 class BNReLUConv(nn.Module):
   """Pre-activation unit on a concatenation: concat -> BN -> ReLU -> conv [-> dropout].
 
@@ -194,18 +207,10 @@ class BNReLUConv(nn.Module):
   @nn.compact
   def __call__(self, inputs, train: bool):
     xs = _as_list(inputs)
-    if _per_part(xs, self.kernel_size, self.strides):
-      hs = BatchNormParts(self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(xs, train)
-      kernel = _ConvKernel((1, 1, sum(h.shape[-1] for h in hs), self.features),
-                           name="conv")()
-      x = conv_lib.conv1x1_concat([nn.relu(h) for h in hs], kernel.astype(self.dtype))
-      return _dropout(x, self.dropout_rate, train)
-    x = concat(xs)
-    x = BatchNorm(train, self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(x)
-    x = nn.relu(x)
-    x = conv_lib.Conv(self.features, tuple(self.kernel_size), strides=tuple(self.strides),
-                      dtype=self.dtype, name="conv")(x)
-    return _dropout(x, self.dropout_rate, train)
+    kh, kw = self.kernel_size
+    kernel = _ConvKernel((kh, kw, sum(x.shape[-1] for x in xs), self.features), name="conv")()
+    return _bn_relu_conv(xs, kernel, tuple(self.strides), train, self.dropout_rate,
+                         self.bn_momentum, self.bn_epsilon, self.dtype)
 
 
 class BNReLUKernelConv(nn.Module):
@@ -230,15 +235,8 @@ class BNReLUKernelConv(nn.Module):
     if c != kernel.shape[2]:
       raise ValueError(f"BNReLUKernelConv: input has {c} channels but the kernel "
                        f"expects {kernel.shape[2]}")
-    if _per_part(xs, kernel.shape[:2], (1, 1)):
-      hs = BatchNormParts(self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(xs, train)
-      x = conv_lib.conv1x1_concat([nn.relu(h) for h in hs], kernel.astype(self.dtype))
-      return _dropout(x, self.dropout_rate, train)
-    x = concat(xs)
-    x = BatchNorm(train, self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(x)
-    x = nn.relu(x)
-    x = conv_lib.conv2d(x.astype(self.dtype), kernel.astype(self.dtype))
-    return _dropout(x, self.dropout_rate, train)
+    return _bn_relu_conv(xs, kernel, (1, 1), train, self.dropout_rate, self.bn_momentum,
+                         self.bn_epsilon, self.dtype)
 
 
 def maybe_remat(layer_cls, remat: bool, train_argnum: int):
