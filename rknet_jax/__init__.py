@@ -43,7 +43,7 @@ _EXPORTS = {
 
 _SUBMODULES = ("tableaus", "order_conditions", "rk", "tableau_block", "conv",
                "layers", "blocks", "models", "registry", "counting", "summary",
-               "checkpoint")
+               "checkpoint", "convergence")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
