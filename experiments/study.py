@@ -137,15 +137,31 @@ def check_entries(base, models, seeds: int):
       raise ValueError(f"--models entry {entry!r}: {e}") from e
 
 
+def _common_overrides(records: Sequence[dict]) -> Dict[str, Any]:
+  """The ``field=value`` overrides every entry shares (shown once, not per row)."""
+  if len(records) < 2:
+    return {}
+  first = records[0]["overrides"]
+  return {k: v for k, v in first.items()
+          if all(k in r["overrides"] and r["overrides"][k] == v for r in records[1:])}
+
+
+def _label(rec: dict, common: Dict[str, Any]) -> str:
+  own = [f"{k}={v}" for k, v in rec["overrides"].items() if k not in common]
+  return rec["model"] + (f" ({', '.join(own)})" if own else "")
+
+
 def summarise(records: Sequence[dict]) -> List[dict]:
   """One summary per model from its per-seed run results (see the module docstring)."""
   out = []
+  common = _common_overrides(records)
   for rec in records:
     errors = [r["test_top1_error"] for r in rec["runs"]]
     times = [r.get("train_wall_time_sec", float("nan")) for r in rec["runs"]]
     first = rec["runs"][0]
     out.append({
-        "name": rec["entry"], "model": rec["model"], "family": family(rec["model"]),
+        "name": _label(rec, common), "entry": rec["entry"], "model": rec["model"],
+        "overrides": rec["overrides"], "family": family(rec["model"]),
         "params": int(first["params"]), "gflops": float(first["gflops"]),
         "seeds": [r["seed"] for r in rec["runs"]], "test_top1_errors": errors,
         "mean_test_top1_error": float(np.mean(errors)),
@@ -156,9 +172,9 @@ def summarise(records: Sequence[dict]) -> List[dict]:
   return out
 
 
-def markdown_table(summary: Sequence[dict]) -> str:
-  """``study.md``: one row per model, errors in percent."""
-  lines = ["| model | family | params | GFLOPs | test error % (mean ± std) | per seed % "
+def markdown_table(summary: Sequence[dict], caption: str = "") -> str:
+  """``study.md``: one row per model, errors in percent, under an optional caption."""
+  lines = ([caption, ""] if caption else []) + ["| model | family | params | GFLOPs | test error % (mean ± std) | per seed % "
            "| train time / run |",
            "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
   for s in summary:
@@ -217,12 +233,19 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> List[dict]:
       else:
         logging.info("study: reusing %s, seed %d (%s)", entry, seed, directory)
       runs.append(dict(results, seed=seed, workdir=directory))
-    records.append({"entry": entry, "model": name, "runs": runs})
+    records.append({"entry": entry, "model": name, "overrides": overrides, "runs": runs})
   summary = summarise(records)
+  common = _common_overrides(records)
+  epochs = summary[0]["epochs"]
+  caption = (f"{base.dataset}, {seeds} seeds, {epochs:g} epochs, batch {base.batch_size}"
+             + (", all models: " + ", ".join(f"{k}={v}" for k, v in common.items())
+                if common else ""))
   with open(os.path.join(workdir, STUDY_JSON), "w") as f:
-    json.dump({"dataset": base.dataset, "seeds": seeds, "models": summary}, f, indent=2)
+    json.dump({"dataset": base.dataset, "seeds": seeds, "epochs": epochs,
+               "batch_size": base.batch_size, "common_overrides": common,
+               "models": summary}, f, indent=2)
   with open(os.path.join(workdir, STUDY_MD), "w") as f:
-    f.write(markdown_table(summary))
+    f.write(markdown_table(summary, caption))
   plot(summary, os.path.join(workdir, STUDY_PNG), title=f"{base.dataset}, {seeds} seeds")
   return summary
 
@@ -242,7 +265,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if summary:
-    print(markdown_table(summary))
+    with open(os.path.join(FLAGS.workdir, STUDY_MD)) as f:
+      print(f.read())
 
 
 def _define_flags():

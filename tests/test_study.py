@@ -14,6 +14,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = "ERKNet-2x1 2x1|growth_rate=8,DenseNet-BC-16-k8|growth_rate=8"
 
 
+def test_rows_name_only_the_overrides_that_differ():
+  recs = [{"model": "A", "entry": "A|k=1|m=2", "overrides": {"k": 1, "m": 2},
+           "runs": [{"test_top1_error": 0.1, "params": 10, "gflops": 1.0, "seed": 0}]},
+          {"model": "A", "entry": "A|k=1|m=3", "overrides": {"k": 1, "m": 3},
+           "runs": [{"test_top1_error": 0.3, "params": 10, "gflops": 1.0, "seed": 0},
+                    {"test_top1_error": 0.5, "params": 10, "gflops": 1.0, "seed": 1}]}]
+  s = study.summarise(recs)
+  assert [r["name"] for r in s] == ["A (m=2)", "A (m=3)"]
+  assert s[0]["std_test_top1_error"] == 0.0
+  assert s[1]["mean_test_top1_error"] == pytest.approx(0.4)
+  assert s[1]["std_test_top1_error"] == pytest.approx(0.1414, abs=1e-4)
+
+
 def _tiny_config():
   config = digits.get_config()
   config.num_train_steps = 4
@@ -86,8 +99,10 @@ def test_tiny_study_trains_then_reuses_runs(tmp_path, monkeypatch):
   # Different seeds are different runs (init and data order differ).
   assert erk["test_top1_errors"][0] != erk["test_top1_errors"][1] or \
       dense["test_top1_errors"][0] != dense["test_top1_errors"][1]
+  assert saved["common_overrides"] == {"growth_rate": 8} and saved["epochs"] > 0
   md = open(os.path.join(workdir, study.STUDY_MD)).read()
-  assert md.count("\n") == 4 and "| ERKNet-2x1 2x1|growth_rate=8 | ERKNet |" in md
+  assert md.startswith("digits, 2 seeds, ") and "all models: growth_rate=8" in md
+  assert md.count("\n") == 6 and "| ERKNet-2x1 2x1 | ERKNet |" in md
   with open(os.path.join(workdir, study.STUDY_PNG), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
