@@ -49,8 +49,9 @@ ImageNet preparation (manual; TFDS cannot download it):
   1. Get ILSVRC2012_img_train.tar (~138 GB) and ILSVRC2012_img_val.tar (~6.3 GB) from
      https://image-net.org/download-images (account required).
   2. Put both in `<data_dir>/downloads/manual/` (or any folder given as `manual_dir`).
-  3. Prepare once: `tfds build imagenet2012 --data_dir=<data_dir> --manual_dir=<manual_dir>`
-     (several hours, ~160 GB more disk), or train once with `--config.download=True`.
+  3. Prepare once: `python -m experiments.prepare_data --dataset=imagenet2012
+     --data_dir=<data_dir> --manual_dir=<manual_dir>` (several hours, ~160 GB more disk), or
+     train once with `--config.download=True`.
   `preflight(config)` names the missing file or folder before any training starts.
 """
 import dataclasses
@@ -61,9 +62,10 @@ from typing import NamedTuple, Optional, Tuple
 from experiments.data import imagenet as imagenet_lib
 from experiments.data import in_memory
 from experiments.data import prefetch as prefetch_lib
+from experiments.data import prepare as prepare_lib
 from experiments.data import tfds_utils
 
-IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+IMAGENET_MANUAL_FILES = prepare_lib.IMAGENET_MANUAL_FILES
 EVAL_SPLITS = ("validation", "test")
 SVHN_EXTRA_SIZE = 531_131
 
@@ -241,13 +243,12 @@ def _check_hosts(batch_size, process_index, process_count, what="batch_size"):
 
 
 def _manual_dir(s: _Settings) -> str:
-  return s.manual_dir or os.path.join(s.data_dir or tfds_utils.default_data_dir(), "downloads",
-                                      "manual")
+  return s.manual_dir or prepare_lib.default_manual_dir(s.data_dir)
 
 
 def _imagenet_builder(s: _Settings):
-  return tfds_utils.get_builder("imagenet2012", s.data_dir, download=s.download,
-                                manual_dir=_manual_dir(s))
+  return prepare_lib.get_builder("imagenet2012", s.data_dir, download=s.download,
+                                 manual_dir=_manual_dir(s))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,25 +269,17 @@ def preflight(config) -> str:
     if not os.path.exists(path):
       raise FileNotFoundError(f"scikit-learn's bundled digits file is missing: {path}")
     return f"digits: scikit-learn bundled data ({path})"
-  tfds = tfds_utils.import_tfds()
   if tfds_utils.tfds_is_mocked():
     return f"{s.dataset}: tfds.testing.mock_data (synthetic)"
-  builder = tfds.builder(s.dataset, data_dir=s.data_dir)
+  builder = prepare_lib.builder_for(s.dataset, s.data_dir)
   where = str(builder.data_dir)
   if builder.is_prepared():
     return f"{s.dataset}: prepared TFDS dataset in {where}"
-  fix = (f"prepare it with `tfds build {s.dataset} --data_dir={builder.data_dir_root}` or set "
-         "config.download=True")
+  manual = _manual_dir(s) if s.dataset == "imagenet2012" else None
+  fix = (f"prepare it once with `{prepare_lib.command(s.dataset, builder.data_dir_root, manual)}`"
+         " or set config.download=True")
   if s.dataset == "imagenet2012":
-    manual = _manual_dir(s)
-    missing = [os.path.join(manual, f) for f in IMAGENET_MANUAL_FILES
-               if not os.path.isfile(os.path.join(manual, f))]
-    if missing:
-      raise FileNotFoundError(
-          f"imagenet2012 is not prepared in {where} (no dataset_info.json there) and the manual "
-          f"download is incomplete: missing {', '.join(missing)}. Download "
-          f"{' and '.join(IMAGENET_MANUAL_FILES)} from https://image-net.org/download-images "
-          f"into {manual} (or set config.manual_dir), then {fix}.")
+    prepare_lib.check_manual_files(s.dataset, manual)
     if not s.download:
       raise FileNotFoundError(
           f"imagenet2012 is not prepared in {where} (no dataset_info.json there); the tar files "

@@ -116,7 +116,8 @@ def test_preflight_names_missing_imagenet_tar_files(tmp_path):
   val_tar.write_bytes(b"")
   with pytest.raises(FileNotFoundError) as e:  # tars present, but preparing is not allowed
     ip.preflight(config)
-  assert str(tmp_path / "imagenet2012") in str(e.value) and "tfds build" in str(e.value)
+  assert str(tmp_path / "imagenet2012") in str(e.value)
+  assert "python -m experiments.prepare_data --dataset=imagenet2012" in str(e.value)
   assert "will be prepared" in ip.preflight(dict(config, download=True))
   # An explicit manual_dir is where the tar files are looked for.
   other = tmp_path / "elsewhere"

@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 
+from experiments.data import prepare
 from experiments.data import tfds_utils
 
 # Tags that keep the random streams derived from one user seed independent of each other.
@@ -126,8 +127,8 @@ def load_official(settings):
   def make():
     if settings.dataset == "digits":
       return _load_digits()
-    builder = tfds_utils.get_builder(settings.dataset, settings.data_dir,
-                                     download=settings.download)
+    builder = prepare.get_builder(settings.dataset, settings.data_dir,
+                                  download=settings.download)
     train_split = "train+extra" if settings.svhn_extra else "train"
     return _read_tfds_split(builder, train_split), _read_tfds_split(builder, "test")
   key = (settings.dataset, settings.data_dir, settings.svhn_extra,
