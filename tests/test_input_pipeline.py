@@ -47,13 +47,15 @@ def raw(images):
 
 
 def test_unknown_dataset_lists_known_ones():
-  for call in (lambda: ip.dataset_info("mnist"),
-               lambda: ip.preflight({"dataset": "mnist", "batch_size": 8}),
-               lambda: ip.train_iterator({"dataset": "mnist", "batch_size": 8}, start_step=0,
-                                         process_index=0, process_count=1)):
-    with pytest.raises(ValueError, match="mnist") as e:
+  for call in (lambda: ip.dataset_info("mnsit"),
+               lambda: ip.preflight({"dataset": "mnsit", "batch_size": 8}),
+               lambda: ip.train_iterator({"dataset": "mnsit", "batch_size": 8}, start_step=0,
+                                         process_index=0, process_count=1),
+               lambda: ip.check_dataset_name("mnsit")):
+    with pytest.raises(ValueError, match="mnsit") as e:
       call()
-    for name in ("cifar10", "cifar100", "svhn_cropped", "imagenet2012", "digits"):
+    for name in ("cifar10", "cifar100", "svhn_cropped", "imagenet2012", "digits", "mnist",
+                 "fashion_mnist", "kmnist", "tfds:NAME", "npz:FILE", "folder:PATH"):
       assert name in str(e.value)
 
 
