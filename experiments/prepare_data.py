@@ -26,7 +26,7 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None,
                                   "default DATA_DIR/downloads/manual")
 _PROBE_TIMEOUT = flags.DEFINE_float("probe_timeout", prepare_lib.PROBE_TIMEOUT_S,
                                     "seconds to wait for a download server to answer")
-NO_PREPARATION = ("digits",)
+NO_PREPARATION = ("digits", "npz:", "folder:")
 
 
 def tfds_name(name: str) -> str:
@@ -37,8 +37,8 @@ def tfds_name(name: str) -> str:
 def main(argv):
   del argv
   for name in _DATASET.value:
-    if name in NO_PREPARATION:
-      print(f"{name}: nothing to prepare (bundled with scikit-learn)")
+    if name.startswith(NO_PREPARATION):
+      print(f"{name}: nothing to prepare (read directly from scikit-learn or the given path)")
       continue
     try:
       builder = prepare_lib.prepare(tfds_name(name), _DATA_DIR.value,

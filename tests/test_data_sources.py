@@ -137,7 +137,8 @@ def _write_folder(root, splits, *, mode="L", ext="png", size=None):
 
 def test_folder_of_png_trains_and_labels_are_sorted_folder_names(tmp_path):
   train_split, test_split = _digits()
-  pick = lambda s, n: ((s.images[:n, :, :, 0] * 15).astype(np.uint8), s.labels[:n])
+  def pick(split, n):
+    return (split.images[:n, :, :, 0] * 15).astype(np.uint8), split.labels[:n]
   dataset = _write_folder(tmp_path / "data", {"train": pick(train_split, 200),
                                               "test": pick(test_split, 50)})
   config = tiny_config(dataset)
@@ -145,7 +146,8 @@ def test_folder_of_png_trains_and_labels_are_sorted_folder_names(tmp_path):
   info = ip.dataset_info(config)
   assert info.image_shape == (8, 8, 1) and info.class_names == tuple(f"c{i}" for i in range(10))
   # Label i is the i-th sorted folder name; files are read in sorted order.
-  expected = sorted((f"c{l}", f"{i:04d}.png", i) for i, l in enumerate(pick(train_split, 200)[1]))
+  expected = sorted((f"c{label}", f"{i:04d}.png", i)
+                    for i, label in enumerate(pick(train_split, 200)[1]))
   np.testing.assert_array_equal(splits.train.labels, [int(c[1:]) for c, _, _ in expected])
   np.testing.assert_array_equal(splits.train.images[:, :, :, 0],
                                 pick(train_split, 200)[0][[i for _, _, i in expected]])
@@ -158,7 +160,8 @@ def test_folder_of_png_trains_and_labels_are_sorted_folder_names(tmp_path):
 
 def test_folder_colour_jpeg_mixed_sizes_and_validation(tmp_path):
   rng = np.random.default_rng(0)
-  colour = lambda n: (rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % 2)
+  def colour(n):
+    return rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % 2
   root = tmp_path / "data"
   dataset = _write_folder(root, {"train": colour(6), "test": colour(4), "validation": colour(2)},
                           mode="RGB", ext="jpg")
@@ -175,7 +178,8 @@ def test_folder_colour_jpeg_mixed_sizes_and_validation(tmp_path):
 
 
 def test_folder_errors_name_the_file_or_folder(tmp_path):
-  gray = lambda n: (np.zeros((n, 8, 8), np.uint8), np.arange(n) % 2)
+  def gray(n):
+    return np.zeros((n, 8, 8), np.uint8), np.arange(n) % 2
 
   def make(name):
     root = tmp_path / name

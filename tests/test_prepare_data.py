@@ -159,10 +159,16 @@ def test_silent_server_times_out_within_the_probe_timeout(tmp_path, monkeypatch)
 
 def test_prepare_data_command_and_errors(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-m", "experiments.prepare_data", "--dataset=digits",
+  out = subprocess.run([sys.executable, "-m", "experiments.prepare_data",
+                        f"--dataset=digits,npz:{tmp_path}/d.npz", f"--data_dir={tmp_path}"],
+                       capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr
+  assert "digits: nothing to prepare" in out.stdout and "npz:" in out.stdout
+  out = subprocess.run([sys.executable, "-m", "experiments.prepare_data", "--dataset=cifar11",
                         f"--data_dir={tmp_path}"], capture_output=True, text=True, env=env,
                        timeout=300, check=False)
-  assert out.returncode == 0 and "digits: nothing to prepare" in out.stdout
+  assert out.returncode == 1 and "Unknown TFDS dataset 'cifar11'" in out.stderr
+  assert "Traceback" not in out.stderr
   with pytest.raises(ValueError, match="Unknown TFDS dataset 'cifar11'"):
     prepare.prepare("cifar11", str(tmp_path))
   with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar"):

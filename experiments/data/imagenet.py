@@ -90,7 +90,8 @@ def train_preprocess(tf, image_bytes, seed, *, image_size: int, mean, std):
   image = tf.clip_by_value(image / 255.0, 0.0, 1.0)
   # Photometric distortions (fb.resnet.torch ColorJitter, fixed order): blend with black,
   # with the mean grey level, and with the grey image.
-  u = lambda s: tf.random.stateless_uniform([], s, 1.0 - JITTER, 1.0 + JITTER)
+  def u(s):
+    return tf.random.stateless_uniform([], s, 1.0 - JITTER, 1.0 + JITTER)
   image = image * u(seeds[1])
   a = u(seeds[2])
   image = image * a + tf.reduce_mean(_grayscale(tf, image)) * (1.0 - a)

@@ -151,8 +151,9 @@ def holdout(official_train: base.Split, validation_size: int, split_seed: int):
                      f"({n} official training examples)")
   order = _rng(split_seed, _TAG_VALIDATION).permutation(n)
   val, train = np.sort(order[:validation_size]), np.sort(order[validation_size:])
-  take = lambda idx: base.Split(official_train.images[idx], official_train.labels[idx],
-                                official_train.ids[idx])
+  def take(idx):
+    return base.Split(official_train.images[idx], official_train.labels[idx],
+                      official_train.ids[idx])
   return take(train), take(val)
 
 
