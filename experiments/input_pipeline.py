@@ -11,7 +11,7 @@ Datasets (paper section 4.1, plus `digits` for an offline quickstart):
 | `mnist`, `fashion_mnist`, `kmnist` | 28x28x1 (TFDS) | 10 | 60,000 / 0 / 10,000 |
 | `tfds:NAME` | any TFDS image-classification dataset with train and test splits, in memory |
 | `npz:FILE` | arrays in one .npz file (experiments/data/npz.py) |
-| `folder:PATH` | PNG/JPEG files in PATH/{train,test[,validation]}/<class>/ (experiments/data/folder.py) |
+| `folder:PATH` | PNG/JPEG files in PATH/{train,test[,validation]}/<class>/ (experiments/data/folder.py; over 4 GiB decoded: read from the files batch by batch) |
 
 Paper datasets use the published per-channel mean/std; every other source computes them from
 its official training split. `data_spec(config)` returns them with the image shape and class

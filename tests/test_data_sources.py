@@ -3,9 +3,11 @@
 Datasets are built in temporary folders from scikit-learn's digits; training runs use a tiny
 ERKNet (k = 4) for a few steps.
 """
+import itertools
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,6 +15,7 @@ from PIL import Image
 from experiments import input_pipeline as ip
 from experiments import train
 from experiments.configs import default
+from experiments.data import folder as folder_lib
 from experiments.data import tfds_utils
 import rknet_jax
 from rknet_jax import preprocessing
@@ -245,3 +248,31 @@ def test_predict_on_raw_images_reproduces_the_runs_test_error(tmp_path):
   _, _, old_predict = rknet_jax.load_checkpoint(workdir)
   with pytest.raises(ValueError, match="preprocess=False"):
     old_predict(raw.images)
+
+
+def test_large_folder_streams_from_files_with_the_batches_of_memory(tmp_path, monkeypatch):
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+  dataset = _write_folder(tmp_path / "data", {"train": (images[:30], np.arange(30) % 3),
+                                              "test": (images[30:], np.arange(10) % 3)},
+                          mode="RGB")
+  config = {"dataset": dataset, "batch_size": 4, "validation_size": 6, "augment": True,
+            "prefetch": 1}
+
+  def batches():
+    ip.clear_cache()
+    train_batches = list(itertools.islice(ip.train_iterator(
+        config, start_step=5, process_index=0, process_count=1), 4))
+    evals = [list(ip.eval_iterator(config, split, batch_size=4, process_index=0,
+                                   process_count=1)) for split in ("validation", "test")]
+    return train_batches, evals, ip.dataset_info(config)
+
+  in_memory = batches()
+  assert isinstance(ip.load_splits(config).train.images, np.ndarray)
+  monkeypatch.setattr(folder_lib, "IN_MEMORY_BYTES", 0)
+  streamed = batches()
+  assert isinstance(ip.load_splits(config).train.images, folder_lib.FileImages)
+  assert streamed[2] == in_memory[2]  # same statistics, shape, sizes
+  for a, b in zip(jax.tree.leaves(streamed[:2]), jax.tree.leaves(in_memory[:2])):
+    np.testing.assert_array_equal(a, b)
+  ip.clear_cache()

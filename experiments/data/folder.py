@@ -1,17 +1,23 @@
-"""`--config.dataset=folder:PATH`: PNG/JPEG images in class folders, held in memory.
+"""`--config.dataset=folder:PATH`: PNG/JPEG images in class folders.
 
 Layout: `PATH/train/<class>/<image>`, `PATH/test/<class>/<image>`, optional
 `PATH/validation/<class>/<image>` (then used as the validation split; nothing is held out of
-train). Labels are the sorted class folder names of `train/` (label i = i-th name). Files and
-folders whose names start with "." are ignored; every other file must be a PNG or JPEG image.
+train). Labels are the sorted class folder names of `train/` (label i = i-th name); files are
+taken in sorted order. Names starting with "." are ignored; every other file must be a PNG or
+JPEG image.
 
 Channels: one if every image is grayscale (PIL modes 1, L, LA), else three (gray images are
 repeated, alpha is dropped). Sizes: with `config.resize=0` (default) every image must have the
 size of the first training image; `config.resize=N` resizes every image whose size differs to
 N x N (PIL bilinear; aspect ratio not kept).
 
+Memory. All file headers are read first (sizes, modes: the checks above). A dataset whose
+decoded pixels fit in `IN_MEMORY_BYTES` is then decoded once and held in memory; a larger one
+is kept as `FileImages`, which decodes the files of each batch when the batch is made (in the
+prefetch thread), so order, resumption and exact evaluation are those of in-memory data.
+
 Errors name the offending file or folder: unreadable image, empty class folder, a class in
-test/ or validation/ that train/ lacks, a size that differs.
+test/ or validation/ that train/ lacks, a size that differs, a file that is not PNG/JPEG.
 """
 import os
 
@@ -20,47 +26,84 @@ import numpy as np
 from experiments.data import base
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
+IN_MEMORY_BYTES = 4 << 30  # decoded uint8 pixels held in memory; larger datasets stream
 _GRAY_MODES = ("1", "L", "LA")
 _COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _pil():
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return Image
 
 
 def _visible(folder):
   return sorted(n for n in os.listdir(folder) if not n.startswith("."))
 
 
-def _decode(path):
-  """(uint8 [H, W] or [H, W, 3] array, is_gray) of one image file."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+def _header(path):
+  """(mode, (height, width)) of an image file, from its header; clear error if unreadable."""
+  image_lib = _pil()
   try:
-    with Image.open(path) as image:
-      image.load()
-      mode = image.mode
-      if mode in _GRAY_MODES:
-        return np.asarray(image.convert("L")), True
-      if mode in _COLOUR_MODES:
-        return np.asarray(image.convert("RGB")), False
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    with image_lib.open(path) as image:
+      mode, (width, height) = image.mode, image.size
+  except (OSError, ValueError, image_lib.DecompressionBombError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from None
-  raise ValueError(f"image {path} has PIL mode {mode!r} (16-bit or float pixels); only 8-bit "
-                   "grayscale or colour PNG/JPEG images are supported")
+  if mode not in _GRAY_MODES + _COLOUR_MODES:
+    raise ValueError(f"image {path} has PIL mode {mode!r} (16-bit or float pixels); only 8-bit "
+                     "grayscale or colour PNG/JPEG images are supported")
+  return mode, (height, width)
 
 
-def _resized(array, path, size, resize):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if array.shape[:2] == size:
-    return array
-  if not resize:
-    raise ValueError(
-        f"image {path} is {array.shape[1]}x{array.shape[0]} (width x height) but the first "
-        f"training image is {size[1]}x{size[0]}: set config.resize=N to resize every image to "
-        "N x N, or give all images one size")
-  return np.asarray(Image.fromarray(array).resize((resize, resize), Image.BILINEAR))
+def decode(path, *, shape, resize: int) -> np.ndarray:
+  """uint8 [H, W, C] pixels of one image file, converted to the dataset's `shape`."""
+  image_lib = _pil()
+  height, width, channels = shape
+  try:
+    with image_lib.open(path) as image:
+      image = image.convert("L" if channels == 1 else "RGB")
+      if image.size != (width, height):
+        if not resize:
+          raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} (width x height) "
+                           f"but the dataset's images are {width}x{height}")
+        image = image.resize((width, height), image_lib.BILINEAR)
+      array = np.asarray(image, np.uint8)
+  except (OSError, image_lib.DecompressionBombError) as e:
+    raise ValueError(f"cannot read image {path}: {e}") from None
+  return array[..., None] if channels == 1 else array
 
 
-def _read_split(root, split, classes, size, resize):
-  """(images list, labels, paths) of `root/split`; classes: name -> label (None: any folder)."""
+class FileImages:
+  """Images decoded from their files on access: `images[idx]` -> uint8 [len(idx), H, W, C].
+
+  Stands in for an in-memory uint8 array (`shape`, `dtype`, `len`, integer-array indexing);
+  `subset(idx)` is a lazy selection (used for the validation hold-out).
+  """
+
+  def __init__(self, paths, shape, resize: int):
+    self.paths = np.asarray(paths, dtype=object)
+    self.shape = (len(self.paths),) + tuple(shape)
+    self.dtype = np.dtype(np.uint8)
+    self._resize = resize
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, idx):
+    idx = np.asarray(idx)
+    out = np.empty(idx.shape + self.shape[1:], np.uint8)
+    for j, i in enumerate(idx.reshape(-1)):
+      out.reshape((-1,) + self.shape[1:])[j] = decode(self.paths[i], shape=self.shape[1:],
+                                                      resize=self._resize)
+    return out
+
+  def subset(self, idx):
+    return FileImages(self.paths[np.asarray(idx)], self.shape[1:], self._resize)
+
+
+def _scan_split(root, split, classes, size, resize):
+  """(paths, labels, modes) of `root/split` after the layout/size checks; fixes size[0]."""
   folder = os.path.join(root, split)
-  images, labels, paths = [], [], []
+  paths, labels, gray = [], [], []
   for name in _visible(folder):
     class_dir = os.path.join(folder, name)
     if not os.path.isdir(class_dir):
@@ -75,13 +118,20 @@ def _read_split(root, split, classes, size, resize):
       path = os.path.join(class_dir, f)
       if not f.lower().endswith(EXTENSIONS) or not os.path.isfile(path):
         raise ValueError(f"{path} is not a PNG or JPEG file ({', '.join(EXTENSIONS)})")
-      array, gray = _decode(path)
+      mode, hw = _header(path)
       if size[0] is None:
-        size[0] = array.shape[:2] if not resize else (resize, resize)
-      images.append((_resized(array, path, size[0], resize), gray))
-      labels.append(classes[name])
+        size[0] = (resize, resize) if resize else hw
+      if hw != size[0] and not resize:
+        raise ValueError(
+            f"image {path} is {hw[1]}x{hw[0]} (width x height) but the first training image is "
+            f"{size[0][1]}x{size[0][0]}: set config.resize=N to resize every image to N x N, or "
+            "give all images one size")
       paths.append(path)
-  return images, labels, paths
+      labels.append(classes[name])
+      gray.append(mode in _GRAY_MODES)
+  if not paths:
+    raise ValueError(f"{folder} holds no images")
+  return paths, labels, gray
 
 
 def load(settings) -> base.Official:
@@ -99,20 +149,20 @@ def load(settings) -> base.Official:
   classes = {n: i for i, n in enumerate(names)}
   size = [None]  # (H, W) of every image, fixed by the first training image (or by resize)
   resize = int(settings.resize or 0)
-  read = {split: _read_split(root, split, classes, size, resize)
-          for split in ("train", "test", "validation")
-          if split != "validation" or os.path.isdir(os.path.join(root, split))}
-  channels = 1 if all(g for imgs, _, _ in read.values() for _, g in imgs) else 3
+  scanned = {split: _scan_split(root, split, classes, size, resize)
+             for split in ("train", "test", "validation")
+             if split != "validation" or os.path.isdir(os.path.join(root, split))}
+  channels = 1 if all(all(gray) for _, _, gray in scanned.values()) else 3
+  shape = tuple(size[0]) + (channels,)
+  total = sum(len(paths) for paths, _, _ in scanned.values()) * int(np.prod(shape))
+  in_memory = total <= IN_MEMORY_BYTES
 
   def split(name):
-    images, labels, _ = read[name]
-    if not images:
-      raise ValueError(f"{root}/{name} holds no images")
-    arrays = [a[..., None] if gray else a for a, gray in images]
-    if channels == 3:
-      arrays = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in arrays]
-    return base.Split(np.stack(arrays).astype(np.uint8), np.asarray(labels, np.int32),
-                      np.arange(len(labels), dtype=np.int64))
+    paths, labels, _ = scanned[name]
+    images = FileImages(paths, shape, resize)
+    if in_memory:
+      images = images[np.arange(len(paths))]
+    return base.Split(images, np.asarray(labels, np.int32), np.arange(len(labels), dtype=np.int64))
 
   return base.Official(split("train"), split("test"),
-                       split("validation") if "validation" in read else None, tuple(names))
+                       split("validation") if "validation" in scanned else None, tuple(names))

@@ -152,16 +152,27 @@ def holdout(official_train: base.Split, validation_size: int, split_seed: int):
   order = _rng(split_seed, _TAG_VALIDATION).permutation(n)
   val, train = np.sort(order[:validation_size]), np.sort(order[validation_size:])
   def take(idx):
-    return base.Split(official_train.images[idx], official_train.labels[idx],
-                      official_train.ids[idx])
+    images = official_train.images
+    images = images.subset(idx) if hasattr(images, "subset") else images[idx]  # (file-backed)
+    return base.Split(images, official_train.labels[idx], official_train.ids[idx])
   return take(train), take(val)
 
 
-def channel_stats(images: np.ndarray):
-  """Per-channel (mean, std) of uint8/float NHWC images, in their own units (float64 sums)."""
-  flat = images.reshape(-1, images.shape[-1])
-  mean = flat.mean(axis=0, dtype=np.float64)
-  std = flat.std(axis=0, dtype=np.float64)
+def channel_stats(images, chunk: int = 4096):
+  """Per-channel (mean, std) of NHWC images (an array or `folder.FileImages`), in their own
+  units; two passes of float64 sums over chunks of `chunk` images."""
+  n, c = images.shape[0], images.shape[-1]
+  chunks = [np.arange(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+  pixels = n * int(np.prod(images.shape[1:-1]))
+  total = np.zeros(c)
+  for idx in chunks:
+    total += np.asarray(images[idx]).reshape(-1, c).sum(axis=0, dtype=np.float64)
+  mean = total / pixels
+  squares = np.zeros(c)
+  for idx in chunks:
+    centred = np.asarray(images[idx]).reshape(-1, c).astype(np.float64) - mean
+    squares += np.einsum("ij,ij->j", centred, centred)
+  std = np.sqrt(squares / pixels)
   std = np.where(std > 0, std, 1.0)  # a constant channel is only centred
   return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
