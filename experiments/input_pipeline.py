@@ -11,7 +11,7 @@ Datasets (paper section 4.1, plus `digits` for an offline quickstart):
 | `mnist`, `fashion_mnist`, `kmnist` | 28x28x1 (TFDS) | 10 | 60,000 / 0 / 10,000 |
 | `tfds:NAME` | any TFDS image-classification dataset with train and test splits, in memory |
 | `npz:FILE` | arrays in one .npz file (experiments/data/npz.py) |
-| `folder:PATH` | PNG/JPEG files in PATH/{train,test[,validation]}/<class>/ (experiments/data/folder.py; over 4 GiB decoded: read from the files batch by batch) |
+| `folder:PATH` | PNG/JPEG in PATH/{train,test[,validation]}/<class>/ (experiments/data/folder.py) |
 
 Paper datasets use the published per-channel mean/std; every other source computes them from
 its official training split. `data_spec(config)` returns them with the image shape and class
@@ -25,7 +25,8 @@ Config fields read (a `ml_collections.ConfigDict` or a dict; those after `seed` 
     augmentation; batch `s` is a pure function of (seed, s).
   data_dir: TFDS data directory (None: `$TFDS_DATA_DIR` or ~/tensorflow_datasets).
   validation_size: examples held out of the official training split for model selection
-    (None: the dataset's default above; 0: no validation split).
+    (None: the dataset's default above, 0 for the other sources; 0: no validation split). An
+    npz/folder source with its own validation split uses it as is (validation_size must be 0).
   split_seed: seed of the validation hold-out (default 0), separate from `seed` so that runs
     with different seeds are selected on the same validation examples.
   augment: training augmentation (None: dataset default). False for digits, CIFAR and SVHN (the
@@ -50,9 +51,10 @@ info, preflight, split sizes, training batches from any step, padded eval batche
 by `in_memory.InMemoryDataset` (digits, TFDS, npz, folder) and `imagenet.ImagenetDataset`; the
 functions below are thin wrappers that keep the runner's calls unchanged.
 
-Determinism and resumption. Digits, CIFAR, SVHN and the other small sources are held in host memory as uint8 arrays; epoch
-e visits the training examples in `permutation(seed, e)` order and the last N mod B are dropped,
-so `steps_per_epoch = N // B`, and batch s is exact and free to compute from (seed, s). ImageNet is
+Determinism and resumption. Digits, CIFAR, SVHN and the other sources above except ImageNet are
+held in host memory as arrays (large folders: as file lists decoded batch by batch); epoch e
+visits the training examples in `permutation(seed, e)` order and the last N mod B are dropped, so
+`steps_per_epoch = N // B`, and batch s is exact and free to compute from (seed, s). ImageNet is
 streamed with tf.data (see experiments/data/imagenet.py for its order and resumption cost).
 Host p of P receives rows [p*B/P, (p+1)*B/P) of every global batch, so the global batch does not
 depend on the host count; augmentation randomness depends only on (seed, step, row).
