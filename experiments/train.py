@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from experiments import metrics as metrics_lib
 from rknet_jax import checkpoint as rk_ckpt
+from rknet_jax import preprocessing as rk_preprocessing
 
 STEMS = ("cifar", "imagenet")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -83,9 +84,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str,
   workdir that, if it already holds a run, holds one of the same model and dataset.
   """
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
-  if config.dataset not in input_pipeline.DATASETS:
-    raise ValueError(f"unknown dataset {config.dataset!r}; known: "
-                     f"{', '.join(input_pipeline.DATASETS)}")
+  input_pipeline.check_dataset_name(config.dataset)
   if config.stem not in STEMS:
     raise ValueError(f"unknown stem {config.stem!r}; allowed: {STEMS}")
   if config.dtype not in DTYPES:
@@ -495,12 +494,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config, workdir, mesh)
   input_pipeline.preflight(config)
   mesh = make_mesh() if mesh is None else mesh
-  info = input_pipeline.dataset_info(config.dataset, image_size=config.image_size)
+  info = input_pipeline.dataset_info(config)
   input_shape = tuple(info.image_shape)
   steps_per_epoch = int(input_pipeline.steps_per_epoch(config))
   total_steps = (int(config.num_train_steps) if config.num_train_steps > 0
                  else int(config.num_epochs * steps_per_epoch))
-  has_validation = config.validation_size > 0
+  has_validation = input_pipeline.split_sizes(config)["validation"] > 0
   is_main = jax.process_index() == 0
 
   model = build_model(config, info.num_classes)
@@ -509,6 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tx = make_optimizer(config, schedule)
   if is_main:
     rk_ckpt.write_model_spec(workdir, name, kwargs, input_shape)
+    rk_preprocessing.write_data_spec(workdir, input_pipeline.data_spec(config))
     run = {"identity": _identity(config), "config": json.loads(config.to_json()),
            "num_classes": info.num_classes, "input_shape": list(input_shape),
            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}

@@ -4,6 +4,8 @@ A workdir written by ``experiments.train.train_and_evaluate`` holds
 
 * ``model.json``: the exact ``rknet_jax.create_model`` call (name and keyword arguments)
   and the input image shape, so the model can be rebuilt without the training config;
+* ``data.json``: the training preprocessing (``rknet_jax.preprocessing``: per-channel
+  mean/std of the training split, image shape, class names);
 * ``checkpoints/<step>/``: orbax checkpoints with the items ``model`` (``params`` and
   ``batch_stats``, the two collections of the model contract), ``train`` (optimiser
   state, step, RNG) and ``meta`` (JSON: step, epoch, dataset, ...).
@@ -20,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from rknet_jax import preprocessing
 
 CHECKPOINT_SUBDIR = "checkpoints"
 MODEL_FILE = "model.json"
@@ -127,9 +131,14 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
 
   Returns:
     ``(model, variables, predict)``: the Flax module (rebuilt from ``model.json``), its
-    ``{"params", "batch_stats"}`` on the default device, and a jitted
-    ``predict(images) -> float32 logits`` in inference mode (``train=False``), for NHWC
-    images preprocessed as in training.
+    ``{"params", "batch_stats"}`` on the default device, and
+    ``predict(images, preprocess=True) -> float32 logits`` (jitted, inference mode). By
+    default ``predict`` takes RAW images (pixels as in the dataset, ``[N, H, W, C]`` or
+    ``[N, H, W]``) and applies the run's training preprocessing from ``data.json``
+    (``rknet_jax.preprocessing.preprocess``); ``preprocess=False`` takes images already
+    standardised as in training. ``predict.data_spec`` is that ``data.json`` (class names
+    included), or None for workdirs written before it existed, where only
+    ``preprocess=False`` is possible.
   """
   spec = read_model_spec(workdir)
   if spec is None:
@@ -154,9 +163,21 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
   def _predict(variables, images):
     return model.apply(variables, images, train=False)
 
-  def predict(images):
-    """Logits ``float32[N, num_classes]`` of NHWC ``images`` (inference mode)."""
+  data_spec = preprocessing.read_data_spec(workdir)
+
+  def predict(images, preprocess: bool = True):
+    """Logits ``float32[N, num_classes]`` of raw ``images`` (or standardised ones with
+    ``preprocess=False``), in inference mode."""
+    if preprocess:
+      if data_spec is None:
+        raise ValueError(
+            f"{os.path.join(workdir, preprocessing.DATA_FILE)} not found (the run predates "
+            "it): standardise the images as in training and call predict(images, "
+            "preprocess=False)")
+      images = preprocessing.preprocess(images, data_spec)
     return _predict(variables, jnp.asarray(images, jnp.float32))
+
+  predict.data_spec = data_spec
 
   logging.info("Loaded %s from %s step %d", spec["name"], workdir, found)
   return model, variables, predict

@@ -148,7 +148,7 @@ def tiny(**overrides):
 @pytest.mark.parametrize("overrides,match", [
     ({"model": "ERKNet-7y1 6x1"}, "7y1"),
     ({"model": "ResNet-50"}, "ResNet-50"),
-    ({"dataset": "mnist"}, "unknown dataset 'mnist'.*cifar10"),
+    ({"dataset": "mnsit"}, "Unknown dataset 'mnsit'.*cifar10.*mnist"),
     ({"batch_size": 0}, "batch_size must be a positive integer; got 0"),
     ({"batch_size": -64}, "batch_size"),
     ({"learning_rate": 0.0}, "learning_rate must be a positive number; got 0.0"),

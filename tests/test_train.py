@@ -135,7 +135,7 @@ def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tmp_path):
   assert set(variables) == {"params", "batch_stats"}
   test = next(iter(input_pipeline.eval_iterator(config, "test", batch_size=360,
                                                 process_index=0, process_count=1)))
-  logits = np.asarray(predict(test["image"]))
+  logits = np.asarray(predict(test["image"], preprocess=False))  # already standardised
   assert logits.shape == (360, 10) and logits.dtype == np.float32
   final = evaluate_lib.evaluate_checkpoint(workdir)
   assert final["step"] == 40

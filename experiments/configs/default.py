@@ -37,7 +37,9 @@ def get_config():
   config.remat = False  # rematerialise each time-step in the backward pass (saves memory)
 
   # ---- data (read by experiments/input_pipeline.py; see its docstring)
-  config.dataset = "cifar10"  # cifar10 | cifar100 | svhn_cropped | imagenet2012 | digits
+  # cifar10 | cifar100 | svhn_cropped | imagenet2012 | digits | mnist | fashion_mnist | kmnist
+  # | tfds:NAME | npz:FILE | folder:PATH  (experiments/input_pipeline.py)
+  config.dataset = "cifar10"
   config.data_dir = ""  # tfds data_dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
   config.manual_dir = ""  # ImageNet tar files; "" = <data_dir>/downloads/manual
   config.download = True  # let tfds download and prepare CIFAR/SVHN when missing
@@ -51,6 +53,7 @@ def get_config():
   config.shuffle_buffer = 10_000  # ImageNet shuffle buffer (examples)
   config.svhn_extra = False  # SVHN: train on train + extra
   config.prefetch = 2  # host batches prepared ahead by a background thread
+  config.resize = 0  # folder:PATH only: 0 = all images one size; N = resize others to N x N
   config.batch_size = 64  # GLOBAL batch, split over all devices of all hosts
   config.eval_batch_size = 256  # global; the last batch is padded and masked
   config.seed = 0  # seeds parameter init, dropout and the order of the training data
