@@ -44,6 +44,7 @@ def parse_name(name: str, **overrides) -> spec_lib.ModelSpec:
   """
   if not isinstance(name, str):
     raise ValueError(f"model name must be a str, got {name!r}")
+  overrides = {k: v for k, v in overrides.items() if v is not None}  # None: not given
   fields = {**paper.ready_made(name), **overrides}
   if not name.strip().startswith(("DenseNet", "CliqueNet")):
     parsed = names.parse(name)
