@@ -34,6 +34,7 @@ import re
 import unicodedata
 from typing import Optional
 
+from rknet_jax import checks
 from rknet_jax import spec as spec_lib
 
 __all__ = ["ParsedName", "parse", "spec_from_name", "check_ascii"]
@@ -90,8 +91,8 @@ def check_ascii(name: str) -> None:
 def _number(text, name, what):
   if len(text) > _MAX_DIGITS:
     raise ValueError(f"model name {name!r}: {what} {text} is too large (bounds: "
-                     f"rknet_jax.spec.MAX_LAYERS = {spec_lib.MAX_LAYERS} layers, "
-                     f"MAX_WIDTH = {spec_lib.MAX_WIDTH} channels)")
+                     f"rknet_jax.spec.MAX_LAYERS = {checks.MAX_LAYERS} layers, "
+                     f"MAX_WIDTH = {checks.MAX_WIDTH} channels)")
   return int(text)
 
 
@@ -193,10 +194,10 @@ def spec_from_name(name: str, hint: str = "", /, **fields) -> spec_lib.ModelSpec
     cls, fixed = spec_lib.TableauRKNetSpec, ("stages", "steps", "tableau")
   else:
     cls, fixed = spec_lib.RKNetSpec, ("stages", "steps", "bottleneck")
-  spec_lib.check_keywords(name, fields, _field_names(cls, *fixed))
+  checks.check_keywords(name, fields, _field_names(cls, *fixed))
   if p.growth_rate is not None:
     given = fields.setdefault("growth_rate", p.growth_rate)
-    if spec_lib.per_period(name, "growth_rate", given, periods) != (p.growth_rate,) * periods:
+    if checks.per_period(name, "growth_rate", given, periods) != (p.growth_rate,) * periods:
       raise ValueError(f"{name}: growth_rate={given!r} contradicts the name's tag "
                        f"'-k{p.growth_rate}'")
   if "growth_rate" not in fields:
@@ -229,9 +230,9 @@ def _make(cls, name, fields):
 
 def _baseline_spec(name, fields):
   """DenseNet / CliqueNet specs by name; the name fixes the architecture."""
-  m = re.fullmatch(r"DenseNet-(\d{1,4})", name)
+  m = re.fullmatch(r"DenseNet-(\d+)", name)
   if m:
-    depth = int(m.group(1))
+    depth = _number(m.group(1), name, "depth")
     if depth not in spec_lib._DENSENET_IMAGENET:  # pylint: disable=protected-access
       raise ValueError(f"{name}: unknown ImageNet DenseNet depth {depth}: expected one of "
                        f"{sorted(spec_lib._DENSENET_IMAGENET)}, or a CIFAR form "  # pylint: disable=protected-access
@@ -241,9 +242,10 @@ def _baseline_spec(name, fields):
                 bottleneck_width=4 * k, compression=0.5)
     return _baseline(spec_lib.DenseNetSpec, name, arch, fields,
                      dict(num_classes=1000, stem="imagenet"))
-  m = re.fullmatch(r"DenseNet-(BC-)?(\d{1,4})-k(\d{1,5})", name)
+  m = re.fullmatch(r"DenseNet-(BC-)?(\d+)-k(\d+)", name)
   if m:
-    bc, depth, k = bool(m.group(1)), int(m.group(2)), int(m.group(3))
+    bc = bool(m.group(1))
+    depth, k = _number(m.group(2), name, "depth"), _number(m.group(3), name, "k")
     per = 6 if bc else 3
     if k < 1 or depth <= 4 or (depth - 4) % per:
       raise ValueError(f"{name}: depth L={depth} needs L - 4 to be a positive multiple of "
@@ -253,9 +255,10 @@ def _baseline_spec(name, fields):
                 init_features=2 * k if bc else 16, bottleneck_width=4 * k if bc else None,
                 compression=0.5 if bc else 1.0)
     return _baseline(spec_lib.DenseNetSpec, name, arch, fields, {})
-  m = re.fullmatch(r"CliqueNet(?:-([A-Z]+))?-T(\d{1,4})-k(\d{1,5})", name)
+  m = re.fullmatch(r"CliqueNet(?:-([A-Z]+))?-T(\d+)-k(\d+)", name)
   if m:
-    letters, T, k = m.group(1) or "", int(m.group(2)), int(m.group(3))
+    letters = m.group(1) or ""
+    T, k = _number(m.group(2), name, "T"), _number(m.group(3), name, "k")
     if set(letters) - set("ABC") or len(set(letters)) != len(letters):
       raise ValueError(f"{name}: bad CliqueNet options {letters!r}: letters from 'ABC', each "
                        "at most once (A attention, B bottleneck, C compression)")
@@ -274,11 +277,11 @@ def _baseline_spec(name, fields):
 
 
 def _baseline(cls, name, arch, fields, defaults):
-  spec_lib.check_keywords(name, fields, _field_names(cls))
+  checks.check_keywords(name, fields, _field_names(cls))
   for field, value in fields.items():
     if field in arch:
       implied = arch[field]
-      same = (spec_lib.per_period(name, field, value, len(implied)) == implied
+      same = (checks.per_period(name, field, value, len(implied)) == implied
               if isinstance(implied, tuple) else value == implied)
       if not same:
         raise ValueError(f"{name}: {field}={value!r} contradicts the name ({field} = "

@@ -13,6 +13,7 @@ import dataclasses
 import re
 from typing import Mapping, Tuple
 
+from rknet_jax import checks
 from rknet_jax import names
 from rknet_jax import spec as spec_lib
 
@@ -123,7 +124,7 @@ _BY_KEY = {r.key: r for r in ROWS}
 def row(key: str) -> PaperRow:
   """The row with ``row.key == key`` (e.g. ``table1_erknet_6x1_6x1_6x1``); ValueError else."""
   if key not in _BY_KEY:
-    spec_lib.check_keywords("paper row", [key], list(_BY_KEY))
+    checks.check_keywords("paper row", [key], list(_BY_KEY))
   return _BY_KEY[key]
 
 

@@ -12,6 +12,7 @@ ready-made values when the name is a row of the paper's tables (:mod:`rknet_jax.
 import dataclasses
 from typing import Any, Dict, Union
 
+from rknet_jax import checks
 from rknet_jax import models
 from rknet_jax import names
 from rknet_jax import paper
@@ -49,6 +50,9 @@ def parse_name(name: str, **overrides) -> spec_lib.ModelSpec:
   if not name.strip().startswith(("DenseNet", "CliqueNet")):
     parsed = names.parse(name)
     if parsed.tableau is not None:
+      own = [f.name for f in dataclasses.fields(spec_lib.TableauRKNetSpec)
+             if f.name not in ("stages", "steps", "tableau")]
+      checks.check_keywords(name, fields, own + list(models.TABLEAU_STEP_OPTIONS))
       step = {k: fields.pop(k) for k in list(fields) if k in models.TABLEAU_STEP_OPTIONS}
       if step:
         fields["step_options"] = {**dict(fields.get("step_options", ())), **step}
@@ -91,7 +95,7 @@ def create_model(name: Union[str, spec_lib.ModelSpec], **overrides):
 def _layer_options(spec):
   out = {f: getattr(spec, f) for f in spec_lib.LAYER_OPTIONS if getattr(spec, f) is not None}
   if "dtype" in out:
-    out["dtype"] = spec_lib.DTYPES[out["dtype"]]
+    out["dtype"] = checks.DTYPES[out["dtype"]]
   return dict(out, num_classes=spec.num_classes, stem=spec.stem)
 
 
@@ -144,9 +148,10 @@ def resolve(spec: spec_lib.ModelSpec) -> spec_lib.ModelSpec:
   trained model.
   """
   defaults = {f.name: f.default for f in dataclasses.fields(_model_class(spec))}
-  filled = {f: defaults[f] for f in spec_lib.LAYER_OPTIONS if getattr(spec, f) is None}
+  filled = {f: defaults[f] for f in spec_lib.LAYER_OPTIONS
+            if getattr(spec, f) is None and f in defaults}
   if "dtype" in filled:
-    filled["dtype"] = spec_lib.dtype_name(spec.name, filled["dtype"])
+    filled["dtype"] = checks.dtype_name(spec.name, filled["dtype"])
   return dataclasses.replace(spec, **filled)
 
 

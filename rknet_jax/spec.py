@@ -19,138 +19,24 @@ layer options default to ``None``, meaning "the model class's own default"
 RKNets, each baseline's published code for DenseNet and CliqueNet), so every default has
 one home.  ``rknet_jax.registry.resolve`` fills them in from the class.
 
-This module imports no model code, so the modules can use its validators and constants.
+Values are checked by :mod:`rknet_jax.checks`, which the modules use too.
 """
 
 import dataclasses
-import difflib
 import json
 from typing import Any, Optional, Tuple
 
-import jax.numpy as jnp
+from rknet_jax import conv
+from rknet_jax.checks import (MAX_LAYERS, MAX_UPDATES, MAX_WIDTH, METHODS, STEMS,
+                              UPDATE_ORDERS, check_bool, check_choice, check_epsilon,
+                              check_int, check_keywords, check_rate, check_size, dtype_name,
+                              per_period, sequence_length)
 
 __all__ = ["RKNetSpec", "TableauRKNetSpec", "DenseNetSpec", "CliqueNetSpec", "ModelSpec",
-           "from_json", "METHODS", "STEMS", "UPDATE_ORDERS", "DTYPES", "MAX_LAYERS",
-           "MAX_WIDTH", "MAX_UPDATES", "LAYER_OPTIONS", "dtype_name", "check_choice",
-           "check_int", "check_bool", "check_rate", "per_period", "check_keywords"]
+           "from_json", "LAYER_OPTIONS"]
 
-METHODS = ("explicit", "implicit")
-"""RK time-steps of an RKNet: explicit (dense blocks) or implicit (clique blocks)."""
-STEMS = ("cifar", "imagenet")
-"""Preprocessors: 3x3 conv (CIFAR, SVHN, digits) or 7x7/2 conv + BN + ReLU + max-pool."""
-UPDATE_ORDERS = ("gauss_seidel", "jacobi")
-"""Alternate-update orders of a clique block (the paper's / CliqueNet's is gauss_seidel)."""
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-"""Compute dtypes by name (parameters stay float32, logits are float32)."""
-LAYER_OPTIONS = ("dropout_rate", "bn_momentum", "bn_epsilon", "dtype", "remat")
+LAYER_OPTIONS = ("dropout_rate", "bn_momentum", "bn_epsilon", "dtype", "remat", "conv_impl")
 """Spec fields whose ``None`` means the model class's default."""
-
-MAX_LAYERS = 1000
-"""Largest model a spec may describe, in layers (sum over periods of s·m·r, or of the
-blocks' layers): the paper's largest has 123.  Tracing grows with the layer count, so an
-absurd name fails here at once instead of running for minutes."""
-MAX_WIDTH = 1 << 16
-"""Largest growth rate, multiplier, bottleneck width or stem width (channels)."""
-MAX_UPDATES = 100
-"""Most alternate updates per clique block / IRK time-step (the paper uses 1)."""
-
-
-# ------------------------------------------------------------------------------ checks
-def _suggest(word, choices):
-  close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-  return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def check_choice(owner: str, field: str, value, allowed) -> Any:
-  """``value`` if it is one of ``allowed``, else ValueError naming both."""
-  if isinstance(value, str) and value in allowed:
-    return value
-  raise ValueError(f"{owner}: {field}={value!r}: expected one of {tuple(allowed)}"
-                   + _suggest(value, allowed))
-
-
-def check_int(owner: str, field: str, value, minimum: int = 1,
-              maximum: int = MAX_WIDTH) -> int:
-  """``int(value)`` for an integer in [minimum, maximum] (bools and strings refused)."""
-  if (isinstance(value, bool) or not hasattr(value, "__index__")
-      or not minimum <= int(value) <= maximum):
-    raise ValueError(f"{owner}: {field}={value!r}: expected an int from {minimum} to "
-                     f"{maximum}")
-  return int(value)
-
-
-def check_bool(owner: str, field: str, value) -> bool:
-  """``value`` if it is True or False."""
-  if not isinstance(value, bool):
-    raise ValueError(f"{owner}: {field}={value!r}: expected True or False")
-  return value
-
-
-def check_rate(owner: str, field: str, value, low_open=False) -> float:
-  """``float(value)`` for 0 <= value < 1 (0 < value < 1 with ``low_open``)."""
-  ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-        and (0.0 < value if low_open else 0.0 <= value) and value < 1.0)
-  if not ok:
-    raise ValueError(f"{owner}: {field}={value!r}: expected "
-                     f"{'0 <' if low_open else '0 <='} {field} < 1")
-  return float(value)
-
-
-def per_period(owner: str, field: str, value, periods: int, maximum: int = MAX_WIDTH):
-  """One positive int per period from an int (repeated) or a sequence of ``periods``."""
-  if isinstance(value, (str, bytes)):
-    raise ValueError(f"{owner}: {field}={value!r} is a string: expected an int or a "
-                     f"sequence of {periods} ints (one per period), e.g. {field}=36")
-  if hasattr(value, "__index__") and not isinstance(value, bool):
-    value = (value,) * periods
-  try:
-    value = tuple(value)
-  except TypeError:
-    raise ValueError(f"{owner}: {field}={value!r}: expected a positive int or a sequence "
-                     f"of {periods} positive ints (one per period)") from None
-  if len(value) != periods:
-    raise ValueError(f"{owner}: {field}={value!r} has {len(value)} entries, expected "
-                     f"{periods} (one per period)")
-  for v in value:
-    if isinstance(v, bool) or not hasattr(v, "__index__") or not 1 <= int(v) <= maximum:
-      raise ValueError(f"{owner}: {field}={value!r}: every entry must be an int from 1 to "
-                       f"{maximum}, got {v!r}")
-  return tuple(int(v) for v in value)
-
-
-def _sequence(owner, field, value):
-  """Length of a non-string sequence, else ValueError."""
-  if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-    raise ValueError(f"{owner}: {field}={value!r}: expected a sequence of ints")
-  return len(value)
-
-
-def dtype_name(owner: str, value) -> str:
-  """The name in :data:`DTYPES` of a dtype given by name or as a dtype."""
-  if isinstance(value, str) and value in DTYPES:
-    return value
-  try:
-    dt = jnp.dtype(value)
-  except TypeError:
-    dt = None
-  for name, candidate in DTYPES.items():
-    if dt == jnp.dtype(candidate):
-      return name
-  raise ValueError(f"{owner}: dtype={value!r}: expected one of {tuple(DTYPES)}")
-
-
-def check_keywords(owner: str, given, allowed) -> None:
-  """ValueError naming each unknown keyword and the closest allowed one (difflib)."""
-  unknown = [k for k in given if k not in allowed]
-  if unknown:
-    hints = "; ".join(f"{k!r}{_suggest(k, allowed)}" for k in unknown)
-    raise ValueError(f"{owner}: unknown option(s) {hints}; allowed: {sorted(allowed)}")
-
-
-def _check_size(owner: str, layers: int):
-  if layers > MAX_LAYERS:
-    raise ValueError(f"{owner}: {layers} layers is more than the {MAX_LAYERS} a model may "
-                     "have (rknet_jax.spec.MAX_LAYERS; the paper's largest has 123)")
 
 
 # ------------------------------------------------------------------------------- specs
@@ -161,9 +47,10 @@ class ModelSpec:
   Attributes:
     num_classes: classifier outputs (CIFAR-10: 10).
     stem: "cifar" or "imagenet" (:data:`STEMS`).
-    dropout_rate, bn_momentum, bn_epsilon, dtype, remat: layer options; None = the model
-      class's default (see :mod:`rknet_jax.models` for each value and its source).  dtype
-      is a name of :data:`DTYPES` (a dtype is accepted and stored by name).
+    dropout_rate, bn_momentum, bn_epsilon, dtype, remat, conv_impl: layer options; None =
+      the model class's default (see :mod:`rknet_jax.models` for each value and its
+      source).  dtype is a name of ``checks.DTYPES`` (a dtype is accepted and stored by
+      name); conv_impl one of ``rknet_jax.conv.IMPLS``.
   """
   num_classes: int = 10
   stem: str = "cifar"
@@ -172,6 +59,7 @@ class ModelSpec:
   bn_epsilon: Optional[float] = None
   dtype: Optional[str] = None
   remat: Optional[bool] = None
+  conv_impl: Optional[str] = None
 
   def _set(self, field, value):
     object.__setattr__(self, field, value)
@@ -192,14 +80,13 @@ class ModelSpec:
     if self.bn_momentum is not None:
       self._set("bn_momentum", check_rate(owner, "bn_momentum", self.bn_momentum))
     if self.bn_epsilon is not None:
-      if isinstance(self.bn_epsilon, bool) or not (
-          isinstance(self.bn_epsilon, (int, float)) and 0 < self.bn_epsilon < 1):
-        raise ValueError(f"{owner}: bn_epsilon={self.bn_epsilon!r}: expected 0 < epsilon < 1")
-      self._set("bn_epsilon", float(self.bn_epsilon))
+      self._set("bn_epsilon", check_epsilon(owner, "bn_epsilon", self.bn_epsilon))
     if self.dtype is not None:
       self._set("dtype", dtype_name(owner, self.dtype))
     if self.remat is not None:
       check_bool(owner, "remat", self.remat)
+    if self.conv_impl is not None:
+      check_choice(owner, "conv_impl", self.conv_impl, conv.IMPLS)
 
   @property
   def name(self) -> str:
@@ -265,7 +152,7 @@ class _PeriodsSpec(ModelSpec):
   def __post_init__(self):
     super().__post_init__()
     owner = type(self).__name__
-    periods = _sequence(owner, "stages", self.stages)
+    periods = sequence_length(owner, "stages", self.stages)
     if periods < 1:
       raise ValueError(f"{owner}: needs at least one period, got stages={self.stages!r}")
     for field, maximum in (("stages", MAX_LAYERS), ("steps", MAX_LAYERS),
@@ -333,7 +220,7 @@ class RKNetSpec(_PeriodsSpec):
                          "bottleneck suffix letter 'B' in the name (bottleneck=True)")
       self._set("bottleneck_width", per_period(owner, "bottleneck_width",
                                                self.bottleneck_width, len(self.stages)))
-    _check_size(owner, self.num_layers)
+    check_size(owner, self.num_layers)
 
   @property
   def name(self) -> str:
@@ -380,8 +267,8 @@ class TableauRKNetSpec(_PeriodsSpec):
     try:
       tab = tableaus.get(self.tableau)
     except (KeyError, TypeError):
-      raise ValueError(f"{owner}: tableau={self.tableau!r}: expected one of "
-                       f"{tableaus.names()}" + _suggest(self.tableau, tableaus.names())) from None
+      check_choice(owner, "tableau", self.tableau, tableaus.names())  # raises, with a hint
+      raise
     self._set("tableau", tab.name)
     options = self.step_options
     if isinstance(options, dict):
@@ -393,7 +280,7 @@ class TableauRKNetSpec(_PeriodsSpec):
                          f"({tab.num_stages} stages) has 1 shared vector field or "
                          f"{tab.num_stages} (one per stage): each term's first number must "
                          f"be 1 or {tab.num_stages}, got {s}")
-    _check_size(self._owner, self.num_layers)
+    check_size(self._owner, self.num_layers)
 
   @property
   def name(self) -> str:
@@ -433,9 +320,11 @@ class DenseNetSpec(ModelSpec):
   def __post_init__(self):
     super().__post_init__()
     owner = type(self).__name__
-    self._set("block_layers", per_period(
-        owner, "block_layers", self.block_layers,
-        _sequence(owner, "block_layers", self.block_layers), MAX_LAYERS))
+    blocks = sequence_length(owner, "block_layers", self.block_layers)
+    if blocks < 1:
+      raise ValueError(f"{owner}: block_layers={self.block_layers!r}: needs at least one block")
+    self._set("block_layers", per_period(owner, "block_layers", self.block_layers, blocks,
+                                         MAX_LAYERS))
     self._set("growth_rate", check_int(owner, "growth_rate", self.growth_rate))
     self._set("init_features", check_int(owner, "init_features", self.init_features))
     if self.bottleneck_width is not None:
@@ -445,7 +334,7 @@ class DenseNetSpec(ModelSpec):
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < c <= 1.0:
       raise ValueError(f"{owner}: compression={c!r}: expected 0 < compression <= 1")
     self._set("compression", float(c))
-    _check_size(owner, self.num_layers)
+    check_size(owner, self.num_layers)
 
   @property
   def name(self) -> str:
@@ -494,7 +383,7 @@ class CliqueNetSpec(ModelSpec):
     super().__post_init__()
     owner = type(self).__name__
     blocks = per_period(owner, "block_layers", self.block_layers,
-                        _sequence(owner, "block_layers", self.block_layers), MAX_LAYERS)
+                        sequence_length(owner, "block_layers", self.block_layers), MAX_LAYERS)
     if min(blocks) < 2:
       raise ValueError(f"{owner}: block_layers={blocks}: a clique block needs at least 2 "
                        "layers")
@@ -506,7 +395,7 @@ class CliqueNetSpec(ModelSpec):
     # 0 updates is a CliqueNet with stage I only; an IRK time-step needs >= 1 (RKNetSpec).
     self._set("num_updates", check_int(owner, "num_updates", self.num_updates, 0, MAX_UPDATES))
     check_choice(owner, "update_order", self.update_order, UPDATE_ORDERS)
-    _check_size(owner, self.num_layers)
+    check_size(owner, self.num_layers)
 
   @property
   def name(self) -> str:
