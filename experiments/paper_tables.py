@@ -100,8 +100,11 @@ def format_results(results: Sequence[Result]) -> str:
                  "yes" if r.match else "NO"))
   widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
             for i, h in enumerate(header)]
-  fmt = lambda cells: "  ".join(
-      c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+  def fmt(cells):
+    return "  ".join(c.ljust(w) if i == 1 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths)))
+
   lines = [fmt(header), "-" * len(fmt(header))]
   lines += [fmt(b) for b in body]
   n_ok = sum(r.match for r in results)

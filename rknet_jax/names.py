@@ -233,11 +233,11 @@ def _baseline_spec(name, fields):
   m = re.fullmatch(r"DenseNet-(\d+)", name)
   if m:
     depth = _number(m.group(1), name, "depth")
-    if depth not in spec_lib._DENSENET_IMAGENET:  # pylint: disable=protected-access
+    if depth not in spec_lib.DENSENET_IMAGENET:
       raise ValueError(f"{name}: unknown ImageNet DenseNet depth {depth}: expected one of "
-                       f"{sorted(spec_lib._DENSENET_IMAGENET)}, or a CIFAR form "  # pylint: disable=protected-access
+                       f"{sorted(spec_lib.DENSENET_IMAGENET)}, or a CIFAR form "
                        "'DenseNet-<L>-k<k>' / 'DenseNet-BC-<L>-k<k>'")
-    block_layers, k, init = spec_lib._DENSENET_IMAGENET[depth]  # pylint: disable=protected-access
+    block_layers, k, init = spec_lib.DENSENET_IMAGENET[depth]
     arch = dict(block_layers=block_layers, growth_rate=k, init_features=init,
                 bottleneck_width=4 * k, compression=0.5)
     return _baseline(spec_lib.DenseNetSpec, name, arch, fields,

@@ -33,7 +33,7 @@ from rknet_jax.checks import (MAX_LAYERS, MAX_UPDATES, MAX_WIDTH, METHODS, STEMS
                               per_period, sequence_length)
 
 __all__ = ["RKNetSpec", "TableauRKNetSpec", "DenseNetSpec", "CliqueNetSpec", "ModelSpec",
-           "from_json", "LAYER_OPTIONS"]
+           "from_json", "LAYER_OPTIONS", "DENSENET_IMAGENET"]
 
 LAYER_OPTIONS = ("dropout_rate", "bn_momentum", "bn_epsilon", "dtype", "remat", "conv_impl")
 """Spec fields whose ``None`` means the model class's default."""
@@ -295,7 +295,7 @@ class TableauRKNetSpec(_PeriodsSpec):
     return sum(s * r * m for s, r, m in zip(self.stages, self.steps, self.growth_multipliers))
 
 
-_DENSENET_IMAGENET = {121: ((6, 12, 24, 16), 32, 64), 169: ((6, 12, 32, 32), 32, 64),
+DENSENET_IMAGENET = {121: ((6, 12, 24, 16), 32, 64), 169: ((6, 12, 32, 32), 32, 64),
                       201: ((6, 12, 48, 32), 32, 64), 161: ((6, 12, 36, 24), 48, 96)}
 """ImageNet DenseNets (Huang et al. 2017, Table 1): depth -> (block layers, k, stem width)."""
 
@@ -340,7 +340,7 @@ class DenseNetSpec(ModelSpec):
   def name(self) -> str:
     """``DenseNet-121|161|169|201``, ``DenseNet-BC-<L>-k<k>`` or ``DenseNet-<L>-k<k>``."""
     k, layers = self.growth_rate, self.block_layers
-    for depth, (blocks, kk, init) in _DENSENET_IMAGENET.items():
+    for depth, (blocks, kk, init) in DENSENET_IMAGENET.items():
       if (layers, k, self.init_features, self.bottleneck_width, self.compression) == (
           blocks, kk, init, 4 * kk, 0.5):
         return f"DenseNet-{depth}"

@@ -89,7 +89,10 @@ def test_table_rows_follow_the_paper_recipe(arg, row, dataset):
   assert c.weight_decay_params == "all"
   spe = 100
   sched = train.learning_rate_schedule(c, spe, c.num_epochs * spe)
-  lr_at = lambda epoch: float(sched(int(epoch * spe)))
+
+  def lr_at(epoch):
+    return float(sched(int(epoch * spe)))
+
   num_classes = {"imagenet2012": 1000, "cifar100": 100}.get(dataset, 10)
   spec = train.model_spec(c, num_classes)
   assert spec == registry.resolve(row.spec.replace(

@@ -76,8 +76,9 @@ def get_config():
   config.nesterov = True
   config.weight_decay = 1e-4
   # Which parameters weight decay applies to: "kernels" = conv and dense kernels only
-  # (not BN scale/bias, not dense biases); "all" = every trainable parameter, as
-  # PyTorch's SGD(weight_decay=...) does.
+  # (not BN scale/bias, not dense biases; the paper does not say, this is the usual JAX
+  # practice); "all" = every trainable parameter, as PyTorch's SGD(weight_decay=...) in the
+  # authors' code does (the paper configs, paper.py).
   config.weight_decay_params = "kernels"
 
   # ---- evaluation, logging, checkpoints
