@@ -21,7 +21,6 @@ def get_config():
   config.dataset = "imagenet2012"
   config.download = False  # ImageNet is prepared from the manual download
   config.augment = True
-  config.image_size = 224
   config.batch_size = 256
   config.eval_batch_size = 512
   config.num_epochs = 90
