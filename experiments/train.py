@@ -37,8 +37,6 @@ from experiments import metrics as metrics_lib
 from rknet_jax import checkpoint as rk_ckpt
 from rknet_jax import preprocessing as rk_preprocessing
 
-STEMS = ("cifar", "imagenet")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LR_SCHEDULES = ("step", "cosine", "constant")
 WEIGHT_DECAY_PARAMS = ("kernels", "all")
 TEST_MODELS = ("final", "best")
@@ -85,10 +83,6 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str,
   """
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
   input_pipeline.check_dataset_name(config.dataset)
-  if config.stem not in STEMS:
-    raise ValueError(f"unknown stem {config.stem!r}; allowed: {STEMS}")
-  if config.dtype not in DTYPES:
-    raise ValueError(f"unknown dtype {config.dtype!r}; allowed: {tuple(DTYPES)}")
   for name in ("batch_size", "eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
                "log_every_steps", "eval_every_epochs"):
     v = config[name]
@@ -124,7 +118,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str,
     if config[name] % n_proc:
       raise ValueError(f"config.{name}={config[name]} is not divisible by the {n_proc} "
                        "processes")
-  build_model(config, num_classes=10)  # unknown model names raise here (no compilation)
+  build_model(config, num_classes=10)  # model name and options are checked here (no arrays)
 
   if "://" not in workdir:
     try:
@@ -159,18 +153,24 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str,
 
 
 # ---------------------------------------------------------------------------- model
-def model_spec(config, num_classes: int) -> tuple[str, dict]:
-  """The ``create_model`` call of a config: ``(name, kwargs)`` (JSON-able)."""
-  kwargs = dict(growth_rate=int(config.growth_rate), num_classes=int(num_classes),
-                stem=config.stem, dtype=config.dtype, remat=bool(config.remat))
-  kwargs.update({k: v for k, v in config.model_kwargs.to_dict().items() if v is not None})
-  return config.model, kwargs
+def model_spec(config, num_classes: int):
+  """The model of a config as a spec with every default filled in (what model.json keeps).
+
+  ``config.model`` is a name (ready-made ones bring their rows' values); the config's
+  ``growth_rate``, ``stem``, ``dtype``, ``remat`` and ``model_kwargs`` override it where set
+  (None = the name's or the model's default).
+  """
+  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  fields = dict(config.model_kwargs.to_dict(), growth_rate=config.growth_rate,
+                num_classes=int(num_classes), stem=config.stem, dtype=config.dtype,
+                remat=config.remat)
+  return registry.resolve(registry.parse_name(config.model, **fields))
 
 
 def build_model(config, num_classes: int):
   """The only place the runner builds a model (via ``rknet_jax.create_model``)."""
-  name, kwargs = model_spec(config, num_classes)
-  return rk_ckpt.model_from_spec({"name": name, "kwargs": kwargs})
+  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  return registry.create_model(model_spec(config, num_classes))
 
 
 # ------------------------------------------------------------------------ optimiser
@@ -454,14 +454,14 @@ _OPTIMIZER_FIELDS = ("learning_rate", "lr_schedule", "lr_decay_fractions",
                      "nesterov", "weight_decay", "weight_decay_params")
 
 
-def _compiled_functions(config, name, kwargs, model, tx, schedule, input_shape, mesh,
+def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh,
                         schedule_steps):
   """(init_fn, train_step, eval_step), reused by later runs of the same setup in-process.
 
   Repeated ``train_and_evaluate`` calls (sweeps over seeds, tests, resuming in the same
   process) then skip recompilation; the key holds everything the functions depend on.
   """
-  key = json.dumps([name, kwargs, list(input_shape), [config[f] for f in _OPTIMIZER_FIELDS],
+  key = json.dumps([spec.to_json(), list(input_shape), [config[f] for f in _OPTIMIZER_FIELDS],
                     list(schedule_steps), [d.id for d in mesh.devices.flat],
                     list(mesh.axis_names)], sort_keys=True, default=str)
   if key not in _FN_CACHE:
@@ -502,12 +502,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   has_validation = input_pipeline.split_sizes(config)["validation"] > 0
   is_main = jax.process_index() == 0
 
+  spec = model_spec(config, info.num_classes)
   model = build_model(config, info.num_classes)
-  name, kwargs = model_spec(config, info.num_classes)
   schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
   tx = make_optimizer(config, schedule)
   if is_main:
-    rk_ckpt.write_model_spec(workdir, name, kwargs, input_shape)
+    rk_ckpt.write_model_spec(workdir, spec, input_shape)
     rk_preprocessing.write_data_spec(workdir, input_pipeline.data_spec(config))
     run = {"identity": _identity(config), "config": json.loads(config.to_json()),
            "num_classes": info.num_classes, "input_shape": list(input_shape),
@@ -517,7 +517,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     os.replace(os.path.join(workdir, RUN_FILE + ".tmp"), os.path.join(workdir, RUN_FILE))
 
   init_fn, train_step, eval_step = _compiled_functions(
-      config, name, kwargs, model, tx, schedule, input_shape, mesh,
+      config, spec, model, tx, schedule, input_shape, mesh,
       (steps_per_epoch, total_steps))
   state = init_fn(config.seed)
   replicated = NamedSharding(mesh, P())

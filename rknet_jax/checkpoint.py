@@ -2,8 +2,9 @@
 
 A workdir written by ``experiments.train.train_and_evaluate`` holds
 
-* ``model.json``: the exact ``rknet_jax.create_model`` call (name and keyword arguments)
-  and the input image shape, so the model can be rebuilt without the training config;
+* ``model.json``: the model's spec (``rknet_jax.spec``, every default filled in, so a
+  later change of a default does not change it) and the input image shape, so the model
+  can be rebuilt without the training config;
 * ``data.json``: the training preprocessing (``rknet_jax.preprocessing``: per-channel
   mean/std of the training split, image shape, class names);
 * ``checkpoints/<step>/``: orbax checkpoints with the items ``model`` (``params`` and
@@ -31,20 +32,31 @@ MODEL_ITEM = "model"
 TRAIN_ITEM = "train"
 META_ITEM = "meta"
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# model.json files of the first format, {"name", "kwargs", "input_shape"}, were written
+# when every model's BatchNorm defaulted to these values; they are pinned on reading.
+_LEGACY_BN = {"bn_momentum": 0.9, "bn_epsilon": 1e-5}
+# ... and the runner passed its IRK options to every model: dropped where a family has
+# no such field and the value is the one it always was.
+_LEGACY_IRK = {"num_updates": 1, "update_order": "gauss_seidel", "share_weights": True}
 
 
-def write_model_spec(workdir: str, name: str, kwargs: dict, input_shape: Sequence[int]):
-  """Writes ``model.json``: the ``create_model`` call that rebuilds the trained model."""
-  spec = {"name": name, "kwargs": dict(kwargs), "input_shape": [int(d) for d in input_shape]}
+def write_model_spec(workdir: str, spec, input_shape: Sequence[int]):
+  """Writes ``model.json``: the model's spec (every default filled in) and input shape.
+
+  The file is ``spec.to_json()`` with the key ``input_shape`` added (see
+  :mod:`rknet_jax.spec`); it is replaced atomically.
+  """
+  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  data = json.loads(registry.resolve(spec).to_json())
+  data["input_shape"] = [int(d) for d in input_shape]
   tmp = os.path.join(workdir, MODEL_FILE + ".tmp")
   with open(tmp, "w") as f:
-    json.dump(spec, f, indent=2, sort_keys=True)
+    json.dump(data, f, indent=2, sort_keys=True)
   os.replace(tmp, os.path.join(workdir, MODEL_FILE))
 
 
 def read_model_spec(workdir: str) -> Optional[dict]:
-  """Returns the ``model.json`` of ``workdir``, or None when there is none."""
+  """The ``model.json`` of ``workdir`` as a dict, or None when there is none."""
   path = os.path.join(workdir, MODEL_FILE)
   if not os.path.exists(path):
     return None
@@ -52,13 +64,29 @@ def read_model_spec(workdir: str) -> Optional[dict]:
     return json.load(f)
 
 
-def model_from_spec(spec: dict):
-  """Rebuilds the model of a ``model.json`` spec with ``rknet_jax.create_model``."""
-  from rknet_jax.registry import create_model  # pylint: disable=g-import-not-at-top
-  kwargs = dict(spec["kwargs"])
-  if isinstance(kwargs.get("dtype"), str):
-    kwargs["dtype"] = _DTYPES[kwargs["dtype"]]
-  return create_model(spec["name"], **kwargs)
+def saved_spec(data: dict):
+  """The spec of a ``model.json`` dict (this format, or the first: name + kwargs)."""
+  from rknet_jax import names, registry, spec as spec_lib  # pylint: disable=g-import-not-at-top
+  data = {k: v for k, v in data.items() if k != "input_shape"}
+  if "family" in data:
+    return spec_lib.from_json(data)
+  name, kwargs = data["name"], {**_LEGACY_BN, **data["kwargs"]}
+  if name.startswith("DenseNet"):
+    kept = ()
+  elif name.startswith("CliqueNet"):
+    kept = ("num_updates", "update_order")
+  else:
+    kept = () if names.parse(name).tableau else tuple(_LEGACY_IRK)
+  for key, value in _LEGACY_IRK.items():
+    if key not in kept and kwargs.get(key) == value:
+      del kwargs[key]
+  return registry.parse_name(name, **kwargs)
+
+
+def model_from_spec(data: dict):
+  """The model of a ``model.json`` dict (see :func:`saved_spec`), built, not initialised."""
+  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  return registry.create_model(saved_spec(data))
 
 
 def abstract_variables(model, input_shape: Sequence[int], sharding=None):
@@ -179,7 +207,7 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
 
   predict.data_spec = data_spec
 
-  logging.info("Loaded %s from %s step %d", spec["name"], workdir, found)
+  logging.info("Loaded %s from %s step %d", spec.get("name"), workdir, found)
   return model, variables, predict
 
 
