@@ -54,17 +54,34 @@ def initialize_distributed():
                jax.device_count())
 
 
+def load_config():
+  """``FLAGS.config``; a ``--config`` file that does not exist exits 1 with one line."""
+  path = config_flags.get_config_filename(FLAGS["config"])
+  file = path.split(":", 1)[0]
+  if not os.path.isfile(file):
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    sys.exit(
+        f"error: --config={path}: no such file {os.path.abspath(file)!r}. The configs are the "
+        f"files in {here} (e.g. --config=experiments/configs/digits.py).")
+  return FLAGS.config
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = load_config()
   # TensorFlow (tf.data only) must never take accelerator memory.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from experiments import metrics  # pylint: disable=g-import-not-at-top
   metrics.console_logging()
   initialize_distributed()
   from experiments import train  # pylint: disable=g-import-not-at-top
-  logging.info("Config:\n%s", FLAGS.config)
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  logging.info("Config:\n%s", config)
+  try:
+    result = train.train_and_evaluate(config, FLAGS.workdir)
+  except train.RUN_STOPPED as e:  # the run stopped itself, with a message that says why
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(1)
   if result.get("preempted"):
     logging.warning("Stopped by SIGTERM at step %d (checkpointed).", result["step"])
     sys.exit(0)

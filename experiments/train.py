@@ -57,13 +57,19 @@ def _finite_guard(leaf_names, ckpts):
     bad = [n for n, ok in zip(leaf_names, finite) if not ok]
     what = (f"first non-finite leaf {bad[0]} ({len(bad)} of {len(finite)} state arrays "
             "non-finite)" if bad else "the state arrays are still finite")
+    kept = ("no checkpoint was written yet" if ckpts.last_saved is None else
+            f"the newest checkpoint, step {ckpts.last_saved}, is finite and kept")
     raise NonFiniteError(
         f"non-finite training state at step {step} (batch {step - 1}): loss "
-        f"{float(m['loss'])}, {what}. Stopping without checkpointing this state; the newest "
-        f"checkpoint is step {ckpts.last_saved} (finite, kept). Try a lower learning rate "
-        "or float32.")
+        f"{float(m['loss'])}, {what}. Stopping without checkpointing this state; {kept}. "
+        "Try a lower learning rate or float32.")
 
   return check
+
+
+# Errors with which a run stops itself (the CLI prints their message and exits 1).
+RUN_STOPPED = (NonFiniteError, checkpointing.CheckpointWriteError, rundir.WorkdirBusy,
+               rk_ckpt.CheckpointUnreadable)
 
 
 # ------------------------------------------------------------------------- preemption
