@@ -66,6 +66,19 @@ def load_config():
   return FLAGS.config
 
 
+def exit_now(code: int):
+  """Exits with ``code`` even if orbax threads of a failed checkpoint write still wait.
+
+  By now ``train_and_evaluate`` has run its cleanup (checkpoint manager closed, metrics
+  flushed, workdir lock released); a failed write can leave orbax threads waiting forever for
+  signals that will not come, and a normal exit would join them and hang.
+  """
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -81,7 +94,10 @@ def main(argv):
     result = train.train_and_evaluate(config, FLAGS.workdir)
   except train.RUN_STOPPED as e:  # the run stopped itself, with a message that says why
     logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(1)
+    exit_now(1)
+  except BaseException as e:  # pylint: disable=broad-except
+    logging.exception("Training stopped: %s: %s", type(e).__name__, e)
+    exit_now(130 if isinstance(e, KeyboardInterrupt) else 1)
   if result.get("preempted"):
     logging.warning("Stopped by SIGTERM at step %d (checkpointed).", result["step"])
     sys.exit(0)
