@@ -174,7 +174,7 @@ class RunCheckpoints:
 
   def restore_model(self, step: int, abstract_model: Any):
     """Restores only the ``model`` item (params, batch_stats) of ``step``."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+    restored = rk_ckpt.restore_verified(self.manager, step, ocp.args.Composite(**{
         rk_ckpt.MODEL_ITEM: ocp.args.StandardRestore(abstract_model)}))
     return restored[rk_ckpt.MODEL_ITEM]
 

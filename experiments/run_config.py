@@ -49,7 +49,7 @@ NUMERIC_FIELDS = (
     ("lr_decay_factor", "real", 0, False, 1, True, "step-decay factor"),
     ("lr_decay_every_epochs", "real", 0, True, _INF, False, "epochs between step decays"),
     ("growth_rate", "int", 1, True, _INF, False, "growth rate k"),
-    ("prefetch", "int", 0, True, _INF, False, "batches prepared ahead"),
+    ("prefetch", "int", 1, True, _INF, False, "batches prepared ahead"),
     ("shuffle_buffer", "int", 1, True, _INF, False, "ImageNet shuffle buffer"),
 )
 

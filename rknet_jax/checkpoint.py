@@ -159,7 +159,12 @@ def _with_meta(args):
   return ocp.args.Composite(**dict(args.items()), **{META_ITEM: ocp.args.JsonRestore()})
 
 
-def _restore_verified(manager, step: int, args):
+def restore_verified(manager, step: int, args):
+  """``manager.restore(step, args)`` plus ``meta``, with the checksums verified.
+
+  Raises ``ChecksumError`` on a mismatch and ``CheckpointUnreadable`` when permission is
+  denied.
+  """
   try:
     restored = manager.restore(step, args=_with_meta(args))
   except Exception as e:  # pylint: disable=broad-except
@@ -200,10 +205,10 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
       raise ValueError(
           f"no checkpoint for step {step} in {manager.directory}; "
           f"available steps: {sorted(manager.all_steps())}")
-    return step, _restore_verified(manager, step, make_args(step))
+    return step, restore_verified(manager, step, make_args(step))
   for s in sorted(manager.all_steps(), reverse=True):
     try:
-      return s, _restore_verified(manager, s, make_args(s))
+      return s, restore_verified(manager, s, make_args(s))
     except CheckpointUnreadable:
       raise
     except Exception as e:  # pylint: disable=broad-except

@@ -36,13 +36,11 @@ def assert_all_finite(tree):
 
 
 # ------------------------------------------------------------------- non-finite guard
-def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_result(
-    tmp_path, monkeypatch):
-  """What learning_rate=100 does on digits: running variances overflow, the loss does not.
+def overflow_running_variances_after(bad_step, monkeypatch):
+  """Wraps the train step so every BN running variance overflows to inf after ``bad_step``.
 
-  The step is wrapped to overflow the running variances after step 3 (train-mode BN uses
-  batch statistics, so the loss stays finite): the guard must stop at step 4, name a
-  ``batch_stats .../var`` leaf, write no result and no checkpoint of the broken state.
+  Train-mode BN normalises with batch statistics, so the loss stays finite: what a too-high
+  learning rate does to digits (issue 7), made deterministic.
   """
   make = steps_lib.make_train_step
 
@@ -51,7 +49,7 @@ def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_resul
 
     def wrapped(state, batch):
       state, m = step(state, batch)
-      if int(state.step) == 3:
+      if int(state.step) == bad_step:
         state = state.replace(batch_stats=jax.tree_util.tree_map_with_path(
             lambda p, x: x * jnp.inf if "var" in jax.tree_util.keystr(p) else x,
             state.batch_stats))
@@ -61,6 +59,17 @@ def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_resul
 
   monkeypatch.setattr(steps_lib, "make_train_step", overflowing)
   monkeypatch.setattr(train, "_FN_CACHE", {})
+
+
+def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_result(
+    tmp_path, monkeypatch):
+  """What learning_rate=100 does on digits: running variances overflow, the loss does not.
+
+  The step is wrapped to overflow the running variances after step 3 (train-mode BN uses
+  batch statistics, so the loss stays finite): the guard must stop at step 4, name a
+  ``batch_stats .../var`` leaf, write no result and no checkpoint of the broken state.
+  """
+  overflow_running_variances_after(3, monkeypatch)
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=2,
                        log_every_steps=4, lr_schedule="constant")
@@ -77,25 +86,32 @@ def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_resul
   assert not os.path.exists(os.path.join(workdir, "run.lock"))  # released on the way out
 
 
-def test_resuming_a_good_run_with_a_huge_learning_rate_keeps_its_checkpoints(tmp_path):
+def test_a_resumed_run_that_breaks_keeps_the_good_checkpoints(tmp_path, monkeypatch):
+  """Issue 7: a good run resumed with a huge learning rate wrote NaN checkpoints, and
+  keep-last-K deleted the good ones. The state breaks (finite loss) after step 9 here."""
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=2,
                        keep_checkpoints=2, lr_schedule="constant")
   train.train_and_evaluate(config, workdir)
   assert checkpoint_steps(workdir) == [6, 8]
-  _, good, _ = rknet_jax.load_checkpoint(workdir)
-  config.num_train_steps, config.learning_rate = 40, 1e6
-  with pytest.raises(train.NonFiniteError, match=r"at step (\d+)"):
+  good = {s: rknet_jax.load_checkpoint(workdir, step=s)[1] for s in (6, 8)}
+  overflow_running_variances_after(9, monkeypatch)
+  config.num_train_steps = 20
+  with pytest.raises(train.NonFiniteError, match="at step 10 .*step 8, is finite and kept"):
     train.train_and_evaluate(config, workdir)
-  steps = checkpoint_steps(workdir)
-  assert len(steps) == 2 and steps[-1] >= 8
-  for s in steps:  # keep-last-2 rotated out nothing finite in favour of a broken state
-    _, variables, _ = rknet_jax.load_checkpoint(workdir, step=s)
-    assert_all_finite(variables)
-  if steps[-1] == 8:
-    _, kept, _ = rknet_jax.load_checkpoint(workdir, step=8)
-    for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(kept)):
+  assert checkpoint_steps(workdir) == [6, 8]
+  for s, variables in good.items():
+    _, kept, _ = rknet_jax.load_checkpoint(workdir, step=s)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(kept)):
       np.testing.assert_array_equal(a, b)
+  # A huge learning rate from the good state: stopped too, nothing finite rotated out.
+  monkeypatch.undo()
+  config.learning_rate = 1e6
+  with pytest.raises(train.NonFiniteError):
+    train.train_and_evaluate(config, workdir)
+  for s in checkpoint_steps(workdir):
+    assert_all_finite(rknet_jax.load_checkpoint(workdir, step=s)[1])
+  assert checkpoint_steps(workdir)[-1] >= 8
 
 
 # ------------------------------------------------------------------------- checksums
@@ -226,10 +242,19 @@ def test_outputs_without_checkpoints_are_moved_aside_never_overwritten(tmp_path)
   assert json.loads((kept / "results.json").read_text()) == {"theirs": True}
 
 
-def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(tmp_path, caplog):
+def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(tmp_path, caplog,
+                                                                       monkeypatch):
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  real, calls = train.clock, []
+
+  def first_session_takes_1000_s():
+    calls.append(None)
+    return real() + (1000.0 if len(calls) > 1 else 0.0)
+  monkeypatch.setattr(train, "clock", first_session_takes_1000_s)
   first = train.train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  assert first["train_wall_time_sec"] >= 1000
   config.num_train_steps = 8
   with caplog.at_level(logging.INFO):
     second = train.train_and_evaluate(config, workdir)
@@ -239,7 +264,8 @@ def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(tmp_path,
   run = rundir.read_run_file(workdir)
   assert [(h["start_step"], h["total_steps"]) for h in run["history"]] == [(0, 4), (4, 8)]
   assert run["total_steps"] == 8
-  assert second["train_wall_time_sec"] > first["train_wall_time_sec"]  # accumulated
+  # Wall time accumulates over the sessions (it was reset to the last session's).
+  assert second["train_wall_time_sec"] >= 1000
 
 
 # ------------------------------------------------------------------ clear errors
@@ -258,7 +284,7 @@ def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(tmp_path,
     ("keep_checkpoints", 0, "keep_checkpoints must be a positive integer; got 0"),
     ("log_every_steps", True, "log_every_steps must be a positive integer; got True"),
     ("growth_rate", 0, "growth_rate must be a positive integer"),
-    ("prefetch", -1, "prefetch must be a non-negative integer"),
+    ("prefetch", 0, "prefetch must be a positive integer; got 0"),
     ("lr_decay_fractions", (0.5, 1.5), "lr_decay_fractions must lie in"),
 ])
 def test_numeric_fields_out_of_range_fail_before_any_compilation(tmp_path, monkeypatch,
