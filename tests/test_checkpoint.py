@@ -1,4 +1,4 @@
-"""Never lose work: SIGTERM, SIGKILL at an arbitrary step, a damaged newest checkpoint, and
+"""Never lose work: SIGTERM, SIGKILL, SIGINT at an arbitrary step, a damaged newest checkpoint, and
 never hang: a checkpoint write that fails mid-run stops the process.
 
 Real subprocesses of ``python -m experiments.main`` on digits with a tiny ERKNet. One run
@@ -147,10 +147,20 @@ def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
   c.proc.kill()
   assert c.wait() == -signal.SIGKILL
 
-  # 3. Resume from the newest checkpoint and finish.
+  # 3. Resume, then SIGINT (Ctrl-C): the in-flight save commits, the lock is released and
+  #    the process exits 130.
+  c = children(work)
+  interrupted = int(c.wait_for(r"Resumed from checkpoint step (\d+)").group(1))
+  assert stopped < interrupted < STEPS
+  c.wait_for(rf"step {interrupted + 3}/")
+  c.proc.send_signal(signal.SIGINT)
+  assert c.wait() == 130, c.text()[-3000:]
+  assert not os.path.exists(os.path.join(work, "run.lock"))
+
+  # 4. Resume from the newest checkpoint and finish.
   c = children(work)
   resumed = int(c.wait_for(r"Resumed from checkpoint step (\d+)").group(1))
-  assert stopped < resumed < STEPS
+  assert interrupted <= resumed < STEPS
   assert c.wait() == 0, c.text()[-3000:]
 
   assert ref_child.wait() == 0, ref_child.text()[-3000:]
@@ -158,7 +168,7 @@ def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
   assert reference[2]["steps"] == STEPS and reference[2]["test_examples"] == 360
   assert_same_run(finished_run(work), reference)
 
-  # 4. Damage the newest checkpoint (truncate its array files): the rerun warns, moves it
+  # 5. Damage the newest checkpoint (truncate its array files): the rerun warns, moves it
   #    aside (kept, not deleted), resumes from the previous one, and ends the same.
   steps = checkpoint_steps(work)
   newest, previous = steps[-1], steps[-2]
@@ -191,7 +201,7 @@ def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
   assert evaluated["step"] == STEPS and evaluated["examples"] == 360
   assert evaluated["top1_error"] == reference[2]["test_top1_error"]
 
-  # 5. A committed step with a whole item missing is damaged too: load_checkpoint skips it
+  # 6. A committed step with a whole item missing is damaged too: load_checkpoint skips it
   #    (with a warning) and gives the previous step; asked for it by number, it raises.
   steps = checkpoint_steps(ref_dir)
   shutil.rmtree(os.path.join(ref_dir, "checkpoints", str(steps[-1]), "model"))
