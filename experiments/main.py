@@ -4,7 +4,9 @@
 
 Any config field can be overridden, e.g. ``--config.num_epochs=1 --config.seed=7``.
 Rerunning the same command with the same ``--workdir`` resumes from the newest intact
-checkpoint. SIGTERM (preemption) checkpoints and exits 0.
+checkpoint. SIGTERM (preemption) checkpoints and exits 0; SIGINT exits 130 after the cleanup.
+A run that stops itself (non-finite state, failed checkpoint write, workdir held by another
+run, unreadable checkpoint) logs one error line naming the cause and exits 1.
 
 Multi-host (one process per host, every process runs the same command):
 ``--distributed`` calls ``jax.distributed.initialize`` -- with ``--coordinator_address``,

@@ -147,13 +147,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   run_config.validate_config(config, workdir, mesh)  # pure: raises before any side effect
   input_pipeline.preflight(config)
   rundir.prepare(workdir, subdirs=(rk_ckpt.CHECKPOINT_SUBDIR,))
-  lock = rundir.WorkdirLock(workdir)
-  if jax.process_index() == 0:
-    lock.acquire()
+  lock = _take_workdir(workdir)
   try:
     return _run(config, workdir, steps_lib.make_mesh() if mesh is None else mesh)
   finally:
     lock.release()
+
+
+def _take_workdir(workdir: str) -> rundir.WorkdirLock:
+  """Process 0 takes the workdir lock; every process stops if it could not."""
+  lock, busy = rundir.WorkdirLock(workdir), None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except rundir.WorkdirBusy as e:
+      busy = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    refused = multihost_utils.broadcast_one_to_all(np.int32(busy is not None))
+    if busy is None and int(refused):
+      busy = rundir.WorkdirBusy(f"process 0 could not take the lock of {workdir!r}; see its log")
+  if busy is not None:
+    raise busy
+  return lock
 
 
 def _run(config, workdir: str, mesh: Mesh) -> dict:
