@@ -6,6 +6,7 @@ In-process runs of a tiny ERKNet on digits (``tiny_config`` of test_train.py).
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -369,3 +370,37 @@ def test_is_time_fires_every_n_steps_and_at_the_last():
   assert [s for s in range(1, 11) if train.is_time(s, 4, 10)] == [4, 8, 10]
   assert [s for s in range(1, 11) if train.is_time(s, 4, 10, last=False)] == [4, 8]
   assert [s for s in range(1, 11) if train.is_time(s, 0, 10)] == [10]
+
+
+# ------------------------------------------------------------------ the command line
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, timeout=300):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+  env["JAX_PLATFORMS"] = "cpu"
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
+  """Issue 7: this exited 0 reporting 0.90 test error, with NaN weights in its checkpoint."""
+  workdir = str(tmp_path / "run")
+  proc = run_main("--config=experiments/configs/digits.py", f"--workdir={workdir}",
+                  "--config.learning_rate=100")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert re.search(r"NonFiniteError: non-finite training state at step \d+ .*first "
+                   r"non-finite leaf \S+", proc.stderr), proc.stderr[-3000:]
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  if os.path.exists(os.path.join(workdir, "checkpoints")) and checkpoint_steps(workdir):
+    assert_all_finite(rknet_jax.load_checkpoint(workdir)[1])
+
+
+def test_a_config_file_that_does_not_exist_is_one_line(tmp_path):
+  proc = run_main("--config=experiments/configs/no_such_config.py",
+                  f"--workdir={tmp_path / 'run'}", timeout=120)
+  assert proc.returncode == 1
+  lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
+  assert len(lines) == 1, lines
+  assert "no such file" in lines[0] and "no_such_config.py" in lines[0]
+  assert "experiments/configs/digits.py" in lines[0]
