@@ -31,7 +31,8 @@ def main(argv):
   from experiments import metrics  # pylint: disable=g-import-not-at-top
   metrics.console_logging()
   del argv
-  from experiments import input_pipeline, optim, run_config, steps, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from experiments import input_pipeline, optim, run_config, steps, train
   from experiments.configs import default  # pylint: disable=g-import-not-at-top
   from experiments.data import tfds_utils  # pylint: disable=g-import-not-at-top
   c = default.get_config()

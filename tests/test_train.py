@@ -1,4 +1,5 @@
-"""Tests for the runner (experiments/train.py and its steps): data parallelism, exact eval, end-to-end runs, resume.
+"""Tests for the runner (experiments/train.py, steps.py, optim.py): data parallelism, exact
+eval, end-to-end runs, resume.
 
 Tiny models (k = 4, one or two periods) and few steps keep every test to seconds; the
 eight virtual CPU devices come from tests/conftest.py.
