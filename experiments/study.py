@@ -123,18 +123,19 @@ def _finished_results(directory: str, config):
   return results
 
 
-def check_entries(base, models, seeds: int):
-  """Builds every entry's model abstractly (catching bad names/options) before training."""
+def check_entries(base, models, seeds: int, workdir: str):
+  """Validates every run's config and workdir (no arrays, no files) before any training."""
   if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
     raise ValueError(f"--seeds={seeds!r}: expected a positive int (runs use seeds "
                      "0 .. N-1)")
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments import run_config as run_config_lib  # pylint: disable=g-import-not-at-top
   for entry, name, overrides in models:
-    config = run_config(base, name, overrides, 0)
-    try:
-      train.build_model(config, 10)
-    except (ValueError, TypeError, KeyError) as e:
-      raise ValueError(f"--models entry {entry!r}: {e}") from e
+    for seed in range(seeds):
+      config = run_config(base, name, overrides, seed)
+      try:
+        run_config_lib.validate_config(config, run_dir(workdir, entry, seed))
+      except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"--models entry {entry!r}: {e}") from e
 
 
 def _common_overrides(records: Sequence[dict]) -> Dict[str, Any]:
@@ -214,7 +215,7 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> List[dict]:
   rerun the same command to go on).
   """
   models = parse_models(models_text)
-  check_entries(base, models, seeds)
+  check_entries(base, models, seeds, workdir)
   from absl import logging  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   records = []

@@ -11,17 +11,25 @@ A workdir written by ``experiments.train.train_and_evaluate`` holds
   ``batch_stats``, the two collections of the model contract), ``train`` (optimiser
   state, step, RNG) and ``meta`` (JSON: step, epoch, dataset, ...).
 
+Every saved array's checksum (``checksums``: CRC-32 of its bytes, with dtype and shape) is
+recorded in the ``meta`` item at save time; :func:`restore_newest_intact` verifies it, so a
+flipped bit is a damaged checkpoint, skipped like a truncated one.
+
 This module only reads. The training-side writer lives in ``experiments/checkpointing.py``;
 the two share the layout constants and :func:`restore_newest_intact` defined here.
 """
 
+import errno
 import json
 import logging
 import os
 from typing import Any, Callable, Optional, Sequence
+import zlib
 
+from etils import epath
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from rknet_jax import preprocessing
@@ -31,6 +39,15 @@ MODEL_FILE = "model.json"
 MODEL_ITEM = "model"
 TRAIN_ITEM = "train"
 META_ITEM = "meta"
+CHECKSUMS_KEY = "checksums"
+
+
+class ChecksumError(ValueError):
+  """A restored array differs from the one saved: the checkpoint's bytes are damaged."""
+
+
+class CheckpointUnreadable(PermissionError):
+  """A checkpoint cannot be read (permissions): not damaged, and left where it is."""
 
 # model.json files of the first format, {"name", "kwargs", "input_shape"}, were written
 # when every model's BatchNorm defaulted to these values; they are pinned on reading.
@@ -100,14 +117,98 @@ def abstract_variables(model, input_shape: Sequence[int], sharding=None):
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), dict(shapes))
 
 
-def checkpoint_manager(workdir: str, *, read_only: bool = True,
+def checkpoint_manager(workdir, *, read_only: bool = True,
                        options: Optional[ocp.CheckpointManagerOptions] = None):
-  """An orbax ``CheckpointManager`` on ``workdir/checkpoints`` with this layout's items."""
+  """An orbax ``CheckpointManager`` on ``workdir/checkpoints`` with this layout's items.
+
+  ``workdir`` is any path ``etils.epath`` supports (local, ``gs://``, ...).
+  """
   if options is None:
     options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
+  root = os.fspath(workdir)
+  root = epath.Path(root if "://" in root else os.path.abspath(root))
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR),
-      item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM), options=options)
+      root / CHECKPOINT_SUBDIR, item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM),
+      options=options)
+
+
+def _host_array(x) -> np.ndarray:
+  if isinstance(x, jax.Array):
+    x = x.addressable_data(0) if x.is_fully_replicated else x
+  return np.asarray(x)
+
+
+def checksums(tree) -> dict:
+  """``{leaf path: "dtype[shape]:crc32"}`` of the arrays of ``tree`` (replicated or host).
+
+  CRC-32 detects every single-bit and burst error of up to 32 bits in an array.
+  """
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = _host_array(leaf)
+    out[jax.tree_util.keystr(path)] = (
+        f"{a.dtype.name}{list(a.shape)}:{zlib.crc32(a.tobytes()):08x}")
+  return out
+
+
+def verify_checksums(step: int, restored) -> None:
+  """Compares restored items with the checksums in their ``meta``; ``ChecksumError`` if any differ.
+
+  Items or checkpoints saved without checksums (older runs) are not checked.
+  """
+  meta = restored.get(META_ITEM) if META_ITEM in restored else None
+  expected_items = (meta or {}).get(CHECKSUMS_KEY, {})
+  for item, expected in expected_items.items():
+    if item not in restored or restored[item] is None:
+      continue
+    got = checksums(restored[item])
+    for path in sorted(set(expected) | set(got)):
+      if expected.get(path) != got.get(path):
+        raise ChecksumError(
+            f"step {step}: the restored {item} array {path} has checksum {got.get(path)}, "
+            f"saved as {expected.get(path)}: the checkpoint's bytes changed after saving")
+
+
+def _permission_denied(error: BaseException) -> Optional[BaseException]:
+  """The permission error in ``error``'s chain (or message), if any."""
+  seen = set()
+  e = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EACCES,
+                                                                      errno.EPERM):
+      return e
+    if "Permission denied" in str(e) or "PERMISSION_DENIED" in str(e):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _with_meta(args):
+  """Restore args that also read ``meta`` (the checksums) when the caller did not ask."""
+  if META_ITEM in args:
+    return args
+  return ocp.args.Composite(**dict(args.items()), **{META_ITEM: ocp.args.JsonRestore()})
+
+
+def restore_verified(manager, step: int, args):
+  """``manager.restore(step, args)`` plus ``meta``, with the checksums verified.
+
+  Raises ``ChecksumError`` on a mismatch and ``CheckpointUnreadable`` when permission is
+  denied.
+  """
+  try:
+    restored = manager.restore(step, args=_with_meta(args))
+  except Exception as e:  # pylint: disable=broad-except
+    denied = _permission_denied(e)
+    if denied is not None:
+      raise CheckpointUnreadable(
+          f"checkpoint step {step} in {manager.directory} cannot be read ({denied}): it is "
+          "not damaged, and nothing was moved. Fix the files' permissions (or run as their "
+          "owner) and rerun.") from e
+    raise
+  verify_checksums(step, restored)
+  return restored
 
 
 def restore_newest_intact(manager, make_args: Callable[[int], Any],
@@ -117,9 +218,10 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
 
   Steps are tried newest first. A step whose restore fails (orbax raises ``ValueError``
   on a committed step with truncated or missing files; tensorstore and the file system
-  raise other errors) is reported with a warning, handed to ``on_damaged`` and skipped;
-  it is never deleted here. With ``step`` given, only that step is tried and any error
-  propagates.
+  raise other errors) or whose arrays fail their saved checksums (``ChecksumError``) is
+  reported with a warning, handed to ``on_damaged`` and skipped; it is never deleted here.
+  A step that cannot be read for lack of permission raises ``CheckpointUnreadable`` (it is
+  not damaged). With ``step`` given, only that step is tried and any error propagates.
 
   Args:
     manager: an orbax ``CheckpointManager``.
@@ -135,10 +237,12 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
       raise ValueError(
           f"no checkpoint for step {step} in {manager.directory}; "
           f"available steps: {sorted(manager.all_steps())}")
-    return step, manager.restore(step, args=make_args(step))
+    return step, restore_verified(manager, step, make_args(step))
   for s in sorted(manager.all_steps(), reverse=True):
     try:
-      return s, manager.restore(s, args=make_args(s))
+      return s, restore_verified(manager, s, make_args(s))
+    except CheckpointUnreadable:
+      raise
     except Exception as e:  # pylint: disable=broad-except
       logging.warning(
           "Checkpoint step %d in %s is damaged and is skipped (%s: %s); trying the "
