@@ -26,7 +26,6 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
                         data_dir=None, mesh=None) -> dict:
   """Exact metrics of checkpoint ``step`` (newest intact if None) of ``workdir`` on ``split``."""
   import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -37,7 +36,7 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
   if run is None:
     raise FileNotFoundError(
         f"{os.fspath(rundir.path(workdir, rundir.RUN_FILE))} not found: not a training workdir")
-  config = ml_collections.ConfigDict(run["config"])
+  config = run_config.config_from_run(run)
   if batch_size is not None:
     config.eval_batch_size = batch_size
   if data_dir is not None:
@@ -47,7 +46,9 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
     raise ValueError(f"eval batch {config.eval_batch_size} is not divisible by the "
                      f"{mesh.devices.size} devices")
   input_pipeline.preflight(config)
-  model = run_config.build_model(config, run["num_classes"])
+  saved = rk_ckpt.read_model_spec(workdir)  # the model as trained (defaults frozen)
+  model = (rk_ckpt.model_from_spec(saved) if saved is not None
+           else run_config.build_model(config, run["num_classes"]))
   target = rk_ckpt.abstract_variables(model, run["input_shape"],
                                       sharding=NamedSharding(mesh, P()))
   manager = rk_ckpt.checkpoint_manager(workdir, read_only=True)

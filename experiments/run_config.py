@@ -105,6 +105,17 @@ def build_model(config, num_classes: int):
   return registry.create_model(model_spec(config, num_classes))
 
 
+def config_from_run(run: dict) -> ml_collections.ConfigDict:
+  """The config a ``run.json`` recorded, with fields added since then at their defaults."""
+  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  recorded = ml_collections.ConfigDict(run["config"])
+  with config.unlocked():
+    for key in recorded.keys():
+      config[key] = recorded[key]
+  return config
+
+
 def validate_config(config: ml_collections.ConfigDict, workdir: str,
                     mesh: Optional[Mesh] = None):
   """Checks the config against itself, the devices and the workdir; changes nothing.

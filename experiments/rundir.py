@@ -23,6 +23,8 @@ from typing import Optional
 from absl import logging
 from etils import epath
 
+from rknet_jax.workdir_files import is_local, path, read_json, write_json
+
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
@@ -31,19 +33,6 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
 PREVIOUS_OUTPUTS_SUBDIR = "previous_outputs"
 OUTPUTS = (RESULTS_FILE, METRICS_FILE, CURVES_FILE, TENSORBOARD_SUBDIR)
-
-
-def path(workdir, *parts) -> epath.Path:
-  """``workdir/parts...`` as an ``epath.Path`` (local paths made absolute)."""
-  p = epath.Path(workdir)
-  if is_local(workdir):
-    p = epath.Path(os.path.abspath(os.fspath(workdir)))
-  return p.joinpath(*parts)
-
-
-def is_local(workdir) -> bool:
-  """True for a plain file-system path (no ``scheme://``)."""
-  return "://" not in os.fspath(workdir)
 
 
 def check_path(workdir: str):
@@ -170,33 +159,9 @@ class WorkdirLock:
 
 
 # ----------------------------------------------------------------------- metadata
-def read_json(file: epath.Path, what: str) -> Optional[dict]:
-  """The JSON object in ``file``, None if absent; ``ValueError`` naming it if unreadable."""
-  try:
-    text = file.read_text()
-  except (FileNotFoundError, NotADirectoryError):
-    return None
-  try:
-    out = json.loads(text)
-  except ValueError as e:
-    raise ValueError(
-        f"{os.fspath(file)} ({what}) is not valid JSON ({e}); it was cut or edited. Restore "
-        "it from a copy, or delete it: a run rewrites it once its checkpoint restores.") from e
-  if not isinstance(out, dict):
-    raise ValueError(f"{os.fspath(file)} ({what}) holds {type(out).__name__}, not an object")
-  return out
-
-
 def read_run_file(workdir: str) -> Optional[dict]:
   """``run.json`` of ``workdir`` (None when there is none)."""
   return read_json(path(workdir, RUN_FILE), "the run's config and history")
-
-
-def write_json(file: epath.Path, value: dict):
-  """Writes ``value`` to ``file`` atomically (temporary file, then rename)."""
-  tmp = file.parent / (file.name + ".tmp")
-  tmp.write_text(json.dumps(value, indent=2))
-  tmp.replace(file)
 
 
 def write_run_file(workdir: str, run: dict, *, start_step: int, total_steps: int):

@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from rknet_jax import preprocessing
+from rknet_jax import workdir_files
 
 CHECKPOINT_SUBDIR = "checkpoints"
 MODEL_FILE = "model.json"
@@ -66,19 +67,13 @@ def write_model_spec(workdir: str, spec, input_shape: Sequence[int]):
   from rknet_jax import registry  # pylint: disable=g-import-not-at-top
   data = json.loads(registry.resolve(spec).to_json())
   data["input_shape"] = [int(d) for d in input_shape]
-  tmp = os.path.join(workdir, MODEL_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, MODEL_FILE))
+  workdir_files.write_json(workdir_files.path(workdir, MODEL_FILE), data)
 
 
 def read_model_spec(workdir: str) -> Optional[dict]:
   """The ``model.json`` of ``workdir`` as a dict, or None when there is none."""
-  path = os.path.join(workdir, MODEL_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return workdir_files.read_json(workdir_files.path(workdir, MODEL_FILE),
+                                 "the trained model's spec")
 
 
 def saved_spec(data: dict):

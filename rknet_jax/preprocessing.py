@@ -10,11 +10,11 @@ A workdir written by ``experiments.train`` holds ``data.json`` (made by
 network sees ``(raw - mean) / std``. :func:`preprocess` applies exactly that to raw images, so
 ``load_checkpoint(...).predict`` gives the accuracy the run reported on raw pixels.
 """
-import json
-import os
 from typing import Optional
 
 import numpy as np
+
+from rknet_jax import workdir_files
 
 DATA_FILE = "data.json"
 _KEYS = ("image_shape", "num_classes", "class_names", "mean", "std")
@@ -25,19 +25,13 @@ def write_data_spec(workdir: str, spec: dict):
   missing = [k for k in _KEYS if k not in spec]
   if missing:
     raise ValueError(f"data spec lacks {missing}; it needs {list(_KEYS)}")
-  tmp = os.path.join(workdir, DATA_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(spec, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, DATA_FILE))
+  workdir_files.write_json(workdir_files.path(workdir, DATA_FILE), spec)
 
 
 def read_data_spec(workdir: str) -> Optional[dict]:
   """Returns the ``data.json`` of ``workdir``, or None when there is none (older runs)."""
-  path = os.path.join(workdir, DATA_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return workdir_files.read_json(workdir_files.path(workdir, DATA_FILE),
+                                 "the training preprocessing")
 
 
 def preprocess(images, spec: dict) -> np.ndarray:

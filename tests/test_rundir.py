@@ -17,6 +17,8 @@ import pytest
 from experiments import metrics as metrics_lib
 from experiments import run_config
 from experiments import rundir
+from rknet_jax import checkpoint as rk_ckpt
+from rknet_jax import preprocessing
 from test_train import tiny_config
 
 
@@ -110,6 +112,20 @@ def test_workdir_checks_lock_metadata_and_outputs_on_any_file_system(workdir):
   assert json.loads((kept / rundir.RESULTS_FILE).read_text()) == {"test_top1_error": 0.1}
   assert not rundir.path(path, rundir.RESULTS_FILE).exists()
   assert not rundir.path(path, rundir.METRICS_FILE).exists()
+
+  # The library's workdir files (model.json, data.json) go through epath too, and a
+  # model.json makes the identity check compare resolved specs.
+  spec = run_config.model_spec(config, 10)
+  rk_ckpt.write_model_spec(path, spec, (8, 8, 1))
+  saved = rk_ckpt.read_model_spec(path)
+  assert saved["input_shape"] == [8, 8, 1]
+  assert rk_ckpt.saved_spec(saved) == spec
+  data = {"image_shape": [8, 8, 1], "num_classes": 10, "class_names": list("0123456789"),
+          "mean": [4.9], "std": [6.0]}
+  preprocessing.write_data_spec(path, data)
+  assert preprocessing.read_data_spec(path) == data
+  with pytest.raises(ValueError, match=r"different model .*stages"):
+    run_config.validate_config(tiny_config(model="ERKNet-2x1 1x1"), path)
 
   rundir.path(path, rundir.RUN_FILE).write_text('{"identity": ')
   with pytest.raises(ValueError, match="run.json .* is not valid JSON"):
