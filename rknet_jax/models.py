@@ -101,10 +101,13 @@ class _Network(nn.Module):
     """The :class:`LayerConfig` every layer of this model is built with."""
     return LayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerConfig)})
 
-  def _stem(self, x, kind: str, features: int, train: bool):
-    """The preprocessor ``kind`` on ``x`` (cast to ``dtype``), named ``stem``."""
-    x = jnp.asarray(x).astype(self.dtype)
-    return layers.make_stem(kind, features, self.layer_config())(x, train)
+  def _begin(self, x, features: int, train: bool):
+    """Checks the configuration and runs the preprocessor (``stem``, ``features`` outputs)
+    on ``x`` cast to ``dtype``; returns (its output, the LayerConfig, the input's shape)."""
+    self.check()
+    cfg = self.layer_config()
+    x = jnp.asarray(x)
+    return layers.make_stem(self.stem, features, cfg)(x.astype(self.dtype), train), cfg, x.shape
 
 
 class _Periods(_Network):
@@ -113,9 +116,7 @@ class _Periods(_Network):
   def _forward(self, x, train, make_step):
     P = len(self.stages)
     k, m = self.growth_rates, self.growth_multipliers
-    cfg = self.layer_config()
-    input_shape = x.shape
-    x = self._stem(x, self.stem, m[0] * k[0], train)
+    x, cfg, input_shape = self._begin(x, m[0] * k[0], train)
     outputs = []
     for p in range(P):
       for t in range(self.steps[p]):
@@ -190,7 +191,6 @@ class RKNet(_Periods):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    self.check()
     bw, cfg = self.bottleneck_widths, self.layer_config()
 
     def make_step(p, t, name):
@@ -293,7 +293,6 @@ class TableauRKNet(_Periods):
   @nn.compact
   def __call__(self, x, train: bool = False):
     from rknet_jax import tableau_block  # pylint: disable=g-import-not-at-top
-    self.check()
     step_cls = self.layer_config().maybe_remat(tableau_block.TableauStep, train_argnum=2)
 
     def make_step(p, t, name):
@@ -355,10 +354,7 @@ class DenseNet(_Network):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    self.check()
-    cfg = self.layer_config()
-    input_shape = x.shape
-    x = self._stem(x, self.stem, self.init_features, train)
+    x, cfg, input_shape = self._begin(x, self.init_features, train)
     for b, n in enumerate(self.block_layers):
       feats = blocks.DenseBlock(n, self.growth_rate, self.bottleneck_width, cfg,
                                 name=f"block{b + 1}")(x, train)
@@ -417,10 +413,7 @@ class CliqueNet(_Network):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    self.check()
-    cfg = self.layer_config()
-    input_shape = x.shape
-    x = self._stem(x, self.stem, self.init_features, train)
+    x, cfg, input_shape = self._begin(x, self.init_features, train)
     block_features = []
     B = len(self.block_layers)
     for b in range(B):
