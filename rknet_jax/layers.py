@@ -28,10 +28,11 @@ family         momentum / epsilon      source
 =============  ======================  ==========================================================
 RKNets         0.99 / 1e-3             ZhuMai/RKCNN ``pytorch_models/utils.py``:
                                        ``nn.BatchNorm2d(dim, eps=0.001, momentum=0.01)``
-DenseNet       0.9 / 1e-5              liuzhuang13/DenseNet (LuaTorch
-                                       ``SpatialBatchNormalization(nChannels)``) and torchvision
-                                       ``densenet.py`` (``nn.BatchNorm2d(c)``): eps 1e-5,
-                                       momentum 0.1, the Torch defaults
+DenseNet       0.9 / 1e-5              liuzhuang13/DenseNet ``models/densenet.lua``
+                                       (``cudnn.SpatialBatchNormalization(nChannels)``) and
+                                       torchvision ``densenet.py``
+                                       (``nn.BatchNorm2d(num_input_features)``): the Torch
+                                       defaults eps 1e-5, momentum 0.1
 CliqueNet      0.999 / 1e-3            iboing/CliqueNet ``models/utils.py`` (CIFAR, TensorFlow):
                                        ``tf.contrib.layers.batch_norm(x, scale=True, ...)`` with
                                        TF's defaults ``decay=0.999, epsilon=0.001``
@@ -41,9 +42,10 @@ Flax's ``momentum`` is the decay of the running average: PyTorch's ``momentum=m`
 ``1 - m``; TensorFlow's ``decay`` is flax's ``momentum``.  One difference no setting removes:
 PyTorch updates ``running_var`` with the *unbiased* batch variance (divided by n - 1, n = N H W
 values per channel), flax (and :class:`BatchNormParts`) with the biased one (divided by n);
-normalisation itself uses the biased variance in both.  A converter of the authors' PyTorch
-checkpoints maps ``running_var`` unchanged, but running statistics trained here and there
-differ by the factor n / (n - 1) in the variance's update.
+normalisation itself uses the biased variance in both.  So a converter of the authors'
+PyTorch checkpoints copies ``running_var`` as is to reproduce their evaluation outputs, and
+rescales it by (n - 1) / n (n of the batches it was trained on) to express it in flax's
+convention; running statistics trained here and there differ by that factor.
 
 Rematerialisation: :meth:`LayerConfig.maybe_remat` wraps a layer class in :func:`flax.linen.remat`
 (``jax.checkpoint``) with ``train`` static.  The wrapped layer has exactly the same variables
@@ -94,9 +96,9 @@ CLIQUENET_BN_MOMENTUM = 0.999
 CLIQUENET_BN_EPSILON = 1e-3
 """BatchNorm epsilon of CliqueNet: TF's ``tf.contrib.layers.batch_norm`` default 0.001."""
 DEFAULT_BN_MOMENTUM = RKNET_BN_MOMENTUM
-"""BatchNorm decay of :class:`LayerConfig` (and of RKNets): :data:`RKNET_BN_MOMENTUM`."""
+"""The RKNets' decay under its earlier name (``registry.create_model`` reads it)."""
 DEFAULT_BN_EPSILON = RKNET_BN_EPSILON
-"""BatchNorm epsilon of :class:`LayerConfig` (and of RKNets): :data:`RKNET_BN_EPSILON`."""
+"""The RKNets' epsilon under its earlier name (``registry.create_model`` reads it)."""
 
 glorot_uniform = nn.initializers.xavier_uniform()
 """FC initialiser of the paper (section 4.1: Xavier, Glorot & Bengio 2010)."""
@@ -112,8 +114,9 @@ class LayerConfig:
   Frozen and hashable (a valid Linen attribute and jit-static value).
 
   Attributes:
-    bn_momentum: BatchNorm running-average decay (flax convention; PyTorch's ``1 - momentum``).
-    bn_epsilon: BatchNorm epsilon.
+    bn_momentum: BatchNorm running-average decay (flax convention; PyTorch's ``1 - momentum``);
+      default: the RKNets' (the authors' RKCNN code).
+    bn_epsilon: BatchNorm epsilon; default: the RKNets'.
     dtype: compute dtype (parameters and BatchNorm statistics stay float32).
     dropout_rate: dropout after the convolutions that have one (0: none, no rng needed).
     remat: rematerialise the segments the blocks mark (jax.checkpoint): same values,
@@ -121,8 +124,8 @@ class LayerConfig:
     conv_impl: convolution formulation (:mod:`rknet_jax.conv`: ``"auto"``, ``"xla"``,
       ``"dot1x1"`` or ``"dot"``); ``"auto"`` is resolved from the backend when traced.
   """
-  bn_momentum: float = DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = DEFAULT_BN_EPSILON
+  bn_momentum: float = RKNET_BN_MOMENTUM
+  bn_epsilon: float = RKNET_BN_EPSILON
   dtype: Any = jnp.float32
   dropout_rate: float = 0.0
   remat: bool = False

@@ -101,22 +101,31 @@ class _Network(nn.Module):
     """The :class:`LayerConfig` every layer of this model is built with."""
     return LayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerConfig)})
 
-  def _begin(self, x, features: int, train: bool):
-    """Checks the configuration and runs the preprocessor (``stem``, ``features`` outputs)
-    on ``x`` cast to ``dtype``; returns (its output, the LayerConfig, the input's shape)."""
+  def _stem_features(self) -> int:
+    """Output channels of the preprocessor (the baselines' ``init_features``)."""
+    return self.init_features
+
+  def _begin(self, x, train: bool):
+    """Checks the configuration and runs the preprocessor (``stem``) on ``x`` cast to
+    ``dtype``; returns (its output, the LayerConfig, the input's shape)."""
     self.check()
     cfg = self.layer_config()
     x = jnp.asarray(x)
-    return layers.make_stem(self.stem, features, cfg)(x.astype(self.dtype), train), cfg, x.shape
+    stem = layers.make_stem(self.stem, self._stem_features(), cfg)
+    return stem(x.astype(self.dtype), train), cfg, x.shape
 
 
 class _Periods(_Network):
   """Shared forward pass of RKNets: stem -> periods (+transitions) -> postprocessor."""
 
+  def _stem_features(self) -> int:
+    """m_1 k_1: the state of the first period (Rule 1)."""
+    return self.growth_multipliers[0] * self.growth_rates[0]
+
   def _forward(self, x, train, make_step):
+    x, cfg, input_shape = self._begin(x, train)
     P = len(self.stages)
     k, m = self.growth_rates, self.growth_multipliers
-    x, cfg, input_shape = self._begin(x, m[0] * k[0], train)
     outputs = []
     for p in range(P):
       for t in range(self.steps[p]):
@@ -354,7 +363,7 @@ class DenseNet(_Network):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x, cfg, input_shape = self._begin(x, self.init_features, train)
+    x, cfg, input_shape = self._begin(x, train)
     for b, n in enumerate(self.block_layers):
       feats = blocks.DenseBlock(n, self.growth_rate, self.bottleneck_width, cfg,
                                 name=f"block{b + 1}")(x, train)
@@ -413,7 +422,7 @@ class CliqueNet(_Network):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x, cfg, input_shape = self._begin(x, self.init_features, train)
+    x, cfg, input_shape = self._begin(x, train)
     block_features = []
     B = len(self.block_layers)
     for b in range(B):
