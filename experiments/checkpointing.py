@@ -7,17 +7,24 @@ steps; because the input pipeline makes batch ``s`` a pure function of ``(seed, 
 step is also the position in the data stream, and resuming at it replays exactly the
 batches an uninterrupted run would see.
 
-Damaged checkpoints (a committed step whose files are truncated or missing; orbax raises
-on restore) are skipped with a warning and moved to ``workdir/damaged_checkpoints/`` --
+Every saved array's checksum (``rknet_jax.checkpoint.checksums``) goes into the step's ``meta``
+item and is verified on restore, so flipped bits are caught like truncated files.
+
+Damaged checkpoints (a committed step whose files are truncated or missing, or whose arrays
+fail their checksum) are skipped with a warning and moved to ``workdir/damaged_checkpoints/`` --
 never deleted, never used -- and the run resumes from the previous intact one. Moving
 them out of the way keeps orbax's "last K" bookkeeping and later saves of the same step
 number working. If no checkpoint restores at all, the run stops with an error and moves
 nothing (a changed model definition looks like that; starting over would bury the work).
+A checkpoint that cannot be *read* (permissions) is not damaged: the run stops naming it.
+
+A failed write (read-only or full disk, permissions; orbax reports it from its background
+thread) stops the run with ``CheckpointWriteError`` within a step of being reported, and
+``close`` shuts orbax's threads down even then, so the process exits instead of hanging.
 """
 
 import logging
 import os
-import shutil
 import time
 from typing import Any, Optional
 
@@ -25,10 +32,15 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from experiments import rundir
 from rknet_jax import checkpoint as rk_ckpt
 
 DAMAGED_SUBDIR = "damaged_checkpoints"
 BEST_METRIC = "validation_top1_error"
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written; the run stopped (earlier checkpoints are intact)."""
 
 
 class RunCheckpoints:
@@ -42,7 +54,9 @@ class RunCheckpoints:
   """
 
   def __init__(self, workdir: str, *, keep: int, track_best: bool):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = rundir.path(workdir)
+    self.last_saved: Optional[int] = None  # newest step saved (or restored) by this run
+    self._closed = False
     policies = [ocp_managers.LatestN(n=keep)]
     extra = {}
     if track_best:
@@ -64,26 +78,60 @@ class RunCheckpoints:
 
   def save(self, step: int, model_vars: Any, train_vars: Any, meta: dict,
            metrics: Optional[dict] = None):
-    """Saves (asynchronously) the state after ``step`` completed steps."""
-    self.manager.save(
-        step, args=ocp.args.Composite(**{
-            rk_ckpt.MODEL_ITEM: ocp.args.StandardSave(model_vars),
-            rk_ckpt.TRAIN_ITEM: ocp.args.StandardSave(train_vars),
-            rk_ckpt.META_ITEM: ocp.args.JsonSave(meta)}),
-        metrics=metrics, force=True)
+    """Saves (asynchronously) the state after ``step`` completed steps, with checksums.
+
+    A second save of ``last_saved`` is a no-op. Raises ``CheckpointWriteError`` if this or
+    an earlier write failed.
+    """
+    if step == self.last_saved:
+      return
+    meta = dict(meta, checksums={rk_ckpt.MODEL_ITEM: rk_ckpt.checksums(model_vars),
+                                 rk_ckpt.TRAIN_ITEM: rk_ckpt.checksums(train_vars)})
+    try:
+      self.manager.save(
+          step, args=ocp.args.Composite(**{
+              rk_ckpt.MODEL_ITEM: ocp.args.StandardSave(model_vars),
+              rk_ckpt.TRAIN_ITEM: ocp.args.StandardSave(train_vars),
+              rk_ckpt.META_ITEM: ocp.args.JsonSave(meta)}),
+          metrics=metrics, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._write_failed(e, step)
+    self.last_saved = step
+
+  def _write_failed(self, error: Exception, step: Optional[int] = None):
+    self.close()
+    at = f"step {step} (or the one before)" if step is not None else "a checkpoint"
+    raise CheckpointWriteError(
+        f"writing {at} to {self.directory} failed: {type(error).__name__}: {error}. The run "
+        "stopped; the checkpoints already committed there are intact. Make the directory "
+        "writable (or free disk space) and rerun the same command to resume.") from error
+
+  def check_for_errors(self):
+    """Raises ``CheckpointWriteError`` if a background write has failed (non-blocking)."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._write_failed(e)
 
   def _quarantine(self, step: int, error: Exception):
     """Moves a damaged step out of the manager's directory (process 0 only; kept, not deleted)."""
     if jax.process_index() != 0:
       return
-    src = os.path.join(self.directory, str(step))
-    dst_root = os.path.join(self.workdir, DAMAGED_SUBDIR)
-    os.makedirs(dst_root, exist_ok=True)
-    dst = os.path.join(dst_root, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
-    shutil.move(src, dst)
-    with open(os.path.join(dst_root, "README.txt"), "a") as f:
-      f.write(f"{os.path.basename(dst)}: restore failed with {type(error).__name__}: "
-              f"{error}\n")
+    src = self.manager.directory / str(step)
+    dst_root = self.workdir / DAMAGED_SUBDIR
+    dst = dst_root / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+    try:
+      dst_root.mkdir(parents=True, exist_ok=True)
+      src.rename(dst)
+      notes = dst_root / "README.txt"
+      old = notes.read_text() if notes.exists() else ""
+      notes.write_text(old + f"{dst.name}: restore failed with {type(error).__name__}: "
+                       f"{error}\n")
+    except OSError as e:
+      raise RuntimeError(
+          f"checkpoint step {step} in {self.directory} is damaged ({type(error).__name__}: "
+          f"{error}) and could not be moved aside to {os.fspath(dst)} ({e}). Nothing was "
+          "deleted; move that step folder out of the checkpoints folder by hand and rerun.") from e
     logging.warning("Damaged checkpoint step %d moved to %s (not deleted).", step, dst)
 
   def restore_latest(self, abstract_model: Any, abstract_train: Any):
@@ -103,6 +151,7 @@ class RunCheckpoints:
 
     step, restored = rk_ckpt.restore_newest_intact(
         self.manager, make_args, on_damaged=lambda s, e: damaged.append((s, e)))
+    self.last_saved = step
     if damaged and step is None:
       # Nothing restores: more likely a code/model change than damage everywhere. Refuse
       # to start over (that would bury the work) and leave every checkpoint in place.
@@ -125,7 +174,7 @@ class RunCheckpoints:
 
   def restore_model(self, step: int, abstract_model: Any):
     """Restores only the ``model`` item (params, batch_stats) of ``step``."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+    restored = rk_ckpt.restore_verified(self.manager, step, ocp.args.Composite(**{
         rk_ckpt.MODEL_ITEM: ocp.args.StandardRestore(abstract_model)}))
     return restored[rk_ckpt.MODEL_ITEM]
 
@@ -137,7 +186,34 @@ class RunCheckpoints:
     return step
 
   def wait_until_finished(self):
-    self.manager.wait_until_finished()
+    """Blocks until every write committed; ``CheckpointWriteError`` if one failed."""
+    if self._closed:
+      return
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._write_failed(e)
 
   def close(self):
-    self.manager.close()
+    """Shuts orbax's threads down (also after a failed write, which ``manager.close`` skips).
+
+    Never raises: errors are logged. Closing twice is a no-op.
+    """
+    if self._closed:
+      return
+    self._closed = True
+    m = self.manager
+    try:
+      m.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("A checkpoint write of %s failed: %s: %s", self.directory,
+                    type(e).__name__, e)
+    # CheckpointManager.close() stops at a failed wait; close its parts one by one.
+    for part in ("_checkpointer", "_non_blocking_metadata_store",
+                 "_blocking_metadata_store", "_checkpoint_deleter"):
+      try:
+        getattr(m, part).close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error("Closing the checkpoint manager's %s failed: %s: %s", part,
+                      type(e).__name__, e)

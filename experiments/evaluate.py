@@ -30,25 +30,24 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments import run_config, rundir, steps  # pylint: disable=g-import-not-at-top
   from rknet_jax import checkpoint as rk_ckpt  # pylint: disable=g-import-not-at-top
 
-  run_file = os.path.join(workdir, train.RUN_FILE)
-  if not os.path.exists(run_file):
-    raise FileNotFoundError(f"{run_file} not found: not a training workdir")
-  with open(run_file) as f:
-    run = json.load(f)
+  run = rundir.read_run_file(workdir)
+  if run is None:
+    raise FileNotFoundError(
+        f"{os.fspath(rundir.path(workdir, rundir.RUN_FILE))} not found: not a training workdir")
   config = ml_collections.ConfigDict(run["config"])
   if batch_size is not None:
     config.eval_batch_size = batch_size
   if data_dir is not None:
     config.data_dir = data_dir
-  mesh = train.make_mesh() if mesh is None else mesh
+  mesh = steps.make_mesh() if mesh is None else mesh
   if config.eval_batch_size % mesh.devices.size:
     raise ValueError(f"eval batch {config.eval_batch_size} is not divisible by the "
                      f"{mesh.devices.size} devices")
   input_pipeline.preflight(config)
-  model = train.build_model(config, run["num_classes"])
+  model = run_config.build_model(config, run["num_classes"])
   target = rk_ckpt.abstract_variables(model, run["input_shape"],
                                       sharding=NamedSharding(mesh, P()))
   manager = rk_ckpt.checkpoint_manager(workdir, read_only=True)
@@ -61,11 +60,11 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
     manager.close()
   if found is None:
     raise FileNotFoundError(f"no intact checkpoint under {workdir}")
-  eval_step = train.make_eval_step(model, mesh)
+  eval_step = steps.make_eval_step(model, mesh)
   batches = input_pipeline.eval_iterator(
       config, split, batch_size=config.eval_batch_size, process_index=jax.process_index(),
       process_count=jax.process_count())
-  out = train.evaluate(eval_step, restored[rk_ckpt.MODEL_ITEM], batches, mesh,
+  out = steps.evaluate(eval_step, restored[rk_ckpt.MODEL_ITEM], batches, mesh,
                        config.eval_batch_size)
   out.update(step=int(found), split=split, model=config.model, dataset=config.dataset)
   return out

@@ -8,15 +8,25 @@ Datasets (paper section 4.1, plus `digits` for an offline quickstart):
 | `cifar10`, `cifar100` | 32x32x3 | 10, 100 | 45,000 / 5,000 / 10,000 |
 | `svhn_cropped` | 32x32x3 | 10 | 68,257 / 5,000 / 26,032 (`svhn_extra` adds 531,131) |
 | `imagenet2012` | image_size^2 x 3 | 1000 | 1,271,167 / 10,000 / 50,000 (official val) |
+| `mnist`, `fashion_mnist`, `kmnist` | 28x28x1 (TFDS) | 10 | 60,000 / 0 / 10,000 |
+| `tfds:NAME` | any TFDS image-classification dataset with train and test splits, in memory |
+| `npz:FILE` | arrays in one .npz file (experiments/data/npz.py) |
+| `folder:PATH` | PNG/JPEG in PATH/{train,test[,validation]}/<class>/ (experiments/data/folder.py) |
+
+Paper datasets use the published per-channel mean/std; every other source computes them from
+its official training split. `data_spec(config)` returns them with the image shape and class
+names as JSON (the runner saves it as `workdir/data.json`; `rknet_jax.load_checkpoint`'s
+`predict` applies it to raw images).
 
 Config fields read (a `ml_collections.ConfigDict` or a dict; those after `seed` are optional):
-  dataset: one of the names above.
+  dataset: one of the names or forms above.
   batch_size: global batch size (all hosts together).
   seed: training seed (default 0): fixes the order of the training examples and the
     augmentation; batch `s` is a pure function of (seed, s).
   data_dir: TFDS data directory (None: `$TFDS_DATA_DIR` or ~/tensorflow_datasets).
   validation_size: examples held out of the official training split for model selection
-    (None: the dataset's default above; 0: no validation split).
+    (None: the dataset's default above, 0 for the other sources; 0: no validation split). An
+    npz/folder source with its own validation split uses it as is (validation_size must be 0).
   split_seed: seed of the validation hold-out (default 0), separate from `seed` so that runs
     with different seeds are selected on the same validation examples.
   augment: training augmentation (None: dataset default). False for digits, CIFAR and SVHN (the
@@ -33,10 +43,18 @@ Config fields read (a `ml_collections.ConfigDict` or a dict; those after `seed` 
     pods, but then global batches depend on the host count (resume with the same count).
   svhn_extra: train SVHN on train+extra (default False).
   prefetch: host batches prepared ahead by a background thread (default 2).
+  resize: folder datasets only: 0 (default) requires one image size; N resizes images of another
+    size to N x N.
 
-Determinism and resumption. Digits, CIFAR and SVHN are held in host memory as uint8 arrays; epoch
-e visits the training examples in `permutation(seed, e)` order and the last N mod B are dropped,
-so `steps_per_epoch = N // B`, and batch s is exact and free to compute from (seed, s). ImageNet is
+Structure. `load(config)` reads the config once into a `Dataset` (experiments/data/base.py:
+info, preflight, split sizes, training batches from any step, padded eval batches), implemented
+by `in_memory.InMemoryDataset` (digits, TFDS, npz, folder) and `imagenet.ImagenetDataset`; the
+functions below are thin wrappers that keep the runner's calls unchanged.
+
+Determinism and resumption. Digits, CIFAR, SVHN and the other sources above except ImageNet are
+held in host memory as arrays (large folders: as file lists decoded batch by batch); epoch e
+visits the training examples in `permutation(seed, e)` order and the last N mod B are dropped, so
+`steps_per_epoch = N // B`, and batch s is exact and free to compute from (seed, s). ImageNet is
 streamed with tf.data (see experiments/data/imagenet.py for its order and resumption cost).
 Host p of P receives rows [p*B/P, (p+1)*B/P) of every global batch, so the global batch does not
 depend on the host count; augmentation randomness depends only on (seed, step, row).
@@ -49,41 +67,30 @@ ImageNet preparation (manual; TFDS cannot download it):
   1. Get ILSVRC2012_img_train.tar (~138 GB) and ILSVRC2012_img_val.tar (~6.3 GB) from
      https://image-net.org/download-images (account required).
   2. Put both in `<data_dir>/downloads/manual/` (or any folder given as `manual_dir`).
-  3. Prepare once: `tfds build imagenet2012 --data_dir=<data_dir> --manual_dir=<manual_dir>`
-     (several hours, ~160 GB more disk), or train once with `--config.download=True`.
+  3. Prepare once: `python -m experiments.prepare_data --dataset=imagenet2012
+     --data_dir=<data_dir> --manual_dir=<manual_dir>` (several hours, ~160 GB more disk), or
+     train once with `--config.download=True`.
   `preflight(config)` names the missing file or folder before any training starts.
 """
 import dataclasses
 import numbers
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
+from experiments.data import base
+from experiments.data import folder as folder_lib
 from experiments.data import imagenet as imagenet_lib
 from experiments.data import in_memory
+from experiments.data import npz as npz_lib
 from experiments.data import prefetch as prefetch_lib
+from experiments.data import prepare as prepare_lib
 from experiments.data import tfds_utils
 
-IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+IMAGENET_MANUAL_FILES = prepare_lib.IMAGENET_MANUAL_FILES
 EVAL_SPLITS = ("validation", "test")
 SVHN_EXTRA_SIZE = 531_131
-
-
-class DatasetInfo(NamedTuple):
-  """Static facts about a dataset (sizes with the default validation hold-out).
-
-  `train_size` excludes the `validation_size` examples held out of the official training split;
-  `test_size` is the official test split (ImageNet: the official validation set).
-  `mean` / `std` are the per-channel statistics used for standardisation, in raw pixel units
-  (0..255; digits 0..16).
-  """
-  name: str
-  num_classes: int
-  image_shape: Tuple[int, int, int]
-  train_size: int
-  validation_size: int
-  test_size: int
-  mean: Tuple[float, ...] = ()
-  std: Tuple[float, ...] = ()
+DatasetInfo = base.DatasetInfo
+Dataset = base.Dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,24 +130,58 @@ _SPECS = {
                           True, False),
 }
 DATASETS = tuple(_SPECS)
+# TFDS image-classification datasets known by their plain name (any other: `tfds:NAME`).
+TFDS_SHORT_NAMES = ("mnist", "fashion_mnist", "kmnist")
+PREFIXES = ("tfds:", "npz:", "folder:")
 
 
-def _spec(name) -> _Spec:
-  if name not in _SPECS:
-    raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-  return _SPECS[name]
+def _parse_name(name):
+  """config.dataset -> (source, target): digits/tfds/imagenet/npz/folder and a name or path."""
+  if not isinstance(name, str):
+    raise ValueError(f"config.dataset must be a string, got {name!r}")
+  if name == "digits":
+    return "digits", name
+  if name == "imagenet2012":
+    return "imagenet", name
+  if name in _SPECS or name in TFDS_SHORT_NAMES:
+    return "tfds", name
+  for prefix in PREFIXES:
+    if name.startswith(prefix) and name[len(prefix):]:
+      target = name[len(prefix):]
+      if prefix == "tfds:":
+        return ("imagenet" if target == "imagenet2012" else "tfds"), target
+      return prefix[:-1], os.path.abspath(os.path.expanduser(target))
+  raise ValueError(
+      f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS + TFDS_SHORT_NAMES)}, "
+      "or tfds:NAME (any TFDS image-classification dataset), npz:FILE, folder:PATH")
 
 
-def dataset_info(name: str, *, image_size: int = 224) -> DatasetInfo:
-  """Sizes, shape, classes and standardisation constants of dataset `name`.
+def check_dataset_name(name: str) -> None:
+  """Raises ValueError for a `config.dataset` value that names no dataset (no data is read)."""
+  _parse_name(name)
+
+
+def _spec(name) -> Optional[_Spec]:
+  """The static facts of a paper dataset (None for the other sources)."""
+  _parse_name(name)
+  return _SPECS.get(name)
+
+
+def dataset_info(name, *, image_size: int = 224) -> DatasetInfo:
+  """Sizes, shape, classes and standardisation constants of a dataset.
 
   Args:
-    name: one of `DATASETS`.
-    image_size: ImageNet crop size (ignored by the other datasets).
+    name: one of `DATASETS` (answered without reading data), or a config (any source: reads
+      the training split where the facts come from the data).
+    image_size: ImageNet crop size (ignored by the other datasets and when `name` is a config).
   Raises:
     ValueError: unknown name (the message lists the known ones).
   """
+  if not isinstance(name, str):
+    return load(name).info
   spec = _spec(name)
+  if spec is None:
+    return load({"dataset": name, "batch_size": 1}).info
   shape = (image_size, image_size, 3) if name == "imagenet2012" else spec.image_shape
   return DatasetInfo(name, spec.num_classes, shape, spec.official_train - spec.default_validation,
                      spec.default_validation, spec.test, spec.mean, spec.std)
@@ -155,6 +196,8 @@ _MISSING = object()
 @dataclasses.dataclass(frozen=True)
 class _Settings:
   dataset: str
+  source: str
+  target: str
   batch_size: int
   seed: int
   data_dir: Optional[str]
@@ -168,10 +211,7 @@ class _Settings:
   svhn_extra: bool
   prefetch: int
   host_shards: bool
-
-  @property
-  def spec(self) -> _Spec:
-    return _SPECS[self.dataset]
+  resize: int
 
 
 def _field(config, name, default=_MISSING):
@@ -195,30 +235,36 @@ def _int(label, value, minimum=None):
 
 def _settings(config) -> _Settings:
   dataset = _field(config, "dataset")
-  spec = _spec(dataset)
+  source, target = _parse_name(dataset)
+  spec = _SPECS.get(dataset)
   batch_size = _int("config.batch_size", _field(config, "batch_size"), 1)
   validation_size = _field(config, "validation_size", None)
   if validation_size is None:
-    validation_size = spec.default_validation
+    validation_size = spec.default_validation if spec else 0
   validation_size = _int("config.validation_size", validation_size, 0)
   svhn_extra = bool(_field(config, "svhn_extra", False))
   if svhn_extra and dataset != "svhn_cropped":
     raise ValueError(f"config.svhn_extra=True applies to svhn_cropped only, not {dataset!r}")
-  official = spec.official_train + (SVHN_EXTRA_SIZE if svhn_extra else 0)
-  if validation_size >= official:
-    raise ValueError(f"config.validation_size={validation_size} must be smaller than the "
-                     f"{official} official training examples of {dataset}")
+  if spec:
+    official = spec.official_train + (SVHN_EXTRA_SIZE if svhn_extra else 0)
+    if validation_size >= official:
+      raise ValueError(f"config.validation_size={validation_size} must be smaller than the "
+                       f"{official} official training examples of {dataset}")
   augment = _field(config, "augment", None)
-  augment = spec.default_augment if augment is None else bool(augment)
+  augment = (spec.default_augment if spec else False) if augment is None else bool(augment)
   if augment and dataset == "digits":
     raise ValueError("config.augment=True is not supported for digits (8x8 images: pad-4 "
                      "crops would remove half the digit); use augment=False or None")
   image_size = _field(config, "image_size", None)
   image_size = 224 if not image_size else _int("config.image_size", image_size, 8)
+  resize = _int("config.resize", _field(config, "resize", 0) or 0, 0)
+  if resize and source != "folder":
+    raise ValueError(f"config.resize={resize} applies to folder:PATH datasets only, not "
+                     f"{dataset!r}")
   data_dir = _field(config, "data_dir", None)
   manual_dir = _field(config, "manual_dir", None)
   return _Settings(
-      dataset=dataset, batch_size=batch_size,
+      dataset=dataset, source=source, target=target, batch_size=batch_size,
       seed=_int("config.seed", _field(config, "seed", 0)),
       data_dir=os.path.expanduser(data_dir) if data_dir else None,
       validation_size=validation_size,
@@ -227,7 +273,7 @@ def _settings(config) -> _Settings:
       manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
       shuffle_buffer=_int("config.shuffle_buffer", _field(config, "shuffle_buffer", 10_000), 1),
       svhn_extra=svhn_extra, prefetch=_int("config.prefetch", _field(config, "prefetch", 2), 1),
-      host_shards=bool(_field(config, "host_shards", False)))
+      host_shards=bool(_field(config, "host_shards", False)), resize=resize)
 
 
 def _check_hosts(batch_size, process_index, process_count, what="batch_size"):
@@ -240,53 +286,31 @@ def _check_hosts(batch_size, process_index, process_count, what="batch_size"):
   return process_index, process_count
 
 
-def _manual_dir(s: _Settings) -> str:
-  return s.manual_dir or os.path.join(s.data_dir or tfds_utils.default_data_dir(), "downloads",
-                                      "manual")
-
-
-def _imagenet_builder(s: _Settings):
-  return tfds_utils.get_builder("imagenet2012", s.data_dir, download=s.download,
-                                manual_dir=_manual_dir(s))
-
-
 # ------------------------------------------------------------------------------------------------
-# Public API.
+# Sources.
 
 
-def preflight(config) -> str:
-  """Checks the config and that the data can be loaded, before any training starts.
+def _preflight_digits(unused_s) -> str:
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(datasets.__file__), "data", "digits.csv.gz")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"scikit-learn's bundled digits file is missing: {path}")
+  return f"digits: scikit-learn bundled data ({path})"
 
-  Returns a one-line description of where the data comes from. Raises ValueError for bad
-  config values and FileNotFoundError naming the missing dataset folder or ImageNet tar file.
-  Under `tfds.testing.mock_data` only the config is checked.
-  """
-  s = _settings(config)
-  if s.dataset == "digits":
-    from sklearn import datasets  # pylint: disable=g-import-not-at-top
-    path = os.path.join(os.path.dirname(datasets.__file__), "data", "digits.csv.gz")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"scikit-learn's bundled digits file is missing: {path}")
-    return f"digits: scikit-learn bundled data ({path})"
-  tfds = tfds_utils.import_tfds()
+
+def _preflight_tfds(s: _Settings) -> str:
   if tfds_utils.tfds_is_mocked():
     return f"{s.dataset}: tfds.testing.mock_data (synthetic)"
-  builder = tfds.builder(s.dataset, data_dir=s.data_dir)
+  builder = prepare_lib.builder_for(s.target, s.data_dir)
   where = str(builder.data_dir)
   if builder.is_prepared():
     return f"{s.dataset}: prepared TFDS dataset in {where}"
-  fix = (f"prepare it with `tfds build {s.dataset} --data_dir={builder.data_dir_root}` or set "
-         "config.download=True")
-  if s.dataset == "imagenet2012":
-    manual = _manual_dir(s)
-    missing = [os.path.join(manual, f) for f in IMAGENET_MANUAL_FILES
-               if not os.path.isfile(os.path.join(manual, f))]
-    if missing:
-      raise FileNotFoundError(
-          f"imagenet2012 is not prepared in {where} (no dataset_info.json there) and the manual "
-          f"download is incomplete: missing {', '.join(missing)}. Download "
-          f"{' and '.join(IMAGENET_MANUAL_FILES)} from https://image-net.org/download-images "
-          f"into {manual} (or set config.manual_dir), then {fix}.")
+  manual = (s.manual_dir or prepare_lib.default_manual_dir(s.data_dir)
+            if s.source == "imagenet" else None)
+  fix = (f"prepare it once with `{prepare_lib.command(s.target, builder.data_dir_root, manual)}`"
+         " or set config.download=True")
+  if s.source == "imagenet":
+    prepare_lib.check_manual_files(s.target, manual)
     if not s.download:
       raise FileNotFoundError(
           f"imagenet2012 is not prepared in {where} (no dataset_info.json there); the tar files "
@@ -299,28 +323,70 @@ def preflight(config) -> str:
   return f"{s.dataset}: will be downloaded into {where}"
 
 
+_IN_MEMORY_LOADERS = {"digits": in_memory.load_digits, "tfds": in_memory.load_tfds,
+                      "npz": npz_lib.load, "folder": folder_lib.load}
+_PREFLIGHTS = {"digits": _preflight_digits, "tfds": _preflight_tfds}
+
+
+def _dataset(s: _Settings) -> Dataset:
+  spec = _SPECS.get(s.dataset)
+  if s.source == "imagenet":
+    info = dataset_info("imagenet2012", image_size=s.image_size)
+    return imagenet_lib.ImagenetDataset(s, info, _preflight_tfds)
+  return in_memory.InMemoryDataset(
+      s, _IN_MEMORY_LOADERS[s.source], preflight=_PREFLIGHTS.get(s.source),
+      mean=spec.mean if spec else None, std=spec.std if spec else None)
+
+
+def load(config) -> Dataset:
+  """Reads `config` once (all checks before any data is touched) into its `Dataset`."""
+  return _dataset(_settings(config))
+
+
+# ------------------------------------------------------------------------------------------------
+# The runner's functions (thin wrappers over `load(config)`).
+
+
+def preflight(config) -> str:
+  """Checks the config and that the data can be loaded, before any training starts.
+
+  Returns a one-line description of where the data comes from. Raises ValueError for bad
+  config values or bad data (npz/folder: naming the file) and FileNotFoundError naming the
+  missing dataset folder, file or ImageNet tar file. Under `tfds.testing.mock_data` only the
+  config is checked for TFDS datasets.
+  """
+  return load(config).preflight()
+
+
 def split_sizes(config) -> dict:
   """{"train", "validation", "test"} example counts for this config (train after hold-out)."""
-  s = _settings(config)
-  if s.spec.in_memory:
-    splits = in_memory.load_splits(s)
-    return {"train": len(splits.train), "validation": len(splits.validation),
-            "test": len(splits.test)}
-  builder = _imagenet_builder(s)
-  train, validation, test = imagenet_lib.splits(s.validation_size)
-  return {"train": imagenet_lib.split_size(builder, train),
-          "validation": imagenet_lib.split_size(builder, validation) if validation else 0,
-          "test": imagenet_lib.split_size(builder, test)}
+  return load(config).split_sizes()
 
 
 def steps_per_epoch(config) -> int:
   """Training steps per epoch: train_examples // batch_size (the remainder is dropped)."""
   s = _settings(config)
-  n = split_sizes(config)["train"]
+  n = _dataset(s).split_sizes()["train"]
   if n < s.batch_size:
     raise ValueError(f"batch_size={s.batch_size} exceeds the {n} training examples of "
                      f"{s.dataset}")
   return n // s.batch_size
+
+
+def data_spec(config) -> dict:
+  """The preprocessing of this config's training, as JSON (see `rknet_jax.preprocessing`).
+
+  {"dataset", "image_shape", "num_classes", "class_names", "mean", "std", "resize"}: the network
+  input is (raw - mean) / std per channel, raw pixels as the dataset stores them. The runner
+  saves it as workdir/data.json.
+  """
+  s = _settings(config)
+  info = _dataset(s).info
+  names = list(info.class_names) or [str(i) for i in range(info.num_classes)]
+  return {"dataset": s.dataset, "image_shape": [int(d) for d in info.image_shape],
+          "num_classes": int(info.num_classes), "class_names": names,
+          "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std],
+          "resize": s.resize}
 
 
 def train_iterator(config, *, start_step: int, process_index: int, process_count: int):
@@ -335,21 +401,8 @@ def train_iterator(config, *, start_step: int, process_index: int, process_count
   s = _settings(config)
   process_index, process_count = _check_hosts(s.batch_size, process_index, process_count)
   start_step = _int("start_step", start_step, 0)
-  if s.spec.in_memory:
-    train = in_memory.load_splits(s).train
-    batches = in_memory.train_batches(
-        train, mean=s.spec.mean, std=s.spec.std, batch_size=s.batch_size, seed=s.seed,
-        start_step=start_step, process_index=process_index, process_count=process_count,
-        augment=s.augment)
-  else:
-    builder = _imagenet_builder(s)
-    split = imagenet_lib.splits(s.validation_size)[0]
-    batches = imagenet_lib.train_batches(
-        builder, split=split, num_examples=imagenet_lib.split_size(builder, split),
-        batch_size=s.batch_size, seed=s.seed, start_step=start_step,
-        process_index=process_index, process_count=process_count, augment=s.augment,
-        image_size=s.image_size, shuffle_buffer=s.shuffle_buffer, mean=s.spec.mean,
-        std=s.spec.std, host_shards=s.host_shards)
+  batches = _dataset(s).train_batches(start_step=start_step, process_index=process_index,
+                                      process_count=process_count)
   return prefetch_lib.Prefetcher(batches, size=s.prefetch)
 
 
@@ -360,8 +413,8 @@ def eval_iterator(config, split: str, *, batch_size: int, process_index: int,
   Items are {"image": float32[b, H, W, C], "label": int32[b], "mask": float32[b]} with
   b = batch_size // process_count; padding rows have zero image, label 0 and mask 0. Every host
   yields ceil(N / batch_size) batches. `split` is "validation" (held out of the official training
-  split) or "test" (the official test split). with_index=True adds "index": int64[b], the
-  example's position in the split (-1 for padding).
+  split, or the source's own) or "test" (the official test split). with_index=True adds
+  "index": int64[b], the example's position in the split (-1 for padding).
   """
   if split not in EVAL_SPLITS:
     raise ValueError(f"Unknown eval split {split!r}; expected one of {EVAL_SPLITS}")
@@ -369,34 +422,25 @@ def eval_iterator(config, split: str, *, batch_size: int, process_index: int,
   batch_size = _int("eval batch_size", batch_size, 1)
   process_index, process_count = _check_hosts(batch_size, process_index, process_count,
                                               what="eval batch_size")
-  if split == "validation" and s.validation_size == 0:
+  ds = _dataset(s)
+  if split == "validation" and ds.split_sizes()["validation"] == 0:
     raise ValueError(f"config.validation_size=0: {s.dataset} has no validation split to "
                      "evaluate")
-  if s.spec.in_memory:
-    data = getattr(in_memory.load_splits(s), split)
-    batches = in_memory.eval_batches(
-        data, mean=s.spec.mean, std=s.spec.std, batch_size=batch_size,
-        process_index=process_index, process_count=process_count, with_index=with_index)
-  else:
-    builder = _imagenet_builder(s)
-    name = dict(zip(("validation", "test"), imagenet_lib.splits(s.validation_size)[1:]))[split]
-    batches = imagenet_lib.eval_batches(
-        builder, split=name, num_examples=imagenet_lib.split_size(builder, name),
-        batch_size=batch_size, process_index=process_index, process_count=process_count,
-        image_size=s.image_size, mean=s.spec.mean, std=s.spec.std, with_index=with_index)
+  batches = ds.eval_batches(split, batch_size=batch_size, process_index=process_index,
+                            process_count=process_count, with_index=with_index)
   return prefetch_lib.Prefetcher(batches, size=s.prefetch)
 
 
-def load_splits(config) -> in_memory.Splits:
-  """The in-memory splits (digits, CIFAR, SVHN) as uint8 images, int32 labels and int64 ids.
+def load_splits(config) -> base.Splits:
+  """The in-memory splits as uint8 images, int32 labels and int64 ids.
 
   `ids` are positions in the official split each example comes from, so train and validation ids
   are disjoint. For inspection and tests; training uses `train_iterator`.
   """
-  s = _settings(config)
-  if not s.spec.in_memory:
-    raise ValueError(f"{s.dataset} is streamed with tf.data, not held in memory")
-  return in_memory.load_splits(s)
+  ds = load(config)
+  if not isinstance(ds, in_memory.InMemoryDataset):
+    raise ValueError(f"{ds.info.name} is streamed with tf.data, not held in memory")
+  return ds.splits()
 
 
 def clear_cache():

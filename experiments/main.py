@@ -4,7 +4,9 @@
 
 Any config field can be overridden, e.g. ``--config.num_epochs=1 --config.seed=7``.
 Rerunning the same command with the same ``--workdir`` resumes from the newest intact
-checkpoint. SIGTERM (preemption) checkpoints and exits 0.
+checkpoint. SIGTERM (preemption) checkpoints and exits 0; SIGINT exits 130 after the cleanup.
+A run that stops itself (non-finite state, failed checkpoint write, workdir held by another
+run, unreadable checkpoint) logs one error line naming the cause and exits 1.
 
 Multi-host (one process per host, every process runs the same command):
 ``--distributed`` calls ``jax.distributed.initialize`` -- with ``--coordinator_address``,
@@ -54,17 +56,50 @@ def initialize_distributed():
                jax.device_count())
 
 
+def load_config():
+  """``FLAGS.config``; a ``--config`` file that does not exist exits 1 with one line."""
+  path = config_flags.get_config_filename(FLAGS["config"])
+  file = path.split(":", 1)[0]
+  if not os.path.isfile(file):
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    sys.exit(
+        f"error: --config={path}: no such file {os.path.abspath(file)!r}. The configs are the "
+        f"files in {here} (e.g. --config=experiments/configs/digits.py).")
+  return FLAGS.config
+
+
+def exit_now(code: int):
+  """Exits with ``code`` even if orbax threads of a failed checkpoint write still wait.
+
+  By now ``train_and_evaluate`` has run its cleanup (checkpoint manager closed, metrics
+  flushed, workdir lock released); a failed write can leave orbax threads waiting forever for
+  signals that will not come, and a normal exit would join them and hang.
+  """
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = load_config()
   # TensorFlow (tf.data only) must never take accelerator memory.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from experiments import metrics  # pylint: disable=g-import-not-at-top
   metrics.console_logging()
   initialize_distributed()
   from experiments import train  # pylint: disable=g-import-not-at-top
-  logging.info("Config:\n%s", FLAGS.config)
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  logging.info("Config:\n%s", config)
+  try:
+    result = train.train_and_evaluate(config, FLAGS.workdir)
+  except train.RUN_STOPPED as e:  # the run stopped itself, with a message that says why
+    logging.error("%s: %s", type(e).__name__, e)
+    exit_now(1)
+  except BaseException as e:  # pylint: disable=broad-except
+    logging.exception("Training stopped: %s: %s", type(e).__name__, e)
+    exit_now(130 if isinstance(e, KeyboardInterrupt) else 1)
   if result.get("preempted"):
     logging.warning("Stopped by SIGTERM at step %d (checkpointed).", result["step"])
     sys.exit(0)

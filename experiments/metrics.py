@@ -1,18 +1,31 @@
 """Run metrics: ``metrics.jsonl``, TensorBoard event files, and the loss/error curves PNG.
 
+``MetricsLog`` writes ``metrics.jsonl`` (one JSON record per line) and TensorBoard summaries on
+process 0; ``TrainWindow`` gathers the train-step metrics of one logging window, fetches them
+once, hands them to the run's checks and logs their means with images/s and the ETA.
+
 The TensorBoard writer emits the standard event-file format (TFRecord-framed ``Event``
 protos, ``brain.Event:2``) with TensorBoard's own protos and record framing, so it needs
 the ``tensorboard`` package but not TensorFlow (importing TensorFlow costs ~8 s, more
 than the whole digits quickstart spends compiling).
 """
 
+import io
 import json
 import logging as pylogging
 import os
 import socket
 import time
+from typing import Callable, Optional
 
-METRICS_FILE = "metrics.jsonl"
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+
+from experiments import rundir
+
+METRICS_FILE = rundir.METRICS_FILE
 
 
 class _QuietOrbax(pylogging.Filter):
@@ -30,7 +43,6 @@ class _QuietOrbax(pylogging.Filter):
 
 def console_logging():
   """absl INFO logging on the console, without orbax's per-checkpoint INFO lines."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
@@ -40,14 +52,15 @@ def console_logging():
 class TensorBoardWriter:
   """Scalar summaries in TensorBoard's event-file format (``tensorboard --logdir=DIR``)."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir):
     from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
     from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=g-import-not-at-top
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-    os.makedirs(logdir, exist_ok=True)
+    logdir = epath.Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(logdir, name)
-    self._file = open(self.path, "wb")
+    self.path = logdir / name
+    self._file = self.path.open("wb")
     self._records = RecordWriter(self._file)
     self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
@@ -69,20 +82,136 @@ class TensorBoardWriter:
 
 def read_metrics(workdir: str) -> list:
   """The records of ``workdir/metrics.jsonl`` (a line cut by a kill is skipped)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  try:
+    text = rundir.path(workdir, METRICS_FILE).read_text()
+  except FileNotFoundError:
     return []
   out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        pass
+  for line in text.splitlines():
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      pass
   return out
 
 
-def plot_curves(workdir: str, out_path: str):
+class MetricsLog:
+  """``metrics.jsonl`` + TensorBoard on process 0. Timing fields are kept under ``time_*``.
+
+  Records are appended to a local file as they come; on other file systems (no append) the
+  file is rewritten at each ``flush``.
+  """
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    self.file = rundir.path(workdir, METRICS_FILE)
+    self.local = rundir.is_local(workdir)
+    self.writer = None
+    self._lines, self._unwritten = [], []
+    if not self.enabled:
+      return
+    # A resumed run redoes the steps after its checkpoint: drop their records so the
+    # file reads as one uninterrupted run.
+    self._lines = [json.dumps(r) for r in read_metrics(workdir)
+                   if r.get("step", 0) <= resume_step]
+    if self.file.exists():
+      tmp = self.file.parent / (self.file.name + ".tmp")
+      tmp.write_text("".join(l + "\n" for l in self._lines))
+      tmp.replace(self.file)
+    try:
+      self.writer = TensorBoardWriter(rundir.path(workdir, rundir.TENSORBOARD_SUBDIR))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("TensorBoard summaries disabled (%s); metrics.jsonl is still written", e)
+
+  def write(self, step: int, split: str, values: dict):
+    """Records ``values`` of ``split`` at ``step`` (floats; ints kept as ints)."""
+    if not self.enabled:
+      return
+    rec = {"step": int(step), "split": split}
+    rec.update({k: (float(v) if not isinstance(v, int) else v) for k, v in values.items()})
+    line = json.dumps(rec)
+    self._lines.append(line)
+    if self.local:
+      with open(os.fspath(self.file), "a") as f:
+        f.write(line + "\n")
+    else:
+      self._unwritten.append(line)
+    if self.writer is not None:
+      for k, v in values.items():
+        if not k.startswith("time_"):
+          self.writer.scalar(f"{split}/{k}", float(v), int(step))
+        elif k == "time_images_per_sec":
+          self.writer.scalar("perf/images_per_sec", float(v), int(step))
+
+  def flush(self):
+    """Makes every record so far durable (rewrites the file where appending is impossible)."""
+    if self._unwritten:
+      self.file.write_text("".join(l + "\n" for l in self._lines))
+      self._unwritten = []
+    if self.writer is not None:
+      self.writer.flush()
+
+  def close(self):
+    """Flushes and closes the TensorBoard file."""
+    self.flush()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def fmt_time(seconds: float) -> str:
+  """``h:mm:ss`` of a duration."""
+  seconds = max(0, int(seconds))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class TrainWindow:
+  """The train-step metrics of one logging window: fetched once, checked, logged as means.
+
+  ``add`` keeps the device arrays (no host sync); ``flush`` fetches them, passes each step's
+  host values to ``check(step, values)`` (which may raise), writes the window's means with
+  images/s and the elapsed time, and logs a progress line with the ETA.
+  """
+
+  def __init__(self, log: MetricsLog, *, start_step: int, total_steps: int,
+               steps_per_epoch: int, global_batch: int,
+               check: Optional[Callable[[int, dict], None]] = None):
+    self.log, self.check = log, check
+    self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+    self.global_batch = global_batch
+    self.pending = []
+    self.t_start = self.t_last = time.time()
+    self.step_last = start_step
+
+  def add(self, step: int, device_metrics: dict):
+    """Keeps the metrics of ``step`` (device arrays) until the next ``flush``."""
+    self.pending.append((step, device_metrics))
+
+  def flush(self, step: int):
+    """Fetches, checks and logs the pending steps (nothing to do when none are pending)."""
+    if not self.pending:
+      return
+    fetched = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending = []
+    if self.check is not None:
+      for s, m in zip(steps, fetched):
+        self.check(s, m)
+    now = time.time()
+    dt = max(now - self.t_last, 1e-9)
+    ips = (step - self.step_last) * self.global_batch / dt
+    self.t_last, self.step_last = now, step
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
+            if np.ndim(fetched[0][k]) == 0}
+    eta = (self.total_steps - step) * dt / max(len(fetched), 1)
+    mean.update(time_images_per_sec=ips, time_elapsed_sec=now - self.t_start)
+    self.log.write(step, "train", mean)
+    logging.info("step %d/%d (epoch %.2f)  loss %.4f  top1_err %.4f  lr %.4g  "
+                 "%.1f img/s  ETA %s", step, self.total_steps, step / self.steps_per_epoch,
+                 mean["loss"], mean["top1_error"], mean["learning_rate"], ips,
+                 fmt_time(eta))
+
+
+def plot_curves(workdir: str, out_path):
   """PNG of the training loss and train/validation/test top-1 error against step."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -103,5 +232,7 @@ def plot_curves(workdir: str, out_path: str):
     if ax.get_legend_handles_labels()[0]:
       ax.legend()
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
   plt.close(fig)
+  epath.Path(out_path).write_bytes(buf.getvalue())

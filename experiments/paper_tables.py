@@ -4,15 +4,15 @@ Usage::
 
   python -m experiments.paper_tables            # all 16 rows
   python -m experiments.paper_tables --table 3  # one table
+  python -m experiments.paper_tables --keys     # the rows' keys for configs/paper.py
+  python -m experiments.paper_tables --markdown # the README's table of rows and commands
 
-The 16 rows are the 13 RKNet rows (the ready-made models of ``rknet_jax.list_models()``)
-and the three baselines of Table 2 (DenseNet-BC, two CliqueNets).  Every model is built
-with :func:`rknet_jax.create_model` and counted from its own jaxpr by
+The rows are those of :data:`rknet_jax.paper.ROWS` (13 RKNets and the three baselines of
+Table 2).  Every model is built from its row's spec and counted from its own jaxpr by
 :mod:`rknet_jax.counting` (paper conventions: params = trainable parameters, BN running
 statistics excluded; FLOPs = 2 x multiply-adds of convolutions and FC layers per image).
 Inputs: CIFAR 32x32x3 (Tables 1-2, params counted for 10 classes, as the paper states for
-Table 2), ImageNet 224x224x3 with 1000 classes (Table 3).  The paper's values are those of
-``shared/paper/ARCHITECTURE.md`` (the paper's tables, cleaned up).
+Table 2), ImageNet 224x224x3 with 1000 classes (Table 3).
 
 A row matches when both our params (M) and GFLOPs lie within one unit of the last digit
 the paper prints (0.01 for "0.74", 0.1 for "15.3").  The exit status is 1 if any row does
@@ -24,71 +24,11 @@ import dataclasses
 import decimal
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
-CIFAR_SHAPE = (1, 32, 32, 3)
-IMAGENET_SHAPE = (1, 224, 224, 3)
+from rknet_jax.paper import PaperRow, ROWS
 
-
-@dataclasses.dataclass(frozen=True)
-class PaperRow:
-  """One row of the paper's Tables 1-3.
-
-  Attributes:
-    table: 1, 2 or 3.
-    label: the model as the paper's table names it.
-    name: the name given to ``rknet_jax.create_model``.
-    kwargs: the other ``create_model`` arguments (growth rate, classes, ...).
-    input_shape: NHWC shape counted (batch 1).
-    gflops: the paper's GFLOPs, as printed (a string, so its precision is kept).
-    params_m: the paper's parameters in millions, as printed.
-  """
-  table: int
-  label: str
-  name: str
-  kwargs: Mapping[str, Any]
-  input_shape: tuple
-  gflops: str
-  params_m: str
-
-
-def _row(table, label, name, input_shape, num_classes, gflops, params):
-  return PaperRow(table, label, name, {"num_classes": num_classes}, input_shape, gflops,
-                  params)
-
-
-# Names are those of rknet_jax.list_models(): each ready-made model carries the table's
-# hyper-parameters (k, m_n, bottleneck width, stem, multiscale); the class count is
-# passed explicitly, as the tables count it.
-ROWS = (
-    # Table 1: CIFAR-10, k = 36, m = 1, multiscale.
-    _row(1, "ERKNet-6×1 6×1 6×1", "ERKNet-6×1 6×1 6×1", CIFAR_SHAPE, 10, "0.66", "0.74"),
-    _row(1, "ERKNet-7×1 6×1 6×1", "ERKNet-7×1 6×1 6×1", CIFAR_SHAPE, 10, "0.83", "0.83"),
-    _row(1, "ERKNet-7×1 7×1 6×1", "ERKNet-7×1 7×1 6×1", CIFAR_SHAPE, 10, "0.87", "0.91"),
-    _row(1, "ERKNet-7×1 7×1 7×1", "ERKNet-7×1 7×1 7×1", CIFAR_SHAPE, 10, "0.88", "0.99"),
-    _row(1, "IRKNet-3×1 3×1 3×1", "IRKNet-3×1 3×1 3×1", CIFAR_SHAPE, 10, "0.38", "0.32"),
-    _row(1, "IRKNet-4×1 3×1 3×1", "IRKNet-4×1 3×1 3×1", CIFAR_SHAPE, 10, "0.62", "0.40"),
-    _row(1, "IRKNet-4×1 4×1 3×1", "IRKNet-4×1 4×1 3×1", CIFAR_SHAPE, 10, "0.68", "0.49"),
-    _row(1, "IRKNet-4×1 4×1 4×1", "IRKNet-4×1 4×1 4×1", CIFAR_SHAPE, 10, "0.69", "0.57"),
-    # Table 2: CIFAR, multiscale, params counted for 10 classes.
-    _row(2, "DenseNet-BC (depth 250), k=24", "DenseNet-BC-250-k24", CIFAR_SHAPE, 10,
-         "10.83", "15.3"),
-    _row(2, "CliqueNet (T=18), k=80", "CliqueNet-T18-k80", CIFAR_SHAPE, 10, "9.45",
-         "10.14"),
-    _row(2, "CliqueNet-ABC (T=30), k=150", "CliqueNet-ABC-T30-k150", CIFAR_SHAPE, 10,
-         "10.56", "10.48"),
-    _row(2, "IRKNet-5×1 5×1 5×1-AB, k=150", "IRKNet-5×1 5×1 5×1-AB-k150", CIFAR_SHAPE, 10,
-         "7.62", "4.87"),
-    _row(2, "IRKNet-5×1 5×1 5×1-AB, k=180", "IRKNet-5×1 5×1 5×1-AB-k180", CIFAR_SHAPE, 10,
-         "10.98", "6.99"),
-    # Table 3: ImageNet, k = 32, m_0..m_2 = 2, 4, 8, bottleneck width 4k, last period only.
-    _row(3, "ERKNet-3×1 3×1 3×1 1×1-B, m_3=16", "ERKNet-3×1 3×1 3×1 1×1-B", IMAGENET_SHAPE,
-         1000, "5.20", "6.95"),
-    _row(3, "ERKNet-3×1 3×1 4×1 2×1-B, m_3=20", "ERKNet-3×1 3×1 4×1 2×1-B", IMAGENET_SHAPE,
-         1000, "6.35", "14.49"),
-    _row(3, "ERKNet-3×1 3×1 6×1 2×1-B, m_3=28", "ERKNet-3×1 3×1 6×1 2×1-B", IMAGENET_SHAPE,
-         1000, "8.50", "25.51"),
-)
+__all__ = ["ROWS", "PaperRow", "Result", "agrees", "measure", "format_results", "main"]
 
 
 def _unit(printed: str) -> float:
@@ -137,8 +77,8 @@ def measure(row: PaperRow) -> Result:
   """
   from rknet_jax import counting, registry  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  model = registry.create_model(row.name, **row.kwargs)
-  counts = counting.model_counts(model, row.input_shape)
+  model = registry.create_model(row.spec)
+  counts = counting.model_counts(model, (1,) + row.input_shape)
   return Result(row, counts.params, counts.flops, time.perf_counter() - start)
 
 
@@ -160,13 +100,29 @@ def format_results(results: Sequence[Result]) -> str:
                  "yes" if r.match else "NO"))
   widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
             for i, h in enumerate(header)]
-  fmt = lambda cells: "  ".join(
-      c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+  def fmt(cells):
+    return "  ".join(c.ljust(w) if i == 1 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths)))
+
   lines = [fmt(header), "-" * len(fmt(header))]
   lines += [fmt(b) for b in body]
   n_ok = sum(r.match for r in results)
   lines.append(f"{n_ok}/{len(results)} rows match the paper to its printed precision "
                "(one unit of the last printed digit); '!' marks a value that does not.")
+  return "\n".join(lines)
+
+
+def markdown() -> str:
+  """The README's table of the paper's rows: what the paper reports and the command per row."""
+  lines = ["| table | model | data (batch) | paper: params (M), GFLOPs, test error (%) | command |",
+           "| --- | --- | --- | --- | --- |"]
+  for row in ROWS:
+    data = " / ".join(row.datasets) + f" ({row.batch_size})"
+    errors = ", ".join(f"{v} {k}" for k, v in row.errors.items())
+    lines.append(f"| {row.table} | {row.label} | {data} | {row.params_m}, {row.gflops}, "
+                 f"{errors} | `python -m experiments.main --config=experiments/configs/paper.py:"
+                 f"{row.key} --workdir=runs/{row.key}` |")
   return "\n".join(lines)
 
 
@@ -177,7 +133,18 @@ def main(argv: Sequence[str] | None = None) -> int:
       description="Our params/GFLOPs next to the paper's Tables 1-3.")
   parser.add_argument("--table", type=int, choices=(1, 2, 3), action="append",
                       help="only these tables (repeatable); default all")
+  parser.add_argument("--markdown", action="store_true",
+                      help="print the README's table of rows and commands and exit")
+  parser.add_argument("--keys", action="store_true",
+                      help="list the rows' keys (experiments/configs/paper.py:<key>) and exit")
   args = parser.parse_args(argv)
+  if args.markdown:
+    print(markdown())
+    return 0
+  if args.keys:
+    for row in ROWS:
+      print(f"{row.key}  ({', '.join(row.datasets)}, batch {row.batch_size})")
+    return 0
   rows = [r for r in ROWS if not args.table or r.table in args.table]
   results = []
   for row in rows:

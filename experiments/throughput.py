@@ -31,7 +31,8 @@ def main(argv):
   from experiments import metrics  # pylint: disable=g-import-not-at-top
   metrics.console_logging()
   del argv
-  from experiments import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from experiments import input_pipeline, optim, run_config, steps, train
   from experiments.configs import default  # pylint: disable=g-import-not-at-top
   from experiments.data import tfds_utils  # pylint: disable=g-import-not-at-top
   c = default.get_config()
@@ -44,14 +45,14 @@ def main(argv):
   c.eval_batch_size = c.batch_size
 
   # Bare step.
-  mesh = train.make_mesh()
-  model = train.build_model(c, 10)
-  sched = train.learning_rate_schedule(c, 1000, 10 ** 6)
-  tx = train.make_optimizer(c, sched)
-  state = train.create_train_state(model, tx, (32, 32, 3), 0, mesh)
-  step = train.make_train_step(model, tx, sched, mesh, state)
+  mesh = steps.make_mesh()
+  model = run_config.build_model(c, 10)
+  sched = optim.learning_rate_schedule(c, 1000, 10 ** 6)
+  tx = optim.make_optimizer(c, sched)
+  state = steps.create_train_state(model, tx, (32, 32, 3), 0, mesh)
+  step = steps.make_train_step(model, tx, sched, mesh, state)
   rng = np.random.default_rng(0)
-  batch = train.global_batch(
+  batch = steps.global_batch(
       {"image": rng.normal(size=(c.batch_size, 32, 32, 3)).astype(np.float32),
        "label": rng.integers(0, 10, c.batch_size).astype(np.int32)}, mesh, c.batch_size)
   for _ in range(2):

@@ -29,6 +29,10 @@ _EXPORTS = {
     "IRKStep": "rknet_jax.blocks",
     "DenseBlock": "rknet_jax.blocks",
     "CliqueBlock": "rknet_jax.blocks",
+    "RKNetSpec": "rknet_jax.spec",
+    "TableauRKNetSpec": "rknet_jax.spec",
+    "DenseNetSpec": "rknet_jax.spec",
+    "CliqueNetSpec": "rknet_jax.spec",
     "parse_name": "rknet_jax.registry",
     "create_model": "rknet_jax.registry",
     "list_models": "rknet_jax.registry",
@@ -42,8 +46,8 @@ _EXPORTS = {
 }
 
 _SUBMODULES = ("tableaus", "order_conditions", "rk", "tableau_block", "conv",
-               "layers", "blocks", "models", "registry", "counting", "summary",
-               "checkpoint")
+               "layers", "blocks", "models", "checks", "spec", "names", "paper", "registry",
+               "counting", "summary", "checkpoint", "preprocessing", "convergence")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

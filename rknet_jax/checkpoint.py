@@ -2,45 +2,78 @@
 
 A workdir written by ``experiments.train.train_and_evaluate`` holds
 
-* ``model.json``: the exact ``rknet_jax.create_model`` call (name and keyword arguments)
-  and the input image shape, so the model can be rebuilt without the training config;
+* ``model.json``: the model's spec (``rknet_jax.spec``, every default filled in, so a
+  later change of a default does not change it) and the input image shape, so the model
+  can be rebuilt without the training config;
+* ``data.json``: the training preprocessing (``rknet_jax.preprocessing``: per-channel
+  mean/std of the training split, image shape, class names);
 * ``checkpoints/<step>/``: orbax checkpoints with the items ``model`` (``params`` and
   ``batch_stats``, the two collections of the model contract), ``train`` (optimiser
   state, step, RNG) and ``meta`` (JSON: step, epoch, dataset, ...).
+
+Every saved array's checksum (``checksums``: CRC-32 of its bytes, with dtype and shape) is
+recorded in the ``meta`` item at save time; :func:`restore_newest_intact` verifies it, so a
+flipped bit is a damaged checkpoint, skipped like a truncated one.
 
 This module only reads. The training-side writer lives in ``experiments/checkpointing.py``;
 the two share the layout constants and :func:`restore_newest_intact` defined here.
 """
 
+import errno
 import json
 import logging
 import os
 from typing import Any, Callable, Optional, Sequence
+import zlib
 
+from etils import epath
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from rknet_jax import preprocessing
 
 CHECKPOINT_SUBDIR = "checkpoints"
 MODEL_FILE = "model.json"
 MODEL_ITEM = "model"
 TRAIN_ITEM = "train"
 META_ITEM = "meta"
+CHECKSUMS_KEY = "checksums"
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+class ChecksumError(ValueError):
+  """A restored array differs from the one saved: the checkpoint's bytes are damaged."""
 
 
-def write_model_spec(workdir: str, name: str, kwargs: dict, input_shape: Sequence[int]):
-  """Writes ``model.json``: the ``create_model`` call that rebuilds the trained model."""
-  spec = {"name": name, "kwargs": dict(kwargs), "input_shape": [int(d) for d in input_shape]}
+class CheckpointUnreadable(PermissionError):
+  """A checkpoint cannot be read (permissions): not damaged, and left where it is."""
+
+# model.json files of the first format, {"name", "kwargs", "input_shape"}, were written
+# when every model's BatchNorm defaulted to these values; they are pinned on reading.
+_LEGACY_BN = {"bn_momentum": 0.9, "bn_epsilon": 1e-5}
+# ... and the runner passed its IRK options to every model: dropped where a family has
+# no such field and the value is the one it always was.
+_LEGACY_IRK = {"num_updates": 1, "update_order": "gauss_seidel", "share_weights": True}
+
+
+def write_model_spec(workdir: str, spec, input_shape: Sequence[int]):
+  """Writes ``model.json``: the model's spec (every default filled in) and input shape.
+
+  The file is ``spec.to_json()`` with the key ``input_shape`` added (see
+  :mod:`rknet_jax.spec`); it is replaced atomically.
+  """
+  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  data = json.loads(registry.resolve(spec).to_json())
+  data["input_shape"] = [int(d) for d in input_shape]
   tmp = os.path.join(workdir, MODEL_FILE + ".tmp")
   with open(tmp, "w") as f:
-    json.dump(spec, f, indent=2, sort_keys=True)
+    json.dump(data, f, indent=2, sort_keys=True)
   os.replace(tmp, os.path.join(workdir, MODEL_FILE))
 
 
 def read_model_spec(workdir: str) -> Optional[dict]:
-  """Returns the ``model.json`` of ``workdir``, or None when there is none."""
+  """The ``model.json`` of ``workdir`` as a dict, or None when there is none."""
   path = os.path.join(workdir, MODEL_FILE)
   if not os.path.exists(path):
     return None
@@ -48,13 +81,29 @@ def read_model_spec(workdir: str) -> Optional[dict]:
     return json.load(f)
 
 
-def model_from_spec(spec: dict):
-  """Rebuilds the model of a ``model.json`` spec with ``rknet_jax.create_model``."""
-  from rknet_jax.registry import create_model  # pylint: disable=g-import-not-at-top
-  kwargs = dict(spec["kwargs"])
-  if isinstance(kwargs.get("dtype"), str):
-    kwargs["dtype"] = _DTYPES[kwargs["dtype"]]
-  return create_model(spec["name"], **kwargs)
+def saved_spec(data: dict):
+  """The spec of a ``model.json`` dict (this format, or the first: name + kwargs)."""
+  from rknet_jax import names, registry, spec as spec_lib  # pylint: disable=g-import-not-at-top
+  data = {k: v for k, v in data.items() if k != "input_shape"}
+  if "family" in data:
+    return spec_lib.from_json(data)
+  name, kwargs = data["name"], {**_LEGACY_BN, **data["kwargs"]}
+  if name.startswith("DenseNet"):
+    kept = ()
+  elif name.startswith("CliqueNet"):
+    kept = ("num_updates", "update_order")
+  else:
+    kept = () if names.parse(name).tableau else tuple(_LEGACY_IRK)
+  for key, value in _LEGACY_IRK.items():
+    if key not in kept and kwargs.get(key) == value:
+      del kwargs[key]
+  return registry.parse_name(name, **kwargs)
+
+
+def model_from_spec(data: dict):
+  """The model of a ``model.json`` dict (see :func:`saved_spec`), built, not initialised."""
+  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  return registry.create_model(saved_spec(data))
 
 
 def abstract_variables(model, input_shape: Sequence[int], sharding=None):
@@ -68,14 +117,98 @@ def abstract_variables(model, input_shape: Sequence[int], sharding=None):
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), dict(shapes))
 
 
-def checkpoint_manager(workdir: str, *, read_only: bool = True,
+def checkpoint_manager(workdir, *, read_only: bool = True,
                        options: Optional[ocp.CheckpointManagerOptions] = None):
-  """An orbax ``CheckpointManager`` on ``workdir/checkpoints`` with this layout's items."""
+  """An orbax ``CheckpointManager`` on ``workdir/checkpoints`` with this layout's items.
+
+  ``workdir`` is any path ``etils.epath`` supports (local, ``gs://``, ...).
+  """
   if options is None:
     options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
+  root = os.fspath(workdir)
+  root = epath.Path(root if "://" in root else os.path.abspath(root))
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR),
-      item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM), options=options)
+      root / CHECKPOINT_SUBDIR, item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM),
+      options=options)
+
+
+def _host_array(x) -> np.ndarray:
+  if isinstance(x, jax.Array):
+    x = x.addressable_data(0) if x.is_fully_replicated else x
+  return np.asarray(x)
+
+
+def checksums(tree) -> dict:
+  """``{leaf path: "dtype[shape]:crc32"}`` of the arrays of ``tree`` (replicated or host).
+
+  CRC-32 detects every single-bit and burst error of up to 32 bits in an array.
+  """
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = _host_array(leaf)
+    out[jax.tree_util.keystr(path)] = (
+        f"{a.dtype.name}{list(a.shape)}:{zlib.crc32(a.tobytes()):08x}")
+  return out
+
+
+def verify_checksums(step: int, restored) -> None:
+  """Compares restored items with the checksums in their ``meta``; ``ChecksumError`` if any differ.
+
+  Items or checkpoints saved without checksums (older runs) are not checked.
+  """
+  meta = restored.get(META_ITEM) if META_ITEM in restored else None
+  expected_items = (meta or {}).get(CHECKSUMS_KEY, {})
+  for item, expected in expected_items.items():
+    if item not in restored or restored[item] is None:
+      continue
+    got = checksums(restored[item])
+    for path in sorted(set(expected) | set(got)):
+      if expected.get(path) != got.get(path):
+        raise ChecksumError(
+            f"step {step}: the restored {item} array {path} has checksum {got.get(path)}, "
+            f"saved as {expected.get(path)}: the checkpoint's bytes changed after saving")
+
+
+def _permission_denied(error: BaseException) -> Optional[BaseException]:
+  """The permission error in ``error``'s chain (or message), if any."""
+  seen = set()
+  e = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EACCES,
+                                                                      errno.EPERM):
+      return e
+    if "Permission denied" in str(e) or "PERMISSION_DENIED" in str(e):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _with_meta(args):
+  """Restore args that also read ``meta`` (the checksums) when the caller did not ask."""
+  if META_ITEM in args:
+    return args
+  return ocp.args.Composite(**dict(args.items()), **{META_ITEM: ocp.args.JsonRestore()})
+
+
+def restore_verified(manager, step: int, args):
+  """``manager.restore(step, args)`` plus ``meta``, with the checksums verified.
+
+  Raises ``ChecksumError`` on a mismatch and ``CheckpointUnreadable`` when permission is
+  denied.
+  """
+  try:
+    restored = manager.restore(step, args=_with_meta(args))
+  except Exception as e:  # pylint: disable=broad-except
+    denied = _permission_denied(e)
+    if denied is not None:
+      raise CheckpointUnreadable(
+          f"checkpoint step {step} in {manager.directory} cannot be read ({denied}): it is "
+          "not damaged, and nothing was moved. Fix the files' permissions (or run as their "
+          "owner) and rerun.") from e
+    raise
+  verify_checksums(step, restored)
+  return restored
 
 
 def restore_newest_intact(manager, make_args: Callable[[int], Any],
@@ -85,9 +218,10 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
 
   Steps are tried newest first. A step whose restore fails (orbax raises ``ValueError``
   on a committed step with truncated or missing files; tensorstore and the file system
-  raise other errors) is reported with a warning, handed to ``on_damaged`` and skipped;
-  it is never deleted here. With ``step`` given, only that step is tried and any error
-  propagates.
+  raise other errors) or whose arrays fail their saved checksums (``ChecksumError``) is
+  reported with a warning, handed to ``on_damaged`` and skipped; it is never deleted here.
+  A step that cannot be read for lack of permission raises ``CheckpointUnreadable`` (it is
+  not damaged). With ``step`` given, only that step is tried and any error propagates.
 
   Args:
     manager: an orbax ``CheckpointManager``.
@@ -103,10 +237,12 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
       raise ValueError(
           f"no checkpoint for step {step} in {manager.directory}; "
           f"available steps: {sorted(manager.all_steps())}")
-    return step, manager.restore(step, args=make_args(step))
+    return step, restore_verified(manager, step, make_args(step))
   for s in sorted(manager.all_steps(), reverse=True):
     try:
-      return s, manager.restore(s, args=make_args(s))
+      return s, restore_verified(manager, s, make_args(s))
+    except CheckpointUnreadable:
+      raise
     except Exception as e:  # pylint: disable=broad-except
       logging.warning(
           "Checkpoint step %d in %s is damaged and is skipped (%s: %s); trying the "
@@ -127,9 +263,14 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
 
   Returns:
     ``(model, variables, predict)``: the Flax module (rebuilt from ``model.json``), its
-    ``{"params", "batch_stats"}`` on the default device, and a jitted
-    ``predict(images) -> float32 logits`` in inference mode (``train=False``), for NHWC
-    images preprocessed as in training.
+    ``{"params", "batch_stats"}`` on the default device, and
+    ``predict(images, preprocess=True) -> float32 logits`` (jitted, inference mode). By
+    default ``predict`` takes RAW images (pixels as in the dataset, ``[N, H, W, C]`` or
+    ``[N, H, W]``) and applies the run's training preprocessing from ``data.json``
+    (``rknet_jax.preprocessing.preprocess``); ``preprocess=False`` takes images already
+    standardised as in training. ``predict.data_spec`` is that ``data.json`` (class names
+    included), or None for workdirs written before it existed, where only
+    ``preprocess=False`` is possible.
   """
   spec = read_model_spec(workdir)
   if spec is None:
@@ -154,11 +295,23 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
   def _predict(variables, images):
     return model.apply(variables, images, train=False)
 
-  def predict(images):
-    """Logits ``float32[N, num_classes]`` of NHWC ``images`` (inference mode)."""
+  data_spec = preprocessing.read_data_spec(workdir)
+
+  def predict(images, preprocess: bool = True):
+    """Logits ``float32[N, num_classes]`` of raw ``images`` (or standardised ones with
+    ``preprocess=False``), in inference mode."""
+    if preprocess:
+      if data_spec is None:
+        raise ValueError(
+            f"{os.path.join(workdir, preprocessing.DATA_FILE)} not found (the run predates "
+            "it): standardise the images as in training and call predict(images, "
+            "preprocess=False)")
+      images = preprocessing.preprocess(images, data_spec)
     return _predict(variables, jnp.asarray(images, jnp.float32))
 
-  logging.info("Loaded %s from %s step %d", spec["name"], workdir, found)
+  predict.data_spec = data_spec
+
+  logging.info("Loaded %s from %s step %d", spec.get("name"), workdir, found)
   return model, variables, predict
 
 

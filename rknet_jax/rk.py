@@ -49,7 +49,7 @@ from jax.flatten_util import ravel_pytree
 from rknet_jax import tableaus as tableaus_lib
 
 __all__ = ["rk_step", "odeint_fixed", "runge_kutta_step", "default_implicit_iterations",
-           "SOLVERS", "measured_order", "convergence_errors"]
+           "SOLVERS"]
 
 SOLVERS = ("fixed_point", "newton")
 
@@ -218,7 +218,8 @@ def rk_step(f: VectorField, t, y, h, tableau, *, implicit_iterations: Optional[i
   Args:
     f: the vector field ``f(t, y)`` of equation 1, returning a pytree like ``y``.
     t: current time t_n (Python or JAX scalar).
-    y: current state y_n, any pytree of floating arrays (float32 or float64).
+    y: current state y_n, any pytree of floating arrays (float32 or float64); integer
+      leaves raise TypeError.
     h: step size (Python or JAX scalar; may be traced, e.g. learned).
     tableau: a :class:`~rknet_jax.tableaus.ButcherTableau` or the name of a shipped one.
     implicit_iterations: for implicit tableaus, the fixed number of solver iterations;
@@ -232,18 +233,61 @@ def rk_step(f: VectorField, t, y, h, tableau, *, implicit_iterations: Optional[i
   Returns:
     y_{n+1}, with the pytree structure and leaf dtypes of ``y``.
 
+  Raises:
+    TypeError: if a leaf of ``y`` is not floating point.
+    ValueError: if ``f`` returns another pytree structure or leaf shape than ``y``, or
+      for a bad solver or iteration count.
+
   Works under ``jax.jit`` (pass the tableau as a static argument or close over it),
   ``jax.grad`` and ``jax.vmap``.
   """
   tableau = tableaus_lib.get(tableau)
   _check_solver(solver)
   iterations = _check_iterations(implicit_iterations)
+  _check_state(y)
+  f = _checked_vector_field(f, y)
   if tableau.is_implicit and iterations is None:
     iterations = default_implicit_iterations(tableau.order, solver)
   return runge_kutta_step(lambda i, ti, yi: f(ti, yi), t, y, h, tableau.a, tableau.b,
                           tableau.c, explicit=tableau.is_explicit,
                           implicit_iterations=iterations or 1, solver=solver,
                           shared_predictor=True)
+
+
+def _leaf_name(path) -> str:
+  return "y" + jax.tree_util.keystr(path)
+
+
+def _check_state(y, what: str = "y"):
+  """Raises TypeError unless every leaf of ``y`` is a floating-point array or scalar."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(y)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{what}{jax.tree_util.keystr(path)} has dtype {dtype}: a Runge-Kutta state "
+          "must be floating point (an integer state would truncate every step); convert "
+          "it first, e.g. jnp.asarray(y, jnp.float32)")
+
+
+def _checked_vector_field(f: VectorField, y) -> VectorField:
+  """Wraps ``f`` so a result with another pytree structure or leaf shapes than ``y``
+  raises a ValueError naming both (checked once per trace, at no run-time cost)."""
+  y_leaves, y_tree = jax.tree_util.tree_flatten_with_path(y)
+
+  def checked(t, yi):
+    out = f(t, yi)
+    out_tree = jax.tree_util.tree_structure(out)
+    if out_tree != jax.tree_util.tree_structure(y):
+      raise ValueError(f"f(t, y) returned a pytree of structure {out_tree}, but the "
+                       f"state y has structure {y_tree}: f must return dy/dt shaped like y")
+    for (path, yl), zl in zip(y_leaves, jax.tree_util.tree_leaves(out)):
+      if jnp.shape(zl) != jnp.shape(yl):
+        raise ValueError(f"f(t, y) returned shape {jnp.shape(zl)} for "
+                         f"{_leaf_name(path)} of shape {jnp.shape(yl)}: f must return "
+                         "dy/dt with the shape of y (no broadcasting)")
+    return out
+
+  return checked
 
 
 def _check_num_steps(num_steps):
@@ -276,13 +320,16 @@ def odeint_fixed(f: VectorField, y0, t0, t1, num_steps: int, tableau, *,
     y(t1) (same structure and dtypes as ``y0``), or the trajectory.
 
   Raises:
+    TypeError: if a leaf of ``y0`` is not floating point.
     ValueError: if ``num_steps`` is not a positive int, or for a bad solver or
-      iteration count (before anything is traced).
+      iteration count (before anything is traced), or if ``f`` returns another pytree
+      structure or leaf shape than ``y0``.
   """
   num_steps = _check_num_steps(num_steps)
   tableau = tableaus_lib.get(tableau)
   _check_solver(solver)
   _check_iterations(implicit_iterations)
+  _check_state(y0, "y0")
   # Strongly typed leaves, so the scan carry keeps one type.
   y0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), y0)
   h = (t1 - t0) / num_steps
@@ -297,97 +344,3 @@ def odeint_fixed(f: VectorField, y0, t0, t1, num_steps: int, tableau, *,
     return y_final
   return jax.tree_util.tree_map(
       lambda first, rest: jnp.concatenate([first[None], rest], axis=0), y0, ys)
-
-
-# ----------------------------------------------------------------------------------------
-# Measured convergence order (used by ``python -m rknet_jax.tableaus``).
-
-_LINEAR_A = np.array([[-0.5, 2.0, 0.0], [-2.0, -0.5, 0.5], [0.0, -0.5, -0.3]])
-_LINEAR_Y0 = np.array([1.0, 0.0, 0.5])
-_LOG_A = np.array([[0.0, 1.0], [-1.0, -0.2]])
-_LOG_Y0 = np.array([1.5, 0.5])
-
-
-def _linear_problem():
-  """y' = A y, y(0) = y0 on [0, 1]; exact y(1) = expm(A) y0."""
-  a = jnp.asarray(_LINEAR_A)
-  exact = jax.scipy.linalg.expm(a) @ jnp.asarray(_LINEAR_Y0)
-  return (lambda t, y: a @ y), jnp.asarray(_LINEAR_Y0), exact
-
-
-def _nonlinear_problem():
-  """Non-autonomous Riccati u' = -2 t u^2 (u = 1/(1+t^2)) and the coupled system
-  v' = v * (B log v) (v = exp(expm(B t) log v0)), as one dict state, on [0, 1]."""
-  b = jnp.asarray(_LOG_A)
-
-  def f(t, y):
-    return {"u": -2.0 * t * y["u"] ** 2, "v": y["v"] * (b @ jnp.log(y["v"]))}
-
-  y0 = {"u": jnp.asarray(1.0, jnp.float64), "v": jnp.asarray(_LOG_Y0)}
-  exact = {"u": jnp.asarray(0.5, jnp.float64),
-           "v": jnp.exp(jax.scipy.linalg.expm(b) @ jnp.log(jnp.asarray(_LOG_Y0)))}
-  return f, y0, exact
-
-
-def default_step_counts(tableau):
-  """Step counts keeping float64 errors of the test problems in the asymptotic regime
-  and above round-off (about 1e-2 down to 1e-13)."""
-  tableau = tableaus_lib.get(tableau)
-  order = tableau.order
-  if tableau.name == "dopri5":
-    # Dormand-Prince minimised the principal (h^5) error coefficient, so h^6 terms
-    # dominate down to smaller h.
-    return (16, 24, 32, 48)
-  if order <= 2:
-    return (16, 32, 64, 128)
-  if order <= 4:
-    return (8, 16, 32, 64)
-  return (8, 12, 16, 24)
-
-
-def convergence_errors(tableau, problem: str = "nonlinear", num_steps=None,
-                       implicit_iterations: Optional[int] = None,
-                       solver: str = "fixed_point"):
-  """Max-norm errors at t = 1 on a float64 test problem, one per entry of ``num_steps``.
-
-  ``problem`` = ``"linear"`` (y' = A y, reference ``expm``) or ``"nonlinear"`` (Riccati
-  + log-linear system with closed-form solutions), both over [0, 1].  One compilation
-  per call: the step count is a traced loop bound.
-  """
-  tableau = tableaus_lib.get(tableau)
-  problems = {"linear": _linear_problem, "nonlinear": _nonlinear_problem}
-  if problem not in problems:
-    raise ValueError(f"problem must be one of {sorted(problems)}, got {problem!r}")
-  num_steps = tuple(num_steps or default_step_counts(tableau))
-  for n in num_steps:
-    _check_num_steps(n)
-  with jax.enable_x64(True):
-    f, y0, exact = problems[problem]()
-
-    @jax.jit
-    def error(n):
-      h = 1.0 / n.astype(jnp.float64)
-
-      def body(k, y):
-        return rk_step(f, k * h, y, h, tableau, implicit_iterations=implicit_iterations,
-                       solver=solver)
-
-      y1 = lax.fori_loop(0, n, body, y0)
-      diffs = jax.tree_util.tree_map(lambda u, v: jnp.max(jnp.abs(u - v)), y1, exact)
-      return jnp.max(jnp.stack(jax.tree_util.tree_leaves(diffs)))
-
-    return np.array([float(error(jnp.asarray(n, jnp.int64))) for n in num_steps])
-
-
-def measured_order(tableau, problem: str = "nonlinear", num_steps=None,
-                   implicit_iterations: Optional[int] = None,
-                   solver: str = "fixed_point") -> float:
-  """Empirical convergence order: least-squares slope of log(error) vs log(h).
-
-  Uses :func:`convergence_errors` (float64, t in [0, 1], h = 1 / num_steps).
-  """
-  tableau = tableaus_lib.get(tableau)
-  num_steps = tuple(num_steps or default_step_counts(tableau))
-  errors = convergence_errors(tableau, problem, num_steps, implicit_iterations, solver)
-  hs = 1.0 / np.asarray(num_steps, np.float64)
-  return float(np.polyfit(np.log(hs), np.log(errors), 1)[0])

@@ -12,7 +12,7 @@ the largest p with local truncation error O(h^{p+1}); see
 
 This module defines :class:`ButcherTableau` (immutable, validated on construction), one
 module-level constant per shipped method, and the look-up functions :func:`get` and
-:func:`names`.  ``python -m rknet_jax.tableaus`` prints the table of shipped methods with
+:func:`names`.  ``python -m rknet_jax.convergence`` prints the table of shipped methods with
 their declared, algebraic (order conditions) and measured (convergence) orders.
 
 References used below:
@@ -369,53 +369,3 @@ def get(name) -> ButcherTableau:
     raise KeyError(f"unknown Butcher tableau {name!r}; known names: {names()}; "
                    f"aliases: {sorted(_ALIASES)}")
   return _TABLEAUS[key]
-
-
-def _main(argv=None):
-  """Prints the table of shipped tableaus: declared, algebraic and measured order."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog="python -m rknet_jax.tableaus",
-      description="Shipped Butcher tableaus with their declared order, the order from "
-                  "the Butcher order conditions and the measured convergence order.")
-  parser.add_argument("--no-empirical", action="store_true",
-                      help="skip the (slower) measured convergence orders")
-  parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
-  args = parser.parse_args(argv)
-
-  # Under ``python -m`` this file runs as __main__, a second copy of the module; use the
-  # package's copy so the tableau class is the one order_conditions and rk know.
-  from rknet_jax import order_conditions  # pylint: disable=g-import-not-at-top
-  from rknet_jax import tableaus as lib  # pylint: disable=g-import-not-at-top
-  measure = None
-  if not args.no_empirical:
-    from rknet_jax import rk  # pylint: disable=g-import-not-at-top
-    measure = rk.measured_order
-
-  header = ["name", "kind", "stages", "declared", "algebraic", "measured (linear)",
-            "measured (nonlinear)"]
-  rows = []
-  for name in lib.names():
-    t = lib.get(name)
-    kind = ("explicit" if t.is_explicit else
-            "DIRK" if t.is_diagonally_implicit else "implicit")
-    row = [name, kind, str(t.num_stages), str(t.order),
-           str(order_conditions.algebraic_order(t, max_order=7))]
-    if measure is not None:
-      row += [f"{measure(t, problem=p):.2f}" for p in ("linear", "nonlinear")]
-    else:
-      row += ["-", "-"]
-    rows.append(row)
-  if args.markdown:
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join(" --- " for _ in header) + "|")
-    for row in rows:
-      print("| " + " | ".join(row) + " |")
-  else:
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for row in [header] + rows:
-      print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
-if __name__ == "__main__":
-  _main()

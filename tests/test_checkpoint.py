@@ -1,4 +1,5 @@
-"""Never lose work: SIGTERM, SIGKILL at an arbitrary step, and a damaged newest checkpoint.
+"""Never lose work: SIGTERM, SIGKILL, SIGINT at an arbitrary step, a damaged newest checkpoint, and
+never hang: a checkpoint write that fails mid-run stops the process.
 
 Real subprocesses of ``python -m experiments.main`` on digits with a tiny ERKNet. One run
 goes through every kind of interruption in turn and must end with exactly (bit for bit)
@@ -38,10 +39,10 @@ def command(workdir):
 class Child:
   """A training subprocess whose log lines are read by a thread (bounded waits)."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, extra=()):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    self.proc = subprocess.Popen(command(workdir), cwd=REPO, env=env,
+    self.proc = subprocess.Popen(command(workdir) + list(extra), cwd=REPO, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines, self.log = queue.Queue(), []
     threading.Thread(target=self._read, daemon=True).start()
@@ -87,8 +88,8 @@ class Child:
 def children():
   started = []
 
-  def start(workdir):
-    c = Child(workdir)
+  def start(workdir, *extra):
+    c = Child(workdir, extra)
     started.append(c)
     return c
 
@@ -146,10 +147,20 @@ def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
   c.proc.kill()
   assert c.wait() == -signal.SIGKILL
 
-  # 3. Resume from the newest checkpoint and finish.
+  # 3. Resume, then SIGINT (Ctrl-C): the in-flight save commits, the lock is released and
+  #    the process exits 130.
+  c = children(work)
+  interrupted = int(c.wait_for(r"Resumed from checkpoint step (\d+)").group(1))
+  assert stopped < interrupted < STEPS
+  c.wait_for(rf"step {interrupted + 3}/")
+  c.proc.send_signal(signal.SIGINT)
+  assert c.wait() == 130, c.text()[-3000:]
+  assert not os.path.exists(os.path.join(work, "run.lock"))
+
+  # 4. Resume from the newest checkpoint and finish.
   c = children(work)
   resumed = int(c.wait_for(r"Resumed from checkpoint step (\d+)").group(1))
-  assert stopped < resumed < STEPS
+  assert interrupted <= resumed < STEPS
   assert c.wait() == 0, c.text()[-3000:]
 
   assert ref_child.wait() == 0, ref_child.text()[-3000:]
@@ -157,7 +168,7 @@ def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
   assert reference[2]["steps"] == STEPS and reference[2]["test_examples"] == 360
   assert_same_run(finished_run(work), reference)
 
-  # 4. Damage the newest checkpoint (truncate its array files): the rerun warns, moves it
+  # 5. Damage the newest checkpoint (truncate its array files): the rerun warns, moves it
   #    aside (kept, not deleted), resumes from the previous one, and ends the same.
   steps = checkpoint_steps(work)
   newest, previous = steps[-1], steps[-2]
@@ -190,7 +201,7 @@ def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
   assert evaluated["step"] == STEPS and evaluated["examples"] == 360
   assert evaluated["top1_error"] == reference[2]["test_top1_error"]
 
-  # 5. A committed step with a whole item missing is damaged too: load_checkpoint skips it
+  # 6. A committed step with a whole item missing is damaged too: load_checkpoint skips it
   #    (with a warning) and gives the previous step; asked for it by number, it raises.
   steps = checkpoint_steps(ref_dir)
   shutil.rmtree(os.path.join(ref_dir, "checkpoints", str(steps[-1]), "model"))
@@ -200,3 +211,41 @@ def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
     np.testing.assert_array_equal(x, y)
   with pytest.raises(Exception):
     rknet_jax.load_checkpoint(ref_dir, step=steps[-1])
+
+
+def make_read_only(folder):
+  """Makes ``folder`` read-only for this user (root: ``chattr +i``); returns the undo.
+
+  Where neither works, the folder is replaced by a file, which fails every write as well.
+  """
+  if os.geteuid() != 0:
+    os.chmod(folder, 0o555)
+    return lambda: os.chmod(folder, 0o755)
+  if subprocess.run(["chattr", "+i", folder], capture_output=True).returncode == 0:
+    return lambda: subprocess.run(["chattr", "-i", folder], check=True)
+  os.rename(folder, folder + ".kept")
+  with open(folder, "w") as f:
+    f.write("a file where the checkpoints folder was")
+  return lambda: (os.remove(folder), os.rename(folder + ".kept", folder))
+
+
+def test_a_checkpoint_folder_turning_read_only_mid_run_stops_the_process_within_seconds(
+    tmp_path, children):
+  """Writable at start (checked), read-only from the first save on: every write fails in
+  orbax's thread, and orbax's waiting threads would block a normal exit forever. The run must
+  exit non-zero naming the failed write; the workdir lock is released."""
+  work = str(tmp_path / "run")
+  c = children(work, "--config.num_train_steps=100000")
+  c.wait_for(r"from scratch")  # checks passed, compiling: no checkpoint yet
+  undo = make_read_only(os.path.join(work, "checkpoints"))
+  try:
+    failed_at = time.time()
+    code = c.wait(timeout=120)
+    took = time.time() - failed_at
+  finally:
+    undo()
+  assert code == 1, c.text()[-3000:]
+  assert took < 60
+  assert re.search(r"CheckpointWriteError: writing step \d+ .* failed", c.text())
+  assert not os.path.exists(os.path.join(work, "run.lock"))
+  assert not os.path.exists(os.path.join(work, "results.json"))

@@ -47,13 +47,15 @@ def raw(images):
 
 
 def test_unknown_dataset_lists_known_ones():
-  for call in (lambda: ip.dataset_info("mnist"),
-               lambda: ip.preflight({"dataset": "mnist", "batch_size": 8}),
-               lambda: ip.train_iterator({"dataset": "mnist", "batch_size": 8}, start_step=0,
-                                         process_index=0, process_count=1)):
-    with pytest.raises(ValueError, match="mnist") as e:
+  for call in (lambda: ip.dataset_info("mnsit"),
+               lambda: ip.preflight({"dataset": "mnsit", "batch_size": 8}),
+               lambda: ip.train_iterator({"dataset": "mnsit", "batch_size": 8}, start_step=0,
+                                         process_index=0, process_count=1),
+               lambda: ip.check_dataset_name("mnsit")):
+    with pytest.raises(ValueError, match="mnsit") as e:
       call()
-    for name in ("cifar10", "cifar100", "svhn_cropped", "imagenet2012", "digits"):
+    for name in ("cifar10", "cifar100", "svhn_cropped", "imagenet2012", "digits", "mnist",
+                 "fashion_mnist", "kmnist", "tfds:NAME", "npz:FILE", "folder:PATH"):
       assert name in str(e.value)
 
 
@@ -116,7 +118,8 @@ def test_preflight_names_missing_imagenet_tar_files(tmp_path):
   val_tar.write_bytes(b"")
   with pytest.raises(FileNotFoundError) as e:  # tars present, but preparing is not allowed
     ip.preflight(config)
-  assert str(tmp_path / "imagenet2012") in str(e.value) and "tfds build" in str(e.value)
+  assert str(tmp_path / "imagenet2012") in str(e.value)
+  assert "python -m experiments.prepare_data --dataset=imagenet2012" in str(e.value)
   assert "will be prepared" in ip.preflight(dict(config, download=True))
   # An explicit manual_dir is where the tar files are looked for.
   other = tmp_path / "elsewhere"

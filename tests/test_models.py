@@ -11,20 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rknet_jax import paper as paper_rows
 from rknet_jax import registry
 
 # Trainable parameters (BN scale+bias, no running statistics) printed by the paper, in
-# millions, with its precision (Tables 1-3; Table 2 counted for 10 classes).
-PAPER_PARAMS_M = {
-    "ERKNet-6×1 6×1 6×1": 0.74, "ERKNet-7×1 6×1 6×1": 0.83, "ERKNet-7×1 7×1 6×1": 0.91,
-    "ERKNet-7×1 7×1 7×1": 0.99, "IRKNet-3×1 3×1 3×1": 0.32, "IRKNet-4×1 3×1 3×1": 0.40,
-    "IRKNet-4×1 4×1 3×1": 0.49, "IRKNet-4×1 4×1 4×1": 0.57,
-    "IRKNet-5×1 5×1 5×1-AB-k150": 4.87, "IRKNet-5×1 5×1 5×1-AB-k180": 6.99,
-    "ERKNet-3×1 3×1 3×1 1×1-B": 6.95, "ERKNet-3×1 3×1 4×1 2×1-B": 14.49,
-    "ERKNet-3×1 3×1 6×1 2×1-B": 25.51,
-    # Baselines, as their own papers (and Table 2) report them.
-    "DenseNet-BC-250-k24": 15.3, "CliqueNet-T18-k80": 10.14, "CliqueNet-ABC-T30-k150": 10.48,
-}
+# millions, as printed (Tables 1-3; Table 2 counted for 10 classes; the baselines as their
+# own papers report them): the rows of rknet_jax.paper.
+PAPER_PARAMS_M = {row.name: row.params_m for row in paper_rows.ROWS}
 # Exact counts known independently: torchvision's DenseNet-121; the authors' RKCNN-E k=36
 # (ERKNet-6×1 6×1 6×1-B with bottleneck width k), given in the issue.
 EXACT_PARAMS = {"DenseNet-121": 7_978_856}
@@ -71,9 +64,9 @@ def test_every_ready_made_model_builds_and_follows_the_contract(name):
 def test_param_count_matches_the_paper(name):
   _, (variables, *_) = _traced(name)
   got = _count(variables["params"])
-  paper = PAPER_PARAMS_M[name]
-  decimals = len(str(paper).split(".")[1])
-  assert round(got / 1e6, decimals) == pytest.approx(paper), (name, got)
+  printed = PAPER_PARAMS_M[name]
+  decimals = len(printed.split(".")[1])
+  assert round(got / 1e6, decimals) == pytest.approx(float(printed)), (name, got)
 
 
 def test_exact_param_counts():

@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 
+from experiments import steps
 from experiments import train
 from experiments.configs import digits
 
@@ -70,7 +71,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
   config = digits.get_config()
   config.update(OVERRIDES)
   ref_dir = str(tmp_path / "one_host")
-  ref = train.train_and_evaluate(config, ref_dir, mesh=train.make_mesh(jax.devices()[:4]))
+  ref = train.train_and_evaluate(config, ref_dir, mesh=steps.make_mesh(jax.devices()[:4]))
   one = train_losses(ref_dir)
   assert len(one) == len(two) == STEPS
   np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)

@@ -23,3 +23,8 @@ def test_readme_library_example_runs():
   np.testing.assert_allclose(namespace["yT"]["x"], np.exp(-np.sin(1.0)), rtol=1e-5)
   assert namespace["logits"].shape == (8, 10)
   assert np.all(np.isfinite(namespace["logits"]))
+
+
+def test_readme_table_of_paper_rows_is_the_paper_module_table():
+  from experiments import paper_tables  # pylint: disable=g-import-not-at-top
+  assert paper_tables.markdown() in README.read_text()

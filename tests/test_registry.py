@@ -26,7 +26,7 @@ def test_generic_rknet_name_reads_s_by_r_per_period():
   assert m.method == "explicit"
   imp = registry.create_model("RKNet-3×2 4×1", growth_rate=8, method="implicit")
   assert imp.method == "implicit"
-  assert registry.parse_name("IRKNet-5x1 5x1 5x1-BA-k150").canonical() == (
+  assert registry.parse_name("IRKNet-5x1 5x1 5x1-BA-k150").name == (
       "IRKNet-5×1 5×1 5×1-AB-k150")
 
 

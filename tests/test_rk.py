@@ -12,6 +12,7 @@ import pytest
 import scipy.linalg
 from jax import lax
 
+from rknet_jax import convergence
 from rknet_jax import rk
 from rknet_jax import tableaus
 
@@ -90,7 +91,7 @@ def test_empirical_convergence_order(name, problem):
     h = T_END / n.astype(jnp.float64)
     return lax.fori_loop(0, n, lambda k, y: rk.rk_step(f, k * h, y, h, tableau), y0)
 
-  ns = rk.default_step_counts(tableau)
+  ns = convergence.default_step_counts(tableau)
   errors = np.array([max_error(integrate(jnp.asarray(n)), exact) for n in ns])
   assert np.all(errors > 1e-13), f"errors {errors} reach round-off"
   slope = np.polyfit(np.log(T_END / np.asarray(ns, np.float64)), np.log(errors), 1)[0]
@@ -318,8 +319,36 @@ def test_default_iterations():
   assert [rk.default_implicit_iterations(p, "newton") for p in (1, 3, 4, 6)] == [1, 2, 3, 3]
 
 
-def test_measured_order_helper():
-  assert abs(rk.measured_order("rk4", "linear") - 4) < 0.3
-  assert abs(rk.measured_order("radau_iia2", "nonlinear") - 3) < 0.3
-  with pytest.raises(ValueError, match="problem must be one of"):
-    rk.measured_order("rk4", "chaotic")
+# ---------------------------------------------------------------------------------------
+# Bad input: clear errors before anything runs (issue 7, section 6).
+
+def test_integer_state_is_rejected_not_truncated():
+  """Before: odeint_fixed of y' = -y from the int array [1, 2] returned [0, 0]."""
+  with pytest.raises(TypeError, match=r"y0 has dtype int.*floating point"):
+    rk.odeint_fixed(lambda t, y: -y, jnp.array([1, 2]), 0.0, 1.0, 10, "rk4")
+  with pytest.raises(TypeError, match=r"y\['b'\] has dtype int"):
+    rk.rk_step(lambda t, y: y, 0.0, {"a": jnp.ones(2), "b": jnp.arange(3)}, 0.1, "euler")
+  # The same state as floats integrates: y(1) = exp(-1) y0.
+  y1 = rk.odeint_fixed(lambda t, y: -y, jnp.array([1.0, 2.0]), 0.0, 1.0, 20, "rk4")
+  np.testing.assert_allclose(np.asarray(y1), np.exp(-1.0) * np.array([1.0, 2.0]),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("f, match", [
+    (lambda t, y: jnp.sum(y), r"returned shape \(\) for y of shape \(3,\)"),
+    (lambda t, y: (y, y), r"returned a pytree of structure"),
+    (lambda t, y: y[:2], r"returned shape \(2,\) for y of shape \(3,\)"),
+])
+def test_vector_field_of_wrong_shape_or_structure_is_named(f, match):
+  """Before: a scalar f broadcast silently and a tuple failed deep inside JAX."""
+  for call in (lambda: rk.rk_step(f, 0.0, jnp.ones(3), 0.1, "rk4"),
+               lambda: rk.odeint_fixed(f, jnp.ones(3), 0.0, 1.0, 4, "rk4"),
+               lambda: rk.rk_step(f, 0.0, jnp.ones(3), 0.1, "gauss_legendre2")):
+    with pytest.raises(ValueError, match=match):
+      call()
+
+
+def test_vector_field_leaf_shape_error_names_the_leaf():
+  y = {"u": jnp.ones(2), "v": jnp.ones((2, 2))}
+  with pytest.raises(ValueError, match=r"for y\['v'\] of shape \(2, 2\)"):
+    rk.rk_step(lambda t, s: {"u": s["u"], "v": s["v"][0]}, 0.0, y, 0.1, "heun")

@@ -1,4 +1,5 @@
-"""Tests for experiments/train.py: data parallelism, exact eval, end-to-end runs, resume.
+"""Tests for the runner (experiments/train.py, steps.py, optim.py): data parallelism, exact
+eval, end-to-end runs, resume.
 
 Tiny models (k = 4, one or two periods) and few steps keep every test to seconds; the
 eight virtual CPU devices come from tests/conftest.py.
@@ -15,6 +16,9 @@ import pytest
 
 from experiments import evaluate as evaluate_lib
 from experiments import input_pipeline
+from experiments import optim
+from experiments import run_config
+from experiments import steps as steps_lib
 from experiments import train
 from experiments.configs import default
 from experiments.data import tfds_utils
@@ -46,19 +50,19 @@ def test_eight_devices_give_the_losses_and_params_of_one_device():
   """Batch sharded on 8 devices, BN over the global batch: same function as 1 device."""
   config = tiny_config()
   info = input_pipeline.dataset_info("digits")
-  model = train.build_model(config, info.num_classes)
-  schedule = train.learning_rate_schedule(config, 20, 100)
-  tx = train.make_optimizer(config, schedule)
+  model = run_config.build_model(config, info.num_classes)
+  schedule = optim.learning_rate_schedule(config, 20, 100)
+  tx = optim.make_optimizer(config, schedule)
   batches = [b for _, b in zip(range(3), input_pipeline.train_iterator(
       config, start_step=0, process_index=0, process_count=1))]
   results = {}
   for n in (1, 8):
-    mesh = train.make_mesh(jax.devices()[:n])
-    state = train.create_train_state(model, tx, info.image_shape, 0, mesh)
-    step = train.make_train_step(model, tx, schedule, mesh, state)
+    mesh = steps_lib.make_mesh(jax.devices()[:n])
+    state = steps_lib.create_train_state(model, tx, info.image_shape, 0, mesh)
+    step = steps_lib.make_train_step(model, tx, schedule, mesh, state)
     losses = []
     for b in batches:
-      state, m = step(state, train.global_batch(b, mesh, config.batch_size))
+      state, m = step(state, steps_lib.global_batch(b, mesh, config.batch_size))
       losses.append(float(m["loss"]))
     leaf = jax.tree.leaves(state.params)[0]
     assert len(leaf.sharding.device_set) == n  # replicated on every mesh device
@@ -73,14 +77,14 @@ def test_exact_eval_counts_1003_examples_at_batch_64_on_8_devices():
   with tfds.testing.mock_data(num_examples=1003):
     config = tiny_config(dataset="cifar10", validation_size=0, data_dir="/nonexistent")
     info = input_pipeline.dataset_info("cifar10")
-    model = train.build_model(config, info.num_classes)
-    mesh = train.make_mesh()
-    variables = train.create_train_state(model, train.make_optimizer(config, 0.1),
+    model = run_config.build_model(config, info.num_classes)
+    mesh = steps_lib.make_mesh()
+    variables = steps_lib.create_train_state(model, optim.make_optimizer(config, 0.1),
                                          info.image_shape, 1, mesh).model_vars()
     assert mesh.devices.size == 8
     batches = input_pipeline.eval_iterator(config, "test", batch_size=64, process_index=0,
                                            process_count=1)
-    out = train.evaluate(train.make_eval_step(model, mesh), variables, batches, mesh, 64)
+    out = steps_lib.evaluate(steps_lib.make_eval_step(model, mesh), variables, batches, mesh, 64)
     assert out["examples"] == 1003
     # Reference: every example once, no padding, plain numpy.
     images, labels = [], []
@@ -110,7 +114,7 @@ def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tmp_path):
   assert on_disk["test_examples"] == 360 and on_disk["steps"] == 40
   assert on_disk["test_model"] == "best"
   assert on_disk["params"] == rknet_jax.count_params(
-      train.build_model(config, 10), (8, 8, 1))
+      run_config.build_model(config, 10), (8, 8, 1))
   assert on_disk["gflops"] > 0
   assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
   assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -135,7 +139,7 @@ def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tmp_path):
   assert set(variables) == {"params", "batch_stats"}
   test = next(iter(input_pipeline.eval_iterator(config, "test", batch_size=360,
                                                 process_index=0, process_count=1)))
-  logits = np.asarray(predict(test["image"]))
+  logits = np.asarray(predict(test["image"], preprocess=False))  # already standardised
   assert logits.shape == (360, 10) and logits.dtype == np.float32
   final = evaluate_lib.evaluate_checkpoint(workdir)
   assert final["step"] == 40
@@ -149,7 +153,7 @@ def test_checkpoints_move_between_8_and_1_devices_and_match(tmp_path, caplog):
   config = tiny_config(lr_schedule="constant", validation_size=0, checkpoint_every_steps=6)
   first = config.copy_and_resolve_references()
   first.num_train_steps = 6
-  one, eight = train.make_mesh(jax.devices()[:1]), train.make_mesh()
+  one, eight = steps_lib.make_mesh(jax.devices()[:1]), steps_lib.make_mesh()
   ref = str(tmp_path / "ref")
   train.train_and_evaluate(config, ref, mesh=one)
   _, ref_vars, _ = rknet_jax.load_checkpoint(ref)
@@ -170,7 +174,7 @@ def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tmp_path
   workdir = str(tmp_path / "nan")
   config = tiny_config(learning_rate=1e30, weight_decay=0.0, checkpoint_every_steps=1,
                        log_every_steps=1, lr_schedule="constant", validation_size=0)
-  with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step (\d+)") as e:
+  with pytest.raises(FloatingPointError, match=r"non-finite training state at step (\d+)") as e:
     train.train_and_evaluate(config, workdir)
   bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
   steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]

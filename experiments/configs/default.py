@@ -1,7 +1,8 @@
 """Default hyper-parameters: the paper's CIFAR recipe (section 4.1) for ERKNet-6x1 6x1 6x1.
 
 Every other config in this folder imports this one and overrides a few fields, so the
-full list of fields, with what each means, lives here. Train with
+full list of fields, with what each means, lives here.  The paper's rows, with the authors'
+code's settings where the paper is silent, are ``paper.py``'s.  Train with
 
   python -m experiments.main --config=experiments/configs/default.py --workdir=/tmp/rknet_default
 
@@ -16,28 +17,34 @@ def get_config():
   """Returns the default configuration (Table 1 row 1: ERKNet-6x1 6x1 6x1, k=36, CIFAR-10)."""
   config = ml_collections.ConfigDict()
 
-  # ---- model (rknet_jax.create_model(model, growth_rate=..., stem=..., **model_kwargs))
+  # ---- model: rknet_jax.create_model(model, growth_rate=..., stem=..., dtype=..., remat=...,
+  # **model_kwargs). A ready-made name (rknet_jax.list_models(): the paper's rows) brings its
+  # row's k, m, bottleneck widths, stem and multiscale; unset (None) fields keep the name's
+  # values, or the model's defaults (rknet_jax.models names the source of each).
   config.model = "ERKNet-6x1 6x1 6x1"
-  config.growth_rate = 36
+  config.growth_rate = config_dict.placeholder(int)  # k; None = the name's (k = 36 here)
   # "cifar": 3x3 conv preprocessor (also SVHN, digits); "imagenet": 7x7/2 conv + BN + max-pool.
-  config.stem = "cifar"
-  # Further rknet_jax.create_model keyword arguments; unset (None) = the model's default.
+  config.stem = config_dict.placeholder(str)  # None = the name's ("cifar" but for Table 3)
   # E.g. --config.model_kwargs.dropout_rate=0.2 or --config.model_kwargs.num_updates=2.
   config.model_kwargs = ml_collections.ConfigDict({
       "growth_multipliers": config_dict.placeholder(tuple),  # m per period (Table 3)
       "bottleneck_width": config_dict.placeholder(int),  # "B" names; default 4k / k
       "attention": config_dict.placeholder(bool),  # default: the name has "A"
       "multiscale": config_dict.placeholder(bool),  # default: True (CIFAR)
-      "num_updates": 1,  # IRK alternate updates per time-step (paper: 1)
-      "update_order": "gauss_seidel",  # or "jacobi"
-      "share_weights": True,  # IRK clique-block weight sharing (paper)
-      "dropout_rate": 0.0,  # dropout after every conv (paper: none)
+      "num_updates": config_dict.placeholder(int),  # IRK alternate updates (paper: 1)
+      "update_order": config_dict.placeholder(str),  # IRK: "gauss_seidel" (paper) or "jacobi"
+      "share_weights": config_dict.placeholder(bool),  # IRK weight sharing (paper: True)
+      "dropout_rate": config_dict.placeholder(float),  # after every conv; model default 0
+      "bn_momentum": config_dict.placeholder(float),  # flax convention; model default
+      "bn_epsilon": config_dict.placeholder(float),  # model default
   })
-  config.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (logits stay float32)
+  config.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (logits stay float32)
   config.remat = False  # rematerialise each time-step in the backward pass (saves memory)
 
   # ---- data (read by experiments/input_pipeline.py; see its docstring)
-  config.dataset = "cifar10"  # cifar10 | cifar100 | svhn_cropped | imagenet2012 | digits
+  # cifar10 | cifar100 | svhn_cropped | imagenet2012 | digits | mnist | fashion_mnist | kmnist
+  # | tfds:NAME | npz:FILE | folder:PATH  (experiments/input_pipeline.py)
+  config.dataset = "cifar10"
   config.data_dir = ""  # tfds data_dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
   config.manual_dir = ""  # ImageNet tar files; "" = <data_dir>/downloads/manual
   config.download = True  # let tfds download and prepare CIFAR/SVHN when missing
@@ -51,6 +58,7 @@ def get_config():
   config.shuffle_buffer = 10_000  # ImageNet shuffle buffer (examples)
   config.svhn_extra = False  # SVHN: train on train + extra
   config.prefetch = 2  # host batches prepared ahead by a background thread
+  config.resize = 0  # folder:PATH only: 0 = all images one size; N = resize others to N x N
   config.batch_size = 64  # GLOBAL batch, split over all devices of all hosts
   config.eval_batch_size = 256  # global; the last batch is padded and masked
   config.seed = 0  # seeds parameter init, dropout and the order of the training data
@@ -71,8 +79,9 @@ def get_config():
   config.nesterov = True
   config.weight_decay = 1e-4
   # Which parameters weight decay applies to: "kernels" = conv and dense kernels only
-  # (not BN scale/bias, not dense biases); "all" = every trainable parameter, as
-  # PyTorch's SGD(weight_decay=...) does.
+  # (not BN scale/bias, not dense biases; the paper does not say, this is the usual JAX
+  # practice); "all" = every trainable parameter, as PyTorch's SGD(weight_decay=...) in the
+  # authors' code does (the paper configs, paper.py).
   config.weight_decay_params = "kernels"
 
   # ---- evaluation, logging, checkpoints

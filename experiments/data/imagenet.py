@@ -21,6 +21,8 @@ its `tfds.even_splits` shard (global batches then depend on the host count).
 """
 import numpy as np
 
+from experiments.data import base
+from experiments.data import prepare
 from experiments.data import tfds_utils
 
 # AlexNet's PCA of ImageNet RGB pixels in [0, 1] (as in fb.resnet.torch).
@@ -88,7 +90,8 @@ def train_preprocess(tf, image_bytes, seed, *, image_size: int, mean, std):
   image = tf.clip_by_value(image / 255.0, 0.0, 1.0)
   # Photometric distortions (fb.resnet.torch ColorJitter, fixed order): blend with black,
   # with the mean grey level, and with the grey image.
-  u = lambda s: tf.random.stateless_uniform([], s, 1.0 - JITTER, 1.0 + JITTER)
+  def u(s):
+    return tf.random.stateless_uniform([], s, 1.0 - JITTER, 1.0 + JITTER)
   image = image * u(seeds[1])
   a = u(seeds[2])
   image = image * a + tf.reduce_mean(_grayscale(tf, image)) * (1.0 - a)
@@ -265,3 +268,55 @@ def eval_batches(builder, *, split: str, num_examples: int, batch_size: int,
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
   ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
   yield from ds.as_numpy_iterator()
+
+
+class ImagenetDataset(base.Dataset):
+  """ILSVRC2012 streamed from its prepared TFDS records (module docstring for the order).
+
+  Args:
+    settings: the parsed config (`experiments.input_pipeline`).
+    info: the static `DatasetInfo` (sizes with the default hold-out, mean/std).
+    preflight: settings -> str, the availability check.
+  """
+
+  def __init__(self, settings, info: base.DatasetInfo, preflight):
+    self._s = settings
+    self._info = info
+    self._preflight = preflight
+
+  def _builder(self):
+    s = self._s
+    return prepare.get_builder(s.target, s.data_dir, download=s.download,
+                               manual_dir=s.manual_dir or prepare.default_manual_dir(s.data_dir))
+
+  @property
+  def info(self) -> base.DatasetInfo:
+    return self._info
+
+  def preflight(self) -> str:
+    return self._preflight(self._s)
+
+  def split_sizes(self) -> dict:
+    builder = self._builder()
+    train, validation, test = splits(self._s.validation_size)
+    return {"train": split_size(builder, train),
+            "validation": split_size(builder, validation) if validation else 0,
+            "test": split_size(builder, test)}
+
+  def train_batches(self, *, start_step, process_index, process_count):
+    s, builder = self._s, self._builder()
+    split = splits(s.validation_size)[0]
+    return train_batches(
+        builder, split=split, num_examples=split_size(builder, split), batch_size=s.batch_size,
+        seed=s.seed, start_step=start_step, process_index=process_index,
+        process_count=process_count, augment=s.augment, image_size=s.image_size,
+        shuffle_buffer=s.shuffle_buffer, mean=self._info.mean, std=self._info.std,
+        host_shards=s.host_shards)
+
+  def eval_batches(self, split, *, batch_size, process_index, process_count, with_index):
+    s, builder = self._s, self._builder()
+    name = dict(zip(("validation", "test"), splits(s.validation_size)[1:]))[split]
+    return eval_batches(
+        builder, split=name, num_examples=split_size(builder, name), batch_size=batch_size,
+        process_index=process_index, process_count=process_count, image_size=s.image_size,
+        mean=self._info.mean, std=self._info.std, with_index=with_index)

@@ -1,15 +1,18 @@
-"""Exact, index-based pipelines for datasets that fit in host memory: digits, CIFAR, SVHN.
+"""Exact, index-based pipelines for datasets that fit in host memory: digits, CIFAR, SVHN, MNIST,
+any small TFDS image-classification dataset, npz files and image folders.
 
 The whole official split is held as uint8 numpy arrays (CIFAR-10 train: 150 MB). A batch is
 `images[permutation[...]]`, so the order, the held-out validation split and the augmentation are
 pure functions of integers (seeds, step, position) and resuming at any step is free and exact.
 """
-import dataclasses
 import math
+import os
 import threading
 
 import numpy as np
 
+from experiments.data import base
+from experiments.data import prepare
 from experiments.data import tfds_utils
 
 # Tags that keep the random streams derived from one user seed independent of each other.
@@ -19,24 +22,6 @@ _TAG_AUGMENT = 0x5EED_0003
 # The digits train/test split is fixed forever (the README's accuracy refers to it).
 DIGITS_TEST_SIZE = 360
 _DIGITS_SPLIT_SEED = 20190506
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-  """One split in memory. `ids` are positions in the official split the examples come from."""
-  images: np.ndarray  # uint8 [N, H, W, C]
-  labels: np.ndarray  # int32 [N]
-  ids: np.ndarray  # int64 [N]
-
-  def __len__(self):
-    return len(self.labels)
-
-
-@dataclasses.dataclass(frozen=True)
-class Splits:
-  train: Split
-  validation: Split
-  test: Split
 
 
 def _entropy(x: int) -> int:
@@ -75,14 +60,28 @@ def _load_digits():
   order = _rng(_DIGITS_SPLIT_SEED).permutation(len(labels))
   test, train = np.sort(order[:DIGITS_TEST_SIZE]), np.sort(order[DIGITS_TEST_SIZE:])
   # ids: positions in sklearn's array (train and test ids are disjoint by construction).
-  return (Split(images[train], labels[train], train.astype(np.int64)),
-          Split(images[test], labels[test], test.astype(np.int64)))
+  return (base.Split(images[train], labels[train], train.astype(np.int64)),
+          base.Split(images[test], labels[test], test.astype(np.int64)))
 
 
-def _read_tfds_split(builder, split: str) -> Split:
+def _supervised_keys(builder):
+  keys = builder.info.supervised_keys or ("image", "label")
+  features = builder.info.features
+  image_key, label_key = keys[0], keys[1]
   tfds = tfds_utils.import_tfds()
+  if (image_key not in features or label_key not in features
+      or not isinstance(features[image_key], tfds.features.Image)
+      or not isinstance(features[label_key], tfds.features.ClassLabel)):
+    raise ValueError(f"TFDS dataset {builder.name!r} is not an image-classification dataset "
+                     f"(needs an Image feature and a ClassLabel feature; has {features})")
+  return image_key, label_key
+
+
+def _read_tfds_split(builder, split: str) -> base.Split:
+  tfds = tfds_utils.import_tfds()
+  image_key, label_key = _supervised_keys(builder)
   ds = tfds_utils.as_dataset(builder, split=split, shuffle_files=False)
-  ds = ds.map(lambda ex: (ex["image"], ex["label"])).batch(4096)
+  ds = ds.map(lambda ex: (ex[image_key], ex[label_key])).batch(4096)
   images, labels = [], []
   for x, y in tfds.as_numpy(ds):
     images.append(x)
@@ -93,17 +92,40 @@ def _read_tfds_split(builder, split: str) -> Split:
   labels = np.concatenate(labels).astype(np.int32)
   if images.dtype != np.uint8:
     raise ValueError(f"{builder.name} images are {images.dtype}, expected uint8")
-  return Split(images, labels, np.arange(len(labels), dtype=np.int64))
+  return base.Split(images, labels, np.arange(len(labels), dtype=np.int64))
 
 
-def _source_token(dataset: str):
-  """Identifies where data comes from: the TFDS loading functions in effect.
+def load_tfds(settings) -> base.Official:
+  """Official train (train+extra for svhn_extra) and test splits of a TFDS dataset."""
+  builder = prepare.get_builder(settings.target, settings.data_dir, download=settings.download)
+  splits = set(builder.info.splits)
+  if splits and ("train" not in splits or "test" not in splits):  # (mock data lists none)
+    raise ValueError(f"TFDS dataset {settings.target!r} has splits {sorted(splits)}; the runner "
+                     "needs 'train' and 'test'")
+  train_split = "train+extra" if settings.svhn_extra else "train"
+  _, label_key = _supervised_keys(builder)
+  names = tuple(builder.info.features[label_key].names)
+  return base.Official(_read_tfds_split(builder, train_split), _read_tfds_split(builder, "test"),
+                       None, names)
 
-  `tfds.testing.mock_data` installs new functions in each context, so cached arrays are never
-  reused across mock contexts (or between mocked and real data).
+
+def load_digits(unused_settings) -> base.Official:
+  """scikit-learn's bundled 8x8 digits (offline), values 0..16, with the fixed test split."""
+  train, test = _load_digits()
+  return base.Official(train, test, None, tuple(str(i) for i in range(10)))
+
+
+def _source_token(settings):
+  """Identifies where data comes from, so a cache never serves stale or mocked arrays.
+
+  Files: their path and modification time. TFDS: the loading functions in effect
+  (`tfds.testing.mock_data` installs new ones in each context).
   """
-  if dataset == "digits":
+  if settings.source == "digits":
     return "sklearn"
+  if settings.source in ("npz", "folder"):
+    exists = os.path.exists(settings.target)  # (the loader names a missing path)
+    return (settings.target, os.path.getmtime(settings.target) if exists else None)
   core = tfds_utils.import_tfds().core
   return (core.dataset_builder.DatasetBuilder.as_dataset,
           core.dataset_builder.FileReaderBuilder._as_dataset)  # pylint: disable=protected-access
@@ -121,21 +143,7 @@ def _cached(cache, key, make, max_entries=2):
   return value
 
 
-def load_official(settings):
-  """Returns (official train Split, test Split) for an in-memory dataset (cached)."""
-  def make():
-    if settings.dataset == "digits":
-      return _load_digits()
-    builder = tfds_utils.get_builder(settings.dataset, settings.data_dir,
-                                     download=settings.download)
-    train_split = "train+extra" if settings.svhn_extra else "train"
-    return _read_tfds_split(builder, train_split), _read_tfds_split(builder, "test")
-  key = (settings.dataset, settings.data_dir, settings.svhn_extra,
-         _source_token(settings.dataset))
-  return _cached(_OFFICIAL_CACHE, key, make)
-
-
-def holdout(official_train: Split, validation_size: int, split_seed: int):
+def holdout(official_train: base.Split, validation_size: int, split_seed: int):
   """Splits the official training set into disjoint (train, validation) by a seeded permutation."""
   n = len(official_train)
   if not 0 <= validation_size < n:
@@ -143,20 +151,103 @@ def holdout(official_train: Split, validation_size: int, split_seed: int):
                      f"({n} official training examples)")
   order = _rng(split_seed, _TAG_VALIDATION).permutation(n)
   val, train = np.sort(order[:validation_size]), np.sort(order[validation_size:])
-  take = lambda idx: Split(official_train.images[idx], official_train.labels[idx],
-                           official_train.ids[idx])
+  def take(idx):
+    images = official_train.images
+    images = images.subset(idx) if hasattr(images, "subset") else images[idx]  # (file-backed)
+    return base.Split(images, official_train.labels[idx], official_train.ids[idx])
   return take(train), take(val)
 
 
-def load_splits(settings) -> Splits:
-  """Train (official train minus validation), validation (held out) and test, in memory."""
-  def make():
-    official_train, test = load_official(settings)
-    train, validation = holdout(official_train, settings.validation_size, settings.split_seed)
-    return Splits(train, validation, test)
-  key = (settings.dataset, settings.data_dir, settings.svhn_extra, settings.validation_size,
-         settings.split_seed, _source_token(settings.dataset))
-  return _cached(_SPLITS_CACHE, key, make, max_entries=1)
+def channel_stats(images, chunk: int = 4096):
+  """Per-channel (mean, std) of NHWC images (an array or `folder.FileImages`), in their own
+  units; two passes of float64 sums over chunks of `chunk` images."""
+  n, c = images.shape[0], images.shape[-1]
+  chunks = [np.arange(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+  pixels = n * int(np.prod(images.shape[1:-1]))
+  total = np.zeros(c)
+  for idx in chunks:
+    total += np.asarray(images[idx]).reshape(-1, c).sum(axis=0, dtype=np.float64)
+  mean = total / pixels
+  squares = np.zeros(c)
+  for idx in chunks:
+    centred = np.asarray(images[idx]).reshape(-1, c).astype(np.float64) - mean
+    squares += np.einsum("ij,ij->j", centred, centred)
+  std = np.sqrt(squares / pixels)
+  std = np.where(std > 0, std, 1.0)  # a constant channel is only centred
+  return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+class InMemoryDataset(base.Dataset):
+  """A source held in host memory: batches are index arithmetic on uint8 arrays (module doc).
+
+  Args:
+    settings: the parsed config (`experiments.input_pipeline`).
+    load: settings -> `base.Official` (digits, TFDS, npz, folder readers).
+    preflight: settings -> str, the cheap availability check (default: load the data).
+    mean, std: fixed standardisation constants (default: computed on the official train split).
+  """
+
+  def __init__(self, settings, load, *, preflight=None, mean=None, std=None):
+    self._s = settings
+    self._load = load
+    self._preflight = preflight
+    self._stats = (tuple(mean), tuple(std)) if mean is not None else None
+
+  def official(self) -> base.Official:
+    s = self._s
+    key = (s.source, s.target, s.data_dir, s.svhn_extra, s.resize, _source_token(s))
+    return _cached(_OFFICIAL_CACHE, key, lambda: self._load(s))
+
+  def splits(self) -> base.Splits:
+    s = self._s
+    official = self.official()
+    if official.validation is not None:
+      if s.validation_size:
+        raise ValueError(
+            f"{s.dataset} has its own validation split ({len(official.validation)} examples), "
+            f"used as is: set config.validation_size=0, not {s.validation_size}")
+      return base.Splits(official.train, official.validation, official.test)
+    train, validation = holdout(official.train, s.validation_size, s.split_seed)
+    return base.Splits(train, validation, official.test)
+
+  def stats(self):
+    if self._stats is None:
+      self._stats = channel_stats(self.official().train.images)
+    return self._stats
+
+  @property
+  def info(self) -> base.DatasetInfo:
+    official, splits = self.official(), self.splits()
+    mean, std = self.stats()
+    return base.DatasetInfo(
+        self._s.dataset, len(official.class_names), tuple(official.train.images.shape[1:]),
+        len(splits.train), len(splits.validation), len(splits.test), mean, std,
+        official.class_names)
+
+  def preflight(self) -> str:
+    if self._preflight is not None:
+      return self._preflight(self._s)
+    info = self.info
+    return (f"{self._s.dataset}: {info.train_size} train / {info.validation_size} validation / "
+            f"{info.test_size} test images of {info.image_shape}, {info.num_classes} classes")
+
+  def split_sizes(self) -> dict:
+    splits = self.splits()
+    return {"train": len(splits.train), "validation": len(splits.validation),
+            "test": len(splits.test)}
+
+  def train_batches(self, *, start_step, process_index, process_count):
+    mean, std = self.stats()
+    return train_batches(
+        self.splits().train, mean=mean, std=std, batch_size=self._s.batch_size,
+        seed=self._s.seed, start_step=start_step, process_index=process_index,
+        process_count=process_count, augment=self._s.augment)
+
+  def eval_batches(self, split, *, batch_size, process_index, process_count, with_index):
+    mean, std = self.stats()
+    return eval_batches(getattr(self.splits(), split), mean=mean, std=std,
+                        batch_size=batch_size, process_index=process_index,
+                        process_count=process_count, with_index=with_index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,7 +291,7 @@ def pad_crop_flip(images: np.ndarray, *, seed: int, step: int, start: int, globa
   return out
 
 
-def train_batches(train: Split, *, mean, std, batch_size: int, seed: int, start_step: int,
+def train_batches(train: base.Split, *, mean, std, batch_size: int, seed: int, start_step: int,
                   process_index: int, process_count: int, augment: bool):
   """Yields this host's slice of global batch s, s = start_step, start_step + 1, ... forever.
 
@@ -241,7 +332,7 @@ def host_slot_positions(num_examples: int, *, batch_size: int, process_index: in
   return base + np.arange(local)[None, :]  # [num_batches, local]
 
 
-def eval_batches(split: Split, *, mean, std, batch_size: int, process_index: int,
+def eval_batches(split: base.Split, *, mean, std, batch_size: int, process_index: int,
                  process_count: int, with_index: bool):
   """Yields padded, masked batches that cover `split` exactly once across all hosts."""
   n = len(split)

@@ -58,26 +58,6 @@ def default_data_dir() -> str:
   return import_tfds().core.constants.DATA_DIR
 
 
-def get_builder(name: str, data_dir, *, download: bool, manual_dir=None):
-  """Returns the TFDS builder for `name`, preparing it first only if `download` allows it.
-
-  Goes through `tfds.builder(...)` and `builder.as_dataset(...)`, which is the path that
-  `tfds.testing.mock_data` patches, so tests never touch the network or the disk.
-  """
-  tfds = import_tfds()
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not tfds_is_mocked() and not builder.is_prepared():
-    if not download:
-      raise FileNotFoundError(
-          f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and config.download is "
-          "False; run experiments.input_pipeline.preflight(config) for what to do.")
-    kwargs = {}
-    if manual_dir is not None:
-      kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    builder.download_and_prepare(**kwargs)
-  return builder
-
-
 def as_dataset(builder, **kwargs):
   """`builder.as_dataset(**kwargs)`, one call at a time in this process (see `_AS_DATASET_LOCK`).
 

@@ -1,0 +1,202 @@
+"""Training state and the jitted steps: init, train step, exact evaluation, global batches.
+
+Parallelism: one ``jax.jit`` train step over a 1-D ``Mesh`` of every device of every host
+(axis ``"data"``). The global batch is sharded along ``"data"``; parameters, BN statistics
+and optimiser state are replicated. Because the step is written for the global batch,
+batch-norm statistics are computed over the global batch (XLA inserts the all-reduces),
+so one device and N devices compute the same function. Each host feeds only its own
+slice of the batch (``jax.make_array_from_process_local_data``).
+
+The train step also reports, per leaf of the parameters, BN statistics and optimiser state,
+whether every value is finite (``metrics["finite"]``, one bool per leaf of
+``checked_leaf_names``): a fused reduction, so the runner can refuse to checkpoint or report a
+broken model without fetching the state.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs: params, BN statistics, optimiser state, step, RNG."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+  def model_vars(self):
+    """The ``model`` checkpoint item: ``{"params", "batch_stats"}``."""
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+  def train_vars(self):
+    """The ``train`` checkpoint item: ``{"opt_state", "step", "rng"}``."""
+    return {"opt_state": self.opt_state, "step": self.step, "rng": self.rng}
+
+  def checked(self):
+    """What the non-finite guard checks: params, BN statistics, optimiser state."""
+    return {"params": self.params, "batch_stats": self.batch_stats,
+            "opt_state": self.opt_state}
+
+
+def checked_leaf_names(state: TrainState) -> list:
+  """Paths (``params/...``) of the leaves of ``state.checked()``, in ``finite`` flag order."""
+  flat = jax.tree_util.tree_flatten_with_path(state.checked())[0]
+  return ["/".join(_key_name(k) for k in path) for path, _ in flat]
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def finite_flags(tree) -> jax.Array:
+  """One bool per leaf of ``tree``: every value finite (integer leaves always are)."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.ones((0,), bool)
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def make_mesh(devices=None) -> Mesh:
+  """1-D data-parallel mesh over ``devices`` (default: every device of every host)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def make_init_fn(model, tx, input_shape, mesh: Mesh):
+  """Jitted ``seed -> TrainState``, created directly as replicated arrays on ``mesh``.
+
+  Initialisation is traced with ``jax.threefry_partitionable(False)``: the values are
+  as random, and XLA:CPU compiles the non-partitionable threefry several times faster
+  (the state is replicated, so partitioning the random bits buys nothing here).
+  """
+  replicated = NamedSharding(mesh, P())
+
+  def init(seed):
+    key = jax.random.PRNGKey(seed)
+    init_key, rng = jax.random.split(key)
+    x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+    variables = model.init({"params": init_key}, x, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=rng)
+
+  with jax.threefry_partitionable(False):
+    abstract = jax.eval_shape(init, 0)
+  jitted = jax.jit(init, out_shardings=jax.tree.map(lambda _: replicated, abstract))
+
+  def init_fn(seed: int) -> TrainState:
+    with jax.threefry_partitionable(False):
+      return jitted(jnp.asarray(seed, jnp.int32))
+
+  return init_fn
+
+
+def create_train_state(model, tx, input_shape, seed: int, mesh: Mesh) -> TrainState:
+  """Initial ``TrainState`` (params, BN statistics, optimiser state, step 0, RNG)."""
+  return make_init_fn(model, tx, input_shape, mesh)(seed)
+
+
+def cross_entropy(logits, labels):
+  """Softmax cross-entropy per example, computed in float32."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels)
+
+
+def make_train_step(model, tx, schedule, mesh: Mesh, state_example: TrainState):
+  """Jitted ``(state, batch) -> (state, metrics)``; state donated, batch sharded.
+
+  ``metrics``: ``loss``, ``top1_error``, ``learning_rate`` (scalars) and ``finite`` (one bool
+  per leaf of the new state's ``checked()``, see ``checked_leaf_names``).
+  """
+  replicated = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P("data"))
+  state_sharding = jax.tree.map(lambda _: replicated, state_example)
+
+  def step_fn(state: TrainState, batch):
+    dropout_key = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+          train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+      loss = cross_entropy(logits, batch["label"]).mean()
+      return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "top1_error": jnp.mean(jnp.argmax(logits, -1) != batch["label"]),
+        "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+    }
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=batch_stats, opt_state=opt_state)
+    metrics["finite"] = finite_flags(new_state.checked())
+    return new_state, metrics
+
+  return jax.jit(step_fn, in_shardings=(state_sharding, {"image": data, "label": data}),
+                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(model, mesh: Mesh):
+  """Jitted masked sums over a padded global batch: every real example counts once."""
+  replicated = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P("data"))
+
+  def eval_fn(variables, batch):
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+    mask = batch["mask"].astype(jnp.float32)
+    labels = batch["label"]
+    k = min(5, logits.shape[-1])
+    topk = jax.lax.top_k(logits, k)[1]
+    top1 = (topk[:, 0] == labels).astype(jnp.float32)
+    top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+    return {"count": jnp.sum(batch["mask"].astype(jnp.int32)),
+            "loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
+            "top1_correct": jnp.sum((top1 * mask).astype(jnp.int32)),
+            "top5_correct": jnp.sum((top5 * mask).astype(jnp.int32))}
+
+  return jax.jit(eval_fn, in_shardings=(replicated, {"image": data, "label": data,
+                                                      "mask": data}),
+                 out_shardings=replicated)
+
+
+def global_batch(local: dict, mesh: Mesh, global_batch_size: int) -> dict:
+  """Per-host numpy batch -> global arrays sharded along ``"data"``."""
+  sharding = NamedSharding(mesh, P("data"))
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_process_local_data(
+        sharding, v, (global_batch_size,) + v.shape[1:])
+  return out
+
+
+def evaluate(eval_step, variables, batches, mesh, global_batch_size) -> dict:
+  """Exact metrics over an eval iterator of padded, masked per-host batches."""
+  sums = None
+  for local in batches:
+    local = {k: local[k] for k in ("image", "label", "mask")}
+    out = eval_step(variables, global_batch(local, mesh, global_batch_size))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  if sums is None:
+    raise ValueError("the evaluation iterator yielded no batches")
+  sums = jax.device_get(sums)
+  n = int(sums["count"])
+  return {"examples": n, "loss": float(sums["loss_sum"]) / n,
+          "top1_error": 1.0 - int(sums["top1_correct"]) / n,
+          "top5_error": 1.0 - int(sums["top5_correct"]) / n}

@@ -1,0 +1,279 @@
+"""npz:FILE, folder:PATH and TFDS short-name sources, data.json, and predict on raw images.
+
+Datasets are built in temporary folders from scikit-learn's digits; training runs use a tiny
+ERKNet (k = 4) for a few steps.
+"""
+import itertools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import input_pipeline as ip
+from experiments import train
+from experiments.configs import default
+from experiments.data import folder as folder_lib
+from experiments.data import tfds_utils
+import rknet_jax
+from rknet_jax import preprocessing
+
+tfds = tfds_utils.import_tfds()
+
+
+def tiny_config(dataset, **overrides):
+  c = default.get_config()
+  c.model = "ERKNet-1x1 1x1"
+  c.growth_rate = 4
+  c.dataset = dataset
+  c.download = False
+  c.validation_size = 0
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.num_train_steps = 6
+  c.log_every_steps = 3
+  c.checkpoint_every_steps = 100
+  c.prefetch = 1
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _digits():
+  splits = ip.load_splits({"dataset": "digits", "batch_size": 8, "validation_size": 0})
+  return splits.train, splits.test
+
+
+def _to_28(images):
+  """8x8x1 digits (0..16) -> 28x28 uint8 (0..255): 3x upscaled, padded by 2."""
+  big = np.kron(images[..., 0], np.ones((3, 3), np.uint8)) * 15
+  return np.pad(big, ((0, 0), (2, 2), (2, 2))).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# npz
+
+
+def _write_npz(path, **arrays):
+  np.savez(path, **arrays)
+  return f"npz:{path}"
+
+
+def test_npz_trains_on_28x28_gray_and_saves_its_statistics(tmp_path):
+  train_split, test_split = _digits()
+  train_x, test_x = _to_28(train_split.images), _to_28(test_split.images)
+  names = np.array([f"digit_{i}" for i in range(10)])
+  dataset = _write_npz(tmp_path / "d.npz", train_images=train_x, train_labels=train_split.labels,
+                       test_images=test_x, test_labels=test_split.labels, class_names=names)
+  config = tiny_config(dataset)
+  info = ip.dataset_info(config)
+  assert info.image_shape == (28, 28, 1) and info.num_classes == 10
+  assert info.class_names == tuple(names)
+  np.testing.assert_allclose(info.mean, [train_x.mean()], rtol=1e-9)
+  np.testing.assert_allclose(info.std, [train_x.std()], rtol=1e-9)
+  batch = next(iter(ip.eval_iterator(config, "test", batch_size=8, process_index=0,
+                                     process_count=1)))
+  np.testing.assert_allclose(batch["image"][..., 0], (test_x[:8] - train_x.mean()) /
+                             train_x.std(), rtol=1e-5, atol=1e-5)
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  assert results["test_examples"] == len(test_x) and results["steps"] == 6
+  spec = preprocessing.read_data_spec(workdir)
+  assert spec["image_shape"] == [28, 28, 1] and spec["class_names"] == list(names)
+  assert spec["mean"] == pytest.approx([train_x.mean()])
+
+
+def test_npz_errors_name_the_array(tmp_path):
+  x = np.zeros((4, 8, 8), np.uint8)
+  y = np.array([0, 1, 2, 1])
+  good = dict(train_images=x, train_labels=y, test_images=x, test_labels=y)
+  cases = [
+      ({k: v for k, v in good.items() if k != "test_labels"}, r"lacks \['test_labels'\]"),
+      (dict(good, train_images=np.zeros((4, 8), np.uint8)), r"train_images has shape \(4, 8\)"),
+      (dict(good, train_images=x.astype(np.int64)), "train_images has dtype int64"),
+      (dict(good, train_images=np.full((4, 8, 8), np.nan)), "NaN"),
+      (dict(good, test_images=np.zeros((4, 9, 8), np.uint8)),
+       r"test_images images are \(9, 8, 1\)"),
+      (dict(good, train_labels=y[:3]), r"train_labels has shape \(3,\)"),
+      (dict(good, train_labels=y.astype(float)), "train_labels has dtype float64"),
+      (dict(good, train_labels=np.array([0, -1, 2, 1])), r"train_labels\[1\] = -1"),
+      (dict(good, test_labels=np.array([0, 1, 3, 1])),
+       r"test_labels\[2\] = 3 is not a valid label \(0..2, the training classes\)"),
+      (dict(good, validation_images=x), "both validation_images and validation_labels"),
+  ]
+  for i, (arrays, pattern) in enumerate(cases):
+    dataset = _write_npz(tmp_path / f"bad{i}.npz", **arrays)
+    with pytest.raises(ValueError, match=pattern) as e:
+      ip.preflight({"dataset": dataset, "batch_size": 2})
+    assert str(tmp_path / f"bad{i}.npz") in str(e.value)
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    ip.preflight({"dataset": f"npz:{tmp_path / 'missing.npz'}", "batch_size": 2})
+  (tmp_path / "junk.npz").write_bytes(b"not a zip")
+  with pytest.raises(ValueError, match="not a readable .npz file"):
+    ip.preflight({"dataset": f"npz:{tmp_path / 'junk.npz'}", "batch_size": 2})
+  # An own validation split is used as is (nothing held out of train).
+  dataset = _write_npz(tmp_path / "val.npz", validation_images=x[:2], validation_labels=y[:2],
+                       **good)
+  assert ip.split_sizes({"dataset": dataset, "batch_size": 2}) == {
+      "train": 4, "validation": 2, "test": 4}
+  with pytest.raises(ValueError, match="own validation split"):
+    ip.split_sizes({"dataset": dataset, "batch_size": 2, "validation_size": 1})
+
+
+# ------------------------------------------------------------------------------------------------
+# folder
+
+
+def _write_folder(root, splits, *, mode="L", ext="png", size=None):
+  """splits: {split: (uint8 images [N, H, W] or [N, H, W, 3], labels)} -> PATH/split/c<l>/."""
+  for split, (images, labels) in splits.items():
+    for i, (image, label) in enumerate(zip(images, labels)):
+      folder = root / split / f"c{label}"
+      folder.mkdir(parents=True, exist_ok=True)
+      picture = Image.fromarray(image).convert(mode)
+      if size:
+        picture = picture.resize(size)
+      picture.save(folder / f"{i:04d}.{ext}")
+  return f"folder:{root}"
+
+
+def test_folder_of_png_trains_and_labels_are_sorted_folder_names(tmp_path):
+  train_split, test_split = _digits()
+  def pick(split, n):
+    return (split.images[:n, :, :, 0] * 15).astype(np.uint8), split.labels[:n]
+  dataset = _write_folder(tmp_path / "data", {"train": pick(train_split, 200),
+                                              "test": pick(test_split, 50)})
+  config = tiny_config(dataset)
+  splits = ip.load_splits(config)
+  info = ip.dataset_info(config)
+  assert info.image_shape == (8, 8, 1) and info.class_names == tuple(f"c{i}" for i in range(10))
+  # Label i is the i-th sorted folder name; files are read in sorted order.
+  expected = sorted((f"c{label}", f"{i:04d}.png", i)
+                    for i, label in enumerate(pick(train_split, 200)[1]))
+  np.testing.assert_array_equal(splits.train.labels, [int(c[1:]) for c, _, _ in expected])
+  np.testing.assert_array_equal(splits.train.images[:, :, :, 0],
+                                pick(train_split, 200)[0][[i for _, _, i in expected]])
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  assert results["test_examples"] == 50
+  with open(os.path.join(workdir, preprocessing.DATA_FILE)) as f:
+    assert json.load(f)["class_names"] == [f"c{i}" for i in range(10)]
+
+
+def test_folder_colour_jpeg_mixed_sizes_and_validation(tmp_path):
+  rng = np.random.default_rng(0)
+  def colour(n):
+    return rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % 2
+  root = tmp_path / "data"
+  dataset = _write_folder(root, {"train": colour(6), "test": colour(4), "validation": colour(2)},
+                          mode="RGB", ext="jpg")
+  _write_folder(root, {"train": (np.zeros((1, 12, 10), np.uint8), [1])}, mode="L")  # gray, 10x12
+  config = {"dataset": dataset, "batch_size": 2}
+  with pytest.raises(ValueError, match=r"c1/0000.png is 10x12 .* config.resize"):
+    ip.preflight(config)
+  config["resize"] = 8
+  splits = ip.load_splits(config)
+  assert splits.train.images.shape == (7, 8, 8, 3)  # the gray image got three channels
+  assert len(splits.validation) == 2 and len(splits.test) == 4
+  with pytest.raises(ValueError, match="folder:PATH datasets only"):
+    ip.preflight({"dataset": "digits", "batch_size": 2, "resize": 8})
+
+
+def test_folder_errors_name_the_file_or_folder(tmp_path):
+  def gray(n):
+    return np.zeros((n, 8, 8), np.uint8), np.arange(n) % 2
+
+  def make(name):
+    root = tmp_path / name
+    _write_folder(root, {"train": gray(4), "test": gray(2)})
+    return root
+
+  root = make("unreadable")
+  (root / "train" / "c0" / "broken.png").write_bytes(b"\x89PNG not really")
+  with pytest.raises(ValueError, match=r"cannot read image .*unreadable/train/c0/broken.png"):
+    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
+  root = make("empty")
+  (root / "train" / "c7").mkdir()
+  with pytest.raises(ValueError, match=r"class folder .*empty/train/c7 is empty"):
+    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
+  root = make("extra_class")
+  _write_folder(root, {"test": (np.zeros((1, 8, 8), np.uint8), [5])})
+  with pytest.raises(ValueError, match=r"extra_class/test/c5 has no counterpart"):
+    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
+  root = make("text")
+  (root / "train" / "c1" / "notes.txt").write_text("hello")
+  with pytest.raises(ValueError, match=r"text/train/c1/notes.txt is not a PNG or JPEG"):
+    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
+  with pytest.raises(FileNotFoundError, match=r"nowhere/train not found"):
+    ip.preflight({"dataset": f"folder:{tmp_path / 'nowhere'}", "batch_size": 2})
+
+
+# ------------------------------------------------------------------------------------------------
+# TFDS short names, and predict on raw images
+
+
+def test_tfds_short_names_and_prefix_read_28x28_gray_with_computed_statistics():
+  with tfds.testing.mock_data(num_examples=40):
+    for name in ("mnist", "tfds:fashion_mnist", "kmnist"):
+      config = {"dataset": name, "batch_size": 8}
+      assert "mock_data" in ip.preflight(config)
+      info = ip.dataset_info(config)
+      assert info.image_shape == (28, 28, 1) and info.num_classes == 10
+      train_images = ip.load_splits(config).train.images
+      assert info.mean == pytest.approx((train_images.mean(),))
+      batch = next(iter(ip.train_iterator(config, start_step=0, process_index=0,
+                                          process_count=1)))
+      assert batch["image"].shape == (8, 28, 28, 1)
+      ip.clear_cache()
+
+
+def test_predict_on_raw_images_reproduces_the_runs_test_error(tmp_path):
+  config = tiny_config("digits", num_train_steps=100, batch_size=64, growth_rate=8)
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  _, _, predict = rknet_jax.load_checkpoint(workdir)
+  raw = ip.load_splits(config).test  # uint8 0..16, as the dataset stores them
+  logits = np.asarray(predict(raw.images[..., 0]))  # [N, H, W] is accepted for one channel
+  error = np.mean(np.argmax(logits, -1) != raw.labels)
+  assert error == pytest.approx(results["test_top1_error"], abs=1e-9)
+  assert results["test_top1_error"] < 0.3
+  # Before: predict fed raw pixels to the network as they were (issue 7: 28.6% vs 99.4%).
+  unprocessed = np.asarray(predict(raw.images.astype(np.float32), preprocess=False))
+  assert np.mean(np.argmax(unprocessed, -1) != raw.labels) > results["test_top1_error"] + 0.2
+  assert predict.data_spec["class_names"] == [str(i) for i in range(10)]
+  with pytest.raises(ValueError, match=r"do not match the training images \[N, 8, 8, 1\]"):
+    predict(np.zeros((2, 9, 8, 1), np.uint8))
+  os.remove(os.path.join(workdir, preprocessing.DATA_FILE))
+  _, _, old_predict = rknet_jax.load_checkpoint(workdir)
+  with pytest.raises(ValueError, match="preprocess=False"):
+    old_predict(raw.images)
+
+
+def test_large_folder_streams_from_files_with_the_batches_of_memory(tmp_path, monkeypatch):
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+  dataset = _write_folder(tmp_path / "data", {"train": (images[:30], np.arange(30) % 3),
+                                              "test": (images[30:], np.arange(10) % 3)},
+                          mode="RGB")
+  config = {"dataset": dataset, "batch_size": 4, "validation_size": 6, "augment": True,
+            "prefetch": 1}
+
+  def batches():
+    ip.clear_cache()
+    train_batches = list(itertools.islice(ip.train_iterator(
+        config, start_step=5, process_index=0, process_count=1), 4))
+    evals = [list(ip.eval_iterator(config, split, batch_size=4, process_index=0,
+                                   process_count=1)) for split in ("validation", "test")]
+    return train_batches, evals, ip.dataset_info(config)
+
+  in_memory = batches()
+  assert isinstance(ip.load_splits(config).train.images, np.ndarray)
+  monkeypatch.setattr(folder_lib, "IN_MEMORY_BYTES", 0)
+  streamed = batches()
+  assert isinstance(ip.load_splits(config).train.images, folder_lib.FileImages)
+  assert streamed[2] == in_memory[2]  # same statistics, shape, sizes
+  for a, b in zip(jax.tree.leaves(streamed[:2]), jax.tree.leaves(in_memory[:2])):
+    np.testing.assert_array_equal(a, b)
+  ip.clear_cache()

@@ -1,0 +1,413 @@
+"""Runs that never lie or lose work (issue 7): the non-finite guard, checksums, the workdir
+lock and metadata, outputs kept aside, clear errors for bad numbers and damaged files.
+
+In-process runs of a tiny ERKNet on digits (``tiny_config`` of test_train.py).
+"""
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import input_pipeline
+from experiments import run_config
+from experiments import rundir
+from experiments import steps as steps_lib
+from experiments import train
+from rknet_jax import checkpoint as rk_ckpt
+import rknet_jax
+from test_train import tiny_config
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit())
+
+
+def assert_all_finite(tree):
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
+
+
+# ------------------------------------------------------------------- non-finite guard
+def overflow_running_variances_after(bad_step, monkeypatch):
+  """Wraps the train step so every BN running variance overflows to inf after ``bad_step``.
+
+  Train-mode BN normalises with batch statistics, so the loss stays finite: what a too-high
+  learning rate does to digits (issue 7), made deterministic.
+  """
+  make = steps_lib.make_train_step
+
+  def overflowing(*args):
+    step = make(*args)
+
+    def wrapped(state, batch):
+      state, m = step(state, batch)
+      if int(state.step) == bad_step:
+        state = state.replace(batch_stats=jax.tree_util.tree_map_with_path(
+            lambda p, x: x * jnp.inf if "var" in jax.tree_util.keystr(p) else x,
+            state.batch_stats))
+      return state, m
+
+    return wrapped
+
+  monkeypatch.setattr(steps_lib, "make_train_step", overflowing)
+  monkeypatch.setattr(train, "_FN_CACHE", {})
+
+
+def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_result(
+    tmp_path, monkeypatch):
+  """What learning_rate=100 does on digits: running variances overflow, the loss does not.
+
+  The step is wrapped to overflow the running variances after step 3 (train-mode BN uses
+  batch statistics, so the loss stays finite): the guard must stop at step 4, name a
+  ``batch_stats .../var`` leaf, write no result and no checkpoint of the broken state.
+  """
+  overflow_running_variances_after(3, monkeypatch)
+  workdir = str(tmp_path / "run")
+  config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=2,
+                       log_every_steps=4, lr_schedule="constant")
+  with pytest.raises(train.NonFiniteError) as e:
+    train.train_and_evaluate(config, workdir)
+  message = str(e.value)
+  assert "at step 4" in message
+  assert "first non-finite leaf batch_stats/" in message and "/var" in message
+  assert "newest checkpoint, step 2, is finite and kept" in message
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  assert checkpoint_steps(workdir) == [2]
+  _, variables, _ = rknet_jax.load_checkpoint(workdir)
+  assert_all_finite(variables)
+  assert not os.path.exists(os.path.join(workdir, "run.lock"))  # released on the way out
+
+
+def test_a_resumed_run_that_breaks_keeps_the_good_checkpoints(tmp_path, monkeypatch):
+  """Issue 7: a good run resumed with a huge learning rate wrote NaN checkpoints, and
+  keep-last-K deleted the good ones. The state breaks (finite loss) after step 9 here."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=2,
+                       keep_checkpoints=2, lr_schedule="constant")
+  train.train_and_evaluate(config, workdir)
+  assert checkpoint_steps(workdir) == [6, 8]
+  good = {s: rknet_jax.load_checkpoint(workdir, step=s)[1] for s in (6, 8)}
+  overflow_running_variances_after(9, monkeypatch)
+  config.num_train_steps = 20
+  with pytest.raises(train.NonFiniteError, match="at step 10 .*step 8, is finite and kept"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint_steps(workdir) == [6, 8]
+  for s, variables in good.items():
+    _, kept, _ = rknet_jax.load_checkpoint(workdir, step=s)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(kept)):
+      np.testing.assert_array_equal(a, b)
+  # A huge learning rate from the good state: stopped too, nothing finite rotated out.
+  monkeypatch.undo()
+  config.learning_rate = 1e6
+  with pytest.raises(train.NonFiniteError):
+    train.train_and_evaluate(config, workdir)
+  for s in checkpoint_steps(workdir):
+    assert_all_finite(rknet_jax.load_checkpoint(workdir, step=s)[1])
+  assert checkpoint_steps(workdir)[-1] >= 8
+
+
+# ------------------------------------------------------------------------- checksums
+def rot_one_bit_of_the_saved_weights(workdir, step):
+  """Silent bit rot: one bit of one stored weight of ``step`` changes; orbax reads it fine.
+
+  (Re-written through orbax, so its own format checks pass: only the checksums recorded at
+  save time can tell.)
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  spec = rk_ckpt.read_model_spec(workdir)
+  target = rk_ckpt.abstract_variables(rk_ckpt.model_from_spec(spec), spec["input_shape"])
+  item = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "model")
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.restore(item, target)
+  leaves, treedef = jax.tree.flatten(tree)
+  bits = np.array(leaves[0]).view(np.uint32)
+  bits.flat[0] ^= 1 << 20
+  leaves[0] = bits.view(np.float32)
+  checkpointer.save(item, jax.tree.unflatten(treedef, leaves), force=True)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+
+
+def test_a_flipped_bit_in_the_newest_checkpoint_is_detected_and_the_previous_used(
+    tmp_path, caplog):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=4,
+                       lr_schedule="constant")
+  train.train_and_evaluate(config, workdir)
+  _, final, _ = rknet_jax.load_checkpoint(workdir, step=8)
+  _, previous, _ = rknet_jax.load_checkpoint(workdir, step=4)
+  rot_one_bit_of_the_saved_weights(workdir, 8)
+  with pytest.raises(rk_ckpt.ChecksumError, match=r"step 8: the restored model array"):
+    rknet_jax.load_checkpoint(workdir, step=8)
+  _, fallback, _ = rknet_jax.load_checkpoint(workdir)  # skips the damaged step, warns
+  for a, b in zip(jax.tree.leaves(previous), jax.tree.leaves(fallback)):
+    np.testing.assert_array_equal(a, b)
+  # The runner moves it aside, resumes from step 4 and ends with the same weights.
+  os.remove(os.path.join(workdir, "results.json"))
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, workdir)
+  assert "Resumed from checkpoint step 4" in caplog.text
+  assert any(d.startswith("8-") for d in os.listdir(os.path.join(workdir,
+                                                                 "damaged_checkpoints")))
+  _, again, _ = rknet_jax.load_checkpoint(workdir, step=8)
+  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checksums_are_recorded_for_every_array_and_catch_any_change():
+  tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": {"c": np.int32(7)}}
+  sums = rk_ckpt.checksums(tree)
+  assert set(sums) == {"['a']", "['b']['c']"} and sums["['a']"].startswith("float32[2, 3]:")
+  restored = {"model": tree, "meta": {"checksums": {"model": sums}}}
+  rk_ckpt.verify_checksums(3, restored)
+  bits = tree["a"].view(np.uint32).copy()
+  bits[1, 2] ^= 1  # the lowest mantissa bit of one value
+  restored["model"] = {"a": bits.view(np.float32), "b": tree["b"]}
+  with pytest.raises(rk_ckpt.ChecksumError, match=r"step 3: .*\['a'\]"):
+    rk_ckpt.verify_checksums(3, restored)
+
+
+# ------------------------------------------------------------------ one run per workdir
+def test_a_live_holder_refuses_a_second_run_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  lock_file = workdir / rundir.LOCK_FILE
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    record = {"host": socket.gethostname(), "pid": holder.pid, "started": "2026-01-01T00:00"}
+    lock_file.write_text(json.dumps(record))
+    config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+    with pytest.raises(rundir.WorkdirBusy, match=rf"host {record['host']}, pid {holder.pid}, "
+                       r"started 2026-01-01T00:00"):
+      train.train_and_evaluate(config, str(workdir))
+    assert not (workdir / rundir.RUN_FILE).exists()  # the refused run wrote nothing
+    assert json.loads(lock_file.read_text()) == record
+    # Another host's lock is never taken over (its pid means nothing here).
+    lock_file.write_text(json.dumps(dict(record, host="another-host", pid=1)))
+    with pytest.raises(rundir.WorkdirBusy, match="another-host"):
+      rundir.WorkdirLock(str(workdir)).acquire()
+  finally:
+    holder.kill()
+    holder.wait(30)
+  lock_file.write_text(json.dumps(record))  # the holder is gone: stale
+  with caplog.at_level(logging.WARNING):
+    results = train.train_and_evaluate(config, str(workdir))
+  assert results["steps"] == 4
+  assert f"stale lock {lock_file} of pid {holder.pid}" in caplog.text
+  assert not lock_file.exists()
+
+
+def test_metadata_is_written_only_after_the_restore_succeeded(tmp_path):
+  workdir = tmp_path / "run"
+  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  train.train_and_evaluate(config, str(workdir))
+  model_json = (workdir / rk_ckpt.MODEL_FILE).read_text()
+  (workdir / rundir.RUN_FILE).unlink()
+  other = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant",
+                      model="ERKNet-2x1 1x1")
+  # model.json is compared as a resolved spec before anything is touched.
+  with pytest.raises(ValueError, match=r"different model .*stages: workdir has \[1, 1\]"):
+    train.train_and_evaluate(other, str(workdir))
+  assert (workdir / rk_ckpt.MODEL_FILE).read_text() == model_json
+  assert not (workdir / rundir.RUN_FILE).exists()
+  # With model.json gone too, only the restore can tell: it fails, nothing is written.
+  (workdir / rk_ckpt.MODEL_FILE).unlink()
+  with pytest.raises(RuntimeError, match="none of the checkpoints .* can be restored"):
+    train.train_and_evaluate(other, str(workdir))
+  assert not (workdir / rk_ckpt.MODEL_FILE).exists()
+  assert not (workdir / rundir.RUN_FILE).exists()
+  assert checkpoint_steps(str(workdir)) == [4]
+
+
+def test_outputs_without_checkpoints_are_moved_aside_never_overwritten(tmp_path):
+  workdir = tmp_path / "run"
+  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  train.train_and_evaluate(config, str(workdir))
+  old_results = (workdir / "results.json").read_text()
+  old_metrics = (workdir / "metrics.jsonl").read_text()
+  for s in checkpoint_steps(str(workdir)):  # deleted to free disk
+    shutil.rmtree(workdir / "checkpoints" / str(s))
+  train.train_and_evaluate(config, str(workdir))
+  (kept,) = list((workdir / rundir.PREVIOUS_OUTPUTS_SUBDIR).iterdir())
+  assert (kept / "results.json").read_text() == old_results
+  assert (kept / "metrics.jsonl").read_text() == old_metrics
+  assert json.loads((workdir / "results.json").read_text())["steps"] == 4
+  # A folder holding someone else's files of those names: kept aside as well.
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "results.json").write_text('{"theirs": true}')
+  train.train_and_evaluate(config, str(foreign))
+  (kept,) = list((foreign / rundir.PREVIOUS_OUTPUTS_SUBDIR).iterdir())
+  assert json.loads((kept / "results.json").read_text()) == {"theirs": True}
+
+
+def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(tmp_path, caplog,
+                                                                       monkeypatch):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  real, calls = train.clock, []
+
+  def first_session_takes_1000_s():
+    calls.append(None)
+    return real() + (1000.0 if len(calls) > 1 else 0.0)
+  monkeypatch.setattr(train, "clock", first_session_takes_1000_s)
+  first = train.train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  assert first["train_wall_time_sec"] >= 1000
+  config.num_train_steps = 8
+  with caplog.at_level(logging.INFO):
+    second = train.train_and_evaluate(config, workdir)
+  assert "trained toward 4 steps; this config asks for 8" in caplog.text
+  assert "continuing from step 4 to 8" in caplog.text
+  assert second["steps"] == 8
+  run = rundir.read_run_file(workdir)
+  assert [(h["start_step"], h["total_steps"]) for h in run["history"]] == [(0, 4), (4, 8)]
+  assert run["total_steps"] == 8
+  # Wall time accumulates over the sessions (it was reset to the last session's).
+  assert second["train_wall_time_sec"] >= 1000
+
+
+# ------------------------------------------------------------------ clear errors
+@pytest.mark.parametrize("field,value,match", [
+    ("momentum", 1.5, r"config.momentum must be a finite number in \[0, 1\); got 1.5"),
+    ("momentum", -0.1, "momentum"),
+    ("warmup_epochs", -1, r"config.warmup_epochs must be a finite number in \[0, inf\); got -1"),
+    ("weight_decay", float("nan"), "config.weight_decay must be .*; got nan"),
+    ("weight_decay", -1e-4, "weight_decay"),
+    ("learning_rate", float("inf"), "learning_rate must be a positive number; got inf"),
+    ("lr_decay_factor", 0.0, r"lr_decay_factor must be a finite number in \(0, 1\]"),
+    ("lr_decay_factor", 2.0, "lr_decay_factor"),
+    ("lr_decay_every_epochs", -3, "lr_decay_every_epochs"),
+    ("num_epochs", -1, r"num_epochs must be a finite number in \[0, inf\)"),
+    ("num_train_steps", -5, r"num_train_steps must be an integer in \[-1, inf\)"),
+    ("keep_checkpoints", 0, "keep_checkpoints must be a positive integer; got 0"),
+    ("log_every_steps", True, "log_every_steps must be a positive integer; got True"),
+    ("growth_rate", 0, r"growth_rate=\(0, 0\): every entry must be an int from 1"),
+    ("prefetch", 0, "prefetch must be a positive integer; got 0"),
+    ("lr_decay_fractions", (0.5, 1.5), "lr_decay_fractions must lie in"),
+])
+def test_numeric_fields_out_of_range_fail_before_any_compilation(tmp_path, monkeypatch,
+                                                                 field, value, match):
+  def forbidden(*a, **k):
+    raise AssertionError("compiled or loaded data before validating the config")
+  monkeypatch.setattr(jax, "jit", forbidden)
+  monkeypatch.setattr(input_pipeline, "steps_per_epoch", forbidden)
+  config = tiny_config()
+  with config.unlocked():
+    config[field] = value
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # checks have no side effects
+
+
+def test_truncated_run_json_is_named_and_explained(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / rundir.RUN_FILE).write_text('{"identity": {"model": "ERK')
+  with pytest.raises(ValueError, match=r"run.json \(the run's config and history\) is not "
+                     r"valid JSON .*delete it"):
+    run_config.validate_config(tiny_config(), str(workdir))
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="run.json .* is not valid JSON"):
+    evaluate.evaluate_checkpoint(str(workdir))
+
+
+def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(
+    tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  train.train_and_evaluate(config, workdir)
+  path = os.path.join(workdir, "checkpoints", "4", "model")
+
+  def denied(self, step, args=None):  # what a chmod 000 gives a non-root user
+    raise PermissionError(13, "Permission denied", path)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
+  with pytest.raises(rk_ckpt.CheckpointUnreadable,
+                     match=r"step 4 .* cannot be read .*Permission denied.*not damaged"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint_steps(workdir) == [4]
+  assert not os.path.exists(os.path.join(workdir, "damaged_checkpoints"))
+
+
+def test_a_damaged_checkpoint_that_cannot_be_moved_aside_gives_a_clear_error(
+    tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=4,
+                       lr_schedule="constant")
+  train.train_and_evaluate(config, workdir)
+  rot_one_bit_of_the_saved_weights(workdir, 8)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  def cannot_rename(self, target):
+    raise OSError(30, "Read-only file system", os.fspath(self))
+  monkeypatch.setattr(type(epath.Path(workdir)), "rename", cannot_rename)
+  with pytest.raises(RuntimeError, match=r"step 8 .* is damaged .*could not be moved aside "
+                     r".*Read-only file system.*by hand"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint_steps(workdir) == [4, 8]
+
+
+def test_checkpoints_folder_that_cannot_be_written_is_refused_at_start(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("a file where the checkpoints folder should be")
+  with pytest.raises(ValueError, match="checkpoints' cannot be created"):
+    train.train_and_evaluate(tiny_config(), str(workdir))
+  real = rundir.probe_write
+  monkeypatch.setattr(rundir, "probe_write", lambda d: (
+      (_ for _ in ()).throw(OSError(30, "Read-only file system")) if d.name == "checkpoints"
+      else real(d)))
+  (workdir / "checkpoints").unlink()
+  with pytest.raises(ValueError, match="checkpoints' is not writable: .*Read-only"):
+    train.train_and_evaluate(tiny_config(), str(workdir))
+
+
+def test_is_time_fires_every_n_steps_and_at_the_last():
+  assert [s for s in range(1, 11) if train.is_time(s, 4, 10)] == [4, 8, 10]
+  assert [s for s in range(1, 11) if train.is_time(s, 4, 10, last=False)] == [4, 8]
+  assert [s for s in range(1, 11) if train.is_time(s, 0, 10)] == [10]
+
+
+# ------------------------------------------------------------------ the command line
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, timeout=300):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+  env["JAX_PLATFORMS"] = "cpu"
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
+  """Issue 7: this exited 0 reporting 0.90 test error, with NaN weights in its checkpoint."""
+  workdir = str(tmp_path / "run")
+  proc = run_main("--config=experiments/configs/digits.py", f"--workdir={workdir}",
+                  "--config.learning_rate=100")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert re.search(r"NonFiniteError: non-finite training state at step \d+ .*first "
+                   r"non-finite leaf \S+", proc.stderr), proc.stderr[-3000:]
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  if os.path.exists(os.path.join(workdir, "checkpoints")) and checkpoint_steps(workdir):
+    assert_all_finite(rknet_jax.load_checkpoint(workdir)[1])
+
+
+def test_a_config_file_that_does_not_exist_is_one_line(tmp_path):
+  proc = run_main("--config=experiments/configs/no_such_config.py",
+                  f"--workdir={tmp_path / 'run'}", timeout=120)
+  assert proc.returncode == 1
+  lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
+  assert len(lines) == 1, lines
+  assert "no such file" in lines[0] and "no_such_config.py" in lines[0]
+  assert "experiments/configs/digits.py" in lines[0]

@@ -1,0 +1,129 @@
+"""Tests for experiments/study.py: models x seeds as ordinary runs, reused on rerun (issue 9)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import study
+from experiments import train
+from experiments.configs import digits
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = "ERKNet-2x1 2x1|growth_rate=8,DenseNet-BC-16-k8|growth_rate=8"
+
+
+def test_rows_name_only_the_overrides_that_differ():
+  recs = [{"model": "A", "entry": "A|k=1|m=2", "overrides": {"k": 1, "m": 2},
+           "runs": [{"test_top1_error": 0.1, "params": 10, "gflops": 1.0, "seed": 0}]},
+          {"model": "A", "entry": "A|k=1|m=3", "overrides": {"k": 1, "m": 3},
+           "runs": [{"test_top1_error": 0.3, "params": 10, "gflops": 1.0, "seed": 0},
+                    {"test_top1_error": 0.5, "params": 10, "gflops": 1.0, "seed": 1}]}]
+  s = study.summarise(recs)
+  assert [r["name"] for r in s] == ["A (m=2)", "A (m=3)"]
+  assert s[0]["std_test_top1_error"] == 0.0
+  assert s[1]["mean_test_top1_error"] == pytest.approx(0.4)
+  assert s[1]["std_test_top1_error"] == pytest.approx(0.1414, abs=1e-4)
+
+
+def _tiny_config():
+  config = digits.get_config()
+  config.num_train_steps = 4
+  config.validation_size = 0
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 100
+  return config
+
+
+def test_parse_models_entries_and_overrides():
+  parsed = study.parse_models("ERKNet-2x1 2x1 | growth_rate=8 | dropout_rate=0.2, "
+                              "RK4Net-1x2 1x2|learn_coefficients=True")
+  assert parsed[0] == ("ERKNet-2x1 2x1 | growth_rate=8 | dropout_rate=0.2",
+                       "ERKNet-2x1 2x1", {"growth_rate": 8, "dropout_rate": 0.2})
+  assert parsed[1][1:] == ("RK4Net-1x2 1x2", {"learn_coefficients": True})
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "--models is empty"),
+    ("ERKNet-2x1,,DenseNet-BC-16-k8", "empty entry"),
+    ("ERKNet-2x1|growth_rate", "not field=value"),
+    ("ERKNet-2x1,ERKNet-2x1", "twice"),
+])
+def test_parse_models_errors(text, match):
+  with pytest.raises(ValueError, match=match):
+    study.parse_models(text)
+
+
+def test_bad_entry_or_seed_count_fails_before_any_training(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: calls.append(a))
+  with pytest.raises(ValueError, match=r"--models entry 'DenseNet-BC-16-k8': .*contradicts"):
+    study.run_study(_tiny_config(), str(tmp_path), "ERKNet-2x1 2x1|growth_rate=8,"
+                    "DenseNet-BC-16-k8", 2)  # digits' growth_rate 16 contradicts k8
+  with pytest.raises(ValueError, match="--seeds=0"):
+    study.run_study(_tiny_config(), str(tmp_path), MODELS, 0)
+  assert not calls
+
+
+def test_run_dirs_are_distinct_and_readable():
+  a = study.run_dir("/w", "ERKNet-3×1 3×1", 0)
+  b = study.run_dir("/w", "ERKNet-3x1 3x1", 0)
+  assert a != b and "ERKNet_3x1_3x1" in a and a.endswith("seed_0")
+
+
+def test_tiny_study_trains_then_reuses_runs(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "study")
+  calls = []
+  real = train.train_and_evaluate
+
+  def counting(config, directory, **kwargs):
+    calls.append((config.model, config.seed))
+    return real(config, directory, **kwargs)
+
+  monkeypatch.setattr(train, "train_and_evaluate", counting)
+  summary = study.run_study(_tiny_config(), workdir, MODELS, 2)
+  assert sorted(calls) == [("DenseNet-BC-16-k8", 0), ("DenseNet-BC-16-k8", 1),
+                           ("ERKNet-2x1 2x1", 0), ("ERKNet-2x1 2x1", 1)]
+  with open(os.path.join(workdir, study.STUDY_JSON)) as f:
+    saved = json.load(f)
+  assert saved["seeds"] == 2 and [m["model"] for m in saved["models"]] == [
+      "ERKNet-2x1 2x1", "DenseNet-BC-16-k8"]
+  for rec in saved["models"]:
+    assert len(rec["test_top1_errors"]) == 2 and rec["params"] > 1000
+    assert rec["mean_test_top1_error"] == pytest.approx(
+        sum(rec["test_top1_errors"]) / 2)
+  erk, dense = saved["models"]
+  assert erk["family"] == "ERKNet" and dense["family"] == "DenseNet"
+  assert erk["params"] != dense["params"]
+  # Different seeds are different runs (init and data order differ).
+  assert erk["test_top1_errors"][0] != erk["test_top1_errors"][1] or \
+      dense["test_top1_errors"][0] != dense["test_top1_errors"][1]
+  assert saved["common_overrides"] == {"growth_rate": 8} and saved["epochs"] > 0
+  md = open(os.path.join(workdir, study.STUDY_MD)).read()
+  assert md.startswith("digits, 2 seeds, ") and "all models: growth_rate=8" in md
+  assert md.count("\n") == 6 and "| ERKNet-2x1 2x1 | ERKNet |" in md
+  with open(os.path.join(workdir, study.STUDY_PNG), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+  # Rerun: every finished run is reused, nothing is trained, the summary is the same.
+  calls.clear()
+  again = study.run_study(_tiny_config(), workdir, MODELS, 2)
+  assert calls == [] and again == summary
+
+  # An interrupted run (no results.json yet) is resumed; the others are reused.
+  os.remove(os.path.join(study.run_dir(workdir, "DenseNet-BC-16-k8|growth_rate=8", 1),
+                         study.RESULTS_FILE))
+  third = study.run_study(_tiny_config(), workdir, MODELS, 2)
+  assert calls == [("DenseNet-BC-16-k8", 1)]
+  assert third[1]["test_top1_errors"] == summary[1]["test_top1_errors"]
+
+
+def test_command_line_rejects_a_bad_model_quickly(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.study", "--config=experiments/configs/digits.py",
+       f"--workdir={tmp_path}", "--models=ERKNet-2x1 2x1,NoSuchNet-1", "--seeds=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "NoSuchNet-1" in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, study.RUNS_DIR))
