@@ -18,14 +18,12 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rknet_jax import checks
 from rknet_jax import conv as conv_lib
 from rknet_jax import layers
 from rknet_jax.layers import LayerConfig
 
-__all__ = ["DenseLayer", "DenseBlock", "ERKStep", "CliqueBlock", "IRKStep", "UPDATE_ORDERS"]
-
-UPDATE_ORDERS = ("gauss_seidel", "jacobi")
-"""Orders of the alternate update: newest values (the paper's, CliqueNet's) or previous pass."""
+__all__ = ["DenseLayer", "DenseBlock", "ERKStep", "CliqueBlock", "IRKStep"]
 
 
 def _sum(arrays):
@@ -141,8 +139,9 @@ class CliqueBlock(nn.Module):
   concat(X_0, the other s-1 stages), reused (BNs included, as in that code) by every update
   iteration.  Dense layers are bottleneck layers of width w, or plain 3x3 if w is None.
 
-  Update order: "gauss_seidel" reads the newest value of every stage (the paper's);
-  "jacobi" reads the values of the previous pass.  ``num_updates`` passes iterate the same
+  Update order (:data:`rknet_jax.checks.UPDATE_ORDERS`): "gauss_seidel" reads the newest
+  value of every stage (the paper's, CliqueNet's); "jacobi" reads the values of the
+  previous pass.  ``num_updates`` passes iterate the same
   shared weights (fixed-point iterations of the implicit stage equations); 0 is CliqueNet's
   stage-I-only block.
 
@@ -161,13 +160,10 @@ class CliqueBlock(nn.Module):
   config: LayerConfig = LayerConfig()
 
   def _check(self):
-    if self.update_order not in UPDATE_ORDERS:
-      raise ValueError(f"update_order={self.update_order!r}: expected one of {UPDATE_ORDERS}")
-    if isinstance(self.num_updates, bool) or not isinstance(self.num_updates, int) \
-        or self.num_updates < 0:
-      raise ValueError(f"num_updates={self.num_updates!r}: expected an int >= 0")
-    if self.num_stages < 1:
-      raise ValueError(f"num_stages={self.num_stages}: expected >= 1")
+    checks.check_choice("CliqueBlock", "update_order", self.update_order,
+                        checks.UPDATE_ORDERS)
+    checks.check_int("CliqueBlock", "num_updates", self.num_updates, 0, checks.MAX_UPDATES)
+    checks.check_int("CliqueBlock", "num_stages", self.num_stages)
     if self.share_weights and self.num_stages < 2 and self.num_updates > 0:
       raise ValueError("a clique block with shared weights needs s >= 2 stages: with s = 1 "
                        "the update pass has no other stage to read (equation 6)")

@@ -69,6 +69,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
+from rknet_jax import checks
 from rknet_jax import conv as conv_lib
 
 __all__ = [
@@ -77,7 +78,6 @@ __all__ = [
     "Postprocessor", "glorot_uniform", "check_images",
     "RKNET_BN_MOMENTUM", "RKNET_BN_EPSILON", "DENSENET_BN_MOMENTUM", "DENSENET_BN_EPSILON",
     "CLIQUENET_BN_MOMENTUM", "CLIQUENET_BN_EPSILON",
-    "DEFAULT_BN_MOMENTUM", "DEFAULT_BN_EPSILON",
 ]
 
 RKNET_BN_MOMENTUM = 0.99
@@ -95,10 +95,6 @@ CLIQUENET_BN_MOMENTUM = 0.999
 ``tf.contrib.layers.batch_norm`` with the default ``decay=0.999``."""
 CLIQUENET_BN_EPSILON = 1e-3
 """BatchNorm epsilon of CliqueNet: TF's ``tf.contrib.layers.batch_norm`` default 0.001."""
-DEFAULT_BN_MOMENTUM = RKNET_BN_MOMENTUM
-"""The RKNets' decay under its earlier name (``registry.create_model`` reads it)."""
-DEFAULT_BN_EPSILON = RKNET_BN_EPSILON
-"""The RKNets' epsilon under its earlier name (``registry.create_model`` reads it)."""
 
 glorot_uniform = nn.initializers.xavier_uniform()
 """FC initialiser of the paper (section 4.1: Xavier, Glorot & Bengio 2010)."""
@@ -381,15 +377,15 @@ class ImageNetStem(nn.Module):
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-STEMS = {"cifar": CifarStem, "imagenet": ImageNetStem}
-"""The preprocessors by name."""
+_STEM_CLASSES = {"cifar": CifarStem, "imagenet": ImageNetStem}
+assert tuple(_STEM_CLASSES) == checks.STEMS
 
 
 def make_stem(kind: str, features: int, config: LayerConfig, name: str = "stem") -> nn.Module:
-  """The preprocessor ``kind`` ("cifar" or "imagenet") with ``features`` output channels."""
-  if kind not in STEMS:
-    raise ValueError(f"stem={kind!r}: expected one of {tuple(STEMS)}")
-  return STEMS[kind](features, config, name=name)
+  """The preprocessor ``kind`` (one of :data:`rknet_jax.checks.STEMS`: "cifar" or
+  "imagenet") with ``features`` output channels."""
+  checks.check_choice("make_stem", "stem", kind, checks.STEMS)
+  return _STEM_CLASSES[kind](features, config, name=name)
 
 
 class ChannelAttention(nn.Module):

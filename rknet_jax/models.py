@@ -35,12 +35,10 @@ import jax.numpy as jnp
 
 from rknet_jax import blocks
 from rknet_jax import layers
+from rknet_jax.checks import METHODS
 from rknet_jax.layers import LayerConfig
 
-__all__ = ["RKNet", "TableauRKNet", "DenseNet", "CliqueNet", "METHODS", "STEMS"]
-
-METHODS = ("explicit", "implicit")
-STEMS = tuple(layers.STEMS)
+__all__ = ["RKNet", "TableauRKNet", "DenseNet", "CliqueNet"]
 
 
 def _keyword(default):
