@@ -58,10 +58,11 @@ PYTORCH_REFERENCE = {"train_img_s": 81.0, "infer_img_s": (127.0, 136.0), "peak_r
 def _build(model_name, remat, dtype_name, impl):
   import jax.numpy as jnp
   import rknet_jax
-  kwargs = dict(growth_rate=GROWTH_RATE, remat=remat, dtype=jnp.dtype(dtype_name))
+  kwargs = dict(growth_rate=GROWTH_RATE, remat=remat, dtype=jnp.dtype(dtype_name),
+                conv_impl=impl)
   if model_name.endswith("-B"):
     kwargs["bottleneck_width"] = BOTTLENECK_WIDTH
-  return rknet_jax.create_model(model_name, **kwargs).clone(conv_impl=impl)
+  return rknet_jax.create_model(model_name, **kwargs)
 
 
 def _cpu_seconds():
