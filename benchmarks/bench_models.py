@@ -55,10 +55,11 @@ PYTORCH_REFERENCE = {"train_img_s": 81.0, "infer_img_s": (127.0, 136.0), "peak_r
 # --------------------------------------------------------------------------------------
 # Worker: one configuration, in its own process.
 # --------------------------------------------------------------------------------------
-def _build(model_name, remat, dtype_name):
+def _build(model_name, remat, dtype_name, impl):
   import jax.numpy as jnp
   import rknet_jax
-  kwargs = dict(growth_rate=GROWTH_RATE, remat=remat, dtype=jnp.dtype(dtype_name))
+  kwargs = dict(growth_rate=GROWTH_RATE, remat=remat, dtype=jnp.dtype(dtype_name),
+                conv_impl=impl)
   if model_name.endswith("-B"):
     kwargs["bottleneck_width"] = BOTTLENECK_WIDTH
   return rknet_jax.create_model(model_name, **kwargs)
@@ -82,8 +83,7 @@ def _worker(args):
     from benchmarks.cpu_allocator import keep_freed_memory
     if not keep_freed_memory():
       raise RuntimeError("--malloc keep needs glibc's mallopt")
-  conv_lib.set_default_impl(args.impl)
-  model = _build(args.model, args.remat, args.dtype)
+  model = _build(args.model, args.remat, args.dtype, args.impl)
   batch = args.batch
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((batch, 32, 32, 3), dtype=np.float32))
@@ -147,7 +147,7 @@ def _worker(args):
   median = statistics.median(times)
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
   print(json.dumps({
-      "model": args.model, "impl": args.impl, "resolved_impl": conv_lib.resolve_impl(),
+      "model": args.model, "impl": args.impl, "resolved_impl": conv_lib.resolve_impl(args.impl),
       "remat": args.remat, "mode": args.mode, "batch": batch, "dtype": args.dtype,
       "params": num_params, "compile_s": compile_s, "step_s": times,
       "median_step_s": median, "img_s": batch / median,

@@ -13,18 +13,17 @@ Paper section 3.3 (``shared/paper/ARCHITECTURE.md``, "ERK time-step" and "IRK ti
   y_{n+1} = y_n + sum_i X_i over the final stage values (Rule 4: m = 1).
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rknet_jax import checks
 from rknet_jax import conv as conv_lib
 from rknet_jax import layers
+from rknet_jax.layers import LayerConfig
 
-__all__ = ["DenseLayer", "DenseBlock", "ERKStep", "CliqueBlock", "IRKStep", "UPDATE_ORDERS"]
-
-UPDATE_ORDERS = ("gauss_seidel", "jacobi")
-"""Orders of the alternate update: newest values (the paper's, CliqueNet's) or previous pass."""
+__all__ = ["DenseLayer", "DenseBlock", "ERKStep", "CliqueBlock", "IRKStep"]
 
 
 def _sum(arrays):
@@ -40,31 +39,28 @@ class DenseLayer(nn.Module):
 
   Plain: BN -> ReLU -> 3x3 conv.  Bottleneck ("B"): BN -> ReLU -> 1x1 conv (width w) ->
   BN -> ReLU -> 3x3 conv.  Pre-activation, no biases, dropout after each conv if > 0.
-  With ``remat`` the segment concat -> BN -> ReLU -> first conv, whose input grows linearly
-  along a block (quadratic memory over the block), is rematerialised (jax.checkpoint).
+  With ``config.remat`` the segment concat -> BN -> ReLU -> first conv, whose input grows
+  linearly along a block (quadratic memory over the block), is rematerialised
+  (jax.checkpoint).
 
   Attributes:
     growth_rate: k, output channels.
     bottleneck_width: w, or None for the plain layer.
+    config: shared layer options (:class:`~rknet_jax.layers.LayerConfig`).
   """
   growth_rate: int
   bottleneck_width: Optional[int] = None
-  dropout_rate: float = 0.0
-  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
-  remat: bool = False
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, inputs, train: bool):
-    first = layers.maybe_remat(layers.BNReLUConv, self.remat, train_argnum=2)
-    common = dict(dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
-                  bn_epsilon=self.bn_epsilon, dtype=self.dtype)
+    cfg = self.config
+    first = cfg.maybe_remat(layers.BNReLUConv, train_argnum=2)
     if self.bottleneck_width is None:
-      return first(self.growth_rate, (3, 3), name="bn_relu_conv3x3", **common)(inputs, train)
-    h = first(self.bottleneck_width, (1, 1), name="bn_relu_conv1x1", **common)(inputs, train)
-    return layers.BNReLUConv(self.growth_rate, (3, 3), name="bn_relu_conv3x3",
-                             **common)(h, train)
+      return first(self.growth_rate, (3, 3), config=cfg, name="bn_relu_conv3x3")(inputs, train)
+    h = first(self.bottleneck_width, (1, 1), config=cfg, name="bn_relu_conv1x1")(inputs, train)
+    return layers.BNReLUConv(self.growth_rate, (3, 3), config=cfg,
+                             name="bn_relu_conv3x3")(h, train)
 
 
 class DenseBlock(nn.Module):
@@ -76,20 +72,14 @@ class DenseBlock(nn.Module):
   num_layers: int
   growth_rate: int
   bottleneck_width: Optional[int] = None
-  dropout_rate: float = 0.0
-  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
-  remat: bool = False
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, x, train: bool):
     feats = [x]
     for l in range(self.num_layers):
-      feats.append(DenseLayer(
-          self.growth_rate, self.bottleneck_width, dropout_rate=self.dropout_rate,
-          bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
-          remat=self.remat, name=f"layer{l + 1}")(list(feats), train))
+      feats.append(DenseLayer(self.growth_rate, self.bottleneck_width, self.config,
+                              name=f"layer{l + 1}")(list(feats), train))
     return feats
 
 
@@ -106,16 +96,13 @@ class ERKStep(nn.Module):
     growth_multiplier: m.
     growth_rate: k.
     bottleneck_width: None (plain layers) or the bottleneck width w.
+    config: shared layer options.
   """
   num_stages: int
   growth_multiplier: int
   growth_rate: int
   bottleneck_width: Optional[int] = None
-  dropout_rate: float = 0.0
-  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
-  remat: bool = False
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, y, train: bool):
@@ -123,9 +110,8 @@ class ERKStep(nn.Module):
     if y.shape[-1] != m * k:
       raise ValueError(f"ERKStep: Rule 1 needs y with m*k = {m}*{k} = {m * k} channels, "
                        f"got {y.shape[-1]}")
-    feats = DenseBlock(s * m, k, self.bottleneck_width, dropout_rate=self.dropout_rate,
-                       bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                       dtype=self.dtype, remat=self.remat, name="dense_block")(y, train)
+    feats = DenseBlock(s * m, k, self.bottleneck_width, self.config,
+                       name="dense_block")(y, train)
     growths = feats[1:]
     groups = [layers.concat(growths[i * m:(i + 1) * m]) for i in range(s)]
     return _sum([y.astype(groups[0].dtype)] + groups)
@@ -153,9 +139,11 @@ class CliqueBlock(nn.Module):
   concat(X_0, the other s-1 stages), reused (BNs included, as in that code) by every update
   iteration.  Dense layers are bottleneck layers of width w, or plain 3x3 if w is None.
 
-  Update order: "gauss_seidel" reads the newest value of every stage (the paper's);
-  "jacobi" reads the values of the previous pass.  ``num_updates`` passes iterate the same
-  shared weights (fixed-point iterations of the implicit stage equations).
+  Update order (:data:`rknet_jax.checks.UPDATE_ORDERS`): "gauss_seidel" reads the newest
+  value of every stage (the paper's, CliqueNet's); "jacobi" reads the values of the
+  previous pass.  ``num_updates`` passes iterate the same
+  shared weights (fixed-point iterations of the implicit stage equations); 0 is CliqueNet's
+  stage-I-only block.
 
   Initialisation: each W_ji is He-normal with its own fan-in (as an independent k -> k
   convolution, as in CliqueNet's code).
@@ -169,19 +157,13 @@ class CliqueBlock(nn.Module):
   num_updates: int = 1
   update_order: str = "gauss_seidel"
   share_weights: bool = True
-  dropout_rate: float = 0.0
-  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
-  remat: bool = False
+  config: LayerConfig = LayerConfig()
 
   def _check(self):
-    if self.update_order not in UPDATE_ORDERS:
-      raise ValueError(f"update_order={self.update_order!r}: expected one of {UPDATE_ORDERS}")
-    if not isinstance(self.num_updates, int) or self.num_updates < 0:
-      raise ValueError(f"num_updates={self.num_updates!r}: expected an int >= 0")
-    if self.num_stages < 1:
-      raise ValueError(f"num_stages={self.num_stages}: expected >= 1")
+    checks.check_choice("CliqueBlock", "update_order", self.update_order,
+                        checks.UPDATE_ORDERS)
+    checks.check_int("CliqueBlock", "num_updates", self.num_updates, 0, checks.MAX_UPDATES)
+    checks.check_int("CliqueBlock", "num_stages", self.num_stages)
     if self.share_weights and self.num_stages < 2 and self.num_updates > 0:
       raise ValueError("a clique block with shared weights needs s >= 2 stages: with s = 1 "
                        "the update pass has no other stage to read (equation 6)")
@@ -193,12 +175,9 @@ class CliqueBlock(nn.Module):
       return self._shared(x0, train)
     return self._unshared(x0, train)
 
-  def _common(self):
-    return dict(dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
-                bn_epsilon=self.bn_epsilon, dtype=self.dtype)
-
   def _shared(self, x0, train):
     s, k, w = self.num_stages, self.growth_rate, self.bottleneck_width
+    cfg = self.config
     bottleneck = w is not None
     ksize = (1, 1) if bottleneck else (3, 3)
     wout = w if bottleneck else k
@@ -209,19 +188,16 @@ class CliqueBlock(nn.Module):
         if j != i:
           W[j, i] = self.param(f"W_{j}_{i}", conv_lib.he_normal,
                                ksize + (c0 if j == 0 else k, wout), jnp.float32)
-    post = ({i: conv_lib.Conv(k, (3, 3), dtype=self.dtype, name=f"stage{i}_conv3x3")
-             for i in range(1, s + 1)} if bottleneck else {})
-    seg_cls = layers.maybe_remat(layers.BNReLUKernelConv, self.remat, train_argnum=3)
+    post = ({i: cfg.conv(k, (3, 3), name=f"stage{i}_conv3x3") for i in range(1, s + 1)}
+            if bottleneck else {})
+    seg_cls = cfg.maybe_remat(layers.BNReLUKernelConv, train_argnum=3)
 
     def g(pass_name, i, inputs, sources):
       kernel = jnp.concatenate([W[j, i] for j in sources], axis=2)
-      h = seg_cls(name=f"{pass_name}_stage{i}", **self._common())(inputs, kernel, train)
+      h = seg_cls(cfg, name=f"{pass_name}_stage{i}")(inputs, kernel, train)
       if bottleneck:
-        h = layers.BatchNorm(train, self.bn_momentum, self.bn_epsilon, self.dtype,
-                             name=f"{pass_name}_stage{i}_bn3x3")(h)
-        h = post[i](nn.relu(h))
-        if self.dropout_rate > 0:
-          h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+        h = cfg.batch_norm(train, name=f"{pass_name}_stage{i}_bn3x3")(h)
+        h = cfg.dropout(post[i](nn.relu(h)), train)
       return h
 
     X = {}
@@ -238,8 +214,7 @@ class CliqueBlock(nn.Module):
 
   def _unshared(self, x0, train):
     s, k = self.num_stages, self.growth_rate
-    mk = lambda name: DenseLayer(k, self.bottleneck_width, remat=self.remat, name=name,
-                                 **self._common())
+    mk = lambda name: DenseLayer(k, self.bottleneck_width, self.config, name=name)
     X = []
     for i in range(s):
       X.append(mk(f"pass1_stage{i + 1}")([x0] + X[:i], train))
@@ -265,11 +240,7 @@ class IRKStep(nn.Module):
   num_updates: int = 1
   update_order: str = "gauss_seidel"
   share_weights: bool = True
-  dropout_rate: float = 0.0
-  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
-  remat: bool = False
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, y, train: bool):
@@ -279,8 +250,6 @@ class IRKStep(nn.Module):
                        f"got {y.shape[-1]}")
     _, final = CliqueBlock(
         self.num_stages, k, self.bottleneck_width, num_updates=self.num_updates,
-        update_order=self.update_order, share_weights=self.share_weights,
-        dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
-        bn_epsilon=self.bn_epsilon, dtype=self.dtype, remat=self.remat,
+        update_order=self.update_order, share_weights=self.share_weights, config=self.config,
         name="clique_block")(y, train)
     return _sum([y.astype(final[0].dtype)] + final)

@@ -25,8 +25,11 @@ activations and HWIO kernels; they differ only in how XLA is asked to compute th
   there for the paper's CIFAR models), ``"xla"`` on GPU/TPU; decided when the function
   is traced.
 
-The default used when no ``impl`` is given is set with :func:`set_default_impl` (or
-temporarily with :func:`default_impl`).  Forward passes always contain a
+There is no module-level default to change: the formulation is an argument (``impl``)
+of every function here, and in the models the option ``conv_impl`` (held by
+:class:`rknet_jax.layers.LayerConfig`), so a jitted function's formulation is part of
+the model it closes over and a cache keyed by the model sees it.  Forward passes always
+contain a
 ``conv_general_dilated`` or ``dot_general`` over the (zero-padded) input, so FLOP
 counting by walking the forward jaxpr (``rknet_jax.counting``) sees every
 multiply-add, padding included, whatever the formulation.
@@ -35,9 +38,8 @@ Initialisation follows the paper (section 4.1): He-normal, fan-in, ReLU gain, *n
 truncated (He et al., 2015).
 """
 
-import contextlib
 import functools
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -50,49 +52,16 @@ Padding = Union[str, Sequence[tuple[int, int]]]
 
 IMPLS = ("auto", "xla", "dot1x1", "dot")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-_default_impl = "auto"
 
 
-def _check_impl(impl):
-  if impl not in IMPLS:
-    raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
-
-
-def set_default_impl(impl: str) -> str:
-  """Sets the formulation used when ``conv2d``/``Conv`` get no ``impl``; returns the old one.
-
-  Takes effect for functions traced afterwards (jitted functions already compiled keep
-  the formulation they were traced with).
-  """
-  global _default_impl
-  _check_impl(impl)
-  old, _default_impl = _default_impl, impl
-  return old
-
-
-def get_default_impl() -> str:
-  """The formulation used when ``conv2d``/``Conv`` get no ``impl`` (see module docstring)."""
-  return _default_impl
-
-
-@contextlib.contextmanager
-def default_impl(impl: str):
-  """Context manager: ``with default_impl("xla"): ...`` traces convolutions with ``impl``."""
-  old = set_default_impl(impl)
-  try:
-    yield
-  finally:
-    set_default_impl(old)
-
-
-def resolve_impl(impl: Optional[str] = None) -> str:
+def resolve_impl(impl: str = "auto") -> str:
   """The concrete formulation (``"xla"``, ``"dot1x1"`` or ``"dot"``) ``impl`` stands for.
 
-  ``None`` means the default (:func:`get_default_impl`); ``"auto"`` means ``"dot1x1"``
-  on the CPU backend and ``"xla"`` on GPU/TPU (``jax.default_backend()`` at trace time).
+  ``"auto"`` means ``"dot1x1"`` on the CPU backend and ``"xla"`` on GPU/TPU
+  (``jax.default_backend()`` when called, i.e. at trace time).
   """
-  impl = _default_impl if impl is None else impl
-  _check_impl(impl)
+  if impl not in IMPLS:
+    raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
     return "dot1x1" if jax.default_backend() == "cpu" else "xla"
   return impl
@@ -197,7 +166,7 @@ _conv_custom_kernel_grad.defvjp(_conv_custom_fwd, _conv_custom_bwd)
 
 
 def conv2d(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = "SAME",
-           impl: Optional[str] = None):
+           impl: str = "auto"):
   """NHWC x HWIO -> NHWC convolution without bias (cross-correlation, as ``lax.conv``).
 
   Args:
@@ -206,7 +175,7 @@ def conv2d(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = "SAME"
     strides: ``(sh, sw)``.
     padding: ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))``.
     impl: formulation (see the module docstring): ``"auto"``, ``"xla"``, ``"dot1x1"``
-      or ``"dot"``; ``None`` uses :func:`get_default_impl`.
+      or ``"dot"``.
 
   Returns:
     ``(N, Ho, Wo, D)``, equal (to rounding) to ``lax.conv_general_dilated`` whatever
@@ -233,7 +202,7 @@ def conv2d(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = "SAME"
   return _xla_conv(x, kernel, strides, pads)
 
 
-def conv1x1_concat(xs: Sequence[Any], kernel, impl: Optional[str] = None):
+def conv1x1_concat(xs: Sequence[Any], kernel, impl: str = "auto"):
   """Stride-1 1x1 convolution of the channel concatenation of ``xs``, not materialised.
 
   A filter on a concatenation is the sum of one filter per part (the identity behind
@@ -283,7 +252,7 @@ class Conv(nn.Module):
     dtype: computation dtype (inputs and kernel are cast to it).
     param_dtype: parameter storage dtype.
     kernel_init: initialiser of the HWIO ``kernel`` parameter.
-    impl: kernel formulation, see :func:`conv2d` (``None``: the module default).
+    impl: kernel formulation, see :func:`conv2d`.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -293,7 +262,7 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Any = he_normal
-  impl: Optional[str] = None
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):

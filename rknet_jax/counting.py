@@ -194,6 +194,15 @@ def _add(into: dict, other: Mapping, factor: int = 1):
     into[k] = into.get(k, 0) + factor * v
 
 
+def _counts_inside(subs: Mapping, path: tuple[str, ...]) -> int:
+  """FLOPs of one run of every sub-jaxpr in ``subs`` (to refuse loops that hold any)."""
+  inner: dict[tuple[str, ...], int] = {}
+  for js in subs.values():
+    for j in js:
+      _add(inner, _walk(j, path))
+  return sum(inner.values())
+
+
 def _walk(jaxpr, prefix: tuple[str, ...],
           seen: dict | None = None) -> dict[tuple[str, ...], int]:
   """FLOPs of one execution of ``jaxpr``, keyed by module path.
@@ -231,11 +240,7 @@ def _walk(jaxpr, prefix: tuple[str, ...],
             "its trip count is not known statically. Use lax.scan or lax.fori_loop "
             "with Python-int bounds (which lowers to scan) so the loop can be counted.")
     elif name in _SHARDED_PRIMITIVES:
-      inner = {}
-      for js in subs.values():
-        for j in js:
-          _add(inner, _walk(j, path))
-      if sum(inner.values()):
+      if _counts_inside(subs, path):
         raise ValueError(
             f"count_flops: {name} holds convolutions or dots on per-shard shapes; "
             "count the unsharded model instead.")
@@ -244,17 +249,12 @@ def _walk(jaxpr, prefix: tuple[str, ...],
       (js,) = subs.values()
       for j in js:
         _add(out, _walk(j, path, seen))
-    else:
-      inner = {}
-      for js in subs.values():
-        for j in js:
-          _add(inner, _walk(j, path))
-      if sum(inner.values()):
-        raise ValueError(
-            f"count_flops: do not know how often the sub-jaxprs of primitive "
-            f"'{name}' (params {sorted(subs)}) run; it holds convolutions or dots. "
-            "Known: scan, cond, while, and call-like primitives "
-            f"{sorted(_CALL_PRIMITIVES)}.")
+    elif _counts_inside(subs, path):
+      raise ValueError(
+          f"count_flops: do not know how often the sub-jaxprs of primitive "
+          f"'{name}' (params {sorted(subs)}) run; it holds convolutions or dots. "
+          "Known: scan, cond, while, and call-like primitives "
+          f"{sorted(_CALL_PRIMITIVES)}.")
   return out
 
 

@@ -3,6 +3,10 @@
 Everything here follows ``shared/paper/ARCHITECTURE.md`` ("Around the periods") and
 section 3.2 / 4.2 of the paper:
 
+* :class:`LayerConfig` -- the options every layer of a model shares (compute dtype, dropout,
+  BatchNorm momentum/epsilon, rematerialisation, convolution formulation), handed down the
+  module tree as one value that also builds the BatchNorm, convolution and dropout layers
+  (as flax's ResNet example hands down ``norm`` and ``conv``).
 * :class:`BNReLUConv` -- the pre-activation unit BN -> ReLU -> conv [-> dropout] applied to
   the channel concatenation of its inputs (the building brick of dense and clique blocks).
 * :class:`BNReLUKernelConv` -- the same with a kernel handed in by the caller, so that a
@@ -14,9 +18,36 @@ section 3.2 / 4.2 of the paper:
   the multiscale feature strategy, then one fully connected layer with bias.
 
 Every convolution goes through :mod:`rknet_jax.conv` (He-normal fan-in, not truncated,
-bias-free).  BatchNorm parameters are float32 whatever the compute ``dtype``.
+bias-free), in the formulation ``LayerConfig.conv_impl`` names.  BatchNorm parameters are
+float32 whatever the compute ``dtype``.
 
-Rematerialisation: :func:`maybe_remat` wraps a layer class in :func:`flax.linen.remat`
+BatchNorm defaults (the paper does not give them; each family follows its authors' code):
+
+=============  ======================  ==========================================================
+family         momentum / epsilon      source
+=============  ======================  ==========================================================
+RKNets         0.99 / 1e-3             ZhuMai/RKCNN ``pytorch_models/utils.py``:
+                                       ``nn.BatchNorm2d(dim, eps=0.001, momentum=0.01)``
+DenseNet       0.9 / 1e-5              liuzhuang13/DenseNet ``models/densenet.lua``
+                                       (``cudnn.SpatialBatchNormalization(nChannels)``) and
+                                       torchvision ``densenet.py``
+                                       (``nn.BatchNorm2d(num_input_features)``): the Torch
+                                       defaults eps 1e-5, momentum 0.1
+CliqueNet      0.999 / 1e-3            iboing/CliqueNet ``models/utils.py`` (CIFAR, TensorFlow):
+                                       ``tf.contrib.layers.batch_norm(x, scale=True, ...)`` with
+                                       TF's defaults ``decay=0.999, epsilon=0.001``
+=============  ======================  ==========================================================
+
+Flax's ``momentum`` is the decay of the running average: PyTorch's ``momentum=m`` is flax's
+``1 - m``; TensorFlow's ``decay`` is flax's ``momentum``.  One difference no setting removes:
+PyTorch updates ``running_var`` with the *unbiased* batch variance (divided by n - 1, n = N H W
+values per channel), flax (and :class:`BatchNormParts`) with the biased one (divided by n);
+normalisation itself uses the biased variance in both.  So a converter of the authors'
+PyTorch checkpoints copies ``running_var`` as is to reproduce their evaluation outputs, and
+rescales it by (n - 1) / n (n of the batches it was trained on) to express it in flax's
+convention; running statistics trained here and there differ by that factor.
+
+Rematerialisation: :meth:`LayerConfig.maybe_remat` wraps a layer class in :func:`flax.linen.remat`
 (``jax.checkpoint``) with ``train`` static.  The wrapped layer has exactly the same variables
 (callers give explicit names), computes the same values and gradients, and updates the
 BatchNorm running statistics once: the recomputation in the backward pass only rebuilds
@@ -31,27 +62,103 @@ avoids XLA's fused BatchNorm backward over the concatenation's gradient slices a
 quadratic (over a dense block) concatenations (benchmarks/README.md, finding 4).
 """
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
+from rknet_jax import checks
 from rknet_jax import conv as conv_lib
 
 __all__ = [
-    "BatchNorm", "BatchNormParts", "concat", "BNReLUConv", "BNReLUKernelConv", "maybe_remat", "CifarStem",
-    "ImageNetStem", "ChannelAttention", "Transition", "Postprocessor", "glorot_uniform",
-    "DEFAULT_BN_MOMENTUM", "DEFAULT_BN_EPSILON",
+    "LayerConfig", "BatchNormParts", "concat", "BNReLUConv", "BNReLUKernelConv",
+    "CifarStem", "ImageNetStem", "make_stem", "ChannelAttention", "Transition",
+    "Postprocessor", "glorot_uniform", "check_images",
+    "RKNET_BN_MOMENTUM", "RKNET_BN_EPSILON", "DENSENET_BN_MOMENTUM", "DENSENET_BN_EPSILON",
+    "CLIQUENET_BN_MOMENTUM", "CLIQUENET_BN_EPSILON",
 ]
 
-DEFAULT_BN_MOMENTUM = 0.9
-"""Running-average decay of BatchNorm (flax convention; PyTorch's momentum 0.1)."""
-DEFAULT_BN_EPSILON = 1e-5
-"""BatchNorm epsilon (the PyTorch / authors' code default)."""
+RKNET_BN_MOMENTUM = 0.99
+"""BatchNorm running-average decay of RKNets: the authors' RKCNN code (ZhuMai/RKCNN,
+``nn.BatchNorm2d(dim, eps=0.001, momentum=0.01)``; PyTorch's momentum 0.01 is flax's 0.99)."""
+RKNET_BN_EPSILON = 1e-3
+"""BatchNorm epsilon of RKNets: the authors' RKCNN code (``eps=0.001``)."""
+DENSENET_BN_MOMENTUM = 0.9
+"""BatchNorm decay of DenseNet: the original LuaTorch code and torchvision use the Torch
+default momentum 0.1, i.e. flax's 0.9."""
+DENSENET_BN_EPSILON = 1e-5
+"""BatchNorm epsilon of DenseNet: the Torch/PyTorch default 1e-5 of its published code."""
+CLIQUENET_BN_MOMENTUM = 0.999
+"""BatchNorm decay of CliqueNet: its authors' TensorFlow code (iboing/CliqueNet) calls
+``tf.contrib.layers.batch_norm`` with the default ``decay=0.999``."""
+CLIQUENET_BN_EPSILON = 1e-3
+"""BatchNorm epsilon of CliqueNet: TF's ``tf.contrib.layers.batch_norm`` default 0.001."""
 
 glorot_uniform = nn.initializers.xavier_uniform()
 """FC initialiser of the paper (section 4.1: Xavier, Glorot & Bengio 2010)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+  """The options every layer of a model shares, held once and handed down the module tree.
+
+  The models (:mod:`rknet_jax.models`) take these options as constructor fields, build one
+  ``LayerConfig`` and pass it to every submodule as ``config``; the submodules build their
+  BatchNorm, convolution and dropout layers through it, so each option is read in one place.
+  Frozen and hashable (a valid Linen attribute and jit-static value).
+
+  Attributes:
+    bn_momentum: BatchNorm running-average decay (flax convention; PyTorch's ``1 - momentum``);
+      default: the RKNets' (the authors' RKCNN code).
+    bn_epsilon: BatchNorm epsilon; default: the RKNets'.
+    dtype: compute dtype (parameters and BatchNorm statistics stay float32).
+    dropout_rate: dropout after the convolutions that have one (0: none, no rng needed).
+    remat: rematerialise the segments the blocks mark (jax.checkpoint): same values,
+      gradients and BatchNorm updates, less memory.
+    conv_impl: convolution formulation (:mod:`rknet_jax.conv`: ``"auto"``, ``"xla"``,
+      ``"dot1x1"`` or ``"dot"``); ``"auto"`` is resolved from the backend when traced.
+  """
+  bn_momentum: float = RKNET_BN_MOMENTUM
+  bn_epsilon: float = RKNET_BN_EPSILON
+  dtype: Any = jnp.float32
+  dropout_rate: float = 0.0
+  remat: bool = False
+  conv_impl: str = "auto"
+
+  def batch_norm(self, train: bool, name: Optional[str] = None) -> nn.BatchNorm:
+    """Flax BatchNorm with these settings, float32 scale/bias and running statistics."""
+    return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                        epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32,
+                        name=name)
+
+  def conv(self, features: int, kernel_size: Sequence[int] = (3, 3),
+           strides: Sequence[int] = (1, 1), padding: conv_lib.Padding = "SAME",
+           name: Optional[str] = None) -> conv_lib.Conv:
+    """Bias-free He-normal :class:`rknet_jax.conv.Conv` in ``dtype`` and ``conv_impl``."""
+    return conv_lib.Conv(features, tuple(kernel_size), strides=tuple(strides), padding=padding,
+                         dtype=self.dtype, impl=self.conv_impl, name=name)
+
+  def dropout(self, x, train: bool):
+    """Dropout at ``dropout_rate`` in training; built only when the rate is > 0, so models
+    without dropout need no 'dropout' rng."""
+    if self.dropout_rate > 0.0:
+      x = nn.Dropout(rate=self.dropout_rate, deterministic=not train)(x)
+    return x
+
+  def maybe_remat(self, layer_cls, train_argnum: int):
+    """``layer_cls`` itself, or wrapped in :func:`flax.linen.remat` when ``remat``.
+
+    ``train_argnum`` is the position of ``train`` in ``__call__`` counting ``self`` as 0
+    (flax's convention for ``static_argnums``).  The wrapped layer has the same variables
+    (callers give explicit names), values and gradients, and updates the BatchNorm
+    running statistics once: the recomputation in the backward pass only rebuilds
+    activations, the new statistics are outputs of the forward pass.
+    """
+    if not self.remat:
+      return layer_cls
+    return nn.remat(layer_cls, static_argnums=(train_argnum,))
 
 
 def concat(inputs):
@@ -61,32 +168,25 @@ def concat(inputs):
   return inputs
 
 
-def BatchNorm(train: bool, momentum: float, epsilon: float, dtype: Any,
-              name: Optional[str] = None) -> nn.BatchNorm:
-  """BatchNorm with float32 scale/bias (both trainable) and running statistics."""
-  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
-                      dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
 class BatchNormParts(nn.Module):
   """BatchNorm of the channel concatenation of ``inputs``, computed part by part.
 
-  The same variables as :func:`BatchNorm` applied to ``concat(inputs)`` (params ``scale``,
+  The same variables as :meth:`LayerConfig.batch_norm` applied to ``concat(inputs)`` (params ``scale``,
   ``bias``; batch_stats ``mean``, ``var``; one entry per channel of the concatenation, in
   order) and flax's arithmetic (float32 statistics, fast variance E[x^2] - E[x]^2 clipped
-  at 0, running averages updated in training but not at initialisation).  Statistics are
-  per channel, so each part's statistics are exactly the concatenation's for its channels,
-  and each part is normalised with its slice of the same scale/bias/mean/var; only the
-  per-channel vectors are concatenated (for the running averages).
+  at 0, the biased variance also in the running average, running averages updated in
+  training but not at initialisation).  Statistics are per channel, so each part's
+  statistics are exactly the concatenation's for its channels, and each part is normalised
+  with its slice of the same scale/bias/mean/var; only the per-channel vectors are
+  concatenated (for the running averages).
 
-  Returns the list of normalised parts (in ``dtype``), one per input.
+  Returns the list of normalised parts (in ``config.dtype``), one per input.
   """
-  momentum: float = DEFAULT_BN_MOMENTUM
-  epsilon: float = DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, inputs: Sequence[Any], train: bool):
+    cfg = self.config
     xs = list(inputs)
     if not xs:
       raise ValueError("BatchNormParts needs at least one input")
@@ -95,7 +195,7 @@ class BatchNormParts(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     if train:
-      stat_dtype = jnp.promote_types(self.dtype, jnp.float32)
+      stat_dtype = jnp.promote_types(cfg.dtype, jnp.float32)
       means, variances = [], []
       for x in xs:
         x = x.astype(stat_dtype)
@@ -104,10 +204,10 @@ class BatchNormParts(nn.Module):
         means.append(mu)
         variances.append(jnp.maximum(0.0, mu2 - lax.square(mu)))
       if not self.is_initializing():
-        ra_mean.value = (self.momentum * ra_mean.value
-                         + (1 - self.momentum) * jnp.concatenate(means))
-        ra_var.value = (self.momentum * ra_var.value
-                        + (1 - self.momentum) * jnp.concatenate(variances))
+        ra_mean.value = (cfg.bn_momentum * ra_mean.value
+                         + (1 - cfg.bn_momentum) * jnp.concatenate(means))
+        ra_var.value = (cfg.bn_momentum * ra_var.value
+                        + (1 - cfg.bn_momentum) * jnp.concatenate(variances))
     else:
       means = _split(ra_mean.value, channels)
       variances = _split(ra_var.value, channels)
@@ -115,8 +215,8 @@ class BatchNormParts(nn.Module):
     biases = _split(self.param("bias", nn.initializers.zeros, (c,), jnp.float32), channels)
     out = []
     for x, mu, var, scale, bias in zip(xs, means, variances, scales, biases):
-      mul = lax.rsqrt(var + self.epsilon) * scale
-      out.append(((x - mu) * mul + bias).astype(self.dtype))
+      mul = lax.rsqrt(var + cfg.bn_epsilon) * scale
+      out.append(((x - mu) * mul + bias).astype(cfg.dtype))
     return out
 
 
@@ -143,38 +243,32 @@ def _as_list(inputs):
   return list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
 
 
-def _dropout(x, rate: float, train: bool):
-  # Built only when rate > 0, so models without dropout need no 'dropout' rng.
-  if rate > 0.0:
-    x = nn.Dropout(rate=rate, deterministic=not train)(x)
-  return x
-
-
-def _per_part(xs, kernel_size, strides) -> bool:
+def _per_part(xs, kernel_size, strides, config: LayerConfig) -> bool:
   """Whether BN -> ReLU -> conv of the concatenation of ``xs`` runs part by part.
 
   Only for a 1x1 stride-1 conv of several inputs, and only where the convolution
-  formulation is not XLA's native one (``rknet_jax.conv.resolve_impl() != "xla"``, i.e. the
-  CPU under ``impl="auto"``): there it saves memory and time (benchmarks/README.md), while
+  formulation is not XLA's native one (``config.conv_impl`` resolves to another, i.e. the
+  CPU under ``"auto"``): there it saves memory and time (benchmarks/README.md), while
   on GPU/TPU the single concatenation compiles several times faster for deep blocks
   (ERKNet-3x1 3x1 3x1 1x1-B train step: 41 s vs 109 s on CPU, benchmarks/bench_compile.py).
   Both paths have the same variables, values and gradients.
   """
   return (len(xs) > 1 and tuple(kernel_size) == (1, 1) and tuple(strides) == (1, 1)
-          and conv_lib.resolve_impl() != "xla")
+          and conv_lib.resolve_impl(config.conv_impl) != "xla")
 
 
-def _bn_relu_conv(xs, kernel, strides, train, dropout_rate, bn_momentum, bn_epsilon, dtype):
+def _bn_relu_conv(xs, kernel, strides, train, config: LayerConfig):
   """concat(xs) -> BN -> ReLU -> conv with HWIO ``kernel`` [-> dropout], inside the calling
   module (its submodule ``bn``): part by part where :func:`_per_part` says so, else on the
   concatenation (built here, so that under remat it is recomputed rather than stored)."""
-  if _per_part(xs, kernel.shape[:2], strides):
-    hs = BatchNormParts(bn_momentum, bn_epsilon, dtype, name="bn")(xs, train)
-    x = conv_lib.conv1x1_concat([nn.relu(h) for h in hs], kernel.astype(dtype))
+  dtype, impl = config.dtype, config.conv_impl
+  if _per_part(xs, kernel.shape[:2], strides, config):
+    hs = BatchNormParts(config, name="bn")(xs, train)
+    x = conv_lib.conv1x1_concat([nn.relu(h) for h in hs], kernel.astype(dtype), impl=impl)
   else:
-    x = BatchNorm(train, bn_momentum, bn_epsilon, dtype, name="bn")(concat(xs))
-    x = conv_lib.conv2d(nn.relu(x).astype(dtype), kernel.astype(dtype), strides)
-  return _dropout(x, dropout_rate, train)
+    x = config.batch_norm(train, name="bn")(concat(xs))
+    x = conv_lib.conv2d(nn.relu(x).astype(dtype), kernel.astype(dtype), strides, impl=impl)
+  return config.dropout(x, train)
 
 
 class BNReLUConv(nn.Module):
@@ -184,33 +278,28 @@ class BNReLUConv(nn.Module):
   3.3.1, Figure 2).  ``inputs`` may be one array or a sequence of NHWC arrays that are
   concatenated on channels first (inside this module, so that under remat the concatenation
   is recomputed rather than stored).  For a 1x1 stride-1 conv on several inputs the
-  concatenation is not built (on CPU, see ``_per_part``): BN and ReLU run part by part (:class:`BatchNormParts`) and
-  the conv is a sum of per-part 1x1 filters (:func:`rknet_jax.conv.conv1x1_concat`); same
-  variables (``bn/{scale,bias,mean,var}``, ``conv/kernel``), values and gradients.
+  concatenation is not built (on CPU, see ``_per_part``): BN and ReLU run part by part
+  (:class:`BatchNormParts`) and the conv is a sum of per-part 1x1 filters
+  (:func:`rknet_jax.conv.conv1x1_concat`); same variables (``bn/{scale,bias,mean,var}``,
+  ``conv/kernel``), values and gradients.
 
   Attributes:
     features: output channels.
     kernel_size: conv window.
     strides: conv strides.
-    dropout_rate: dropout after the conv (0 = none).
-    bn_momentum, bn_epsilon: BatchNorm settings.
-    dtype: compute dtype.
+    config: shared layer options (dropout after the conv, BatchNorm, dtype, conv formulation).
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
-  dropout_rate: float = 0.0
-  bn_momentum: float = DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, inputs, train: bool):
     xs = _as_list(inputs)
     kh, kw = self.kernel_size
     kernel = _ConvKernel((kh, kw, sum(x.shape[-1] for x in xs), self.features), name="conv")()
-    return _bn_relu_conv(xs, kernel, tuple(self.strides), train, self.dropout_rate,
-                         self.bn_momentum, self.bn_epsilon, self.dtype)
+    return _bn_relu_conv(xs, kernel, tuple(self.strides), train, self.config)
 
 
 class BNReLUKernelConv(nn.Module):
@@ -223,10 +312,7 @@ class BNReLUKernelConv(nn.Module):
   1x1 kernel and several inputs, BN -> ReLU -> conv runs part by part as in
   :class:`BNReLUConv` (same variables and values).
   """
-  dropout_rate: float = 0.0
-  bn_momentum: float = DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, inputs, kernel, train: bool):
@@ -235,104 +321,113 @@ class BNReLUKernelConv(nn.Module):
     if c != kernel.shape[2]:
       raise ValueError(f"BNReLUKernelConv: input has {c} channels but the kernel "
                        f"expects {kernel.shape[2]}")
-    return _bn_relu_conv(xs, kernel, (1, 1), train, self.dropout_rate, self.bn_momentum,
-                         self.bn_epsilon, self.dtype)
+    return _bn_relu_conv(xs, kernel, (1, 1), train, self.config)
 
 
-def maybe_remat(layer_cls, remat: bool, train_argnum: int):
-  """``layer_cls`` itself, or wrapped in :func:`flax.linen.remat` (jax.checkpoint).
+def check_images(stem: nn.Module, x) -> None:
+  """ValueError unless ``x`` is a batch of NHWC images the ``stem`` module can take.
 
-  ``train_argnum`` is the position of ``train`` in ``__call__`` counting ``self`` as 0
-  (flax's convention for ``static_argnums``).
+  At ``apply`` the stem's convolution kernel (``params/conv/kernel``) fixes the channel
+  count: an input with another last axis is refused, naming its shape and the expected
+  layout.  At ``init`` there is no kernel yet; an input whose axis 1 looks like image
+  channels (<= 4) while axes 2 and 3 do not is refused as NCHW.
   """
-  if not remat:
-    return layer_cls
-  return nn.remat(layer_cls, static_argnums=(train_argnum,))
+  shape = tuple(x.shape)
+  if len(shape) != 4:
+    raise ValueError(f"input of shape {shape}: expected a batch of NHWC images (N, H, W, C)")
+  kernel = stem.variables.get("params", {}).get("conv", {}).get("kernel")
+  expected = None if kernel is None else kernel.shape[2]
+  _, h, w, c = shape
+  if expected is None:
+    bad = looks_nchw = h <= 4 < min(w, c)
+  else:
+    bad, looks_nchw = c != expected, h == expected
+  if bad:
+    channels = f" with {expected} channels" if expected is not None else ""
+    hint = (" -- it looks like NCHW (channels first): transpose it with "
+            "jnp.transpose(x, (0, 2, 3, 1))") if looks_nchw else ""
+    raise ValueError(f"input of shape {shape}: the model takes NHWC images (N, H, W, C)"
+                     f"{channels}{hint}")
 
 
 class CifarStem(nn.Module):
   """CIFAR/SVHN preprocessor: one 3x3 conv, 3 -> ``features``, no BN, no bias."""
   features: int
-  dtype: Any = jnp.float32
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, x, train: bool):
     del train
-    return conv_lib.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
+    check_images(self, x)
+    return self.config.conv(self.features, (3, 3), name="conv")(x)
 
 
 class ImageNetStem(nn.Module):
   """ImageNet preprocessor: 7x7/2 conv -> BN -> ReLU -> 3x3/2 max-pool (224 -> 56)."""
   features: int
-  bn_momentum: float = DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = conv_lib.Conv(self.features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-                      dtype=self.dtype, name="conv")(x)
-    x = BatchNorm(train, self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(x)
+    check_images(self, x)
+    x = self.config.conv(self.features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                         name="conv")(x)
+    x = self.config.batch_norm(train, name="bn")(x)
     x = nn.relu(x)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-def make_stem(kind: str, features: int, bn_momentum: float, bn_epsilon: float, dtype,
-              name: str = "stem") -> nn.Module:
-  """The preprocessor ``kind`` ("cifar" or "imagenet") with ``features`` output channels."""
-  if kind == "cifar":
-    return CifarStem(features, dtype=dtype, name=name)
-  if kind == "imagenet":
-    return ImageNetStem(features, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
-                        dtype=dtype, name=name)
-  raise ValueError(f"stem={kind!r}: expected 'cifar' or 'imagenet'")
+_STEM_CLASSES = {"cifar": CifarStem, "imagenet": ImageNetStem}
+assert tuple(_STEM_CLASSES) == checks.STEMS
+
+
+def make_stem(kind: str, features: int, config: LayerConfig, name: str = "stem") -> nn.Module:
+  """The preprocessor ``kind`` (one of :data:`rknet_jax.checks.STEMS`: "cifar" or
+  "imagenet") with ``features`` output channels."""
+  checks.check_choice("make_stem", "stem", kind, checks.STEMS)
+  return _STEM_CLASSES[kind](features, config, name=name)
 
 
 class ChannelAttention(nn.Module):
   """Channel attention of the attentional transition (paper section 4.2; CliqueNet).
 
   GAP -> FC(C -> C//2) + ReLU -> FC(C//2 -> C) + sigmoid -> channel-wise product.
-  Both FCs have biases (Glorot-uniform weights, zero biases).
+  Both FCs have biases (Glorot-uniform weights, zero biases), computed in ``config.dtype``.
   """
-  dtype: Any = jnp.float32
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     if c < 2:
       raise ValueError(f"ChannelAttention needs at least 2 channels, got {c}")
+    dense = lambda n, name: nn.Dense(n, kernel_init=glorot_uniform, dtype=self.config.dtype,
+                                     param_dtype=jnp.float32, name=name)
     z = jnp.mean(x, axis=(1, 2))
-    z = nn.Dense(c // 2, kernel_init=glorot_uniform, dtype=self.dtype,
-                 param_dtype=jnp.float32, name="fc1")(z)
-    z = nn.relu(z)
-    z = nn.Dense(c, kernel_init=glorot_uniform, dtype=self.dtype,
-                 param_dtype=jnp.float32, name="fc2")(z)
-    z = nn.sigmoid(z)
+    z = nn.relu(dense(c // 2, "fc1")(z))
+    z = nn.sigmoid(dense(c, "fc2")(z))
     return x * z[:, None, None, :].astype(x.dtype)
 
 
 class Transition(nn.Module):
   """Transition between periods: BN -> ReLU -> 1x1 conv -> [attention] -> 2x2 avg pool.
 
+  The conv is followed by dropout at ``config.dropout_rate``.
+
   Attributes:
     features: output channels (m_{n+1} k_{n+1} in an RKNet).
     attention: add :class:`ChannelAttention` after the conv (suffix "A").
-    dropout_rate: dropout after the conv.
+    config: shared layer options.
   """
   features: int
   attention: bool = False
-  dropout_rate: float = 0.0
-  bn_momentum: float = DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = BNReLUConv(self.features, (1, 1), dropout_rate=self.dropout_rate,
-                   bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                   dtype=self.dtype, name="bn_relu_conv")(x, train)
+    x = BNReLUConv(self.features, (1, 1), config=self.config, name="bn_relu_conv")(x, train)
     if self.attention:
-      x = ChannelAttention(dtype=self.dtype, name="attention")(x)
+      x = ChannelAttention(self.config, name="attention")(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -345,15 +440,13 @@ class Postprocessor(nn.Module):
   run in float32, so the logits are float32 whatever the compute dtype.
   """
   num_classes: int
-  bn_momentum: float = DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, features: Sequence[Any], train: bool):
     pooled = []
     for i, x in enumerate(features):
-      x = BatchNorm(train, self.bn_momentum, self.bn_epsilon, self.dtype, name=f"bn_{i}")(x)
+      x = self.config.batch_norm(train, name=f"bn_{i}")(x)
       x = nn.relu(x)
       pooled.append(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
     z = jnp.concatenate(pooled, axis=-1) if len(pooled) > 1 else pooled[0]

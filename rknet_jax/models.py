@@ -15,28 +15,40 @@ Model contract (DESIGN.md): ``variables = model.init({"params": key}, x, train=F
 has the collections ``params`` and ``batch_stats`` only; ``model.apply(variables, x,
 train=...)`` returns float32 logits ``(N, num_classes)`` for float NHWC images ``x``; with
 ``dropout_rate > 0`` training needs ``rngs={"dropout": key}``.  The modules are normally
-built by :func:`rknet_jax.create_model`, which validates every option first.
+built by :func:`rknet_jax.create_model`, which validates every option first.  Input that
+does not fit the model is refused while tracing, before anything is compiled: images that
+are not NHWC with the stem's channel count (:func:`rknet_jax.layers.check_images`), and
+images too small for the number of periods (a transition would halve a 1-pixel map to none).
+
+Layer options: every model takes ``dropout_rate``, ``bn_momentum``, ``bn_epsilon``,
+``dtype``, ``remat`` and ``conv_impl`` as keyword fields (:class:`_Network`), turns them into
+one :class:`~rknet_jax.layers.LayerConfig` and hands that down to every layer.  The BatchNorm
+defaults follow each family's published code (RKNets: the authors' RKCNN code; DenseNet and
+CliqueNet: their own authors' code; sources in :mod:`rknet_jax.layers`).
 """
 
-from typing import Any, Optional, Sequence, Tuple
+import dataclasses
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from rknet_jax import blocks
 from rknet_jax import layers
+from rknet_jax.checks import METHODS
+from rknet_jax.layers import LayerConfig
 
-__all__ = ["RKNet", "TableauRKNet", "DenseNet", "CliqueNet", "METHODS", "STEMS"]
-
-METHODS = ("explicit", "implicit")
-STEMS = ("cifar", "imagenet")
+__all__ = ["RKNet", "TableauRKNet", "DenseNet", "CliqueNet"]
 
 
-def _check_common(name, num_classes, stem, dropout_rate):
+def _keyword(default):
+  """A keyword-only field (the layer options come after every model's own fields)."""
+  return dataclasses.field(default=default, kw_only=True)
+
+
+def _check_common(name, num_classes, dropout_rate):
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"{name}: num_classes={num_classes!r}: expected a positive int")
-  if stem not in STEMS:
-    raise ValueError(f"{name}: stem={stem!r}: expected one of {STEMS}")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"{name}: dropout_rate={dropout_rate!r}: expected 0 <= rate < 1")
 
@@ -52,29 +64,77 @@ def _check_positive_ints(name, field, values, length=None):
   return values
 
 
-class _PeriodsMixin:
+def _check_halvable(x, after: str, input_shape) -> None:
+  """ValueError if the transition after ``after`` would pool ``x`` down to no pixels."""
+  h, w = x.shape[1:3]
+  if min(h, w) < 2:
+    raise ValueError(
+        f"input of shape {tuple(input_shape)} is too small for this model: the output of "
+        f"{after} is {h}x{w} and the transition after it halves that to {h // 2}x{w // 2} "
+        "(no pixels left, the logits would be NaN); use larger images or fewer periods")
+
+
+class _Network(nn.Module):
+  """Base of the models: the layer options, all keyword-only, and their :class:`LayerConfig`.
+
+  Attributes:
+    dropout_rate: dropout after the convolutions that have one (0 = off; > 0 needs a
+      'dropout' rng in training).
+    bn_momentum, bn_epsilon: BatchNorm settings; the defaults are the authors' RKCNN code's
+      (:data:`rknet_jax.layers.RKNET_BN_MOMENTUM`, ``RKNET_BN_EPSILON``); the baselines
+      override them with their own code's.
+    dtype: compute dtype (params stay float32, logits are float32).
+    remat: rematerialise the memory-heavy segments (jax.checkpoint; same results).
+    conv_impl: convolution formulation (:mod:`rknet_jax.conv`; "auto" picks by backend at
+      trace time).
+  """
+  dropout_rate: float = _keyword(0.0)
+  bn_momentum: float = _keyword(layers.RKNET_BN_MOMENTUM)
+  bn_epsilon: float = _keyword(layers.RKNET_BN_EPSILON)
+  dtype: Any = _keyword(jnp.float32)
+  remat: bool = _keyword(False)
+  conv_impl: str = _keyword("auto")
+
+  def layer_config(self) -> LayerConfig:
+    """The :class:`LayerConfig` every layer of this model is built with."""
+    return LayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerConfig)})
+
+  def _stem_features(self) -> int:
+    """Output channels of the preprocessor (the baselines' ``init_features``)."""
+    return self.init_features
+
+  def _begin(self, x, train: bool):
+    """Checks the configuration and runs the preprocessor (``stem``) on ``x`` cast to
+    ``dtype``; returns (its output, the LayerConfig, the input's shape)."""
+    self.check()
+    cfg = self.layer_config()
+    x = jnp.asarray(x)
+    stem = layers.make_stem(self.stem, self._stem_features(), cfg)
+    return stem(x.astype(self.dtype), train), cfg, x.shape
+
+
+class _Periods(_Network):
   """Shared forward pass of RKNets: stem -> periods (+transitions) -> postprocessor."""
 
+  def _stem_features(self) -> int:
+    """m_1 k_1: the state of the first period (Rule 1)."""
+    return self.growth_multipliers[0] * self.growth_rates[0]
+
   def _forward(self, x, train, make_step):
+    x, cfg, input_shape = self._begin(x, train)
     P = len(self.stages)
     k, m = self.growth_rates, self.growth_multipliers
-    x = jnp.asarray(x).astype(self.dtype)
-    x = layers.make_stem(self.stem, m[0] * k[0], self.bn_momentum, self.bn_epsilon,
-                         self.dtype)(x, train)
     outputs = []
     for p in range(P):
       for t in range(self.steps[p]):
         x = make_step(p, t, name=f"period{p + 1}_step{t + 1}")(x, train)
       outputs.append(x)
       if p < P - 1:
-        x = layers.Transition(m[p + 1] * k[p + 1], attention=self.attention,
-                              dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
-                              bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+        _check_halvable(x, f"period {p + 1}", input_shape)
+        x = layers.Transition(m[p + 1] * k[p + 1], attention=self.attention, config=cfg,
                               name=f"transition{p + 1}")(x, train)
     used = outputs if self.multiscale else outputs[-1:]
-    return layers.Postprocessor(self.num_classes, bn_momentum=self.bn_momentum,
-                                bn_epsilon=self.bn_epsilon, dtype=self.dtype,
-                                name="postprocessor")(used, train)
+    return layers.Postprocessor(self.num_classes, cfg, name="postprocessor")(used, train)
 
   def _check_periods(self):
     name = type(self).__name__
@@ -85,10 +145,10 @@ class _PeriodsMixin:
     _check_positive_ints(name, "steps", self.steps, P)
     _check_positive_ints(name, "growth_rates", self.growth_rates, P)
     _check_positive_ints(name, "growth_multipliers", self.growth_multipliers, P)
-    _check_common(name, self.num_classes, self.stem, self.dropout_rate)
+    _check_common(name, self.num_classes, self.dropout_rate)
 
 
-class RKNet(_PeriodsMixin, nn.Module):
+class RKNet(_Periods):
   """ERKNet or IRKNet (paper sections 3.2-3.3), e.g. ``ERKNet-7×1 6×1 6×1``.
 
   Attributes:
@@ -103,10 +163,9 @@ class RKNet(_PeriodsMixin, nn.Module):
     attention: attentional transitions ("A").
     multiscale: postprocess every period (multiscale feature strategy) or the last only.
     num_updates, update_order, share_weights: IRK options (see ``CliqueBlock``).
-    dropout_rate: dropout after every conv (0 = off).
-    bn_momentum, bn_epsilon: BatchNorm settings.
-    dtype: compute dtype (params stay float32, logits are float32).
-    remat: rematerialise the concat-BN-ReLU-conv segments (jax.checkpoint).
+    (keywords) dropout_rate, bn_momentum, bn_epsilon, dtype, remat, conv_impl: the layer
+      options of :class:`_Network`; BatchNorm defaults: the authors' RKCNN code
+      (``BatchNorm2d(eps=0.001, momentum=0.01)``: epsilon 1e-3, flax momentum 0.99).
   """
   stages: Tuple[int, ...]
   steps: Tuple[int, ...]
@@ -121,14 +180,14 @@ class RKNet(_PeriodsMixin, nn.Module):
   num_updates: int = 1
   update_order: str = "gauss_seidel"
   share_weights: bool = True
-  dropout_rate: float = 0.0
-  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
-  remat: bool = False
 
   def check(self):
-    """Raise ValueError on an inconsistent configuration (before any array is built)."""
+    """Raise ValueError on an inconsistent configuration (before any array is built).
+
+    Structure only (per-period tuples, method, widths); the IRK options are checked by
+    :class:`~rknet_jax.blocks.CliqueBlock` when traced, Rule 4 by
+    :class:`~rknet_jax.blocks.IRKStep`.
+    """
     name = type(self).__name__
     self._check_periods()
     if self.method not in METHODS:
@@ -136,37 +195,20 @@ class RKNet(_PeriodsMixin, nn.Module):
     if self.bottleneck_widths is not None:
       _check_positive_ints(name, "bottleneck_widths", self.bottleneck_widths,
                            len(self.stages))
-    if self.method == "implicit":
-      if any(m != 1 for m in self.growth_multipliers):
-        raise ValueError(f"{name}: Rule 4: IRKNets have m = 1 in every period, got "
-                         f"growth_multipliers={tuple(self.growth_multipliers)}")
-      if self.update_order not in blocks.UPDATE_ORDERS:
-        raise ValueError(f"{name}: update_order={self.update_order!r}: expected one of "
-                         f"{blocks.UPDATE_ORDERS}")
-      if not isinstance(self.num_updates, int) or self.num_updates < 1:
-        raise ValueError(f"{name}: num_updates={self.num_updates!r}: an IRK time-step needs "
-                         "at least one alternate update (an int >= 1)")
-      if self.share_weights and min(self.stages) < 2:
-        raise ValueError(f"{name}: stages={tuple(self.stages)}: an IRK clique block with "
-                         "shared weights needs s >= 2 (with s = 1 the update pass has no "
-                         "other stage to read, equation 6)")
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    self.check()
-    bw = self.bottleneck_widths
+    bw, cfg = self.bottleneck_widths, self.layer_config()
 
     def make_step(p, t, name):
       del t
-      common = dict(dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
-                    bn_epsilon=self.bn_epsilon, dtype=self.dtype, remat=self.remat, name=name)
       width = None if bw is None else bw[p]
       if self.method == "explicit":
         return blocks.ERKStep(self.stages[p], self.growth_multipliers[p],
-                              self.growth_rates[p], width, **common)
+                              self.growth_rates[p], width, cfg, name=name)
       return blocks.IRKStep(self.stages[p], self.growth_rates[p], width,
                             num_updates=self.num_updates, update_order=self.update_order,
-                            share_weights=self.share_weights, **common)
+                            share_weights=self.share_weights, config=cfg, name=name)
 
     return self._forward(x, train, make_step)
 
@@ -207,7 +249,7 @@ def check_tableau_step_options(options) -> None:
                      f"{list(TABLEAU_STEP_OPTIONS)} (and bn_momentum, bn_epsilon)")
 
 
-class TableauRKNet(_PeriodsMixin, nn.Module):
+class TableauRKNet(_Periods):
   """RKNet whose time-steps are :class:`~rknet_jax.tableau_block.TableauStep` s.
 
   Same preprocessor, periods, transitions and postprocessor as :class:`RKNet`; each of the
@@ -224,7 +266,7 @@ class TableauRKNet(_PeriodsMixin, nn.Module):
     tableau: name of the Butcher tableau.
     step_options: extra ``(field, value)`` pairs for every TableauStep (see
       ``TABLEAU_STEP_OPTIONS``; e.g. learn_coefficients, learn_step_size, step_size).
-    (the others as :class:`RKNet`)
+    (the others as :class:`RKNet`; BatchNorm defaults: the authors' RKCNN code's)
   """
   tableau: str
   stages: Tuple[int, ...]
@@ -236,11 +278,6 @@ class TableauRKNet(_PeriodsMixin, nn.Module):
   attention: bool = False
   multiscale: bool = True
   step_options: Tuple[Tuple[str, Any], ...] = ()
-  dropout_rate: float = 0.0
-  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
-  remat: bool = False
 
   def _step_kwargs(self, p):
     options = dict(self.step_options)
@@ -248,7 +285,7 @@ class TableauRKNet(_PeriodsMixin, nn.Module):
     tab = _get_tableau(self.tableau)
     options["stage_functions"] = tableau_stage_functions(tab, self.stages[p], options)
     return dict(options, tableau=tab.name, momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon, dtype=self.dtype)
+                epsilon=self.bn_epsilon, dtype=self.dtype, conv_impl=self.conv_impl)
 
   def check(self):
     """Raise ValueError on an inconsistent configuration (before any array is built)."""
@@ -263,8 +300,7 @@ class TableauRKNet(_PeriodsMixin, nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     from rknet_jax import tableau_block  # pylint: disable=g-import-not-at-top
-    self.check()
-    step_cls = layers.maybe_remat(tableau_block.TableauStep, self.remat, train_argnum=2)
+    step_cls = self.layer_config().maybe_remat(tableau_block.TableauStep, train_argnum=2)
 
     def make_step(p, t, name):
       kwargs = self._step_kwargs(p)
@@ -282,7 +318,7 @@ def _get_tableau(name):
     raise ValueError(f"unknown tableau {name!r}: {e}") from None
 
 
-class DenseNet(nn.Module):
+class DenseNet(_Network):
   """DenseNet (Huang et al. 2017), plain or BC, as the paper reinterprets it (section 3.3.1).
 
   Stem -> dense blocks separated by transitions (BN -> ReLU -> 1x1 conv to
@@ -294,6 +330,9 @@ class DenseNet(nn.Module):
     init_features: stem output channels (16 or 2k on CIFAR, 64 on ImageNet).
     bottleneck_width: None (plain layers) or w (BC: 4k).
     compression: transition compression theta (BC: 0.5).
+    bn_momentum, bn_epsilon: default 0.9 / 1e-5, DenseNet's published code (LuaTorch and
+      torchvision: BatchNorm defaults eps 1e-5, momentum 0.1).
+    (keywords) the other layer options of :class:`_Network`.
   """
   block_layers: Tuple[int, ...]
   growth_rate: int
@@ -302,11 +341,8 @@ class DenseNet(nn.Module):
   compression: float = 1.0
   num_classes: int = 10
   stem: str = "cifar"
-  dropout_rate: float = 0.0
-  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
-  remat: bool = False
+  bn_momentum: float = _keyword(layers.DENSENET_BN_MOMENTUM)
+  bn_epsilon: float = _keyword(layers.DENSENET_BN_EPSILON)
 
   def check(self):
     """Raise ValueError on an inconsistent configuration."""
@@ -317,7 +353,7 @@ class DenseNet(nn.Module):
       _check_positive_ints("DenseNet", "bottleneck_width", (self.bottleneck_width,))
     if not 0.0 < self.compression <= 1.0:
       raise ValueError(f"DenseNet: compression={self.compression!r}: expected 0 < c <= 1")
-    _check_common("DenseNet", self.num_classes, self.stem, self.dropout_rate)
+    _check_common("DenseNet", self.num_classes, self.dropout_rate)
 
   def transition_features(self, channels: int) -> int:
     """Output channels of a transition fed ``channels`` channels."""
@@ -325,26 +361,19 @@ class DenseNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    self.check()
-    k = self.growth_rate
-    common = dict(dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
-                  bn_epsilon=self.bn_epsilon, dtype=self.dtype)
-    x = jnp.asarray(x).astype(self.dtype)
-    x = layers.make_stem(self.stem, self.init_features, self.bn_momentum, self.bn_epsilon,
-                         self.dtype)(x, train)
+    x, cfg, input_shape = self._begin(x, train)
     for b, n in enumerate(self.block_layers):
-      feats = blocks.DenseBlock(n, k, self.bottleneck_width, remat=self.remat,
-                                name=f"block{b + 1}", **common)(x, train)
+      feats = blocks.DenseBlock(n, self.growth_rate, self.bottleneck_width, cfg,
+                                name=f"block{b + 1}")(x, train)
       x = layers.concat(feats)
       if b < len(self.block_layers) - 1:
-        x = layers.Transition(self.transition_features(x.shape[-1]),
-                              name=f"transition{b + 1}", **common)(x, train)
-    return layers.Postprocessor(self.num_classes, bn_momentum=self.bn_momentum,
-                                bn_epsilon=self.bn_epsilon, dtype=self.dtype,
-                                name="postprocessor")([x], train)
+        _check_halvable(x, f"dense block {b + 1}", input_shape)
+        x = layers.Transition(self.transition_features(x.shape[-1]), config=cfg,
+                              name=f"transition{b + 1}")(x, train)
+    return layers.Postprocessor(self.num_classes, cfg, name="postprocessor")([x], train)
 
 
-class CliqueNet(nn.Module):
+class CliqueNet(_Network):
   """CliqueNet (Yang et al. 2018) with its A/B/C options, as in the authors' CIFAR code.
 
   Stem (3x3 conv to ``init_features`` = 64 on CIFAR) -> clique blocks (stage I + alternate
@@ -359,6 +388,10 @@ class CliqueNet(nn.Module):
     block_layers: stages per block: T / 3 each (T = 18: 6, 6, 6), or T / 6 with B, whose
       stages are two conv layers each (T = 30: 5, 5, 5).
     growth_rates: k per block.
+    bn_momentum, bn_epsilon: default 0.999 / 1e-3, the authors' TensorFlow code
+      (iboing/CliqueNet: ``tf.contrib.layers.batch_norm`` with its defaults decay 0.999,
+      epsilon 0.001).
+    (keywords) the other layer options of :class:`_Network`.
   """
   block_layers: Tuple[int, ...]
   growth_rates: Tuple[int, ...]
@@ -370,14 +403,12 @@ class CliqueNet(nn.Module):
   update_order: str = "gauss_seidel"
   num_classes: int = 10
   stem: str = "cifar"
-  dropout_rate: float = 0.0
-  bn_momentum: float = layers.DEFAULT_BN_MOMENTUM
-  bn_epsilon: float = layers.DEFAULT_BN_EPSILON
-  dtype: Any = jnp.float32
-  remat: bool = False
+  bn_momentum: float = _keyword(layers.CLIQUENET_BN_MOMENTUM)
+  bn_epsilon: float = _keyword(layers.CLIQUENET_BN_EPSILON)
 
   def check(self):
-    """Raise ValueError on an inconsistent configuration."""
+    """Raise ValueError on an inconsistent configuration (the clique-block options are
+    checked by :class:`~rknet_jax.blocks.CliqueBlock` when traced)."""
     _check_positive_ints("CliqueNet", "block_layers", self.block_layers)
     _check_positive_ints("CliqueNet", "growth_rates", self.growth_rates,
                          len(self.block_layers))
@@ -385,38 +416,28 @@ class CliqueNet(nn.Module):
     if min(self.block_layers) < 2:
       raise ValueError(f"CliqueNet: block_layers={tuple(self.block_layers)}: a clique block "
                        "needs at least 2 layers")
-    if self.update_order not in blocks.UPDATE_ORDERS:
-      raise ValueError(f"CliqueNet: update_order={self.update_order!r}: expected one of "
-                       f"{blocks.UPDATE_ORDERS}")
-    if not isinstance(self.num_updates, int) or self.num_updates < 0:
-      raise ValueError(f"CliqueNet: num_updates={self.num_updates!r}: expected an int >= 0")
-    _check_common("CliqueNet", self.num_classes, self.stem, self.dropout_rate)
+    _check_common("CliqueNet", self.num_classes, self.dropout_rate)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    self.check()
-    common = dict(dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum,
-                  bn_epsilon=self.bn_epsilon, dtype=self.dtype)
-    x = jnp.asarray(x).astype(self.dtype)
-    x = layers.make_stem(self.stem, self.init_features, self.bn_momentum, self.bn_epsilon,
-                         self.dtype)(x, train)
+    x, cfg, input_shape = self._begin(x, train)
     block_features = []
     B = len(self.block_layers)
     for b in range(B):
       k = self.growth_rates[b]
       _, final = blocks.CliqueBlock(
           self.block_layers[b], k, k if self.bottleneck else None,
-          num_updates=self.num_updates, update_order=self.update_order, remat=self.remat,
-          name=f"block{b + 1}", **common)(x, train)
+          num_updates=self.num_updates, update_order=self.update_order, config=cfg,
+          name=f"block{b + 1}")(x, train)
       transit = layers.concat(final)
       feature = layers.concat([x.astype(transit.dtype), transit])
       if self.compression:
-        feature = layers.BNReLUConv(feature.shape[-1] // 2, (1, 1), name=f"compress{b + 1}",
-                                    **common)(feature, train)
+        feature = layers.BNReLUConv(feature.shape[-1] // 2, (1, 1), config=cfg,
+                                    name=f"compress{b + 1}")(feature, train)
       block_features.append(feature)
       if b < B - 1:
-        x = layers.Transition(transit.shape[-1], attention=self.attention,
-                              name=f"transition{b + 1}", **common)(transit, train)
-    return layers.Postprocessor(self.num_classes, bn_momentum=self.bn_momentum,
-                                bn_epsilon=self.bn_epsilon, dtype=self.dtype,
-                                name="postprocessor")(block_features, train)
+        _check_halvable(transit, f"clique block {b + 1}", input_shape)
+        x = layers.Transition(transit.shape[-1], attention=self.attention, config=cfg,
+                              name=f"transition{b + 1}")(transit, train)
+    return layers.Postprocessor(self.num_classes, cfg, name="postprocessor")(
+        block_features, train)

@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from rknet_jax import layers
 from rknet_jax import rk as rk_lib
 from rknet_jax import tableaus as tableaus_lib
 from rknet_jax.conv import Conv
@@ -67,8 +68,10 @@ class ConvVectorField(nn.Module):
       and ``num_layers=1``, f is a single linear convolution).
     time_conditioning: append a constant channel holding t to the input of every
       convolution, so f depends on the (stage) time as in equation 3.
-    momentum, epsilon: BatchNorm settings.
+    momentum, epsilon: BatchNorm settings (default: the RKNets' defaults, the authors' RKCNN
+      code, :data:`rknet_jax.layers.RKNET_BN_MOMENTUM` and ``RKNET_BN_EPSILON``).
     dtype: computation dtype; param_dtype: parameter dtype.
+    conv_impl: convolution formulation (:mod:`rknet_jax.conv`).
 
   Call: ``f(t, y, train=False)`` with y NHWC and t a scalar.
   """
@@ -79,10 +82,11 @@ class ConvVectorField(nn.Module):
   normalize: bool = True
   activation: Optional[Callable[[Any], Any]] = nn.relu
   time_conditioning: bool = True
-  momentum: float = 0.9
-  epsilon: float = 1e-5
+  momentum: float = layers.RKNET_BN_MOMENTUM
+  epsilon: float = layers.RKNET_BN_EPSILON
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, t, y, train: bool = False):
@@ -104,7 +108,7 @@ class ConvVectorField(nn.Module):
       last = layer == self.num_layers - 1
       x = Conv(features=out_features if last else hidden,
                kernel_size=tuple(self.kernel_size), dtype=self.dtype,
-               param_dtype=self.param_dtype, name=f"conv{layer}")(x)
+               param_dtype=self.param_dtype, impl=self.conv_impl, name=f"conv{layer}")(x)
     return x
 
 
@@ -140,8 +144,10 @@ class TableauStep(nn.Module):
       result as ``f(t, y, train=train)``; e.g. ``functools.partial(ConvVectorField,
       num_layers=1, normalize=False, activation=None)`` for a linear f.  None builds
       :class:`ConvVectorField` from the attributes here (time-conditioned iff shared).
-    momentum, epsilon: BatchNorm settings of the default vector field.
+    momentum, epsilon: BatchNorm settings of the default vector field (default: the
+      RKNets' defaults, see :class:`ConvVectorField`).
     dtype: computation dtype; param_dtype: parameter dtype.
+    conv_impl: convolution formulation of the default vector field.
 
   Parameters (``params``): ``f`` (shared) or ``f_0 .. f_{s-1}`` (per stage); with
   ``learn_coefficients`` ``a`` (s, s), ``b`` (s,), ``c`` (s,; shared only); with
@@ -163,10 +169,11 @@ class TableauStep(nn.Module):
   hidden_features: Optional[int] = None
   kernel_size: Sequence[int] = (3, 3)
   vector_field: Optional[Callable[..., nn.Module]] = None
-  momentum: float = 0.9
-  epsilon: float = 1e-5
+  momentum: float = layers.RKNET_BN_MOMENTUM
+  epsilon: float = layers.RKNET_BN_EPSILON
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   def __post_init__(self):
     # Validate on construction, before any parameter is created.
@@ -229,7 +236,8 @@ class TableauStep(nn.Module):
         ConvVectorField, hidden_features=self.hidden_features,
         kernel_size=tuple(self.kernel_size),
         time_conditioning=self.stage_functions == "shared", momentum=self.momentum,
-        epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+        epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+        conv_impl=self.conv_impl)
 
   @nn.compact
   def __call__(self, y, train: bool = False, t=None):

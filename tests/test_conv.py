@@ -5,7 +5,6 @@ rounding), for strides 1/2, SAME/VALID/explicit padding, 1x1/3x3/7x7 kernels, un
 and vmap; forward FLOPs seen by the jaxpr walker are the same for every formulation.
 """
 
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -150,20 +149,39 @@ def test_forward_flops_identical_for_every_impl():
     assert counts == {impl: expected for impl in IMPLS}, (ks, stride, padding, counts)
 
 
-def test_auto_resolves_by_backend_and_default_is_settable():
+def test_auto_resolves_by_backend_at_trace_time():
   assert jax.default_backend() == "cpu"
-  assert conv_lib.resolve_impl("auto") == "dot1x1"
-  assert conv_lib.get_default_impl() == "auto"
+  assert conv_lib.resolve_impl("auto") == "dot1x1" == conv_lib.resolve_impl()
+  assert conv_lib.resolve_impl("xla") == "xla"
   x, k, _ = _inputs(3, jnp.float32, n=1, h=4, w=4)
-  with conv_lib.default_impl("xla"):
-    assert conv_lib.resolve_impl() == "xla"
-    jaxpr = jax.make_jaxpr(lambda a, b: conv2d(a, b))(x, k)
-    assert "custom_vjp" not in str(jaxpr)
-  assert conv_lib.resolve_impl() == "dot1x1"
+  assert "custom_vjp" not in str(jax.make_jaxpr(lambda a, b: conv2d(a, b, impl="xla"))(x, k))
   assert "custom_vjp" in str(jax.make_jaxpr(lambda a, b: conv2d(a, b, impl="dot"))(x, k))
-  # 1x1 under "dot": a dot_general, no convolution at all.
+  # 1x1 under "auto" on the CPU: a dot_general, no convolution at all; "xla": a convolution.
   k1 = jnp.ones((1, 1, 5, 4))
   assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda a: conv2d(a, k1))(x))
+  assert "conv_general_dilated" in str(jax.make_jaxpr(lambda a: conv2d(a, k1, impl="xla"))(x))
+
+
+def test_formulation_is_a_model_option_not_module_state():
+  """No module-level default to change: ``conv_impl`` is a field of the model, so two models
+  differing only in it are different (hash) keys of a jit cache and trace differently."""
+  from rknet_jax import registry
+  assert not hasattr(conv_lib, "set_default_impl") and not hasattr(conv_lib, "default_impl")
+  auto = registry.create_model("ERKNet-2×1-B", growth_rate=4)
+  xla = auto.clone(conv_impl="xla")
+  assert auto.conv_impl == "auto" and auto.layer_config().conv_impl == "auto"
+  assert auto != xla and hash(auto) != hash(xla)
+  x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+  texts = {}
+  for model in (auto, xla):
+    variables = jax.eval_shape(lambda x, m=model: m.init(jax.random.key(0), x), x)
+    texts[model.conv_impl] = str(jax.make_jaxpr(
+        lambda v, x, m=model: m.apply(v, x))(variables, x))
+  # The bottleneck's 1x1 convolutions are dots under "auto" on the CPU, convolutions under xla.
+  assert (texts["auto"].count("conv_general_dilated")
+          < texts["xla"].count("conv_general_dilated"))
+  with pytest.raises(ValueError, match="'cudnn'"):
+    auto.clone(conv_impl="cudnn").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -197,8 +215,7 @@ def test_bad_arguments_raise_clear_errors():
   with pytest.raises(ValueError, match="'cudnn'"):
     conv2d(x, k, impl="cudnn")
   with pytest.raises(ValueError, match="'fast'"):
-    conv_lib.set_default_impl("fast")
-  assert conv_lib.get_default_impl() == "auto"
+    conv_lib.resolve_impl("fast")
   with pytest.raises(ValueError, match="'FULL'"):
     conv2d(x, k, padding="FULL")
   with pytest.raises(ValueError, match="input channels 5 != kernel input channels 3"):
@@ -209,7 +226,7 @@ def test_bad_arguments_raise_clear_errors():
     conv2d(x[0], k)
 
 
-@pytest.mark.parametrize("impl", [None, "xla", "dot"])
+@pytest.mark.parametrize("impl", ["auto", "xla", "dot"])
 def test_conv_module_layout_init_and_impl(impl):
   x, _, _ = _inputs(3, jnp.float32, n=2, h=6, w=6, c=8)
   m = Conv(16, (3, 3), use_bias=True, impl=impl)

@@ -202,3 +202,125 @@ def test_whole_model_remat_equivalence():
   # Equal up to float32 rounding (recomputation lets XLA fuse and reassociate differently).
   for a, b in zip(jax.tree_util.tree_leaves((g0, u0)), jax.tree_util.tree_leaves((g1, u1))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))))
+
+
+# --------------------------------------------------------------------------------------
+# Layer options: defaults, one LayerConfig handed down, checkpoint layout
+
+
+def test_batch_norm_defaults_follow_each_familys_published_code():
+  from rknet_jax import layers, models
+  # RKNets: the authors' RKCNN code, BatchNorm2d(eps=0.001, momentum=0.01).
+  rk = registry.create_model("ERKNet-2×1 1×1", growth_rate=4)
+  tab = registry.create_model("RK4Net-1×1 1×1", growth_rate=4)
+  direct = models.RKNet((2,), (1,), (4,), (1,))
+  for model in (rk, tab, direct):
+    assert (model.bn_momentum, model.bn_epsilon) == (0.99, 1e-3), model
+    assert model.layer_config() == layers.LayerConfig(bn_momentum=0.99, bn_epsilon=1e-3)
+  assert (layers.LayerConfig().bn_momentum, layers.LayerConfig().bn_epsilon) == (0.99, 1e-3)
+  # DenseNet: LuaTorch / torchvision defaults (eps 1e-5, momentum 0.1); CliqueNet: the
+  # authors' TensorFlow code (tf.contrib.layers.batch_norm: decay 0.999, epsilon 0.001).
+  dense = models.DenseNet((2,), 4, 8)
+  clique = models.CliqueNet((2,), (4,))
+  assert (dense.bn_momentum, dense.bn_epsilon) == (0.9, 1e-5)
+  assert (clique.bn_momentum, clique.bn_epsilon) == (0.999, 1e-3)
+  # The layer options stay plain keywords of every model.
+  custom = models.DenseNet((2,), 4, 8, dropout_rate=0.1, bn_momentum=0.5, bn_epsilon=1e-4,
+                           dtype=jnp.bfloat16, remat=True, conv_impl="xla")
+  assert custom.layer_config() == layers.LayerConfig(0.5, 1e-4, jnp.bfloat16, 0.1, True, "xla")
+
+
+def test_default_batch_norm_settings_reach_every_layer():
+  """A model built with defaults equals one given the RKCNN settings explicitly (outputs and
+  updated statistics), and differs from one with the earlier 0.9 / 1e-5."""
+  x = _images((2, 8, 8, 3))
+  name, kwargs = "IRKNet-2×1 2×1-AB", dict(growth_rate=4)
+  default = registry.create_model(name, **kwargs)
+  explicit = registry.create_model(name, bn_momentum=0.99, bn_epsilon=1e-3, **kwargs)
+  other = registry.create_model(name, bn_momentum=0.9, bn_epsilon=1e-5, **kwargs)
+  variables = _init(default, x)
+  outs = [_run(m, x, True, variables)[1] for m in (default, explicit, other)]
+  for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+    np.testing.assert_array_equal(a, b)
+  assert float(jnp.max(jnp.abs(outs[0][0] - outs[2][0]))) > 1e-4
+  # The first BatchNorm reads the stem's output (no BatchNorm before it): from a zero
+  # running mean, one update gives (1 - momentum) * batch mean.
+  first = lambda out: (
+      out[1]["batch_stats"]["period1_step1"]["clique_block"]["pass1_stage1"]["bn"])
+  np.testing.assert_allclose(first(outs[0])["mean"], first(outs[2])["mean"] * 0.01 / 0.1,
+                             rtol=1e-5, atol=1e-8)
+
+
+# The checkpoint layout: parameter paths and shapes of a small model exercising the
+# ImageNet stem, bottleneck dense layers, attention and the multiscale head.  Checkpoints
+# written before the layer options moved into LayerConfig have exactly these.
+LAYOUT_PARAMS = {
+    "stem/conv/kernel": (7, 7, 3, 4), "stem/bn/scale": (4,), "stem/bn/bias": (4,),
+    "transition1/bn_relu_conv/bn/scale": (4,), "transition1/bn_relu_conv/bn/bias": (4,),
+    "transition1/bn_relu_conv/conv/kernel": (1, 1, 4, 4),
+    "transition1/attention/fc1/kernel": (4, 2), "transition1/attention/fc1/bias": (2,),
+    "transition1/attention/fc2/kernel": (2, 4), "transition1/attention/fc2/bias": (4,),
+    "postprocessor/bn_0/scale": (4,), "postprocessor/bn_0/bias": (4,),
+    "postprocessor/bn_1/scale": (4,), "postprocessor/bn_1/bias": (4,),
+    "postprocessor/fc/kernel": (8, 10), "postprocessor/fc/bias": (10,),
+}
+for _step, _layer, _c in (("period1_step1", "layer1", 4), ("period2_step1", "layer1", 4),
+                          ("period2_step1", "layer2", 8)):
+  _prefix = f"{_step}/dense_block/{_layer}/"
+  LAYOUT_PARAMS.update({
+      _prefix + "bn_relu_conv1x1/bn/scale": (_c,), _prefix + "bn_relu_conv1x1/bn/bias": (_c,),
+      _prefix + "bn_relu_conv1x1/conv/kernel": (1, 1, _c, 8),
+      _prefix + "bn_relu_conv3x3/bn/scale": (8,), _prefix + "bn_relu_conv3x3/bn/bias": (8,),
+      _prefix + "bn_relu_conv3x3/conv/kernel": (3, 3, 8, 4)})
+
+
+def test_checkpoint_layout_is_unchanged():
+  model = registry.create_model("ERKNet-1×1 2×1-AB", growth_rate=4, bottleneck_width=8,
+                                stem="imagenet")
+  v = jax.eval_shape(lambda: _init(model, jnp.zeros((1, 32, 32, 3))))
+  flat = lambda tree: {"/".join(k.key for k in path): leaf.shape
+                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  assert flat(v["params"]) == LAYOUT_PARAMS
+  # Running statistics: mean and var for every BatchNorm scale.
+  bns = {p.rsplit("/", 1)[0] for p in LAYOUT_PARAMS if p.endswith("/scale")}
+  assert flat(v["batch_stats"]) == {
+      f"{bn}/{stat}": LAYOUT_PARAMS[f"{bn}/scale"] for bn in bns for stat in ("mean", "var")}
+
+
+# --------------------------------------------------------------------------------------
+# Input that does not fit the model is refused while tracing
+
+
+@pytest.mark.parametrize("name,kwargs,unit", [
+    ("ERKNet-1×1 1×1 1×1", dict(growth_rate=4), "period 2"),
+    ("DenseNet-BC-16-k4", {}, "dense block 2"),
+    ("CliqueNet-T12-k4", {}, "clique block 2"),
+])
+def test_too_deep_for_the_input_names_the_period_and_size(name, kwargs, unit):
+  model = registry.create_model(name, **kwargs)
+  # Three periods: 4x4 -> 2x2 -> 1x1 works (finite logits) ...
+  _, logits = _run(model, _images((2, 4, 4, 3)), train=False)
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  # ... 2x2 would pool period 2's 1x1 output to 0x0 (NaN logits): an error, before compiling.
+  small = jax.ShapeDtypeStruct((2, 2, 2, 3), jnp.float32)
+  with pytest.raises(ValueError, match=rf"\(2, 2, 2, 3\).*{unit} is 1x1.*0x0"):
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x), small)
+
+
+def test_nchw_or_wrong_channels_are_refused_naming_shape_and_layout():
+  model = registry.create_model("ERKNet-1×1 1×1", growth_rate=4)
+  nhwc = _images((2, 8, 8, 3))
+  nchw = jnp.transpose(nhwc, (0, 3, 1, 2))
+  with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\).*NHWC.*NCHW"):  # at init
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x), nchw)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), nhwc)
+  with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\).*NHWC.*with 3 channels.*NCHW"):
+    jax.eval_shape(lambda v, x: model.apply(v, x), variables, nchw)
+  with pytest.raises(ValueError, match=r"\(2, 8, 8, 1\).*NHWC.*with 3 channels(?! -- it looks like NCHW)"):
+    jax.eval_shape(lambda v, x: model.apply(v, x), variables, _images((2, 8, 8, 1)))
+  with pytest.raises(ValueError, match=r"\(8, 8, 3\).*\(N, H, W, C\)"):
+    jax.eval_shape(lambda v, x: model.apply(v, x), variables, nhwc[0])
+  imagenet = registry.create_model("ERKNet-1×1", growth_rate=4, stem="imagenet")
+  v = jax.eval_shape(lambda x: imagenet.init(jax.random.key(0), x), _images((1, 32, 32, 3)))
+  with pytest.raises(ValueError, match=r"\(1, 3, 32, 32\).*NCHW"):
+    jax.eval_shape(lambda v, x: imagenet.apply(v, x), v, jnp.zeros((1, 3, 32, 32)))
