@@ -63,7 +63,7 @@ def main():
   parser.add_argument("--batch", type=int, default=32)
   args = parser.parse_args()
   print(f"backend: {jax.default_backend()}, batch {args.batch}")
-  print(f"| model | params (M) | train-step compile (s) | inference compile (s) |")
+  print("| model | params (M) | train-step compile (s) | inference compile (s) |")
   print("| --- | --- | --- | --- |")
   for name in args.models:
     model = rknet_jax.create_model(name)

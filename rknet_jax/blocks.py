@@ -214,7 +214,8 @@ class CliqueBlock(nn.Module):
 
   def _unshared(self, x0, train):
     s, k = self.num_stages, self.growth_rate
-    mk = lambda name: DenseLayer(k, self.bottleneck_width, self.config, name=name)
+    def mk(name):
+      return DenseLayer(k, self.bottleneck_width, self.config, name=name)
     X = []
     for i in range(s):
       X.append(mk(f"pass1_stage{i + 1}")([x0] + X[:i], train))

@@ -232,7 +232,14 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
       raise ValueError(
           f"no checkpoint for step {step} in {manager.directory}; "
           f"available steps: {sorted(manager.all_steps())}")
-    return step, restore_verified(manager, step, make_args(step))
+    try:
+      return step, restore_verified(manager, step, make_args(step))
+    except CheckpointUnreadable:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"checkpoint step {step} in {manager.directory} cannot be restored "
+                       f"({type(e).__name__}: {e}); it is damaged: ask for another step, or "
+                       "none for the newest intact one") from e
   for s in sorted(manager.all_steps(), reverse=True):
     try:
       return s, restore_verified(manager, s, make_args(s))

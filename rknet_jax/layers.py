@@ -401,8 +401,9 @@ class ChannelAttention(nn.Module):
     c = x.shape[-1]
     if c < 2:
       raise ValueError(f"ChannelAttention needs at least 2 channels, got {c}")
-    dense = lambda n, name: nn.Dense(n, kernel_init=glorot_uniform, dtype=self.config.dtype,
-                                     param_dtype=jnp.float32, name=name)
+    def dense(n, name):
+      return nn.Dense(n, kernel_init=glorot_uniform, dtype=self.config.dtype,
+                                         param_dtype=jnp.float32, name=name)
     z = jnp.mean(x, axis=(1, 2))
     z = nn.relu(dense(c // 2, "fc1")(z))
     z = nn.sigmoid(dense(c, "fc2")(z))

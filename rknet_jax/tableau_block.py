@@ -274,7 +274,8 @@ class TableauStep(nn.Module):
     factory = self._factory()
     if shared:
       f = factory(name="f")
-      stage_fn = lambda i, ti, yi: f(ti, yi, train=train)
+      def stage_fn(i, ti, yi):
+        return f(ti, yi, train=train)
     else:
       fs = {}
 

@@ -172,7 +172,8 @@ class ButcherTableau:
 
   def __str__(self):
     width = 10
-    fmt = lambda v: f"{v:>{width}.6g}"
+    def fmt(v):
+      return f"{v:>{width}.6g}"
     lines = [f"{self.name} (order {self.order}, {self.num_stages} stages)"]
     for ci, row in zip(self.c, self.a):
       lines.append(fmt(ci) + " |" + "".join(fmt(v) for v in row))

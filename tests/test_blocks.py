@@ -193,8 +193,9 @@ def test_num_updates_iterate_the_same_shared_weights(width):
   many = blocks.CliqueBlock(s, k, width, num_updates=n)
   p1 = jax.eval_shape(lambda: one.init(_key(), y, train=False))["params"]
   params, (_, final) = _init_train(many, y)
-  conv_names = lambda p: sorted(nm for nm in p if nm.startswith("W_") or "conv3x3" in nm
-                                and "bn" not in nm)
+  def conv_names(p):
+    return sorted(nm for nm in p if nm.startswith("W_") or "conv3x3" in nm
+                                  and "bn" not in nm)
   # Same filters (no new conv weights per update); only the BatchNorms of each pass are new.
   assert conv_names(params) == conv_names(p1)
   assert sorted(nm for nm in params if nm.startswith("update")) == sorted(

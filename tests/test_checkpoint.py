@@ -209,7 +209,7 @@ def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
   _, previous_vars, _ = rknet_jax.load_checkpoint(ref_dir, step=steps[-2])
   for x, y in zip(jax.tree.leaves(fallback), jax.tree.leaves(previous_vars)):
     np.testing.assert_array_equal(x, y)
-  with pytest.raises(Exception):
+  with pytest.raises(ValueError, match=f"checkpoint step {steps[-1]} .* cannot be restored"):
     rknet_jax.load_checkpoint(ref_dir, step=steps[-1])
 
 

@@ -67,7 +67,8 @@ def test_float32_matches_lax_conv(ks, stride, padding):
                           (7, 1, "VALID")])
 def test_bfloat16_matches_lax_conv_within_rounding(ks, stride, padding):
   x, k, kg = _inputs(ks, jnp.bfloat16)
-  up = lambda t: t.astype(jnp.float32)
+  def up(t):
+    return t.astype(jnp.float32)
   # float32 reference on the same (bf16-representable) inputs and cotangent.
   ref_fn = jax.jit(lambda a, b: _out_and_grads(lambda a_, b_: _ref(a_, b_, stride, padding),
                                                 a, b, kg))
@@ -115,7 +116,8 @@ def test_vmap_over_inputs_and_kernels(impl):
 def test_second_order_input_gradient_through_custom_vjp():
   # Hessian-vector products w.r.t. the input go through the custom VJP's bwd.
   x, k, _ = _inputs(3, jnp.float32, n=1, h=5, w=5, c=2, d=3)
-  f = lambda conv: lambda a: jnp.sum(jnp.tanh(conv(a, k)) ** 2)
+  def f(conv):
+    return lambda a: jnp.sum(jnp.tanh(conv(a, k)) ** 2)
   ref = jax.grad(f(lambda a, b: _ref(a, b, 1, "SAME")))(x)
   got = jax.grad(f(lambda a, b: conv2d(a, b, impl="dot")))(x)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
@@ -142,7 +144,7 @@ def test_forward_flops_identical_for_every_impl():
   for ks, stride, padding in CASES:
     k = jnp.zeros((ks, ks, 6, 4))
     counts = {impl: jaxpr_flops(jax.make_jaxpr(
-        lambda a, b, impl=impl: conv2d(a, b, (stride, stride), padding, impl=impl))(x, k))
+        lambda a, b, impl=impl, s=stride, p=padding: conv2d(a, b, (s, s), p, impl=impl))(x, k))
               for impl in IMPLS}
     ho, wo = _ref(x, k, stride, padding).shape[1:3]
     expected = 2 * 2 * ho * wo * ks * ks * 6 * 4   # padding included
@@ -194,7 +196,8 @@ def test_conv1x1_concat_equals_conv_of_concatenation(impl):
   def ref(xs, k):
     return _ref(jnp.concatenate(xs, -1), k, 1, "SAME")
 
-  got = lambda xs, k: conv_lib.conv1x1_concat(xs, k, impl=impl)
+  def got(xs, k):
+    return conv_lib.conv1x1_concat(xs, k, impl=impl)
   y, vjp = jax.vjp(got, xs, k)
   yr, vjpr = jax.vjp(ref, xs, k)
   np.testing.assert_allclose(y, yr, rtol=1e-5, atol=1e-5)

@@ -245,8 +245,9 @@ def test_default_batch_norm_settings_reach_every_layer():
   assert float(jnp.max(jnp.abs(outs[0][0] - outs[2][0]))) > 1e-4
   # The first BatchNorm reads the stem's output (no BatchNorm before it): from a zero
   # running mean, one update gives (1 - momentum) * batch mean.
-  first = lambda out: (
-      out[1]["batch_stats"]["period1_step1"]["clique_block"]["pass1_stage1"]["bn"])
+  def first(out):
+    return (
+        out[1]["batch_stats"]["period1_step1"]["clique_block"]["pass1_stage1"]["bn"])
   np.testing.assert_allclose(first(outs[0])["mean"], first(outs[2])["mean"] * 0.01 / 0.1,
                              rtol=1e-5, atol=1e-8)
 
@@ -278,8 +279,9 @@ def test_checkpoint_layout_is_unchanged():
   model = registry.create_model("ERKNet-1×1 2×1-AB", growth_rate=4, bottleneck_width=8,
                                 stem="imagenet")
   v = jax.eval_shape(lambda: _init(model, jnp.zeros((1, 32, 32, 3))))
-  flat = lambda tree: {"/".join(k.key for k in path): leaf.shape
-                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  def flat(tree):
+    return {"/".join(k.key for k in path): leaf.shape
+                         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
   assert flat(v["params"]) == LAYOUT_PARAMS
   # Running statistics: mean and var for every BatchNorm scale.
   bns = {p.rsplit("/", 1)[0] for p in LAYOUT_PARAMS if p.endswith("/scale")}

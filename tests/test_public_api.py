@@ -15,7 +15,7 @@ def test_public_name_resolves_and_has_docstring(name):
 
 def test_unknown_attribute_raises_attribute_error():
   with pytest.raises(AttributeError, match="no_such_thing"):
-    rknet_jax.no_such_thing  # pylint: disable=pointless-statement
+    rknet_jax.no_such_thing  # noqa: B018  # pylint: disable=pointless-statement
 
 
 @pytest.mark.parametrize("module", [
