@@ -14,31 +14,20 @@ from PIL import Image
 
 from experiments import input_pipeline as ip
 from experiments import train
-from experiments.configs import default
 from experiments.data import folder as folder_lib
 from experiments.data import tfds_utils
 import rknet_jax
 from rknet_jax import preprocessing
+import test_train
 
 tfds = tfds_utils.import_tfds()
 
 
 def tiny_config(dataset, **overrides):
-  c = default.get_config()
-  c.model = "ERKNet-1x1 1x1"
-  c.growth_rate = 4
-  c.dataset = dataset
-  c.download = False
-  c.validation_size = 0
-  c.batch_size = 32
-  c.eval_batch_size = 64
-  c.num_train_steps = 6
-  c.log_every_steps = 3
-  c.checkpoint_every_steps = 100
-  c.prefetch = 1
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  """test_train's tiny ERKNet on ``dataset``: no hold-out, 6 steps, no mid-run checkpoint."""
+  defaults = dict(dataset=dataset, validation_size=0, batch_size=32, num_train_steps=6,
+                  log_every_steps=3, checkpoint_every_steps=100)
+  return test_train.tiny_config(**{**defaults, **overrides})
 
 
 def _digits():
