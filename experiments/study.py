@@ -192,17 +192,22 @@ def plot(summary: Sequence[dict], path: str, title: str = ""):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+  fig, ax = plt.subplots(figsize=(6.4, 5.0), dpi=100)
   for s in summary:
-    ax.errorbar(s["params"], 100 * s["mean_test_top1_error"],
-                yerr=100 * s["std_test_top1_error"], marker=_MARKERS[s["family"]],
-                capsize=3, linestyle="none", label=s["name"])
+    bar = ax.errorbar(s["params"], 100 * s["mean_test_top1_error"],
+                      yerr=100 * s["std_test_top1_error"], marker=_MARKERS[s["family"]],
+                      capsize=3, linestyle="none", label=s["name"])
+    ax.scatter([s["params"]] * len(s["test_top1_errors"]),
+               [100 * e for e in s["test_top1_errors"]], s=10, alpha=0.4,
+               color=bar[0].get_color(), marker=_MARKERS[s["family"]])
+  ax.set_yscale("symlog", linthresh=1.0)  # one diverged seed does not flatten the rest
+  ax.set_ylim(bottom=0)
   ax.set_xlabel("parameters")
-  ax.set_ylabel("test top-1 error (%)")
+  ax.set_ylabel("test top-1 error (%): mean ± std, and each seed")
   if title:
     ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc="best")
+  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
