@@ -3,7 +3,7 @@
 Nothing is allocated: parameters come from ``jax.eval_shape`` of ``init`` and the jitted
 steps are lowered and compiled from abstract shapes (``jax.ShapeDtypeStruct``), so even the
 ImageNet models compile on a small machine.  The train step is forward + backward + optax
-SGD (Nesterov 0.9, weight decay 1e-4) + BatchNorm statistics, as in ``experiments/train.py``.
+SGD (Nesterov 0.9, weight decay 1e-4) + BatchNorm statistics, as in ``experiments/steps.py``.
 
     python -m benchmarks.bench_compile                      # largest CIFAR and ImageNet models
     python -m benchmarks.bench_compile --models "IRKNet-3x1 3x1 3x1" --batch 64

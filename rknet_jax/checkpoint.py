@@ -234,7 +234,7 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
           f"available steps: {sorted(manager.all_steps())}")
     try:
       return step, restore_verified(manager, step, make_args(step))
-    except CheckpointUnreadable:
+    except (CheckpointUnreadable, ChecksumError):
       raise
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"checkpoint step {step} in {manager.directory} cannot be restored "
