@@ -1,0 +1,180 @@
+"""One-command accelerator check: throughput, compile time, peak device memory and MFU.
+
+  python -m benchmarks.bench_device                  # on one GPU, about 5-8 minutes
+  python -m benchmarks.bench_device --smoke          # tiny models, any backend (a test runs it)
+
+Cases (issue 10, target 5), each in float32 and bfloat16 compute, each in its own subprocess
+so that the peak device memory belongs to that case alone:
+
+* ERKNet-6x1 6x1 6x1-B, k = w = 36, CIFAR 32x32x3: training step at batch 64, inference at
+  batch 256;
+* ERKNet-3x1 3x1 4x1 2x1-B (Table 3), ImageNet 224x224x3: training and inference at batch 64.
+
+Per case: compile time of the jitted step (lowering + XLA), images/s (median over the timed
+steps after warm-up), peak device memory (``memory_stats()['peak_bytes_in_use']`` where the
+backend reports it), and MFU = model FLOPs per second / the chip's peak (``--peak_tflops``,
+default 989.4: the dense bf16 peak of an H100/H200 SXM). Model FLOPs follow the paper's
+convention (2 x multiply-adds of convolutions and FC layers, ``rknet_jax.count_flops``); a
+training step counts 3x the forward pass (forward + backward), inference 1x.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = (  # name, model kwargs, image shape, mode, batch
+    ("ERKNet-6x1 6x1 6x1-B", {"growth_rate": 36, "bottleneck_width": 36}, (32, 32, 3),
+     "train", 64),
+    ("ERKNet-6x1 6x1 6x1-B", {"growth_rate": 36, "bottleneck_width": 36}, (32, 32, 3),
+     "infer", 256),
+    ("ERKNet-3x1 3x1 4x1 2x1-B", {}, (224, 224, 3), "train", 64),
+    ("ERKNet-3x1 3x1 4x1 2x1-B", {}, (224, 224, 3), "infer", 64),
+)
+SMOKE_CASES = (
+    ("ERKNet-1x1 1x1-B", {"growth_rate": 4}, (8, 8, 3), "train", 4),
+    ("ERKNet-1x1 1x1-B", {"growth_rate": 4}, (8, 8, 3), "infer", 4),
+)
+DTYPES = ("float32", "bfloat16")
+TRAIN_FLOPS_FACTOR = 3  # forward + backward ~ 3 forward passes
+
+
+def _worker(case: dict, steps: int, warmup: int) -> dict:
+  """Measures one case in this process; returns one JSON-able record."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  import rknet_jax
+
+  model = rknet_jax.create_model(case["model"], dtype=case["dtype"], **case["kwargs"])
+  shape, batch = tuple(case["shape"]), case["batch"]
+  flops = float(rknet_jax.count_flops(model, shape))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.standard_normal((batch,) + shape, dtype=np.float32))
+  labels = jnp.asarray(rng.integers(0, model.num_classes, batch), dtype=jnp.int32)
+  variables = jax.jit(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x,
+                                           train=False))(images[:1])
+  params, stats = variables["params"], variables["batch_stats"]
+  if case["mode"] == "train":
+    tx = optax.chain(optax.add_decayed_weights(1e-4),
+                     optax.sgd(0.1, momentum=0.9, nesterov=True))
+
+    def step(state, x, y):
+      params, stats, opt_state = state
+
+      def loss_fn(p):
+        logits, updates = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                      mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, updates["batch_stats"]
+
+      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), stats, opt_state), loss
+
+    state = (params, stats, tx.init(params))
+    fn = jax.jit(step, donate_argnums=(0,))
+    factor = TRAIN_FLOPS_FACTOR
+  else:
+    def infer(state, x, y):
+      del y
+      return state, model.apply({"params": state[0], "batch_stats": state[1]}, x,
+                                train=False)
+
+    state = (params, stats)
+    fn = jax.jit(infer)
+    factor = 1
+  t0 = time.perf_counter()
+  compiled = fn.lower(state, images, labels).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, out = compiled(state, images, labels)
+    jax.block_until_ready(out)
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  device = jax.devices()[0]
+  memory = device.memory_stats() or {}
+  return dict(case, compile_s=compile_s, step_s=step_s, images_per_s=batch / step_s,
+              model_gflops_per_image=flops / 1e9,
+              achieved_tflops=factor * flops * batch / step_s / 1e12,
+              peak_bytes=memory.get("peak_bytes_in_use"), device=device.device_kind,
+              backend=jax.default_backend())
+
+
+def _run_case(case: dict, steps: int, warmup: int, timeout: float) -> dict:
+  cmd = [sys.executable, "-m", "benchmarks.bench_device", "--worker", json.dumps(case),
+         "--steps", str(steps), "--warmup", str(warmup)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return dict(case, error=f"timed out after {timeout:.0f} s")
+  if proc.returncode != 0:
+    return dict(case, error=proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(records, peak_tflops: float) -> str:
+  """Markdown table of the records (one row per case)."""
+  lines = ["| model | input | mode | batch | dtype | compile s | images/s | peak memory GB "
+           "| MFU % |", "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+  for r in records:
+    head = (f"| {r['model']} | {'x'.join(map(str, r['shape']))} | {r['mode']} | "
+            f"{r['batch']} | {r['dtype']} |")
+    if "error" in r:
+      lines.append(f"{head} {r['error']} | | | |")
+      continue
+    mem = f"{r['peak_bytes'] / 1e9:.2f}" if r.get("peak_bytes") else "n/a"
+    lines.append(f"{head} {r['compile_s']:.1f} | {r['images_per_s']:.0f} | {mem} | "
+                 f"{100 * r['achieved_tflops'] / peak_tflops:.2f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  """Runs every case (or ``--worker`` one) and prints the table."""
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_device",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--smoke", action="store_true", help="tiny models (any backend)")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+  parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+  parser.add_argument("--peak_tflops", type=float, default=989.4,
+                      help="the chip's dense bf16 peak, for MFU")
+  parser.add_argument("--case_timeout", type=float, default=240.0,
+                      help="seconds per case before it is reported as timed out")
+  parser.add_argument("--json", default="", help="also write the records to this file")
+  parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 0:
+    parser.error(f"--steps must be >= 1 and --warmup >= 0; got {args.steps}, {args.warmup}")
+  if args.worker:
+    print(json.dumps(_worker(json.loads(args.worker), args.steps, args.warmup)))
+    return
+  records = []
+  for name, kwargs, shape, mode, batch in (SMOKE_CASES if args.smoke else CASES):
+    for dtype in args.dtypes:
+      case = {"model": name, "kwargs": kwargs, "shape": list(shape), "mode": mode,
+              "batch": batch, "dtype": dtype}
+      records.append(_run_case(case, args.steps, args.warmup, args.case_timeout))
+      print(json.dumps(records[-1]), file=sys.stderr, flush=True)
+  found = [r for r in records if "device" in r]
+  if found:
+    print(f"device: {found[0]['device']} ({found[0]['backend']}), "
+          f"peak {args.peak_tflops:g} TFLOP/s bf16")
+  print(table(records, args.peak_tflops))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(records, f, indent=2)
+  if any("error" in r for r in records):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  main()
