@@ -106,4 +106,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from experiments import huge_pages  # pylint: disable=g-import-not-at-top
+  huge_pages.reexec_with_huge_pages()
   app.run(main)

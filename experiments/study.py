@@ -287,6 +287,8 @@ def _define_flags():
 
 
 if __name__ == "__main__":
+  from experiments import huge_pages  # pylint: disable=g-import-not-at-top
+  huge_pages.reexec_with_huge_pages()
   from absl import app as _app  # pylint: disable=g-import-not-at-top
   _define_flags()
   _app.run(main)
