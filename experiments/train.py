@@ -31,6 +31,7 @@ from experiments import optim
 from experiments import run_config
 from experiments import rundir
 from experiments import steps as steps_lib
+from experiments.data import prepare as prepare_lib
 from rknet_jax import checkpoint as rk_ckpt
 from rknet_jax import preprocessing as rk_preprocessing
 
@@ -73,7 +74,7 @@ def _finite_guard(leaf_names, ckpts):
 
 # Errors with which a run stops itself (the CLI prints their message and exits 1).
 RUN_STOPPED = (NonFiniteError, checkpointing.CheckpointWriteError, rundir.WorkdirBusy,
-               rk_ckpt.CheckpointUnreadable)
+               rk_ckpt.CheckpointUnreadable, prepare_lib.DownloadUnavailableError)
 
 
 # ------------------------------------------------------------------------- preemption
@@ -333,7 +334,7 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
       "test_examples": test["examples"], "test_top1_error": test["top1_error"],
       "test_top5_error": test["top5_error"], "test_loss": test["loss"],
       "test_model": which, "test_checkpoint_step": int(test_step),
-      "validation_examples": config.validation_size,
+      "validation_examples": input_pipeline.split_sizes(config)["validation"],
       "best_validation_step": best,
       "best_validation_top1_error": (min(r["top1_error"] for r in val_hist)
                                      if val_hist else None),
