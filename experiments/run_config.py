@@ -28,6 +28,11 @@ IDENTITY_FIELDS = ("model", "growth_rate", "stem", "model_kwargs", "dataset")
 # (the run is then no longer the same as an uninterrupted one).
 STREAM_FIELDS = ("seed", "batch_size", "validation_size", "split_seed", "augment")
 
+NO_VALIDATION_FOR_BEST = (
+    "config.test_model='best' needs a validation split (config.validation_size > 0, or "
+    "npz/folder data with a validation split of their own); the test set is never used to "
+    "select")
+
 # Numeric fields: (name, kind, lower, lower_inclusive, upper, upper_inclusive, meaning).
 # ``kind`` "int" accepts Python ints only; "real" accepts finite ints and floats.
 _INF = math.inf
@@ -145,9 +150,10 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str,
                      f"allowed: {WEIGHT_DECAY_PARAMS}")
   if config.test_model not in TEST_MODELS:
     raise ValueError(f"unknown test_model {config.test_model!r}; allowed: {TEST_MODELS}")
-  if config.test_model == "best" and config.validation_size <= 0:
-    raise ValueError("config.test_model='best' needs a validation split "
-                     "(config.validation_size > 0); the test set is never used to select")
+  own_validation_possible = str(config.dataset).startswith(("npz:", "folder:"))
+  if (config.test_model == "best" and config.validation_size <= 0
+      and not own_validation_possible):  # npz/folder data: checked once the data is read
+    raise ValueError(NO_VALIDATION_FOR_BEST)
   n_dev, n_proc = mesh_size(mesh), jax.process_count()
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % n_dev:

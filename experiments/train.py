@@ -184,6 +184,8 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
   total_steps = (int(config.num_train_steps) if config.num_train_steps > 0
                  else int(config.num_epochs * steps_per_epoch))
   has_validation = input_pipeline.split_sizes(config)["validation"] > 0
+  if config.test_model == "best" and not has_validation:
+    raise ValueError(run_config.NO_VALIDATION_FOR_BEST)
 
   spec = run_config.model_spec(config, info.num_classes)
   model = run_config.build_model(config, info.num_classes)

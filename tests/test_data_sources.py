@@ -74,6 +74,25 @@ def test_npz_trains_on_28x28_gray_and_saves_its_statistics(tmp_path):
   assert spec["mean"] == pytest.approx([train_x.mean()])
 
 
+def test_best_model_selection_uses_the_datas_own_validation_split(tmp_path):
+  """test_model='best' with validation_size=0 works when the npz brings validation arrays,
+  and is refused, before compiling, when it does not."""
+  train_split, test_split = _digits()
+  arrays = dict(train_images=train_split.images[:200], train_labels=train_split.labels[:200],
+                test_images=test_split.images, test_labels=test_split.labels)
+  own = _write_npz(tmp_path / "own.npz", validation_images=train_split.images[200:300],
+                   validation_labels=train_split.labels[200:300], **arrays)
+  results = train.train_and_evaluate(tiny_config(own, test_model="best"),
+                                     str(tmp_path / "run_own"))
+  assert results["test_model"] == "best" and results["validation_examples"] == 100
+  assert results["best_validation_step"] is not None
+  none = _write_npz(tmp_path / "none.npz", **arrays)
+  with pytest.raises(ValueError, match="test_model='best' needs a validation split"):
+    train.train_and_evaluate(tiny_config(none, test_model="best"), str(tmp_path / "run_none"))
+  assert not (tmp_path / "run_none" / "checkpoints").exists() or not any(
+      (tmp_path / "run_none" / "checkpoints").iterdir())
+
+
 def test_npz_errors_name_the_array(tmp_path):
   x = np.zeros((4, 8, 8), np.uint8)
   y = np.array([0, 1, 2, 1])
