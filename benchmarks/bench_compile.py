@@ -14,9 +14,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import rknet_jax
+from benchmarks import steps as bench_steps
 
 DEFAULT_MODELS = ("IRKNet-5×1 5×1 5×1-AB-k180", "DenseNet-BC-250-k24",
                   "ERKNet-3×1 3×1 6×1 2×1-B")
@@ -32,21 +32,9 @@ def compile_times(name, batch):
   x = jax.ShapeDtypeStruct((batch,) + _input_shape(model), jnp.float32)
   y = jax.ShapeDtypeStruct((batch,), jnp.int32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
-  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9, nesterov=True))
+  tx = bench_steps.paper_sgd()
   opt_state = jax.eval_shape(tx.init, variables["params"])
-
-  def train_step(params, batch_stats, opt_state, x, y):
-    def loss_fn(p):
-      logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                    mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, updates["batch_stats"]
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-  def infer(params, batch_stats, x):
-    return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+  train_step, infer = bench_steps.train_step_fn(model, tx), bench_steps.infer_fn(model)
 
   t0 = time.perf_counter()
   jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(

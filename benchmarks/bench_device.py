@@ -47,8 +47,8 @@ def _worker(case: dict, steps: int, warmup: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
   import rknet_jax
+  from benchmarks import steps as bench_steps
 
   model = rknet_jax.create_model(case["model"], dtype=case["dtype"], **case["kwargs"])
   shape, batch = tuple(case["shape"]), case["batch"]
@@ -60,41 +60,29 @@ def _worker(case: dict, steps: int, warmup: int) -> dict:
                                            train=False))(images[:1])
   params, stats = variables["params"], variables["batch_stats"]
   if case["mode"] == "train":
-    tx = optax.chain(optax.add_decayed_weights(1e-4),
-                     optax.sgd(0.1, momentum=0.9, nesterov=True))
-
-    def step(state, x, y):
-      params, stats, opt_state = state
-
-      def loss_fn(p):
-        logits, updates = model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                      mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, updates["batch_stats"]
-
-      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), stats, opt_state), loss
-
+    tx = bench_steps.paper_sgd()
     state = (params, stats, tx.init(params))
-    fn = jax.jit(step, donate_argnums=(0,))
-    factor = TRAIN_FLOPS_FACTOR
-  else:
-    def infer(state, x, y):
-      del y
-      return state, model.apply({"params": state[0], "batch_stats": state[1]}, x,
-                                train=False)
+    fn = jax.jit(bench_steps.train_step_fn(model, tx), donate_argnums=(0, 1, 2))
+    inputs, factor = (images, labels), TRAIN_FLOPS_FACTOR
 
+    def run(state):
+      *state, loss = compiled(*state, *inputs)
+      return tuple(state), loss
+  else:
     state = (params, stats)
-    fn = jax.jit(infer)
-    factor = 1
+    fn = jax.jit(bench_steps.infer_fn(model))
+    inputs, factor = (images,), 1
+
+    def run(state):
+      return state, compiled(*state, *inputs)
+
   t0 = time.perf_counter()
-  compiled = fn.lower(state, images, labels).compile()
+  compiled = fn.lower(*state, *inputs).compile()
   compile_s = time.perf_counter() - t0
   times = []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
-    state, out = compiled(state, images, labels)
+    state, out = run(state)
     jax.block_until_ready(out)
     if i >= warmup:
       times.append(time.perf_counter() - t0)

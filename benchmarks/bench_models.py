@@ -76,7 +76,7 @@ def _worker(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
+  from benchmarks import steps as bench_steps
   from rknet_jax import conv as conv_lib
 
   if args.malloc == "keep":
@@ -94,20 +94,9 @@ def _worker(args):
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
   if args.mode == "train":
-    tx = optax.chain(optax.add_decayed_weights(1e-4),
-                     optax.sgd(0.1, momentum=0.9, nesterov=True))
+    tx = bench_steps.paper_sgd()
     opt_state = tx.init(params)
-
-    def train_step(params, batch_stats, opt_state, x, y):
-      def loss_fn(p):
-        logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x,
-                                      train=True, mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, updates["batch_stats"]
-      (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
+    train_step = bench_steps.train_step_fn(model, tx)
     step = jax.jit(train_step, donate_argnums=(0, 1, 2))
     state = (params, batch_stats, opt_state)
     t0 = time.perf_counter()
@@ -118,9 +107,7 @@ def _worker(args):
       *state, loss = compiled(*state, images, labels)
       return tuple(state), loss
   else:
-    def infer(params, batch_stats, x):
-      return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
-
+    infer = bench_steps.infer_fn(model)
     step = jax.jit(infer)
     state = (params, batch_stats)
     t0 = time.perf_counter()
