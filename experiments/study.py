@@ -31,11 +31,13 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from experiments import rundir
+
 STUDY_JSON = "study.json"
 STUDY_MD = "study.md"
 STUDY_PNG = "study.png"
 RUNS_DIR = "runs"
-RESULTS_FILE = "results.json"
+RESULTS_FILE = rundir.RESULTS_FILE
 
 FAMILIES = ("ERKNet", "IRKNet", "DenseNet", "CliqueNet")
 _MARKERS = {"ERKNet": "o", "IRKNet": "s", "DenseNet": "^", "CliqueNet": "v",
@@ -86,7 +88,7 @@ def family(name: str) -> str:
   return "RKNet" if name.startswith("RKNet") else "tableau RKNet"
 
 
-def run_config(base, name: str, overrides: Dict[str, Any], seed: int):
+def entry_config(base, name: str, overrides: Dict[str, Any], seed: int):
   """``base`` with ``model``, ``seed`` and the entry's overrides set (a new ConfigDict)."""
   config = base.copy_and_resolve_references()
   with config.unlocked():
@@ -110,17 +112,10 @@ def run_dir(workdir: str, entry: str, seed: int) -> str:
   return os.path.join(workdir, RUNS_DIR, f"{slug}-{digest}", f"seed_{seed}")
 
 
-def _finished_results(directory: str, config):
-  """The run's results.json if it finished with this model and seed, else None."""
-  path = os.path.join(directory, RESULTS_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    results = json.load(f)
-  if results.get("model") != config.model:
-    raise ValueError(f"{path} is a run of {results.get('model')!r}, not {config.model!r}: "
-                     "use another --workdir for another study")
-  return results
+def _finished_results(directory: str):
+  """The run's results.json, or None while it has not finished. (That the run holds this
+  entry's model is checked by ``check_entries``, against the run's model.json.)"""
+  return rundir.read_json(rundir.path(directory, RESULTS_FILE), "a finished run's results")
 
 
 def check_entries(base, models, seeds: int, workdir: str):
@@ -128,12 +123,12 @@ def check_entries(base, models, seeds: int, workdir: str):
   if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
     raise ValueError(f"--seeds={seeds!r}: expected a positive int (runs use seeds "
                      "0 .. N-1)")
-  from experiments import run_config as run_config_lib  # pylint: disable=g-import-not-at-top
+  from experiments import run_config  # pylint: disable=g-import-not-at-top
   for entry, name, overrides in models:
     for seed in range(seeds):
-      config = run_config(base, name, overrides, seed)
+      config = entry_config(base, name, overrides, seed)
       try:
-        run_config_lib.validate_config(config, run_dir(workdir, entry, seed))
+        run_config.validate_config(config, run_dir(workdir, entry, seed))
       except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"--models entry {entry!r}: {e}") from e
 
@@ -227,9 +222,9 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> List[dict]:
   for entry, name, overrides in models:
     runs = []
     for seed in range(seeds):
-      config = run_config(base, name, overrides, seed)
+      config = entry_config(base, name, overrides, seed)
       directory = run_dir(workdir, entry, seed)
-      results = _finished_results(directory, config)
+      results = _finished_results(directory)
       if results is None:
         logging.info("study: training %s, seed %d in %s", entry, seed, directory)
         results = train.train_and_evaluate(config, directory)
