@@ -183,7 +183,8 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
   steps_per_epoch = int(input_pipeline.steps_per_epoch(config))
   total_steps = (int(config.num_train_steps) if config.num_train_steps > 0
                  else int(config.num_epochs * steps_per_epoch))
-  has_validation = input_pipeline.split_sizes(config)["validation"] > 0
+  validation_examples = input_pipeline.split_sizes(config)["validation"]
+  has_validation = validation_examples > 0
   if config.test_model == "best" and not has_validation:
     raise ValueError(run_config.NO_VALIDATION_FOR_BEST)
 
@@ -336,7 +337,7 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
       "test_examples": test["examples"], "test_top1_error": test["top1_error"],
       "test_top5_error": test["top5_error"], "test_loss": test["loss"],
       "test_model": which, "test_checkpoint_step": int(test_step),
-      "validation_examples": input_pipeline.split_sizes(config)["validation"],
+      "validation_examples": validation_examples,
       "best_validation_step": best,
       "best_validation_top1_error": (min(r["top1_error"] for r in val_hist)
                                      if val_hist else None),
