@@ -26,7 +26,6 @@ import os
 from typing import Any, Callable, Optional, Sequence
 import zlib
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,10 +119,8 @@ def checkpoint_manager(workdir, *, read_only: bool = True,
   """
   if options is None:
     options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
-  root = os.fspath(workdir)
-  root = epath.Path(root if "://" in root else os.path.abspath(root))
   return ocp.CheckpointManager(
-      root / CHECKPOINT_SUBDIR, item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM),
+      workdir_files.path(workdir, CHECKPOINT_SUBDIR), item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM),
       options=options)
 
 
