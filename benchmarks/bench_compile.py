@@ -1,63 +1,149 @@
-"""Compile time of the training step and of inference for the largest paper models.
+"""Compile time and XLA temporary memory of the training step, from abstract shapes.
 
 Nothing is allocated: parameters come from ``jax.eval_shape`` of ``init`` and the jitted
 steps are lowered and compiled from abstract shapes (``jax.ShapeDtypeStruct``), so even the
 ImageNet models compile on a small machine.  The train step is forward + backward + optax
-SGD (Nesterov 0.9, weight decay 1e-4) + BatchNorm statistics, as in ``experiments/steps.py``.
+SGD (Nesterov 0.9, weight decay 1e-4) + BatchNorm statistics (``benchmarks/steps.py``).
+Every case runs in its own subprocess with a time limit (``--timeout``), so one slow model
+cannot stall the table and no compilation cache is shared between cases.
 
-    python -m benchmarks.bench_compile                      # largest CIFAR and ImageNet models
-    python -m benchmarks.bench_compile --models "IRKNet-3x1 3x1 3x1" --batch 64
+Two tables (issue 10, targets 1 and 2):
+
+* ``compile``: every ``rknet_jax.list_models()`` model, train step at batch 8 (and inference):
+  lower + compile seconds, and the optimised HLO's instruction count.
+* ``memory``: DenseNet-BC-{40,64,100}-k12 (6, 10, 16 layers per block), train step at batch
+  64: XLA's temporary buffer size and the compile time.
+
+    python -m benchmarks.bench_compile                              # both tables
+    python -m benchmarks.bench_compile --tables memory
+    python -m benchmarks.bench_compile --conv_impl xla              # the GPU/TPU formulation
+    python -m benchmarks.bench_compile --models "DenseNet-BC-250-k24" --batch 8
 """
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-
-import rknet_jax
-from benchmarks import steps as bench_steps
-
-DEFAULT_MODELS = ("IRKNet-5×1 5×1 5×1-AB-k180", "DenseNet-BC-250-k24",
-                  "ERKNet-3×1 3×1 6×1 2×1-B")
+MEMORY_MODELS = ("DenseNet-BC-40-k12", "DenseNet-BC-64-k12", "DenseNet-BC-100-k12")
 
 
 def _input_shape(model):
   return (224, 224, 3) if getattr(model, "stem", "cifar") == "imagenet" else (32, 32, 3)
 
 
-def compile_times(name, batch):
-  """Returns (seconds to lower+compile the train step, the same for inference) for `name`."""
-  model = rknet_jax.create_model(name)
-  x = jax.ShapeDtypeStruct((batch,) + _input_shape(model), jnp.float32)
+def _hlo_instructions(compiled) -> int:
+  """Instructions in the optimised HLO module(s) (lines of the text that assign a value)."""
+  text = compiled.as_text()
+  return sum(1 for line in text.splitlines() if " = " in line and not line.startswith("HloModule"))
+
+
+def measure(name, batch, conv_impl, infer=True):
+  """Compile the train step (and inference) of ``name`` at ``batch``; a JSON-able dict."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  import rknet_jax  # pylint: disable=g-import-not-at-top
+  from benchmarks import steps as bench_steps  # pylint: disable=g-import-not-at-top
+
+  overrides = {} if conv_impl is None else {"conv_impl": conv_impl}
+  model = rknet_jax.create_model(name, **overrides)
+  shape = _input_shape(model)
+  x = jax.ShapeDtypeStruct((batch,) + shape, jnp.float32)
   y = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False))
   tx = bench_steps.paper_sgd()
   opt_state = jax.eval_shape(tx.init, variables["params"])
-  train_step, infer = bench_steps.train_step_fn(model, tx), bench_steps.infer_fn(model)
-
   t0 = time.perf_counter()
-  jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(
+  compiled = jax.jit(bench_steps.train_step_fn(model, tx), donate_argnums=(0, 1, 2)).lower(
       variables["params"], variables["batch_stats"], opt_state, x, y).compile()
   t1 = time.perf_counter()
-  jax.jit(infer).lower(variables["params"], variables["batch_stats"], x).compile()
-  t2 = time.perf_counter()
-  return t1 - t0, t2 - t1
+  mem = compiled.memory_analysis()
+  out = {"model": name, "batch": batch, "conv_impl": conv_impl or "auto",
+         "params_m": rknet_jax.count_params(model, shape) / 1e6,
+         "train_compile_s": t1 - t0, "train_hlo": _hlo_instructions(compiled),
+         "train_temp_gb": (mem.temp_size_in_bytes / 1e9) if mem is not None else None}
+  if infer:
+    t2 = time.perf_counter()
+    jax.jit(bench_steps.infer_fn(model)).lower(
+        variables["params"], variables["batch_stats"], x).compile()
+    out["infer_compile_s"] = time.perf_counter() - t2
+  return out
+
+
+def _run_case(name, batch, conv_impl, infer, timeout):
+  """``measure`` in a fresh subprocess; {'model':..., 'timeout': s} when it ran too long."""
+  cmd = [sys.executable, "-m", "benchmarks.bench_compile", "--worker",
+         json.dumps({"model": name, "batch": batch, "conv_impl": conv_impl, "infer": infer})]
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    return {"model": name, "batch": batch, "timeout": timeout}
+  lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+  if done.returncode != 0 or not lines:
+    return {"model": name, "batch": batch, "error": done.stderr.strip().splitlines()[-1:]}
+  return json.loads(lines[-1])
+
+
+def _cell(result, key, fmt):
+  if "timeout" in result:
+    return f"> {result['timeout']:.0f}, stopped"
+  if "error" in result:
+    return f"error: {result['error']}"
+  value = result.get(key)
+  return "" if value is None else format(value, fmt)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
-  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--tables", nargs="+", choices=("compile", "memory"),
+                      default=["compile", "memory"])
+  parser.add_argument("--models", nargs="+", default=None,
+                      help="models of the compile table (default: rknet_jax.list_models())")
+  parser.add_argument("--batch", type=int, default=8, help="batch of the compile table")
+  parser.add_argument("--memory_batch", type=int, default=64)
+  parser.add_argument("--conv_impl", default=None, choices=("auto", "xla", "dot1x1", "dot"),
+                      help="force a convolution formulation (default: the backend's)")
+  parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
+  parser.add_argument("--json_out", default=None, help="also write every result here")
+  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
-  print(f"backend: {jax.default_backend()}, batch {args.batch}")
-  print("| model | params (M) | train-step compile (s) | inference compile (s) |")
-  print("| --- | --- | --- | --- |")
-  for name in args.models:
-    model = rknet_jax.create_model(name)
-    params = rknet_jax.count_params(model, _input_shape(model)) / 1e6
-    train_s, infer_s = compile_times(name, args.batch)
-    print(f"| {name} | {params:.2f} | {train_s:.1f} | {infer_s:.1f} |", flush=True)
+  if args.worker:
+    case = json.loads(args.worker)
+    print(json.dumps(measure(case["model"], case["batch"], case["conv_impl"], case["infer"])))
+    return
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import rknet_jax  # pylint: disable=g-import-not-at-top
+  results = []
+  impl = args.conv_impl or "auto"
+  print(f"backend: {jax.default_backend()}, conv_impl {impl}")
+  if "compile" in args.tables:
+    names = args.models or list(rknet_jax.list_models())
+    print(f"\nTrain step (and inference) compile, batch {args.batch}\n")
+    print("| model | params (M) | train compile (s) | HLO instructions | inference compile (s) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name in names:
+      r = _run_case(name, args.batch, args.conv_impl, True, args.timeout)
+      results.append(dict(r, table="compile"))
+      print(f"| {name} | {_cell(r, 'params_m', '.2f')} | {_cell(r, 'train_compile_s', '.1f')} "
+            f"| {_cell(r, 'train_hlo', ',d')} | {_cell(r, 'infer_compile_s', '.1f')} |",
+            flush=True)
+  if "memory" in args.tables:
+    print(f"\nTrain step XLA temp, batch {args.memory_batch}\n")
+    print("| model | layers per block | XLA temp (GB) | train compile (s) |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in MEMORY_MODELS:
+      r = _run_case(name, args.memory_batch, args.conv_impl, False, args.timeout)
+      results.append(dict(r, table="memory"))
+      layers = (int(name.split("-")[2]) - 4) // 6
+      print(f"| {name} | {layers} | {_cell(r, 'train_temp_gb', '.2f')} "
+            f"| {_cell(r, 'train_compile_s', '.1f')} |", flush=True)
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from rknet_jax import checks
 from rknet_jax import conv as conv_lib
+from rknet_jax import dense_buffer
 from rknet_jax import layers
 from rknet_jax.layers import LayerConfig
 
@@ -63,11 +64,80 @@ class DenseLayer(nn.Module):
                              name="bn_relu_conv3x3")(h, train)
 
 
-class DenseBlock(nn.Module):
-  """DenseNet dense block of ``num_layers`` :class:`DenseLayer` s.
+class _BNVariables(nn.Module):
+  """Declares a BatchNorm's variables as :meth:`LayerConfig.batch_norm` would (params
+  ``scale``/``bias``, batch_stats ``mean``/``var``, float32) for numerics computed elsewhere;
+  given batch ``stats`` (mean, var) it folds them into the running averages (flax's rule)."""
+  features: int
 
-  Returns the list ``[x, g_1, ..., g_L]`` of the block input and the growths (k channels
-  each); DenseNet concatenates it, the ERK time-step groups and sums it.
+  @nn.compact
+  def __call__(self, stats=None, momentum: float = 0.0) -> dense_buffer.BNVars:
+    c = self.features
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    if stats is not None:
+      mean, var = stats
+      ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
+      ra_var.value = momentum * ra_var.value + (1 - momentum) * var
+    return dense_buffer.BNVars(scale, bias, ra_mean.value, ra_var.value)
+
+
+class _DropoutKey(nn.Module):
+  """The 'dropout' rng a ``flax.linen.Dropout`` at this module's path would draw."""
+
+  @nn.compact
+  def __call__(self):
+    return self.make_rng("dropout")
+
+
+class _DenseLayerVariables(nn.Module):
+  """The variables of a :class:`DenseLayer` under its names (``bn_relu_conv1x1`` with a
+  bottleneck, ``bn_relu_conv3x3``; each ``bn`` + ``conv/kernel``) and the dropout keys its
+  ``Dropout_0`` modules would draw; with ``stats`` it updates the running averages instead."""
+  in_features: int
+  growth_rate: int
+  bottleneck_width: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, dropout: bool, stats=None, momentum: float = 0.0):
+    c, k, w = self.in_features, self.growth_rate, self.bottleneck_width
+    units = ([("bn_relu_conv3x3", c, k, (3, 3))] if w is None else
+             [("bn_relu_conv1x1", c, w, (1, 1)), ("bn_relu_conv3x3", w, k, (3, 3))])
+    out = []
+    for i, (name, cin, cout, ksize) in enumerate(units):
+      unit = _Scope(name=name)
+      out.append(unit(cin, cout, ksize, dropout, None if stats is None else stats[i],
+                      momentum))
+    return dense_buffer.LayerVars(*out)
+
+
+class _Scope(nn.Module):
+  """One BN -> ReLU -> conv unit's variables (see :class:`_DenseLayerVariables`)."""
+
+  @nn.compact
+  def __call__(self, cin, cout, ksize, dropout, stats, momentum):
+    bn = _BNVariables(cin, name="bn")(stats, momentum)
+    kernel = layers._ConvKernel(tuple(ksize) + (cin, cout), name="conv")()  # pylint: disable=protected-access
+    key = _DropoutKey(name="Dropout_0")() if dropout else None
+    return dense_buffer.ConvUnitVars(bn, kernel, key)
+
+
+class DenseBlock(nn.Module):
+  """DenseNet dense block (Huang et al. 2017) of ``num_layers`` dense layers at growth rate k.
+
+  Layer l reads the concatenation of the block input and the l - 1 earlier growths and adds k
+  channels: BN -> ReLU -> 3x3 conv, or with a bottleneck ("B", width w) BN -> ReLU -> 1x1 conv
+  to w -> BN -> ReLU -> 3x3 conv, dropout after each conv (the :class:`DenseLayer` s, computed
+  together).  Returns the concatenation ``[x, g_1, .., g_L]`` (c_0 + L k channels); DenseNet
+  passes it on, the ERK time-step sums groups of it.
+
+  Computed on one channel buffer with memory linear in L (:mod:`rknet_jax.dense_buffer`:
+  concatenations are buffer prefixes, BN -> ReLU of them is rebuilt in the backward pass
+  from the final buffer), on every backend; ``config.remat`` changes nothing here.  The
+  variables are those of L :class:`DenseLayer` s (``layer{l}/bn_relu_conv{1x1,3x3}/
+  {bn,conv}``), with the same initial values and dropout rngs.
   """
   num_layers: int
   growth_rate: int
@@ -76,11 +146,23 @@ class DenseBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    feats = [x]
+    cfg = self.config
+    k, w = self.growth_rate, self.bottleneck_width
+    plan = dense_buffer.DenseBlockPlan(
+        in_channels=x.shape[-1], num_layers=self.num_layers, growth_rate=k,
+        bottleneck_width=w, train=train, epsilon=cfg.bn_epsilon,
+        dtype=jnp.dtype(cfg.dtype).name, conv_impl=conv_lib.resolve_impl(cfg.conv_impl),
+        dropout_rate=cfg.dropout_rate)
+    decls, layer_vars = [], []
     for l in range(self.num_layers):
-      feats.append(DenseLayer(self.growth_rate, self.bottleneck_width, self.config,
-                              name=f"layer{l + 1}")(list(feats), train))
-    return feats
+      decl = _DenseLayerVariables(plan.in_width(l), k, w, name=f"layer{l + 1}")
+      decls.append(decl)
+      layer_vars.append(decl(plan.dropout))
+    buf, stats = dense_buffer.dense_block(plan, x, layer_vars)
+    if train and not self.is_initializing():
+      for decl, layer_stats in zip(decls, stats):
+        decl(False, layer_stats, cfg.bn_momentum)
+    return buf
 
 
 class ERKStep(nn.Module):
@@ -110,10 +192,10 @@ class ERKStep(nn.Module):
     if y.shape[-1] != m * k:
       raise ValueError(f"ERKStep: Rule 1 needs y with m*k = {m}*{k} = {m * k} channels, "
                        f"got {y.shape[-1]}")
-    feats = DenseBlock(s * m, k, self.bottleneck_width, self.config,
-                       name="dense_block")(y, train)
-    growths = feats[1:]
-    groups = [layers.concat(growths[i * m:(i + 1) * m]) for i in range(s)]
+    buf = DenseBlock(s * m, k, self.bottleneck_width, self.config,
+                     name="dense_block")(y, train)
+    # Growths (i-1)m+1 .. im are the buffer's channels [c_0 + (i-1)mk, c_0 + imk): group i.
+    groups = [buf[..., (i + 1) * m * k:(i + 2) * m * k] for i in range(s)]
     return _sum([y.astype(groups[0].dtype)] + groups)
 
 

@@ -363,9 +363,8 @@ class DenseNet(_Network):
   def __call__(self, x, train: bool = False):
     x, cfg, input_shape = self._begin(x, train)
     for b, n in enumerate(self.block_layers):
-      feats = blocks.DenseBlock(n, self.growth_rate, self.bottleneck_width, cfg,
-                                name=f"block{b + 1}")(x, train)
-      x = layers.concat(feats)
+      x = blocks.DenseBlock(n, self.growth_rate, self.bottleneck_width, cfg,
+                            name=f"block{b + 1}")(x, train)
       if b < len(self.block_layers) - 1:
         _check_halvable(x, f"dense block {b + 1}", input_shape)
         x = layers.Transition(self.transition_features(x.shape[-1]), config=cfg,

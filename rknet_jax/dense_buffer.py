@@ -1,0 +1,333 @@
+"""A dense block on one preallocated channel buffer, with memory linear in its depth.
+
+Pure JAX (no Flax): the numerics of :class:`rknet_jax.blocks.DenseBlock`, which declares the
+variables and calls :func:`dense_block`.
+
+A dense block (Huang et al. 2017; the ERK time-step of paper section 3.3.1) of L layers at
+growth rate k on an input of c_0 channels: layer l (0-based) reads the concatenation of the
+input and the l earlier growths, c_l = c_0 + l k channels, and writes k new ones.  The
+concatenations are prefixes of one buffer of c_0 + L k channels: layer l reads channels
+``[0, c_l)`` and writes ``[c_l, c_l + k)``, so the forward pass is one slice and one in-place
+``dynamic_update_slice`` per layer (linear program size, no quadratic concatenations).
+
+A layer is BN -> ReLU -> conv [-> dropout] on its prefix ("plain": 3x3 conv to k), or, with a
+bottleneck of width w, BN -> ReLU -> 1x1 conv to w [-> dropout] -> BN -> ReLU -> 3x3 conv to
+k [-> dropout].  Later layers never overwrite a channel, so every layer's input is a prefix of
+the *final* buffer.  The backward pass (a :func:`jax.custom_vjp`) uses exactly that: it keeps
+the final buffer, the bottleneck outputs (w channels per layer) and the BatchNorm batch
+statistics, and rebuilds each layer's BN -> ReLU of its prefix from the final buffer when it
+reaches that layer, walking the layers in reverse and accumulating the buffer's gradient in
+place.  No layer's concatenation or BN -> ReLU output is stored (the memory-efficient DenseNet
+of Pleiss et al. 2017: "shared storage", recomputed in the backward pass); convolutions are
+not recomputed (XLA drops the unused forward results of the re-linearised layers).  Memory
+is linear in L; the extra work is one elementwise BN -> ReLU per layer.  Each rebuild is tied
+to the arrival of the layer's output gradient with an optimisation barrier, so XLA can
+neither hoist all rebuilds to the start of the backward pass (quadratic memory again) nor
+merge them with the forward pass's values (common-subexpression elimination).
+
+Same values as the concatenation formulation: BatchNorm arithmetic is flax's (float32
+statistics, variance E[x^2] - E[x]^2 clipped at 0, ``(x - mean) * (rsqrt(var + eps) * scale)
++ bias``), dropout masks are ``jax.random.bernoulli`` with the caller's keys, as
+``flax.linen.Dropout``.  The batch statistics returned for the running averages are not
+differentiated (their cotangents are ignored): BatchNorm running averages are never part of
+a loss.
+"""
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rknet_jax import conv as conv_lib
+
+__all__ = ["DenseBlockPlan", "BNVars", "ConvUnitVars", "LayerVars", "dense_block"]
+
+
+BUCKET_WIDTH_RATIO = 1.25
+"""Largest ratio of input widths within one backward scan (see ``DenseBlockPlan.buckets``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseBlockPlan:
+  """The static shape of a dense block (hashable: a non-differentiated argument).
+
+  Attributes:
+    in_channels: c_0.
+    num_layers: L.
+    growth_rate: k.
+    bottleneck_width: w, or None for plain layers.
+    train: BatchNorm on batch statistics (and dropout) or on running averages.
+    epsilon: BatchNorm epsilon.
+    dtype: compute dtype (numpy dtype name) of the activations.
+    conv_impl: convolution formulation (:func:`rknet_jax.conv.resolve_impl`, resolved).
+    dropout_rate: dropout after every convolution in training (0: none).
+  """
+  in_channels: int
+  num_layers: int
+  growth_rate: int
+  bottleneck_width: Optional[int]
+  train: bool
+  epsilon: float
+  dtype: str
+  conv_impl: str
+  dropout_rate: float = 0.0
+
+  def in_width(self, layer: int) -> int:
+    """c_l: the input channels of layer ``layer`` (0-based)."""
+    return self.in_channels + layer * self.growth_rate
+
+  def buckets(self):
+    """Consecutive layer ranges ``[(a, b), ...]`` whose input widths are within
+    :data:`BUCKET_WIDTH_RATIO` of the range's first: the backward pass runs each range as
+    one scan, reading the range's widest prefix (padding the narrower layers' kernels with
+    zero rows: at most that ratio of extra work on their first convolution)."""
+    out, a = [], 0
+    for l in range(1, self.num_layers + 1):
+      if l == self.num_layers or self.in_width(l) > BUCKET_WIDTH_RATIO * self.in_width(a):
+        out.append((a, l))
+        a = l
+    return tuple(out)
+
+  @property
+  def out_channels(self) -> int:
+    """c_0 + L k: the buffer's channels."""
+    return self.in_width(self.num_layers)
+
+  @property
+  def dropout(self) -> bool:
+    return self.train and self.dropout_rate > 0.0
+
+
+class BNVars(NamedTuple):
+  """One BatchNorm's values: params ``scale``, ``bias``; running ``mean``, ``var``."""
+  scale: Any
+  bias: Any
+  mean: Any
+  var: Any
+
+
+class ConvUnitVars(NamedTuple):
+  """BN -> ReLU -> conv: the BatchNorm, the HWIO kernel, and the dropout key (or None)."""
+  bn: BNVars
+  kernel: Any
+  dropout_key: Any = None
+
+
+class LayerVars(NamedTuple):
+  """A dense layer: ``first`` reads the prefix (1x1 to w, or 3x3 to k when plain);
+  ``second`` is the bottleneck's 3x3 unit (None for plain layers)."""
+  first: ConvUnitVars
+  second: Optional[ConvUnitVars] = None
+
+
+def _moments(x):
+  """Per-channel float32 batch mean and (fast, biased) variance, as flax's BatchNorm."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  mean2 = jnp.mean(lax.square(x), axes)
+  return mean, jnp.maximum(0.0, mean2 - lax.square(mean))
+
+
+def _unit(plan: DenseBlockPlan, x, scale, bias, kernel, stats, key):
+  """BN -> ReLU -> conv [-> dropout] of ``x``; returns (output, (batch mean, batch var)).
+
+  ``stats`` is the (mean, var) pair to normalise with in eval mode (ignored in training,
+  where the batch's own statistics are used and returned)."""
+  dtype = jnp.dtype(plan.dtype)
+  if plan.train:
+    mean, var = _moments(x)
+  else:
+    mean, var = stats
+  mul = lax.rsqrt(var + plan.epsilon) * scale
+  a = jax.nn.relu(((x - mean) * mul + bias).astype(dtype))
+  y = conv_lib.conv2d(a, kernel.astype(dtype), impl=plan.conv_impl)
+  if plan.dropout:
+    keep = 1.0 - plan.dropout_rate
+    mask = jax.random.bernoulli(key, p=keep, shape=y.shape)
+    y = lax.select(mask, y / keep, jnp.zeros_like(y))
+  return y, (mean, var)
+
+
+def _unit_args(u: ConvUnitVars):
+  return u.bn.scale, u.bn.bias, u.kernel, (u.bn.mean, u.bn.var), u.dropout_key
+
+
+def _layer_forward(plan, buf, width, c, lv: LayerVars):
+  """One layer reading ``buf[..., :width]`` (``width`` >= c, the layer's own input width,
+  its kernel padded to it) and writing channels ``[c, c + k)``; returns (buf, stats, h)."""
+  out, s1 = _unit(plan, buf[..., :width], *_unit_args(lv.first))
+  stats, h = (s1,), None
+  if lv.second is not None:
+    h = out
+    out, s2 = _unit(plan, h, *_unit_args(lv.second))
+    stats = (s1, s2)
+  buf = lax.dynamic_update_slice_in_dim(buf, out.astype(buf.dtype), c, axis=3)
+  return buf, stats, h
+
+
+def _forward(plan: DenseBlockPlan, x, layers: Sequence[LayerVars]):
+  """(buffer, per-layer batch statistics, bottleneck outputs stacked per bucket).
+
+  In training each bucket of several layers is one scan (compile time grows with the
+  number of buckets, not of layers); in eval mode every layer runs on its exact width
+  (no padding: the paper's FLOPs, and no backward pass to save memory for)."""
+  n, h, w, _ = x.shape
+  dtype = jnp.result_type(x.dtype, jnp.dtype(plan.dtype))
+  buf = jnp.zeros((n, h, w, plan.out_channels), dtype)
+  buf = lax.dynamic_update_slice_in_dim(buf, x.astype(dtype), 0, axis=3)
+  stats, hidden = [], []
+  for a, b in plan.buckets():
+    if not plan.train or b - a == 1:
+      hs = []
+      for l in range(a, b):
+        buf, layer_stats, hl = _layer_forward(plan, buf, plan.in_width(l), plan.in_width(l),
+                                              layers[l])
+        stats.append(layer_stats)
+        hs.append(hl)
+      hidden.append(None if hs[0] is None else jnp.stack(hs))
+      continue
+    width = plan.in_width(b - 1)
+    xs = (jnp.asarray([plan.in_width(l) for l in range(a, b)], jnp.int32),
+          _stack([LayerVars(_pad_unit(layers[l].first, width), layers[l].second)
+                  for l in range(a, b)]))
+
+    def body(buf, xs, width=width):
+      c, lv = xs
+      buf, layer_stats, hl = _layer_forward(plan, buf, width, c, lv)
+      return buf, (layer_stats, hl)
+
+    buf, (bucket_stats, hl) = lax.scan(body, buf, xs)
+    hidden.append(hl)
+    for j, l in enumerate(range(a, b)):
+      c = plan.in_width(l)
+      layer_stats = jax.tree.map(lambda v, j=j: v[j], bucket_stats)
+      stats.append(((layer_stats[0][0][:c], layer_stats[0][1][:c]),) + layer_stats[1:])
+  return buf, tuple(stats), tuple(hidden)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense_block(plan, x, layers):
+  buf, stats, _ = _forward(plan, x, layers)
+  return buf, stats
+
+
+def _dense_block_fwd(plan, x, layers):
+  buf, stats, hidden = _forward(plan, x, layers)
+  return (buf, stats), (buf, hidden, layers, jnp.zeros((), x.dtype))
+
+
+def _unit_vjp(plan, x, u: ConvUnitVars, ct):
+  """Cotangents of (x, scale, bias, kernel) of one BN -> ReLU -> conv unit, rebuilding
+  its BN -> ReLU from ``x`` (the forward convolution is dead code XLA removes)."""
+  stats, key = (u.bn.mean, u.bn.var), u.dropout_key
+
+  def f(x, scale, bias, kernel):
+    return _unit(plan, x, scale, bias, kernel, stats, key)[0]
+
+  _, vjp = jax.vjp(f, x, u.bn.scale, u.bn.bias, u.kernel)
+  dx, dscale, dbias, dkernel = vjp(ct.astype(jnp.dtype(plan.dtype)))
+  return dx, ConvUnitVars(BNVars(dscale, dbias, None, None), dkernel, None)
+
+
+def _pad_unit(u: ConvUnitVars, width: int) -> ConvUnitVars:
+  """``u`` read from ``width`` input channels: zero kernel rows (and zero scale/bias,
+  neutral statistics) for the channels it does not read."""
+  p = width - u.kernel.shape[2]
+  if p == 0:
+    return u
+  def pad(v, value=0.0):
+    return jnp.pad(v, (0, p), constant_values=value)
+  bn = BNVars(pad(u.bn.scale), pad(u.bn.bias), pad(u.bn.mean), pad(u.bn.var, 1.0))
+  return ConvUnitVars(bn, jnp.pad(u.kernel, ((0, 0), (0, 0), (0, p), (0, 0))), u.dropout_key)
+
+
+def _unpad_unit(d: ConvUnitVars, width: int) -> ConvUnitVars:
+  return ConvUnitVars(BNVars(d.bn.scale[:width], d.bn.bias[:width], None, None),
+                      d.kernel[:, :, :width], None)
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _dense_block_bwd(plan, res, cts):
+  """Reverse pass, bucket by bucket from the last: a reverse scan over the bucket's layers
+  (one compiled body per bucket, its layers' first units padded to the bucket's width)."""
+  buf, stacked_hidden, layers, x_like = res
+  dbuf = cts[0]  # the statistics' cotangents are ignored (never part of a loss)
+  k = plan.growth_rate
+  dlayers = [None] * plan.num_layers
+
+  for (a, b), hid in reversed(list(zip(plan.buckets(), stacked_hidden))):
+    width = plan.in_width(b - 1)
+
+    def layer_bwd(dbuf, xs, width=width):
+      c, first, second, h = xs
+      ct = lax.dynamic_slice_in_dim(dbuf, c, k, axis=3)
+      dsecond = None
+      if second is not None:
+        ct, dsecond = _unit_vjp(plan, h, second, ct)
+      # The layer's input, rebuilt from the final buffer (channels it does not read meet
+      # zero kernel rows: no effect on its output, zero gradient).
+      dprefix, dfirst = _unit_vjp(plan, buf[..., :width], first, ct)
+      dbuf = lax.dynamic_update_slice_in_dim(
+          dbuf, dbuf[..., :width] + dprefix.astype(dbuf.dtype), 0, axis=3)
+      return dbuf, (dfirst, dsecond)
+
+    if b - a == 1:
+      lv = layers[a]
+      dbuf, (dfirst, dsecond) = layer_bwd(
+          dbuf, (plan.in_width(a), lv.first, lv.second, None if hid is None else hid[0]))
+      dlayers[a] = LayerVars(dfirst, dsecond)
+      continue
+    xs = (jnp.asarray([plan.in_width(l) for l in range(a, b)], jnp.int32),
+          _stack([_pad_unit(layers[l].first, width) for l in range(a, b)]),
+          None if hid is None else _stack([layers[l].second for l in range(a, b)]),
+          hid)
+    dbuf, (dfirst, dsecond) = lax.scan(layer_bwd, dbuf, xs, reverse=True)
+    for j, l in enumerate(range(a, b)):
+      first = jax.tree.map(lambda v, j=j: v[j], dfirst)
+      second = None if dsecond is None else jax.tree.map(lambda v, j=j: v[j], dsecond)
+      dlayers[l] = LayerVars(_unpad_unit(first, plan.in_width(l)), second)
+  dx = dbuf[..., :plan.in_channels].astype(x_like.dtype)
+  return dx, tuple(dlayers)
+
+
+_dense_block.defvjp(_dense_block_fwd, _dense_block_bwd)
+
+
+def dense_block(plan: DenseBlockPlan, x, layers: Sequence[LayerVars]):
+  """Applies a dense block; returns ``(buffer, batch_stats)``.
+
+  Args:
+    plan: the block's static shape and options.
+    x: ``(N, H, W, c_0)`` block input.
+    layers: one :class:`LayerVars` per layer: layer l's first kernel has c_l input channels
+      (``(1, 1, c_l, w)`` with a bottleneck, else ``(3, 3, c_l, k)``), its BatchNorm c_l
+      entries; dropout keys are needed only with ``plan.dropout``.
+
+  Returns:
+    ``buffer``: ``(N, H, W, c_0 + L k)``, the concatenation ``[x, g_1, .., g_L]`` of the input
+    and the growths, in the wider of ``x.dtype`` and ``plan.dtype``.  ``batch_stats``: per
+    layer, a tuple of (mean, var) pairs (one per BatchNorm, float32): the batch statistics in
+    training (not differentiated), the running ones passed in otherwise.
+  """
+  layers = tuple(layers)
+  if len(layers) != plan.num_layers:
+    raise ValueError(f"dense_block: {len(layers)} layers given, the plan has "
+                     f"{plan.num_layers}")
+  if x.shape[-1] != plan.in_channels:
+    raise ValueError(f"dense_block: input has {x.shape[-1]} channels, the plan "
+                     f"{plan.in_channels}")
+  for l, lv in enumerate(layers):
+    if lv.first.kernel.shape[2] != plan.in_width(l):
+      raise ValueError(f"dense_block: layer {l + 1}'s kernel reads {lv.first.kernel.shape[2]} "
+                       f"channels, its input has {plan.in_width(l)}")
+    if (lv.second is None) != (plan.bottleneck_width is None):
+      raise ValueError(f"dense_block: layer {l + 1} does not match the plan's bottleneck "
+                       f"width {plan.bottleneck_width}")
+  return _dense_block(plan, x, layers)
