@@ -35,6 +35,7 @@ a loss.
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -169,19 +170,69 @@ def _layer_forward(plan, buf, width, c, lv: LayerVars):
   return buf, stats, h
 
 
-def _forward(plan: DenseBlockPlan, x, layers: Sequence[LayerVars]):
-  """(buffer, per-layer batch statistics, bottleneck outputs stacked per bucket).
+def _stack_padded(arrays, width: int, axis: int, value: float = 0.0):
+  """``arrays`` (equal shapes but for ``axis``) padded to ``width`` along ``axis`` with
+  ``value`` and stacked on a new leading axis, as ONE concatenation (per-layer pads would
+  each be a kernel of their own, and compile time grows with the number of kernels)."""
+  shape = arrays[0].shape
+  lead, trail = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+  parts = []
+  for v in arrays:
+    parts.append(v.reshape(lead, v.shape[axis] * trail))
+    if v.shape[axis] < width:
+      parts.append(jnp.full((lead, (width - v.shape[axis]) * trail), value, v.dtype))
+  out = jnp.concatenate(parts, axis=1).reshape((lead, len(arrays), width * trail))
+  out = jnp.moveaxis(out, 1, 0)
+  return out.reshape((len(arrays),) + shape[:axis] + (width,) + shape[axis + 1:])
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _bucket_vars(plan: DenseBlockPlan, layers, a: int, b: int, with_stats: bool):
+  """Layers a..b-1 stacked (leading axis), their first units read from the bucket's widest
+  prefix: zero kernel rows and zero scale/bias for the channels a layer does not read (no
+  effect on its output, zero gradient), running statistics (eval mode only) mean 0, var 1."""
+  width = plan.in_width(b - 1)
+  firsts = [layers[l].first for l in range(a, b)]
+  def vec(field, value=0.0):
+    return _stack_padded([getattr(u.bn, field) for u in firsts], width, 0, value)
+  bn = BNVars(vec("scale"), vec("bias"), vec("mean") if with_stats else None,
+              vec("var", 1.0) if with_stats else None)
+  keys = None if firsts[0].dropout_key is None else jnp.stack([u.dropout_key for u in firsts])
+  first = ConvUnitVars(bn, _stack_padded([u.kernel for u in firsts], width, 2), keys)
+  second = None
+  if layers[a].second is not None:
+    second = _stack([layers[l].second for l in range(a, b)])
+    if not with_stats:
+      second = second._replace(bn=second.bn._replace(mean=None, var=None))
+  return LayerVars(first, second)
+
+
+def _offsets(plan, a, b):
+  return jnp.asarray([plan.in_width(l) for l in range(a, b)], jnp.int32)
+
+
+def _forward(plan: DenseBlockPlan, x, layers: Sequence[LayerVars], for_backward: bool):
+  """(buffer, per-layer batch statistics, per bucket: bottleneck outputs and stacked vars).
 
   In training each bucket of several layers is one scan (compile time grows with the
   number of buckets, not of layers); in eval mode every layer runs on its exact width
-  (no padding: the paper's FLOPs, and no backward pass to save memory for)."""
+  (no padding: the paper's FLOPs, and no backward pass to save memory for).  The stacked
+  bucket variables are built only where a scan or the backward pass needs them."""
   n, h, w, _ = x.shape
   dtype = jnp.result_type(x.dtype, jnp.dtype(plan.dtype))
   buf = jnp.zeros((n, h, w, plan.out_channels), dtype)
   buf = lax.dynamic_update_slice_in_dim(buf, x.astype(dtype), 0, axis=3)
-  stats, hidden = [], []
+  stats, hidden, bucket_vars = [], [], []
   for a, b in plan.buckets():
-    if not plan.train or b - a == 1:
+    scanned = b - a > 1
+    bv = None
+    if scanned and (plan.train or for_backward):
+      bv = _bucket_vars(plan, layers, a, b, with_stats=not plan.train)
+    bucket_vars.append(bv)
+    if not plan.train or not scanned:
       hs = []
       for l in range(a, b):
         buf, layer_stats, hl = _layer_forward(plan, buf, plan.in_width(l), plan.in_width(l),
@@ -190,34 +241,32 @@ def _forward(plan: DenseBlockPlan, x, layers: Sequence[LayerVars]):
         hs.append(hl)
       hidden.append(None if hs[0] is None else jnp.stack(hs))
       continue
-    width = plan.in_width(b - 1)
-    xs = (jnp.asarray([plan.in_width(l) for l in range(a, b)], jnp.int32),
-          _stack([LayerVars(_pad_unit(layers[l].first, width), layers[l].second)
-                  for l in range(a, b)]))
 
-    def body(buf, xs, width=width):
+    def body(buf, xs, width=plan.in_width(b - 1)):
       c, lv = xs
       buf, layer_stats, hl = _layer_forward(plan, buf, width, c, lv)
       return buf, (layer_stats, hl)
 
-    buf, (bucket_stats, hl) = lax.scan(body, buf, xs)
+    buf, (bucket_stats, hl) = lax.scan(body, buf, (_offsets(plan, a, b), bv))
     hidden.append(hl)
     for j, l in enumerate(range(a, b)):
       c = plan.in_width(l)
       layer_stats = jax.tree.map(lambda v, j=j: v[j], bucket_stats)
       stats.append(((layer_stats[0][0][:c], layer_stats[0][1][:c]),) + layer_stats[1:])
-  return buf, tuple(stats), tuple(hidden)
+  return buf, tuple(stats), (tuple(hidden), tuple(bucket_vars))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dense_block(plan, x, layers):
-  buf, stats, _ = _forward(plan, x, layers)
+  buf, stats, _ = _forward(plan, x, layers, for_backward=False)
   return buf, stats
 
 
 def _dense_block_fwd(plan, x, layers):
-  buf, stats, hidden = _forward(plan, x, layers)
-  return (buf, stats), (buf, hidden, layers, jnp.zeros((), x.dtype))
+  buf, stats, (hidden, bucket_vars) = _forward(plan, x, layers, for_backward=True)
+  single = tuple(None if bv is not None else layers[a]
+                 for (a, _), bv in zip(plan.buckets(), bucket_vars))
+  return (buf, stats), (buf, hidden, bucket_vars, single, jnp.zeros((), x.dtype))
 
 
 def _unit_vjp(plan, x, u: ConvUnitVars, ct):
@@ -233,62 +282,43 @@ def _unit_vjp(plan, x, u: ConvUnitVars, ct):
   return dx, ConvUnitVars(BNVars(dscale, dbias, None, None), dkernel, None)
 
 
-def _pad_unit(u: ConvUnitVars, width: int) -> ConvUnitVars:
-  """``u`` read from ``width`` input channels: zero kernel rows (and zero scale/bias,
-  neutral statistics) for the channels it does not read."""
-  p = width - u.kernel.shape[2]
-  if p == 0:
-    return u
-  def pad(v, value=0.0):
-    return jnp.pad(v, (0, p), constant_values=value)
-  bn = BNVars(pad(u.bn.scale), pad(u.bn.bias), pad(u.bn.mean), pad(u.bn.var, 1.0))
-  return ConvUnitVars(bn, jnp.pad(u.kernel, ((0, 0), (0, 0), (0, p), (0, 0))), u.dropout_key)
-
-
 def _unpad_unit(d: ConvUnitVars, width: int) -> ConvUnitVars:
   return ConvUnitVars(BNVars(d.bn.scale[:width], d.bn.bias[:width], None, None),
                       d.kernel[:, :, :width], None)
 
 
-def _stack(trees):
-  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
-
-
 def _dense_block_bwd(plan, res, cts):
   """Reverse pass, bucket by bucket from the last: a reverse scan over the bucket's layers
   (one compiled body per bucket, its layers' first units padded to the bucket's width)."""
-  buf, stacked_hidden, layers, x_like = res
+  buf, stacked_hidden, bucket_vars, single, x_like = res
   dbuf = cts[0]  # the statistics' cotangents are ignored (never part of a loss)
   k = plan.growth_rate
   dlayers = [None] * plan.num_layers
 
-  for (a, b), hid in reversed(list(zip(plan.buckets(), stacked_hidden))):
+  for (a, b), hid, bv, lv in reversed(list(zip(plan.buckets(), stacked_hidden, bucket_vars,
+                                               single))):
     width = plan.in_width(b - 1)
 
     def layer_bwd(dbuf, xs, width=width):
-      c, first, second, h = xs
+      c, lv, h = xs
       ct = lax.dynamic_slice_in_dim(dbuf, c, k, axis=3)
       dsecond = None
-      if second is not None:
-        ct, dsecond = _unit_vjp(plan, h, second, ct)
+      if lv.second is not None:
+        ct, dsecond = _unit_vjp(plan, h, lv.second, ct)
       # The layer's input, rebuilt from the final buffer (channels it does not read meet
       # zero kernel rows: no effect on its output, zero gradient).
-      dprefix, dfirst = _unit_vjp(plan, buf[..., :width], first, ct)
+      dprefix, dfirst = _unit_vjp(plan, buf[..., :width], lv.first, ct)
       dbuf = lax.dynamic_update_slice_in_dim(
           dbuf, dbuf[..., :width] + dprefix.astype(dbuf.dtype), 0, axis=3)
       return dbuf, (dfirst, dsecond)
 
-    if b - a == 1:
-      lv = layers[a]
+    if bv is None:  # a bucket of one layer, on its exact width
       dbuf, (dfirst, dsecond) = layer_bwd(
-          dbuf, (plan.in_width(a), lv.first, lv.second, None if hid is None else hid[0]))
+          dbuf, (plan.in_width(a), lv, None if hid is None else hid[0]))
       dlayers[a] = LayerVars(dfirst, dsecond)
       continue
-    xs = (jnp.asarray([plan.in_width(l) for l in range(a, b)], jnp.int32),
-          _stack([_pad_unit(layers[l].first, width) for l in range(a, b)]),
-          None if hid is None else _stack([layers[l].second for l in range(a, b)]),
-          hid)
-    dbuf, (dfirst, dsecond) = lax.scan(layer_bwd, dbuf, xs, reverse=True)
+    dbuf, (dfirst, dsecond) = lax.scan(layer_bwd, dbuf, (_offsets(plan, a, b), bv, hid),
+                                       reverse=True)
     for j, l in enumerate(range(a, b)):
       first = jax.tree.map(lambda v, j=j: v[j], dfirst)
       second = None if dsecond is None else jax.tree.map(lambda v, j=j: v[j], dsecond)
