@@ -79,7 +79,7 @@ def test_the_shapes_used_below_have_scanned_buckets():
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train):
   cfg = LayerConfig(dropout_rate=dropout)
-  new = blocks.DenseBlock(_L, _K, bottleneck, cfg)
+  new = blocks.DenseBlock(_L, _K, bottleneck, cfg, formulation="buffer")
   old = _LoopDenseBlock(_L, _K, bottleneck, cfg)
   x = _x(_C0)
   init_new = new.init(jax.random.PRNGKey(0), x, train=False)
@@ -108,8 +108,8 @@ def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train
 
 def test_bfloat16_block_follows_the_float32_one():
   x = _x(_C0)
-  f32 = blocks.DenseBlock(_L, _K, 4)
-  bf16 = blocks.DenseBlock(_L, _K, 4, LayerConfig(dtype=jnp.bfloat16))
+  f32 = blocks.DenseBlock(_L, _K, 4, formulation="buffer")
+  bf16 = blocks.DenseBlock(_L, _K, 4, LayerConfig(dtype=jnp.bfloat16), formulation="buffer")
   variables = _perturbed(f32.init(jax.random.PRNGKey(0), x, train=False))
   _, out32, _, g32 = _run(f32, variables, x, True, {})
   _, out16, _, g16 = _run(bf16, variables, x.astype(jnp.bfloat16), True, {})
@@ -120,7 +120,7 @@ def test_bfloat16_block_follows_the_float32_one():
 
 
 def _train_temp_bytes(num_layers):
-  block = blocks.DenseBlock(num_layers, 8, 16)
+  block = blocks.DenseBlock(num_layers, 8, 16, formulation="buffer")
   x = jax.ShapeDtypeStruct((8, 16, 16, 16), jnp.float32)
   variables = jax.eval_shape(lambda: block.init(jax.random.PRNGKey(0),
                                                 jnp.zeros((1, 16, 16, 16)), train=False))
@@ -168,15 +168,26 @@ def test_mismatched_layers_are_named():
 
 
 @pytest.mark.parametrize("remat", [False, True])
-def test_erk_steps_use_the_buffer_block_with_or_without_remat(remat):
-  """Dense blocks are memory-efficient by construction (custom VJP), so ``remat`` adds no
-  checkpoint around them."""
-  step = blocks.ERKStep(2, 2, 4, 8, config=LayerConfig(remat=remat))
-  y = _x(8)
+def test_deep_erk_steps_use_the_buffer_block_with_or_without_remat(remat):
+  """A block deeper than LOOP_MAX_LAYERS runs on the buffer (custom VJP) on every backend,
+  so ``remat`` adds no checkpoint around it; a shallow one on CPU is the loop of layers."""
+  m = blocks.LOOP_MAX_LAYERS + 1
+  step = blocks.ERKStep(1, m, 2, 4, config=LayerConfig(remat=remat))
+  y = _x(2 * m)
   variables = step.init(jax.random.PRNGKey(0), y, train=False)
+
   def loss(q):
     return jnp.sum(step.apply({"params": q, "batch_stats": variables["batch_stats"]}, y,
                               train=True, mutable=["batch_stats"])[0])
   assert "custom_vjp_call" in str(jax.make_jaxpr(loss)(variables["params"]))
   grad_jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
   assert "checkpoint" not in grad_jaxpr and "remat" not in grad_jaxpr
+  shallow = blocks.DenseBlock(blocks.LOOP_MAX_LAYERS, 2, 4)
+  assert not shallow.uses_buffer()  # the test suite runs on CPU ("auto" -> "dot1x1")
+  assert shallow.clone(config=LayerConfig(conv_impl="xla")).uses_buffer()
+
+
+def test_unknown_formulation_is_named():
+  with pytest.raises(ValueError, match="formulation='scan'.*'auto', 'buffer', 'loop'"):
+    blocks.DenseBlock(2, 2, formulation="scan").init(jax.random.PRNGKey(0), _x(4),
+                                                     train=False)
