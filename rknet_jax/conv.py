@@ -155,9 +155,15 @@ def _conv_custom_fwd(x, kernel, pads):
 
 def _conv_custom_bwd(pads, residuals, g):
   x, kernel = residuals
-  # Input gradient: XLA's own transposed convolution (fast on every backend).
-  _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, (1, 1), pads), x)
-  (dx,) = x_vjp(g)
+  # Input gradient of a stride-1 convolution: the forward convolution of ``g`` with the
+  # spatially flipped kernel, input and output features swapped, and the complementary
+  # padding.  Written as a plain forward convolution (standard NHWC/HWIO layout), which
+  # XLA:CPU runs with its fast convolution also inside loop bodies, where its transposed
+  # convolution (the autodiff one) falls back to a generic, far slower emitter.
+  kh, kw = kernel.shape[:2]
+  back_pads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
+               (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
+  dx = _xla_conv(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), (1, 1), back_pads)
   dkernel = _kernel_grad_shifted_dots(x, g, kernel.shape[:2], pads)
   return dx, dkernel.astype(kernel.dtype)
 
