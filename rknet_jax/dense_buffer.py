@@ -170,6 +170,13 @@ def _layer_forward(plan, buf, width, c, lv: LayerVars):
   return buf, stats, h
 
 
+def _scan_forward(plan, width, buf, xs):
+  """Scan body of a bucket's forward pass: ``xs`` = (input width c, LayerVars)."""
+  c, lv = xs
+  buf, layer_stats, hl = _layer_forward(plan, buf, width, c, lv)
+  return buf, (layer_stats, hl)
+
+
 def _stack_padded(arrays, width: int, axis: int, value: float = 0.0):
   """``arrays`` (equal shapes but for ``axis``) padded to ``width`` along ``axis`` with
   ``value`` and stacked on a new leading axis, as ONE concatenation (per-layer pads would
@@ -242,11 +249,7 @@ def _forward(plan: DenseBlockPlan, x, layers: Sequence[LayerVars], for_backward:
       hidden.append(None if hs[0] is None else jnp.stack(hs))
       continue
 
-    def body(buf, xs, width=plan.in_width(b - 1)):
-      c, lv = xs
-      buf, layer_stats, hl = _layer_forward(plan, buf, width, c, lv)
-      return buf, (layer_stats, hl)
-
+    body = functools.partial(_scan_forward, plan, plan.in_width(b - 1))
     buf, (bucket_stats, hl) = lax.scan(body, buf, (_offsets(plan, a, b), bv))
     hidden.append(hl)
     for j, l in enumerate(range(a, b)):
@@ -298,50 +301,39 @@ def _in_loop(plan: DenseBlockPlan) -> DenseBlockPlan:
   return plan
 
 
+def _layer_bwd(plan, buf, width, dbuf, xs):
+  """One layer's backward step: (dbuf, (first, second) cotangents).  ``xs`` = (the layer's
+  input width c, its LayerVars read from ``width`` channels, its bottleneck output)."""
+  c, lv, h = xs
+  ct = lax.dynamic_slice_in_dim(dbuf, c, plan.growth_rate, axis=3)
+  dsecond = None
+  if lv.second is not None:
+    ct, dsecond = _unit_vjp(plan, h, lv.second, ct)
+  # The layer's input, rebuilt from the final buffer (channels it does not read meet zero
+  # kernel rows: no effect on its output, zero gradient).
+  dprefix, dfirst = _unit_vjp(plan, buf[..., :width], lv.first, ct)
+  dbuf = lax.dynamic_update_slice_in_dim(
+      dbuf, dbuf[..., :width] + dprefix.astype(dbuf.dtype), 0, axis=3)
+  return dbuf, (dfirst, dsecond)
+
+
 def _dense_block_bwd(plan, res, cts):
   """Reverse pass, bucket by bucket from the last: a reverse scan over the bucket's layers
   (one compiled body per bucket, its layers' first units padded to the bucket's width)."""
   buf, stacked_hidden, bucket_vars, single, x_like = res
   dbuf = cts[0]  # the statistics' cotangents are ignored (never part of a loss)
-  k = plan.growth_rate
   dlayers = [None] * plan.num_layers
 
   for (a, b), hid, bv, lv in reversed(list(zip(plan.buckets(), stacked_hidden, bucket_vars,
                                                single))):
-    width = plan.in_width(b - 1)
-
-    def layer_bwd(dbuf, xs, width=width):
-      c, lv, h = xs
-      ct = lax.dynamic_slice_in_dim(dbuf, c, k, axis=3)
-      dsecond = None
-      if lv.second is not None:
-        ct, dsecond = _unit_vjp(plan, h, lv.second, ct)
-      # The layer's input, rebuilt from the final buffer (channels it does not read meet
-      # zero kernel rows: no effect on its output, zero gradient).
-      dprefix, dfirst = _unit_vjp(plan, buf[..., :width], lv.first, ct)
-      dbuf = lax.dynamic_update_slice_in_dim(
-          dbuf, dbuf[..., :width] + dprefix.astype(dbuf.dtype), 0, axis=3)
-      return dbuf, (dfirst, dsecond)
-
     if bv is None:  # a bucket of one layer, on its exact width
-      dbuf, (dfirst, dsecond) = layer_bwd(
-          dbuf, (plan.in_width(a), lv, None if hid is None else hid[0]))
+      dbuf, (dfirst, dsecond) = _layer_bwd(
+          plan, buf, plan.in_width(a), dbuf, (plan.in_width(a), lv,
+                                              None if hid is None else hid[0]))
       dlayers[a] = LayerVars(dfirst, dsecond)
       continue
-    scan_plan = _in_loop(plan)
-
-    def scanned_bwd(dbuf, xs, width=width):
-      c, lv, h = xs
-      ct = lax.dynamic_slice_in_dim(dbuf, c, k, axis=3)
-      dsecond = None
-      if lv.second is not None:
-        ct, dsecond = _unit_vjp(scan_plan, h, lv.second, ct)
-      dprefix, dfirst = _unit_vjp(scan_plan, buf[..., :width], lv.first, ct)
-      dbuf = lax.dynamic_update_slice_in_dim(
-          dbuf, dbuf[..., :width] + dprefix.astype(dbuf.dtype), 0, axis=3)
-      return dbuf, (dfirst, dsecond)
-
-    dbuf, (dfirst, dsecond) = lax.scan(scanned_bwd, dbuf, (_offsets(plan, a, b), bv, hid),
+    body = functools.partial(_layer_bwd, _in_loop(plan), buf, plan.in_width(b - 1))
+    dbuf, (dfirst, dsecond) = lax.scan(body, dbuf, (_offsets(plan, a, b), bv, hid),
                                        reverse=True)
     for j, l in enumerate(range(a, b)):
       first = jax.tree.map(lambda v, j=j: v[j], dfirst)
