@@ -106,6 +106,25 @@ def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train
       np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("bottleneck", [None, 4], ids=["plain", "bottleneck"])
+def test_buffer_block_with_xla_convolutions_equals_the_loop(bottleneck):
+  """The GPU/TPU formulation (XLA's native convolutions, also inside the backward scans)."""
+  cfg = LayerConfig(conv_impl="xla", dropout_rate=0.2)
+  new = blocks.DenseBlock(_L, _K, bottleneck, cfg)
+  assert new.uses_buffer()
+  old = _LoopDenseBlock(_L, _K, bottleneck, cfg)
+  x = _x(_C0)
+  variables = _perturbed(new.init(jax.random.PRNGKey(0), x, train=False))
+  rngs = {"dropout": jax.random.PRNGKey(3)}
+  _, out_new, upd_new, g_new = _run(new, variables, x, True, rngs)
+  _, out_old, upd_old, g_old = _run(old, variables, x, True, rngs)
+  assert _max_rel(out_new, out_old) < 1e-6
+  for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):
+    assert _max_rel(a, b) < 1e-5
+  for a, b in zip(jax.tree.leaves(upd_new), jax.tree.leaves(upd_old)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_block_follows_the_float32_one():
   x = _x(_C0)
   f32 = blocks.DenseBlock(_L, _K, 4, formulation="buffer")
