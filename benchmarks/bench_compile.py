@@ -87,13 +87,17 @@ def _run_case(name, batch, conv_impl, infer, timeout):
   return json.loads(lines[-1])
 
 
-def _cell(result, key, fmt):
+def _row(label, result, cells):
+  """One Markdown row: ``label``, then ``(key, format)`` cells of ``result``; a case that ran
+  out of time or failed gets one cell saying so."""
   if "timeout" in result:
-    return f"> {result['timeout']:.0f}, stopped"
-  if "error" in result:
-    return f"error: {result['error']}"
-  value = result.get(key)
-  return "" if value is None else format(value, fmt)
+    values = [f"> {result['timeout']:.0f} s, stopped"]
+  elif "error" in result:
+    values = ["error: " + " ".join(result["error"])]
+  else:
+    values = ["" if result.get(k) is None else format(result[k], fmt) for k, fmt in cells]
+  values += [""] * (len(cells) - len(values))
+  return "| " + " | ".join([label] + values) + " |"
 
 
 def main():
@@ -125,12 +129,12 @@ def main():
     print(f"\nTrain step (and inference) compile, batch {args.batch}\n")
     print("| model | params (M) | train compile (s) | HLO instructions | inference compile (s) |")
     print("| --- | ---: | ---: | ---: | ---: |")
+    cells = [("params_m", ".2f"), ("train_compile_s", ".1f"), ("train_hlo", ",d"),
+             ("infer_compile_s", ".1f")]
     for name in names:
       r = _run_case(name, args.batch, args.conv_impl, True, args.timeout)
       results.append(dict(r, table="compile"))
-      print(f"| {name} | {_cell(r, 'params_m', '.2f')} | {_cell(r, 'train_compile_s', '.1f')} "
-            f"| {_cell(r, 'train_hlo', ',d')} | {_cell(r, 'infer_compile_s', '.1f')} |",
-            flush=True)
+      print(_row(name, r, cells), flush=True)
   if "memory" in args.tables:
     print(f"\nTrain step XLA temp, batch {args.memory_batch}\n")
     print("| model | layers per block | XLA temp (GB) | train compile (s) |")
@@ -139,8 +143,8 @@ def main():
       r = _run_case(name, args.memory_batch, args.conv_impl, False, args.timeout)
       results.append(dict(r, table="memory"))
       layers = (int(name.split("-")[2]) - 4) // 6
-      print(f"| {name} | {layers} | {_cell(r, 'train_temp_gb', '.2f')} "
-            f"| {_cell(r, 'train_compile_s', '.1f')} |", flush=True)
+      print(_row(f"{name} | {layers}", r, [("train_temp_gb", ".2f"),
+                                           ("train_compile_s", ".1f")]), flush=True)
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(results, f, indent=1)
