@@ -83,6 +83,10 @@ def _worker(args):
     from benchmarks.cpu_allocator import keep_freed_memory
     if not keep_freed_memory():
       raise RuntimeError("--malloc keep needs glibc's mallopt")
+  if args.malloc == "runner":
+    from experiments import compiler_memory
+    if not compiler_memory.install():
+      raise RuntimeError("--malloc runner needs glibc's malloc_trim")
   model = _build(args.model, args.remat, args.dtype, args.impl)
   batch = args.batch
   rng = np.random.default_rng(0)
@@ -176,7 +180,7 @@ def _run_config(cfg, args):
          "--dtype", args.dtype, "--malloc_one", cfg["malloc"]] + (
              ["--remat_on"] if cfg["remat"] else [])
   env = dict(os.environ)
-  if cfg["malloc"] == "thp":
+  if cfg["malloc"] in ("thp", "runner"):
     env["GLIBC_TUNABLES"] = ":".join(
         t for t in (env.get("GLIBC_TUNABLES", ""), "glibc.malloc.hugetlb=1") if t)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -260,10 +264,12 @@ def main(argv=None):
                       help="conv formulations (rknet_jax.conv); several = A/B comparison")
   parser.add_argument("--remat", default="both", choices=["off", "on", "both"])
   parser.add_argument("--malloc", nargs="+", default=["thp"],
-                      choices=["default", "thp", "keep"],
+                      choices=["default", "thp", "runner", "keep"],
                       help="glibc malloc of the worker: 'default' = as the process starts; "
                       "'thp' = GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge "
-                      "pages for malloc: 512x fewer page faults); 'keep' = never return "
+                      "pages for malloc: 512x fewer page faults); 'runner' = thp and "
+                      "malloc_trim after every compilation, as the runner does "
+                      "(experiments/compiler_memory.py); 'keep' = never return "
                       "freed memory (benchmarks/cpu_allocator.py: no faults, but the heap "
                       "fragments and RSS grows)")
   parser.add_argument("--train_batch", type=int, default=64)

@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from experiments import checkpointing
+from experiments import compiler_memory
 from experiments import metrics as metrics_lib
 from experiments import optim
 from experiments import run_config
@@ -147,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
   run_config.validate_config(config, workdir, mesh)  # pure: raises before any side effect
+  compiler_memory.install()  # peak RSS: the compiler's freed memory goes back to the OS
   input_pipeline.preflight(config)
   rundir.prepare(workdir, subdirs=(rk_ckpt.CHECKPOINT_SUBDIR,))
   lock = _take_workdir(workdir)
