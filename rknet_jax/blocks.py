@@ -18,6 +18,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rknet_jax import batch_norm as bn_math
 from rknet_jax import checks
 from rknet_jax import conv as conv_lib
 from rknet_jax import dense_buffer
@@ -88,8 +89,8 @@ class _BNVariables(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     if stats is not None:
       mean, var = stats
-      ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
-      ra_var.value = momentum * ra_var.value + (1 - momentum) * var
+      ra_mean.value = bn_math.running_average(ra_mean.value, mean, momentum)
+      ra_var.value = bn_math.running_average(ra_var.value, var, momentum)
     return dense_buffer.BNVars(scale, bias, ra_mean.value, ra_var.value)
 
 

@@ -20,14 +20,16 @@ reaches that layer, walking the layers in reverse and accumulating the buffer's 
 place.  No layer's concatenation or BN -> ReLU output is stored (the memory-efficient DenseNet
 of Pleiss et al. 2017: "shared storage", recomputed in the backward pass); convolutions are
 not recomputed (XLA drops the unused forward results of the re-linearised layers).  Memory
-is linear in L; the extra work is one elementwise BN -> ReLU per layer.  Each rebuild is tied
-to the arrival of the layer's output gradient with an optimisation barrier, so XLA can
-neither hoist all rebuilds to the start of the backward pass (quadratic memory again) nor
-merge them with the forward pass's values (common-subexpression elimination).
+is linear in L; the extra work is one elementwise BN -> ReLU per layer.  The backward pass
+runs as reverse scans over *buckets* of consecutive layers of similar input width
+(:meth:`DenseBlockPlan.buckets`; each layer's first kernel zero-padded to its bucket's
+widest prefix): in straight-line code XLA:CPU hoists every rebuild to the start of the
+backward pass (quadratic memory again; optimisation barriers do not survive its pipeline),
+inside a loop body it cannot.  The training forward pass scans the same buckets (one
+compiled body per bucket); the eval-mode forward pass runs each layer on its exact width.
 
-Same values as the concatenation formulation: BatchNorm arithmetic is flax's (float32
-statistics, variance E[x^2] - E[x]^2 clipped at 0, ``(x - mean) * (rsqrt(var + eps) * scale)
-+ bias``), dropout masks are ``jax.random.bernoulli`` with the caller's keys, as
+Same values as the concatenation formulation: BatchNorm arithmetic is flax's
+(:mod:`rknet_jax.batch_norm`), dropout masks are ``jax.random.bernoulli`` with the caller's keys, as
 ``flax.linen.Dropout``.  The batch statistics returned for the running averages are not
 differentiated (their cotangents are ignored): BatchNorm running averages are never part of
 a loss.
@@ -42,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rknet_jax import batch_norm as bn_math
 from rknet_jax import conv as conv_lib
 
 __all__ = ["DenseBlockPlan", "BNVars", "ConvUnitVars", "LayerVars", "dense_block"]
@@ -124,27 +127,14 @@ class LayerVars(NamedTuple):
   second: Optional[ConvUnitVars] = None
 
 
-def _moments(x):
-  """Per-channel float32 batch mean and (fast, biased) variance, as flax's BatchNorm."""
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  axes = tuple(range(x.ndim - 1))
-  mean = jnp.mean(x, axes)
-  mean2 = jnp.mean(lax.square(x), axes)
-  return mean, jnp.maximum(0.0, mean2 - lax.square(mean))
-
-
 def _unit(plan: DenseBlockPlan, x, scale, bias, kernel, stats, key):
   """BN -> ReLU -> conv [-> dropout] of ``x``; returns (output, (batch mean, batch var)).
 
   ``stats`` is the (mean, var) pair to normalise with in eval mode (ignored in training,
   where the batch's own statistics are used and returned)."""
   dtype = jnp.dtype(plan.dtype)
-  if plan.train:
-    mean, var = _moments(x)
-  else:
-    mean, var = stats
-  mul = lax.rsqrt(var + plan.epsilon) * scale
-  a = jax.nn.relu(((x - mean) * mul + bias).astype(dtype))
+  mean, var = bn_math.moments(x) if plan.train else stats
+  a = jax.nn.relu(bn_math.normalize(x, mean, var, scale, bias, plan.epsilon, dtype))
   y = conv_lib.conv2d(a, kernel.astype(dtype), impl=plan.conv_impl)
   if plan.dropout:
     keep = 1.0 - plan.dropout_rate
@@ -246,7 +236,7 @@ def _forward(plan: DenseBlockPlan, x, layers: Sequence[LayerVars], for_backward:
                                               layers[l])
         stats.append(layer_stats)
         hs.append(hl)
-      hidden.append(None if hs[0] is None else jnp.stack(hs))
+      hidden.append(jnp.stack(hs) if for_backward and hs[0] is not None else None)
       continue
 
     body = functools.partial(_scan_forward, plan, plan.in_width(b - 1))

@@ -67,8 +67,8 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
 
+from rknet_jax import batch_norm as bn_math
 from rknet_jax import checks
 from rknet_jax import conv as conv_lib
 
@@ -195,29 +195,19 @@ class BatchNormParts(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     if train:
-      stat_dtype = jnp.promote_types(cfg.dtype, jnp.float32)
-      means, variances = [], []
-      for x in xs:
-        x = x.astype(stat_dtype)
-        axes = tuple(range(x.ndim - 1))
-        mu, mu2 = jnp.mean(x, axes), jnp.mean(lax.square(x), axes)
-        means.append(mu)
-        variances.append(jnp.maximum(0.0, mu2 - lax.square(mu)))
+      means, variances = zip(*[bn_math.moments(x) for x in xs])
       if not self.is_initializing():
-        ra_mean.value = (cfg.bn_momentum * ra_mean.value
-                         + (1 - cfg.bn_momentum) * jnp.concatenate(means))
-        ra_var.value = (cfg.bn_momentum * ra_var.value
-                        + (1 - cfg.bn_momentum) * jnp.concatenate(variances))
+        ra_mean.value = bn_math.running_average(ra_mean.value, jnp.concatenate(means),
+                                                cfg.bn_momentum)
+        ra_var.value = bn_math.running_average(ra_var.value, jnp.concatenate(variances),
+                                               cfg.bn_momentum)
     else:
       means = _split(ra_mean.value, channels)
       variances = _split(ra_var.value, channels)
     scales = _split(self.param("scale", nn.initializers.ones, (c,), jnp.float32), channels)
     biases = _split(self.param("bias", nn.initializers.zeros, (c,), jnp.float32), channels)
-    out = []
-    for x, mu, var, scale, bias in zip(xs, means, variances, scales, biases):
-      mul = lax.rsqrt(var + cfg.bn_epsilon) * scale
-      out.append(((x - mu) * mul + bias).astype(cfg.dtype))
-    return out
+    return [bn_math.normalize(x, mu, var, scale, bias, cfg.bn_epsilon, cfg.dtype)
+            for x, mu, var, scale, bias in zip(xs, means, variances, scales, biases)]
 
 
 def _split(v, sizes):
