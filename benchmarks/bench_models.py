@@ -87,6 +87,9 @@ def _worker(args):
     from experiments import compiler_memory
     if not compiler_memory.install():
       raise RuntimeError("--malloc runner needs glibc's malloc_trim")
+  if args.dense == "buffer":  # every dense block on the channel buffer, also shallow ones
+    from rknet_jax import blocks
+    blocks.LOOP_MAX_LAYERS = 0
   model = _build(args.model, args.remat, args.dtype, args.impl)
   batch = args.batch
   rng = np.random.default_rng(0)
@@ -177,7 +180,7 @@ def _run_config(cfg, args):
   cmd = [sys.executable, "-m", "benchmarks.bench_models", "--worker",
          "--model", cfg["model"], "--mode", cfg["mode"], "--impl", cfg["impl"],
          "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-         "--dtype", args.dtype, "--malloc_one", cfg["malloc"]] + (
+         "--dtype", args.dtype, "--malloc_one", cfg["malloc"], "--dense", args.dense] + (
              ["--remat_on"] if cfg["remat"] else [])
   env = dict(os.environ)
   if cfg["malloc"] in ("thp", "runner"):
@@ -204,7 +207,8 @@ def _driver(args):
   configs = _configs(args)
   print(f"{len(configs)} configurations x {args.rounds} round(s); "
         f"train batch {args.train_batch}, inference batch {args.infer_batch}, "
-        f"{args.warmup} warm-up + {args.steps} timed steps each, dtype {args.dtype}; "
+        f"{args.warmup} warm-up + {args.steps} timed steps each, dtype {args.dtype}, "
+        f"dense blocks {args.dense}; "
         f"load average at start {os.getloadavg()[0]:.2f}, CPUs {os.cpu_count()}",
         flush=True)
   results = {i: [] for i in range(len(configs))}
@@ -272,6 +276,10 @@ def main(argv=None):
                       "(experiments/compiler_memory.py); 'keep' = never return "
                       "freed memory (benchmarks/cpu_allocator.py: no faults, but the heap "
                       "fragments and RSS grows)")
+  parser.add_argument("--dense", default="auto", choices=["auto", "buffer"],
+                      help="dense blocks: 'auto' = DenseBlock's choice (on CPU the loop of "
+                      "layers for blocks of at most blocks.LOOP_MAX_LAYERS layers); 'buffer' "
+                      "= every block on the channel buffer (rknet_jax/dense_buffer.py)")
   parser.add_argument("--train_batch", type=int, default=64)
   parser.add_argument("--infer_batch", type=int, default=256)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per run")

@@ -69,9 +69,10 @@ DENSE_FORMULATIONS = ("auto", "buffer", "loop")
 """``DenseBlock.formulation`` values."""
 LOOP_MAX_LAYERS = 8
 """Deepest block ``DenseBlock(formulation="auto")`` runs as a loop of layers on CPU: on
-ERKNet-6x1 6x1 6x1-B (k = w = 36, 6 layers per block) the loop's training step is about 25%
-faster on 2 CPU cores than the buffer's (whose backward scans XLA:CPU runs slower), while
-its quadratic memory is still small."""
+ERKNet-6x1 6x1 6x1-B (k = w = 36, 6 layers per block) the loop's training step takes about
+a fifth less time on 2 CPU cores than the buffer's (511 vs 658 ms; XLA:CPU runs the backward
+scans slower), while its quadratic memory is still small (``python -m
+benchmarks.bench_models --modes train --remat off --malloc runner --dense auto|buffer``)."""
 
 
 class _BNVariables(nn.Module):
