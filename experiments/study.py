@@ -25,7 +25,8 @@ Then it writes
   GFLOPs, per-seed test top-1 errors, their mean and standard deviation (ddof = 1), the
   epochs each run trained (from its ``results.json``), training time;
 * ``WORKDIR/study.md``: the same as a Markdown table, with the base config's fields that
-  differ from ``experiments/configs/default.py`` below it;
+  differ from ``experiments/configs/default.py`` below it (``RESULT_NEUTRAL_FIELDS``
+  left out);
 * ``WORKDIR/study.png``: test error against parameters, mean +- std per model, one marker
   per family.
 
@@ -414,8 +415,10 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> List[dict]:
              + (f"{epochs:g} epochs" if epochs is not None else "epochs per row")
              + f", batch {batch}"
              + (", all models: " + _fields_text(common) if common else ""))
+  shown = {k: v for k, v in _non_default(base_config).items()
+           if k not in RESULT_NEUTRAL_FIELDS}
   notes = [f"Config of every run, where it differs from experiments/configs/default.py: "
-           f"{_fields_text(_non_default(base_config))}."]
+           f"{_fields_text(shown)}."]
   continued = sum(s["continued_runs"] for s in summary)
   if continued:
     notes.append(f"{continued} of {sum(len(s['seeds']) for s in summary)} runs were trained "
