@@ -203,6 +203,30 @@ def test_rerun_continues_longer_runs_and_refuses_another_config(tmp_path, monkey
   assert calls == [1, 2, 2] and _snapshot(workdir) == before
 
 
+def test_plan_run_from_the_recorded_config_and_results(tmp_path):
+  """Which runs are reused, continued or refused: from run.json and results.json alone."""
+  config = _tiny_config()
+  directory = tmp_path / "run"
+  directory.mkdir()
+  recorded = json.loads(config.to_json())
+  del recorded["model_kwargs"]["bn_momentum"]  # a field added since: taken at its default
+  (directory / "run.json").write_text(json.dumps({"config": recorded, "total_steps": 4}))
+  assert study.plan_run(config, str(directory)) == (study.RESUME, {}, None)
+  results = {"steps": 4, "test_top1_error": 0.25}
+  (directory / study.RESULTS_FILE).write_text(json.dumps(results))
+  assert study.plan_run(config, str(directory)) == (study.REUSE, {}, results)
+  # results.json of a shorter total than run.json's (a continuation that stopped early).
+  (directory / "run.json").write_text(json.dumps({"config": recorded, "total_steps": 8}))
+  assert study.plan_run(config, str(directory))[0] == study.CONTINUE
+  config.num_train_steps, config.prefetch = 8, 3
+  assert study.plan_run(config, str(directory)) == (
+      study.CONTINUE, {"num_train_steps": (4, 8), "prefetch": (2, 3)}, None)
+  config.batch_size, config.model_kwargs.dropout_rate = 32, 0.1
+  with pytest.raises(ValueError, match=r"run was trained with another config \(batch_size: 64 "
+                     r"there, 32 now, model_kwargs.dropout_rate: None there, 0.1 now\)"):
+    study.plan_run(config, str(directory))
+
+
 def test_outputs_without_a_run_file_are_not_reused(tmp_path):
   directory = tmp_path / "run"
   directory.mkdir()
