@@ -5,13 +5,28 @@
       [--config.FIELD=VALUE ...]
 
 Every (model, seed) is an ordinary run of :func:`experiments.train.train_and_evaluate` in
-``WORKDIR/runs/<model>/seed_<seed>`` with ``config.model`` and ``config.seed`` set, so a
-rerun of the same command reuses the finished runs (their ``results.json``) and resumes
-interrupted ones from their checkpoints.  Then it writes
+``WORKDIR/runs/<model>/seed_<seed>`` with ``config.model`` and ``config.seed`` set.  An
+existing run is keyed on its whole resolved config (the one its ``run.json`` recorded),
+checked for every run before any training:
 
-* ``WORKDIR/study.json``: one record per model: name, family, params, GFLOPs, per-seed
-  test top-1 errors, their mean and standard deviation (ddof = 1), training time;
-* ``WORKDIR/study.md``: the same as a Markdown table;
+* the same config: a finished run (its ``results.json``) is reused, an interrupted one is
+  resumed from its checkpoint;
+* only the training length (``LENGTH_FIELDS``) or fields that do not change what a run
+  computes (``RESULT_NEUTRAL_FIELDS``) differ: the run is handed to the runner again, which
+  continues it from its newest checkpoint toward the new total (the learning-rate schedule
+  follows the new total from there) or, when it already got that far, tests it again;
+* any other field differs: the study refuses, naming the run directory and each differing
+  field with both values.
+
+Then it writes
+
+* ``WORKDIR/study.json``: the base config (the fields every run shares, from the runs'
+  ``run.json``), and one record per model: name, family, its config overrides, params,
+  GFLOPs, per-seed test top-1 errors, their mean and standard deviation (ddof = 1), the
+  epochs each run trained (from its ``results.json``), training time;
+* ``WORKDIR/study.md``: the same as a Markdown table, with the base config's fields that
+  differ from ``experiments/configs/default.py`` below it (``RESULT_NEUTRAL_FIELDS``
+  left out);
 * ``WORKDIR/study.png``: test error against parameters, mean +- std per model, one marker
   per family.
 
@@ -38,6 +53,19 @@ STUDY_MD = "study.md"
 STUDY_PNG = "study.png"
 RUNS_DIR = "runs"
 RESULTS_FILE = rundir.RESULTS_FILE
+
+# The training length: a run recorded with another value is continued toward the new total
+# by the runner (or, when already past it, tested again), never retrained from scratch.
+LENGTH_FIELDS = ("num_epochs", "num_train_steps")
+# Fields that do not change what a run computes (logging, checkpoint cadence and retention,
+# input prefetch, the exact padded evaluation's batch, where prepared data is found): a run
+# recorded with other values is handed to the runner again and records the new ones. Any
+# field not listed here or in LENGTH_FIELDS must be equal for a run to be reused.
+RESULT_NEUTRAL_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                         "prefetch", "eval_batch_size", "data_dir", "manual_dir", "download")
+# What the study does with each (model, seed) run (see ``plan_run``).
+TRAIN, RESUME, CONTINUE, REUSE = "train", "resume", "continue", "reuse"
+_UNSET = "(not set)"  # a field one of two compared configs lacks
 
 FAMILIES = ("ERKNet", "IRKNet", "DenseNet", "CliqueNet")
 _MARKERS = {"ERKNet": "o", "IRKNet": "s", "DenseNet": "^", "CliqueNet": "v",
@@ -112,25 +140,122 @@ def run_dir(workdir: str, entry: str, seed: int) -> str:
   return os.path.join(workdir, RUNS_DIR, f"{slug}-{digest}", f"seed_{seed}")
 
 
-def _finished_results(directory: str):
-  """The run's results.json, or None while it has not finished. (That the run holds this
-  entry's model is checked by ``check_entries``, against the run's model.json.)"""
-  return rundir.read_json(rundir.path(directory, RESULTS_FILE), "a finished run's results")
+def flat_config(config) -> Dict[str, Any]:
+  """A config (ConfigDict or its JSON dict) as ``{dotted field: JSON value}``."""
+  if not isinstance(config, dict):
+    config = json.loads(config.to_json())
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      out.update({f"{key}.{k}": v for k, v in flat_config(value).items()})
+    else:
+      out[key] = value
+  return out
 
 
-def check_entries(base, models, seeds: int, workdir: str):
-  """Validates every run's config and workdir (no arrays, no files) before any training."""
+def recorded_config(run: dict) -> Dict[str, Any]:
+  """The flat config a ``run.json`` recorded; fields added since then at their defaults."""
+  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  return {**flat_config(default.get_config()), **flat_config(run.get("config", {}))}
+
+
+def config_differences(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple]:
+  """``{field: (old value, new value)}`` for every field of two flat configs that differs."""
+  return {k: (old.get(k, _UNSET), new.get(k, _UNSET)) for k in sorted(set(old) | set(new))
+          if old.get(k, _UNSET) != new.get(k, _UNSET)}
+
+
+def _describe(differences: Dict[str, Tuple]) -> str:
+  return ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differences.items())
+
+
+def plan_run(config, directory: str) -> Tuple[str, Dict[str, Tuple], Any]:
+  """What the study does with one run: ``(action, differences, results)`` (reads only).
+
+  ``action`` is ``TRAIN`` (no run yet), ``RESUME`` (same config, not finished),
+  ``CONTINUE`` (only ``LENGTH_FIELDS`` / ``RESULT_NEUTRAL_FIELDS`` differ, or the
+  ``results.json`` is of a shorter total than ``run.json`` asks: the runner continues or
+  tests again) or ``REUSE`` (same config, finished: ``results`` is its ``results.json``);
+  ``differences`` are the fields of the recorded config that differ from ``config``.
+
+  Raises:
+    ValueError: any other field differs, or outputs exist without a ``run.json``, naming
+      the directory, the fields with both values and the fix.
+  """
+  run = rundir.read_run_file(directory)
+  results = rundir.read_json(rundir.path(directory, RESULTS_FILE), "a finished run's results")
+  if run is None:
+    if results is None:
+      return TRAIN, {}, None
+    raise ValueError(
+        f"{directory} holds a {RESULTS_FILE} but no {rundir.RUN_FILE}: the config it was "
+        "trained with is unknown, so it cannot be reused. Use a new --workdir, or delete "
+        f"{directory} to train it again.")
+  differences = config_differences(recorded_config(run), flat_config(config))
+  blocking = {k: v for k, v in differences.items()
+              if k not in LENGTH_FIELDS + RESULT_NEUTRAL_FIELDS}
+  if blocking:
+    raise ValueError(
+        f"{directory} was trained with another config ({_describe(blocking)}). A study reuses "
+        "a run only when its config is the same (the training length and "
+        f"{', '.join(RESULT_NEUTRAL_FIELDS)} may change). Use a new --workdir for this "
+        f"config, or delete {directory} to train it again.")
+  if differences:
+    return CONTINUE, differences, None
+  if results is None:
+    return RESUME, {}, None
+  if int(results.get("steps", -1)) < int(run.get("total_steps", 0)):
+    return CONTINUE, {}, None  # continued toward a longer total but stopped before its end
+  return REUSE, {}, results
+
+
+def check_entries(base, models, seeds: int, workdir: str) -> Dict[Tuple[str, int], tuple]:
+  """Validates every run's config, workdir and existing run before any training.
+
+  Reads only (no arrays, no files written). Returns ``{(entry, seed): plan_run(...)}``.
+
+  Raises:
+    ValueError: a bad ``--seeds``, a bad entry (naming it), or runs made with another
+      config (naming the first, with its differing fields, and how many others differ).
+  """
   if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
     raise ValueError(f"--seeds={seeds!r}: expected a positive int (runs use seeds "
                      "0 .. N-1)")
   from experiments import run_config  # pylint: disable=g-import-not-at-top
+  plans, refused = {}, []
   for entry, name, overrides in models:
     for seed in range(seeds):
       config = entry_config(base, name, overrides, seed)
+      directory = run_dir(workdir, entry, seed)
       try:
-        run_config.validate_config(config, run_dir(workdir, entry, seed))
+        plans[(entry, seed)] = plan_run(config, directory)
+      except ValueError as e:
+        refused.append(e)
+        continue
+      try:
+        run_config.validate_config(config, directory)
       except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"--models entry {entry!r}: {e}") from e
+  if refused:
+    others = (f" ({len(refused) - 1} other run(s) of this study differ as well: delete them "
+              "too, or use a new --workdir)" if len(refused) > 1 else "")
+    raise ValueError(f"study: {refused[0]}{others}")
+  return plans
+
+
+def base_and_row_configs(configs: Sequence[Sequence[Dict[str, Any]]]):
+  """``(base, [row overrides])`` of flat run configs grouped by row.
+
+  ``base`` holds the fields every run has with one value (``seed`` excluded); a row's
+  overrides are its other fields (shared by the row's runs; ``seed`` excluded).
+  """
+  everyone = [c for row in configs for c in row]
+  keys = sorted(set().union(*everyone)) if everyone else []
+  base = {k: everyone[0].get(k, _UNSET) for k in keys if k != "seed"
+          and all(c.get(k, _UNSET) == everyone[0].get(k, _UNSET) for c in everyone)}
+  rows = [{k: row[0].get(k, _UNSET) for k in keys if k != "seed" and k not in base}
+          for row in configs]
+  return base, rows
 
 
 def _common_overrides(records: Sequence[dict]) -> Dict[str, Any]:
@@ -147,8 +272,20 @@ def _label(rec: dict, common: Dict[str, Any]) -> str:
   return rec["model"] + (f" ({', '.join(own)})" if own else "")
 
 
+def _epochs_text(epochs: Sequence[float]) -> str:
+  """Epochs of a row's runs: one number when they agree, else one per seed."""
+  return (f"{epochs[0]:g}" if len(set(epochs)) == 1
+          else ", ".join(f"{e:g}" for e in epochs))
+
+
 def summarise(records: Sequence[dict]) -> List[dict]:
-  """One summary per model from its per-seed run results (see the module docstring)."""
+  """One summary per model from its per-seed run results (see the module docstring).
+
+  A record: ``entry``, ``model``, ``overrides`` (the entry's), optionally
+  ``config_overrides`` (the row's config fields that differ from the study's base config),
+  and ``runs``: per seed, the run's ``results.json`` plus ``seed`` and, optionally,
+  ``continued`` (its ``run.json`` history trained toward more than one total).
+  """
   out = []
   common = _common_overrides(records)
   for rec in records:
@@ -157,28 +294,35 @@ def summarise(records: Sequence[dict]) -> List[dict]:
     first = rec["runs"][0]
     out.append({
         "name": _label(rec, common), "entry": rec["entry"], "model": rec["model"],
-        "overrides": rec["overrides"], "family": family(rec["model"]),
+        "overrides": rec["overrides"], "config_overrides": rec.get("config_overrides", {}),
+        "family": family(rec["model"]),
         "params": int(first["params"]), "gflops": float(first["gflops"]),
         "seeds": [r["seed"] for r in rec["runs"]], "test_top1_errors": errors,
         "mean_test_top1_error": float(np.mean(errors)),
         "std_test_top1_error": float(np.std(errors, ddof=1)) if len(errors) > 1 else 0.0,
         "train_time_sec_per_run": float(np.mean(times)),
-        "epochs": float(first.get("epochs", float("nan"))),
+        "epochs": [float(r.get("epochs", float("nan"))) for r in rec["runs"]],
+        "steps": [int(r.get("steps", -1)) for r in rec["runs"]],
+        "continued_runs": sum(bool(r.get("continued")) for r in rec["runs"]),
     })
   return out
 
 
-def markdown_table(summary: Sequence[dict], caption: str = "") -> str:
-  """``study.md``: one row per model, errors in percent, under an optional caption."""
-  lines = ([caption, ""] if caption else []) + ["| model | family | params | GFLOPs | test error % (mean ± std) | per seed % "
-           "| train time / run |",
-           "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
+def markdown_table(summary: Sequence[dict], caption: str = "", notes: Sequence[str] = ()) -> str:
+  """``study.md``: one row per model, errors in percent, under an optional caption and
+  followed by ``notes`` (one paragraph each)."""
+  lines = ([caption, ""] if caption else []) + [
+      "| model | family | params | GFLOPs | test error % (mean ± std) | per seed % | epochs "
+      "| train time / run |",
+      "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
   for s in summary:
     per_seed = ", ".join(f"{100 * e:.2f}" for e in s["test_top1_errors"])
     lines.append(
         f"| {s['name']} | {s['family']} | {s['params']:,} | {s['gflops']:.4f} | "
         f"{100 * s['mean_test_top1_error']:.2f} ± {100 * s['std_test_top1_error']:.2f} | "
-        f"{per_seed} | {s['train_time_sec_per_run']:.0f} s |")
+        f"{per_seed} | {_epochs_text(s['epochs'])} | {s['train_time_sec_per_run']:.0f} s |")
+  for note in notes:
+    lines += ["", note]
   return "\n".join(lines) + "\n"
 
 
@@ -208,46 +352,86 @@ def plot(summary: Sequence[dict], path: str, title: str = ""):
   plt.close(fig)
 
 
-def run_study(base, workdir: str, models_text: str, seeds: int) -> List[dict]:
-  """Trains (or reuses) every (model, seed) run and writes study.json/.md/.png.
+def _non_default(flat: Dict[str, Any]) -> Dict[str, Any]:
+  """The fields of a flat config whose values differ from ``configs/default.py``'s."""
+  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  defaults = flat_config(default.get_config())
+  return {k: v for k, v in flat.items() if defaults.get(k, _UNSET) != v}
 
-  Returns the per-model summaries, or an empty list when a run was preempted (SIGTERM:
-  rerun the same command to go on).
+
+def _fields_text(fields: Dict[str, Any]) -> str:
+  return ", ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def _is_continued(run: dict) -> bool:
+  """Whether a run's ``run.json`` history trained toward more than one total."""
+  return len({h.get("total_steps") for h in run.get("history", [])}) > 1
+
+
+def run_study(base, workdir: str, models_text: str, seeds: int) -> List[dict]:
+  """Trains, continues or reuses every (model, seed) run and writes study.json/.md/.png.
+
+  Every run is checked first (``check_entries``): a run made with another config stops the
+  study before any training. Returns the per-model summaries, or an empty list when a run
+  was preempted (SIGTERM: rerun the same command to go on).
   """
   models = parse_models(models_text)
-  check_entries(base, models, seeds, workdir)
+  plans = check_entries(base, models, seeds, workdir)
   from absl import logging  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
-  records = []
+  records, configs = [], []
   for entry, name, overrides in models:
-    runs = []
+    runs, row_configs = [], []
     for seed in range(seeds):
       config = entry_config(base, name, overrides, seed)
       directory = run_dir(workdir, entry, seed)
-      results = _finished_results(directory)
-      if results is None:
-        logging.info("study: training %s, seed %d in %s", entry, seed, directory)
+      action, differences, results = plans[(entry, seed)]
+      if action == REUSE:
+        logging.info("study: reusing %s, seed %d (%s)", entry, seed, directory)
+      else:
+        why = {TRAIN: "training", RESUME: "resuming",
+               CONTINUE: "continuing (or testing again)"}[action]
+        logging.info("study: %s %s, seed %d in %s%s", why, entry, seed, directory,
+                     f" ({_describe(differences)})" if differences else "")
         results = train.train_and_evaluate(config, directory)
         if results.get("preempted"):
           logging.warning("study: preempted during %s seed %d; rerun to resume", entry, seed)
           return []
-      else:
-        logging.info("study: reusing %s, seed %d (%s)", entry, seed, directory)
-      runs.append(dict(results, seed=seed, workdir=directory))
+      run = rundir.read_run_file(directory) or {}
+      runs.append(dict(results, seed=seed, workdir=directory, continued=_is_continued(run)))
+      row_configs.append(recorded_config(run) if run else flat_config(config))
     records.append({"entry": entry, "model": name, "overrides": overrides, "runs": runs})
+    configs.append(row_configs)
+  base_config, row_overrides = base_and_row_configs(configs)
+  for rec, row in zip(records, row_overrides):
+    rec["config_overrides"] = row
   summary = summarise(records)
   common = _common_overrides(records)
-  epochs = summary[0]["epochs"]
-  caption = (f"{base.dataset}, {seeds} seeds, {epochs:g} epochs, batch {base.batch_size}"
-             + (", all models: " + ", ".join(f"{k}={v}" for k, v in common.items())
-                if common else ""))
+  epochs = {e for s in summary for e in s["epochs"]}
+  epochs = epochs.pop() if len(epochs) == 1 else None
+  dataset = base_config.get("dataset", base.dataset)
+  batch = base_config.get("batch_size", base.batch_size)
+  caption = (f"{dataset}, {seeds} seeds, "
+             + (f"{epochs:g} epochs" if epochs is not None else "epochs per row")
+             + f", batch {batch}"
+             + (", all models: " + _fields_text(common) if common else ""))
+  shown = {k: v for k, v in _non_default(base_config).items()
+           if k not in RESULT_NEUTRAL_FIELDS}
+  notes = [f"Config of every run, where it differs from experiments/configs/default.py: "
+           f"{_fields_text(shown)}."]
+  continued = sum(s["continued_runs"] for s in summary)
+  if continued:
+    notes.append(f"{continued} of {sum(len(s['seeds']) for s in summary)} runs were trained "
+                 "toward another total first and then continued from their checkpoint (the "
+                 "learning-rate schedule follows the new total from there): not the same as "
+                 "runs of this length from scratch.")
   with open(os.path.join(workdir, STUDY_JSON), "w") as f:
-    json.dump({"dataset": base.dataset, "seeds": seeds, "epochs": epochs,
-               "batch_size": base.batch_size, "common_overrides": common,
+    json.dump({"dataset": dataset, "seeds": seeds, "epochs": epochs,
+               "batch_size": batch, "common_overrides": common, "config": base_config,
                "models": summary}, f, indent=2)
   with open(os.path.join(workdir, STUDY_MD), "w") as f:
-    f.write(markdown_table(summary, caption))
-  plot(summary, os.path.join(workdir, STUDY_PNG), title=f"{base.dataset}, {seeds} seeds")
+    f.write(markdown_table(summary, caption, notes))
+  plot(summary, os.path.join(workdir, STUDY_PNG), title=f"{dataset}, {seeds} seeds")
   return summary
 
 

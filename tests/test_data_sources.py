@@ -5,6 +5,7 @@ ERKNet (k = 4) for a few steps.
 """
 import itertools
 import json
+import logging
 import os
 
 import jax
@@ -147,16 +148,33 @@ def _write_folder(root, splits, *, mode="L", ext="png", size=None):
   return f"folder:{root}"
 
 
-def test_folder_of_png_trains_and_labels_are_sorted_folder_names(tmp_path):
+def test_folder_of_png_trains_and_labels_are_sorted_folder_names(tmp_path, caplog):
   train_split, test_split = _digits()
   def pick(split, n):
     return (split.images[:n, :, :, 0] * 15).astype(np.uint8), split.labels[:n]
-  dataset = _write_folder(tmp_path / "data", {"train": pick(train_split, 200),
-                                              "test": pick(test_split, 50)})
+  root = tmp_path / "data"
+  dataset = _write_folder(root, {"train": pick(train_split, 200), "test": pick(test_split, 50)})
+  # What a user's folder also holds: notes, hidden files and folders, a subfolder, a file next
+  # to the class folders. All are skipped (one log line), none is read as an image or class.
+  (root / "train" / "c3" / "notes.txt").write_text("my notes")
+  (root / "train" / "c3" / "0000.png.txt").write_text("not an image either")
+  (root / "train" / "c1" / ".DS_Store").write_bytes(b"\0\1")
+  (root / "train" / "c1" / "old").mkdir()
+  (root / "train" / "c1" / "old" / "0001.png").write_bytes(b"a subfolder is not read")
+  (root / "train" / ".ipynb_checkpoints").mkdir()
+  (root / "test" / "labels.csv").write_text("file,label")
   config = tiny_config(dataset)
-  splits = ip.load_splits(config)
+  with caplog.at_level(logging.INFO):
+    splits = ip.load_splits(config)
+  skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+  assert skipped == [
+      f"folder:{root}: skipped 6 entries that are not images (2 hidden), e.g. "
+      "'train/c1/old/', 'train/c3/0000.png.txt', 'train/c3/notes.txt'; images are files ending "
+      "in "
+      + " ".join(folder_lib.IMAGE_EXTENSIONS)], skipped
   info = ip.dataset_info(config)
   assert info.image_shape == (8, 8, 1) and info.class_names == tuple(f"c{i}" for i in range(10))
+  assert (info.train_size, info.test_size) == (200, 50)
   # Label i is the i-th sorted folder name; files are read in sorted order.
   expected = sorted((f"c{label}", f"{i:04d}.png", i)
                     for i, label in enumerate(pick(train_split, 200)[1]))
@@ -204,15 +222,28 @@ def test_folder_errors_name_the_file_or_folder(tmp_path):
     ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
   root = make("empty")
   (root / "train" / "c7").mkdir()
-  with pytest.raises(ValueError, match=r"class folder .*empty/train/c7 is empty"):
+  with pytest.raises(ValueError, match=r"class folder .*empty/train/c7 has no images \(it is "
+                     r"empty\): every class needs at least one image file \(.png .jpg"):
+    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
+  root = make("notes_only")
+  (root / "train" / "c9").mkdir()
+  (root / "train" / "c9" / "notes.txt").write_text("hello")
+  (root / "train" / "c9" / ".hidden.png").write_bytes(b"")
+  with pytest.raises(ValueError, match=r"class folder .*notes_only/train/c9 has no images \(only "
+                     r"2 other entries, e.g. 'notes.txt'\)"):
+    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
+  root = make("no_test_images")
+  for picture in (root / "test").glob("c*/*.png"):
+    picture.unlink()
+  for class_dir in (root / "test").iterdir():
+    class_dir.rmdir()
+  (root / "test" / "README").write_text("to do")
+  with pytest.raises(ValueError, match=r"no_test_images/test holds no images \(only 1 other "
+                     r"entries, e.g. 'test/README'\): expected .*/test/<class>/<image>"):
     ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
   root = make("extra_class")
   _write_folder(root, {"test": (np.zeros((1, 8, 8), np.uint8), [5])})
   with pytest.raises(ValueError, match=r"extra_class/test/c5 has no counterpart"):
-    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
-  root = make("text")
-  (root / "train" / "c1" / "notes.txt").write_text("hello")
-  with pytest.raises(ValueError, match=r"text/train/c1/notes.txt is not a PNG or JPEG"):
     ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
   with pytest.raises(FileNotFoundError, match=r"nowhere/train not found"):
     ip.preflight({"dataset": f"folder:{tmp_path / 'nowhere'}", "batch_size": 2})
