@@ -119,9 +119,18 @@ def test_npz_errors_name_the_array(tmp_path):
     assert str(tmp_path / f"bad{i}.npz") in str(e.value)
   with pytest.raises(FileNotFoundError, match="missing.npz"):
     ip.preflight({"dataset": f"npz:{tmp_path / 'missing.npz'}", "batch_size": 2})
-  (tmp_path / "junk.npz").write_bytes(b"not a zip")
-  with pytest.raises(ValueError, match="not a readable .npz file"):
+  # A text file: one line saying what an .npz is, not numpy's unsafe allow_pickle hint
+  # (before: "... is not a readable .npz file: Cannot load file containing pickled data when
+  # allow_pickle=False").
+  (tmp_path / "junk.npz").write_text("label,pixels\n3,0 0 16\n")
+  with pytest.raises(ValueError, match=r"junk.npz is not an .npz archive \(a file starting "
+                     r"with b'label,pi'; an .npz file is the zip archive numpy.savez writes") as e:
     ip.preflight({"dataset": f"npz:{tmp_path / 'junk.npz'}", "batch_size": 2})
+  assert "pickle" not in str(e.value)
+  (tmp_path / "cut.npz").write_bytes((tmp_path / "bad0.npz").read_bytes()[:40])  # a cut zip
+  with pytest.raises(ValueError, match="cut.npz is not a readable .npz file") as e:
+    ip.preflight({"dataset": f"npz:{tmp_path / 'cut.npz'}", "batch_size": 2})
+  assert "pickle" not in str(e.value)
   # An own validation split is used as is (nothing held out of train).
   dataset = _write_npz(tmp_path / "val.npz", validation_images=x[:2], validation_labels=y[:2],
                        **good)

@@ -116,8 +116,8 @@ def labels_int32(labels, what: str) -> np.ndarray:
     with np.errstate(invalid="ignore"):
       bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
     if bad.size:
-      raise ValueError(f"{what}[{bad[0]}] = {float(y[bad[0]])} is not a whole number; labels are "
-                       "class indices 0, 1, ..., K-1")
+      raise ValueError(f"{what}[{bad[0]}] = {float(y[bad[0]])} is not a whole number; labels "
+                       "are class indices 0, 1, ..., K-1")
   bad = np.flatnonzero((y < 0) | (y > _INT32_MAX))
   if bad.size:
     value = y[bad[0]]
