@@ -435,7 +435,8 @@ def bind_data_spec(config, previous: Optional[dict], *, allow_change: bool = Fal
   A new run gets `data_spec(config)`. A continuing run keeps its own spec, mean/std above all
   (the network was trained on them; they are never recomputed from the current data), and its
   data must have the recorded fingerprint: `DataChanged`, naming what changed, unless
-  `allow_change` (then the new fingerprint is recorded). A spec written before fingerprints
+  `allow_change` (then the new fingerprint is recorded; new data with other classes or image
+  shape are refused even then). A spec written before fingerprints
   or pixel ranges existed gains them, with a warning that the data could not be checked.
 
   Returns:
@@ -451,6 +452,11 @@ def bind_data_spec(config, previous: Optional[dict], *, allow_change: bool = Fal
     raise DataChanged(
         f"{change}. Refusing {what} on other data than the run's: restore the original data, "
         f"use a new workdir, or {fix}.")
+  for key in ("image_shape", "class_names"):
+    if change and previous.get(key) != current[key]:
+      raise DataChanged(f"{change}; the new data's {key} {current[key]} differ from the run's "
+                        f"{previous.get(key)}, so the run cannot continue on them (not even "
+                        "with config.allow_data_change=True): use a new workdir")
   spec = dict(previous)
   if change or "fingerprint" not in previous:
     if "fingerprint" not in previous:
