@@ -2,8 +2,11 @@
 
   python -m experiments.evaluate --workdir=DIR [--step=N] [--split=test]
 
-Uses the run's own config (``DIR/run.json``) for the data and the model; by default the
-newest intact checkpoint. Prints one JSON line: examples, loss, top-1 and top-5 error.
+Uses the run's own config (``DIR/run.json``) for the data and the model, and its own
+preprocessing (``DIR/data.json``: mean/std as in training, never recomputed from the current
+data); by default the newest intact checkpoint. Data whose fingerprint differs from the run's
+are refused, naming what changed, unless ``--allow_data_change``. Prints one JSON line:
+examples, loss, top-1 and top-5 error.
 """
 
 import json
@@ -19,12 +22,18 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: newest intact).")
 flags.DEFINE_enum("split", "test", ["test", "validation"], "Which split to evaluate.")
 flags.DEFINE_integer("batch_size", None, "Global eval batch (default: the run's).")
 flags.DEFINE_string("data_dir", None, "Override the run's data_dir.")
+flags.DEFINE_bool("allow_data_change", False,
+                  "Evaluate on data that differ from the run's (its data.json fingerprint).")
 flags.mark_flags_as_required(["workdir"])
 
 
 def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size=None,
-                        data_dir=None, mesh=None) -> dict:
-  """Exact metrics of checkpoint ``step`` (newest intact if None) of ``workdir`` on ``split``."""
+                        data_dir=None, mesh=None, allow_data_change: bool = False) -> dict:
+  """Exact metrics of checkpoint ``step`` (newest intact if None) of ``workdir`` on ``split``.
+
+  The images are standardised with the run's ``data.json`` mean/std; data whose fingerprint
+  differs from the run's raise ``input_pipeline.DataChanged`` unless ``allow_data_change``.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -46,6 +55,18 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
     raise ValueError(f"eval batch {config.eval_batch_size} is not divisible by the "
                      f"{mesh.devices.size} devices")
   input_pipeline.preflight(config)
+  from rknet_jax import preprocessing  # pylint: disable=g-import-not-at-top
+  recorded = preprocessing.read_data_spec(workdir)  # (checked: a bad field is an error)
+  if recorded is None:
+    logging.warning("%s has no data.json (written by an older version): standardising with "
+                    "statistics of the current data", workdir)
+    stats = None
+  else:
+    input_pipeline.bind_data_spec(
+        config, recorded, allow_change=allow_data_change, what="to evaluate",
+        fix="pass --allow_data_change (allow_data_change=True) to evaluate on them with the "
+        "run's mean/std")
+    stats = (recorded["mean"], recorded["std"])
   saved = rk_ckpt.read_model_spec(workdir)  # the model as trained (defaults frozen)
   model = (rk_ckpt.model_from_spec(saved) if saved is not None
            else run_config.build_model(config, run["num_classes"]))
@@ -64,7 +85,7 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
   eval_step = steps.make_eval_step(model, mesh)
   batches = input_pipeline.eval_iterator(
       config, split, batch_size=config.eval_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), stats=stats)
   out = steps.evaluate(eval_step, restored[rk_ckpt.MODEL_ITEM], batches, mesh,
                        config.eval_batch_size)
   out.update(step=int(found), split=split, model=config.model, dataset=config.dataset)
@@ -77,7 +98,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   out = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.split, FLAGS.batch_size,
-                            FLAGS.data_dir)
+                            FLAGS.data_dir, allow_data_change=FLAGS.allow_data_change)
   logging.info("%s", out)
   print(json.dumps(out))
 

@@ -77,7 +77,10 @@ import numbers
 import os
 from typing import Optional, Tuple
 
+import numpy as np
+
 from experiments.data import base
+from experiments.data import fingerprint as fingerprint_lib
 from experiments.data import folder as folder_lib
 from experiments.data import imagenet as imagenet_lib
 from experiments.data import in_memory
@@ -184,7 +187,9 @@ def dataset_info(name, *, image_size: int = 224) -> DatasetInfo:
     return load({"dataset": name, "batch_size": 1}).info
   shape = (image_size, image_size, 3) if name == "imagenet2012" else spec.image_shape
   return DatasetInfo(name, spec.num_classes, shape, spec.official_train - spec.default_validation,
-                     spec.default_validation, spec.test, spec.mean, spec.std)
+                     spec.default_validation, spec.test, spec.mean, spec.std,
+                     pixel_range=(0.0, 255.0) if name == "imagenet2012" else (),
+                     pixel_dtype="uint8" if name == "imagenet2012" else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,14 +333,30 @@ _IN_MEMORY_LOADERS = {"digits": in_memory.load_digits, "tfds": in_memory.load_tf
 _PREFLIGHTS = {"digits": _preflight_digits, "tfds": _preflight_tfds}
 
 
-def _dataset(s: _Settings) -> Dataset:
+def _check_stats(stats):
+  """(mean, std) given by a caller (a run's data.json): per-channel finite numbers, std > 0."""
+  mean, std = (tuple(float(v) for v in values) for values in stats)
+  if len(mean) != len(std):
+    raise ValueError(f"standardisation stats mean={mean} std={std}: expected one value per "
+                     "channel in each")
+  if not all(map(np.isfinite, mean + std)) or min(std) <= 0:
+    raise ValueError(f"standardisation stats mean={mean} std={std}: expected finite values "
+                     "and std > 0")
+  return mean, std
+
+
+def _dataset(s: _Settings, stats=None) -> Dataset:
+  """The source of `s`; `stats` = (mean, std) replaces the dataset's own standardisation (a
+  resumed run or an evaluation uses its data.json's, never statistics of the current data)."""
   spec = _SPECS.get(s.dataset)
+  mean, std = (spec.mean, spec.std) if spec else (None, None)
+  if stats is not None:
+    mean, std = _check_stats(stats)
   if s.source == "imagenet":
     info = dataset_info("imagenet2012", image_size=s.image_size)
-    return imagenet_lib.ImagenetDataset(s, info, _preflight_tfds)
+    return imagenet_lib.ImagenetDataset(s, info._replace(mean=mean, std=std), _preflight_tfds)
   return in_memory.InMemoryDataset(
-      s, _IN_MEMORY_LOADERS[s.source], preflight=_PREFLIGHTS.get(s.source),
-      mean=spec.mean if spec else None, std=spec.std if spec else None)
+      s, _IN_MEMORY_LOADERS[s.source], preflight=_PREFLIGHTS.get(s.source), mean=mean, std=std)
 
 
 def load(config) -> Dataset:
@@ -373,23 +394,84 @@ def steps_per_epoch(config) -> int:
   return n // s.batch_size
 
 
+def data_fingerprint(config) -> dict:
+  """What identifies the data this config reads (experiments/data/fingerprint.py)."""
+  return fingerprint_lib.fingerprint(_settings(config))
+
+
 def data_spec(config) -> dict:
   """The preprocessing of this config's training, as JSON (see `rknet_jax.preprocessing`).
 
-  {"dataset", "image_shape", "num_classes", "class_names", "mean", "std", "resize"}: the network
-  input is (raw - mean) / std per channel, raw pixels as the dataset stores them. The runner
-  saves it as workdir/data.json.
+  {"dataset", "image_shape", "num_classes", "class_names", "mean", "std", "resize",
+  "pixel_range", "pixel_dtype", "fingerprint"}: the network input is (raw - mean) / std per
+  channel, raw pixels as the dataset stores them, in [min, max] = pixel_range of training;
+  `fingerprint` identifies the data (`data_fingerprint`). The runner saves it as
+  workdir/data.json.
   """
   s = _settings(config)
   info = _dataset(s).info
   names = list(info.class_names) or [str(i) for i in range(info.num_classes)]
-  return {"dataset": s.dataset, "image_shape": [int(d) for d in info.image_shape],
+  spec = {"dataset": s.dataset, "image_shape": [int(d) for d in info.image_shape],
           "num_classes": int(info.num_classes), "class_names": names,
           "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std],
-          "resize": s.resize}
+          "resize": s.resize, "fingerprint": fingerprint_lib.fingerprint(s)}
+  if info.pixel_range:
+    spec.update(pixel_range=[float(v) for v in info.pixel_range], pixel_dtype=info.pixel_dtype)
+  return spec
 
 
-def train_iterator(config, *, start_step: int, process_index: int, process_count: int):
+class DataChanged(ValueError):
+  """The data differ from those a run trained on (its data.json fingerprint)."""
+
+
+_CONTINUE_FIX = ("set config.allow_data_change=True to continue on these data (with the run's "
+                 "mean/std)")
+
+
+def bind_data_spec(config, previous: Optional[dict], *, allow_change: bool = False,
+                   what: str = "resuming", fix: str = _CONTINUE_FIX):
+  """The data.json a run continues with, given the one it wrote before (None: a new run).
+
+  A new run gets `data_spec(config)`. A continuing run keeps its own spec, mean/std above all
+  (the network was trained on them; they are never recomputed from the current data), and its
+  data must have the recorded fingerprint: `DataChanged`, naming what changed, unless
+  `allow_change` (then the new fingerprint is recorded; new data with other classes or image
+  shape are refused even then). A spec written before fingerprints
+  or pixel ranges existed gains them, with a warning that the data could not be checked.
+
+  Returns:
+    (spec, change): the spec to use and save, and the description of an allowed data change
+    (None when the data are the run's).
+  """
+  current = data_spec(config)
+  if previous is None:
+    return current, None
+  new = current["fingerprint"]
+  change = fingerprint_lib.describe_change(previous.get("fingerprint"), new)
+  if change and not allow_change:
+    raise DataChanged(
+        f"{change}. Refusing {what} on other data than the run's: restore the original data, "
+        f"use a new workdir, or {fix}.")
+  for key in ("image_shape", "class_names"):
+    if change and previous.get(key) != current[key]:
+      raise DataChanged(f"{change}; the new data's {key} {current[key]} differ from the run's "
+                        f"{previous.get(key)}, so the run cannot continue on them (not even "
+                        "with config.allow_data_change=True): use a new workdir")
+  spec = dict(previous)
+  if change or "fingerprint" not in previous:
+    if "fingerprint" not in previous:
+      from absl import logging  # pylint: disable=g-import-not-at-top
+      logging.warning("data.json has no data fingerprint (written by an older version): the "
+                      "data cannot be checked against the run's")
+    spec["fingerprint"] = new
+  for key in ("pixel_range", "pixel_dtype"):
+    if key not in spec and key in current:
+      spec[key] = current[key]
+  return spec, change
+
+
+def train_iterator(config, *, start_step: int, process_index: int, process_count: int,
+                   stats=None):
   """Yields this host's part of global training batches start_step, start_step + 1, ... forever.
 
   Each item is {"image": float32[B/P, H, W, C], "label": int32[B/P]} with B = config.batch_size
@@ -397,24 +479,27 @@ def train_iterator(config, *, start_step: int, process_index: int, process_count
   batch s is a pure function of (config.seed, s), so a run resumed at `start_step` sees exactly
   the batches an uninterrupted run would. Batches are prepared by a background thread; call
   `.close()` on the returned iterator to stop it early (garbage collection also does).
+  `stats` = (mean, std) standardises with those (a resumed run's data.json) instead of the
+  dataset's own.
   """
   s = _settings(config)
   process_index, process_count = _check_hosts(s.batch_size, process_index, process_count)
   start_step = _int("start_step", start_step, 0)
-  batches = _dataset(s).train_batches(start_step=start_step, process_index=process_index,
+  batches = _dataset(s, stats).train_batches(start_step=start_step, process_index=process_index,
                                       process_count=process_count)
   return prefetch_lib.Prefetcher(batches, size=s.prefetch)
 
 
 def eval_iterator(config, split: str, *, batch_size: int, process_index: int,
-                  process_count: int, with_index: bool = False):
+                  process_count: int, with_index: bool = False, stats=None):
   """Yields padded, masked batches that cover `split` exactly once across all hosts.
 
   Items are {"image": float32[b, H, W, C], "label": int32[b], "mask": float32[b]} with
   b = batch_size // process_count; padding rows have zero image, label 0 and mask 0. Every host
   yields ceil(N / batch_size) batches. `split` is "validation" (held out of the official training
   split, or the source's own) or "test" (the official test split). with_index=True adds
-  "index": int64[b], the example's position in the split (-1 for padding).
+  "index": int64[b], the example's position in the split (-1 for padding). `stats` = (mean,
+  std) standardises with those (a run's data.json) instead of the dataset's own.
   """
   if split not in EVAL_SPLITS:
     raise ValueError(f"Unknown eval split {split!r}; expected one of {EVAL_SPLITS}")
@@ -422,7 +507,7 @@ def eval_iterator(config, split: str, *, batch_size: int, process_index: int,
   batch_size = _int("eval batch_size", batch_size, 1)
   process_index, process_count = _check_hosts(batch_size, process_index, process_count,
                                               what="eval batch_size")
-  ds = _dataset(s)
+  ds = _dataset(s, stats)
   if split == "validation" and ds.split_sizes()["validation"] == 0:
     raise ValueError(f"config.validation_size=0: {s.dataset} has no validation split to "
                      "evaluate")

@@ -229,15 +229,26 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
             f"continuing from step {start_step} to {total_steps}" if start_step < total_steps
             else f"step {start_step} is already past it: no more training, the step "
             f"{start_step} model is tested")
+    # The run's data: its fingerprint must match, and its data.json's mean/std stay.
+    data, data_change = input_pipeline.bind_data_spec(
+        config, rk_preprocessing.read_data_spec(workdir) if start_step else None,
+        allow_change=bool(config.get("allow_data_change", False)))
+    if data_change:
+      logging.warning("Continuing on new data (config.allow_data_change=True): %s", data_change)
+    stats = (data["mean"], data["std"])
     if is_main:
       rk_ckpt.write_model_spec(workdir, spec, input_shape)
-      rk_preprocessing.write_data_spec(workdir, input_pipeline.data_spec(config))
-      rundir.write_run_file(
-          workdir, {"identity": run_config.identity(config),
+      rk_preprocessing.write_data_spec(workdir, data)
+      run_record = {"identity": run_config.identity(config),
                     "config": json.loads(config.to_json()), "num_classes": info.num_classes,
                     "input_shape": list(input_shape), "steps_per_epoch": steps_per_epoch,
-                    "total_steps": total_steps},
-          start_step=start_step, total_steps=total_steps)
+                    "total_steps": total_steps, "data_fingerprint": data["fingerprint"]}
+      data_changes = list((previous_run or {}).get("data_changes", []))  # kept across sessions
+      if data_change:
+        data_changes.append({"at_step": int(start_step), "change": data_change})
+      if data_changes:
+        run_record["data_changes"] = data_changes
+      rundir.write_run_file(workdir, run_record, start_step=start_step, total_steps=total_steps)
 
     # ---- train
     log = metrics_lib.MetricsLog(workdir, start_step)
@@ -250,7 +261,7 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
     def run_eval(variables, split):
       batches = input_pipeline.eval_iterator(
           config, split, batch_size=config.eval_batch_size,
-          process_index=jax.process_index(), process_count=jax.process_count())
+          process_index=jax.process_index(), process_count=jax.process_count(), stats=stats)
       return steps_lib.evaluate(eval_step, variables, batches, mesh, config.eval_batch_size)
 
     def save(step, val=None):
@@ -268,7 +279,7 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
     try:
       it = input_pipeline.train_iterator(
           config, start_step=start_step, process_index=jax.process_index(),
-          process_count=jax.process_count())
+          process_count=jax.process_count(), stats=stats)
       while step < total_steps:
         local = next(it)
         batch = steps_lib.global_batch({"image": local["image"], "label": local["label"]},

@@ -23,7 +23,7 @@ import errno
 import json
 import logging
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 import zlib
 
 import jax
@@ -44,6 +44,14 @@ CHECKSUMS_KEY = "checksums"
 
 class ChecksumError(ValueError):
   """A restored array differs from the one saved: the checkpoint's bytes are damaged."""
+
+
+class Prediction(NamedTuple):
+  """What ``predict(images, return_probs=True)`` returns for N images."""
+  labels: np.ndarray  # int [N]: the most probable class of each image
+  class_names: List[str]  # the name of that class (data.json's class_names)
+  probabilities: np.ndarray  # float32 [N, num_classes]: softmax of the logits
+  logits: np.ndarray  # float32 [N, num_classes]
 
 
 class CheckpointUnreadable(PermissionError):
@@ -262,14 +270,27 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
 
   Returns:
     ``(model, variables, predict)``: the Flax module (rebuilt from ``model.json``), its
-    ``{"params", "batch_stats"}`` on the default device, and
-    ``predict(images, preprocess=True) -> float32 logits`` (jitted, inference mode). By
-    default ``predict`` takes RAW images (pixels as in the dataset, ``[N, H, W, C]`` or
-    ``[N, H, W]``) and applies the run's training preprocessing from ``data.json``
-    (``rknet_jax.preprocessing.preprocess``); ``preprocess=False`` takes images already
-    standardised as in training. ``predict.data_spec`` is that ``data.json`` (class names
-    included), or None for workdirs written before it existed, where only
+    ``{"params", "batch_stats"}`` on the default device, and ``predict`` (jitted, inference
+    mode)::
+
+      predict(images, preprocess=True, *, return_probs=False, on_out_of_range="raise")
+
+    returns float32 logits ``[N, num_classes]``, or with ``return_probs=True`` a
+    :class:`Prediction` (labels, class names, softmax probabilities, logits). By default
+    ``images`` are RAW: pixels as in the dataset (``[N, H, W, C]`` or ``[N, H, W]``), or image
+    file paths (a path or a list of paths, read as training read image folders), and the run's
+    training preprocessing from ``data.json`` is applied
+    (``rknet_jax.preprocessing.preprocess``): the recorded ``resize``, then ``(x - mean) /
+    std``. Pixels at another scale than training's (``data.json``'s ``pixel_range``, e.g.
+    0..255 images for a 0..16 model) raise ValueError naming the expected range
+    (``on_out_of_range="warn"`` warns, ``"ignore"`` accepts them). ``preprocess=False`` takes
+    arrays already standardised as in training. ``predict.data_spec`` is that ``data.json``
+    (class names included), or None for workdirs written before it existed, where only
     ``preprocess=False`` is possible.
+
+  Raises:
+    ValueError: a ``data.json`` with a missing or bad field (std <= 0, non-finite mean, ...),
+      named.
   """
   spec = read_model_spec(workdir)
   if spec is None:
@@ -294,19 +315,28 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
   def _predict(variables, images):
     return model.apply(variables, images, train=False)
 
-  data_spec = preprocessing.read_data_spec(workdir)
+  data_spec = preprocessing.read_data_spec(workdir)  # checked: a bad field is named here
 
-  def predict(images, preprocess: bool = True):
-    """Logits ``float32[N, num_classes]`` of raw ``images`` (or standardised ones with
-    ``preprocess=False``), in inference mode."""
+  def predict(images, preprocess: bool = True, *, return_probs: bool = False,
+              on_out_of_range: str = "raise"):
+    """Logits ``float32[N, num_classes]`` of raw ``images`` (arrays or image file paths; or
+    standardised arrays with ``preprocess=False``), in inference mode; a :class:`Prediction`
+    with ``return_probs=True``. See :func:`load_checkpoint`."""
     if preprocess:
       if data_spec is None:
         raise ValueError(
             f"{os.path.join(workdir, preprocessing.DATA_FILE)} not found (the run predates "
             "it): standardise the images as in training and call predict(images, "
             "preprocess=False)")
-      images = preprocessing.preprocess(images, data_spec)
-    return _predict(variables, jnp.asarray(images, jnp.float32))
+      images = preprocessing.preprocess(images, data_spec, on_out_of_range=on_out_of_range)
+    logits = _predict(variables, jnp.asarray(images, jnp.float32))
+    if not return_probs:
+      return logits
+    logits = np.asarray(logits)
+    labels = np.argmax(logits, axis=-1)
+    names = (data_spec or {}).get("class_names") or [str(i) for i in range(logits.shape[-1])]
+    return Prediction(labels=labels, class_names=[names[i] for i in labels],
+                      probabilities=np.asarray(jax.nn.softmax(logits, axis=-1)), logits=logits)
 
   predict.data_spec = data_spec
 
@@ -314,4 +344,4 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
   return model, variables, predict
 
 
-__all__ = ["load_checkpoint"]
+__all__ = ["load_checkpoint", "Prediction"]

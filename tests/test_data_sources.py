@@ -102,11 +102,12 @@ def test_npz_errors_name_the_array(tmp_path):
       ({k: v for k, v in good.items() if k != "test_labels"}, r"lacks \['test_labels'\]"),
       (dict(good, train_images=np.zeros((4, 8), np.uint8)), r"train_images has shape \(4, 8\)"),
       (dict(good, train_images=x.astype(np.int64)), "train_images has dtype int64"),
-      (dict(good, train_images=np.full((4, 8, 8), np.nan)), "NaN"),
+      (dict(good, train_images=np.full((4, 8, 8), np.nan)),
+       "train image 0 holds a non-finite pixel"),
       (dict(good, test_images=np.zeros((4, 9, 8), np.uint8)),
        r"test_images images are \(9, 8, 1\)"),
       (dict(good, train_labels=y[:3]), r"train_labels has shape \(3,\)"),
-      (dict(good, train_labels=y.astype(float)), "train_labels has dtype float64"),
+      (dict(good, train_labels=y + 0.5), r"train_labels\[0\] = 0.5 is not a whole number"),
       (dict(good, train_labels=np.array([0, -1, 2, 1])), r"train_labels\[1\] = -1"),
       (dict(good, test_labels=np.array([0, 1, 3, 1])),
        r"test_labels\[2\] = 3 is not a valid label \(0..2, the training classes\)"),
@@ -119,9 +120,18 @@ def test_npz_errors_name_the_array(tmp_path):
     assert str(tmp_path / f"bad{i}.npz") in str(e.value)
   with pytest.raises(FileNotFoundError, match="missing.npz"):
     ip.preflight({"dataset": f"npz:{tmp_path / 'missing.npz'}", "batch_size": 2})
-  (tmp_path / "junk.npz").write_bytes(b"not a zip")
-  with pytest.raises(ValueError, match="not a readable .npz file"):
+  # A text file: one line saying what an .npz is, not numpy's unsafe allow_pickle hint
+  # (before: "... is not a readable .npz file: Cannot load file containing pickled data when
+  # allow_pickle=False").
+  (tmp_path / "junk.npz").write_text("label,pixels\n3,0 0 16\n")
+  with pytest.raises(ValueError, match=r"junk.npz is not an .npz archive \(a file starting "
+                     r"with b'label,pi'; an .npz file is the zip archive numpy.savez writes") as e:
     ip.preflight({"dataset": f"npz:{tmp_path / 'junk.npz'}", "batch_size": 2})
+  assert "pickle" not in str(e.value)
+  (tmp_path / "cut.npz").write_bytes((tmp_path / "bad0.npz").read_bytes()[:40])  # a cut zip
+  with pytest.raises(ValueError, match="cut.npz is not a readable .npz file") as e:
+    ip.preflight({"dataset": f"npz:{tmp_path / 'cut.npz'}", "batch_size": 2})
+  assert "pickle" not in str(e.value)
   # An own validation split is used as is (nothing held out of train).
   dataset = _write_npz(tmp_path / "val.npz", validation_images=x[:2], validation_labels=y[:2],
                        **good)

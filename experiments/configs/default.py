@@ -59,6 +59,9 @@ def get_config():
   config.svhn_extra = False  # SVHN: train on train + extra
   config.prefetch = 2  # host batches prepared ahead by a background thread
   config.resize = 0  # folder:PATH only: 0 = all images one size; N = resize others to N x N
+  # Resuming on data whose fingerprint differs from the run's (data.json) is refused unless
+  # True: then training continues on the new data with the run's mean/std (run.json says so).
+  config.allow_data_change = False
   config.batch_size = 64  # GLOBAL batch, split over all devices of all hosts
   config.eval_batch_size = 256  # global; the last batch is padded and masked
   config.seed = 0  # seeds parameter init, dropout and the order of the training data

@@ -11,6 +11,8 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from rknet_jax import preprocessing
+
 
 class DatasetInfo(NamedTuple):
   """Static facts about a dataset.
@@ -29,6 +31,8 @@ class DatasetInfo(NamedTuple):
   mean: Tuple[float, ...] = ()
   std: Tuple[float, ...] = ()
   class_names: Tuple[str, ...] = ()
+  pixel_range: Tuple[float, ...] = ()  # (min, max) of the raw training pixels, when known
+  pixel_dtype: str = ""  # their dtype as the source stores them ("uint8", "float32")
 
 
 class Dataset(abc.ABC):
@@ -92,3 +96,89 @@ class Official:
   test: Split
   validation: Optional[Split]
   class_names: Tuple[str, ...]
+
+
+# ------------------------------------------------------------------------------------------------
+# The checks every in-memory source's data passes before anything trains on it.
+
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def labels_int32(labels, what: str) -> np.ndarray:
+  """``labels`` as int32 after checking, before the cast, that each is a whole number >= 0
+  that int32 holds (a float like 3.0 is accepted; 3.5, NaN, -1 or 2**31 are refused, naming
+  ``what[index] = value``), so no label wraps or truncates into another class."""
+  y = np.asarray(labels)
+  if y.dtype == np.bool_ or not (np.issubdtype(y.dtype, np.integer)
+                                 or np.issubdtype(y.dtype, np.floating)):
+    raise ValueError(f"{what} has dtype {y.dtype}; expected integers (class indices)")
+  if np.issubdtype(y.dtype, np.floating):
+    with np.errstate(invalid="ignore"):
+      bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+    if bad.size:
+      raise ValueError(f"{what}[{bad[0]}] = {float(y[bad[0]])} is not a whole number; labels "
+                       "are class indices 0, 1, ..., K-1")
+  bad = np.flatnonzero((y < 0) | (y > _INT32_MAX))
+  if bad.size:
+    value = y[bad[0]]
+    value = int(value) if np.issubdtype(y.dtype, np.integer) else float(value)
+    raise ValueError(f"{what}[{bad[0]}] = {value} is not a valid label (class indices are "
+                     f"0..K-1, at most {_INT32_MAX})")
+  return y.astype(np.int32)
+
+
+def pixel_range(images) -> Tuple[str, float, float]:
+  """(dtype name, min, max) of an in-memory image array (float arrays: finite by then)."""
+  x = np.asarray(images)
+  return x.dtype.name, float(x.min()), float(x.max())
+
+
+def _dtype_kind(dtype_name: str) -> str:
+  return "float" if dtype_name.startswith("float") else dtype_name
+
+
+def check_official(official: "Official", where: str) -> None:
+  """Raises ValueError, naming the split and the first offending index, unless the data can be
+  trained on as it is: labels in [0, K) with K = len(class_names), at least 2 classes among
+  the training labels, finite pixels, and every split stored with the training split's dtype
+  and scale (`rknet_jax.preprocessing.range_problem`). Images decoded from files on access
+  (`folder.FileImages`, uint8 by construction) are not scanned here."""
+  num_classes = len(official.class_names)
+  splits = [("train", official.train), ("test", official.test)]
+  if official.validation is not None:
+    splits.append(("validation", official.validation))
+  for name, split in splits:
+    y = np.asarray(split.labels)
+    bad = np.flatnonzero((y < 0) | (y >= num_classes))
+    if bad.size:
+      raise ValueError(f"{where}: {name} label [{bad[0]}] = {int(y[bad[0]])} is not a valid "
+                       f"label (0..{num_classes - 1}, the training classes)")
+  present = np.unique(np.asarray(official.train.labels))
+  if len(present) < 2:
+    raise ValueError(
+        f"{where}: every training label is {int(present[0])} ({len(official.train)} images): "
+        "a classifier needs training examples of at least 2 classes (a 1-class model reports "
+        "0 error without learning anything)")
+  ranges = {}
+  for name, split in splits:
+    if not isinstance(split.images, np.ndarray):
+      continue
+    x = split.images
+    if np.issubdtype(x.dtype, np.floating):
+      finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+      if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        value = x[i][~np.isfinite(x[i])].reshape(-1)[0]
+        raise ValueError(f"{where}: {name} image {i} holds a non-finite pixel ({value}); "
+                         "every pixel must be a finite number")
+    ranges[name] = pixel_range(x)
+  if "train" not in ranges:
+    return
+  train_dtype, lo, hi = ranges["train"]
+  for name, (dtype, a, b) in ranges.items():
+    problem = preprocessing.range_problem((lo, hi), (a, b))
+    if _dtype_kind(dtype) != _dtype_kind(train_dtype) or problem:
+      raise ValueError(
+          f"{where}: {name} images are {dtype} in [{a:g}, {b:g}] but train images are "
+          f"{train_dtype} in [{lo:g}, {hi:g}]" + (f" ({problem})" if problem else "") +
+          ": store every split with one dtype and one pixel scale")

@@ -31,6 +31,7 @@ from absl import logging
 import numpy as np
 
 from experiments.data import base
+from rknet_jax import preprocessing
 
 # Image files by name (lower-cased): torchvision ImageFolder's list plus GIF; PIL decodes all.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
@@ -92,21 +93,9 @@ def _header(path):
 
 
 def decode(path, *, shape, resize: int) -> np.ndarray:
-  """uint8 [H, W, C] pixels of one image file, converted to the dataset's `shape`."""
-  image_lib = _pil()
-  height, width, channels = shape
-  try:
-    with image_lib.open(path) as image:
-      image = image.convert("L" if channels == 1 else "RGB")
-      if image.size != (width, height):
-        if not resize:
-          raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} (width x height) "
-                           f"but the dataset's images are {width}x{height}")
-        image = image.resize((width, height), image_lib.BILINEAR)
-      array = np.asarray(image, np.uint8)
-  except (OSError, image_lib.DecompressionBombError) as e:
-    raise ValueError(f"cannot read image {path}: {e}") from None
-  return array[..., None] if channels == 1 else array
+  """uint8 [H, W, C] pixels of one image file, converted to the dataset's `shape` (the rule
+  `rknet_jax.load_checkpoint(...).predict` applies to image files too)."""
+  return preprocessing.read_image(path, shape=shape, resize=resize)
 
 
 class FileImages:

@@ -89,7 +89,7 @@ def _read_tfds_split(builder, split: str) -> base.Split:
   if not images:
     raise ValueError(f"split {split!r} of {builder.name} is empty")
   images = np.concatenate(images)
-  labels = np.concatenate(labels).astype(np.int32)
+  labels = base.labels_int32(np.concatenate(labels), f"{builder.name} {split} labels")
   if images.dtype != np.uint8:
     raise ValueError(f"{builder.name} images are {images.dtype}, expected uint8")
   return base.Split(images, labels, np.arange(len(labels), dtype=np.int64))
@@ -158,15 +158,19 @@ def holdout(official_train: base.Split, validation_size: int, split_seed: int):
   return take(train), take(val)
 
 
-def channel_stats(images, chunk: int = 4096):
-  """Per-channel (mean, std) of NHWC images (an array or `folder.FileImages`), in their own
-  units; two passes of float64 sums over chunks of `chunk` images."""
+def image_summary(images, chunk: int = 4096):
+  """(mean, std, min, max) of NHWC images (an array or `folder.FileImages`), in their own
+  units: per-channel mean/std from two passes of float64 sums over chunks of `chunk` images,
+  and the overall pixel min/max from the first pass."""
   n, c = images.shape[0], images.shape[-1]
   chunks = [np.arange(i, min(i + chunk, n)) for i in range(0, n, chunk)]
   pixels = n * int(np.prod(images.shape[1:-1]))
   total = np.zeros(c)
+  lo, hi = np.inf, -np.inf
   for idx in chunks:
-    total += np.asarray(images[idx]).reshape(-1, c).sum(axis=0, dtype=np.float64)
+    x = np.asarray(images[idx])
+    total += x.reshape(-1, c).sum(axis=0, dtype=np.float64)
+    lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
   mean = total / pixels
   squares = np.zeros(c)
   for idx in chunks:
@@ -174,7 +178,12 @@ def channel_stats(images, chunk: int = 4096):
     squares += np.einsum("ij,ij->j", centred, centred)
   std = np.sqrt(squares / pixels)
   std = np.where(std > 0, std, 1.0)  # a constant channel is only centred
-  return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+  return tuple(float(v) for v in mean), tuple(float(v) for v in std), lo, hi
+
+
+def channel_stats(images, chunk: int = 4096):
+  """Per-channel (mean, std) of NHWC images (see `image_summary`)."""
+  return image_summary(images, chunk)[:2]
 
 
 class InMemoryDataset(base.Dataset):
@@ -184,7 +193,11 @@ class InMemoryDataset(base.Dataset):
     settings: the parsed config (`experiments.input_pipeline`).
     load: settings -> `base.Official` (digits, TFDS, npz, folder readers).
     preflight: settings -> str, the cheap availability check (default: load the data).
-    mean, std: fixed standardisation constants (default: computed on the official train split).
+    mean, std: fixed standardisation constants (default: computed on the official train split;
+      a resumed run or an evaluation passes its own `data.json`'s).
+
+  The loaded data passes `base.check_official` (labels, classes, finite pixels, one dtype and
+  scale for every split) once, before anything trains on it.
   """
 
   def __init__(self, settings, load, *, preflight=None, mean=None, std=None):
@@ -192,11 +205,18 @@ class InMemoryDataset(base.Dataset):
     self._load = load
     self._preflight = preflight
     self._stats = (tuple(mean), tuple(std)) if mean is not None else None
+    self._range = None
 
   def official(self) -> base.Official:
     s = self._s
     key = (s.source, s.target, s.data_dir, s.svhn_extra, s.resize, _source_token(s))
-    return _cached(_OFFICIAL_CACHE, key, lambda: self._load(s))
+
+    def load_and_check():
+      official = self._load(s)
+      base.check_official(official, s.dataset)
+      return official
+
+    return _cached(_OFFICIAL_CACHE, key, load_and_check)
 
   def splits(self) -> base.Splits:
     s = self._s
@@ -210,10 +230,25 @@ class InMemoryDataset(base.Dataset):
     train, validation = holdout(official.train, s.validation_size, s.split_seed)
     return base.Splits(train, validation, official.test)
 
+  def _summarise(self):
+    images = self.official().train.images
+    if self._stats is None or (self._range is None and not isinstance(images, np.ndarray)):
+      mean, std, lo, hi = image_summary(images)  # one pass over decoded files
+      self._stats = self._stats or (mean, std)
+      self._range = (lo, hi)
+    elif self._range is None:
+      self._range = base.pixel_range(images)[1:]
+
   def stats(self):
     if self._stats is None:
-      self._stats = channel_stats(self.official().train.images)
+      self._summarise()
     return self._stats
+
+  def pixel_range(self):
+    """(min, max) of the raw official training pixels."""
+    if self._range is None:
+      self._summarise()
+    return self._range
 
   @property
   def info(self) -> base.DatasetInfo:
@@ -222,7 +257,8 @@ class InMemoryDataset(base.Dataset):
     return base.DatasetInfo(
         self._s.dataset, len(official.class_names), tuple(official.train.images.shape[1:]),
         len(splits.train), len(splits.validation), len(splits.test), mean, std,
-        official.class_names)
+        official.class_names, tuple(self.pixel_range()),
+        np.dtype(official.train.images.dtype).name)
 
   def preflight(self) -> str:
     if self._preflight is not None:
