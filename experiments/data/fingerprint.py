@@ -38,21 +38,12 @@ def _sha256_of_file(path: str) -> str:
 
 
 def _folder_listing(root: str):
-  """(relative path, size, mtime_ns) of every image file the folder source can read, sorted."""
+  """(relative path, size, mtime_ns) of every image file the folder source reads, sorted."""
   out = []
-  for split in ("train", "test", "validation"):
-    top = os.path.join(root, split)
-    if not os.path.isdir(top):
-      continue
-    for dirpath, dirnames, filenames in os.walk(top):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-      for name in filenames:
-        if name.startswith(".") or not name.lower().endswith(folder_lib.EXTENSIONS):
-          continue
-        path = os.path.join(dirpath, name)
-        st = os.stat(path)
-        out.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
-  return sorted(out)
+  for rel in folder_lib.image_paths(root):
+    st = os.stat(os.path.join(root, rel))
+    out.append((rel, st.st_size, st.st_mtime_ns))
+  return out
 
 
 def fingerprint(settings) -> dict:

@@ -66,6 +66,22 @@ def _listing(folder, *, classes: bool):
   return kept, skipped
 
 
+def image_paths(root):
+  """Every image file of `root`'s splits (`_listing`'s rule), relative to `root`, sorted.
+
+  What a folder dataset reads, without the layout checks of `load` (its data fingerprint).
+  """
+  out = []
+  for split in ("train", "validation", "test"):
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+      continue
+    for name in _listing(folder, classes=True)[0]:
+      files = _listing(os.path.join(folder, name), classes=False)[0]
+      out += [os.path.join(split, name, f) for f in files]
+  return sorted(out)
+
+
 def _log_skipped(root, skipped):
   """One line: how many entries were skipped, with a few examples (visible ones first)."""
   if not skipped:
