@@ -118,7 +118,7 @@ def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
   ``model.init({"params": key}, x, train=False)``: no parameter is materialised.
 
   Args:
-    model: a Linen module following the model contract (see DESIGN.md).
+    model: a Linen module following the model contract (see docs/design.md).
     input_shape: ``(H, W, C)`` or ``(N, H, W, C)``; the count does not depend on ``N``.
 
   Returns:
@@ -355,7 +355,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]):
   ``jax.eval_shape``; nothing is initialised or executed.
 
   Args:
-    model: a Linen module following the model contract (see DESIGN.md).
+    model: a Linen module following the model contract (see docs/design.md).
     input_shape: ``(H, W, C)`` or ``(N, H, W, C)``; the result is per image.
 
   Returns:

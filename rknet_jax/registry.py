@@ -79,7 +79,7 @@ def create_model(name: Union[str, spec_lib.ModelSpec], **overrides):
       default (:mod:`rknet_jax.models` names each source).
 
   Returns:
-    A Flax Linen module following the model contract of DESIGN.md.
+    A Flax Linen module following the model contract of docs/design.md.
 
   Raises:
     ValueError: a bad name or option, quoting the bad part and the expected form, before
