@@ -123,6 +123,12 @@ def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
 
   Returns:
     The number of scalar trainable parameters.
+
+  Example: Table 1's first row has 0.74 M parameters in the paper::
+
+    >>> from rknet_jax import count_params, create_model
+    >>> count_params(create_model("ERKNet-6x1 6x1 6x1", growth_rate=36), (32, 32, 3))
+    744382
   """
   _check_model(model)
   shape = _normalize_input_shape(input_shape)

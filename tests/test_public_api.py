@@ -85,3 +85,34 @@ def test_one_version_string():
   assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {
       "attr": "rknet_jax.__version__"}
   assert "version" in _pyproject()["project"]["dynamic"]
+
+
+@pytest.mark.parametrize("name", ["rk_step", "odeint_fixed", "create_model", "count_params",
+                                  "TableauStep"])
+def test_docstring_examples_run(name):
+  """The doctested examples of the main entry points (what an editor shows on hover)."""
+  import doctest  # pylint: disable=g-import-not-at-top
+  obj = getattr(rknet_jax, name)
+  tests = doctest.DocTestFinder(recurse=False).find(obj, name, globs={})
+  assert tests and tests[0].examples, f"rknet_jax.{name} has no doctest example"
+  runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  for test in tests:
+    runner.run(test)
+  assert runner.summarize(verbose=False).failed == 0
+
+
+def test_type_checking_imports_are_the_lazy_exports():
+  """Editors and type checkers read the ``if TYPE_CHECKING:`` imports of rknet_jax/__init__.py;
+  they name exactly the lazily exported symbols and submodules, from the same modules."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  tree = ast.parse(pathlib.Path(rknet_jax.__file__).read_text())
+  block = next(node for node in tree.body if isinstance(node, ast.If)
+               and getattr(node.test, "id", None) == "TYPE_CHECKING")
+  seen = {}
+  for node in block.body:
+    for alias in node.names:
+      seen[alias.name] = node.module
+  expected = dict(rknet_jax._EXPORTS)  # pylint: disable=protected-access
+  expected.update({m: "rknet_jax" for m in rknet_jax._SUBMODULES})  # pylint: disable=protected-access
+  assert seen == expected
