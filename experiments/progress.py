@@ -143,7 +143,9 @@ class ProgressBar:
     self.enabled = enabled
     self.total, self.start_step, self.width = total_steps, start_step, width
     self.min_interval = min_interval
-    self.t_start = time.time()
+    # The ETA's reference point: the first update (after the first step, i.e. after the train
+    # step compiled), so that compilation does not inflate the estimate.
+    self.t_start, self._started = time.time(), False
     self._drawn, self._last_draw, self.status = False, 0.0, ""
 
   def line(self, step: int, now: float) -> str:
@@ -160,6 +162,8 @@ class ProgressBar:
     if not self.enabled:
       return
     now = time.time()
+    if not self._started:
+      self.t_start, self.start_step, self._started = now, step, True
     if not force and now - self._last_draw < self.min_interval and step < self.total:
       return
     self._last_draw = now

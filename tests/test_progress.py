@@ -65,9 +65,12 @@ def test_bar_on_a_terminal_draws_eta_and_clears_before_log_lines(tmp_path):
   stream = _Tty()
   bar = progress.ProgressBar(10, stream=stream, width=10, min_interval=0.0)
   assert bar.enabled
+  bar.update(0)  # the ETA's reference (after compilation)
   bar.t_start -= 4.0  # 4 s for the first 2 steps -> 16 s left for the other 8
   bar.update(2)
-  assert stream.getvalue().startswith("\r\033[K[##........] 2/10  20%  ETA 0:00:16")
+  first, second = stream.getvalue().split("\r\033[K")[1:]
+  assert first == "[..........] 0/10   0%  ETA ?"  # no estimate before a step was timed
+  assert second == "[##........] 2/10  20%  ETA 0:00:16"
   log, window = _window(tmp_path, bar)
   window.add(1, _step_metrics(0.1))
   stream.truncate(0)
