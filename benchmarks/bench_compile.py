@@ -7,7 +7,7 @@ SGD (Nesterov 0.9, weight decay 1e-4) + BatchNorm statistics (``benchmarks/steps
 Every case runs in its own subprocess with a time limit (``--timeout``), so one slow model
 cannot stall the table and no compilation cache is shared between cases.
 
-Two tables (issue 10, targets 1 and 2):
+Two tables (the dense-block compile-time and memory work; benchmarks/README.md):
 
 * ``compile``: every ``rknet_jax.list_models()`` model, train step at batch 8 (and inference):
   lower + compile seconds, and the optimised HLO's instruction count.

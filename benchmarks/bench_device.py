@@ -3,7 +3,7 @@
   python -m benchmarks.bench_device                  # on one GPU, about 5-8 minutes
   python -m benchmarks.bench_device --smoke          # tiny models, any backend (a test runs it)
 
-Cases (issue 10, target 5), each in float32 and bfloat16 compute, each in its own subprocess
+Cases, each in float32 and bfloat16 compute, each in its own subprocess
 so that the peak device memory belongs to that case alone:
 
 * ERKNet-6x1 6x1 6x1-B, k = w = 36, CIFAR 32x32x3: training step at batch 64, inference at

@@ -1,4 +1,4 @@
-"""Throughput, compile time and peak memory of the paper's CIFAR models (issue 3, section 5).
+"""Throughput, compile time and peak memory of the paper's CIFAR models.
 
 For every selected configuration (model x conv formulation x remat) it measures, each in
 a fresh subprocess so that the peak resident set size (RSS) belongs to that one
@@ -48,7 +48,7 @@ TABLE1 = ("ERKNet-6×1 6×1 6×1", "ERKNet-7×1 6×1 6×1", "ERKNet-7×1 7×1 6�
 GROWTH_RATE = 36
 BOTTLENECK_WIDTH = 36
 
-# Reference numbers of issue 3 (same network, this 2-core machine type, interleaved runs).
+# Reference numbers of the authors' PyTorch code (same network, this 2-core machine type, interleaved runs).
 PYTORCH_REFERENCE = {"train_img_s": 81.0, "infer_img_s": (127.0, 136.0), "peak_rss_gb": 1.44}
 
 
@@ -245,7 +245,7 @@ def _driver(args):
           f"{_fmt([r['compile_s'] for r in ok], '.1f')} | "
           f"{_fmt([r['peak_rss_gb'] for r in ok], '.2f')} | {_fmt(temp, '.2f')} |")
   ref = PYTORCH_REFERENCE
-  print(f"\nReference (issue 3, authors' PyTorch, same network and machine type): train "
+  print(f"\nReference (authors' PyTorch, same network and machine type): train "
         f"{ref['train_img_s']:.0f} images/s at batch 64, peak RSS {ref['peak_rss_gb']} GB; "
         f"inference {ref['infer_img_s'][0]:.0f}-{ref['infer_img_s'][1]:.0f} images/s at "
         f"batch 256.  Targets: train >= 1.0x, inference >= 1.5x, peak RSS <= PyTorch's.")

@@ -5,7 +5,7 @@ training step of the paper's CIFAR models) with ``malloc`` on every execution.  
 serves allocations above its mmap threshold with fresh ``mmap`` pages and returns them
 on ``free``, so every step touches hundreds of thousands of new pages; each first touch
 is a page fault (zeroing a 4 KiB page), which on a virtual machine costs microseconds.
-Measured on the 2-core VM of issue 3: writing one fresh 66 MB array takes 75-115 ms
+Measured on a 2-core VM: writing one fresh 66 MB array takes 75-115 ms
 (16k faults) against 5-19 ms into reused memory.
 
 :func:`keep_freed_memory` tells glibc (``mallopt``) to serve every allocation from its

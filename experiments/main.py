@@ -89,9 +89,11 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from experiments import metrics  # pylint: disable=g-import-not-at-top
   metrics.console_logging()
+  from experiments import progress  # pylint: disable=g-import-not-at-top
+  progress.quiet_third_party_logs()
   initialize_distributed()
   from experiments import train  # pylint: disable=g-import-not-at-top
-  logging.info("Config:\n%s", config)
+  # The full config goes to the workdir's run.json; the log opens with a short summary.
   try:
     result = train.train_and_evaluate(config, FLAGS.workdir)
   except train.RUN_STOPPED as e:  # the run stopped itself, with a message that says why

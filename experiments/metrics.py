@@ -169,13 +169,16 @@ class TrainWindow:
 
   ``add`` keeps the device arrays (no host sync); ``flush`` fetches them, passes each step's
   host values to ``check(step, values)`` (which may raise), writes the window's means with
-  images/s and the elapsed time, and logs a progress line with the ETA.
+  images/s and the elapsed time, and logs a progress line with the ETA. The learning rate
+  written and logged is the one of the flushed step (a schedule's value at that step, not a
+  mean over the window). ``bar`` (a ``progress.ProgressBar``) is advanced by ``add`` and
+  cleared before each log line.
   """
 
   def __init__(self, log: MetricsLog, *, start_step: int, total_steps: int,
                steps_per_epoch: int, global_batch: int,
-               check: Optional[Callable[[int, dict], None]] = None):
-    self.log, self.check = log, check
+               check: Optional[Callable[[int, dict], None]] = None, bar=None):
+    self.log, self.check, self.bar = log, check, bar
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
     self.global_batch = global_batch
     self.pending = []
@@ -185,6 +188,8 @@ class TrainWindow:
   def add(self, step: int, device_metrics: dict):
     """Keeps the metrics of ``step`` (device arrays) until the next ``flush``."""
     self.pending.append((step, device_metrics))
+    if self.bar is not None:
+      self.bar.update(step)
 
   def flush(self, step: int):
     """Fetches, checks and logs the pending steps (nothing to do when none are pending)."""
@@ -202,9 +207,14 @@ class TrainWindow:
     self.t_last, self.step_last = now, step
     mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
             if np.ndim(fetched[0][k]) == 0}
+    if "learning_rate" in mean:  # the rate at the logged step, not the window's mean
+      mean["learning_rate"] = float(fetched[-1]["learning_rate"])
     eta = (self.total_steps - step) * dt / max(len(fetched), 1)
     mean.update(time_images_per_sec=ips, time_elapsed_sec=now - self.t_start)
     self.log.write(step, "train", mean)
+    if self.bar is not None:
+      self.bar.clear()
+      self.bar.status = f"loss {mean['loss']:.4f}"
     logging.info("step %d/%d (epoch %.2f)  loss %.4f  top1_err %.4f  lr %.4g  "
                  "%.1f img/s  ETA %s", step, self.total_steps, step / self.steps_per_epoch,
                  mean["loss"], mean["top1_error"], mean["learning_rate"], ips,

@@ -5,7 +5,7 @@ Usage::
   python -m experiments.paper_tables            # all 16 rows
   python -m experiments.paper_tables --table 3  # one table
   python -m experiments.paper_tables --keys     # the rows' keys for configs/paper.py
-  python -m experiments.paper_tables --markdown # the README's table of rows and commands
+  python -m experiments.paper_tables --markdown # the table of rows and commands in docs/reproducing.md
 
 The rows are those of :data:`rknet_jax.paper.ROWS` (13 RKNets and the three baselines of
 Table 2).  Every model is built from its row's spec and counted from its own jaxpr by
@@ -114,7 +114,7 @@ def format_results(results: Sequence[Result]) -> str:
 
 
 def markdown() -> str:
-  """The README's table of the paper's rows: what the paper reports and the command per row."""
+  """docs/reproducing.md's table of the paper's rows: what the paper reports and the command per row."""
   lines = ["| table | model | data (batch) | paper: params (M), GFLOPs, test error (%) | command |",
            "| --- | --- | --- | --- | --- |"]
   for row in ROWS:
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--table", type=int, choices=(1, 2, 3), action="append",
                       help="only these tables (repeatable); default all")
   parser.add_argument("--markdown", action="store_true",
-                      help="print the README's table of rows and commands and exit")
+                      help="print docs/reproducing.md's table of rows and commands and exit")
   parser.add_argument("--keys", action="store_true",
                       help="list the rows' keys (experiments/configs/paper.py:<key>) and exit")
   args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ from experiments import checkpointing
 from experiments import compiler_memory
 from experiments import metrics as metrics_lib
 from experiments import optim
+from experiments import progress
 from experiments import run_config
 from experiments import rundir
 from experiments import steps as steps_lib
@@ -213,7 +214,6 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
       start_step, wall_time_before = 0, 0.0
       if is_main:
         rundir.move_aside_outputs(workdir)
-      logging.info("Starting %s on %s from scratch in %s", config.model, config.dataset, workdir)
     else:
       state = steps_lib.TrainState(params=model_vars["params"],
                                    batch_stats=model_vars["batch_stats"], **train_vars)
@@ -249,13 +249,22 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
       if data_changes:
         run_record["data_changes"] = data_changes
       rundir.write_run_file(workdir, run_record, start_step=start_step, total_steps=total_steps)
+    from rknet_jax.counting import count_flops, count_params  # pylint: disable=g-import-not-at-top
+    params, gflops = count_params(model, input_shape), count_flops(model, input_shape) / 1e9
+    progress.start_summary(
+        config=config, workdir=workdir, start_step=start_step, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, split_sizes=input_pipeline.split_sizes(config),
+        input_shape=input_shape, params=params, gflops=gflops, num_devices=mesh.devices.size)
 
     # ---- train
     log = metrics_lib.MetricsLog(workdir, start_step)
+    bar = progress.ProgressBar(total_steps, start_step)
     window = metrics_lib.TrainWindow(
         log, start_step=start_step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         global_batch=config.batch_size,
-        check=_finite_guard(steps_lib.checked_leaf_names(state), ckpts))
+        check=_finite_guard(steps_lib.checked_leaf_names(state), ckpts), bar=bar)
+    train_step = progress.announce_first_call(train_step, "compiling the train step", bar)
+    eval_step = progress.announce_first_call(eval_step, "compiling the evaluation step", bar)
     t_start = clock()
 
     def run_eval(variables, split):
@@ -313,6 +322,7 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
         it.close()
       if previous_handler is not None:
         signal.signal(signal.SIGTERM, previous_handler)
+      bar.close()
       log.flush()
       ckpts.wait_until_finished()  # raises CheckpointWriteError if a write failed
 
@@ -333,17 +343,16 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
   if config.test_model == "best" and best is not None:
     which, test_step = "best", best
     test_vars = ckpts.restore_model(best, abstract.model_vars())
-  test = run_eval(test_vars, "test")
+  with progress.phase(f"testing the {which} model (step {test_step}) on the test split", bar):
+    test = run_eval(test_vars, "test")
   log.write(step, "test", {k: test[k] for k in ("loss", "top1_error", "top5_error")})
   log.close()
   ckpts.close()
 
-  from rknet_jax.counting import count_flops, count_params  # pylint: disable=g-import-not-at-top
   val_hist = [r for r in metrics_lib.read_metrics(workdir) if r["split"] == "validation"]
   results = {
       "dataset": config.dataset, "model": config.model, "growth_rate": config.growth_rate,
-      "params": int(count_params(model, input_shape)),
-      "gflops": float(count_flops(model, input_shape)) / 1e9,
+      "params": int(params), "gflops": float(gflops),
       "steps": int(step), "epochs": step / steps_per_epoch,
       "global_batch": config.batch_size, "devices": int(mesh.devices.size),
       "processes": jax.process_count(),

@@ -6,6 +6,7 @@ code.  Everything listed in ``__all__`` is reachable as ``rknet_jax.<name>``.
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,25 @@ _SUBMODULES = ("tableaus", "order_conditions", "rk", "tableau_block", "conv",
                "counting", "summary", "checkpoint", "preprocessing", "convergence")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+if TYPE_CHECKING:
+  # What editors and type checkers see: the same names, imported eagerly (never at run time).
+  # tests/test_public_api.py checks these lines against _EXPORTS and _SUBMODULES.
+  from rknet_jax.blocks import CliqueBlock, DenseBlock, ERKStep, IRKStep
+  from rknet_jax.checkpoint import load_checkpoint
+  from rknet_jax.conv import Conv
+  from rknet_jax.counting import count_flops, count_params
+  from rknet_jax.models import CliqueNet, DenseNet, RKNet, TableauRKNet
+  from rknet_jax.order_conditions import algebraic_order
+  from rknet_jax.registry import (create_model, erknet_from_densenet, irknet_from_cliquenet,
+      list_models, parse_name)
+  from rknet_jax.rk import odeint_fixed, rk_step
+  from rknet_jax.spec import CliqueNetSpec, DenseNetSpec, RKNetSpec, TableauRKNetSpec
+  from rknet_jax.tableau_block import ConvVectorField, TableauStep
+  from rknet_jax.tableaus import ButcherTableau
+  from rknet_jax import (tableaus, order_conditions, rk, tableau_block, conv, layers, blocks,
+      models, checks, spec, names, paper, registry, counting, summary, checkpoint, preprocessing,
+      convergence)
 
 
 def __getattr__(name):

@@ -1,6 +1,6 @@
 """Dense and clique blocks, and the ERK / IRK time-steps built from them.
 
-Paper section 3.3 (``shared/paper/ARCHITECTURE.md``, "ERK time-step" and "IRK time-step"):
+Paper section 3.3 (``docs/architecture.md``, "ERK time-step" and "IRK time-step"):
 
 * :class:`DenseLayer` / :class:`DenseBlock` -- DenseNet's dense connectivity (Huang et al.
   2017): layer l reads the concatenation of the block input and all earlier growths.

@@ -118,11 +118,17 @@ def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
   ``model.init({"params": key}, x, train=False)``: no parameter is materialised.
 
   Args:
-    model: a Linen module following the model contract (see DESIGN.md).
+    model: a Linen module following the model contract (see docs/design.md).
     input_shape: ``(H, W, C)`` or ``(N, H, W, C)``; the count does not depend on ``N``.
 
   Returns:
     The number of scalar trainable parameters.
+
+  Example: Table 1's first row has 0.74 M parameters in the paper::
+
+    >>> from rknet_jax import count_params, create_model
+    >>> count_params(create_model("ERKNet-6x1 6x1 6x1", growth_rate=36), (32, 32, 3))
+    744382
   """
   _check_model(model)
   shape = _normalize_input_shape(input_shape)
@@ -355,7 +361,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]):
   ``jax.eval_shape``; nothing is initialised or executed.
 
   Args:
-    model: a Linen module following the model contract (see DESIGN.md).
+    model: a Linen module following the model contract (see docs/design.md).
     input_shape: ``(H, W, C)`` or ``(N, H, W, C)``; the result is per image.
 
   Returns:

@@ -1,6 +1,6 @@
 """Pre-activation layers, stems, transitions and the classifier head of RKNets.
 
-Everything here follows ``shared/paper/ARCHITECTURE.md`` ("Around the periods") and
+Everything here follows ``docs/architecture.md`` ("Around the periods") and
 section 3.2 / 4.2 of the paper:
 
 * :class:`LayerConfig` -- the options every layer of a model shares (compute dtype, dropout,

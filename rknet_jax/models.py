@@ -3,7 +3,7 @@
 An RKNet (paper section 3.2, Figure 1) is preprocessor -> P periods separated by transition
 layers -> postprocessor -> classifier.  Period n integrates dy/dt = f(t, y) with r_n
 time-steps of an s_n-stage Runge-Kutta method; y has m_n k_n channels; every time-step has
-its own parameters.  See ``shared/paper/ARCHITECTURE.md``.
+its own parameters.  See ``docs/architecture.md``.
 
 * :class:`RKNet` -- ERKNets (each time-step an :class:`~rknet_jax.blocks.ERKStep`, section
   3.3.1) and IRKNets (each an :class:`~rknet_jax.blocks.IRKStep`, section 3.3.2).
@@ -11,7 +11,7 @@ its own parameters.  See ``shared/paper/ARCHITECTURE.md``.
   :class:`~rknet_jax.tableau_block.TableauStep` driven by a named Butcher tableau.
 * :class:`DenseNet` (Huang et al. 2017) and :class:`CliqueNet` (Yang et al. 2018).
 
-Model contract (DESIGN.md): ``variables = model.init({"params": key}, x, train=False)``
+Model contract (docs/design.md): ``variables = model.init({"params": key}, x, train=False)``
 has the collections ``params`` and ``batch_stats`` only; ``model.apply(variables, x,
 train=...)`` returns float32 logits ``(N, num_classes)`` for float NHWC images ``x``; with
 ``dropout_rate > 0`` training needs ``rngs={"dropout": key}``.  The modules are normally

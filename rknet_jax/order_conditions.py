@@ -35,7 +35,7 @@ __all__ = ["rooted_trees", "tree_size", "tree_density", "elementary_weight",
 
 Tree = Tuple["Tree", ...]
 
-# A condition holds when |Phi(t) - 1/gamma(t)| <= ORDER_TOLERANCE (issue 2).
+# A condition holds when |Phi(t) - 1/gamma(t)| <= ORDER_TOLERANCE.
 ORDER_TOLERANCE = 1e-10
 
 

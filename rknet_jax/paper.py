@@ -2,11 +2,11 @@
 
 Each :class:`PaperRow` holds the model (a ready-made name plus the spec fields the table
 gives it), the datasets and batch size it was trained with, and the values the paper
-prints (GFLOPs, parameters, test errors; ``shared/paper/ARCHITECTURE.md`` restates the
-tables).  :func:`rknet_jax.list_models` lists the rows' names, ``create_model(row.name)``
+prints (GFLOPs, parameters, test errors; ``docs/reproducing.md`` lists the rows with
+their commands).  :func:`rknet_jax.list_models` lists the rows' names, ``create_model(row.name)``
 builds the row's model, ``experiments/configs/paper.py:<row.key>`` trains it,
-``python -m experiments.paper_tables`` counts it against the printed values, and the README
-and the tests read the same rows.  Adding a row is adding one entry to :data:`ROWS`.
+``python -m experiments.paper_tables`` counts it against the printed values, and the tests read the
+same rows.  Adding a row is adding one entry to :data:`ROWS`.
 """
 
 import dataclasses

@@ -79,11 +79,27 @@ def create_model(name: Union[str, spec_lib.ModelSpec], **overrides):
       default (:mod:`rknet_jax.models` names each source).
 
   Returns:
-    A Flax Linen module following the model contract of DESIGN.md.
+    A Flax Linen module following the model contract of docs/design.md.
 
   Raises:
     ValueError: a bad name or option, quoting the bad part and the expected form, before
       any array is built.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from rknet_jax import create_model
+    >>> model = create_model("ERKNet-1x1 1x1", growth_rate=4)
+    >>> x = jnp.ones((2, 8, 8, 3))                      # NHWC
+    >>> variables = model.init(jax.random.key(0), x, train=False)
+    >>> sorted(variables)
+    ['batch_stats', 'params']
+    >>> model.apply(variables, x, train=False).shape
+    (2, 10)
+    >>> create_model("ERKNet-1x1 1x1", grwoth_rate=4)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ...did you mean 'growth_rate'?...
   """
   if isinstance(name, spec_lib.ModelSpec):
     spec = name.replace(**overrides) if overrides else name

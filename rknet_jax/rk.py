@@ -240,6 +240,16 @@ def rk_step(f: VectorField, t, y, h, tableau, *, implicit_iterations: Optional[i
 
   Works under ``jax.jit`` (pass the tableau as a static argument or close over it),
   ``jax.grad`` and ``jax.vmap``.
+
+  Example: one classical RK4 step of dy/dt = -y from y = 1 (exact: exp(-0.1))::
+
+    >>> import jax.numpy as jnp
+    >>> from rknet_jax import rk_step
+    >>> y1 = rk_step(lambda t, y: -y, 0.0, jnp.ones(2), 0.1, "rk4")
+    >>> print(y1)
+    [0.9048375 0.9048375]
+    >>> float(jnp.exp(-0.1))  # doctest: +ELLIPSIS
+    0.904837...
   """
   tableau = tableaus_lib.get(tableau)
   _check_solver(solver)
@@ -324,6 +334,15 @@ def odeint_fixed(f: VectorField, y0, t0, t1, num_steps: int, tableau, *,
     ValueError: if ``num_steps`` is not a positive int, or for a bad solver or
       iteration count (before anything is traced), or if ``f`` returns another pytree
       structure or leaf shape than ``y0``.
+
+  Example: dy/dt = -y cos t on a pytree state, y(0) = 1, so y(1) = exp(-sin 1)::
+
+    >>> import jax.numpy as jnp
+    >>> from rknet_jax import odeint_fixed
+    >>> f = lambda t, y: {"x": -y["x"] * jnp.cos(t)}
+    >>> y1 = odeint_fixed(f, {"x": jnp.ones(())}, 0.0, 1.0, 20, "rk4")
+    >>> print(f"{float(y1['x']):.6f} {float(jnp.exp(-jnp.sin(1.0))):.6f}")
+    0.431076 0.431076
   """
   num_steps = _check_num_steps(num_steps)
   tableau = tableaus_lib.get(tableau)

@@ -1,4 +1,4 @@
-"""benchmarks/bench_device.py (issue 10, target 5): the device check runs end to end.
+"""benchmarks/bench_device.py: the device check runs end to end.
 
 On these CPU-only machines it runs its ``--smoke`` cases (tiny models); the real cases are
 the same code with other models and shapes, run on a GPU.
@@ -42,5 +42,5 @@ def test_model_flops_per_case_follow_the_paper_convention():
   import rknet_jax
   name, kwargs, shape, _, _ = bench_device.CASES[0]
   model = rknet_jax.create_model(name, **kwargs)
-  assert rknet_jax.count_params(model, shape) == 302_446  # the README's benchmark network
+  assert rknet_jax.count_params(model, shape) == 302_446  # benchmarks/README.md's network
   assert 0.2e9 < rknet_jax.count_flops(model, shape) < 0.3e9

@@ -1,4 +1,4 @@
-"""Tests for rknet_jax.convergence: the measured-order tool (issue 8, section 5)."""
+"""Tests for rknet_jax.convergence: the measured-order tool."""
 import subprocess
 import sys
 

@@ -1,4 +1,4 @@
-"""Counting agrees with hand-computed counts for small models (issue 3, section 4).
+"""Counting agrees with hand-computed counts for small models.
 
 Each expected number is written out by hand from the layer shapes (paper convention:
 FLOPs = 2 x multiply-adds of convolutions and dense layers, padding included, per image;
@@ -313,7 +313,7 @@ def test_not_a_module():
 
 
 # --------------------------------------------------------------------------------------
-# Small models of the registry, counted by hand from ARCHITECTURE.md's rules.
+# Small models of the registry, counted by hand from the rules in docs/architecture.md.
 
 
 def test_registry_erknet_hand_count():

@@ -291,7 +291,7 @@ def test_predict_on_raw_images_reproduces_the_runs_test_error(tmp_path):
   error = np.mean(np.argmax(logits, -1) != raw.labels)
   assert error == pytest.approx(results["test_top1_error"], abs=1e-9)
   assert results["test_top1_error"] < 0.3
-  # Before: predict fed raw pixels to the network as they were (issue 7: 28.6% vs 99.4%).
+  # Before: predict fed raw pixels to the network as they were (28.6% vs 99.4%).
   unprocessed = np.asarray(predict(raw.images.astype(np.float32), preprocess=False))
   assert np.mean(np.argmax(unprocessed, -1) != raw.labels) > results["test_top1_error"] + 0.2
   assert predict.data_spec["class_names"] == [str(i) for i in range(10)]

@@ -1,4 +1,4 @@
-"""The dense block on one channel buffer (rknet_jax/dense_buffer.py, issue 10).
+"""The dense block on one channel buffer (rknet_jax/dense_buffer.py).
 
 Against the formulation it replaced (a Python loop of ``DenseLayer`` s on the growing list
 of features, concatenated per layer): same variables and initial values, outputs,

@@ -1,4 +1,4 @@
-"""experiments/huge_pages.py: the CLI turns glibc's huge pages on itself (issue 10, target 3)."""
+"""experiments/huge_pages.py: the CLI turns glibc's huge pages on itself."""
 import os
 import subprocess
 import sys

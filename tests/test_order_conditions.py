@@ -1,4 +1,4 @@
-"""Tests for rknet_jax.order_conditions (issue 2, section 2; paper section 3.1)."""
+"""Tests for rknet_jax.order_conditions (paper section 3.1)."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""experiments.paper_tables: every row of the paper's Tables 1-3 matches (issue 3).
+"""experiments.paper_tables: every row of the paper's Tables 1-3 matches.
 
 Counting all 16 models traces each once (``eval_shape`` of init, ``make_jaxpr`` of apply);
 no array of their size is allocated.

@@ -44,3 +44,75 @@ def test_spec_layers_import_no_model_code():
           "'rknet_jax.registry') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+def _pyproject():
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import tomllib  # pylint: disable=g-import-not-at-top
+  return tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+
+
+def test_library_install_declares_exactly_what_rknet_jax_imports():
+  """`pip install .` is the library only: its dependencies are the third-party modules that
+  rknet_jax/*.py import (no TensorFlow, no runner or test tools), and only rknet_jax is packaged."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  project = _pyproject()["project"]
+  declared = {re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+  # import name -> distribution name, where they differ
+  distribution = {"orbax": "orbax-checkpoint"}
+  imported = set()
+  for path in pathlib.Path(rknet_jax.__file__).parent.glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        imported |= {a.name.split(".")[0] for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        imported.add(node.module.split(".")[0])
+  third_party = {distribution.get(m, m) for m in imported
+                 if m not in sys.stdlib_module_names and m != "rknet_jax"}
+  # optax: the library's optimiser (the paper's SGD); flax depends on it anyway.
+  assert third_party <= declared, f"imported but not declared: {third_party - declared}"
+  assert declared <= third_party | {"optax"}, f"declared but never imported: {declared - third_party}"
+  assert not any("tensorflow" in d for d in declared)
+  packages = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+  assert packages == ["rknet_jax", "rknet_jax.*"]
+  assert {"train", "dev"} <= set(project["optional-dependencies"])
+
+
+def test_one_version_string():
+  assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {
+      "attr": "rknet_jax.__version__"}
+  assert "version" in _pyproject()["project"]["dynamic"]
+
+
+@pytest.mark.parametrize("name", ["rk_step", "odeint_fixed", "create_model", "count_params",
+                                  "TableauStep"])
+def test_docstring_examples_run(name):
+  """The doctested examples of the main entry points (what an editor shows on hover)."""
+  import doctest  # pylint: disable=g-import-not-at-top
+  obj = getattr(rknet_jax, name)
+  tests = doctest.DocTestFinder(recurse=False).find(obj, name, globs={})
+  assert tests and tests[0].examples, f"rknet_jax.{name} has no doctest example"
+  runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  for test in tests:
+    runner.run(test)
+  assert runner.summarize(verbose=False).failed == 0
+
+
+def test_type_checking_imports_are_the_lazy_exports():
+  """Editors and type checkers read the ``if TYPE_CHECKING:`` imports of rknet_jax/__init__.py;
+  they name exactly the lazily exported symbols and submodules, from the same modules."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  tree = ast.parse(pathlib.Path(rknet_jax.__file__).read_text())
+  block = next(node for node in tree.body if isinstance(node, ast.If)
+               and getattr(node.test, "id", None) == "TYPE_CHECKING")
+  seen = {}
+  for node in block.body:
+    for alias in node.names:
+      seen[alias.name] = node.module
+  expected = dict(rknet_jax._EXPORTS)  # pylint: disable=protected-access
+  expected.update({m: "rknet_jax" for m in rknet_jax._SUBMODULES})  # pylint: disable=protected-access
+  assert seen == expected

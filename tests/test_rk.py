@@ -1,4 +1,4 @@
-"""Tests for rknet_jax.rk: rk_step and odeint_fixed (issue 2, section 3; paper eqs. 1-3).
+"""Tests for rknet_jax.rk: rk_step and odeint_fixed (paper eqs. 1-3).
 
 Every test of this module runs with 64-bit JAX enabled (autouse fixture below) so that
 convergence slopes are not polluted by float32 round-off; float32 is tested explicitly.
@@ -320,7 +320,7 @@ def test_default_iterations():
 
 
 # ---------------------------------------------------------------------------------------
-# Bad input: clear errors before anything runs (issue 7, section 6).
+# Bad input: clear errors before anything runs.
 
 def test_integer_state_is_rejected_not_truncated():
   """Before: odeint_fixed of y' = -y from the int array [1, 2] returned [0, 0]."""

@@ -1,4 +1,4 @@
-"""Runs that never lie or lose work (issue 7): the non-finite guard, checksums, the workdir
+"""Runs that never lie or lose work: the non-finite guard, checksums, the workdir
 lock and metadata, outputs kept aside, clear errors for bad numbers and damaged files.
 
 In-process runs of a tiny ERKNet on digits (``tiny_config`` of test_train.py).
@@ -41,7 +41,7 @@ def overflow_running_variances_after(bad_step, monkeypatch):
   """Wraps the train step so every BN running variance overflows to inf after ``bad_step``.
 
   Train-mode BN normalises with batch statistics, so the loss stays finite: what a too-high
-  learning rate does to digits (issue 7), made deterministic.
+  learning rate does to digits, made deterministic.
   """
   make = steps_lib.make_train_step
 
@@ -88,7 +88,7 @@ def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_resul
 
 
 def test_a_resumed_run_that_breaks_keeps_the_good_checkpoints(tmp_path, monkeypatch):
-  """Issue 7: a good run resumed with a huge learning rate wrote NaN checkpoints, and
+  """A regression: a good run resumed with a huge learning rate wrote NaN checkpoints, and
   keep-last-K deleted the good ones. The state breaks (finite loss) after step 9 here."""
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=2,
@@ -391,7 +391,7 @@ def run_main(*args, timeout=300):
 
 
 def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
-  """Issue 7: this exited 0 reporting 0.90 test error, with NaN weights in its checkpoint."""
+  """A regression: this exited 0 reporting 0.90 test error, with NaN weights in its checkpoint."""
   workdir = str(tmp_path / "run")
   proc = run_main("--config=experiments/configs/digits.py", f"--workdir={workdir}",
                   "--config.learning_rate=100")

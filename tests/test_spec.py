@@ -1,5 +1,5 @@
-"""Model specs: one validated value per model, names both ways, JSON, and the input errors of
-issue 7 (misspelt keywords, strings for ints, look-alike letters, absurd sizes)."""
+"""Model specs: one validated value per model, names both ways, JSON, and clear errors for the
+usual mistakes (misspelt keywords, strings for ints, look-alike letters, absurd sizes)."""
 
 import dataclasses
 import json

@@ -1,4 +1,4 @@
-"""Tests for experiments/study.py: models x seeds as ordinary runs, reused on rerun (issue 9)."""
+"""Tests for experiments/study.py: models x seeds as ordinary runs, reused on rerun."""
 import json
 import os
 import subprocess

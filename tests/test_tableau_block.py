@@ -1,4 +1,4 @@
-"""Tests for rknet_jax.tableau_block (issue 2, section 4; paper eqs. 2-4)."""
+"""Tests for rknet_jax.tableau_block (paper eqs. 2-4)."""
 import functools
 
 import flax.linen as nn

@@ -1,4 +1,4 @@
-"""Tests for rknet_jax.tableaus (issue 2, section 2; paper section 3.1)."""
+"""Tests for rknet_jax.tableaus (paper section 3.1)."""
 import dataclasses
 import math
 
@@ -9,7 +9,7 @@ import pytest
 from rknet_jax import tableaus
 from rknet_jax.tableaus import ButcherTableau
 
-# (name, literature order, stages, kind) as required by issue 2.
+# (name, literature order, stages, kind).
 EXPECTED = [
     ("euler", 1, 1, "explicit"),
     ("midpoint", 2, 2, "explicit"),

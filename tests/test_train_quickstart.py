@@ -26,4 +26,11 @@ def test_readme_quickstart_reaches_95_percent_on_digits(tmp_path):
   assert 1 - results["test_top1_error"] >= 0.95, results
   assert results["params"] > 10_000  # a real (small) ERKNet, not a toy
   assert "img/s" in proc.stderr and "ETA" in proc.stderr  # console progress
+  # A start summary and phase messages instead of a config dump (the config is in run.json).
+  assert "Run: ERKNet-3x1 3x1 on digits, from scratch" in proc.stderr
+  assert "Compiling the train step: done in" in proc.stderr
+  assert "Testing the final model (step 300) on the test split" in proc.stderr
+  assert "Config:" not in proc.stderr and "weight_decay_params" not in proc.stderr
+  with open(os.path.join(workdir, "run.json")) as f:
+    assert json.load(f)["config"]["weight_decay_params"] == "kernels"
   assert elapsed < 180, f"quickstart took {elapsed:.0f} s"

@@ -2,7 +2,7 @@
 
 Batch 256, 90 epochs, lr 0.1 divided by 10 every 30 epochs; random resized crop, PCA lighting,
 photometric distortions and flips for training, single 224 centre crop for evaluation
-(experiments/input_pipeline.py). ImageNet must be downloaded by hand first (README, "Data
+(experiments/input_pipeline.py). ImageNet must be downloaded by hand first (docs/data.md, "Data
 preparation"; the runner's preflight names what is missing). The model is Table 3's first
 row, whose ready-made name brings k, m, the bottleneck width, the stem and the classifier;
 ``paper.py:table3_...`` adds the authors' weight decay to each Table 3 row. Command:

@@ -7,8 +7,8 @@ for CIFAR-100 (default: the row's first dataset). Commands:
   python -m experiments.main --config=experiments/configs/paper.py:table2_irknet_5x1_5x1_5x1_ab_k150:cifar100 --workdir=runs/table2_irknet_k150_c100
   python -m experiments.main --config=experiments/configs/paper.py:table3_erknet_3x1_3x1_3x1_1x1_b --workdir=runs/table3_erknet_3x1_3x1_3x1_1x1_b --config.data_dir=/path/to/tensorflow_datasets
 
-``python -m experiments.paper_tables --keys`` lists every key. The recipe (README, "The
-training recipe"): the paper's section 4.1 (``default.py`` for CIFAR, ``imagenet.py`` for
+``python -m experiments.paper_tables --keys`` lists every key. The recipe (docs/reproducing.md,
+"The training recipe"): the paper's section 4.1 (``default.py`` for CIFAR, ``imagenet.py`` for
 ImageNet), the row's batch size, and where the paper is silent the authors' code
 (ZhuMai/RKCNN, ``train_cifar.py``): weight decay on every parameter and dropout 0.2 after
 every convolution on CIFAR (ImageNet: none, as DenseNet's ImageNet recipe that section 4.1
