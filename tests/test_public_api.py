@@ -62,7 +62,7 @@ def test_library_install_declares_exactly_what_rknet_jax_imports():
   project = _pyproject()["project"]
   declared = {re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
   # import name -> distribution name, where they differ
-  distribution = {"orbax": "orbax-checkpoint"}
+  distribution = {"orbax": "orbax-checkpoint", "PIL": "pillow"}
   imported = set()
   for path in pathlib.Path(rknet_jax.__file__).parent.glob("*.py"):
     for node in ast.walk(ast.parse(path.read_text())):
