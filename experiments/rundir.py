@@ -5,7 +5,7 @@ Every path goes through ``etils.epath``, so a workdir may be any path orbax supp
 
 * ``run.lock``: held while a run uses the workdir (host, pid, start time). A second run is
   refused naming the holder; a lock whose holder is gone (same host, pid not running) is
-  taken over.
+  taken over, atomically on a local file system (see ``WorkdirLock``).
 * ``run.json``: the config, its identity (which model the workdir holds) and ``history``,
   one entry per start (time, host, start step, total steps). Written only after the
   checkpoint restore succeeded, so a refused or failed start never rewrites it.
@@ -14,6 +14,7 @@ Every path goes through ``etils.epath``, so a workdir may be any path orbax supp
   moves them to ``previous_outputs/<time>/`` first: nothing finished is overwritten.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -29,6 +30,7 @@ RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
 LOCK_FILE = "run.lock"
+LOCK_GUARD_FILE = "run.lock.guard"  # flock'ed while the lock is taken (local file systems)
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
 PREVIOUS_OUTPUTS_SUBDIR = "previous_outputs"
@@ -87,9 +89,13 @@ def _pid_running(pid: int) -> bool:
 class WorkdirLock:
   """``run.lock``: one run per workdir. Use as a context manager or ``acquire``/``release``.
 
-  The lock file records ``host``, ``pid`` and ``started``. On a local file system it is
-  created atomically (``O_EXCL``); elsewhere it is written and read back (best effort: object
-  stores have no exclusive create).
+  The lock file records ``host``, ``pid`` and ``started``. On a local file system the whole
+  take (create, or check the holder and take over a stale lock) runs under an exclusive
+  ``fcntl.flock`` of ``run.lock.guard``, and the lock file is created with ``O_EXCL``: of
+  several runs taking over the same stale lock at once, exactly one wins (the others then
+  see it held by a live run). Elsewhere (``gs://``: no exclusive create, no locks) it is
+  written and read back: best effort, two runs started within moments of each other may
+  both proceed, so start one run per workdir at a time there.
   """
 
   def __init__(self, workdir: str):
@@ -105,6 +111,20 @@ class WorkdirLock:
       return None
     except (ValueError, OSError):
       return {}  # unreadable or half-written: treated as held by an unknown run
+
+  @contextlib.contextmanager
+  def _guard(self):
+    """Serialises takes of this workdir's lock between processes (local file systems)."""
+    if not is_local(self.file):
+      yield
+      return
+    import fcntl  # pylint: disable=g-import-not-at-top
+    fd = os.open(os.fspath(self.file.parent / LOCK_GUARD_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+      yield
+    finally:
+      os.close(fd)  # releases the flock
 
   def _create(self) -> bool:
     text = json.dumps(self.record)
@@ -123,26 +143,28 @@ class WorkdirLock:
 
   def acquire(self):
     """Takes the lock, taking over a stale one; raises ``WorkdirBusy`` naming the holder."""
-    for _ in range(3):
-      if self._create():
-        self.held = True
-        return self
-      holder = self._holder()
-      if holder is None:
-        continue  # released meanwhile
-      same_host = holder.get("host") == self.record["host"]
-      pid = holder.get("pid")
-      if same_host and isinstance(pid, int) and pid != os.getpid() and not _pid_running(pid):
-        logging.warning("Taking over the stale lock %s of pid %d (no longer running): %s",
-                        self.file, pid, holder)
-        self.file.unlink(missing_ok=True)
-        continue
-      raise WorkdirBusy(
-          f"workdir {os.fspath(self.file.parent)!r} is in use by another run (host "
-          f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
-          f"{holder.get('started', '?')}; lock file {os.fspath(self.file)}). Wait for it to "
-          "end or use another --workdir; if that run is gone (e.g. its machine died), delete "
-          "the lock file.")
+    with self._guard():
+      for _ in range(3):
+        if self._create():
+          self.held = True
+          return self
+        holder = self._holder()
+        if holder is None:
+          continue  # released meanwhile
+        same_host = holder.get("host") == self.record["host"]
+        pid = holder.get("pid")
+        if (same_host and isinstance(pid, int) and pid != os.getpid()
+            and not _pid_running(pid)):
+          logging.warning("Taking over the stale lock %s of pid %d (no longer running): %s",
+                          self.file, pid, holder)
+          self.file.unlink(missing_ok=True)
+          continue
+        raise WorkdirBusy(
+            f"workdir {os.fspath(self.file.parent)!r} is in use by another run (host "
+            f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
+            f"{holder.get('started', '?')}; lock file {os.fspath(self.file)}). Wait for it "
+            "to end or use another --workdir; if that run is gone (e.g. its machine died), "
+            "delete the lock file.")
     raise WorkdirBusy(f"could not take the lock {os.fspath(self.file)}")
 
   def release(self):
