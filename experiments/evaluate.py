@@ -3,7 +3,9 @@
   python -m experiments.evaluate --workdir=DIR [--step=N] [--split=test]
 
 Uses the run's own config (``DIR/run.json``) for the data and the model; by default the
-newest intact checkpoint. Prints one JSON line: examples, loss, top-1 and top-5 error.
+newest intact checkpoint. Prints one JSON line: examples, loss, top-1 and top-5 error. A
+refusal (not a workdir, no such step, a model.json that does not match the checkpoints) is one
+``error: ...`` line and exit status 1 (``--verbose``: with the traceback).
 """
 
 import json
@@ -83,4 +85,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, config_flag=None)

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -130,7 +129,9 @@ def check_entries(base, models, seeds: int, workdir: str):
       try:
         run_config.validate_config(config, run_dir(workdir, entry, seed))
       except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"--models entry {entry!r}: {e}") from e
+        from experiments import cli  # pylint: disable=g-import-not-at-top
+        raise ValueError(f"--models entry {entry!r}: {e}"
+                         f"{cli.config_field_hint(overrides, base)}") from e
 
 
 def _common_overrides(records: Sequence[dict]) -> Dict[str, Any]:
@@ -260,11 +261,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metrics.console_logging()
   FLAGS = flags.FLAGS
-  try:
-    summary = run_study(FLAGS.config, FLAGS.workdir, FLAGS.models, FLAGS.seeds)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  summary = run_study(FLAGS.config, FLAGS.workdir, FLAGS.models, FLAGS.seeds)  # cli.run
   if summary:
     with open(os.path.join(FLAGS.workdir, STUDY_MD)) as f:
       print(f.read())
@@ -284,6 +281,6 @@ def _define_flags():
 if __name__ == "__main__":
   from experiments import huge_pages  # pylint: disable=g-import-not-at-top
   huge_pages.reexec_with_huge_pages()
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  _app.run(main)
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

@@ -68,7 +68,8 @@ def _finite_guard(leaf_names, ckpts):
     raise NonFiniteError(
         f"non-finite training state at step {step} (batch {step - 1}): loss "
         f"{float(m['loss'])}, {what}. Stopping without checkpointing this state; {kept}. "
-        "Try a lower learning rate or float32.")
+        "Check the input data for non-finite or extreme values (labels, pixel scale), or "
+        "try a lower learning rate or float32.")
 
   return check
 
@@ -229,6 +230,7 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
             f"continuing from step {start_step} to {total_steps}" if start_step < total_steps
             else f"step {start_step} is already past it: no more training, the step "
             f"{start_step} model is tested")
+    logging.info("Config:\n%s", config)
     if is_main:
       rk_ckpt.write_model_spec(workdir, spec, input_shape)
       rk_preprocessing.write_data_spec(workdir, input_pipeline.data_spec(config))
