@@ -31,7 +31,7 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
-  from experiments import run_config, rundir, steps  # pylint: disable=g-import-not-at-top
+  from experiments import checkpointing, run_config, rundir, steps  # pylint: disable=g-import-not-at-top
   from rknet_jax import checkpoint as rk_ckpt  # pylint: disable=g-import-not-at-top
 
   run = rundir.read_run_file(workdir)
@@ -49,6 +49,7 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
                      f"{mesh.devices.size} devices")
   input_pipeline.preflight(config)
   saved = rk_ckpt.read_model_spec(workdir)  # the model as trained (defaults frozen)
+  checkpointing.check_model_file(workdir, saved)  # names an edited or foreign model.json
   model = (rk_ckpt.model_from_spec(saved) if saved is not None
            else run_config.build_model(config, run["num_classes"]))
   target = rk_ckpt.abstract_variables(model, run["input_shape"],

@@ -6,9 +6,12 @@ Every path goes through ``etils.epath``, so a workdir may be any path orbax supp
 * ``run.lock``: held while a run uses the workdir (host, pid, start time). A second run is
   refused naming the holder; a lock whose holder is gone (same host, pid not running) is
   taken over, atomically on a local file system (see ``WorkdirLock``).
-* ``run.json``: the config, its identity (which model the workdir holds) and ``history``,
-  one entry per start (time, host, start step, total steps). Written only after the
-  checkpoint restore succeeded, so a refused or failed start never rewrites it.
+* ``run.json``: the config of the newest session, its identity (which model the workdir
+  holds), ``history``, one entry per start (time, host, start step, total steps, and that
+  session's recipe and data-stream values), and ``changes``: every field a resume changed,
+  with the step from which the new value applies (so the top-level config never stands for
+  the whole run when it does not). Written only after the checkpoint restore succeeded, so a
+  refused or failed start never rewrites it.
 * ``results.json``, ``metrics.jsonl``, ``curves.png``, ``tensorboard/``: outputs. A run that
   starts from scratch next to such outputs (checkpoints deleted, or another run's files)
   moves them to ``previous_outputs/<time>/`` first: nothing finished is overwritten.
@@ -186,14 +189,36 @@ def read_run_file(workdir: str) -> Optional[dict]:
   return read_json(path(workdir, RUN_FILE), "the run's config and history")
 
 
-def write_run_file(workdir: str, run: dict, *, start_step: int, total_steps: int):
-  """Writes ``run.json``: ``run`` plus the previous ``history`` and this start appended."""
+def write_run_file(workdir: str, run: dict, *, start_step: int, total_steps: int,
+                   session: Optional[dict] = None):
+  """Writes ``run.json``: ``run`` plus the previous ``history`` and this start appended.
+
+  ``session`` holds this session's values of the fields a resume may change (recipe, data
+  stream); it goes into the history entry, and on a resume (``start_step > 0``) each value
+  that differs from the previous session's (or, for a ``run.json`` from before sessions were
+  recorded, from its ``config``) is appended to ``changes`` as ``{"step", "field", "from",
+  "to"}``. A start from scratch begins a new list.
+  """
   previous = read_run_file(workdir) or {}
   history = list(previous.get("history", []))
-  history.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "host": socket.gethostname(), "pid": os.getpid(),
-                  "start_step": int(start_step), "total_steps": int(total_steps)})
-  write_json(path(workdir, RUN_FILE), dict(run, history=history))
+  changes = list(previous.get("changes", [])) if start_step > 0 else []
+  if session is not None and start_step > 0 and previous:
+    before = (history[-1].get("session") if history else None) or {}
+    for field, value in session.items():
+      old = before.get(field, previous.get("config", {}).get(field, value))
+      if old != value:
+        changes.append({"step": int(start_step), "field": field, "from": old, "to": value})
+  entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+           "pid": os.getpid(), "start_step": int(start_step), "total_steps": int(total_steps)}
+  if session is not None:
+    entry["session"] = session
+  history.append(entry)
+  write_json(path(workdir, RUN_FILE), dict(run, history=history, changes=changes))
+
+
+def read_results(workdir: str) -> Optional[dict]:
+  """``results.json`` of ``workdir`` (None when there is none)."""
+  return read_json(path(workdir, RESULTS_FILE), "the finished run's results")
 
 
 def write_results(workdir: str, results: dict):

@@ -75,8 +75,9 @@ def _finite_guard(leaf_names, ckpts):
 
 
 # Errors with which a run stops itself (the CLI prints their message and exits 1).
-RUN_STOPPED = (NonFiniteError, checkpointing.CheckpointWriteError, rundir.WorkdirBusy,
-               rk_ckpt.CheckpointUnreadable, prepare_lib.DownloadUnavailableError)
+RUN_STOPPED = (NonFiniteError, checkpointing.CheckpointWriteError, checkpointing.RestoreError,
+               rundir.WorkdirBusy, rk_ckpt.CheckpointUnreadable,
+               prepare_lib.DownloadUnavailableError)
 
 
 # ------------------------------------------------------------------------- preemption
@@ -105,9 +106,6 @@ def _preempted(flag) -> bool:
 
 # ---------------------------------------------------------------- compiled functions
 _FN_CACHE: dict = {}
-_OPTIMIZER_FIELDS = ("learning_rate", "lr_schedule", "lr_decay_fractions",
-                     "lr_decay_every_epochs", "lr_decay_factor", "warmup_epochs", "momentum",
-                     "nesterov", "weight_decay", "weight_decay_params")
 
 
 def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh,
@@ -117,7 +115,7 @@ def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh,
   Repeated ``train_and_evaluate`` calls (sweeps over seeds, tests, resuming in the same
   process) then skip recompilation; the key holds everything the functions depend on.
   """
-  key = json.dumps([spec.to_json(), list(input_shape), [config[f] for f in _OPTIMIZER_FIELDS],
+  key = json.dumps([spec.to_json(), list(input_shape), [config[f] for f in run_config.RECIPE_FIELDS],
                     list(schedule_steps), [d.id for d in mesh.devices.flat],
                     list(mesh.axis_names)], sort_keys=True, default=str)
   if key not in _FN_CACHE:
@@ -151,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   run_config.validate_config(config, workdir, mesh)  # pure: raises before any side effect
   compiler_memory.install()  # peak RSS: the compiler's freed memory goes back to the OS
   input_pipeline.preflight(config)
+  run_config.total_steps(config, input_pipeline.steps_per_epoch(config))  # 0 steps: refused
   rundir.prepare(workdir, subdirs=(rk_ckpt.CHECKPOINT_SUBDIR,))
   lock = _take_workdir(workdir)
   try:
@@ -177,6 +176,32 @@ def _take_workdir(workdir: str) -> rundir.WorkdirLock:
   return lock
 
 
+def _finished_results(config, workdir: str, total_steps: int) -> Optional[dict]:
+  """The results of the run ``config`` already finished in ``workdir``, else None.
+
+  Finished: ``results.json`` and ``run.json`` both at ``total_steps``, the newest
+  checkpoint at that step and the same ``test_model``. Then nothing is trained or tested
+  (no new metrics row, no wall-time growth) and one line says so.
+  """
+  results, run = rundir.read_results(workdir), rundir.read_run_file(workdir)
+  if (results is None or run is None or results.get("steps") != total_steps
+      or run.get("total_steps") != total_steps
+      or run.get("config", {}).get("test_model") != config.test_model):
+    return None
+  steps = checkpointing.checkpoint_metas(workdir)
+  if not steps or max(steps) != total_steps:
+    return None
+  now = json.loads(config.to_json())
+  differ = sorted(k for k in now if run["config"].get(k, now[k]) != now[k])
+  logging.warning(
+      "%s already holds this run, finished (step %d of %d, results.json: test top-1 error "
+      "%.4f): nothing trained or tested, its results are returned unchanged%s. To train "
+      "further raise num_epochs or num_train_steps; for a new run use a new --workdir.",
+      workdir, total_steps, total_steps, results.get("test_top1_error", float("nan")),
+      f" (config fields that differ from the run's: {', '.join(differ)})" if differ else "")
+  return results
+
+
 def _run(config, workdir: str, mesh: Mesh) -> dict:
   """``train_and_evaluate`` once the config is checked and the workdir is ours."""
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -184,12 +209,14 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
   info = input_pipeline.dataset_info(config)
   input_shape = tuple(info.image_shape)
   steps_per_epoch = int(input_pipeline.steps_per_epoch(config))
-  total_steps = (int(config.num_train_steps) if config.num_train_steps > 0
-                 else int(config.num_epochs * steps_per_epoch))
+  total_steps = run_config.total_steps(config, steps_per_epoch)
   validation_examples = input_pipeline.split_sizes(config)["validation"]
   has_validation = validation_examples > 0
   if config.test_model == "best" and not has_validation:
     raise ValueError(run_config.NO_VALIDATION_FOR_BEST)
+  finished = _finished_results(config, workdir, total_steps)
+  if finished is not None:
+    return finished
 
   spec = run_config.model_spec(config, info.num_classes)
   model = run_config.build_model(config, info.num_classes)
@@ -204,8 +231,9 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-  ckpts = checkpointing.RunCheckpoints(workdir, keep=config.keep_checkpoints,
-                                       track_best=has_validation)
+  ckpts = checkpointing.RunCheckpoints(
+      workdir, keep=config.keep_checkpoints, track_best=has_validation,
+      model_spec=dict(json.loads(spec.to_json()), input_shape=list(input_shape)))
   try:  # orbax's threads are shut down on every way out
     start_step, model_vars, train_vars, meta = ckpts.restore_latest(
         abstract.model_vars(), abstract.train_vars())
@@ -239,7 +267,8 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
                     "config": json.loads(config.to_json()), "num_classes": info.num_classes,
                     "input_shape": list(input_shape), "steps_per_epoch": steps_per_epoch,
                     "total_steps": total_steps},
-          start_step=start_step, total_steps=total_steps)
+          start_step=start_step, total_steps=total_steps,
+          session=run_config.session_values(config))
 
     # ---- train
     log = metrics_lib.MetricsLog(workdir, start_step)
@@ -347,6 +376,8 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
                                      if val_hist else None),
       # Training time of every session that led to the final checkpoint.
       "train_wall_time_sec": wall_time_before + clock() - t_start,
+      # Recipe / data-stream fields a resume changed, with the step they apply from.
+      "changes": (rundir.read_run_file(workdir) or {}).get("changes", []),
   }
   if is_main:
     rundir.write_results(workdir, results)
