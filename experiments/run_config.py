@@ -21,8 +21,9 @@ LR_SCHEDULES = ("step", "cosine", "constant")
 WEIGHT_DECAY_PARAMS = ("kernels", "all")
 TEST_MODELS = ("final", "best")
 # Fields recorded in run.json as what a workdir holds. A restart is refused when the
-# dataset differs or the resolved model spec differs from the workdir's model.json (the
-# checkpoint would not fit, or would silently mean something else).
+# dataset differs or the resolved model spec differs from the one the checkpoints were
+# trained as (recorded in each checkpoint; else the workdir's model.json): the checkpoint
+# would not fit, or would silently mean something else.
 IDENTITY_FIELDS = ("model", "growth_rate", "stem", "model_kwargs", "dataset")
 # Fields that define the data stream: a resume with other values continues, with a warning
 # (the run is then no longer the same as an uninterrupted one).

@@ -12,6 +12,10 @@ one stops the run with an error; parameters, BN statistics and optimiser state a
 for non-finite values (flags computed inside the jitted step) before every save and at the
 end, and a non-finite state stops the run naming the step and the first bad leaf, with no
 checkpoint of it (so keep-last-K never rotates out the newest finite one).
+
+No empty or repeated results: a config that resolves to 0 steps is refused before any work,
+and rerunning a finished run (same total steps, results written) returns its
+``results.json`` without training, testing or writing anything.
 """
 
 import json
@@ -115,9 +119,10 @@ def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh,
   Repeated ``train_and_evaluate`` calls (sweeps over seeds, tests, resuming in the same
   process) then skip recompilation; the key holds everything the functions depend on.
   """
-  key = json.dumps([spec.to_json(), list(input_shape), [config[f] for f in run_config.RECIPE_FIELDS],
-                    list(schedule_steps), [d.id for d in mesh.devices.flat],
-                    list(mesh.axis_names)], sort_keys=True, default=str)
+  recipe = [config[f] for f in run_config.RECIPE_FIELDS]
+  key = json.dumps([spec.to_json(), list(input_shape), recipe, list(schedule_steps),
+                    [d.id for d in mesh.devices.flat], list(mesh.axis_names)],
+                   sort_keys=True, default=str)
   if key not in _FN_CACHE:
     if len(_FN_CACHE) >= 8:
       _FN_CACHE.pop(next(iter(_FN_CACHE)))
