@@ -184,25 +184,24 @@ def _take_workdir(workdir: str) -> rundir.WorkdirLock:
 def _finished_results(config, workdir: str, total_steps: int) -> Optional[dict]:
   """The results of the run ``config`` already finished in ``workdir``, else None.
 
-  Finished: ``results.json`` and ``run.json`` both at ``total_steps``, the newest
-  checkpoint at that step and the same ``test_model``. Then nothing is trained or tested
-  (no new metrics row, no wall-time growth) and one line says so.
+  Finished: ``run.json`` at ``total_steps`` with the same ``test_model``, and
+  ``results.json`` of the newest checkpoint, at or past ``total_steps``. Then nothing is
+  trained or tested (no new metrics row, no wall-time growth) and one line says so.
   """
   results, run = rundir.read_results(workdir), rundir.read_run_file(workdir)
-  if (results is None or run is None or results.get("steps") != total_steps
-      or run.get("total_steps") != total_steps
+  if (results is None or run is None or run.get("total_steps") != total_steps
       or run.get("config", {}).get("test_model") != config.test_model):
     return None
   steps = checkpointing.checkpoint_metas(workdir)
-  if not steps or max(steps) != total_steps:
+  if not steps or results.get("steps") != max(steps) or max(steps) < total_steps:
     return None
   now = json.loads(config.to_json())
   differ = sorted(k for k in now if run["config"].get(k, now[k]) != now[k])
   logging.warning(
-      "%s already holds this run, finished (step %d of %d, results.json: test top-1 error "
-      "%.4f): nothing trained or tested, its results are returned unchanged%s. To train "
-      "further raise num_epochs or num_train_steps; for a new run use a new --workdir.",
-      workdir, total_steps, total_steps, results.get("test_top1_error", float("nan")),
+      "%s already holds this run, finished (step %d, total %d; results.json: test top-1 "
+      "error %.4f): nothing trained or tested, its results are returned unchanged%s. To "
+      "train further raise num_epochs or num_train_steps; for a new run use a new --workdir.",
+      workdir, results["steps"], total_steps, results.get("test_top1_error", float("nan")),
       f" (config fields that differ from the run's: {', '.join(differ)})" if differ else "")
   return results
 

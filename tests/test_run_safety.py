@@ -405,6 +405,14 @@ def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(
     assert len(finished) == 1 and "nothing trained or tested" in finished[0]
     assert ("config fields that differ from the run's: learning_rate, log_every_steps"
             in finished[0]) == bool(change)
+  # A total below the trained steps: the first rerun tests the step 4 model (and says
+  # so); a second one changes nothing.
+  monkeypatch.undo()
+  config.num_train_steps = 2
+  assert train.train_and_evaluate(config, str(workdir))["steps"] == 4
+  files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  train.train_and_evaluate(config, str(workdir))
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files
 
 
 # ------------------------------------------------------------------ clear errors
