@@ -8,7 +8,11 @@ step is also the position in the data stream, and resuming at it replays exactly
 batches an uninterrupted run would see.
 
 Every saved array's checksum (``rknet_jax.checkpoint.checksums``) goes into the step's ``meta``
-item and is verified on restore, so flipped bits are caught like truncated files.
+item and is verified on restore, so flipped bits are caught like truncated files. The ``meta``
+item also holds the resolved model spec the step was trained with (``model_spec``: what
+``model.json`` holds), so a workdir's identity does not depend on ``model.json`` surviving,
+and a ``model.json`` edited or copied from another run is named as such
+(``check_model_file``).
 
 Damaged checkpoints (a committed step whose files are truncated or missing, or whose arrays
 fail their checksum) are skipped with a warning and moved to ``workdir/damaged_checkpoints/`` --
@@ -23,10 +27,11 @@ thread) stops the run with ``CheckpointWriteError`` within a step of being repor
 ``close`` shuts orbax's threads down even then, so the process exits instead of hanging.
 """
 
+import json
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -37,10 +42,15 @@ from rknet_jax import checkpoint as rk_ckpt
 
 DAMAGED_SUBDIR = "damaged_checkpoints"
 BEST_METRIC = "validation_top1_error"
+MODEL_SPEC_KEY = "model_spec"  # in each step's meta: the resolved spec + input shape
 
 
 class CheckpointWriteError(RuntimeError):
   """A checkpoint could not be written; the run stopped (earlier checkpoints are intact)."""
+
+
+class RestoreError(RuntimeError):
+  """No checkpoint restores (or a damaged one cannot be moved aside); nothing was changed."""
 
 
 class RunCheckpoints:
@@ -53,8 +63,10 @@ class RunCheckpoints:
   run killed mid-save leaves no half-written committed step.
   """
 
-  def __init__(self, workdir: str, *, keep: int, track_best: bool):
+  def __init__(self, workdir: str, *, keep: int, track_best: bool,
+               model_spec: Optional[dict] = None):
     self.workdir = rundir.path(workdir)
+    self.model_spec = model_spec  # stored in every step's meta (``MODEL_SPEC_KEY``)
     self.last_saved: Optional[int] = None  # newest step saved (or restored) by this run
     self._closed = False
     policies = [ocp_managers.LatestN(n=keep)]
@@ -87,6 +99,8 @@ class RunCheckpoints:
       return
     meta = dict(meta, checksums={rk_ckpt.MODEL_ITEM: rk_ckpt.checksums(model_vars),
                                  rk_ckpt.TRAIN_ITEM: rk_ckpt.checksums(train_vars)})
+    if self.model_spec is not None:
+      meta[MODEL_SPEC_KEY] = self.model_spec
     try:
       self.manager.save(
           step, args=ocp.args.Composite(**{
@@ -128,7 +142,7 @@ class RunCheckpoints:
       notes.write_text(old + f"{dst.name}: restore failed with {type(error).__name__}: "
                        f"{error}\n")
     except OSError as e:
-      raise RuntimeError(
+      raise RestoreError(
           f"checkpoint step {step} in {self.directory} is damaged ({type(error).__name__}: "
           f"{error}) and could not be moved aside to {os.fspath(dst)} ({e}). Nothing was "
           "deleted; move that step folder out of the checkpoints folder by hand and rerun.") from e
@@ -156,7 +170,7 @@ class RunCheckpoints:
       # Nothing restores: more likely a code/model change than damage everywhere. Refuse
       # to start over (that would bury the work) and leave every checkpoint in place.
       detail = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in damaged)
-      raise RuntimeError(
+      raise RestoreError(
           f"none of the checkpoints in {self.directory} can be restored ({detail}). "
           "Nothing was moved or deleted. If the model code changed, restore it; to start "
           "over, use a new --workdir.")
@@ -217,3 +231,73 @@ class RunCheckpoints:
       except Exception as e:  # pylint: disable=broad-except
         logging.error("Closing the checkpoint manager's %s failed: %s: %s", part,
                       type(e).__name__, e)
+
+
+# ------------------------------------------------------------------ what was trained
+def checkpoint_metas(workdir: str) -> Dict[int, Optional[dict]]:
+  """Each committed step's ``meta`` item (None where it cannot be read); no array is read.
+
+  Reads the item's JSON file directly (orbax's JSON handler writes ``<step>/meta/metadata``;
+  uncommitted saves live in temporary folders whose names are not a step number), which is
+  quick and logs nothing. Empty when the workdir has no checkpoints folder.
+  """
+  folder = rundir.path(workdir, rk_ckpt.CHECKPOINT_SUBDIR)
+  if not folder.is_dir():
+    return {}
+  out = {}
+  for step_dir in folder.iterdir():
+    if not step_dir.name.isdigit():
+      continue
+    try:
+      meta = json.loads((step_dir / rk_ckpt.META_ITEM / "metadata").read_text())
+    except (OSError, ValueError):
+      meta = None
+    out[int(step_dir.name)] = meta if isinstance(meta, dict) else None
+  return dict(sorted(out.items()))
+
+
+def trained_spec(workdir: str):
+  """``(step, spec dict)`` of the newest checkpoint that recorded its model spec, or None."""
+  specs = {s: m[MODEL_SPEC_KEY] for s, m in checkpoint_metas(workdir).items()
+           if m is not None and MODEL_SPEC_KEY in m}
+  if not specs:
+    return None
+  step = max(specs)
+  return step, specs[step]
+
+
+def resolved_spec(data: dict) -> dict:
+  """A ``model.json``-style dict as the resolved spec's JSON (every default filled in),
+  without ``input_shape``: two of them are the same model exactly when they are equal."""
+  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  return json.loads(registry.resolve(rk_ckpt.saved_spec(data)).to_json())
+
+
+def spec_differences(old: dict, new: dict) -> Dict[str, tuple]:
+  """``{field: (old value, new value)}`` where two resolved spec dicts differ (the derived
+  ``name`` only when nothing else does)."""
+  diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)}
+  if len(diff) > 1:
+    diff.pop("name", None)
+  return diff
+
+
+def check_model_file(workdir: str, saved: Optional[dict]):
+  """Raises ``ValueError`` when ``model.json`` (``saved``) is not the model the checkpoints
+  were trained as (their ``meta`` records it), naming the fields that differ."""
+  trained = trained_spec(workdir)
+  if saved is None or trained is None:
+    return
+  step, spec = trained
+  diff = spec_differences(resolved_spec(spec), resolved_spec(saved))
+  if spec.get("input_shape") != saved.get("input_shape"):
+    diff["input_shape"] = (spec.get("input_shape"), saved.get("input_shape"))
+  if diff:
+    detail = "; ".join(f"{k}: checkpoint has {a!r}, model.json has {b!r}"
+                       for k, (a, b) in diff.items())
+    raise ValueError(
+        f"{os.fspath(rundir.path(workdir, rk_ckpt.MODEL_FILE))} does not match the model the "
+        f"checkpoints were trained as (checkpoint step {step}: {detail}): it was edited or "
+        "copied from another run. Put the run's own model.json back (rerunning its training "
+        "command rewrites it).")

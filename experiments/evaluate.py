@@ -6,7 +6,9 @@ Uses the run's own config (``DIR/run.json``) for the data and the model, and its
 preprocessing (``DIR/data.json``: mean/std as in training, never recomputed from the current
 data); by default the newest intact checkpoint. Data whose fingerprint differs from the run's
 are refused, naming what changed, unless ``--allow_data_change``. Prints one JSON line:
-examples, loss, top-1 and top-5 error.
+examples, loss, top-1 and top-5 error. A refusal (not a workdir, no such step, changed data,
+a model.json that does not match the checkpoints) is one ``error: ...`` line and exit status 1
+(``--verbose``: with the traceback).
 """
 
 import json
@@ -38,7 +40,7 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
-  from experiments import run_config, rundir, steps  # pylint: disable=g-import-not-at-top
+  from experiments import checkpointing, run_config, rundir, steps  # pylint: disable=g-import-not-at-top
   from rknet_jax import checkpoint as rk_ckpt  # pylint: disable=g-import-not-at-top
 
   run = rundir.read_run_file(workdir)
@@ -68,6 +70,7 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
         "run's mean/std")
     stats = (recorded["mean"], recorded["std"])
   saved = rk_ckpt.read_model_spec(workdir)  # the model as trained (defaults frozen)
+  checkpointing.check_model_file(workdir, saved)  # names an edited or foreign model.json
   model = (rk_ckpt.model_from_spec(saved) if saved is not None
            else run_config.build_model(config, run["num_classes"]))
   target = rk_ckpt.abstract_variables(model, run["input_shape"],
@@ -104,4 +107,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, config_flag=None)

@@ -5,8 +5,9 @@
 Any config field can be overridden, e.g. ``--config.num_epochs=1 --config.seed=7``.
 Rerunning the same command with the same ``--workdir`` resumes from the newest intact
 checkpoint. SIGTERM (preemption) checkpoints and exits 0; SIGINT exits 130 after the cleanup.
-A run that stops itself (non-finite state, failed checkpoint write, workdir held by another
-run, unreadable checkpoint) logs one error line naming the cause and exits 1.
+A refused config or workdir, and a run that stops itself (non-finite state, failed checkpoint
+write, workdir held by another run, unreadable checkpoint), print one ``error: ...`` line
+naming the cause and exit 1 (``--verbose``: with the traceback; see ``experiments/cli.py``).
 
 Multi-host (one process per host, every process runs the same command):
 ``--distributed`` calls ``jax.distributed.initialize`` -- with ``--coordinator_address``,
@@ -92,16 +93,13 @@ def main(argv):
   from experiments import progress  # pylint: disable=g-import-not-at-top
   progress.quiet_third_party_logs()
   initialize_distributed()
+  from experiments import cli  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   # The full config goes to the workdir's run.json; the log opens with a short summary.
   try:
     result = train.train_and_evaluate(config, FLAGS.workdir)
-  except train.RUN_STOPPED as e:  # the run stopped itself, with a message that says why
-    logging.error("%s: %s", type(e).__name__, e)
-    exit_now(1)
   except BaseException as e:  # pylint: disable=broad-except
-    logging.exception("Training stopped: %s: %s", type(e).__name__, e)
-    exit_now(130 if isinstance(e, KeyboardInterrupt) else 1)
+    exit_now(cli.report(e))  # a refusal: one line; anything else: its traceback
   if result.get("preempted"):
     logging.warning("Stopped by SIGTERM at step %d (checkpointed).", result["step"])
     sys.exit(0)
@@ -110,4 +108,5 @@ def main(argv):
 if __name__ == "__main__":
   from experiments import huge_pages  # pylint: disable=g-import-not-at-top
   huge_pages.reexec_with_huge_pages()
-  app.run(main)
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

@@ -8,13 +8,12 @@ r"""Downloads and prepares datasets into a data_dir, once, before training (seve
 any TFDS image-classification name, plain or as `tfds:NAME`. `digits` needs no preparation.
 Then train with `--config.data_dir=DIR --config.download=False`. On a machine without internet
 access this fails within `--probe_timeout` seconds naming the server it could not reach; prepare
-on a connected machine and copy `DIR/<name>/` over.
+on a connected machine and copy `DIR/<name>/` over. A refusal is one `error: ...` line and exit
+status 1 (`--verbose`: with the traceback).
 """
-import sys
-
-from absl import app
 from absl import flags
 
+from experiments import cli
 from experiments.data import prepare as prepare_lib
 
 _DATASET = flags.DEFINE_list("dataset", None, "dataset name(s), comma-separated", required=True)
@@ -40,15 +39,12 @@ def main(argv):
     if name.startswith(NO_PREPARATION):
       print(f"{name}: nothing to prepare (read directly from scikit-learn or the given path)")
       continue
-    try:
-      builder = prepare_lib.prepare(tfds_name(name), _DATA_DIR.value,
-                                    manual_dir=_MANUAL_DIR.value,
-                                    probe_timeout=_PROBE_TIMEOUT.value)
-    except (prepare_lib.DownloadUnavailableError, FileNotFoundError, ValueError) as e:
-      sys.exit(f"prepare_data: {e}")
+    builder = prepare_lib.prepare(tfds_name(name), _DATA_DIR.value,
+                                  manual_dir=_MANUAL_DIR.value,
+                                  probe_timeout=_PROBE_TIMEOUT.value)
     sizes = ", ".join(f"{k}: {v.num_examples}" for k, v in sorted(builder.info.splits.items()))
     print(f"{name}: prepared in {builder.data_dir} ({sizes})")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, config_flag=None)

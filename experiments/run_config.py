@@ -21,12 +21,20 @@ LR_SCHEDULES = ("step", "cosine", "constant")
 WEIGHT_DECAY_PARAMS = ("kernels", "all")
 TEST_MODELS = ("final", "best")
 # Fields recorded in run.json as what a workdir holds. A restart is refused when the
-# dataset differs or the resolved model spec differs from the workdir's model.json (the
-# checkpoint would not fit, or would silently mean something else).
+# dataset differs or the resolved model spec differs from the one the checkpoints were
+# trained as (recorded in each checkpoint; else the workdir's model.json): the checkpoint
+# would not fit, or would silently mean something else.
 IDENTITY_FIELDS = ("model", "growth_rate", "stem", "model_kwargs", "dataset")
 # Fields that define the data stream: a resume with other values continues, with a warning
 # (the run is then no longer the same as an uninterrupted one).
 STREAM_FIELDS = ("seed", "batch_size", "validation_size", "split_seed", "augment")
+# The optimiser and its schedule (``optim.py``). Like the stream, a resume with other values
+# continues with them, with a warning (lowering the learning rate after a non-finite stop
+# is a fix, not a mistake), and ``run.json`` records each session's values and every change
+# with the step it applies from (``rundir.write_run_file``): never one value for the whole run.
+RECIPE_FIELDS = ("learning_rate", "lr_schedule", "lr_decay_fractions",
+                 "lr_decay_every_epochs", "lr_decay_factor", "warmup_epochs", "momentum",
+                 "nesterov", "weight_decay", "weight_decay_params")
 
 NO_VALIDATION_FOR_BEST = (
     "config.test_model='best' needs a validation split (config.validation_size > 0, or "
@@ -87,6 +95,28 @@ def identity(config) -> dict:
     v = config.get(k)
     out[k] = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
   return json.loads(json.dumps(out))
+
+
+def session_values(config) -> dict:
+  """This session's values of the fields a resume may change (``RECIPE_FIELDS`` and
+  ``STREAM_FIELDS``), JSON-able: recorded per session in ``run.json``'s history."""
+  return json.loads(json.dumps({k: config.get(k) for k in RECIPE_FIELDS + STREAM_FIELDS}))
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  """The run's optimiser steps: ``num_train_steps`` if set, else ``num_epochs`` epochs of
+  ``steps_per_epoch`` (rounded down). ``ValueError`` when that is 0: nothing would train."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  total = int(config.num_epochs * steps_per_epoch)
+  if total < 1:
+    one_step = math.ceil(1e4 / steps_per_epoch) / 1e4
+    raise ValueError(
+        f"config.num_epochs={config.num_epochs!r} gives 0 training steps ({config.num_epochs!r}"
+        f" x {steps_per_epoch} steps per epoch at batch {config.batch_size}, rounded down): "
+        f"nothing would be trained. Use config.num_epochs >= {one_step:g} (one step), or "
+        "set config.num_train_steps.")
+  return total
 
 
 def model_spec(config, num_classes: int):
@@ -168,38 +198,59 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str,
   _check_previous_run(config, workdir)
 
 
-def _check_previous_run(config, workdir: str):
-  """Refuses a workdir that holds a run of another model or dataset; warns on a new stream.
+def _json(value):
+  return json.loads(json.dumps(value.to_dict() if isinstance(value, ml_collections.ConfigDict)
+                               else value))
 
-  The model is compared as resolved specs (the workdir's ``model.json`` against this
-  config's), so unset config fields that resolve to the same values are the same model,
-  and a changed model default is caught rather than silently applied to old checkpoints.
+
+def _check_previous_run(config, workdir: str):
+  """Refuses a workdir that holds a run of another model or dataset; warns on a changed data
+  stream or recipe.
+
+  The model is compared as resolved specs: this config's against the one the newest
+  checkpoint was trained as (its ``meta``), else the workdir's ``model.json``, else the
+  name in ``run.json``. Unset config fields that resolve to the same values are the same
+  model, and a changed model default is caught rather than silently applied to old
+  checkpoints. A ``model.json`` that differs from the checkpoints' spec is named (and
+  rewritten from the config once the checkpoint restored).
   """
+  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
   previous_run = rundir.read_run_file(workdir)
   saved = rk_ckpt.read_model_spec(workdir)
-  diff = {}
+  trained = checkpointing.trained_spec(workdir)
+  diff, source = {}, "run.json"
   if previous_run is not None:
-    for k in STREAM_FIELDS:
-      old_value = previous_run.get("config", {}).get(k, config.get(k))
-      if old_value != config.get(k):
-        logging.warning("Resuming %s with config.%s=%r (the run so far used %r): the data "
-                        "stream changes from here on.", workdir, k, config.get(k), old_value)
+    old_config = previous_run.get("config", {})
+    for fields, what in ((STREAM_FIELDS, "the data stream changes from here on"),
+                         (RECIPE_FIELDS, "training continues with the new value, and "
+                          "run.json records the change")):
+      for k in fields:
+        old_value, new_value = old_config.get(k, _json(config.get(k))), _json(config.get(k))
+        if old_value != new_value:
+          logging.warning("Resuming %s with config.%s=%r (the run so far used %r): %s.",
+                          workdir, k, new_value, old_value, what)
     old_dataset = previous_run.get("identity", {}).get("dataset", config.dataset)
     if old_dataset != config.dataset:
       diff["dataset"] = (old_dataset, config.dataset)
-  if saved is None and previous_run is not None:  # no model.json: compare the names
+  if trained is None and saved is None and previous_run is not None:  # compare the names
     old_model = previous_run.get("identity", {}).get("model", config.model)
     if old_model != config.model:
       diff["model"] = (old_model, config.model)
-  if saved is not None:
-    from rknet_jax import registry  # pylint: disable=g-import-not-at-top
-    old = json.loads(registry.resolve(rk_ckpt.saved_spec(saved)).to_json())
+  reference = trained[1] if trained is not None else saved
+  if reference is not None:
+    source = f"checkpoint step {trained[0]}" if trained is not None else "model.json"
+    old = checkpointing.resolved_spec(reference)
     new = json.loads(model_spec(config, old.get("num_classes", 10)).to_json())
-    diff.update({k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-                 if old.get(k) != new.get(k)})
+    diff.update(checkpointing.spec_differences(old, new))
   if diff:
     detail = "; ".join(f"{k}: workdir has {a!r}, config has {b!r}"
                        for k, (a, b) in diff.items())
     raise ValueError(
-        f"workdir {workdir!r} holds a run of a different model ({detail}). "
+        f"workdir {workdir!r} holds a run of a different model ({source}: {detail}). "
         "Use a new --workdir, or the same model settings to resume.")
+  if trained is not None and saved is not None:
+    try:
+      checkpointing.check_model_file(workdir, saved)
+    except ValueError as e:
+      logging.warning("%s The config matches the checkpoints: model.json is rewritten from "
+                      "it.", e)

@@ -5,15 +5,19 @@ Every path goes through ``etils.epath``, so a workdir may be any path orbax supp
 
 * ``run.lock``: held while a run uses the workdir (host, pid, start time). A second run is
   refused naming the holder; a lock whose holder is gone (same host, pid not running) is
-  taken over.
-* ``run.json``: the config, its identity (which model the workdir holds) and ``history``,
-  one entry per start (time, host, start step, total steps). Written only after the
-  checkpoint restore succeeded, so a refused or failed start never rewrites it.
+  taken over, atomically on a local file system (see ``WorkdirLock``).
+* ``run.json``: the config of the newest session, its identity (which model the workdir
+  holds), ``history``, one entry per start (time, host, start step, total steps, and that
+  session's recipe and data-stream values), and ``changes``: every field a resume changed,
+  with the step from which the new value applies (so the top-level config never stands for
+  the whole run when it does not). Written only after the checkpoint restore succeeded, so a
+  refused or failed start never rewrites it.
 * ``results.json``, ``metrics.jsonl``, ``curves.png``, ``tensorboard/``: outputs. A run that
   starts from scratch next to such outputs (checkpoints deleted, or another run's files)
   moves them to ``previous_outputs/<time>/`` first: nothing finished is overwritten.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -29,6 +33,7 @@ RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
 LOCK_FILE = "run.lock"
+LOCK_GUARD_FILE = "run.lock.guard"  # flock'ed while the lock is taken (local file systems)
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
 PREVIOUS_OUTPUTS_SUBDIR = "previous_outputs"
@@ -87,9 +92,13 @@ def _pid_running(pid: int) -> bool:
 class WorkdirLock:
   """``run.lock``: one run per workdir. Use as a context manager or ``acquire``/``release``.
 
-  The lock file records ``host``, ``pid`` and ``started``. On a local file system it is
-  created atomically (``O_EXCL``); elsewhere it is written and read back (best effort: object
-  stores have no exclusive create).
+  The lock file records ``host``, ``pid`` and ``started``. On a local file system the whole
+  take (create, or check the holder and take over a stale lock) runs under an exclusive
+  ``fcntl.flock`` of ``run.lock.guard``, and the lock file is created with ``O_EXCL``: of
+  several runs taking over the same stale lock at once, exactly one wins (the others then
+  see it held by a live run). Elsewhere (``gs://``: no exclusive create, no locks) it is
+  written and read back: best effort, two runs started within moments of each other may
+  both proceed, so start one run per workdir at a time there.
   """
 
   def __init__(self, workdir: str):
@@ -105,6 +114,20 @@ class WorkdirLock:
       return None
     except (ValueError, OSError):
       return {}  # unreadable or half-written: treated as held by an unknown run
+
+  @contextlib.contextmanager
+  def _guard(self):
+    """Serialises takes of this workdir's lock between processes (local file systems)."""
+    if not is_local(self.file):
+      yield
+      return
+    import fcntl  # pylint: disable=g-import-not-at-top
+    fd = os.open(os.fspath(self.file.parent / LOCK_GUARD_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+      yield
+    finally:
+      os.close(fd)  # releases the flock
 
   def _create(self) -> bool:
     text = json.dumps(self.record)
@@ -123,26 +146,28 @@ class WorkdirLock:
 
   def acquire(self):
     """Takes the lock, taking over a stale one; raises ``WorkdirBusy`` naming the holder."""
-    for _ in range(3):
-      if self._create():
-        self.held = True
-        return self
-      holder = self._holder()
-      if holder is None:
-        continue  # released meanwhile
-      same_host = holder.get("host") == self.record["host"]
-      pid = holder.get("pid")
-      if same_host and isinstance(pid, int) and pid != os.getpid() and not _pid_running(pid):
-        logging.warning("Taking over the stale lock %s of pid %d (no longer running): %s",
-                        self.file, pid, holder)
-        self.file.unlink(missing_ok=True)
-        continue
-      raise WorkdirBusy(
-          f"workdir {os.fspath(self.file.parent)!r} is in use by another run (host "
-          f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
-          f"{holder.get('started', '?')}; lock file {os.fspath(self.file)}). Wait for it to "
-          "end or use another --workdir; if that run is gone (e.g. its machine died), delete "
-          "the lock file.")
+    with self._guard():
+      for _ in range(3):
+        if self._create():
+          self.held = True
+          return self
+        holder = self._holder()
+        if holder is None:
+          continue  # released meanwhile
+        same_host = holder.get("host") == self.record["host"]
+        pid = holder.get("pid")
+        if (same_host and isinstance(pid, int) and pid != os.getpid()
+            and not _pid_running(pid)):
+          logging.warning("Taking over the stale lock %s of pid %d (no longer running): %s",
+                          self.file, pid, holder)
+          self.file.unlink(missing_ok=True)
+          continue
+        raise WorkdirBusy(
+            f"workdir {os.fspath(self.file.parent)!r} is in use by another run (host "
+            f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
+            f"{holder.get('started', '?')}; lock file {os.fspath(self.file)}). Wait for it "
+            "to end or use another --workdir; if that run is gone (e.g. its machine died), "
+            "delete the lock file.")
     raise WorkdirBusy(f"could not take the lock {os.fspath(self.file)}")
 
   def release(self):
@@ -164,14 +189,36 @@ def read_run_file(workdir: str) -> Optional[dict]:
   return read_json(path(workdir, RUN_FILE), "the run's config and history")
 
 
-def write_run_file(workdir: str, run: dict, *, start_step: int, total_steps: int):
-  """Writes ``run.json``: ``run`` plus the previous ``history`` and this start appended."""
+def write_run_file(workdir: str, run: dict, *, start_step: int, total_steps: int,
+                   session: Optional[dict] = None):
+  """Writes ``run.json``: ``run`` plus the previous ``history`` and this start appended.
+
+  ``session`` holds this session's values of the fields a resume may change (recipe, data
+  stream); it goes into the history entry, and on a resume (``start_step > 0``) each value
+  that differs from the previous session's (or, for a ``run.json`` from before sessions were
+  recorded, from its ``config``) is appended to ``changes`` as ``{"step", "field", "from",
+  "to"}``. A start from scratch begins a new list.
+  """
   previous = read_run_file(workdir) or {}
   history = list(previous.get("history", []))
-  history.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "host": socket.gethostname(), "pid": os.getpid(),
-                  "start_step": int(start_step), "total_steps": int(total_steps)})
-  write_json(path(workdir, RUN_FILE), dict(run, history=history))
+  changes = list(previous.get("changes", [])) if start_step > 0 else []
+  if session is not None and start_step > 0 and previous:
+    before = (history[-1].get("session") if history else None) or {}
+    for field, value in session.items():
+      old = before.get(field, previous.get("config", {}).get(field, value))
+      if old != value:
+        changes.append({"step": int(start_step), "field": field, "from": old, "to": value})
+  entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+           "pid": os.getpid(), "start_step": int(start_step), "total_steps": int(total_steps)}
+  if session is not None:
+    entry["session"] = session
+  history.append(entry)
+  write_json(path(workdir, RUN_FILE), dict(run, history=history, changes=changes))
+
+
+def read_results(workdir: str) -> Optional[dict]:
+  """``results.json`` of ``workdir`` (None when there is none)."""
+  return read_json(path(workdir, RESULTS_FILE), "the finished run's results")
 
 
 def write_results(workdir: str, results: dict):

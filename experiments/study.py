@@ -41,7 +41,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -235,7 +234,9 @@ def check_entries(base, models, seeds: int, workdir: str) -> Dict[Tuple[str, int
       try:
         run_config.validate_config(config, directory)
       except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"--models entry {entry!r}: {e}") from e
+        from experiments import cli  # pylint: disable=g-import-not-at-top
+        raise ValueError(f"--models entry {entry!r}: {e}"
+                         f"{cli.config_field_hint(overrides, base)}") from e
   if refused:
     others = (f" ({len(refused) - 1} other run(s) of this study differ as well: delete them "
               "too, or use a new --workdir)" if len(refused) > 1 else "")
@@ -444,11 +445,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metrics.console_logging()
   FLAGS = flags.FLAGS
-  try:
-    summary = run_study(FLAGS.config, FLAGS.workdir, FLAGS.models, FLAGS.seeds)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  summary = run_study(FLAGS.config, FLAGS.workdir, FLAGS.models, FLAGS.seeds)  # cli.run
   if summary:
     with open(os.path.join(FLAGS.workdir, STUDY_MD)) as f:
       print(f.read())
@@ -468,6 +465,6 @@ def _define_flags():
 if __name__ == "__main__":
   from experiments import huge_pages  # pylint: disable=g-import-not-at-top
   huge_pages.reexec_with_huge_pages()
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  _app.run(main)
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

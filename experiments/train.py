@@ -12,6 +12,10 @@ one stops the run with an error; parameters, BN statistics and optimiser state a
 for non-finite values (flags computed inside the jitted step) before every save and at the
 end, and a non-finite state stops the run naming the step and the first bad leaf, with no
 checkpoint of it (so keep-last-K never rotates out the newest finite one).
+
+No empty or repeated results: a config that resolves to 0 steps is refused before any work,
+and rerunning a finished run (same total steps, results written) returns its
+``results.json`` without training, testing or writing anything.
 """
 
 import json
@@ -69,14 +73,16 @@ def _finite_guard(leaf_names, ckpts):
     raise NonFiniteError(
         f"non-finite training state at step {step} (batch {step - 1}): loss "
         f"{float(m['loss'])}, {what}. Stopping without checkpointing this state; {kept}. "
-        "Try a lower learning rate or float32.")
+        "Check the input data for non-finite or extreme values (labels, pixel scale), or "
+        "try a lower learning rate or float32.")
 
   return check
 
 
 # Errors with which a run stops itself (the CLI prints their message and exits 1).
-RUN_STOPPED = (NonFiniteError, checkpointing.CheckpointWriteError, rundir.WorkdirBusy,
-               rk_ckpt.CheckpointUnreadable, prepare_lib.DownloadUnavailableError)
+RUN_STOPPED = (NonFiniteError, checkpointing.CheckpointWriteError, checkpointing.RestoreError,
+               rundir.WorkdirBusy, rk_ckpt.CheckpointUnreadable,
+               prepare_lib.DownloadUnavailableError)
 
 
 # ------------------------------------------------------------------------- preemption
@@ -105,9 +111,6 @@ def _preempted(flag) -> bool:
 
 # ---------------------------------------------------------------- compiled functions
 _FN_CACHE: dict = {}
-_OPTIMIZER_FIELDS = ("learning_rate", "lr_schedule", "lr_decay_fractions",
-                     "lr_decay_every_epochs", "lr_decay_factor", "warmup_epochs", "momentum",
-                     "nesterov", "weight_decay", "weight_decay_params")
 
 
 def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh,
@@ -117,9 +120,10 @@ def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh,
   Repeated ``train_and_evaluate`` calls (sweeps over seeds, tests, resuming in the same
   process) then skip recompilation; the key holds everything the functions depend on.
   """
-  key = json.dumps([spec.to_json(), list(input_shape), [config[f] for f in _OPTIMIZER_FIELDS],
-                    list(schedule_steps), [d.id for d in mesh.devices.flat],
-                    list(mesh.axis_names)], sort_keys=True, default=str)
+  recipe = [config[f] for f in run_config.RECIPE_FIELDS]
+  key = json.dumps([spec.to_json(), list(input_shape), recipe, list(schedule_steps),
+                    [d.id for d in mesh.devices.flat], list(mesh.axis_names)],
+                   sort_keys=True, default=str)
   if key not in _FN_CACHE:
     if len(_FN_CACHE) >= 8:
       _FN_CACHE.pop(next(iter(_FN_CACHE)))
@@ -151,6 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   run_config.validate_config(config, workdir, mesh)  # pure: raises before any side effect
   compiler_memory.install()  # peak RSS: the compiler's freed memory goes back to the OS
   input_pipeline.preflight(config)
+  run_config.total_steps(config, input_pipeline.steps_per_epoch(config))  # 0 steps: refused
   rundir.prepare(workdir, subdirs=(rk_ckpt.CHECKPOINT_SUBDIR,))
   lock = _take_workdir(workdir)
   try:
@@ -177,6 +182,31 @@ def _take_workdir(workdir: str) -> rundir.WorkdirLock:
   return lock
 
 
+def _finished_results(config, workdir: str, total_steps: int) -> Optional[dict]:
+  """The results of the run ``config`` already finished in ``workdir``, else None.
+
+  Finished: ``run.json`` at ``total_steps`` with the same ``test_model``, and
+  ``results.json`` of the newest checkpoint, at or past ``total_steps``. Then nothing is
+  trained or tested (no new metrics row, no wall-time growth) and one line says so.
+  """
+  results, run = rundir.read_results(workdir), rundir.read_run_file(workdir)
+  if (results is None or run is None or run.get("total_steps") != total_steps
+      or run.get("config", {}).get("test_model") != config.test_model):
+    return None
+  steps = checkpointing.checkpoint_metas(workdir)
+  if not steps or results.get("steps") != max(steps) or max(steps) < total_steps:
+    return None
+  now = json.loads(config.to_json())
+  differ = sorted(k for k in now if run["config"].get(k, now[k]) != now[k])
+  logging.warning(
+      "%s already holds this run, finished (step %d, total %d; results.json: test top-1 "
+      "error %.4f): nothing trained or tested, its results are returned unchanged%s. To "
+      "train further raise num_epochs or num_train_steps; for a new run use a new --workdir.",
+      workdir, results["steps"], total_steps, results.get("test_top1_error", float("nan")),
+      f" (config fields that differ from the run's: {', '.join(differ)})" if differ else "")
+  return results
+
+
 def _run(config, workdir: str, mesh: Mesh) -> dict:
   """``train_and_evaluate`` once the config is checked and the workdir is ours."""
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -184,12 +214,14 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
   info = input_pipeline.dataset_info(config)
   input_shape = tuple(info.image_shape)
   steps_per_epoch = int(input_pipeline.steps_per_epoch(config))
-  total_steps = (int(config.num_train_steps) if config.num_train_steps > 0
-                 else int(config.num_epochs * steps_per_epoch))
+  total_steps = run_config.total_steps(config, steps_per_epoch)
   validation_examples = input_pipeline.split_sizes(config)["validation"]
   has_validation = validation_examples > 0
   if config.test_model == "best" and not has_validation:
     raise ValueError(run_config.NO_VALIDATION_FOR_BEST)
+  finished = _finished_results(config, workdir, total_steps)
+  if finished is not None:
+    return finished
 
   spec = run_config.model_spec(config, info.num_classes)
   model = run_config.build_model(config, info.num_classes)
@@ -204,8 +236,9 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-  ckpts = checkpointing.RunCheckpoints(workdir, keep=config.keep_checkpoints,
-                                       track_best=has_validation)
+  ckpts = checkpointing.RunCheckpoints(
+      workdir, keep=config.keep_checkpoints, track_best=has_validation,
+      model_spec=dict(json.loads(spec.to_json()), input_shape=list(input_shape)))
   try:  # orbax's threads are shut down on every way out
     start_step, model_vars, train_vars, meta = ckpts.restore_latest(
         abstract.model_vars(), abstract.train_vars())
@@ -248,7 +281,8 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
         data_changes.append({"at_step": int(start_step), "change": data_change})
       if data_changes:
         run_record["data_changes"] = data_changes
-      rundir.write_run_file(workdir, run_record, start_step=start_step, total_steps=total_steps)
+      rundir.write_run_file(workdir, run_record, start_step=start_step, total_steps=total_steps,
+                            session=run_config.session_values(config))
     from rknet_jax.counting import count_flops, count_params  # pylint: disable=g-import-not-at-top
     params, gflops = count_params(model, input_shape), count_flops(model, input_shape) / 1e9
     progress.start_summary(
@@ -365,6 +399,8 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
                                      if val_hist else None),
       # Training time of every session that led to the final checkpoint.
       "train_wall_time_sec": wall_time_before + clock() - t_start,
+      # Recipe / data-stream fields a resume changed, with the step they apply from.
+      "changes": (rundir.read_run_file(workdir) or {}).get("changes", []),
   }
   if is_main:
     rundir.write_results(workdir, results)

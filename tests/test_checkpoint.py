@@ -246,6 +246,6 @@ def test_a_checkpoint_folder_turning_read_only_mid_run_stops_the_process_within_
     undo()
   assert code == 1, c.text()[-3000:]
   assert took < 60
-  assert re.search(r"CheckpointWriteError: writing step \d+ .* failed", c.text())
+  assert re.search(r"error: writing step \d+ .* failed", c.text())
   assert not os.path.exists(os.path.join(work, "run.lock"))
   assert not os.path.exists(os.path.join(work, "results.json"))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import checkpointing
 from experiments import input_pipeline
 from experiments import run_config
 from experiments import rundir
@@ -30,6 +31,14 @@ from test_train import tiny_config
 def checkpoint_steps(workdir):
   return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
                 if s.isdigit())
+
+
+def strip_model_spec_from_checkpoints(workdir):
+  """Makes the checkpoints look like ones from before the spec was stored in their meta."""
+  for step, meta in checkpointing.checkpoint_metas(workdir).items():
+    meta.pop(checkpointing.MODEL_SPEC_KEY)
+    with open(os.path.join(workdir, "checkpoints", str(step), "meta", "metadata"), "w") as f:
+      json.dump(meta, f)
 
 
 def assert_all_finite(tree):
@@ -219,9 +228,16 @@ def test_metadata_is_written_only_after_the_restore_succeeded(tmp_path):
     train.train_and_evaluate(other, str(workdir))
   assert (workdir / rk_ckpt.MODEL_FILE).read_text() == model_json
   assert not (workdir / rundir.RUN_FILE).exists()
-  # With model.json gone too, only the restore can tell: it fails, nothing is written.
+  # With model.json gone too, the checkpoints' own spec (in their meta) tells.
   (workdir / rk_ckpt.MODEL_FILE).unlink()
-  with pytest.raises(RuntimeError, match="none of the checkpoints .* can be restored"):
+  with pytest.raises(ValueError, match=r"different model \(checkpoint step 4: .*stages: "
+                     r"workdir has \[1, 1\]"):
+    train.train_and_evaluate(other, str(workdir))
+  # Checkpoints written before they recorded their spec: only the restore can tell; it
+  # fails, nothing is written.
+  strip_model_spec_from_checkpoints(str(workdir))
+  with pytest.raises(checkpointing.RestoreError,
+                     match="none of the checkpoints .* can be restored"):
     train.train_and_evaluate(other, str(workdir))
   assert not (workdir / rk_ckpt.MODEL_FILE).exists()
   assert not (workdir / rundir.RUN_FILE).exists()
@@ -274,6 +290,129 @@ def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(tmp_path,
   assert run["total_steps"] == 8
   # Wall time accumulates over the sessions (it was reset to the last session's).
   assert second["train_wall_time_sec"] >= 1000
+
+
+# ------------------------------------------- a run is bound to its recipe and its model
+def test_a_recipe_change_on_resume_warns_and_run_json_keeps_each_sessions_values(
+    tmp_path, caplog):
+  """Changing the optimiser on resume continues (lowering the learning rate after a
+  non-finite stop is a fix), warns, and never makes run.json claim one value for the run."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  train.train_and_evaluate(config, workdir)
+  config.num_train_steps = 8
+  config.learning_rate, config.momentum = 0.05, 0.8
+  with caplog.at_level(logging.WARNING):
+    results = train.train_and_evaluate(config, workdir)
+  assert "config.learning_rate=0.05 (the run so far used 0.1)" in caplog.text
+  assert "config.momentum=0.8 (the run so far used 0.9)" in caplog.text
+  run = rundir.read_run_file(workdir)
+  sessions = [h["session"] for h in run["history"]]
+  assert [(s["learning_rate"], s["momentum"]) for s in sessions] == [(0.1, 0.9), (0.05, 0.8)]
+  assert run["changes"] == [
+      {"step": 4, "field": "learning_rate", "from": 0.1, "to": 0.05},
+      {"step": 4, "field": "momentum", "from": 0.9, "to": 0.8}]
+  assert results["changes"] == run["changes"]
+  # Another session with the same values changes nothing more; a weight-decay change is
+  # recorded from its own step.
+  config.num_train_steps, config.weight_decay = 12, 0.0
+  train.train_and_evaluate(config, workdir)
+  run = rundir.read_run_file(workdir)
+  assert run["changes"][2:] == [{"step": 8, "field": "weight_decay", "from": 1e-4, "to": 0.0}]
+  assert len(run["history"]) == 3
+
+
+@pytest.mark.parametrize("field,value", [("dropout_rate", 0.2), ("bn_momentum", 0.5)])
+def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_nothing(
+    tmp_path, field, value):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(validation_size=0, num_train_steps=4, checkpoint_every_steps=2,
+                       lr_schedule="constant")
+  train.train_and_evaluate(config, workdir)
+  model_json = rk_ckpt.read_model_spec(workdir)
+  metas = checkpointing.checkpoint_metas(workdir)
+  assert sorted(metas) == [2, 4]
+  assert all(m[checkpointing.MODEL_SPEC_KEY] == model_json for m in metas.values())
+  os.remove(os.path.join(workdir, rk_ckpt.MODEL_FILE))
+  run_json = (tmp_path / "run" / rundir.RUN_FILE).read_text()
+  other = tiny_config(validation_size=0, num_train_steps=8, lr_schedule="constant")
+  other.model_kwargs[field] = value
+  old = model_json[field]
+  with pytest.raises(ValueError, match=rf"different model \(checkpoint step 4: {field}: "
+                     rf"workdir has {old}, config has {value}\)"):
+    train.train_and_evaluate(other, workdir)
+  assert rk_ckpt.read_model_spec(workdir) is None  # not rewritten
+  assert (tmp_path / "run" / rundir.RUN_FILE).read_text() == run_json
+
+
+def test_a_model_json_that_does_not_match_the_checkpoints_says_so(tmp_path, caplog):
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  train.train_and_evaluate(config, workdir)
+  edited = dict(rk_ckpt.read_model_spec(workdir), growth_rate=[8, 8])
+  rk_ckpt.write_model_spec(workdir, rk_ckpt.saved_spec(edited), edited["input_shape"])
+  with pytest.raises(ValueError, match=r"model.json does not match the model the checkpoints "
+                     r"were trained as \(checkpoint step 4: growth_rate: checkpoint has "
+                     r"\[4, 4\], model.json has \[8, 8\]\)"):
+    evaluate.evaluate_checkpoint(workdir)
+  # Training with the checkpoints' model resumes, names the stale file and rewrites it.
+  config.num_train_steps = 6
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, workdir)
+  assert "does not match the model the checkpoints were trained as" in caplog.text
+  assert rk_ckpt.read_model_spec(workdir)["growth_rate"] == [4, 4]
+  assert evaluate.evaluate_checkpoint(workdir)["step"] == 6
+
+
+# ------------------------------------------------------- no empty or repeated results
+def test_a_config_that_trains_zero_steps_is_refused_before_any_work(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
+  config = tiny_config(num_train_steps=-1)
+  with config.unlocked():  # a config file may give a fraction of an epoch
+    del config["num_epochs"]
+    config.num_epochs = 0.01
+  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  with pytest.raises(ValueError, match=rf"config.num_epochs=0.01 gives 0 training steps "
+                     rf"\(0.01 x {steps_per_epoch} steps per epoch at batch 64, rounded down\)"
+                     r": nothing would be trained. Use config.num_epochs >= \S+ \(one step\), "
+                     "or set config.num_train_steps") as e:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  suggested = float(re.search(r">= (\S+) \(one step\)", str(e.value)).group(1))
+  config.num_epochs = suggested
+  assert run_config.total_steps(config, steps_per_epoch) == 1
+
+
+def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(
+    tmp_path, caplog, monkeypatch):
+  workdir = tmp_path / "run"
+  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  first = train.train_and_evaluate(config, str(workdir))
+  files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  monkeypatch.setattr(train, "_compiled_functions",
+                      lambda *a, **k: (_ for _ in ()).throw(AssertionError("compiled")))
+  for change in ({}, {"learning_rate": 0.01, "log_every_steps": 2}):
+    for k, v in change.items():
+      config[k] = v
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      again = train.train_and_evaluate(config, str(workdir))
+    assert again == first
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files
+    finished = [r.getMessage() for r in caplog.records if "already holds this run" in
+                r.getMessage()]
+    assert len(finished) == 1 and "nothing trained or tested" in finished[0]
+    assert ("config fields that differ from the run's: learning_rate, log_every_steps"
+            in finished[0]) == bool(change)
+  # A total below the trained steps: the first rerun tests the step 4 model (and says
+  # so); a second one changes nothing.
+  monkeypatch.undo()
+  config.num_train_steps = 2
+  assert train.train_and_evaluate(config, str(workdir))["steps"] == 4
+  files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  train.train_and_evaluate(config, str(workdir))
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files
 
 
 # ------------------------------------------------------------------ clear errors
@@ -332,6 +471,7 @@ def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(
     raise PermissionError(13, "Permission denied", path)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
+  os.remove(os.path.join(workdir, "results.json"))  # not finished: it restores
   with pytest.raises(rk_ckpt.CheckpointUnreadable,
                      match=r"step 4 .* cannot be read .*Permission denied.*not damaged"):
     train.train_and_evaluate(config, workdir)
@@ -346,6 +486,7 @@ def test_a_damaged_checkpoint_that_cannot_be_moved_aside_gives_a_clear_error(
                        lr_schedule="constant")
   train.train_and_evaluate(config, workdir)
   rot_one_bit_of_the_saved_weights(workdir, 8)
+  os.remove(os.path.join(workdir, "results.json"))  # not finished: it restores
   from etils import epath  # pylint: disable=g-import-not-at-top
 
   def cannot_rename(self, target):
@@ -396,8 +537,9 @@ def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
   proc = run_main("--config=experiments/configs/digits.py", f"--workdir={workdir}",
                   "--config.learning_rate=100")
   assert proc.returncode == 1, proc.stderr[-3000:]
-  assert re.search(r"NonFiniteError: non-finite training state at step \d+ .*first "
-                   r"non-finite leaf \S+", proc.stderr), proc.stderr[-3000:]
+  assert re.search(r"error: non-finite training state at step \d+ .*first "
+                   r"non-finite leaf \S+.*Check the input data", proc.stderr), proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
   assert not os.path.exists(os.path.join(workdir, "results.json"))
   if os.path.exists(os.path.join(workdir, "checkpoints")) and checkpoint_steps(workdir):
     assert_all_finite(rknet_jax.load_checkpoint(workdir)[1])

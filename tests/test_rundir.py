@@ -7,6 +7,7 @@ so the workdir checks, lock, metadata, outputs and metrics are exercised without
 import contextlib
 import json
 import os
+import socket
 from unittest import mock
 
 from etils.epath import gpath
@@ -138,3 +139,51 @@ def test_a_file_in_the_way_of_the_workdir_is_named(tmp_path):
   (tmp_path / "f").write_text("x")
   with pytest.raises(ValueError, match=r"cannot be created: .*/f' is an existing file"):
     run_config.validate_config(tiny_config(), str(tmp_path / "f" / "run"))
+
+
+# --------------------------------------------------------------- stale lock takeover
+def _take_over_in_step(workdir, barrier, results, trials):
+  """A worker: per trial, wait for every worker, then try to take the (stale) lock."""
+  for _ in range(trials):
+    barrier.wait()
+    try:
+      rundir.WorkdirLock(workdir).acquire()  # never released: a winner holds it
+      results.put(1)
+    except rundir.WorkdirBusy:
+      results.put(0)
+    barrier.wait()
+
+
+def test_concurrent_takeovers_of_a_stale_lock_never_both_win(tmp_path):
+  """Many synchronised trials of two (then three) processes taking over a dead run's lock:
+  exactly one wins each time (the takeover is atomic, not read-unlink-create)."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()  # a pid that no longer runs: its lock is stale
+  stale = json.dumps({"host": socket.gethostname(), "pid": dead.pid,
+                      "started": "2026-01-01T00:00:00"})
+  lock_file = os.path.join(workdir, rundir.LOCK_FILE)
+  ctx = multiprocessing.get_context("fork")
+  for workers, trials in ((2, 300), (3, 100)):
+    barrier, results = ctx.Barrier(workers + 1), ctx.Queue()
+    procs = [ctx.Process(target=_take_over_in_step, args=(workdir, barrier, results, trials))
+             for _ in range(workers)]
+    for p in procs:
+      p.start()
+    winners = []
+    try:
+      for _ in range(trials):
+        with open(lock_file, "w") as f:
+          f.write(stale)
+        barrier.wait()  # go
+        barrier.wait()  # every worker tried
+        winners.append(sum(results.get(timeout=30) for _ in range(workers)))
+    finally:
+      for p in procs:
+        p.join(30)
+    assert winners == [1] * trials, (f"{workers} workers: {winners.count(0)} trials without "
+                                     f"a winner, {sum(w > 1 for w in winners)} with several")
