@@ -54,6 +54,8 @@ NUMERIC_FIELDS = (
     ("lr_decay_every_epochs", "real", 0, True, _INF, False, "epochs between step decays"),
     ("prefetch", "int", 1, True, _INF, False, "batches prepared ahead"),
     ("shuffle_buffer", "int", 1, True, _INF, False, "ImageNet shuffle buffer"),
+    ("precise_bn_batches", "int", 0, True, _INF, False,
+     "training batches of the precise BatchNorm statistics, 0 = off"),
 )
 
 
