@@ -4,7 +4,9 @@ One call: check the config (``run_config``), take the workdir (``rundir``: lock,
 build the model, optimiser (``optim``) and jitted steps (``steps``), restore the newest intact
 checkpoint (``checkpointing``), then train, evaluating, logging (``metrics``), checkpointing
 and checking for preemption at the steps ``is_time`` says, and finally test and write
-``results.json``.
+``results.json``. Evaluation uses precise BatchNorm statistics (``precise_bn_batches`` > 0: BN
+statistics re-estimated for the current weights over training batches, also saved in the final
+checkpoint) or the running averages.
 
 Never losing work, never reporting a broken model: checkpoints every N steps and at each
 epoch end; SIGTERM -> checkpoint and exit 0; every checkpoint write is checked, and a failed
@@ -165,7 +167,7 @@ _OPTIMIZER_FIELDS = ("learning_rate", "lr_schedule", "lr_decay_fractions",
 
 def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh,
                         schedule_steps):
-  """(init_fn, train_step, eval_step, bn_stats_step), reused by later runs of the same setup in-process.
+  """(init_fn, train_step, eval_step, bn_stats_step), reused by later runs of the same setup.
 
   Repeated ``train_and_evaluate`` calls (sweeps over seeds, tests, resuming in the same
   process) then skip recompilation; the key holds everything the functions depend on.
