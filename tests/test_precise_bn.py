@@ -47,7 +47,6 @@ SINGLE_USE = [
     ("RKNet-1x1 2x1", dict(growth_rate=4, method="implicit", share_weights=False)),
     ("RK4Net-4x1 4x1", dict(growth_rate=4)),
     ("DenseNet-BC-16-k4", {}),
-    ("DenseNet-BC-58-k4", {}),  # buffer formulation
     ("CliqueNet-ABC-T12-k4", {}),
 ]
 
