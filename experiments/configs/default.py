@@ -78,10 +78,11 @@ def get_config():
   config.momentum = 0.9
   config.nesterov = True
   config.weight_decay = 1e-4
-  # Which parameters weight decay applies to: "kernels" = conv and dense kernels only
-  # (not BN scale/bias, not dense biases; the paper does not say, this is the usual JAX
-  # practice); "all" = every trainable parameter, as PyTorch's SGD(weight_decay=...) in the
-  # authors' code does (the paper configs, paper.py).
+  # Which parameters weight decay applies to: "kernels" = every conv and dense weight of
+  # every family, clique filters and tableau vector fields included (by role, see
+  # rknet_jax/optim.py; not BN scale/bias, biases or learned Butcher coefficients; the paper
+  # does not say, this is the usual JAX practice); "all" = every trainable parameter, as
+  # PyTorch's SGD(weight_decay=...) in the authors' code does (the paper configs, paper.py).
   config.weight_decay_params = "kernels"
 
   # ---- evaluation, logging, checkpoints
