@@ -8,7 +8,9 @@ data); by default the newest intact checkpoint. Data whose fingerprint differs f
 are refused, naming what changed, unless ``--allow_data_change``. Prints one JSON line:
 examples, loss, top-1 and top-5 error. A refusal (not a workdir, no such step, changed data,
 a model.json that does not match the checkpoints) is one ``error: ...`` line and exit status 1
-(``--verbose``: with the traceback).
+(``--verbose``: with the traceback). A run trained with precise BatchNorm
+(``precise_bn_batches > 0``) is evaluated as the run evaluated it: with BN statistics
+re-estimated for the checkpoint's weights over the same training batches.
 """
 
 import json
@@ -85,13 +87,24 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
     manager.close()
   if found is None:
     raise FileNotFoundError(f"no intact checkpoint under {workdir}")
+  variables = restored[rk_ckpt.MODEL_ITEM]
+  meta = restored.get(rk_ckpt.META_ITEM) or {}
+  # A run with precise BatchNorm evaluated every checkpoint with statistics re-estimated for
+  # its weights (the final one holds them): recompute them the same way.
+  precise = "precise_bn_batches" in run["config"] and config.precise_bn_batches > 0
+  if precise and meta.get("batch_stats") != "precise":
+    from experiments import train  # pylint: disable=g-import-not-at-top
+    variables = train.precise_model_vars(config, variables, int(found),
+                                         int(run["steps_per_epoch"]),
+                                         steps.make_bn_stats_step(model, mesh), mesh,
+                                         stats=stats)
   eval_step = steps.make_eval_step(model, mesh)
   batches = input_pipeline.eval_iterator(
       config, split, batch_size=config.eval_batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), stats=stats)
-  out = steps.evaluate(eval_step, restored[rk_ckpt.MODEL_ITEM], batches, mesh,
-                       config.eval_batch_size)
-  out.update(step=int(found), split=split, model=config.model, dataset=config.dataset)
+  out = steps.evaluate(eval_step, variables, batches, mesh, config.eval_batch_size)
+  out.update(step=int(found), split=split, model=config.model, dataset=config.dataset,
+             batch_stats="precise" if precise else "running_averages")
   return out
 
 

@@ -1,13 +1,16 @@
 """The optimiser of the paper's recipe (section 4.1): SGD + Nesterov momentum, L2 weight decay.
 
 Learning rate 0.1 divided by 10 at 50% and 75% of training (CIFAR) or every 30 epochs
-(ImageNet); cosine decay, a constant rate and a linear warm-up are options.
+(ImageNet); cosine decay, a constant rate and a linear warm-up are options. The optimiser
+itself is the library's ``rknet_jax.optim.paper_sgd`` (weight decay by role: every conv and
+dense weight under ``weight_decay_params="kernels"``).
 """
 
-import flax
-import jax
 import jax.numpy as jnp
 import optax
+
+from rknet_jax import optim as rk_optim
+from rknet_jax.optim import weight_decay_mask  # noqa: F401  (re-exported)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):
@@ -35,22 +38,8 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):
   return lambda step: main(step) * jnp.minimum(1.0, step / warmup)
 
 
-def weight_decay_mask(params, which: str):
-  """True for the parameters weight decay applies to.
-
-  ``"kernels"``: the ``kernel`` leaves (all conv and dense weights); BN scale/bias and
-  dense biases are not decayed. ``"all"``: every trainable parameter.
-  """
-  if which == "all":
-    return jax.tree.map(lambda _: True, params)
-  flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
-
-
 def make_optimizer(config, schedule):
-  """SGD + Nesterov momentum with L2 weight decay added to the gradient (as torch SGD)."""
-  return optax.chain(
-      optax.add_decayed_weights(
-          config.weight_decay,
-          mask=lambda p: weight_decay_mask(p, config.weight_decay_params)),
-      optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+  """``rknet_jax.optim.paper_sgd`` with the config's momentum, Nesterov and weight decay."""
+  return rk_optim.paper_sgd(
+      schedule, momentum=config.momentum, nesterov=config.nesterov,
+      weight_decay=config.weight_decay, weight_decay_params=config.weight_decay_params)

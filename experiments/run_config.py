@@ -16,9 +16,10 @@ from jax.sharding import Mesh
 
 from experiments import rundir
 from rknet_jax import checkpoint as rk_ckpt
+from rknet_jax import optim as rk_optim
 
 LR_SCHEDULES = ("step", "cosine", "constant")
-WEIGHT_DECAY_PARAMS = ("kernels", "all")
+WEIGHT_DECAY_PARAMS = rk_optim.WEIGHT_DECAY_PARAMS
 TEST_MODELS = ("final", "best")
 # Fields recorded in run.json as what a workdir holds. A restart is refused when the
 # dataset differs or the resolved model spec differs from the one the checkpoints were
@@ -61,6 +62,8 @@ NUMERIC_FIELDS = (
     ("lr_decay_every_epochs", "real", 0, True, _INF, False, "epochs between step decays"),
     ("prefetch", "int", 1, True, _INF, False, "batches prepared ahead"),
     ("shuffle_buffer", "int", 1, True, _INF, False, "ImageNet shuffle buffer"),
+    ("precise_bn_batches", "int", 0, True, _INF, False,
+     "training batches of the precise BatchNorm statistics, 0 = off"),
 )
 
 

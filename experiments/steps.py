@@ -16,6 +16,7 @@ broken model without fetching the state.
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,6 +174,89 @@ def make_eval_step(model, mesh: Mesh):
   return jax.jit(eval_fn, in_shardings=(replicated, {"image": data, "label": data,
                                                       "mask": data}),
                  out_shardings=replicated)
+
+
+def _own_batch_stats(module) -> dict:
+  """The ``batch_stats`` leaves declared by ``module`` itself (not its children)."""
+  try:
+    stats = module.variables.get("batch_stats", {})
+  except Exception:  # pylint: disable=broad-except  (unbound, or not inside apply)
+    return {}
+  return {k: v for k, v in stats.items() if not isinstance(v, (dict, flax.core.FrozenDict))}
+
+
+def _average_over_applications():
+  """A method interceptor that makes a BatchNorm applied k times per forward pass hold
+  the mean of its k batch statistics (instead of the last one).
+
+  With momentum 0 every application overwrites the BN's ``mean``/``var`` with its own
+  batch statistics; after the j-th application the interceptor replaces them by the
+  running mean over applications 1..j. BatchNorms applied once (every BN of the ERK, DenseNet
+  and CliqueNet blocks and of weight-shared IRK blocks) are left untouched; shared ones
+  (a tableau RKNet's shared vector field f(t, y), fixed-point iterations of implicit
+  tableaus, unshared IRK update layers with num_updates > 1) get the mean, as their running
+  averages approximate one statistic for all applications.
+  """
+  applications = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    before = _own_batch_stats(module)
+    out = next_fun(*args, **kwargs)
+    for name, value in _own_batch_stats(module).items():
+      if before.get(name) is value:
+        continue  # this call did not update it (e.g. a declaration)
+      key = (module.scope.path, name)
+      j = applications[key] = applications.get(key, 0) + 1
+      if j > 1:
+        module.put_variable("batch_stats", name, before[name] + (value - before[name]) / j)
+    return out
+
+  return interceptor
+
+
+def make_bn_stats_step(model, mesh: Mesh):
+  """Jitted ``(variables, images) -> batch_stats`` of one global batch ("precise BN").
+
+  A train-mode forward pass (batch statistics, no parameter update) of ``model`` with
+  BatchNorm momentum 0, so each BatchNorm's returned ``mean``/``var`` are the statistics
+  of this batch (flax's rule ``m * running + (1 - m) * batch``), averaged over the
+  applications of a BatchNorm used more than once per pass (:func:`_average_over_applications`).
+  Dropout is off: the statistics are those of the features the BatchNorms see at
+  evaluation, where there is no dropout (dropout would add its variance shift). ``remat``
+  is off (no backward pass). Data-parallel like the train step: images sharded along
+  ``"data"``, statistics over the global batch.
+  """
+  replicated = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P("data"))
+  stats_model = model.clone(bn_momentum=0.0, dropout_rate=0.0, remat=False)
+
+  def stats_fn(variables, images):
+    # Zero running averages: the result depends on the parameters and images only.
+    variables = {"params": variables["params"],
+                 "batch_stats": jax.tree.map(jnp.zeros_like, variables["batch_stats"])}
+    with nn.intercept_methods(_average_over_applications()):
+      _, updates = stats_model.apply(variables, images, train=True, mutable=["batch_stats"])
+    return updates["batch_stats"]
+
+  return jax.jit(stats_fn, in_shardings=(replicated, data), out_shardings=replicated)
+
+
+def precise_batch_stats(bn_stats_step, variables, batches, mesh, global_batch_size):
+  """Population BatchNorm statistics of ``variables["params"]`` over ``batches`` ("precise
+  BN", Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"; pycls / fvcore
+  ``update_bn_stats``): the exact mean over the batches of each batch's mean and (biased)
+  variance, from ``make_bn_stats_step``. ``batches`` yields per-host training batches.
+  """
+  total, count = None, 0
+  for local in batches:
+    images = global_batch({"image": local["image"]}, mesh, global_batch_size)["image"]
+    stats = bn_stats_step(variables, images)
+    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    count += 1
+  if total is None:
+    raise ValueError("precise BatchNorm statistics need at least one training batch")
+  return jax.tree.map(lambda x: x / count, total)
 
 
 def global_batch(local: dict, mesh: Mesh, global_batch_size: int) -> dict:

@@ -4,7 +4,9 @@ One call: check the config (``run_config``), take the workdir (``rundir``: lock,
 build the model, optimiser (``optim``) and jitted steps (``steps``), restore the newest intact
 checkpoint (``checkpointing``), then train, evaluating, logging (``metrics``), checkpointing
 and checking for preemption at the steps ``is_time`` says, and finally test and write
-``results.json``.
+``results.json``. Evaluation uses precise BatchNorm statistics (``precise_bn_batches`` > 0: BN
+statistics re-estimated for the current weights over training batches, also saved in the final
+checkpoint) or the running averages.
 
 Never losing work, never reporting a broken model: checkpoints every N steps and at each
 epoch end; SIGTERM -> checkpoint and exit 0; every checkpoint write is checked, and a failed
@@ -18,7 +20,9 @@ and rerunning a finished run (same total steps, results written) returns its
 ``results.json`` without training, testing or writing anything.
 """
 
+import itertools
 import json
+import math
 import signal
 import time
 from typing import Optional
@@ -27,6 +31,7 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from experiments import checkpointing
@@ -109,13 +114,65 @@ def _preempted(flag) -> bool:
   return bool(np.any(flags))
 
 
+# ------------------------------------------------------------------------ precise BN
+def precise_bn_batches(config, steps_per_epoch: int) -> int:
+  """Training batches precise BatchNorm averages over: ``config.precise_bn_batches``, at most
+  one epoch (0: off, the running averages are evaluated)."""
+  return min(int(config.get("precise_bn_batches", 0)), int(steps_per_epoch))
+
+
+def precise_bn_first_batch(step: int, steps_per_epoch: int) -> int:
+  """First training batch of the precise statistics of the model after ``step`` steps.
+
+  The batches are the first ones of the epoch of the last batch trained on (batch
+  ``step - 1``): a pure function of ``(seed, step)`` like the whole data stream, so a
+  resumed run and ``experiments.evaluate`` recompute the same statistics, and a streamed
+  source starts them at an epoch boundary (nothing to skip).
+  """
+  return (max(int(step), 1) - 1) // steps_per_epoch * steps_per_epoch
+
+
+def precise_model_vars(config, model_vars, step: int, steps_per_epoch: int, bn_stats_step,
+                       mesh, *, stats=None) -> dict:
+  """``model_vars`` with BatchNorm statistics re-estimated for its parameters over
+  ``precise_bn_batches`` training batches (``steps.precise_batch_stats``), standardised with
+  ``stats`` (the run's ``data.json`` mean/std; None: the data's own)."""
+  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  it = input_pipeline.train_iterator(
+      config, start_step=precise_bn_first_batch(step, steps_per_epoch),
+      process_index=jax.process_index(), process_count=jax.process_count(), stats=stats)
+  try:
+    bn_stats = steps_lib.precise_batch_stats(
+        bn_stats_step, model_vars,
+        itertools.islice(it, precise_bn_batches(config, steps_per_epoch)), mesh,
+        config.batch_size)
+  finally:
+    it.close()
+  return {"params": model_vars["params"], "batch_stats": bn_stats}
+
+
+def _warn_if_too_short_for_momentum(spec, total_steps: int):
+  """Running averages still weighted > 1% by their initial values at the end: say so."""
+  momentum = getattr(spec, "bn_momentum", None)
+  if not momentum or not 0 < momentum < 1:
+    return
+  needed = math.ceil(math.log(0.01) / math.log(momentum))
+  if total_steps < needed:
+    logging.warning(
+        "BatchNorm momentum %g needs %d steps for the running averages' initial values to "
+        "weigh less than 1%%; this run has %d steps, so evaluation would use statistics that "
+        "lag the weights. Use --config.precise_bn_batches=50 (precise BatchNorm "
+        "statistics) or a lower --config.model_kwargs.bn_momentum.", momentum, needed,
+        total_steps)
+
+
 # ---------------------------------------------------------------- compiled functions
 _FN_CACHE: dict = {}
 
 
 def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh,
                         schedule_steps):
-  """(init_fn, train_step, eval_step), reused by later runs of the same setup in-process.
+  """(init_fn, train_step, eval_step, bn_stats_step), reused by later runs of the same setup.
 
   Repeated ``train_and_evaluate`` calls (sweeps over seeds, tests, resuming in the same
   process) then skip recompilation; the key holds everything the functions depend on.
@@ -131,7 +188,8 @@ def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh,
     with jax.threefry_partitionable(False):
       example = jax.eval_shape(lambda: init_fn(0))
     _FN_CACHE[key] = (init_fn, steps_lib.make_train_step(model, tx, schedule, mesh, example),
-                      steps_lib.make_eval_step(model, mesh))
+                      steps_lib.make_eval_step(model, mesh),
+                      steps_lib.make_bn_stats_step(model, mesh))
   return _FN_CACHE[key]
 
 
@@ -227,9 +285,12 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
   model = run_config.build_model(config, info.num_classes)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch, total_steps)
   tx = optim.make_optimizer(config, schedule)
-  init_fn, train_step, eval_step = _compiled_functions(
+  init_fn, train_step, eval_step, bn_stats_step = _compiled_functions(
       config, spec, model, tx, schedule, input_shape, mesh,
       (steps_per_epoch, total_steps))
+  n_precise = precise_bn_batches(config, steps_per_epoch)
+  if not n_precise:
+    _warn_if_too_short_for_momentum(spec, total_steps)
 
   # ---- restore (the metadata is written only once this succeeded)
   state = init_fn(config.seed)
@@ -243,6 +304,14 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
     start_step, model_vars, train_vars, meta = ckpts.restore_latest(
         abstract.model_vars(), abstract.train_vars())
     previous_run = rundir.read_run_file(workdir)
+    # Only the final checkpoint of a finished run holds precise statistics.
+    restored_precise = bool(meta) and meta.get("batch_stats") == "precise"
+    if restored_precise and start_step < total_steps:
+      logging.warning(
+          "Checkpoint %d is the final one of a finished run and holds precise BatchNorm "
+          "statistics; the running averages continue from them. The parameters train as in "
+          "an uninterrupted run (training normalises with batch statistics), only the "
+          "running averages differ.", start_step)
     if start_step is None:
       start_step, wall_time_before = 0, 0.0
       if is_main:
@@ -307,9 +376,28 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
           process_index=jax.process_index(), process_count=jax.process_count(), stats=stats)
       return steps_lib.evaluate(eval_step, variables, batches, mesh, config.eval_batch_size)
 
+    precise_cache = {}
+
+    def evaluated_vars(step):
+      """The model as evaluated at ``step``: precise BN statistics, or the running ones."""
+      if not n_precise:
+        return state.model_vars()
+      if step not in precise_cache:
+        precise_cache.clear()
+        precise_cache[step] = precise_model_vars(config, state.model_vars(), step,
+                                                 steps_per_epoch, bn_stats_step, mesh,
+                                                 stats=stats)
+      return precise_cache[step]
+
     def save(step, val=None):
       window.flush(step)  # checks the state: a non-finite one is never checkpointed
-      ckpts.save(step, state.model_vars(), state.train_vars(), {
+      # The final checkpoint (the exported model) holds the statistics it is tested with;
+      # every other one the running averages a resumed run continues from.
+      final = bool(n_precise) and step >= total_steps
+      ckpts.save(step, evaluated_vars(step) if final else state.model_vars(),
+                 state.train_vars(), {
+          "batch_stats": "precise" if final else "running_averages",
+          "precise_bn_batches": n_precise if final else 0,
           "step": int(step), "epoch": step / steps_per_epoch, "model": config.model,
           "dataset": config.dataset, "global_batch": config.batch_size,
           "devices": mesh.devices.size, "processes": jax.process_count(),
@@ -337,7 +425,7 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
         if has_validation and is_time(step, config.eval_every_epochs * steps_per_epoch,
                                       total_steps):
           window.flush(step)
-          val = run_eval(state.model_vars(), "validation")
+          val = run_eval(evaluated_vars(step), "validation")
           log.write(step, "validation", {k: val[k] for k in ("loss", "top1_error", "top5_error")})
           logging.info("step %d validation: top1_err %.4f top5_err %.4f (%d examples)", step,
                        val["top1_error"], val["top5_error"], val["examples"])
@@ -372,13 +460,26 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
     return {"preempted": True, "step": step}
 
   # ---- test the final model (or the validation-best one if asked)
-  which, test_step, test_vars = "final", step, state.model_vars()
+  which, test_step, test_vars = "final", step, evaluated_vars(step)
+  # The running averages (None: the state holds a finished run's precise statistics).
+  running_vars = None if restored_precise and start_step >= step else state.model_vars()
   best = ckpts.best_step() if has_validation else None
-  if config.test_model == "best" and best is not None:
+  if config.test_model == "best" and best is not None and best != step:
     which, test_step = "best", best
-    test_vars = ckpts.restore_model(best, abstract.model_vars())
+    restored = rk_ckpt.restore_verified(ckpts.manager, best, ocp.args.Composite(**{
+        rk_ckpt.MODEL_ITEM: ocp.args.StandardRestore(abstract.model_vars())}))
+    test_vars = restored[rk_ckpt.MODEL_ITEM]
+    running_vars = (None if (restored.get(rk_ckpt.META_ITEM) or {}).get("batch_stats")
+                    == "precise" else test_vars)
+    if n_precise:
+      test_vars = precise_model_vars(config, test_vars, best, steps_per_epoch, bn_stats_step,
+                                     mesh, stats=stats)
+  elif config.test_model == "best" and best is not None:
+    which = "best"
   with progress.phase(f"testing the {which} model (step {test_step}) on the test split", bar):
     test = run_eval(test_vars, "test")
+  running_test = (test if not n_precise else
+                  None if running_vars is None else run_eval(running_vars, "test"))
   log.write(step, "test", {k: test[k] for k in ("loss", "top1_error", "top5_error")})
   log.close()
   ckpts.close()
@@ -393,6 +494,11 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
       "test_examples": test["examples"], "test_top1_error": test["top1_error"],
       "test_top5_error": test["top5_error"], "test_loss": test["loss"],
       "test_model": which, "test_checkpoint_step": int(test_step),
+      # Precise BatchNorm: the test numbers above use statistics re-estimated over this many
+      # training batches (0: the running averages); the running averages' error is below.
+      "precise_bn_batches": n_precise,
+      "running_averages_test_top1_error": (None if running_test is None
+                                           else running_test["top1_error"]),
       "validation_examples": validation_examples,
       "best_validation_step": best,
       "best_validation_top1_error": (min(r["top1_error"] for r in val_hist)

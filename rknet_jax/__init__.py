@@ -42,13 +42,16 @@ _EXPORTS = {
     # counting in the paper's conventions
     "count_params": "rknet_jax.counting",
     "count_flops": "rknet_jax.counting",
+    # training recipe (section 4.1)
+    "paper_sgd": "rknet_jax.optim",
     # trained models from an experiments workdir
     "load_checkpoint": "rknet_jax.checkpoint",
 }
 
 _SUBMODULES = ("tableaus", "order_conditions", "rk", "tableau_block", "conv",
                "layers", "blocks", "models", "checks", "spec", "names", "paper", "registry",
-               "counting", "summary", "checkpoint", "preprocessing", "convergence")
+               "counting", "summary", "checkpoint", "preprocessing", "convergence",
+               "optim")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

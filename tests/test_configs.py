@@ -255,7 +255,8 @@ def test_weight_decay_applies_to_conv_and_dense_kernels_only():
   assert all(jax.tree.leaves(optim.weight_decay_mask(params, "all")))
   # The decay itself: zero gradient, lr 0.1, wd 0.5 -> kernel moves by -0.1*0.5*w; BN not.
   tx = optim.make_optimizer(tiny(weight_decay=0.5, momentum=0.0, nesterov=False), 0.1)
-  p = {"conv": {"kernel": np.ones(3, np.float32)}, "bn": {"scale": np.ones(2, np.float32)}}
+  p = {"conv": {"kernel": np.ones((1, 3), np.float32)},
+       "bn": {"scale": np.ones(2, np.float32)}}
   updates, _ = tx.update(jax.tree.map(np.zeros_like, p), tx.init(p), p)
   np.testing.assert_allclose(updates["conv"]["kernel"], -0.05)
   np.testing.assert_allclose(updates["bn"]["scale"], 0.0)

@@ -12,7 +12,9 @@ for CIFAR-100 (default: the row's first dataset). Commands:
 ImageNet), the row's batch size, and where the paper is silent the authors' code
 (ZhuMai/RKCNN, ``train_cifar.py``): weight decay on every parameter and dropout 0.2 after
 every convolution on CIFAR (ImageNet: none, as DenseNet's ImageNet recipe that section 4.1
-follows; the authors' code trains CIFAR only). BatchNorm settings are the models' defaults.
+follows; the authors' code trains CIFAR only). BatchNorm settings are the models' defaults, and
+the running averages are evaluated as in the authors' code (``precise_bn_batches=0``; a run too
+short for its BN momentum warns at start).
 """
 
 from experiments.configs import default
@@ -41,4 +43,5 @@ def get_config(row_and_dataset=None):
   config.batch_size = row.batch_size
   config.weight_decay_params = AUTHORS_WEIGHT_DECAY_PARAMS
   config.model_kwargs.dropout_rate = AUTHORS_DROPOUT[dataset]
+  config.precise_bn_batches = 0  # the authors evaluate the running averages
   return config
