@@ -63,6 +63,7 @@ if TYPE_CHECKING:
   from rknet_jax.conv import Conv
   from rknet_jax.counting import count_flops, count_params
   from rknet_jax.models import CliqueNet, DenseNet, RKNet, TableauRKNet
+  from rknet_jax.optim import paper_sgd
   from rknet_jax.order_conditions import algebraic_order
   from rknet_jax.registry import (create_model, erknet_from_densenet, irknet_from_cliquenet,
       list_models, parse_name)
@@ -72,7 +73,7 @@ if TYPE_CHECKING:
   from rknet_jax.tableaus import ButcherTableau
   from rknet_jax import (tableaus, order_conditions, rk, tableau_block, conv, layers, blocks,
       models, checks, spec, names, paper, registry, counting, summary, checkpoint, preprocessing,
-      convergence)
+      convergence, optim)
 
 
 def __getattr__(name):
