@@ -307,6 +307,22 @@ def _layer_bwd(plan, buf, width, dbuf, xs):
   return dbuf, (dfirst, dsecond)
 
 
+def _accumulating_layer_bwd(plan, buf, width, carry, xs):
+  """:func:`_layer_bwd` as a scan body that adds the layer's parameter cotangents into
+  row ``j`` (its index in the bucket) of zero-initialised stacked accumulators carried
+  through the loop, rather than emitting them as per-iteration outputs.  Same values
+  (0 + g = g); on a data-sharded batch a loop-carried sum is the pattern XLA's while-loop
+  all-reduce code motion recognises, so the batch reduction of the bucket's parameter
+  gradients can leave the loop and run once per bucket, not once per layer."""
+  dbuf, acc = carry
+  j, *layer_xs = xs
+  dbuf, grads = _layer_bwd(plan, buf, width, dbuf, tuple(layer_xs))
+  acc = jax.tree.map(
+      lambda a, g: lax.dynamic_update_index_in_dim(
+          a, lax.dynamic_index_in_dim(a, j, keepdims=False) + g, j, 0), acc, grads)
+  return (dbuf, acc), None
+
+
 def _dense_block_bwd(plan, res, cts):
   """Reverse pass, bucket by bucket from the last: a reverse scan over the bucket's layers
   (one compiled body per bucket, its layers' first units padded to the bucket's width)."""
@@ -322,9 +338,15 @@ def _dense_block_bwd(plan, res, cts):
                                               None if hid is None else hid[0]))
       dlayers[a] = LayerVars(dfirst, dsecond)
       continue
-    body = functools.partial(_layer_bwd, _in_loop(plan), buf, plan.in_width(b - 1))
-    dbuf, (dfirst, dsecond) = lax.scan(body, dbuf, (_offsets(plan, a, b), bv, hid),
-                                       reverse=True)
+    body = functools.partial(_accumulating_layer_bwd, _in_loop(plan), buf,
+                             plan.in_width(b - 1))
+    grads = jax.eval_shape(lambda: _layer_bwd(
+        _in_loop(plan), buf, plan.in_width(b - 1), dbuf,
+        jax.tree.map(lambda v: v[0], (_offsets(plan, a, b), bv, hid)))[1])
+    zeros = jax.tree.map(lambda g: jnp.zeros((b - a,) + g.shape, g.dtype), grads)
+    (dbuf, (dfirst, dsecond)), _ = lax.scan(
+        body, (dbuf, zeros), (jnp.arange(b - a), _offsets(plan, a, b), bv, hid),
+        reverse=True)
     for j, l in enumerate(range(a, b)):
       first = jax.tree.map(lambda v, j=j: v[j], dfirst)
       second = None if dsecond is None else jax.tree.map(lambda v, j=j: v[j], dsecond)
