@@ -28,7 +28,7 @@ import os
 import re
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 CHIPS = {  # name: (dense bf16 peak TFLOP/s, HBM GB/s, HBM GiB per chip)
     "v4": (275.0, 1228.0, 32.0),
@@ -107,13 +107,16 @@ def collectives(hlo_text: str) -> List[Collective]:
 
 
 def collective_summary(ops: Sequence[Collective]) -> Dict[str, dict]:
-  """Per kind: count, of which in loops, total bytes, and the count on u32 data."""
+  """Per kind: count, of which in loops, bytes (all; of those in loops, counted once per
+  loop body), and the count on u32 data."""
   out = {}
   for op in ops:
-    s = out.setdefault(op.kind, {"count": 0, "in_loop": 0, "bytes": 0, "u32": 0})
+    s = out.setdefault(op.kind, {"count": 0, "in_loop": 0, "bytes": 0, "in_loop_bytes": 0,
+                                 "u32": 0})
     s["count"] += 1
     s["in_loop"] += op.in_loop
     s["bytes"] += op.bytes
+    s["in_loop_bytes"] += op.bytes if op.in_loop else 0
     s["u32"] += "u32" in op.dtypes
   return out
 
@@ -221,7 +224,7 @@ def _collectives_cell(summary: dict) -> str:
   for kind, s in sorted(summary.items()):
     u32 = f", {s['u32']} u32" if s["u32"] else ""
     parts.append(f"{kind} {s['count']} ({s['in_loop']} in loops{u32}; "
-                 f"{s['bytes'] / 2**20:.2f} MiB)")
+                 f"{s['bytes'] / 2**20:.2f} MiB, in loops {s['in_loop_bytes'] / 2**20:.3f})")
   return "; ".join(parts)
 
 

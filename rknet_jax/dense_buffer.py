@@ -307,16 +307,24 @@ def _layer_bwd(plan, buf, width, dbuf, xs):
   return dbuf, (dfirst, dsecond)
 
 
-def _accumulating_layer_bwd(plan, buf, width, carry, xs):
-  """:func:`_layer_bwd` as a scan body that adds the layer's parameter cotangents into
-  row ``j`` (its index in the bucket) of zero-initialised stacked accumulators carried
-  through the loop, rather than emitting them as per-iteration outputs.  Same values
-  (0 + g = g); on a data-sharded batch a loop-carried sum is the pattern XLA's while-loop
-  all-reduce code motion recognises, so the batch reduction of the bucket's parameter
-  gradients can leave the loop and run once per bucket, not once per layer."""
+def _zero_accumulators(layer_bwd, dbuf, xs, num_layers: int):
+  """Zeros shaped as ``num_layers`` stacked parameter cotangents of ``layer_bwd``."""
+  one = jax.tree.map(lambda v: v[0], xs)
+  grads = jax.eval_shape(layer_bwd, dbuf, one)[1]
+  return jax.tree.map(lambda g: jnp.zeros((num_layers,) + g.shape, g.dtype), grads)
+
+
+def _accumulating(layer_bwd, carry, xs):
+  """``layer_bwd`` (:func:`_layer_bwd` with its first arguments bound) as a scan body that
+  adds the layer's parameter cotangents into row ``j`` (its index in the bucket) of
+  zero-initialised stacked accumulators carried through the loop, instead of emitting them
+  as per-iteration outputs.  Same values (0 + g = g).  On a data-sharded batch a
+  loop-carried sum is the pattern XLA's while-loop all-reduce code motion recognises: the
+  batch reduction of the bucket's kernel gradients leaves the loop and runs once per
+  bucket instead of once per layer (``benchmarks/README.md``, "TPU pods ahead of time")."""
   dbuf, acc = carry
   j, *layer_xs = xs
-  dbuf, grads = _layer_bwd(plan, buf, width, dbuf, tuple(layer_xs))
+  dbuf, grads = layer_bwd(dbuf, tuple(layer_xs))
   acc = jax.tree.map(
       lambda a, g: lax.dynamic_update_index_in_dim(
           a, lax.dynamic_index_in_dim(a, j, keepdims=False) + g, j, 0), acc, grads)
@@ -338,14 +346,11 @@ def _dense_block_bwd(plan, res, cts):
                                               None if hid is None else hid[0]))
       dlayers[a] = LayerVars(dfirst, dsecond)
       continue
-    body = functools.partial(_accumulating_layer_bwd, _in_loop(plan), buf,
-                             plan.in_width(b - 1))
-    grads = jax.eval_shape(lambda: _layer_bwd(
-        _in_loop(plan), buf, plan.in_width(b - 1), dbuf,
-        jax.tree.map(lambda v: v[0], (_offsets(plan, a, b), bv, hid)))[1])
-    zeros = jax.tree.map(lambda g: jnp.zeros((b - a,) + g.shape, g.dtype), grads)
+    xs = (_offsets(plan, a, b), bv, hid)
+    body = functools.partial(_layer_bwd, _in_loop(plan), buf, plan.in_width(b - 1))
+    zeros = _zero_accumulators(body, dbuf, xs, b - a)
     (dbuf, (dfirst, dsecond)), _ = lax.scan(
-        body, (dbuf, zeros), (jnp.arange(b - a), _offsets(plan, a, b), bv, hid),
+        functools.partial(_accumulating, body), (dbuf, zeros), (jnp.arange(b - a),) + xs,
         reverse=True)
     for j, l in enumerate(range(a, b)):
       first = jax.tree.map(lambda v, j=j: v[j], dfirst)
