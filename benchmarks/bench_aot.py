@@ -66,12 +66,14 @@ class Collective:
   dtypes: tuple
   in_loop: bool
   name: str
+  dims: tuple = ()
 
 
 def collectives(hlo_text: str) -> List[Collective]:
   """Every collective of a compiled (post-optimisation) HLO module's text: its kind, the
   bytes of its result (async ``-start`` ops: the largest array of the result tuple), its
-  element types, and whether it sits in a while loop's body (any depth of calls)."""
+  element types, whether it sits in a while loop's body (any depth of calls), and the
+  dimensions of its result's arrays (all concatenated)."""
   comp_of_op, callees, current = [], {}, None
   for line in hlo_text.splitlines():
     m = _COMPUTATION.match(line)
@@ -93,9 +95,10 @@ def collectives(hlo_text: str) -> List[Collective]:
       size = (max(s for _, s in shapes) if m.group(3) and m.group(2) != "all-reduce"
               else sum(s for _, s in shapes))
       name = line.split("=")[0].strip().lstrip("%")
+      dims = tuple(int(d) for _, ds in _SHAPE.findall(m.group(1)) for d in ds.split(",") if d)
       comp_of_op.append((current, Collective(m.group(2), size,
                                              tuple(sorted({t for t, _ in shapes})), False,
-                                             name)))
+                                             name, dims)))
   in_loop, stack = set(), [b for c in callees.values() for k, b in c if k == "loop"]
   while stack:
     c = stack.pop()
