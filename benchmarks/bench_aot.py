@@ -21,6 +21,7 @@ to on TPU); ``--formulation`` picks the dense blocks' buffer scans or the loop o
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -149,6 +150,24 @@ def row_config(row, dtype: str, batch: int = 0):
   return config
 
 
+@contextlib.contextmanager
+def dense_formulation(formulation: str):
+  """Every dense block built inside runs as ``formulation``: ``"buffer"`` (the channel
+  buffer's scans, ``rknet_jax/dense_buffer.py``), ``"loop"`` (the loop of layers) or
+  ``"auto"`` (``DenseBlock``'s own choice)."""
+  from rknet_jax import blocks  # pylint: disable=g-import-not-at-top
+  if formulation not in FORMULATIONS + ("auto",):
+    raise ValueError(f"formulation must be one of {FORMULATIONS + ('auto',)}, "
+                     f"got {formulation!r}")
+  uses_buffer = blocks.DenseBlock.uses_buffer
+  if formulation != "auto":
+    blocks.DenseBlock.uses_buffer = lambda self: formulation == "buffer"
+  try:
+    yield
+  finally:
+    blocks.DenseBlock.uses_buffer = uses_buffer
+
+
 def compile_steps(config, input_shape, mesh, formulation: str = "buffer",
                   which: Sequence[str] = ("train", "eval")) -> dict:
   """Lowers and compiles the runner's train and/or eval step for ``mesh``; per step: the
@@ -158,18 +177,12 @@ def compile_steps(config, input_shape, mesh, formulation: str = "buffer",
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from experiments import optim, run_config  # pylint: disable=g-import-not-at-top
   from experiments import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  from rknet_jax import blocks  # pylint: disable=g-import-not-at-top
-
-  if formulation not in FORMULATIONS:
-    raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
   num_classes = NUM_CLASSES[config.dataset]
   steps_per_epoch = max(TRAIN_SIZES[config.dataset] // config.batch_size, 1)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch,
                                           int(config.num_epochs * steps_per_epoch))
   tx = optim.make_optimizer(config, schedule)
-  uses_buffer = blocks.DenseBlock.uses_buffer
-  blocks.DenseBlock.uses_buffer = lambda self: formulation == "buffer"
-  try:
+  with dense_formulation(formulation):
     model = run_config.build_model(config, num_classes)
     init_fn = steps_lib.make_init_fn(model, tx, input_shape, mesh)
     state = jax.eval_shape(lambda: init_fn(0))
@@ -190,8 +203,6 @@ def compile_steps(config, input_shape, mesh, formulation: str = "buffer",
         lowered = fn.lower(state.model_vars(), batch)
       compiled = lowered.compile()
       out[step] = {"compiled": compiled, "compile_s": time.perf_counter() - t0, "batch": b}
-  finally:
-    blocks.DenseBlock.uses_buffer = uses_buffer
   return out
 
 
