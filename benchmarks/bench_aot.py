@@ -238,7 +238,7 @@ def _collectives_cell(summary: dict) -> str:
   for kind, s in sorted(summary.items()):
     u32 = f", {s['u32']} u32" if s["u32"] else ""
     parts.append(f"{kind} {s['count']} ({s['in_loop']} in loops{u32}; "
-                 f"{s['bytes'] / 2**20:.2f} MiB, in loops {s['in_loop_bytes'] / 2**20:.3f})")
+                 f"{s['bytes'] / 2**20:.2f} MiB, in loops {s.get('in_loop_bytes', 0) / 2**20:.3f})")
   return "; ".join(parts)
 
 
