@@ -10,6 +10,11 @@ so that the peak device memory belongs to that case alone:
   batch 256;
 * ERKNet-3x1 3x1 4x1 2x1-B (Table 3), ImageNet 224x224x3: training and inference at batch 64.
 
+Every case runs with each dense-block formulation of ``--dense`` (default: ``buffer`` and
+``loop``: the channel buffer's scans that ``DenseBlock`` picks on GPU/TPU, and the loop of
+layers it picks on CPU for shallow blocks), so the first run on a GPU settles which is
+faster there; the model column names the formulation.
+
 Per case: compile time of the jitted step (lowering + XLA), images/s (median over the timed
 steps after warm-up), peak device memory (``memory_stats()['peak_bytes_in_use']`` where the
 backend reports it), and MFU = model FLOPs per second / the chip's peak (``--peak_tflops``,
@@ -44,13 +49,22 @@ TRAIN_FLOPS_FACTOR = 3  # forward + backward ~ 3 forward passes
 
 def _worker(case: dict, steps: int, warmup: int) -> dict:
   """Measures one case in this process; returns one JSON-able record."""
+  import rknet_jax
+  from benchmarks.bench_aot import dense_formulation
+
+  with dense_formulation(case.get("dense", "auto")):
+    model = rknet_jax.create_model(case["model"], dtype=case["dtype"], **case["kwargs"])
+    return _measure(case, model, steps, warmup)
+
+
+def _measure(case: dict, model, steps: int, warmup: int) -> dict:
+  """Compiles and times ``case`` with ``model`` (inside the caller's formulation)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   import rknet_jax
   from benchmarks import steps as bench_steps
 
-  model = rknet_jax.create_model(case["model"], dtype=case["dtype"], **case["kwargs"])
   shape, batch = tuple(case["shape"]), case["batch"]
   flops = float(rknet_jax.count_flops(model, shape))
   rng = np.random.default_rng(0)
@@ -113,7 +127,8 @@ def table(records, peak_tflops: float) -> str:
   lines = ["| model | input | mode | batch | dtype | compile s | images/s | peak memory GB "
            "| MFU % |", "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
   for r in records:
-    head = (f"| {r['model']} | {'x'.join(map(str, r['shape']))} | {r['mode']} | "
+    model = r["model"] + (f" [{r['dense']}]" if r.get("dense", "auto") != "auto" else "")
+    head = (f"| {model} | {'x'.join(map(str, r['shape']))} | {r['mode']} | "
             f"{r['batch']} | {r['dtype']} |")
     if "error" in r:
       lines.append(f"{head} {r['error']} | | | |")
@@ -132,6 +147,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
   parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+  parser.add_argument("--dense", nargs="+", default=None, choices=["auto", "buffer", "loop"],
+                      help="dense-block formulations (default: buffer loop; --smoke: auto)")
   parser.add_argument("--peak_tflops", type=float, default=989.4,
                       help="the chip's dense bf16 peak, for MFU")
   parser.add_argument("--case_timeout", type=float, default=240.0,
@@ -145,12 +162,14 @@ def main(argv=None):
     print(json.dumps(_worker(json.loads(args.worker), args.steps, args.warmup)))
     return
   records = []
+  dense = args.dense or (["auto"] if args.smoke else ["buffer", "loop"])
   for name, kwargs, shape, mode, batch in (SMOKE_CASES if args.smoke else CASES):
     for dtype in args.dtypes:
-      case = {"model": name, "kwargs": kwargs, "shape": list(shape), "mode": mode,
-              "batch": batch, "dtype": dtype}
-      records.append(_run_case(case, args.steps, args.warmup, args.case_timeout))
-      print(json.dumps(records[-1]), file=sys.stderr, flush=True)
+      for formulation in dense:
+        case = {"model": name, "kwargs": kwargs, "shape": list(shape), "mode": mode,
+                "batch": batch, "dtype": dtype, "dense": formulation}
+        records.append(_run_case(case, args.steps, args.warmup, args.case_timeout))
+        print(json.dumps(records[-1]), file=sys.stderr, flush=True)
   found = [r for r in records if "device" in r]
   if found:
     print(f"device: {found[0]['device']} ({found[0]['backend']}), "

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -69,8 +70,23 @@ def finite_flags(tree) -> jax.Array:
 
 
 def make_mesh(devices=None) -> Mesh:
-  """1-D data-parallel mesh over ``devices`` (default: every device of every host)."""
+  """1-D data-parallel mesh over ``devices`` (default: every device of every host).
+
+  Devices of several TPU slices (distinct ``slice_index``) are ordered as a hybrid mesh
+  (``mesh_utils.create_hybrid_device_mesh``): the slices' ICI meshes one after the other, so
+  the gradient all-reduces run within each slice over ICI and once across slices over the
+  data-centre network, instead of treating the slices as one flat torus.  Devices may be
+  compile-only ones (``jax.experimental.topologies``) for an ahead-of-time compile.
+  """
   devices = jax.devices() if devices is None else list(devices)
+  slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+  if len(slices) > 1:
+    per_slice = len(devices) // len(slices)
+    if per_slice * len(slices) != len(devices):
+      raise ValueError(f"make_mesh: {len(devices)} devices over {len(slices)} slices; every "
+                       "slice must hold the same number of devices")
+    ordered = mesh_utils.create_hybrid_device_mesh((per_slice,), (len(slices),), devices)
+    return Mesh(ordered.reshape(-1), ("data",))
   return Mesh(np.asarray(devices), ("data",))
 
 
@@ -149,7 +165,15 @@ def make_train_step(model, tx, schedule, mesh: Mesh, state_example: TrainState):
     metrics["finite"] = finite_flags(new_state.checked())
     return new_state, metrics
 
-  return jax.jit(step_fn, in_shardings=(state_sharding, {"image": data, "label": data}),
+  def partitionable_step_fn(state: TrainState, batch):
+    # Dropout bits drawn shard-locally: with the partitionable threefry each device draws
+    # only its own examples' bits (the default draws the whole global batch's on every
+    # device), and the masks do not depend on the number of devices.
+    with jax.threefry_partitionable(True):
+      return step_fn(state, batch)
+
+  return jax.jit(partitionable_step_fn,
+                 in_shardings=(state_sharding, {"image": data, "label": data}),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 

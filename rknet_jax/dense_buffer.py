@@ -307,6 +307,30 @@ def _layer_bwd(plan, buf, width, dbuf, xs):
   return dbuf, (dfirst, dsecond)
 
 
+def _zero_accumulators(layer_bwd, dbuf, xs, num_layers: int):
+  """Zeros shaped as ``num_layers`` stacked parameter cotangents of ``layer_bwd``."""
+  one = jax.tree.map(lambda v: v[0], xs)
+  grads = jax.eval_shape(layer_bwd, dbuf, one)[1]
+  return jax.tree.map(lambda g: jnp.zeros((num_layers,) + g.shape, g.dtype), grads)
+
+
+def _accumulating(layer_bwd, carry, xs):
+  """``layer_bwd`` (:func:`_layer_bwd` with its first arguments bound) as a scan body that
+  adds the layer's parameter cotangents into row ``j`` (its index in the bucket) of
+  zero-initialised stacked accumulators carried through the loop, instead of emitting them
+  as per-iteration outputs.  Same values (0 + g = g).  On a data-sharded batch a
+  loop-carried sum is the pattern XLA's while-loop all-reduce code motion recognises: the
+  batch reduction of the bucket's kernel gradients leaves the loop and runs once per
+  bucket instead of once per layer (``benchmarks/README.md``, "TPU pods ahead of time")."""
+  dbuf, acc = carry
+  j, *layer_xs = xs
+  dbuf, grads = layer_bwd(dbuf, tuple(layer_xs))
+  acc = jax.tree.map(
+      lambda a, g: lax.dynamic_update_index_in_dim(
+          a, lax.dynamic_index_in_dim(a, j, keepdims=False) + g, j, 0), acc, grads)
+  return (dbuf, acc), None
+
+
 def _dense_block_bwd(plan, res, cts):
   """Reverse pass, bucket by bucket from the last: a reverse scan over the bucket's layers
   (one compiled body per bucket, its layers' first units padded to the bucket's width)."""
@@ -322,9 +346,12 @@ def _dense_block_bwd(plan, res, cts):
                                               None if hid is None else hid[0]))
       dlayers[a] = LayerVars(dfirst, dsecond)
       continue
+    xs = (_offsets(plan, a, b), bv, hid)
     body = functools.partial(_layer_bwd, _in_loop(plan), buf, plan.in_width(b - 1))
-    dbuf, (dfirst, dsecond) = lax.scan(body, dbuf, (_offsets(plan, a, b), bv, hid),
-                                       reverse=True)
+    zeros = _zero_accumulators(body, dbuf, xs, b - a)
+    (dbuf, (dfirst, dsecond)), _ = lax.scan(
+        functools.partial(_accumulating, body), (dbuf, zeros), (jnp.arange(b - a),) + xs,
+        reverse=True)
     for j, l in enumerate(range(a, b)):
       first = jax.tree.map(lambda v, j=j: v[j], dfirst)
       second = None if dsecond is None else jax.tree.map(lambda v, j=j: v[j], dsecond)
