@@ -23,6 +23,7 @@ from rknet_jax import checks
 from rknet_jax import conv as conv_lib
 from rknet_jax import dense_buffer
 from rknet_jax import layers
+from rknet_jax import rk as rk_lib
 from rknet_jax.layers import LayerConfig
 
 __all__ = ["DenseLayer", "DenseBlock", "ERKStep", "CliqueBlock", "IRKStep"]
@@ -287,16 +288,20 @@ class CliqueBlock(nn.Module):
                         checks.UPDATE_ORDERS)
     checks.check_int("CliqueBlock", "num_updates", self.num_updates, 0, checks.MAX_UPDATES)
     checks.check_int("CliqueBlock", "num_stages", self.num_stages)
-    if self.share_weights and self.num_stages < 2 and self.num_updates > 0:
-      raise ValueError("a clique block with shared weights needs s >= 2 stages: with s = 1 "
-                       "the update pass has no other stage to read (equation 6)")
+    if self.share_weights and self.num_updates > 0:
+      checks.check_shared_weight_stages("CliqueBlock", (self.num_stages,))
 
   @nn.compact
   def __call__(self, x0, train: bool):
     self._check()
     if self.share_weights:
-      return self._shared(x0, train)
-    return self._unshared(x0, train)
+      stage_one, final, last_input = self._shared(x0, train)
+    else:
+      stage_one, final, last_input = self._unshared(x0, train)
+    if self.num_updates > 0:  # rk.implicit_residuals reads it from an apply's state
+      self.sow("intermediates", rk_lib.IMPLICIT_RESIDUAL,
+               rk_lib.max_abs_change(last_input, final))
+    return stage_one, final
 
   def _shared(self, x0, train):
     s, k, w = self.num_stages, self.growth_rate, self.bottleneck_width
@@ -333,7 +338,8 @@ class CliqueBlock(nn.Module):
       for i in range(1, s + 1):
         others = [j for j in range(1, s + 1) if j != i]
         X[i] = g(f"update{u}", i, [src[j] for j in others], others)
-    return stage_one, [X[i] for i in range(1, s + 1)]
+    last_input = [prev[i] for i in range(1, s + 1)] if self.num_updates else stage_one
+    return stage_one, [X[i] for i in range(1, s + 1)], last_input
 
   def _unshared(self, x0, train):
     s, k = self.num_stages, self.growth_rate
@@ -344,12 +350,13 @@ class CliqueBlock(nn.Module):
       X.append(mk(f"pass1_stage{i + 1}")([x0] + X[:i], train))
     stage_one = list(X)
     update = [mk(f"update_stage{i + 1}") for i in range(s)]
+    prev = stage_one
     for _ in range(self.num_updates):
       prev = list(X)
       for i in range(s):
         src = X if self.update_order == "gauss_seidel" else prev
         X[i] = update[i]([x0] + [src[j] for j in range(s) if j != i], train)
-    return stage_one, X
+    return stage_one, X, prev
 
 
 class IRKStep(nn.Module):

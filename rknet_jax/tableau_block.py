@@ -217,19 +217,13 @@ class TableauStep(nn.Module):
     tableau = self.butcher_tableau
     s = tableau.num_stages
     if tableau.is_explicit:
-      if self.learn_coefficients:
-        return s
-      needed = [False] * s
-      for i in reversed(range(s)):
-        needed[i] = tableau.b[i] != 0 or any(
-            needed[k] and tableau.a[k][i] != 0 for k in range(i + 1, s))
-      return sum(needed)
+      return s if self.learn_coefficients else sum(tableau.needed_stages)
     iterations = self.implicit_iterations or rk_lib.default_implicit_iterations(
         tableau.order)
     shared = self.stage_functions == "shared"
     predictor = 1 if shared else s
     zero_rows = [] if self.learn_coefficients else [
-        i for i, row in enumerate(tableau.a) if all(v == 0 for v in row)]
+        i for i, zero in enumerate(tableau.zero_rows) if zero]
     # A zero row is evaluated once, at y_n; with a shared f and c_i = 0 that is z0.
     extra = sum(1 for i in zero_rows if not (shared and tableau.c[i] == 0))
     return predictor + extra + (s - len(zero_rows)) * iterations
@@ -293,7 +287,10 @@ class TableauStep(nn.Module):
     if tableau.is_implicit:
       iterations = (_positive_int_or_none(self.implicit_iterations, "implicit_iterations")
                     or rk_lib.default_implicit_iterations(tableau.order))
-    return rk_lib.runge_kutta_step(
+    y_next, residual = rk_lib.runge_kutta_step(
         stage_fn, t, y, h, a, b, c, explicit=tableau.is_explicit,
         implicit_iterations=iterations or 1, solver="fixed_point",
-        shared_predictor=shared)
+        shared_predictor=shared, return_residual=True)
+    if residual is not None:  # rk_lib.implicit_residuals reads it from an apply's state
+      self.sow("intermediates", rk_lib.IMPLICIT_RESIDUAL, residual)
+    return y_next

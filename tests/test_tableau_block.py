@@ -243,3 +243,33 @@ def test_num_evaluations_counts_vector_field_calls(mode, learn):
   assert TableauStep(tableau="dopri5").num_evaluations == 6  # FSAL stage skipped
   assert TableauStep(tableau="gauss_legendre2",
                      implicit_iterations=3).num_evaluations == 1 + 2 * 3
+
+
+def test_implicit_step_sows_its_residual():
+  """TableauStep and the clique blocks sow their implicit solve's final residual;
+  rk.implicit_residuals reads it from the apply's state: large after too few iterations,
+  small once converged; explicit steps sow nothing."""
+  from rknet_jax import blocks
+
+  x = 0.5 * _input()
+  residuals = {}
+  for iterations in (1, 25):
+    step = TableauStep(tableau="gauss_legendre2", step_size=0.3, vector_field=LINEAR_FIELD,
+                       implicit_iterations=iterations, dtype=jnp.float64,
+                       param_dtype=jnp.float64)
+    variables = {"params": {"f": {"conv0": {"kernel": _hand_kernel(1, 4, 3, scale=0.2)}}}}
+    y, state = step.apply(variables, x, mutable=["intermediates"])
+    np.testing.assert_array_equal(y, step.apply(variables, x))  # reporting changes nothing
+    residuals[iterations] = rk.implicit_residuals(state)
+  assert list(residuals[1]) == [""]  # the top-level module's own path
+  assert float(residuals[1][""]) > 1e-3 > 1e-9 > float(residuals[25][""]), residuals
+  explicit = TableauStep(tableau="rk4", vector_field=LINEAR_FIELD, dtype=jnp.float64,
+                         param_dtype=jnp.float64)
+  v = explicit.init(jax.random.key(0), x)
+  assert rk.implicit_residuals(explicit.apply(v, x, mutable=["intermediates"])[1]) == {}
+  block = blocks.CliqueBlock(2, 3, num_updates=2)
+  v = block.init(jax.random.key(0), x.astype(jnp.float32), train=False)
+  assert sorted(v) == ["batch_stats", "params"]
+  _, state = block.apply(v, x.astype(jnp.float32), train=False, mutable=["intermediates"])
+  assert set(rk.implicit_residuals(state)) == {""}
+  assert float(rk.implicit_residuals(state)[""]) > 0
