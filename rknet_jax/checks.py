@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 __all__ = ["METHODS", "STEMS", "UPDATE_ORDERS", "DTYPES", "IMPLS", "DENSE_FORMULATIONS",
-           "MAX_LAYERS", "MAX_WIDTH", "MAX_UPDATES", "check_choice", "check_int",
+           "MAX_LAYERS", "MAX_WIDTH", "MAX_UPDATES", "MAX_COUNT", "check_choice", "check_int",
            "check_optional_int", "check_bool", "check_rate", "check_epsilon",
            "check_compression", "check_shared_weight_stages", "per_period",
            "sequence_length", "dtype_name", "check_keywords", "check_size"]
@@ -54,20 +54,26 @@ def check_choice(owner: str, field: str, value, allowed) -> Any:
                    + _suggest(value, allowed))
 
 
-def check_int(owner: str, field: str, value, minimum: int = 1,
-              maximum: int = MAX_WIDTH) -> int:
-  """``int(value)`` for an integer in [minimum, maximum] (bools and strings refused)."""
+MAX_COUNT = 1 << 31
+"""Bound of the counts that have no natural one (steps, iterations, orders, depths)."""
+
+
+def check_int(owner: str, field: str, value, minimum: int = 1, maximum: int = MAX_WIDTH,
+              note: str = "") -> int:
+  """``int(value)`` for an integer in [minimum, maximum] (bools, floats and strings
+  refused; NumPy integers accepted).  The one integer/range check of the library;
+  ``note`` ends the message (what the value means)."""
   if (isinstance(value, bool) or not hasattr(value, "__index__")
       or not minimum <= int(value) <= maximum):
     raise ValueError(f"{owner}: {field}={value!r}: expected an int from {minimum} to "
-                     f"{maximum}")
+                     f"{maximum}" + (f" ({note})" if note else ""))
   return int(value)
 
 
 def check_optional_int(owner: str, field: str, value, minimum: int = 1,
-                       maximum: int = MAX_WIDTH):
-  """None, or ``check_int(owner, field, value, minimum, maximum)``."""
-  return None if value is None else check_int(owner, field, value, minimum, maximum)
+                       maximum: int = MAX_WIDTH, note: str = ""):
+  """None, or ``check_int(owner, field, value, minimum, maximum, note)``."""
+  return None if value is None else check_int(owner, field, value, minimum, maximum, note)
 
 
 def check_bool(owner: str, field: str, value) -> bool:

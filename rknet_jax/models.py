@@ -70,6 +70,8 @@ class _Network(nn.Module):
     remat: rematerialise the memory-heavy segments (jax.checkpoint; same results).
     conv_impl: convolution formulation (:mod:`rknet_jax.conv`; "auto" picks by backend at
       trace time).
+    dense_formulation: how dense blocks are computed (:class:`rknet_jax.blocks.DenseBlock`;
+      "auto" picks by depth and backend; same values and variables either way).
   """
   dropout_rate: float = _keyword(0.0)
   bn_momentum: float = _keyword(layers.RKNET_BN_MOMENTUM)
@@ -77,6 +79,7 @@ class _Network(nn.Module):
   dtype: Any = _keyword(jnp.float32)
   remat: bool = _keyword(False)
   conv_impl: str = _keyword("auto")
+  dense_formulation: str = _keyword("auto")
 
   def spec(self) -> spec_lib.ModelSpec:
     """This module's configuration as its family's spec (:mod:`rknet_jax.families`).
@@ -94,7 +97,8 @@ class _Network(nn.Module):
 
   def layer_config(self) -> LayerConfig:
     """The :class:`LayerConfig` every layer of this model is built with."""
-    return LayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerConfig)})
+    return LayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerConfig)
+                          if hasattr(self, f.name)})
 
   def _stem_features(self) -> int:
     """Output channels of the preprocessor (the baselines' ``init_features``)."""
@@ -232,8 +236,7 @@ class TableauRKNet(_Periods):
     tab = _get_tableau(self.tableau)
     options["stage_functions"] = spec_lib.tableau_stage_functions(tab, self.stages[p],
                                                                   options)
-    return dict(options, tableau=tab.name, momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon, dtype=self.dtype, conv_impl=self.conv_impl)
+    return dict(options, tableau=tab.name, config=self.layer_config())
 
   def check(self):
     """Raise ValueError on an invalid configuration (before any array is built): the spec's

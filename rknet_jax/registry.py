@@ -198,12 +198,12 @@ def erknet_from_densenet(config) -> Dict[str, Any]:
   stages, ms = [], []
   for n, L in enumerate(block_layers):
     if c % k:
-      raise ValueError(f"erknet_from_densenet: Rule 1 broken: dense block {n + 1} starts with {c} "
-                 f"channels, not m*k for an integer m (k = {k})")
+      raise ValueError(f"erknet_from_densenet: Rule 1 broken: dense block {n + 1} starts "
+                       f"with {c} channels, not m*k for an integer m (k = {k})")
     m = c // k
     if L % m:
-      raise ValueError(f"erknet_from_densenet: Rule 3 broken: dense block {n + 1} has {L} layers, "
-                 f"not s*m for an integer s (m = {c}/{k} = {m})")
+      raise ValueError(f"erknet_from_densenet: Rule 3 broken: dense block {n + 1} has {L} "
+                       f"layers, not s*m for an integer s (m = {c}/{k} = {m})")
     stages.append(L // m)
     ms.append(m)
     if n < len(block_layers) - 1:
@@ -243,16 +243,16 @@ def irknet_from_cliquenet(config, *, strict: bool = False) -> Dict[str, Any]:
     raise ValueError(f"irknet_from_cliquenet: the CliqueNet config lacks {e}") from None
   num_updates = int(cfg.get("num_updates", 1))
   if num_updates < 1:
-    raise ValueError("irknet_from_cliquenet: equation 6 broken: with num_updates = 0 there is no "
-               "alternate update, stage i never reads stages j > i, and the block is an "
-               "explicit method (use erknet_from_densenet-style ERKNets)")
+    raise ValueError("irknet_from_cliquenet: equation 6 broken: with num_updates = 0 there is "
+                     "no alternate update, stage i never reads stages j > i, and the block is "
+                     "an explicit method (use erknet_from_densenet-style ERKNets)")
   checks.check_shared_weight_stages("irknet_from_cliquenet", block_layers)
   if strict:
     c = int(cfg.get("init_features", 64))
     for n, s in enumerate(block_layers):
       if c != ks[n]:
-        raise ValueError(f"irknet_from_cliquenet: Rules 1 and 4 broken: block {n + 1} starts with "
-                   f"{c} channels, not m*k with m = 1 (k = {ks[n]})")
+        raise ValueError(f"irknet_from_cliquenet: Rules 1 and 4 broken: block {n + 1} starts "
+                         f"with {c} channels, not m*k with m = 1 (k = {ks[n]})")
       c = s * ks[n]
   letters = ("A" if cfg.get("attention") else "") + ("B" if cfg.get("bottleneck") else "")
   terms = " ".join(f"{s}×1" for s in block_layers)

@@ -42,10 +42,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from rknet_jax import checks
 from rknet_jax import tableaus as tableaus_lib
 
 __all__ = ["rk_step", "odeint_fixed", "runge_kutta_step", "default_implicit_iterations",
@@ -97,14 +97,8 @@ def _check_solver(solver):
 
 
 def _check_iterations(implicit_iterations):
-  if implicit_iterations is None:
-    return None
-  if (isinstance(implicit_iterations, bool)
-      or not isinstance(implicit_iterations, (int, np.integer))
-      or implicit_iterations < 1):
-    raise ValueError("implicit_iterations must be None or a positive int, got "
-                     f"{implicit_iterations!r}")
-  return int(implicit_iterations)
+  return checks.check_optional_int("rk_step", "implicit_iterations", implicit_iterations, 1,
+                                   checks.MAX_COUNT, "None or a positive int")
 
 
 def default_implicit_iterations(order: int, solver: str = "fixed_point") -> int:
@@ -353,11 +347,9 @@ def _checked_vector_field(f: VectorField, y) -> VectorField:
 
 
 def _check_num_steps(num_steps):
-  if (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))
-      or num_steps < 1):
-    raise ValueError("num_steps must be a positive Python int (the number of fixed "
-                     f"steps; there is no default step size), got {num_steps!r}")
-  return int(num_steps)
+  return checks.check_int("odeint_fixed", "num_steps", num_steps, 1, checks.MAX_COUNT,
+                          "num_steps must be a positive Python int: the number of fixed "
+                          "steps; there is no default step size")
 
 
 def odeint_fixed(f: VectorField, y0, t0, t1, num_steps: int, tableau, *,

@@ -28,7 +28,7 @@ import re
 from typing import Any, Optional, Tuple
 
 from rknet_jax import families
-from rknet_jax.checks import (IMPLS, MAX_LAYERS, MAX_UPDATES, MAX_WIDTH, METHODS, STEMS,
+from rknet_jax.checks import (DENSE_FORMULATIONS, IMPLS, MAX_LAYERS, MAX_UPDATES, MAX_WIDTH, METHODS, STEMS,
                               UPDATE_ORDERS, check_bool, check_choice, check_compression,
                               check_epsilon, check_int, check_keywords, check_rate,
                               check_shared_weight_stages, check_size, dtype_name, per_period,
@@ -38,7 +38,8 @@ __all__ = ["RKNetSpec", "TableauRKNetSpec", "DenseNetSpec", "CliqueNetSpec", "Mo
            "from_json", "LAYER_OPTIONS", "DENSENET_IMAGENET", "TABLEAU_STEP_OPTIONS",
            "bottleneck_widths", "tableau_stage_functions"]
 
-LAYER_OPTIONS = ("dropout_rate", "bn_momentum", "bn_epsilon", "dtype", "remat", "conv_impl")
+LAYER_OPTIONS = ("dropout_rate", "bn_momentum", "bn_epsilon", "dtype", "remat", "conv_impl",
+                 "dense_formulation")
 """Spec fields whose ``None`` means the model class's default."""
 
 
@@ -50,10 +51,11 @@ class ModelSpec:
   Attributes:
     num_classes: classifier outputs (CIFAR-10: 10).
     stem: "cifar" or "imagenet" (:data:`STEMS`).
-    dropout_rate, bn_momentum, bn_epsilon, dtype, remat, conv_impl: layer options; None =
-      the model class's default (see :mod:`rknet_jax.models` for each value and its
-      source).  dtype is a name of ``checks.DTYPES`` (a dtype is accepted and stored by
-      name); conv_impl one of ``rknet_jax.checks.IMPLS``.
+    dropout_rate, bn_momentum, bn_epsilon, dtype, remat, conv_impl, dense_formulation:
+      layer options; None = the model class's default (see :mod:`rknet_jax.models` for
+      each value and its source).  dtype is a name of ``checks.DTYPES`` (a dtype is
+      accepted and stored by name); conv_impl one of ``checks.IMPLS``; dense_formulation
+      one of ``checks.DENSE_FORMULATIONS`` (how dense blocks are computed; same values).
   """
   num_classes: int = 10
   stem: str = "cifar"
@@ -63,6 +65,7 @@ class ModelSpec:
   dtype: Optional[str] = None
   remat: Optional[bool] = None
   conv_impl: Optional[str] = None
+  dense_formulation: Optional[str] = None
 
   def _set(self, field, value):
     object.__setattr__(self, field, value)
@@ -90,6 +93,8 @@ class ModelSpec:
       check_bool(owner, "remat", self.remat)
     if self.conv_impl is not None:
       check_choice(owner, "conv_impl", self.conv_impl, IMPLS)
+    if self.dense_formulation is not None:
+      check_choice(owner, "dense_formulation", self.dense_formulation, DENSE_FORMULATIONS)
 
   @property
   def name(self) -> str:

@@ -177,7 +177,7 @@ class ButcherTableau:
 
   def arrays(self, dtype=None):
     """Returns (a, b, c) as ``jax.numpy`` arrays (default dtype: JAX's default float)."""
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp
     return (jnp.asarray(self.a, dtype), jnp.asarray(self.b, dtype),
             jnp.asarray(self.c, dtype))
 
