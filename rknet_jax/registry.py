@@ -128,7 +128,7 @@ def build(spec: spec_lib.ModelSpec):
   try:
     model.check()
   except ValueError as e:
-    raise ValueError(f"{spec.name}: {e}") from None
+    raise ValueError(f"{spec.owner}: {e}") from None
   return model
 
 
@@ -143,7 +143,7 @@ def resolve(spec: spec_lib.ModelSpec) -> spec_lib.ModelSpec:
   filled = {f: defaults[f] for f in spec_lib.LAYER_OPTIONS
             if getattr(spec, f) is None and f in defaults}
   if "dtype" in filled:
-    filled["dtype"] = checks.dtype_name(spec.name, filled["dtype"])
+    filled["dtype"] = checks.dtype_name(type(spec).__name__, filled["dtype"])
   return dataclasses.replace(spec, **filled)
 
 

@@ -71,7 +71,8 @@ class ModelSpec:
     object.__setattr__(self, field, value)
 
   @property
-  def _owner(self):
+  def owner(self) -> str:
+    """What error messages call this spec: its name, or its class name when it has none."""
     try:
       return self.name
     except ValueError:
@@ -112,7 +113,7 @@ class ModelSpec:
 
   def replace(self, **overrides) -> "ModelSpec":
     """A copy with ``overrides`` (validated again); unknown keywords are named."""
-    check_keywords(self._owner, overrides, [f.name for f in dataclasses.fields(self)])
+    check_keywords(self.owner, overrides, [f.name for f in dataclasses.fields(self)])
     return dataclasses.replace(self, **overrides)
 
   def to_json(self) -> str:
@@ -203,7 +204,7 @@ class RKNetSpec(_PeriodsSpec):
 
   def __post_init__(self):
     super().__post_init__()
-    owner = self._owner
+    owner = self.owner
     check_choice(owner, "method", self.method, METHODS)
     check_bool(owner, "bottleneck", self.bottleneck)
     check_bool(owner, "share_weights", self.share_weights)
@@ -289,10 +290,10 @@ class TableauRKNetSpec(_PeriodsSpec):
       options = options.items()
     self._set("step_options", tuple(sorted((str(k), v) for k, v in options)))
     options = dict(self.step_options)
-    check_keywords(self._owner, options, TABLEAU_STEP_OPTIONS)
+    check_keywords(self.owner, options, TABLEAU_STEP_OPTIONS)
     for s in self.stages:
-      tableau_stage_functions(tab, s, options, self._owner)
-    check_size(self._owner, self.num_layers)
+      tableau_stage_functions(tab, s, options, self.owner)
+    check_size(self.owner, self.num_layers)
 
   @property
   def name(self) -> str:

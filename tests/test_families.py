@@ -113,11 +113,11 @@ def test_a_module_checks_its_options_with_its_spec():
                        method="implicit")
   with pytest.raises(ValueError, match="Rule 4"):
     model.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)), train=False)
-  assert models.DenseNet(block_layers=(2,), growth_rate=4, init_features=8).spec() == (
-      spec_lib.DenseNetSpec(block_layers=(2,), growth_rate=4, init_features=8,
-                            dtype="float32", bn_momentum=layers.DENSENET_BN_MOMENTUM,
-                            bn_epsilon=layers.DENSENET_BN_EPSILON, remat=False,
-                            dropout_rate=0.0, conv_impl="auto"))
+  # A module's spec is the spec it was built from, defaults resolved.
+  spec = spec_lib.DenseNetSpec(block_layers=(2,), growth_rate=4, init_features=8)
+  resolved = registry.resolve(spec)
+  assert resolved.bn_momentum == layers.DENSENET_BN_MOMENTUM and resolved.dtype == "float32"
+  assert registry.build(spec).spec() == resolved
 
 
 def test_the_spec_layer_imports_no_flax():
