@@ -104,6 +104,9 @@ def test_builtin_families_and_unknown_names():
   assert families.of_module(models.CliqueNet).spec is spec_lib.CliqueNetSpec
   with pytest.raises(ValueError, match="unknown family 'ToyNet'"):
     registry.parse_name("ToyNet-2")
+  old = spec_lib.from_json({"family": "CliqueNetSpec", "block_layers": [2, 2],
+                           "growth_rates": [4, 4]})  # a module-style key of older files
+  assert old == spec_lib.CliqueNetSpec(block_layers=(2, 2), growth_rate=4)
   with pytest.raises(ValueError, match="registered already"):
     families.register(families.by_spec_name("RKNetSpec"))
 
