@@ -298,7 +298,8 @@ class CliqueBlock(_CliqueOptions):
       stage_one, final, last_input = self._shared(x0, train)
     else:
       stage_one, final, last_input = self._unshared(x0, train)
-    if self.num_updates > 0:  # rk.implicit_residuals reads it from an apply's state
+    if self.num_updates > 0 and self.is_mutable_collection("intermediates"):
+      # rk.implicit_residuals reads it from an apply's state (only computed when asked for)
       self.sow("intermediates", rk_lib.IMPLICIT_RESIDUAL,
                rk_lib.max_abs_change(last_input, final))
     return stage_one, final

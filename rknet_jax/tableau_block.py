@@ -263,10 +263,13 @@ class TableauStep(nn.Module):
     if tableau.is_implicit:
       iterations = (self.implicit_iterations
                     or rk_lib.default_implicit_iterations(tableau.order))
-    y_next, residual = rk_lib.runge_kutta_step(
+    report = tableau.is_implicit and self.is_mutable_collection("intermediates")
+    out = rk_lib.runge_kutta_step(
         stage_fn, t, y, h, a, b, c, explicit=tableau.is_explicit,
         implicit_iterations=iterations or 1, solver="fixed_point",
-        shared_predictor=shared, return_residual=True)
-    if residual is not None:  # rk_lib.implicit_residuals reads it from an apply's state
-      self.sow("intermediates", rk_lib.IMPLICIT_RESIDUAL, residual)
+        shared_predictor=shared, return_residual=report)
+    if not report:
+      return out
+    y_next, residual = out  # rk_lib.implicit_residuals reads it from an apply's state
+    self.sow("intermediates", rk_lib.IMPLICIT_RESIDUAL, residual)
     return y_next

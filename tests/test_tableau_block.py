@@ -273,3 +273,10 @@ def test_implicit_step_sows_its_residual():
   _, state = block.apply(v, x.astype(jnp.float32), train=False, mutable=["intermediates"])
   assert set(rk.implicit_residuals(state)) == {""}
   assert float(rk.implicit_residuals(state)[""]) > 0
+  from rknet_jax import registry
+  model = registry.create_model("IRKNet-2x1 2x1", growth_rate=3)
+  images = x[..., :3].astype(jnp.float32)
+  v = model.init(jax.random.key(0), images, train=False)
+  _, state = model.apply(v, images, train=False, mutable=["intermediates"])
+  assert sorted(rk.implicit_residuals(state)) == ["period1_step1/clique_block",
+                                                  "period2_step1/clique_block"]
