@@ -55,11 +55,11 @@ PYTORCH_REFERENCE = {"train_img_s": 81.0, "infer_img_s": (127.0, 136.0), "peak_r
 # --------------------------------------------------------------------------------------
 # Worker: one configuration, in its own process.
 # --------------------------------------------------------------------------------------
-def _build(model_name, remat, dtype_name, impl):
+def _build(model_name, remat, dtype_name, impl, dense="auto"):
   import jax.numpy as jnp
   import rknet_jax
   kwargs = dict(growth_rate=GROWTH_RATE, remat=remat, dtype=jnp.dtype(dtype_name),
-                conv_impl=impl)
+                conv_impl=impl, dense_formulation=dense)
   if model_name.endswith("-B"):
     kwargs["bottleneck_width"] = BOTTLENECK_WIDTH
   return rknet_jax.create_model(model_name, **kwargs)
@@ -87,10 +87,7 @@ def _worker(args):
     from experiments import compiler_memory
     if not compiler_memory.install():
       raise RuntimeError("--malloc runner needs glibc's malloc_trim")
-  if args.dense == "buffer":  # every dense block on the channel buffer, also shallow ones
-    from rknet_jax import blocks
-    blocks.LOOP_MAX_LAYERS = 0
-  model = _build(args.model, args.remat, args.dtype, args.impl)
+  model = _build(args.model, args.remat, args.dtype, args.impl, args.dense)
   batch = args.batch
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((batch, 32, 32, 3), dtype=np.float32))
@@ -277,9 +274,10 @@ def main(argv=None):
                       "freed memory (benchmarks/cpu_allocator.py: no faults, but the heap "
                       "fragments and RSS grows)")
   parser.add_argument("--dense", default="auto", choices=["auto", "buffer"],
-                      help="dense blocks: 'auto' = DenseBlock's choice (on CPU the loop of "
-                      "layers for blocks of at most blocks.LOOP_MAX_LAYERS layers); 'buffer' "
-                      "= every block on the channel buffer (rknet_jax/dense_buffer.py)")
+                      help="the models' dense_formulation: 'auto' = DenseBlock's choice (on "
+                      "CPU the loop of layers for blocks of at most blocks.LOOP_MAX_LAYERS "
+                      "layers); 'buffer' = every block on the channel buffer "
+                      "(rknet_jax/dense_buffer.py)")
   parser.add_argument("--train_batch", type=int, default=64)
   parser.add_argument("--infer_batch", type=int, default=256)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per run")

@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 from experiments import rundir
+from rknet_jax import families as rknet_families
 
 STUDY_JSON = "study.json"
 STUDY_MD = "study.md"
@@ -66,7 +67,7 @@ RESULT_NEUTRAL_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_chec
 TRAIN, RESUME, CONTINUE, REUSE = "train", "resume", "continue", "reuse"
 _UNSET = "(not set)"  # a field one of two compared configs lacks
 
-FAMILIES = ("ERKNet", "IRKNet", "DenseNet", "CliqueNet")
+FAMILIES = rknet_families.study_labels()  # ERKNet, IRKNet, DenseNet, CliqueNet
 _MARKERS = {"ERKNet": "o", "IRKNet": "s", "DenseNet": "^", "CliqueNet": "v",
             "tableau RKNet": "D", "RKNet": "P"}
 

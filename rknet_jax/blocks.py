@@ -18,11 +18,11 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rknet_jax import batch_norm as bn_math
 from rknet_jax import checks
 from rknet_jax import conv as conv_lib
 from rknet_jax import dense_buffer
 from rknet_jax import layers
+from rknet_jax import rk as rk_lib
 from rknet_jax.layers import LayerConfig
 
 __all__ = ["DenseLayer", "DenseBlock", "ERKStep", "CliqueBlock", "IRKStep"]
@@ -65,34 +65,27 @@ class DenseLayer(nn.Module):
                              name="bn_relu_conv3x3")(h, train)
 
 
-DENSE_FORMULATIONS = ("auto", "buffer", "loop")
-"""``DenseBlock.formulation`` values."""
+DENSE_FORMULATIONS = checks.DENSE_FORMULATIONS
+"""``DenseBlock.formulation`` / ``LayerConfig.dense_formulation`` values."""
 LOOP_MAX_LAYERS = 8
-"""Deepest block ``DenseBlock(formulation="auto")`` runs as a loop of layers on CPU: on
-ERKNet-6x1 6x1 6x1-B (k = w = 36, 6 layers per block) the loop's training step takes about
-a fifth less time on 2 CPU cores than the buffer's (511 vs 658 ms; XLA:CPU runs the backward
-scans slower), while its quadratic memory is still small (``python -m
-benchmarks.bench_models --modes train --remat off --malloc runner --dense auto|buffer``)."""
+"""Deepest block the ``"auto"`` formulation runs as a loop of layers on CPU: for shallow
+blocks the loop's training step is faster there (XLA:CPU runs the buffer's backward scans
+slower) while its quadratic memory is still small; deeper blocks use the buffer.  The
+measurements behind the threshold: benchmarks/README.md (``python -m
+benchmarks.bench_models --dense auto|buffer``)."""
 
 
 class _BNVariables(nn.Module):
-  """Declares a BatchNorm's variables as :meth:`LayerConfig.batch_norm` would (params
-  ``scale``/``bias``, batch_stats ``mean``/``var``, float32) for numerics computed elsewhere;
-  given batch ``stats`` (mean, var) it folds them into the running averages (flax's rule)."""
+  """A BatchNorm's variables (:class:`rknet_jax.layers.BNVariables`) for numerics computed
+  elsewhere; given batch ``stats`` (mean, var) it folds them into the running averages."""
   features: int
 
   @nn.compact
   def __call__(self, stats=None, momentum: float = 0.0) -> dense_buffer.BNVars:
-    c = self.features
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    bn = layers.BNVariables.declare(self, self.features)
     if stats is not None:
-      mean, var = stats
-      ra_mean.value = bn_math.running_average(ra_mean.value, mean, momentum)
-      ra_var.value = bn_math.running_average(ra_var.value, var, momentum)
-    return dense_buffer.BNVars(scale, bias, ra_mean.value, ra_var.value)
+      bn.update(*stats, momentum)
+    return dense_buffer.BNVars(bn.scale, bn.bias, bn.mean.value, bn.var.value)
 
 
 class _DropoutKey(nn.Module):
@@ -130,7 +123,7 @@ class _Scope(nn.Module):
   @nn.compact
   def __call__(self, cin, cout, ksize, dropout, stats, momentum):
     bn = _BNVariables(cin, name="bn")(stats, momentum)
-    kernel = layers._ConvKernel(tuple(ksize) + (cin, cout), name="conv")()  # pylint: disable=protected-access
+    kernel = layers.ConvKernel(tuple(ksize) + (cin, cout), name="conv")()
     key = _DropoutKey(name="Dropout_0")() if dropout else None
     return dense_buffer.ConvUnitVars(bn, kernel, key)
 
@@ -154,24 +147,27 @@ class DenseBlock(nn.Module):
     rebuilt in the backward pass from the final buffer); ``config.remat`` changes nothing.
   * ``"loop"``: the :class:`DenseLayer` s on the growing list of features (quadratic memory
     and program size; on CPU its per-part BatchNorm is the fastest for shallow blocks).
-  * ``"auto"`` (default): the buffer for blocks of more than :data:`LOOP_MAX_LAYERS` layers
+  * ``"auto"``: the buffer for blocks of more than :data:`LOOP_MAX_LAYERS` layers
     and whenever the convolutions are XLA's native ones (GPU/TPU), the loop otherwise
     (shallow blocks on CPU, e.g. every CIFAR ERKNet of the paper).
+
+  ``formulation`` None (the default) takes ``config.dense_formulation`` (a model's
+  ``dense_formulation`` option, default ``"auto"``).
   """
   num_layers: int
   growth_rate: int
   bottleneck_width: Optional[int] = None
   config: LayerConfig = LayerConfig()
-  formulation: str = "auto"
+  formulation: Optional[str] = None
   as_list: bool = False
 
   def uses_buffer(self) -> bool:
     """Whether this block runs on the channel buffer (see the class docstring)."""
-    if self.formulation not in DENSE_FORMULATIONS:
-      raise ValueError(f"DenseBlock: formulation={self.formulation!r}: expected one of "
-                       f"{DENSE_FORMULATIONS}")
-    if self.formulation != "auto":
-      return self.formulation == "buffer"
+    formulation = self.config.dense_formulation if self.formulation is None else (
+        self.formulation)
+    checks.check_choice("DenseBlock", "formulation", formulation, DENSE_FORMULATIONS)
+    if formulation != "auto":
+      return formulation == "buffer"
     return (self.num_layers > LOOP_MAX_LAYERS
             or conv_lib.resolve_impl(self.config.conv_impl) == "xla")
 
@@ -240,7 +236,18 @@ class ERKStep(nn.Module):
     return _sum([y.astype(groups[0].dtype)] + groups)
 
 
-class CliqueBlock(nn.Module):
+class _CliqueOptions(nn.Module):
+  """The fields a clique block and an IRK time-step share (see :class:`CliqueBlock`)."""
+  num_stages: int
+  growth_rate: int
+  bottleneck_width: Optional[int] = None
+  num_updates: int = 1
+  update_order: str = "gauss_seidel"
+  share_weights: bool = True
+  config: LayerConfig = LayerConfig()
+
+
+class CliqueBlock(_CliqueOptions):
   """CliqueNet's alternately updated clique block (Yang et al. 2018; paper section 3.3.2).
 
   Stages X_1..X_s of k channels each; X_0 = the block input (any width c_0).
@@ -272,31 +279,30 @@ class CliqueBlock(nn.Module):
   convolution, as in CliqueNet's code).
 
   Returns ``(stage_one, final)``: lists of the s stage values after pass I and after the
-  last update.
+  last update.  With ``num_updates >= 1`` it sows the last update's max-abs change of the
+  stages as ``"implicit_residual"`` (:func:`rknet_jax.rk.implicit_residuals`).
   """
-  num_stages: int
-  growth_rate: int
-  bottleneck_width: Optional[int] = None
-  num_updates: int = 1
-  update_order: str = "gauss_seidel"
-  share_weights: bool = True
-  config: LayerConfig = LayerConfig()
 
   def _check(self):
     checks.check_choice("CliqueBlock", "update_order", self.update_order,
                         checks.UPDATE_ORDERS)
     checks.check_int("CliqueBlock", "num_updates", self.num_updates, 0, checks.MAX_UPDATES)
     checks.check_int("CliqueBlock", "num_stages", self.num_stages)
-    if self.share_weights and self.num_stages < 2 and self.num_updates > 0:
-      raise ValueError("a clique block with shared weights needs s >= 2 stages: with s = 1 "
-                       "the update pass has no other stage to read (equation 6)")
+    if self.share_weights and self.num_updates > 0:
+      checks.check_shared_weight_stages("CliqueBlock", (self.num_stages,))
 
   @nn.compact
   def __call__(self, x0, train: bool):
     self._check()
     if self.share_weights:
-      return self._shared(x0, train)
-    return self._unshared(x0, train)
+      stage_one, final, last_input = self._shared(x0, train)
+    else:
+      stage_one, final, last_input = self._unshared(x0, train)
+    if self.num_updates > 0 and self.is_mutable_collection("intermediates"):
+      # rk.implicit_residuals reads it from an apply's state (only computed when asked for)
+      self.sow("intermediates", rk_lib.IMPLICIT_RESIDUAL,
+               rk_lib.max_abs_change(last_input, final))
+    return stage_one, final
 
   def _shared(self, x0, train):
     s, k, w = self.num_stages, self.growth_rate, self.bottleneck_width
@@ -333,7 +339,8 @@ class CliqueBlock(nn.Module):
       for i in range(1, s + 1):
         others = [j for j in range(1, s + 1) if j != i]
         X[i] = g(f"update{u}", i, [src[j] for j in others], others)
-    return stage_one, [X[i] for i in range(1, s + 1)]
+    last_input = [prev[i] for i in range(1, s + 1)] if self.num_updates else stage_one
+    return stage_one, [X[i] for i in range(1, s + 1)], last_input
 
   def _unshared(self, x0, train):
     s, k = self.num_stages, self.growth_rate
@@ -344,27 +351,21 @@ class CliqueBlock(nn.Module):
       X.append(mk(f"pass1_stage{i + 1}")([x0] + X[:i], train))
     stage_one = list(X)
     update = [mk(f"update_stage{i + 1}") for i in range(s)]
+    prev = stage_one
     for _ in range(self.num_updates):
       prev = list(X)
       for i in range(s):
         src = X if self.update_order == "gauss_seidel" else prev
         X[i] = update[i]([x0] + [src[j] for j in range(s) if j != i], train)
-    return stage_one, X
+    return stage_one, X, prev
 
 
-class IRKStep(nn.Module):
+class IRKStep(_CliqueOptions):
   """One IRK time-step: clique block + explicit summation (paper section 3.3.2, Figure 3).
 
   ``y`` must have k channels (Rules 1 and 4: m = 1).  y_{n+1} = y_n + sum_i X_i with the
   stage values X_i after the last alternate update (see :class:`CliqueBlock`).
   """
-  num_stages: int
-  growth_rate: int
-  bottleneck_width: Optional[int] = None
-  num_updates: int = 1
-  update_order: str = "gauss_seidel"
-  share_weights: bool = True
-  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, y, train: bool):

@@ -71,7 +71,7 @@ def write_model_spec(workdir: str, spec, input_shape: Sequence[int]):
   The file is ``spec.to_json()`` with the key ``input_shape`` added (see
   :mod:`rknet_jax.spec`); it is replaced atomically.
   """
-  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  from rknet_jax import registry
   data = json.loads(registry.resolve(spec).to_json())
   data["input_shape"] = [int(d) for d in input_shape]
   workdir_files.write_json(workdir_files.path(workdir, MODEL_FILE), data)
@@ -85,7 +85,7 @@ def read_model_spec(workdir: str) -> Optional[dict]:
 
 def saved_spec(data: dict):
   """The spec of a ``model.json`` dict (this format, or the first: name + kwargs)."""
-  from rknet_jax import names, registry, spec as spec_lib  # pylint: disable=g-import-not-at-top
+  from rknet_jax import names, registry, spec as spec_lib
   data = {k: v for k, v in data.items() if k != "input_shape"}
   if "family" in data:
     return spec_lib.from_json(data)
@@ -104,7 +104,7 @@ def saved_spec(data: dict):
 
 def model_from_spec(data: dict):
   """The model of a ``model.json`` dict (see :func:`saved_spec`), built, not initialised."""
-  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  from rknet_jax import registry
   return registry.create_model(saved_spec(data))
 
 
@@ -199,7 +199,7 @@ def restore_verified(manager, step: int, args):
   """
   try:
     restored = manager.restore(step, args=_with_meta(args))
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     denied = _permission_denied(e)
     if denied is not None:
       raise CheckpointUnreadable(
@@ -241,7 +241,7 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
       return step, restore_verified(manager, step, make_args(step))
     except (CheckpointUnreadable, ChecksumError):
       raise
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       raise ValueError(f"checkpoint step {step} in {manager.directory} cannot be restored "
                        f"({type(e).__name__}: {e}); it is damaged: ask for another step, or "
                        "none for the newest intact one") from e
@@ -250,7 +250,7 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
       return s, restore_verified(manager, s, make_args(s))
     except CheckpointUnreadable:
       raise
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       logging.warning(
           "Checkpoint step %d in %s is damaged and is skipped (%s: %s); trying the "
           "previous one. The damaged files are kept for inspection.",
@@ -311,6 +311,13 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
         f"no intact checkpoint in {os.path.join(workdir, CHECKPOINT_SUBDIR)}")
   variables = dict(restored[MODEL_ITEM])
 
+  predict = _predictor(model, variables, workdir)
+  logging.info("Loaded %s from %s step %d", spec.get("name"), workdir, found)
+  return model, variables, predict
+
+
+def _predictor(model, variables, workdir: str):
+  """The ``predict`` function :func:`load_checkpoint` returns (see its docstring)."""
   @jax.jit
   def _predict(variables, images):
     return model.apply(variables, images, train=False)
@@ -339,9 +346,7 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
                       probabilities=np.asarray(jax.nn.softmax(logits, axis=-1)), logits=logits)
 
   predict.data_spec = data_spec
-
-  logging.info("Loaded %s from %s step %d", spec.get("name"), workdir, found)
-  return model, variables, predict
+  return predict
 
 
 __all__ = ["load_checkpoint", "Prediction"]

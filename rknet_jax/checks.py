@@ -10,10 +10,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["METHODS", "STEMS", "UPDATE_ORDERS", "DTYPES", "MAX_LAYERS", "MAX_WIDTH",
-           "MAX_UPDATES", "check_choice", "check_int", "check_bool", "check_rate",
-           "check_epsilon", "per_period", "sequence_length", "dtype_name", "check_keywords",
-           "check_size"]
+__all__ = ["METHODS", "STEMS", "UPDATE_ORDERS", "DTYPES", "IMPLS", "DENSE_FORMULATIONS",
+           "MAX_LAYERS", "MAX_WIDTH", "MAX_UPDATES", "MAX_COUNT", "check_choice", "check_int",
+           "check_optional_int", "check_bool", "check_rate", "check_epsilon",
+           "check_compression", "check_shared_weight_stages", "per_period",
+           "sequence_length", "dtype_name", "check_keywords", "check_size"]
 
 METHODS = ("explicit", "implicit")
 """RK time-steps of an RKNet: explicit (dense blocks) or implicit (clique blocks)."""
@@ -23,6 +24,11 @@ UPDATE_ORDERS = ("gauss_seidel", "jacobi")
 """Alternate-update orders of a clique block (the paper's / CliqueNet's is gauss_seidel)."""
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 """Compute dtypes by name (parameters stay float32, logits are float32)."""
+IMPLS = ("auto", "xla", "dot1x1", "dot")
+"""Convolution formulations of :mod:`rknet_jax.conv` (``"auto"``: by backend at trace time)."""
+DENSE_FORMULATIONS = ("auto", "buffer", "loop")
+"""Dense-block formulations (:class:`rknet_jax.blocks.DenseBlock`; ``"auto"``: by depth and
+backend)."""
 
 MAX_LAYERS = 1000
 """Largest model a spec may describe, in layers (sum over periods of s·m·r, or of the
@@ -48,14 +54,26 @@ def check_choice(owner: str, field: str, value, allowed) -> Any:
                    + _suggest(value, allowed))
 
 
-def check_int(owner: str, field: str, value, minimum: int = 1,
-              maximum: int = MAX_WIDTH) -> int:
-  """``int(value)`` for an integer in [minimum, maximum] (bools and strings refused)."""
+MAX_COUNT = 1 << 31
+"""Bound of the counts that have no natural one (steps, iterations, orders, depths)."""
+
+
+def check_int(owner: str, field: str, value, minimum: int = 1, maximum: int = MAX_WIDTH,
+              note: str = "") -> int:
+  """``int(value)`` for an integer in [minimum, maximum] (bools, floats and strings
+  refused; NumPy integers accepted).  The one integer/range check of the library;
+  ``note`` ends the message (what the value means)."""
   if (isinstance(value, bool) or not hasattr(value, "__index__")
       or not minimum <= int(value) <= maximum):
     raise ValueError(f"{owner}: {field}={value!r}: expected an int from {minimum} to "
-                     f"{maximum}")
+                     f"{maximum}" + (f" ({note})" if note else ""))
   return int(value)
+
+
+def check_optional_int(owner: str, field: str, value, minimum: int = 1,
+                       maximum: int = MAX_WIDTH, note: str = ""):
+  """None, or ``check_int(owner, field, value, minimum, maximum, note)``."""
+  return None if value is None else check_int(owner, field, value, minimum, maximum, note)
 
 
 def check_bool(owner: str, field: str, value) -> bool:
@@ -123,6 +141,26 @@ def check_epsilon(owner: str, field: str, value) -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
     raise ValueError(f"{owner}: {field}={value!r}: expected 0 < {field} < 1")
   return float(value)
+
+
+def check_compression(owner: str, value) -> float:
+  """``float(value)`` for a transition compression 0 < value <= 1 (DenseNet's theta)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+    raise ValueError(f"{owner}: compression={value!r}: expected 0 < compression <= 1")
+  return float(value)
+
+
+def check_shared_weight_stages(owner: str, stages) -> None:
+  """ValueError unless every clique block / IRK time-step with shared weights has s >= 2.
+
+  With s = 1 the update pass of a clique block has no other stage to read (equation 6 of
+  the paper: stage i of the implicit method reads every stage j != i).
+  """
+  for n, s in enumerate(stages):
+    if s < 2:
+      raise ValueError(f"{owner}: a clique block with shared weights needs s >= 2 stages "
+                       f"(equation 6: with s = 1 the update pass has no other stage to read), "
+                       f"got s = {s} in block {n + 1} of stages {tuple(stages)}")
 
 
 def check_keywords(owner: str, given, allowed) -> None:

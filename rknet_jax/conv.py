@@ -46,11 +46,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rknet_jax.checks import IMPLS
+
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 Padding = Union[str, Sequence[tuple[int, int]]]
 
-IMPLS = ("auto", "xla", "dot1x1", "dot")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from rknet_jax import checks
 from rknet_jax import order_conditions
 from rknet_jax import rk
 from rknet_jax import tableaus as tableaus_lib
@@ -90,8 +91,8 @@ def convergence_errors(tableau, problem: str = "nonlinear", num_steps=None,
     raise ValueError(f"problem must be one of {sorted(PROBLEMS)}, got {problem!r}")
   num_steps = tuple(num_steps or default_step_counts(tableau))
   for n in num_steps:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-      raise ValueError(f"num_steps entries must be positive ints, got {n!r}")
+    checks.check_int("convergence", "num_steps entry", n, 1, checks.MAX_COUNT,
+                     "num_steps entries must be positive ints")
   with jax.enable_x64(True):
     f, y0, exact = PROBLEMS[problem]()
 

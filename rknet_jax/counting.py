@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
+from rknet_jax import checks
+
 __all__ = ["count_params", "count_flops", "params_by_module", "flops_by_module",
            "Counts", "model_counts", "jaxpr_flops"]
 
@@ -383,8 +385,7 @@ def flops_by_module(model: nn.Module, input_shape: Sequence[int],
   ``ROOT`` collects the root module's own convolutions/dots.  Keys follow the
   ``/``-joined Flax module names, e.g. ``"period_0/step_1"`` at ``depth=2``.
   """
-  if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-    raise ValueError(f"depth must be a positive int; got {depth!r}")
+  checks.check_int("flops_by_module", "depth", depth, 1, checks.MAX_COUNT)
   _, by_path, _, shape = _trace(model, input_shape)
   root_name = model.name or type(model).__name__
   return {k: _per_image(v, shape[0])

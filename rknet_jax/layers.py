@@ -73,7 +73,7 @@ from rknet_jax import checks
 from rknet_jax import conv as conv_lib
 
 __all__ = [
-    "LayerConfig", "BatchNormParts", "concat", "BNReLUConv", "BNReLUKernelConv",
+    "LayerConfig", "BNVariables", "BatchNormParts", "ConvKernel", "concat", "BNReLUConv", "BNReLUKernelConv",
     "CifarStem", "ImageNetStem", "make_stem", "ChannelAttention", "Transition",
     "Postprocessor", "glorot_uniform", "check_images",
     "RKNET_BN_MOMENTUM", "RKNET_BN_EPSILON", "DENSENET_BN_MOMENTUM", "DENSENET_BN_EPSILON",
@@ -119,6 +119,11 @@ class LayerConfig:
       gradients and BatchNorm updates, less memory.
     conv_impl: convolution formulation (:mod:`rknet_jax.conv`: ``"auto"``, ``"xla"``,
       ``"dot1x1"`` or ``"dot"``); ``"auto"`` is resolved from the backend when traced.
+    dense_formulation: how :class:`rknet_jax.blocks.DenseBlock` computes a block
+      (``"auto"``, ``"buffer"`` or ``"loop"``, :data:`rknet_jax.checks.DENSE_FORMULATIONS`);
+      the same variables and values either way.
+    param_dtype: dtype of the parameters and BatchNorm statistics (float32; the models do
+      not change it, float64 serves exact comparisons of a standalone layer in tests).
   """
   bn_momentum: float = RKNET_BN_MOMENTUM
   bn_epsilon: float = RKNET_BN_EPSILON
@@ -126,19 +131,22 @@ class LayerConfig:
   dropout_rate: float = 0.0
   remat: bool = False
   conv_impl: str = "auto"
+  dense_formulation: str = "auto"
+  param_dtype: Any = jnp.float32
 
   def batch_norm(self, train: bool, name: Optional[str] = None) -> nn.BatchNorm:
-    """Flax BatchNorm with these settings, float32 scale/bias and running statistics."""
+    """Flax BatchNorm with these settings, ``param_dtype`` scale/bias and statistics."""
     return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                        epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32,
-                        name=name)
+                        epsilon=self.bn_epsilon, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=name)
 
   def conv(self, features: int, kernel_size: Sequence[int] = (3, 3),
            strides: Sequence[int] = (1, 1), padding: conv_lib.Padding = "SAME",
            name: Optional[str] = None) -> conv_lib.Conv:
     """Bias-free He-normal :class:`rknet_jax.conv.Conv` in ``dtype`` and ``conv_impl``."""
     return conv_lib.Conv(features, tuple(kernel_size), strides=tuple(strides), padding=padding,
-                         dtype=self.dtype, impl=self.conv_impl, name=name)
+                         dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv_impl,
+                         name=name)
 
   def dropout(self, x, train: bool):
     """Dropout at ``dropout_rate`` in training; built only when the rate is > 0, so models
@@ -168,6 +176,33 @@ def concat(inputs):
   return inputs
 
 
+@dataclasses.dataclass(frozen=True)
+class BNVariables:
+  """A BatchNorm's variables declared as :meth:`LayerConfig.batch_norm` declares them
+  (params ``scale``/``bias``, batch_stats ``mean``/``var``, float32, one per channel), for
+  layers that compute the normalisation themselves (:class:`BatchNormParts`, the dense
+  block's channel buffer)."""
+  scale: Any
+  bias: Any
+  mean: Any  # the flax variables of the running averages (``.value``)
+  var: Any
+
+  @classmethod
+  def declare(cls, module: nn.Module, features: int) -> "BNVariables":
+    """Declares the variables on ``module`` (inside its compact ``__call__``)."""
+    c = features
+    mean = module.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    var = module.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    scale = module.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = module.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return cls(scale, bias, mean, var)
+
+  def update(self, batch_mean, batch_var, momentum: float) -> None:
+    """Folds batch statistics into the running averages (flax's rule)."""
+    self.mean.value = bn_math.running_average(self.mean.value, batch_mean, momentum)
+    self.var.value = bn_math.running_average(self.var.value, batch_var, momentum)
+
+
 class BatchNormParts(nn.Module):
   """BatchNorm of the channel concatenation of ``inputs``, computed part by part.
 
@@ -191,21 +226,15 @@ class BatchNormParts(nn.Module):
     if not xs:
       raise ValueError("BatchNormParts needs at least one input")
     channels = [x.shape[-1] for x in xs]
-    c = sum(channels)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    bn = BNVariables.declare(self, sum(channels))
     if train:
       means, variances = zip(*[bn_math.moments(x) for x in xs])
       if not self.is_initializing():
-        ra_mean.value = bn_math.running_average(ra_mean.value, jnp.concatenate(means),
-                                                cfg.bn_momentum)
-        ra_var.value = bn_math.running_average(ra_var.value, jnp.concatenate(variances),
-                                               cfg.bn_momentum)
+        bn.update(jnp.concatenate(means), jnp.concatenate(variances), cfg.bn_momentum)
     else:
-      means = _split(ra_mean.value, channels)
-      variances = _split(ra_var.value, channels)
-    scales = _split(self.param("scale", nn.initializers.ones, (c,), jnp.float32), channels)
-    biases = _split(self.param("bias", nn.initializers.zeros, (c,), jnp.float32), channels)
+      means = _split(bn.mean.value, channels)
+      variances = _split(bn.var.value, channels)
+    scales, biases = _split(bn.scale, channels), _split(bn.bias, channels)
     return [bn_math.normalize(x, mu, var, scale, bias, cfg.bn_epsilon, cfg.dtype)
             for x, mu, var, scale, bias in zip(xs, means, variances, scales, biases)]
 
@@ -219,7 +248,7 @@ def _split(v, sizes):
   return out
 
 
-class _ConvKernel(nn.Module):
+class ConvKernel(nn.Module):
   """Declares the ``kernel`` parameter :class:`rknet_jax.conv.Conv` would (same name,
   shape, initialiser and rng), for convolutions computed by the caller."""
   shape: Sequence[int]
@@ -238,10 +267,10 @@ def _per_part(xs, kernel_size, strides, config: LayerConfig) -> bool:
 
   Only for a 1x1 stride-1 conv of several inputs, and only where the convolution
   formulation is not XLA's native one (``config.conv_impl`` resolves to another, i.e. the
-  CPU under ``"auto"``): there it saves memory and time (benchmarks/README.md), while
-  on GPU/TPU the single concatenation compiles several times faster for deep blocks
-  (ERKNet-3x1 3x1 3x1 1x1-B train step: 41 s vs 109 s on CPU, benchmarks/bench_compile.py).
-  Both paths have the same variables, values and gradients.
+  CPU under ``"auto"``): there it saves memory and time, while with XLA's native
+  convolutions the single concatenation compiles faster for deep blocks (measurements:
+  benchmarks/README.md, benchmarks/bench_compile.py).  Both paths have the same variables,
+  values and gradients.
   """
   return (len(xs) > 1 and tuple(kernel_size) == (1, 1) and tuple(strides) == (1, 1)
           and conv_lib.resolve_impl(config.conv_impl) != "xla")
@@ -288,7 +317,7 @@ class BNReLUConv(nn.Module):
   def __call__(self, inputs, train: bool):
     xs = _as_list(inputs)
     kh, kw = self.kernel_size
-    kernel = _ConvKernel((kh, kw, sum(x.shape[-1] for x in xs), self.features), name="conv")()
+    kernel = ConvKernel((kh, kw, sum(x.shape[-1] for x in xs), self.features), name="conv")()
     return _bn_relu_conv(xs, kernel, tuple(self.strides), train, self.config)
 
 

@@ -34,8 +34,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rknet_jax import blocks
+from rknet_jax import families
 from rknet_jax import layers
-from rknet_jax.checks import METHODS
+from rknet_jax import spec as spec_lib
 from rknet_jax.layers import LayerConfig
 
 __all__ = ["RKNet", "TableauRKNet", "DenseNet", "CliqueNet"]
@@ -44,24 +45,6 @@ __all__ = ["RKNet", "TableauRKNet", "DenseNet", "CliqueNet"]
 def _keyword(default):
   """A keyword-only field (the layer options come after every model's own fields)."""
   return dataclasses.field(default=default, kw_only=True)
-
-
-def _check_common(name, num_classes, dropout_rate):
-  if not isinstance(num_classes, int) or num_classes < 1:
-    raise ValueError(f"{name}: num_classes={num_classes!r}: expected a positive int")
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"{name}: dropout_rate={dropout_rate!r}: expected 0 <= rate < 1")
-
-
-def _check_positive_ints(name, field, values, length=None):
-  values = tuple(values)
-  if length is not None and len(values) != length:
-    raise ValueError(f"{name}: {field}={values!r} has {len(values)} entries, expected "
-                     f"{length} (one per period)")
-  for v in values:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-      raise ValueError(f"{name}: {field}={values!r}: every entry must be a positive int")
-  return values
 
 
 def _check_halvable(x, after: str, input_shape) -> None:
@@ -87,6 +70,8 @@ class _Network(nn.Module):
     remat: rematerialise the memory-heavy segments (jax.checkpoint; same results).
     conv_impl: convolution formulation (:mod:`rknet_jax.conv`; "auto" picks by backend at
       trace time).
+    dense_formulation: how dense blocks are computed (:class:`rknet_jax.blocks.DenseBlock`;
+      "auto" picks by depth and backend; same values and variables either way).
   """
   dropout_rate: float = _keyword(0.0)
   bn_momentum: float = _keyword(layers.RKNET_BN_MOMENTUM)
@@ -94,10 +79,26 @@ class _Network(nn.Module):
   dtype: Any = _keyword(jnp.float32)
   remat: bool = _keyword(False)
   conv_impl: str = _keyword("auto")
+  dense_formulation: str = _keyword("auto")
+
+  def spec(self) -> spec_lib.ModelSpec:
+    """This module's configuration as its family's spec (:mod:`rknet_jax.families`).
+
+    Module and spec fields share names; building the spec validates every option, so a
+    module checks its options with the spec's one validator.
+    """
+    family = families.of_module(type(self))
+    return family.spec(**{f.name: getattr(self, f.name)
+                          for f in dataclasses.fields(family.spec)})
+
+  def check(self):
+    """Raise ValueError on an invalid configuration (before any array is built)."""
+    self.spec()
 
   def layer_config(self) -> LayerConfig:
     """The :class:`LayerConfig` every layer of this model is built with."""
-    return LayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerConfig)})
+    return LayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerConfig)
+                          if hasattr(self, f.name)})
 
   def _stem_features(self) -> int:
     """Output channels of the preprocessor (the baselines' ``init_features``)."""
@@ -118,12 +119,12 @@ class _Periods(_Network):
 
   def _stem_features(self) -> int:
     """m_1 k_1: the state of the first period (Rule 1)."""
-    return self.growth_multipliers[0] * self.growth_rates[0]
+    return self.growth_multipliers[0] * self.growth_rate[0]
 
   def _forward(self, x, train, make_step):
     x, cfg, input_shape = self._begin(x, train)
     P = len(self.stages)
-    k, m = self.growth_rates, self.growth_multipliers
+    k, m = self.growth_rate, self.growth_multipliers
     outputs = []
     for p in range(P):
       for t in range(self.steps[p]):
@@ -136,17 +137,6 @@ class _Periods(_Network):
     used = outputs if self.multiscale else outputs[-1:]
     return layers.Postprocessor(self.num_classes, cfg, name="postprocessor")(used, train)
 
-  def _check_periods(self):
-    name = type(self).__name__
-    P = len(self.stages)
-    if P < 1:
-      raise ValueError(f"{name}: needs at least one period")
-    _check_positive_ints(name, "stages", self.stages)
-    _check_positive_ints(name, "steps", self.steps, P)
-    _check_positive_ints(name, "growth_rates", self.growth_rates, P)
-    _check_positive_ints(name, "growth_multipliers", self.growth_multipliers, P)
-    _check_common(name, self.num_classes, self.dropout_rate)
-
 
 class RKNet(_Periods):
   """ERKNet or IRKNet (paper sections 3.2-3.3), e.g. ``ERKNet-7×1 6×1 6×1``.
@@ -154,12 +144,14 @@ class RKNet(_Periods):
   Attributes:
     stages: s per period.
     steps: r per period (time-steps, each with its own parameters).
-    growth_rates: k per period.
+    growth_rate: k per period.
     growth_multipliers: m per period (y has m k channels; m = 1 for IRKNets, Rule 4).
     method: "explicit" (ERK time-steps, dense blocks) or "implicit" (IRK, clique blocks).
     num_classes: classifier outputs.
     stem: "cifar" (3x3 conv) or "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool).
-    bottleneck_widths: None (plain layers) or the bottleneck width w per period ("B").
+    bottleneck: bottleneck layers ("B").
+    bottleneck_width: w per period, or None for the default (4k for explicit time-steps,
+      k for implicit ones; :func:`rknet_jax.spec.bottleneck_widths`).
     attention: attentional transitions ("A").
     multiscale: postprocess every period (multiscale feature strategy) or the last only.
     num_updates, update_order, share_weights: IRK options (see ``CliqueBlock``).
@@ -169,32 +161,24 @@ class RKNet(_Periods):
   """
   stages: Tuple[int, ...]
   steps: Tuple[int, ...]
-  growth_rates: Tuple[int, ...]
+  growth_rate: Tuple[int, ...]
   growth_multipliers: Tuple[int, ...]
   method: str = "explicit"
   num_classes: int = 10
   stem: str = "cifar"
-  bottleneck_widths: Optional[Tuple[int, ...]] = None
+  bottleneck: bool = False
+  bottleneck_width: Optional[Tuple[int, ...]] = None
   attention: bool = False
   multiscale: bool = True
   num_updates: int = 1
   update_order: str = "gauss_seidel"
   share_weights: bool = True
 
-  def check(self):
-    """Raise ValueError on an inconsistent configuration (before any array is built).
-
-    Structure only (per-period tuples, method, widths); the IRK options are checked by
-    :class:`~rknet_jax.blocks.CliqueBlock` when traced, Rule 4 by
-    :class:`~rknet_jax.blocks.IRKStep`.
-    """
-    name = type(self).__name__
-    self._check_periods()
-    if self.method not in METHODS:
-      raise ValueError(f"{name}: method={self.method!r}: expected one of {METHODS}")
-    if self.bottleneck_widths is not None:
-      _check_positive_ints(name, "bottleneck_widths", self.bottleneck_widths,
-                           len(self.stages))
+  @property
+  def bottleneck_widths(self) -> Optional[Tuple[int, ...]]:
+    """w per period (None without bottleneck; :func:`rknet_jax.spec.bottleneck_widths`)."""
+    return spec_lib.bottleneck_widths(self.method, self.bottleneck, self.bottleneck_width,
+                                      self.growth_rate)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -205,48 +189,16 @@ class RKNet(_Periods):
       width = None if bw is None else bw[p]
       if self.method == "explicit":
         return blocks.ERKStep(self.stages[p], self.growth_multipliers[p],
-                              self.growth_rates[p], width, cfg, name=name)
-      return blocks.IRKStep(self.stages[p], self.growth_rates[p], width,
+                              self.growth_rate[p], width, cfg, name=name)
+      return blocks.IRKStep(self.stages[p], self.growth_rate[p], width,
                             num_updates=self.num_updates, update_order=self.update_order,
                             share_weights=self.share_weights, config=cfg, name=name)
 
     return self._forward(x, train, make_step)
 
 
-TABLEAU_STEP_OPTIONS = ("step_size", "learn_coefficients", "learn_step_size",
-                        "implicit_iterations", "hidden_features", "kernel_size",
-                        "stage_functions")
+TABLEAU_STEP_OPTIONS = spec_lib.TABLEAU_STEP_OPTIONS
 """Options of :class:`~rknet_jax.tableau_block.TableauStep` a tableau RKNet passes on."""
-
-
-def tableau_stage_functions(tableau, vector_fields: int, options) -> str:
-  """``stage_functions`` of TableauStep for a name term's first number (1 or s).
-
-  1 -> "shared" (one f(t, y), equation 3); s (the tableau's stage count) -> "per_stage"
-  (f_i, equation 4).  For a 1-stage tableau both read "1": ``stage_functions`` in
-  ``options`` decides (default "per_stage").  Raises ValueError otherwise or on a conflict.
-  """
-  s = tableau.num_stages
-  if vector_fields not in (1, s):
-    raise ValueError(f"a time-step of tableau {tableau.name!r} ({s} stages) has 1 shared "
-                     f"vector field or {s} (one per stage): the term's first number must be "
-                     f"1 or {s}, got {vector_fields}")
-  wanted = options.get("stage_functions")
-  if s == 1:
-    return wanted or "per_stage"
-  implied = "shared" if vector_fields == 1 else "per_stage"
-  if wanted is not None and wanted != implied:
-    raise ValueError(f"stage_functions={wanted!r} contradicts the name's term "
-                     f"'{vector_fields}×r' ({implied}) for tableau {tableau.name!r}")
-  return implied
-
-
-def check_tableau_step_options(options) -> None:
-  """ValueError for an option a tableau RKNet does not pass to TableauStep."""
-  unknown = sorted(set(options) - set(TABLEAU_STEP_OPTIONS))
-  if unknown:
-    raise ValueError(f"unknown tableau-step option(s) {unknown}: allowed are "
-                     f"{list(TABLEAU_STEP_OPTIONS)} (and bn_momentum, bn_epsilon)")
 
 
 class TableauRKNet(_Periods):
@@ -271,7 +223,7 @@ class TableauRKNet(_Periods):
   tableau: str
   stages: Tuple[int, ...]
   steps: Tuple[int, ...]
-  growth_rates: Tuple[int, ...]
+  growth_rate: Tuple[int, ...]
   growth_multipliers: Tuple[int, ...]
   num_classes: int = 10
   stem: str = "cifar"
@@ -281,16 +233,16 @@ class TableauRKNet(_Periods):
 
   def _step_kwargs(self, p):
     options = dict(self.step_options)
-    check_tableau_step_options(options)
     tab = _get_tableau(self.tableau)
-    options["stage_functions"] = tableau_stage_functions(tab, self.stages[p], options)
-    return dict(options, tableau=tab.name, momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon, dtype=self.dtype, conv_impl=self.conv_impl)
+    options["stage_functions"] = spec_lib.tableau_stage_functions(tab, self.stages[p],
+                                                                  options)
+    return dict(options, tableau=tab.name, config=self.layer_config())
 
   def check(self):
-    """Raise ValueError on an inconsistent configuration (before any array is built)."""
-    from rknet_jax import tableau_block  # pylint: disable=g-import-not-at-top
-    self._check_periods()
+    """Raise ValueError on an invalid configuration (before any array is built): the spec's
+    checks, then the step options' values as :class:`TableauStep` checks them."""
+    from rknet_jax import tableau_block
+    super().check()
     for p in range(len(self.stages)):
       try:
         tableau_block.TableauStep(**self._step_kwargs(p), parent=None)
@@ -299,7 +251,7 @@ class TableauRKNet(_Periods):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    from rknet_jax import tableau_block  # pylint: disable=g-import-not-at-top
+    from rknet_jax import tableau_block
     step_cls = self.layer_config().maybe_remat(tableau_block.TableauStep, train_argnum=2)
 
     def make_step(p, t, name):
@@ -311,7 +263,7 @@ class TableauRKNet(_Periods):
 
 
 def _get_tableau(name):
-  from rknet_jax import tableaus  # pylint: disable=g-import-not-at-top
+  from rknet_jax import tableaus
   try:
     return tableaus.get(name)
   except KeyError as e:
@@ -344,17 +296,6 @@ class DenseNet(_Network):
   bn_momentum: float = _keyword(layers.DENSENET_BN_MOMENTUM)
   bn_epsilon: float = _keyword(layers.DENSENET_BN_EPSILON)
 
-  def check(self):
-    """Raise ValueError on an inconsistent configuration."""
-    _check_positive_ints("DenseNet", "block_layers", self.block_layers)
-    _check_positive_ints("DenseNet", "growth_rate", (self.growth_rate,))
-    _check_positive_ints("DenseNet", "init_features", (self.init_features,))
-    if self.bottleneck_width is not None:
-      _check_positive_ints("DenseNet", "bottleneck_width", (self.bottleneck_width,))
-    if not 0.0 < self.compression <= 1.0:
-      raise ValueError(f"DenseNet: compression={self.compression!r}: expected 0 < c <= 1")
-    _check_common("DenseNet", self.num_classes, self.dropout_rate)
-
   def transition_features(self, channels: int) -> int:
     """Output channels of a transition fed ``channels`` channels."""
     return int(self.compression * channels)
@@ -386,14 +327,14 @@ class CliqueNet(_Network):
   Attributes:
     block_layers: stages per block: T / 3 each (T = 18: 6, 6, 6), or T / 6 with B, whose
       stages are two conv layers each (T = 30: 5, 5, 5).
-    growth_rates: k per block.
+    growth_rate: k per block.
     bn_momentum, bn_epsilon: default 0.999 / 1e-3, the authors' TensorFlow code
       (iboing/CliqueNet: ``tf.contrib.layers.batch_norm`` with its defaults decay 0.999,
       epsilon 0.001).
     (keywords) the other layer options of :class:`_Network`.
   """
   block_layers: Tuple[int, ...]
-  growth_rates: Tuple[int, ...]
+  growth_rate: Tuple[int, ...]
   init_features: int = 64
   attention: bool = False
   bottleneck: bool = False
@@ -405,25 +346,13 @@ class CliqueNet(_Network):
   bn_momentum: float = _keyword(layers.CLIQUENET_BN_MOMENTUM)
   bn_epsilon: float = _keyword(layers.CLIQUENET_BN_EPSILON)
 
-  def check(self):
-    """Raise ValueError on an inconsistent configuration (the clique-block options are
-    checked by :class:`~rknet_jax.blocks.CliqueBlock` when traced)."""
-    _check_positive_ints("CliqueNet", "block_layers", self.block_layers)
-    _check_positive_ints("CliqueNet", "growth_rates", self.growth_rates,
-                         len(self.block_layers))
-    _check_positive_ints("CliqueNet", "init_features", (self.init_features,))
-    if min(self.block_layers) < 2:
-      raise ValueError(f"CliqueNet: block_layers={tuple(self.block_layers)}: a clique block "
-                       "needs at least 2 layers")
-    _check_common("CliqueNet", self.num_classes, self.dropout_rate)
-
   @nn.compact
   def __call__(self, x, train: bool = False):
     x, cfg, input_shape = self._begin(x, train)
     block_features = []
     B = len(self.block_layers)
     for b in range(B):
-      k = self.growth_rates[b]
+      k = self.growth_rate[b]
       _, final = blocks.CliqueBlock(
           self.block_layers[b], k, k if self.bottleneck else None,
           num_updates=self.num_updates, update_order=self.update_order, config=cfg,

@@ -35,9 +35,11 @@ import unicodedata
 from typing import Optional
 
 from rknet_jax import checks
+from rknet_jax import families
 from rknet_jax import spec as spec_lib
 
-__all__ = ["ParsedName", "parse", "spec_from_name", "check_ascii"]
+__all__ = ["ParsedName", "parse", "spec_from_name", "check_ascii", "rknet_spec_from_name",
+           "densenet_spec_from_name", "cliquenet_spec_from_name"]
 
 _TERM_FORM = "'s×r' (or 'sxr') with positive integers s and r, e.g. '7×1'"
 _NAME_FORM = ("'<family>-<s×r> <s×r> ...[-<letters>][-k<N>]', e.g. 'ERKNet-7×1 6×1 6×1' or "
@@ -108,7 +110,7 @@ def _parse_term(term: str, name: str):
 
 
 def _tableau_name(prefix, name):
-  from rknet_jax import tableaus  # pylint: disable=g-import-not-at-top
+  from rknet_jax import tableaus
   try:
     return tableaus.get(prefix).name
   except KeyError:
@@ -170,12 +172,15 @@ def _field_names(cls, *excluded):
 def spec_from_name(name: str, hint: str = "", /, **fields) -> spec_lib.ModelSpec:
   """The spec a name and keyword fields describe; fields equal to None count as not given.
 
+  The name is read by the registered family that claims it (:mod:`rknet_jax.families`).
+
   Args:
     name: a model name (the module docstring).
     hint: appended to the "growth_rate is required" error (e.g. ready-made names).
     **fields: the spec's fields that the name does not fix (growth_rate,
       growth_multipliers, bottleneck_width, num_classes, stem, layer options, ...);
-      ``attention=True`` adds attention, ``method`` chooses it for generic ``RKNet-`` names.
+      ``attention=True`` adds attention, ``method`` chooses it for generic ``RKNet-`` names;
+      for tableau RKNets the options of ``spec.TABLEAU_STEP_OPTIONS`` (to ``step_options``).
 
   Raises:
     ValueError: a bad name, an unknown keyword (naming the closest known one), a field that
@@ -184,17 +189,28 @@ def spec_from_name(name: str, hint: str = "", /, **fields) -> spec_lib.ModelSpec
   if not isinstance(name, str):
     raise ValueError(f"model name must be a str, got {name!r}")
   name = name.strip()
+  check_ascii(name)
   fields = {k: v for k, v in fields.items() if v is not None}
-  if name.startswith(("DenseNet", "CliqueNet")):
-    check_ascii(name)
-    return _baseline_spec(name, fields)
+  family = families.for_name(name)
+  if family is None:
+    parse(name)  # raises, naming the bad part of an RKNet name
+    raise ValueError(f"model name {name!r}: expected {_NAME_FORM}")
+  return family.spec_from_name(name, hint, fields)
+
+
+def rknet_spec_from_name(name: str, hint: str, fields) -> spec_lib.ModelSpec:
+  """The :class:`~rknet_jax.spec.RKNetSpec` or ``TableauRKNetSpec`` of an RKNet name."""
   p = parse(name)
   periods = len(p.stages)
   if p.tableau is not None:
     cls, fixed = spec_lib.TableauRKNetSpec, ("stages", "steps", "tableau")
+    step_options = spec_lib.TABLEAU_STEP_OPTIONS
   else:
-    cls, fixed = spec_lib.RKNetSpec, ("stages", "steps", "bottleneck")
-  checks.check_keywords(name, fields, _field_names(cls, *fixed))
+    cls, fixed, step_options = spec_lib.RKNetSpec, ("stages", "steps", "bottleneck"), ()
+  checks.check_keywords(name, fields, _field_names(cls, *fixed) + list(step_options))
+  step = {k: fields.pop(k) for k in list(fields) if k in step_options}
+  if step:
+    fields["step_options"] = {**dict(fields.get("step_options", ())), **step}
   if p.growth_rate is not None:
     given = fields.setdefault("growth_rate", p.growth_rate)
     if checks.per_period(name, "growth_rate", given, periods) != (p.growth_rate,) * periods:
@@ -228,8 +244,10 @@ def _make(cls, name, fields):
     raise
 
 
-def _baseline_spec(name, fields):
-  """DenseNet / CliqueNet specs by name; the name fixes the architecture."""
+def densenet_spec_from_name(name: str, hint: str, fields) -> spec_lib.DenseNetSpec:
+  """The :class:`~rknet_jax.spec.DenseNetSpec` of a DenseNet name (it fixes the
+  architecture); ``hint`` is unused (a DenseNet name needs no growth rate)."""
+  del hint
   m = re.fullmatch(r"DenseNet-(\d+)", name)
   if m:
     depth = _number(m.group(1), name, "depth")
@@ -255,23 +273,34 @@ def _baseline_spec(name, fields):
                 init_features=2 * k if bc else 16, bottleneck_width=4 * k if bc else None,
                 compression=0.5 if bc else 1.0)
     return _baseline(spec_lib.DenseNetSpec, name, arch, fields, {})
+  _unknown_baseline(name)
+
+
+def cliquenet_spec_from_name(name: str, hint: str, fields) -> spec_lib.CliqueNetSpec:
+  """The :class:`~rknet_jax.spec.CliqueNetSpec` of a CliqueNet name (it fixes the
+  architecture); ``hint`` is unused."""
+  del hint
   m = re.fullmatch(r"CliqueNet(?:-([A-Z]+))?-T(\d+)-k(\d+)", name)
-  if m:
-    letters = m.group(1) or ""
-    T, k = _number(m.group(2), name, "T"), _number(m.group(3), name, "k")
-    if set(letters) - set("ABC") or len(set(letters)) != len(letters):
-      raise ValueError(f"{name}: bad CliqueNet options {letters!r}: letters from 'ABC', each "
-                       "at most once (A attention, B bottleneck, C compression)")
-    # T counts conv layers: 3 blocks of T/3; with B every stage is two layers (1x1, 3x3),
-    # so T = 30 with B is 5 stages per block (CliqueNet-ABC T=30: 10.48 M parameters).
-    per = 6 if "B" in letters else 3
-    if T < 2 * per or T % per or k < 1:
-      raise ValueError(f"{name}: T={T} must be a multiple of {per} and >= {2 * per} (3 blocks "
-                       f"of T/{per} >= 2 stages{', two layers each with B' if per == 6 else ''}"
-                       "), and k >= 1")
-    arch = dict(block_layers=(T // per,) * 3, growth_rate=(k,) * 3, attention="A" in letters,
-                bottleneck="B" in letters, compression="C" in letters)
-    return _baseline(spec_lib.CliqueNetSpec, name, arch, fields, {})
+  if not m:
+    _unknown_baseline(name)
+  letters = m.group(1) or ""
+  T, k = _number(m.group(2), name, "T"), _number(m.group(3), name, "k")
+  if set(letters) - set("ABC") or len(set(letters)) != len(letters):
+    raise ValueError(f"{name}: bad CliqueNet options {letters!r}: letters from 'ABC', each "
+                     "at most once (A attention, B bottleneck, C compression)")
+  # T counts conv layers: 3 blocks of T/3; with B every stage is two layers (1x1, 3x3),
+  # so T = 30 with B is 5 stages per block (CliqueNet-ABC T=30: 10.48 M parameters).
+  per = 6 if "B" in letters else 3
+  if T < 2 * per or T % per or k < 1:
+    raise ValueError(f"{name}: T={T} must be a multiple of {per} and >= {2 * per} (3 blocks "
+                     f"of T/{per} >= 2 stages{', two layers each with B' if per == 6 else ''}"
+                     "), and k >= 1")
+  arch = dict(block_layers=(T // per,) * 3, growth_rate=(k,) * 3, attention="A" in letters,
+              bottleneck="B" in letters, compression="C" in letters)
+  return _baseline(spec_lib.CliqueNetSpec, name, arch, fields, {})
+
+
+def _unknown_baseline(name):
   raise ValueError(f"model name {name!r}: unknown baseline: expected one of "
                    f"{', '.join(BASELINE_FORMS)}")
 

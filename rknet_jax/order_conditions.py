@@ -28,6 +28,7 @@ from typing import List, Tuple
 
 import numpy as np
 
+from rknet_jax import checks
 from rknet_jax import tableaus as tableaus_lib
 
 __all__ = ["rooted_trees", "tree_size", "tree_density", "elementary_weight",
@@ -40,9 +41,7 @@ ORDER_TOLERANCE = 1e-10
 
 
 def _positive_int(value, what):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{what} must be a positive int, got {value!r}")
-  return int(value)
+  return checks.check_int("order_conditions", what, value, 1, checks.MAX_COUNT)
 
 
 def tree_size(tree: Tree) -> int:

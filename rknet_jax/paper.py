@@ -128,10 +128,17 @@ def row(key: str) -> PaperRow:
   return _BY_KEY[key]
 
 
+def _parsed(name: str):
+  """The parts of an RKNet name, or None for another family's (or a bad) name."""
+  try:
+    return names.parse(name)
+  except ValueError:
+    return None
+
+
 def _lookup_key(name: str) -> str:
-  if name.startswith(("DenseNet", "CliqueNet")):
-    return name
-  return names.parse(name).canonical()
+  parsed = _parsed(name)
+  return name if parsed is None else parsed.canonical()
 
 
 _PRESETS = {_lookup_key(r.name): dict(r.model) for r in ROWS}
@@ -147,9 +154,9 @@ def ready_made(name: str) -> dict:
   key = _lookup_key(name)
   if key in _PRESETS:
     return dict(_PRESETS[key])
-  if not name.startswith(("DenseNet", "CliqueNet")):
-    parsed = names.parse(name)
+  parsed = _parsed(name)
+  if parsed is not None and parsed.growth_rate is not None:
     untagged = dataclasses.replace(parsed, growth_rate=None).canonical()
-    if parsed.growth_rate is not None and untagged in _PRESETS:
+    if untagged in _PRESETS:
       return {k: v for k, v in _PRESETS[untagged].items() if k != "growth_rate"}
   return {}

@@ -140,7 +140,7 @@ def check_range(images: np.ndarray, spec: dict, on_out_of_range: str = "raise") 
              "that scale (or pass on_out_of_range='warn' or 'ignore')")
   if on_out_of_range == "raise":
     raise ValueError(message)
-  import warnings  # pylint: disable=g-import-not-at-top
+  import warnings
   warnings.warn(message, stacklevel=3)
 
 
@@ -149,7 +149,7 @@ def check_range(images: np.ndarray, spec: dict, on_out_of_range: str = "raise") 
 
 
 def _pil():
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   return Image
 
 

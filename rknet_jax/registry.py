@@ -13,12 +13,13 @@ import dataclasses
 from typing import Any, Dict, Union
 
 from rknet_jax import checks
+from rknet_jax import families
 from rknet_jax import models
 from rknet_jax import names
 from rknet_jax import paper
 from rknet_jax import spec as spec_lib
 
-__all__ = ["create_model", "list_models", "parse_name", "build", "resolve",
+__all__ = ["create_model", "list_models", "parse_name", "build", "resolve", "module_kwargs",
            "erknet_from_densenet", "irknet_from_cliquenet"]
 
 
@@ -47,19 +48,17 @@ def parse_name(name: str, **overrides) -> spec_lib.ModelSpec:
     raise ValueError(f"model name must be a str, got {name!r}")
   overrides = {k: v for k, v in overrides.items() if v is not None}  # None: not given
   fields = {**paper.ready_made(name), **overrides}
-  if not name.strip().startswith(("DenseNet", "CliqueNet")):
-    parsed = names.parse(name)
-    if parsed.tableau is not None:
-      own = [f.name for f in dataclasses.fields(spec_lib.TableauRKNetSpec)
-             if f.name not in ("stages", "steps", "tableau")]
-      checks.check_keywords(name, fields, own + list(models.TABLEAU_STEP_OPTIONS))
-      step = {k: fields.pop(k) for k in list(fields) if k in models.TABLEAU_STEP_OPTIONS}
-      if step:
-        fields["step_options"] = {**dict(fields.get("step_options", ())), **step}
-    tagged = [n for n in list_models() if n.startswith(parsed.canonical() + "-k")]
-    hint = f", or a ready-made name such as {' or '.join(map(repr, tagged))}" if tagged else ""
-    return names.spec_from_name(name, hint, **fields)
-  return names.spec_from_name(name, **fields)
+  return names.spec_from_name(name, _ready_made_hint(name), **fields)
+
+
+def _ready_made_hint(name: str) -> str:
+  """", or a ready-made name such as ..." for an RKNet name with tagged ready-made rows."""
+  try:
+    canonical = names.parse(name).canonical()
+  except ValueError:
+    return ""
+  tagged = [n for n in list_models() if n.startswith(canonical + "-k")]
+  return f", or a ready-made name such as {' or '.join(map(repr, tagged))}" if tagged else ""
 
 
 def create_model(name: Union[str, spec_lib.ModelSpec], **overrides):
@@ -108,53 +107,29 @@ def create_model(name: Union[str, spec_lib.ModelSpec], **overrides):
   return build(spec)
 
 
-def _layer_options(spec):
-  out = {f: getattr(spec, f) for f in spec_lib.LAYER_OPTIONS if getattr(spec, f) is not None}
+def module_kwargs(spec: spec_lib.ModelSpec) -> Dict[str, Any]:
+  """The module fields of a spec: its fields under the same names, the layer options left
+  None dropped (the module's default applies) and ``dtype`` as a dtype."""
+  out = {k: v for k, v in spec.fields().items()
+         if not (k in spec_lib.LAYER_OPTIONS and v is None)}
   if "dtype" in out:
     out["dtype"] = checks.DTYPES[out["dtype"]]
-  return dict(out, num_classes=spec.num_classes, stem=spec.stem)
-
-
-def _model_class(spec):
-  return {spec_lib.RKNetSpec: models.RKNet, spec_lib.TableauRKNetSpec: models.TableauRKNet,
-          spec_lib.DenseNetSpec: models.DenseNet,
-          spec_lib.CliqueNetSpec: models.CliqueNet}[type(spec)]
+  return out
 
 
 def build(spec: spec_lib.ModelSpec):
-  """The Flax module of a (valid) spec; nothing is initialised."""
-  common = _layer_options(spec)
-  if isinstance(spec, spec_lib.RKNetSpec):
-    return models.RKNet(
-        stages=spec.stages, steps=spec.steps, growth_rates=spec.growth_rate,
-        growth_multipliers=spec.growth_multipliers, method=spec.method,
-        bottleneck_widths=spec.bottleneck_widths, attention=spec.attention,
-        multiscale=spec.multiscale, num_updates=spec.num_updates,
-        update_order=spec.update_order, share_weights=spec.share_weights, **common)
-  if isinstance(spec, spec_lib.TableauRKNetSpec):
-    model = models.TableauRKNet(
-        tableau=spec.tableau, stages=spec.stages, steps=spec.steps,
-        growth_rates=spec.growth_rate, growth_multipliers=spec.growth_multipliers,
-        attention=spec.attention, multiscale=spec.multiscale,
-        step_options=spec.step_options, **common)
-    try:  # the step options are the tableau step's to check
-      model.check()
-    except ValueError as e:
-      raise ValueError(f"{spec.name}: {e}") from None
-    return model
-  if isinstance(spec, spec_lib.DenseNetSpec):
-    return models.DenseNet(
-        block_layers=spec.block_layers, growth_rate=spec.growth_rate,
-        init_features=spec.init_features, bottleneck_width=spec.bottleneck_width,
-        compression=spec.compression, **common)
-  if isinstance(spec, spec_lib.CliqueNetSpec):
-    return models.CliqueNet(
-        block_layers=spec.block_layers, growth_rates=spec.growth_rate,
-        init_features=spec.init_features, attention=spec.attention,
-        bottleneck=spec.bottleneck, compression=spec.compression,
-        num_updates=spec.num_updates, update_order=spec.update_order, **common)
-  raise ValueError(f"create_model: expected a model name or a spec of rknet_jax.spec, got "
-                   f"{type(spec).__name__}")
+  """The Flax module of a (valid) spec of any registered family; nothing is initialised.
+
+  Raises:
+    ValueError: for an object that is not a spec of a registered family, or an option the
+      module's own check refuses (e.g. a tableau step option's value), naming the model.
+  """
+  model = families.of_spec(spec).module_class()(**module_kwargs(spec))
+  try:
+    model.check()
+  except ValueError as e:
+    raise ValueError(f"{spec.owner}: {e}") from None
+  return model
 
 
 def resolve(spec: spec_lib.ModelSpec) -> spec_lib.ModelSpec:
@@ -163,11 +138,12 @@ def resolve(spec: spec_lib.ModelSpec) -> spec_lib.ModelSpec:
   What a workdir's ``model.json`` stores, so a later change of a default does not change a
   trained model.
   """
-  defaults = {f.name: f.default for f in dataclasses.fields(_model_class(spec))}
+  module_cls = families.of_spec(spec).module_class()
+  defaults = {f.name: f.default for f in dataclasses.fields(module_cls)}
   filled = {f: defaults[f] for f in spec_lib.LAYER_OPTIONS
             if getattr(spec, f) is None and f in defaults}
   if "dtype" in filled:
-    filled["dtype"] = checks.dtype_name(spec.name, filled["dtype"])
+    filled["dtype"] = checks.dtype_name(type(spec).__name__, filled["dtype"])
   return dataclasses.replace(spec, **filled)
 
 
@@ -176,15 +152,16 @@ def resolve(spec: spec_lib.ModelSpec) -> spec_lib.ModelSpec:
 
 
 def _as_config(config, cls, what):
+  """The fields of a baseline given by name, spec, module or dict (spec field names)."""
   if isinstance(config, str):
-    config = create_model(config)
-  if isinstance(config, cls):
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
+    config = parse_name(config)
+  if isinstance(config, (spec_lib.ModelSpec, cls)):
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
             if f.name not in ("parent", "name")}
   if isinstance(config, dict):
     return dict(config)
   raise ValueError(f"{what}: expected a model name, a {cls.__name__} module or a dict of its "
-             f"fields, got {type(config).__name__}")
+                   f"fields, got {type(config).__name__}")
 
 
 def erknet_from_densenet(config) -> Dict[str, Any]:
@@ -221,12 +198,12 @@ def erknet_from_densenet(config) -> Dict[str, Any]:
   stages, ms = [], []
   for n, L in enumerate(block_layers):
     if c % k:
-      raise ValueError(f"erknet_from_densenet: Rule 1 broken: dense block {n + 1} starts with {c} "
-                 f"channels, not m*k for an integer m (k = {k})")
+      raise ValueError(f"erknet_from_densenet: Rule 1 broken: dense block {n + 1} starts "
+                       f"with {c} channels, not m*k for an integer m (k = {k})")
     m = c // k
     if L % m:
-      raise ValueError(f"erknet_from_densenet: Rule 3 broken: dense block {n + 1} has {L} layers, "
-                 f"not s*m for an integer s (m = {c}/{k} = {m})")
+      raise ValueError(f"erknet_from_densenet: Rule 3 broken: dense block {n + 1} has {L} "
+                       f"layers, not s*m for an integer s (m = {c}/{k} = {m})")
     stages.append(L // m)
     ms.append(m)
     if n < len(block_layers) - 1:
@@ -260,24 +237,22 @@ def irknet_from_cliquenet(config, *, strict: bool = False) -> Dict[str, Any]:
   cfg = _as_config(config, models.CliqueNet, "irknet_from_cliquenet")
   try:
     block_layers = tuple(cfg["block_layers"])
-    ks = tuple(cfg["growth_rates"])
+    ks = checks.per_period("irknet_from_cliquenet", "growth_rate", cfg["growth_rate"],
+                           len(block_layers))
   except KeyError as e:
     raise ValueError(f"irknet_from_cliquenet: the CliqueNet config lacks {e}") from None
   num_updates = int(cfg.get("num_updates", 1))
   if num_updates < 1:
-    raise ValueError("irknet_from_cliquenet: equation 6 broken: with num_updates = 0 there is no "
-               "alternate update, stage i never reads stages j > i, and the block is an "
-               "explicit method (use erknet_from_densenet-style ERKNets)")
-  for n, s in enumerate(block_layers):
-    if s < 2:
-      raise ValueError(f"irknet_from_cliquenet: equation 6 broken: block {n + 1} has {s} layer(s); "
-                 "an implicit stage needs other stages to read")
+    raise ValueError("irknet_from_cliquenet: equation 6 broken: with num_updates = 0 there is "
+                     "no alternate update, stage i never reads stages j > i, and the block is "
+                     "an explicit method (use erknet_from_densenet-style ERKNets)")
+  checks.check_shared_weight_stages("irknet_from_cliquenet", block_layers)
   if strict:
     c = int(cfg.get("init_features", 64))
     for n, s in enumerate(block_layers):
       if c != ks[n]:
-        raise ValueError(f"irknet_from_cliquenet: Rules 1 and 4 broken: block {n + 1} starts with "
-                   f"{c} channels, not m*k with m = 1 (k = {ks[n]})")
+        raise ValueError(f"irknet_from_cliquenet: Rules 1 and 4 broken: block {n + 1} starts "
+                         f"with {c} channels, not m*k with m = 1 (k = {ks[n]})")
       c = s * ks[n]
   letters = ("A" if cfg.get("attention") else "") + ("B" if cfg.get("bottleneck") else "")
   terms = " ".join(f"{s}×1" for s in block_layers)

@@ -42,18 +42,53 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from rknet_jax import checks
 from rknet_jax import tableaus as tableaus_lib
 
 __all__ = ["rk_step", "odeint_fixed", "runge_kutta_step", "default_implicit_iterations",
-           "SOLVERS"]
+           "implicit_residuals", "IMPLICIT_RESIDUAL", "SOLVERS"]
 
 SOLVERS = ("fixed_point", "newton")
 
 VectorField = Callable[[Any, Any], Any]
+
+IMPLICIT_RESIDUAL = "implicit_residual"
+"""Name under which the modules sow (collection ``"intermediates"``) the final residual of
+their implicit stage solves: :class:`rknet_jax.TableauStep` and the clique blocks."""
+
+
+def max_abs_change(old, new):
+  """max |new - old| over every leaf of two sequences of pytrees (float32 scalar)."""
+  diffs = [jnp.max(jnp.abs(jnp.asarray(b, jnp.float32) - jnp.asarray(a, jnp.float32)))
+           for a, b in zip(jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new))]
+  return jnp.max(jnp.stack(diffs)) if diffs else jnp.zeros((), jnp.float32)
+
+
+def implicit_residuals(intermediates) -> dict:
+  """``{module path: residual}`` of the implicit solves sown during an ``apply``.
+
+  ``intermediates`` is the ``"intermediates"`` collection an apply returned with
+  ``mutable=["intermediates"]`` (or the whole returned state).  Each residual is the
+  max-abs change of the stage values in the last iteration of a solve (a fixed-point
+  iteration, a Newton step or a clique block's last alternate update): small when the
+  solve has converged, large (or growing) when it has not, well before the states turn
+  into NaN.
+  """
+  tree = intermediates.get("intermediates", intermediates)
+  out = {}
+
+  def walk(node, path):
+    for key, value in node.items():
+      if key == IMPLICIT_RESIDUAL:
+        out["/".join(path)] = jnp.max(jnp.stack([jnp.asarray(v) for v in value]))
+      elif hasattr(value, "items"):
+        walk(value, path + (key,))
+
+  walk(tree, ())
+  return out
 
 
 def _check_solver(solver):
@@ -62,14 +97,8 @@ def _check_solver(solver):
 
 
 def _check_iterations(implicit_iterations):
-  if implicit_iterations is None:
-    return None
-  if (isinstance(implicit_iterations, bool)
-      or not isinstance(implicit_iterations, (int, np.integer))
-      or implicit_iterations < 1):
-    raise ValueError("implicit_iterations must be None or a positive int, got "
-                     f"{implicit_iterations!r}")
-  return int(implicit_iterations)
+  return checks.check_optional_int("rk_step", "implicit_iterations", implicit_iterations, 1,
+                                   checks.MAX_COUNT, "None or a positive int")
 
 
 def default_implicit_iterations(order: int, solver: str = "fixed_point") -> int:
@@ -87,13 +116,11 @@ def default_implicit_iterations(order: int, solver: str = "fixed_point") -> int:
   return k + 1
 
 
-def _is_static_zero(v) -> bool:
-  return isinstance(v, (int, float, np.floating, np.integer)) and v == 0
 
 
 def _combine(y, h, coeffs: Sequence[Any], zs: Sequence[Any]):
   """y + h * sum_j coeffs[j] * zs[j] leaf-wise, skipping static zeros; keeps y's dtypes."""
-  terms = [(cf, z) for cf, z in zip(coeffs, zs) if not _is_static_zero(cf)]
+  terms = [(cf, z) for cf, z in zip(coeffs, zs) if not tableaus_lib.is_static_zero(cf)]
   if not terms:
     return y
   coeffs = [cf for cf, _ in terms]
@@ -108,7 +135,7 @@ def _combine(y, h, coeffs: Sequence[Any], zs: Sequence[Any]):
 
 
 def _stage_time(t, h, ci):
-  return t if _is_static_zero(ci) else t + ci * h
+  return t if tableaus_lib.is_static_zero(ci) else t + ci * h
 
 
 def _coefficient_lists(a, b, c):
@@ -120,7 +147,8 @@ def _coefficient_lists(a, b, c):
 
 def runge_kutta_step(stage_fn: Callable[[int, Any, Any], Any], t, y, h, a, b, c, *,
                      explicit: bool, implicit_iterations: int = 1,
-                     solver: str = "fixed_point", shared_predictor: bool = True):
+                     solver: str = "fixed_point", shared_predictor: bool = True,
+                     return_residual: bool = False):
   """One RK step with stage-indexed vector fields z_i = stage_fn(i, t_i, Y_i) (eq. 3-4).
 
   The general form behind :func:`rk_step` and :class:`rknet_jax.TableauStep`: besides
@@ -140,47 +168,61 @@ def runge_kutta_step(stage_fn: Callable[[int, Any, Any], Any], t, y, h, a, b, c,
     shared_predictor: initial guess z_i^0 = stage_fn(0, t, y) for every stage (one
       evaluation, right when all stages share f); otherwise z_i^0 =
       stage_fn(i, t + c_i h, y) (one evaluation per stage).
+    return_residual: also return the implicit solve's final residual: max |z^k - z^{k-1}|
+      over the stages in the last iteration (fixed point), or max |G(Z)| before the last
+      Newton step; None for explicit tableaus.  The step itself is unchanged.
 
   Returns:
-    y_next with the structure and dtypes of ``y``.
+    y_next with the structure and dtypes of ``y``; ``(y_next, residual)`` with
+    ``return_residual``.
   """
   s = len(b)
   a_rows, b_list, c_list = _coefficient_lists(a, b, c)
   if explicit:
-    # Stage i is needed if b_i != 0 or a later needed stage uses it.
-    needed = [False] * s
-    for i in reversed(range(s)):
-      needed[i] = (not _is_static_zero(b_list[i])) or any(
-          needed[k] and not _is_static_zero(a_rows[k][i]) for k in range(i + 1, s))
+    needed = tableaus_lib.needed_stages(a_rows, b_list)
     zs = [None] * s
     for i in range(s):
       if needed[i]:
         y_i = _combine(y, h, a_rows[i][:i], zs[:i])
         zs[i] = stage_fn(i, _stage_time(t, h, c_list[i]), y_i)
-    return _combine(y, h, b_list, zs)
+    y_next = _combine(y, h, b_list, zs)
+    return (y_next, None) if return_residual else y_next
 
   _check_solver(solver)
   iterations = _check_iterations(implicit_iterations)
   if iterations is None:
     raise ValueError("implicit_iterations must be a positive int for implicit tableaus")
   if solver == "newton":
-    return _newton_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations)
+    y_next, residual = _newton_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations)
+  else:
+    y_next, residual = _fixed_point_step(stage_fn, t, y, h, a_rows, b_list, c_list,
+                                         iterations, shared_predictor, return_residual)
+  return (y_next, residual) if return_residual else y_next
 
-  # Stages whose row of a is (statically) zero are explicit: compute them once.
-  static_rows = [all(_is_static_zero(v) for v in row) for row in a_rows]
+
+def _fixed_point_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations,
+                      shared_predictor, with_residual):
+  """Fixed-point iterations of the stage equations from the predictor (module docstring);
+  returns y_next and the last iteration's max-abs change (None unless ``with_residual``)."""
+  s = len(b_list)
+  static_rows = tableaus_lib.zero_rows(a_rows)  # explicit stages: computed once
   if shared_predictor:
     z0 = stage_fn(0, t, y)
     zs = [z0] * s
   else:
     zs = [stage_fn(i, _stage_time(t, h, c_list[i]), y) for i in range(s)]
   for i in range(s):
-    if static_rows[i] and not (shared_predictor and _is_static_zero(c_list[i])):
+    if static_rows[i] and not (shared_predictor and tableaus_lib.is_static_zero(c_list[i])):
       zs[i] = stage_fn(i, _stage_time(t, h, c_list[i]), y)  # else z0 is already exact
+  residual = None
   for _ in range(iterations):
-    zs = [zs[i] if static_rows[i] else
-          stage_fn(i, _stage_time(t, h, c_list[i]), _combine(y, h, a_rows[i], zs))
-          for i in range(s)]
-  return _combine(y, h, b_list, zs)
+    new = [zs[i] if static_rows[i] else
+           stage_fn(i, _stage_time(t, h, c_list[i]), _combine(y, h, a_rows[i], zs))
+           for i in range(s)]
+    if with_residual:
+      residual = max_abs_change(zs, new)
+    zs = new
+  return _combine(y, h, b_list, zs), residual
 
 
 def _newton_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations):
@@ -208,11 +250,11 @@ def _newton_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations):
     jac, g = jax.jacfwd(residual, has_aux=True)(z)
     z = z - jnp.linalg.solve(jac, g)
   y_next = y_flat + h * (b_vec @ z.reshape(s, n))
-  return unravel(y_next.astype(dtype))
+  return unravel(y_next.astype(dtype)), jnp.max(jnp.abs(g)).astype(jnp.float32)
 
 
 def rk_step(f: VectorField, t, y, h, tableau, *, implicit_iterations: Optional[int] = None,
-            solver: str = "fixed_point"):
+            solver: str = "fixed_point", return_residual: bool = False):
   """One Runge-Kutta step y_{n+1} = y_n + h sum_i b_i z_i (paper eqs. 2-3).
 
   Args:
@@ -229,9 +271,13 @@ def rk_step(f: VectorField, t, y, h, tableau, *, implicit_iterations: Optional[i
       to keep order p.
     solver: ``"fixed_point"`` (default, any state size) or ``"newton"`` (dense Jacobian
       via ``jax.jacfwd``; small states only).
+    return_residual: also return the implicit solve's final residual (see
+      :func:`runge_kutta_step`; None for explicit tableaus), to see a solve that does not
+      converge before it turns into NaN.
 
   Returns:
-    y_{n+1}, with the pytree structure and leaf dtypes of ``y``.
+    y_{n+1}, with the pytree structure and leaf dtypes of ``y``; with
+    ``return_residual``, ``(y_{n+1}, residual)``.
 
   Raises:
     TypeError: if a leaf of ``y`` is not floating point.
@@ -261,7 +307,7 @@ def rk_step(f: VectorField, t, y, h, tableau, *, implicit_iterations: Optional[i
   return runge_kutta_step(lambda i, ti, yi: f(ti, yi), t, y, h, tableau.a, tableau.b,
                           tableau.c, explicit=tableau.is_explicit,
                           implicit_iterations=iterations or 1, solver=solver,
-                          shared_predictor=True)
+                          shared_predictor=True, return_residual=return_residual)
 
 
 def _leaf_name(path) -> str:
@@ -301,11 +347,9 @@ def _checked_vector_field(f: VectorField, y) -> VectorField:
 
 
 def _check_num_steps(num_steps):
-  if (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))
-      or num_steps < 1):
-    raise ValueError("num_steps must be a positive Python int (the number of fixed "
-                     f"steps; there is no default step size), got {num_steps!r}")
-  return int(num_steps)
+  return checks.check_int("odeint_fixed", "num_steps", num_steps, 1, checks.MAX_COUNT,
+                          "num_steps must be a positive Python int: the number of fixed "
+                          "steps; there is no default step size")
 
 
 def odeint_fixed(f: VectorField, y0, t0, t1, num_steps: int, tableau, *,

@@ -24,18 +24,22 @@ Values are checked by :mod:`rknet_jax.checks`, which the modules use too.
 
 import dataclasses
 import json
+import re
 from typing import Any, Optional, Tuple
 
-from rknet_jax import conv
-from rknet_jax.checks import (MAX_LAYERS, MAX_UPDATES, MAX_WIDTH, METHODS, STEMS,
-                              UPDATE_ORDERS, check_bool, check_choice, check_epsilon,
-                              check_int, check_keywords, check_rate, check_size, dtype_name,
-                              per_period, sequence_length)
+from rknet_jax import families
+from rknet_jax.checks import (DENSE_FORMULATIONS, IMPLS, MAX_LAYERS, MAX_UPDATES, MAX_WIDTH, METHODS, STEMS,
+                              UPDATE_ORDERS, check_bool, check_choice, check_compression,
+                              check_epsilon, check_int, check_keywords, check_rate,
+                              check_shared_weight_stages, check_size, dtype_name, per_period,
+                              sequence_length)
 
 __all__ = ["RKNetSpec", "TableauRKNetSpec", "DenseNetSpec", "CliqueNetSpec", "ModelSpec",
-           "from_json", "LAYER_OPTIONS", "DENSENET_IMAGENET"]
+           "from_json", "LAYER_OPTIONS", "DENSENET_IMAGENET", "TABLEAU_STEP_OPTIONS",
+           "bottleneck_widths", "tableau_stage_functions"]
 
-LAYER_OPTIONS = ("dropout_rate", "bn_momentum", "bn_epsilon", "dtype", "remat", "conv_impl")
+LAYER_OPTIONS = ("dropout_rate", "bn_momentum", "bn_epsilon", "dtype", "remat", "conv_impl",
+                 "dense_formulation")
 """Spec fields whose ``None`` means the model class's default."""
 
 
@@ -47,10 +51,11 @@ class ModelSpec:
   Attributes:
     num_classes: classifier outputs (CIFAR-10: 10).
     stem: "cifar" or "imagenet" (:data:`STEMS`).
-    dropout_rate, bn_momentum, bn_epsilon, dtype, remat, conv_impl: layer options; None =
-      the model class's default (see :mod:`rknet_jax.models` for each value and its
-      source).  dtype is a name of ``checks.DTYPES`` (a dtype is accepted and stored by
-      name); conv_impl one of ``rknet_jax.conv.IMPLS``.
+    dropout_rate, bn_momentum, bn_epsilon, dtype, remat, conv_impl, dense_formulation:
+      layer options; None = the model class's default (see :mod:`rknet_jax.models` for
+      each value and its source).  dtype is a name of ``checks.DTYPES`` (a dtype is
+      accepted and stored by name); conv_impl one of ``checks.IMPLS``; dense_formulation
+      one of ``checks.DENSE_FORMULATIONS`` (how dense blocks are computed; same values).
   """
   num_classes: int = 10
   stem: str = "cifar"
@@ -60,12 +65,14 @@ class ModelSpec:
   dtype: Optional[str] = None
   remat: Optional[bool] = None
   conv_impl: Optional[str] = None
+  dense_formulation: Optional[str] = None
 
   def _set(self, field, value):
     object.__setattr__(self, field, value)
 
   @property
-  def _owner(self):
+  def owner(self) -> str:
+    """What error messages call this spec: its name, or its class name when it has none."""
     try:
       return self.name
     except ValueError:
@@ -86,7 +93,9 @@ class ModelSpec:
     if self.remat is not None:
       check_bool(owner, "remat", self.remat)
     if self.conv_impl is not None:
-      check_choice(owner, "conv_impl", self.conv_impl, conv.IMPLS)
+      check_choice(owner, "conv_impl", self.conv_impl, IMPLS)
+    if self.dense_formulation is not None:
+      check_choice(owner, "dense_formulation", self.dense_formulation, DENSE_FORMULATIONS)
 
   @property
   def name(self) -> str:
@@ -104,7 +113,7 @@ class ModelSpec:
 
   def replace(self, **overrides) -> "ModelSpec":
     """A copy with ``overrides`` (validated again); unknown keywords are named."""
-    check_keywords(self._owner, overrides, [f.name for f in dataclasses.fields(self)])
+    check_keywords(self.owner, overrides, [f.name for f in dataclasses.fields(self)])
     return dataclasses.replace(self, **overrides)
 
   def to_json(self) -> str:
@@ -118,19 +127,20 @@ class ModelSpec:
     return json.dumps(out, indent=2, sort_keys=True)
 
 
-def _families():
-  return {c.__name__: c for c in (RKNetSpec, TableauRKNetSpec, DenseNetSpec, CliqueNetSpec)}
-
-
 def from_json(text_or_dict) -> ModelSpec:
-  """The spec of ``ModelSpec.to_json`` output (text or the parsed dict)."""
+  """The spec of ``ModelSpec.to_json`` output (text or the parsed dict).
+
+  The ``family`` key names a registered family (:mod:`rknet_jax.families`); a module-style
+  key of older files (``growth_rates``, ``bottleneck_widths``) is read as the spec's name
+  of the same option.
+  """
   data = dict(json.loads(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict)
   family = data.pop("family", None)
   data.pop("name", None)
-  families = _families()
-  if family not in families:
-    raise ValueError(f"model spec: family={family!r}: expected one of {sorted(families)}")
-  cls = families[family]
+  cls = families.by_spec_name(family).spec
+  for old, new in (("growth_rates", "growth_rate"), ("bottleneck_widths", "bottleneck_width")):
+    if old in data and new not in data:
+      data[new] = data.pop(old)
   check_keywords(family, data, [f.name for f in dataclasses.fields(cls)])
   return cls(**data)
 
@@ -194,7 +204,7 @@ class RKNetSpec(_PeriodsSpec):
 
   def __post_init__(self):
     super().__post_init__()
-    owner = self._owner
+    owner = self.owner
     check_choice(owner, "method", self.method, METHODS)
     check_bool(owner, "bottleneck", self.bottleneck)
     check_bool(owner, "share_weights", self.share_weights)
@@ -210,10 +220,8 @@ class RKNetSpec(_PeriodsSpec):
       if any(m != 1 for m in self.growth_multipliers):
         raise ValueError(f"{owner}: growth_multipliers={self.growth_multipliers}: Rule 4 of "
                          "the paper fixes m = 1 in IRKNets (implicit time-steps)")
-      if self.share_weights and min(self.stages) < 2:
-        raise ValueError(f"{owner}: an IRK time-step with shared weights needs s >= 2 in "
-                         "every period (with s = 1 the update pass has no other stage to "
-                         f"read, equation 6), got stages {self.stages}")
+      if self.share_weights:
+        check_shared_weight_stages(owner, self.stages)
     if self.bottleneck_width is not None:
       if not self.bottleneck:
         raise ValueError(f"{owner}: bottleneck_width={self.bottleneck_width!r} needs the "
@@ -237,12 +245,19 @@ class RKNetSpec(_PeriodsSpec):
   @property
   def bottleneck_widths(self) -> Optional[Tuple[int, ...]]:
     """w per period (None without bottleneck): the given widths, or 4k (ERK) / k (IRK)."""
-    if not self.bottleneck:
-      return None
-    if self.bottleneck_width is not None:
-      return self.bottleneck_width
-    factor = 4 if self.method == "explicit" else 1
-    return tuple(factor * k for k in self.growth_rate)
+    return bottleneck_widths(self.method, self.bottleneck, self.bottleneck_width,
+                             self.growth_rate)
+
+
+def bottleneck_widths(method, bottleneck, bottleneck_width, growth_rate):
+  """w per period of an RKNet: None without bottleneck, the given widths, or by default
+  4k for explicit time-steps (Table 3) and k for implicit ones (Table 2)."""
+  if not bottleneck:
+    return None
+  if bottleneck_width is not None:
+    return tuple(bottleneck_width)
+  factor = 4 if method == "explicit" else 1
+  return tuple(factor * k for k in growth_rate)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -261,7 +276,7 @@ class TableauRKNetSpec(_PeriodsSpec):
   step_options: Tuple[Tuple[str, Any], ...] = ()
 
   def __post_init__(self):
-    from rknet_jax import tableaus  # pylint: disable=g-import-not-at-top
+    from rknet_jax import tableaus
     super().__post_init__()
     owner = type(self).__name__
     try:
@@ -274,13 +289,11 @@ class TableauRKNetSpec(_PeriodsSpec):
     if isinstance(options, dict):
       options = options.items()
     self._set("step_options", tuple(sorted((str(k), v) for k, v in options)))
+    options = dict(self.step_options)
+    check_keywords(self.owner, options, TABLEAU_STEP_OPTIONS)
     for s in self.stages:
-      if s not in (1, tab.num_stages):
-        raise ValueError(f"{self._owner}: a time-step of tableau {tab.name!r} "
-                         f"({tab.num_stages} stages) has 1 shared vector field or "
-                         f"{tab.num_stages} (one per stage): each term's first number must "
-                         f"be 1 or {tab.num_stages}, got {s}")
-    check_size(self._owner, self.num_layers)
+      tableau_stage_functions(tab, s, options, self.owner)
+    check_size(self.owner, self.num_layers)
 
   @property
   def name(self) -> str:
@@ -293,6 +306,34 @@ class TableauRKNetSpec(_PeriodsSpec):
   @property
   def num_layers(self) -> int:
     return sum(s * r * m for s, r, m in zip(self.stages, self.steps, self.growth_multipliers))
+
+
+TABLEAU_STEP_OPTIONS = ("step_size", "learn_coefficients", "learn_step_size",
+                        "implicit_iterations", "hidden_features", "kernel_size",
+                        "stage_functions")
+"""Options of :class:`~rknet_jax.tableau_block.TableauStep` a tableau RKNet passes on."""
+
+
+def tableau_stage_functions(tableau, vector_fields: int, options, owner: str = "") -> str:
+  """``stage_functions`` of TableauStep for a name term's first number (1 or s).
+
+  1 -> "shared" (one f(t, y), equation 3); s (the tableau's stage count) -> "per_stage"
+  (f_i, equation 4).  For a 1-stage tableau both read "1": ``stage_functions`` in
+  ``options`` decides (default "per_stage").  Raises ValueError otherwise or on a conflict.
+  """
+  s, prefix = tableau.num_stages, f"{owner}: " if owner else ""
+  if vector_fields not in (1, s):
+    raise ValueError(f"{prefix}a time-step of tableau {tableau.name!r} ({s} stages) has 1 "
+                     f"shared vector field or {s} (one per stage): each term's first number "
+                     f"must be 1 or {s}, got {vector_fields}")
+  wanted = options.get("stage_functions")
+  if s == 1:
+    return wanted or "per_stage"
+  implied = "shared" if vector_fields == 1 else "per_stage"
+  if wanted is not None and wanted != implied:
+    raise ValueError(f"{prefix}stage_functions={wanted!r} contradicts the name's term "
+                     f"'{vector_fields}×r' ({implied}) for tableau {tableau.name!r}")
+  return implied
 
 
 DENSENET_IMAGENET = {121: ((6, 12, 24, 16), 32, 64), 169: ((6, 12, 32, 32), 32, 64),
@@ -330,10 +371,7 @@ class DenseNetSpec(ModelSpec):
     if self.bottleneck_width is not None:
       self._set("bottleneck_width", check_int(owner, "bottleneck_width",
                                               self.bottleneck_width))
-    c = self.compression
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < c <= 1.0:
-      raise ValueError(f"{owner}: compression={c!r}: expected 0 < compression <= 1")
-    self._set("compression", float(c))
+    self._set("compression", check_compression(owner, self.compression))
     check_size(owner, self.num_layers)
 
   @property
@@ -412,3 +450,38 @@ class CliqueNetSpec(ModelSpec):
   @property
   def num_layers(self) -> int:
     return sum(self.block_layers)
+
+
+# ------------------------------------------------------------------------------ families
+_RK_PREFIX = re.compile(r"(ERKNet|IRKNet|RKNet)-")
+
+
+def _is_tableau_name(name: str) -> bool:
+  from rknet_jax import tableaus
+  m = re.match(r"([A-Za-z0-9_]+)Net-", name)
+  if not m:
+    return False
+  try:
+    tableaus.get(m.group(1))
+  except KeyError:
+    return False
+  return True
+
+
+families.register(families.Family(
+    spec=RKNetSpec, module="rknet_jax.models:RKNet",
+    matches=lambda name: bool(_RK_PREFIX.match(name)),
+    from_name="rknet_jax.names:rknet_spec_from_name", study_labels=("ERKNet", "IRKNet")))
+families.register(families.Family(
+    spec=TableauRKNetSpec, module="rknet_jax.models:TableauRKNet", matches=_is_tableau_name,
+    from_name="rknet_jax.names:rknet_spec_from_name"))
+families.register(families.Family(
+    spec=DenseNetSpec, module="rknet_jax.models:DenseNet",
+    matches=lambda name: name.startswith("DenseNet"),
+    from_name="rknet_jax.names:densenet_spec_from_name", study_labels=("DenseNet",),
+    converter="rknet_jax.registry:erknet_from_densenet"))
+families.register(families.Family(
+    spec=CliqueNetSpec, module="rknet_jax.models:CliqueNet",
+    matches=lambda name: name.startswith("CliqueNet"),
+    from_name="rknet_jax.names:cliquenet_spec_from_name", study_labels=("CliqueNet",),
+    converter="rknet_jax.registry:irknet_from_cliquenet"))

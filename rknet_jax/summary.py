@@ -18,6 +18,7 @@ import re
 import sys
 from typing import Sequence
 
+from rknet_jax import checks
 from rknet_jax import counting
 
 
@@ -35,12 +36,9 @@ def _growth_rate(text: str):
 
 def _positive_int(text: str) -> int:
   try:
-    value = int(text)
+    return checks.check_int("summary", "value", int(text))
   except ValueError:
-    value = 0
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f"expected a positive int; got {text!r}")
-  return value
+    raise argparse.ArgumentTypeError(f"expected a positive int; got {text!r}") from None
 
 
 def default_image_size(model) -> int:
@@ -106,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--growth_rate", type=_growth_rate, default=None,
                       help="k: one int, or comma-separated ints, one per period")
   parser.add_argument("--num_classes", type=_positive_int, default=None)
-  parser.add_argument("--stem", choices=("cifar", "imagenet"), default=None,
+  parser.add_argument("--stem", choices=checks.STEMS, default=None,
                       help="preprocessor (default: the model's)")
   parser.add_argument("--bottleneck_width", type=_positive_int, default=None)
   parser.add_argument("--image_size", type=_positive_int, default=None,
@@ -121,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
   args = build_parser().parse_args(argv)
-  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  from rknet_jax import registry
   kwargs = {k: getattr(args, k) for k in
             ("growth_rate", "num_classes", "stem", "bottleneck_width")
             if getattr(args, k) is not None}

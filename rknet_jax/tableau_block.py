@@ -40,10 +40,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from rknet_jax import layers
+from rknet_jax import checks
 from rknet_jax import rk as rk_lib
 from rknet_jax import tableaus as tableaus_lib
-from rknet_jax.conv import Conv
+from rknet_jax.layers import LayerConfig
 
 __all__ = ["ConvVectorField", "TableauStep", "STAGE_FUNCTIONS"]
 
@@ -68,10 +68,9 @@ class ConvVectorField(nn.Module):
       and ``num_layers=1``, f is a single linear convolution).
     time_conditioning: append a constant channel holding t to the input of every
       convolution, so f depends on the (stage) time as in equation 3.
-    momentum, epsilon: BatchNorm settings (default: the RKNets' defaults, the authors' RKCNN
-      code, :data:`rknet_jax.layers.RKNET_BN_MOMENTUM` and ``RKNET_BN_EPSILON``).
-    dtype: computation dtype; param_dtype: parameter dtype.
-    conv_impl: convolution formulation (:mod:`rknet_jax.conv`).
+    config: the shared layer options (:class:`~rknet_jax.layers.LayerConfig`): BatchNorm
+      momentum/epsilon (default: the RKNets', the authors' RKCNN code), compute and
+      parameter dtypes, convolution formulation.
 
   Call: ``f(t, y, train=False)`` with y NHWC and t a scalar.
   """
@@ -82,42 +81,26 @@ class ConvVectorField(nn.Module):
   normalize: bool = True
   activation: Optional[Callable[[Any], Any]] = nn.relu
   time_conditioning: bool = True
-  momentum: float = layers.RKNET_BN_MOMENTUM
-  epsilon: float = layers.RKNET_BN_EPSILON
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  conv_impl: str = "auto"
+  config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, t, y, train: bool = False):
-    if self.num_layers < 1:
-      raise ValueError(f"num_layers must be >= 1, got {self.num_layers!r}")
+    checks.check_int("ConvVectorField", "num_layers", self.num_layers)
+    cfg = self.config
     out_features = self.features or y.shape[-1]
     hidden = self.hidden_features or out_features
-    x = jnp.asarray(y, self.dtype)
+    x = jnp.asarray(y, cfg.dtype)
     for layer in range(self.num_layers):
       if self.normalize:
-        x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
-                         epsilon=self.epsilon, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=f"bn{layer}")(x)
+        x = cfg.batch_norm(train, name=f"bn{layer}")(x)
       if self.activation is not None:
         x = self.activation(x)
       if self.time_conditioning:
         time_channel = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:-1] + (1,))
         x = jnp.concatenate([x, time_channel], axis=-1)
       last = layer == self.num_layers - 1
-      x = Conv(features=out_features if last else hidden,
-               kernel_size=tuple(self.kernel_size), dtype=self.dtype,
-               param_dtype=self.param_dtype, impl=self.conv_impl, name=f"conv{layer}")(x)
+      x = cfg.conv(out_features if last else hidden, self.kernel_size, name=f"conv{layer}")(x)
     return x
-
-
-def _positive_int_or_none(value, what):
-  if value is None:
-    return None
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{what} must be None or a positive int, got {value!r}")
-  return int(value)
 
 
 class TableauStep(nn.Module):
@@ -144,10 +127,9 @@ class TableauStep(nn.Module):
       result as ``f(t, y, train=train)``; e.g. ``functools.partial(ConvVectorField,
       num_layers=1, normalize=False, activation=None)`` for a linear f.  None builds
       :class:`ConvVectorField` from the attributes here (time-conditioned iff shared).
-    momentum, epsilon: BatchNorm settings of the default vector field (default: the
-      RKNets' defaults, see :class:`ConvVectorField`).
-    dtype: computation dtype; param_dtype: parameter dtype.
-    conv_impl: convolution formulation of the default vector field.
+    config: the shared layer options (:class:`~rknet_jax.layers.LayerConfig`): compute and
+      parameter dtypes, and the BatchNorm settings and convolution formulation of the
+      default vector field (default: the RKNets', see :class:`ConvVectorField`).
 
   Parameters (``params``): ``f`` (shared) or ``f_0 .. f_{s-1}`` (per stage); with
   ``learn_coefficients`` ``a`` (s, s), ``b`` (s,), ``c`` (s,; shared only); with
@@ -174,11 +156,7 @@ class TableauStep(nn.Module):
   hidden_features: Optional[int] = None
   kernel_size: Sequence[int] = (3, 3)
   vector_field: Optional[Callable[..., nn.Module]] = None
-  momentum: float = layers.RKNET_BN_MOMENTUM
-  epsilon: float = layers.RKNET_BN_EPSILON
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  conv_impl: str = "auto"
+  config: LayerConfig = LayerConfig()
 
   def __post_init__(self):
     # Validate on construction, before any parameter is created.
@@ -191,7 +169,8 @@ class TableauStep(nn.Module):
             and math.isfinite(self.step_size) and self.step_size > 0):
       raise ValueError(f"step_size must be a positive finite number, got "
                        f"{self.step_size!r}")
-    _positive_int_or_none(self.implicit_iterations, "implicit_iterations")
+    checks.check_optional_int("TableauStep", "implicit_iterations", self.implicit_iterations,
+                              1, checks.MAX_COUNT)
     if isinstance(self.vector_field, nn.Module):
       raise ValueError("vector_field must be a factory (a Module class or "
                        "functools.partial of one), not a Module instance: got "
@@ -217,19 +196,13 @@ class TableauStep(nn.Module):
     tableau = self.butcher_tableau
     s = tableau.num_stages
     if tableau.is_explicit:
-      if self.learn_coefficients:
-        return s
-      needed = [False] * s
-      for i in reversed(range(s)):
-        needed[i] = tableau.b[i] != 0 or any(
-            needed[k] and tableau.a[k][i] != 0 for k in range(i + 1, s))
-      return sum(needed)
+      return s if self.learn_coefficients else sum(tableau.needed_stages)
     iterations = self.implicit_iterations or rk_lib.default_implicit_iterations(
         tableau.order)
     shared = self.stage_functions == "shared"
     predictor = 1 if shared else s
     zero_rows = [] if self.learn_coefficients else [
-        i for i, row in enumerate(tableau.a) if all(v == 0 for v in row)]
+        i for i, zero in enumerate(tableau.zero_rows) if zero]
     # A zero row is evaluated once, at y_n; with a shared f and c_i = 0 that is z0.
     extra = sum(1 for i in zero_rows if not (shared and tableau.c[i] == 0))
     return predictor + extra + (s - len(zero_rows)) * iterations
@@ -240,9 +213,7 @@ class TableauStep(nn.Module):
     return functools.partial(
         ConvVectorField, hidden_features=self.hidden_features,
         kernel_size=tuple(self.kernel_size),
-        time_conditioning=self.stage_functions == "shared", momentum=self.momentum,
-        epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-        conv_impl=self.conv_impl)
+        time_conditioning=self.stage_functions == "shared", config=self.config)
 
   @nn.compact
   def __call__(self, y, train: bool = False, t=None):
@@ -250,18 +221,17 @@ class TableauStep(nn.Module):
     tableau = self.butcher_tableau
     s = tableau.num_stages
     shared = self.stage_functions == "shared"
-    y = jnp.asarray(y, self.dtype)
+    dtype, param_dtype = self.config.dtype, self.config.param_dtype
+    y = jnp.asarray(y, dtype)
     t = self.time if t is None else t
 
     if self.learn_coefficients:
       def from_tableau(values):
         return lambda key, shape, dtype: jnp.asarray(values, dtype).reshape(shape)
-      a = self.param("a", from_tableau(tableau.a), (s, s), self.param_dtype)
-      b = self.param("b", from_tableau(tableau.b), (s,), self.param_dtype)
-      a, b = a.astype(self.dtype), b.astype(self.dtype)
+      a = self.param("a", from_tableau(tableau.a), (s, s), param_dtype).astype(dtype)
+      b = self.param("b", from_tableau(tableau.b), (s,), param_dtype).astype(dtype)
       if shared:
-        c = self.param("c", from_tableau(tableau.c), (s,),
-                       self.param_dtype).astype(self.dtype)
+        c = self.param("c", from_tableau(tableau.c), (s,), param_dtype).astype(dtype)
       else:  # absorbed into f_i (equation 4): never read, so not a parameter
         c = tableau.c
     else:
@@ -271,8 +241,8 @@ class TableauStep(nn.Module):
       log_h = self.param(
           "log_step_size",
           lambda key, shape, dtype: jnp.full(shape, math.log(self.step_size), dtype),
-          (), self.param_dtype)
-      h = jnp.exp(log_h).astype(self.dtype)
+          (), param_dtype)
+      h = jnp.exp(log_h).astype(dtype)
     else:
       h = self.step_size
 
@@ -291,9 +261,15 @@ class TableauStep(nn.Module):
 
     iterations = None
     if tableau.is_implicit:
-      iterations = (_positive_int_or_none(self.implicit_iterations, "implicit_iterations")
+      iterations = (self.implicit_iterations
                     or rk_lib.default_implicit_iterations(tableau.order))
-    return rk_lib.runge_kutta_step(
+    report = tableau.is_implicit and self.is_mutable_collection("intermediates")
+    out = rk_lib.runge_kutta_step(
         stage_fn, t, y, h, a, b, c, explicit=tableau.is_explicit,
         implicit_iterations=iterations or 1, solver="fixed_point",
-        shared_predictor=shared)
+        shared_predictor=shared, return_residual=report)
+    if not report:
+      return out
+    y_next, residual = out  # rk_lib.implicit_residuals reads it from an apply's state
+    self.sow("intermediates", rk_lib.IMPLICIT_RESIDUAL, residual)
+    return y_next

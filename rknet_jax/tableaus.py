@@ -143,6 +143,17 @@ class ButcherTableau:
                for j in range(i, self.num_stages))
 
   @property
+  def needed_stages(self) -> Tuple[bool, ...]:
+    """Per stage, whether an explicit step evaluates it with these (fixed) coefficients:
+    b_i != 0 or a later needed stage reads it (:func:`needed_stages`)."""
+    return needed_stages(self.a, self.b)
+
+  @property
+  def zero_rows(self) -> Tuple[bool, ...]:
+    """Per stage, whether its row of a is zero (an implicit step evaluates it once)."""
+    return zero_rows(self.a)
+
+  @property
   def is_implicit(self) -> bool:
     """True for every method that is not explicit (an IRK method, paper section 3.1)."""
     return not self.is_explicit
@@ -166,7 +177,7 @@ class ButcherTableau:
 
   def arrays(self, dtype=None):
     """Returns (a, b, c) as ``jax.numpy`` arrays (default dtype: JAX's default float)."""
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp
     return (jnp.asarray(self.a, dtype), jnp.asarray(self.b, dtype),
             jnp.asarray(self.c, dtype))
 
@@ -336,6 +347,29 @@ _ALIASES = {
     "lobatto2": "lobatto_iiic2",
     "lobatto3": "lobatto_iiic3",
 }
+
+
+def is_static_zero(v) -> bool:
+  """A coefficient that is statically 0 (a Python or NumPy number; traced values are not)."""
+  return isinstance(v, (int, float, np.floating, np.integer)) and v == 0
+
+
+def needed_stages(a, b, is_zero=is_static_zero) -> Tuple[bool, ...]:
+  """Per stage of an explicit method: needed iff b_i is not zero or a later needed stage
+  reads it through a non-zero a_ki (the FSAL stage of Dormand-Prince is not).  Coefficients
+  that ``is_zero`` does not call zero (e.g. learned, traced ones) count as non-zero."""
+  s = len(b)
+  needed = [False] * s
+  for i in reversed(range(s)):
+    needed[i] = not is_zero(b[i]) or any(needed[k] and not is_zero(a[k][i])
+                                         for k in range(i + 1, s))
+  return tuple(needed)
+
+
+def zero_rows(a, is_zero=is_static_zero) -> Tuple[bool, ...]:
+  """Per stage, whether its row of a is (statically) zero: an explicit stage even in an
+  implicit method, evaluated once at y_n."""
+  return tuple(all(is_zero(v) for v in row) for row in a)
 
 
 def _normalise(name: str) -> str:

@@ -17,7 +17,7 @@ def test_measured_order_matches_declared_order():
 def test_bad_problem_and_step_counts_are_named():
   with pytest.raises(ValueError, match="problem must be one of"):
     convergence.measured_order("rk4", "chaotic")
-  with pytest.raises(ValueError, match="positive ints, got 0"):
+  with pytest.raises(ValueError, match="num_steps entry=0: expected an int from 1.*positive ints"):
     convergence.convergence_errors("rk4", "linear", num_steps=(8, 0))
 
 

@@ -210,3 +210,21 @@ def test_unknown_formulation_is_named():
   with pytest.raises(ValueError, match="formulation='scan'.*'auto', 'buffer', 'loop'"):
     blocks.DenseBlock(2, 2, formulation="scan").init(jax.random.PRNGKey(0), _x(4),
                                                      train=False)
+
+
+def test_dense_formulation_is_a_model_option():
+  """``dense_formulation`` reaches every dense block through the model's LayerConfig (no
+  global to patch): "buffer" runs a shallow CPU block on the buffer (custom VJP), "loop"
+  does not, with the same variables and logits."""
+  from rknet_jax import registry
+
+  x = _x(3)
+  models = {f: registry.create_model("ERKNet-2x1", growth_rate=4, dense_formulation=f)
+            for f in ("loop", "buffer")}
+  variables = models["loop"].init(jax.random.PRNGKey(0), x, train=False)
+  logits = {f: m.apply(variables, x, train=False) for f, m in models.items()}
+  np.testing.assert_allclose(logits["buffer"], logits["loop"], rtol=1e-5, atol=1e-5)
+  for f, m in models.items():
+    jaxpr = str(jax.make_jaxpr(lambda v, m=m: m.apply(v, x, train=False))(variables))
+    assert ("custom_vjp_call" in jaxpr) == (f == "buffer"), f
+  assert blocks.DenseBlock(2, 2, config=LayerConfig(dense_formulation="buffer")).uses_buffer()

@@ -17,7 +17,7 @@ def test_times_sign_and_x_read_the_same():
   b = registry.create_model("ERKNet-7x1 6x1 6x1", growth_rate=12)
   assert _fields(a) == _fields(b)
   assert a.stages == (7, 6, 6) and a.steps == (1, 1, 1) and a.method == "explicit"
-  assert a.growth_rates == (12, 12, 12) and a.growth_multipliers == (1, 1, 1)
+  assert a.growth_rate == (12, 12, 12) and a.growth_multipliers == (1, 1, 1)
 
 
 def test_generic_rknet_name_reads_s_by_r_per_period():
@@ -55,16 +55,16 @@ def test_ready_made_names():
             "DenseNet-BC-250-k24", "CliqueNet-T18-k80", "CliqueNet-ABC-T30-k150"):
     assert n in names
   t3 = registry.create_model("ERKNet-3×1 3×1 6×1 2×1-B")
-  assert (t3.growth_rates, t3.growth_multipliers, t3.bottleneck_widths) == (
+  assert (t3.growth_rate, t3.growth_multipliers, t3.bottleneck_widths) == (
       (32,) * 4, (2, 4, 8, 28), (128,) * 4)
   assert (t3.stem, t3.num_classes, t3.multiscale) == ("imagenet", 1000, False)
   t2 = registry.create_model("IRKNet-5x1 5x1 5x1-AB-k180")
-  assert t2.growth_rates == (180,) * 3 and t2.bottleneck_widths == (180,) * 3
+  assert t2.growth_rate == (180,) * 3 and t2.bottleneck_widths == (180,) * 3
   assert t2.attention and t2.multiscale and t2.stem == "cifar"
   # Keyword arguments override ready-made values; the x spelling finds the preset too.
   t1 = registry.create_model("ERKNet-6x1 6x1 6x1", growth_rate=12, num_classes=100)
-  assert t1.growth_rates == (12,) * 3 and t1.num_classes == 100
-  assert registry.create_model("IRKNet-3x1 3x1 3x1").growth_rates == (36,) * 3
+  assert t1.growth_rate == (12,) * 3 and t1.num_classes == 100
+  assert registry.create_model("IRKNet-3x1 3x1 3x1").growth_rate == (36,) * 3
 
 
 def test_baselines_by_name():
@@ -184,7 +184,7 @@ def test_irknet_from_cliquenet_is_the_table_2_irknet():
   with pytest.raises(ValueError, match=r"Rules 1 and 4.*64 channels"):
     registry.irknet_from_cliquenet("CliqueNet-T18-k80", strict=True)
   with pytest.raises(ValueError, match="equation 6"):
-    registry.irknet_from_cliquenet(dict(block_layers=(3, 3), growth_rates=(8, 8),
+    registry.irknet_from_cliquenet(dict(block_layers=(3, 3), growth_rate=(8, 8),
                                         num_updates=0))
   with pytest.raises(ValueError, match="expected a model name"):
     registry.irknet_from_cliquenet(42)

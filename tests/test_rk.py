@@ -219,7 +219,7 @@ def test_odeint_fixed_equals_repeated_rk_step_and_returns_trajectory():
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, None, "10"])
 def test_odeint_fixed_rejects_bad_num_steps(bad):
   with pytest.raises(ValueError,
-                     match="num_steps must be a positive Python int.*" + re.escape(repr(bad))):
+                     match=re.escape(f"num_steps={bad!r}") + ".*must be a positive Python int"):
     rk.odeint_fixed(linear_f, jnp.asarray(LIN_Y0), 0.0, 1.0, bad, "rk4")
 
 
@@ -352,3 +352,25 @@ def test_vector_field_leaf_shape_error_names_the_leaf():
   y = {"u": jnp.ones(2), "v": jnp.ones((2, 2))}
   with pytest.raises(ValueError, match=r"for y\['v'\] of shape \(2, 2\)"):
     rk.rk_step(lambda t, s: {"u": s["u"], "v": s["v"][0]}, 0.0, y, 0.1, "heun")
+
+
+def test_implicit_solves_report_their_residual():
+  """A fixed-point or Newton solve stopped too early reports a large final residual, a
+  converged one a small one; the step's value is the same with or without the report."""
+  def f(t, y):
+    return -4.0 * y + jnp.sin(t)
+
+  y = jnp.linspace(-1.0, 1.0, 5)
+  few, r_few = rk.rk_step(f, 0.0, y, 0.2, "gauss_legendre2", implicit_iterations=1,
+                          return_residual=True)
+  many, r_many = rk.rk_step(f, 0.0, y, 0.2, "gauss_legendre2", implicit_iterations=30,
+                            return_residual=True)
+  assert float(r_few) > 0.1 and float(r_many) < 1e-5, (float(r_few), float(r_many))
+  np.testing.assert_array_equal(few, rk.rk_step(f, 0.0, y, 0.2, "gauss_legendre2",
+                                                implicit_iterations=1))
+  assert float(jnp.max(jnp.abs(many - few))) > 1e-4
+  _, r_newton = rk.rk_step(f, 0.0, y, 0.2, "gauss_legendre2", implicit_iterations=3,
+                           solver="newton", return_residual=True)
+  assert float(r_newton) < 1e-5
+  _, r_explicit = rk.rk_step(f, 0.0, y, 0.2, "rk4", return_residual=True)
+  assert r_explicit is None

@@ -53,7 +53,7 @@ def test_specs_are_frozen_and_create_model_merges_overrides():
   with pytest.raises(dataclasses.FrozenInstanceError):
     spec.growth_rate = (8, 8)  # pytype: disable=not-writable
   model = registry.create_model(spec, dropout_rate=0.2, growth_rate=6)
-  assert model.dropout_rate == 0.2 and model.growth_rates == (6, 6)
+  assert model.dropout_rate == 0.2 and model.growth_rate == (6, 6)
   assert spec.growth_rate == (4, 4)
   with pytest.raises(ValueError, match="growth_multipliers=.*Rule 4"):  # validated again
     registry.create_model(spec.replace(method="implicit", growth_multipliers=2))

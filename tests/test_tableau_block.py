@@ -10,11 +10,12 @@ from jax import lax
 
 from rknet_jax import rk
 from rknet_jax import tableaus
+from rknet_jax.layers import LayerConfig
 from rknet_jax.tableau_block import ConvVectorField, TableauStep
 
+F64 = LayerConfig(dtype=jnp.float64, param_dtype=jnp.float64)
 LINEAR_FIELD = functools.partial(ConvVectorField, num_layers=1, normalize=False,
-                                 activation=None, dtype=jnp.float64,
-                                 param_dtype=jnp.float64)
+                                 activation=None, config=F64)
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +44,7 @@ def test_shared_linear_step_equals_rk_step(name):
   TableauStep equals rk_step on the same f (equation 3 with the shared f)."""
   x = _input()
   step = TableauStep(tableau=name, step_size=0.3, time=0.2, vector_field=LINEAR_FIELD,
-                     implicit_iterations=4, dtype=jnp.float64, param_dtype=jnp.float64)
+                     implicit_iterations=4, config=F64)
   variables = step.init(jax.random.key(0), x)
   kernel = _hand_kernel(1, 4, 3)  # 3 state channels + 1 time channel -> 3
   assert variables["params"]["f"]["conv0"]["kernel"].shape == kernel.shape
@@ -67,7 +68,7 @@ def test_per_stage_linear_step_follows_equation_4():
   x = _input()
   step = TableauStep(tableau="heun", step_size=0.25, stage_functions="per_stage",
                      vector_field=functools.partial(LINEAR_FIELD, time_conditioning=False),
-                     dtype=jnp.float64, param_dtype=jnp.float64)
+                     config=F64)
   params = step.init(jax.random.key(0), x)["params"]
   assert sorted(params) == ["f_0", "f_1"]
   k0, k1 = _hand_kernel(2, 3, 3), _hand_kernel(3, 3, 3)
@@ -143,7 +144,8 @@ def test_per_stage_learnable_coefficients_have_no_c():
 
 def test_training_mode_updates_batch_stats_and_preserves_shape():
   x = _input((4, 6, 6, 5)).astype(jnp.float32)
-  step = TableauStep(tableau="ssprk3", step_size=0.5, momentum=0.8, hidden_features=7)
+  step = TableauStep(tableau="ssprk3", step_size=0.5, config=LayerConfig(bn_momentum=0.8),
+                     hidden_features=7)
   variables = step.init(jax.random.key(0), x)
   f_params = variables["params"]["f"]
   assert f_params["conv0"]["kernel"].shape == (3, 3, 6, 7)  # 5 + time channel -> 7
@@ -159,7 +161,7 @@ def test_training_mode_updates_batch_stats_and_preserves_shape():
 def test_bfloat16_compute_with_float32_params():
   x = _input((2, 4, 4, 3)).astype(jnp.float32)
   step = TableauStep(tableau="gauss_legendre2", implicit_iterations=2,
-                     dtype=jnp.bfloat16, learn_coefficients=True, learn_step_size=True)
+                     config=LayerConfig(dtype=jnp.bfloat16), learn_coefficients=True, learn_step_size=True)
   variables = step.init(jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
   y = step.apply(variables, x)
@@ -168,7 +170,7 @@ def test_bfloat16_compute_with_float32_params():
 
 
 def test_conv_vector_field_time_conditioning_and_shapes():
-  field = ConvVectorField(hidden_features=6, dtype=jnp.float64, param_dtype=jnp.float64)
+  field = ConvVectorField(hidden_features=6, config=F64)
   y = _input((1, 4, 4, 3))
   variables = field.init(jax.random.key(0), 0.0, y)
   out0 = field.apply(variables, 0.0, y)
@@ -243,3 +245,38 @@ def test_num_evaluations_counts_vector_field_calls(mode, learn):
   assert TableauStep(tableau="dopri5").num_evaluations == 6  # FSAL stage skipped
   assert TableauStep(tableau="gauss_legendre2",
                      implicit_iterations=3).num_evaluations == 1 + 2 * 3
+
+
+def test_implicit_step_sows_its_residual():
+  """TableauStep and the clique blocks sow their implicit solve's final residual;
+  rk.implicit_residuals reads it from the apply's state: large after too few iterations,
+  small once converged; explicit steps sow nothing."""
+  from rknet_jax import blocks
+
+  x = 0.5 * _input()
+  residuals = {}
+  for iterations in (1, 25):
+    step = TableauStep(tableau="gauss_legendre2", step_size=0.3, vector_field=LINEAR_FIELD,
+                       implicit_iterations=iterations, config=F64)
+    variables = {"params": {"f": {"conv0": {"kernel": _hand_kernel(1, 4, 3, scale=0.2)}}}}
+    y, state = step.apply(variables, x, mutable=["intermediates"])
+    np.testing.assert_array_equal(y, step.apply(variables, x))  # reporting changes nothing
+    residuals[iterations] = rk.implicit_residuals(state)
+  assert list(residuals[1]) == [""]  # the top-level module's own path
+  assert float(residuals[1][""]) > 1e-3 > 1e-9 > float(residuals[25][""]), residuals
+  explicit = TableauStep(tableau="rk4", vector_field=LINEAR_FIELD, config=F64)
+  v = explicit.init(jax.random.key(0), x)
+  assert rk.implicit_residuals(explicit.apply(v, x, mutable=["intermediates"])[1]) == {}
+  block = blocks.CliqueBlock(2, 3, num_updates=2)
+  v = block.init(jax.random.key(0), x.astype(jnp.float32), train=False)
+  assert sorted(v) == ["batch_stats", "params"]
+  _, state = block.apply(v, x.astype(jnp.float32), train=False, mutable=["intermediates"])
+  assert set(rk.implicit_residuals(state)) == {""}
+  assert float(rk.implicit_residuals(state)[""]) > 0
+  from rknet_jax import registry
+  model = registry.create_model("IRKNet-2x1 2x1", growth_rate=3)
+  images = x[..., :3].astype(jnp.float32)
+  v = model.init(jax.random.key(0), images, train=False)
+  _, state = model.apply(v, images, train=False, mutable=["intermediates"])
+  assert sorted(rk.implicit_residuals(state)) == ["period1_step1/clique_block",
+                                                  "period2_step1/clique_block"]
