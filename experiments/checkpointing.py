@@ -186,12 +186,6 @@ class RunCheckpoints:
     return (step, restored[rk_ckpt.MODEL_ITEM], restored[rk_ckpt.TRAIN_ITEM],
             restored[rk_ckpt.META_ITEM])
 
-  def restore_model(self, step: int, abstract_model: Any):
-    """Restores only the ``model`` item (params, batch_stats) of ``step``."""
-    restored = rk_ckpt.restore_verified(self.manager, step, ocp.args.Composite(**{
-        rk_ckpt.MODEL_ITEM: ocp.args.StandardRestore(abstract_model)}))
-    return restored[rk_ckpt.MODEL_ITEM]
-
   def best_step(self) -> Optional[int]:
     """The kept step with the lowest validation error (None without validation saves)."""
     if self.manager._options.best_fn is None:  # pylint: disable=protected-access

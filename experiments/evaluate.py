@@ -40,7 +40,6 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
   from experiments import checkpointing, run_config, rundir, steps  # pylint: disable=g-import-not-at-top
   from rknet_jax import checkpoint as rk_ckpt  # pylint: disable=g-import-not-at-top
@@ -79,16 +78,9 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
                                       sharding=NamedSharding(mesh, P()))
   manager = rk_ckpt.checkpoint_manager(workdir, read_only=True)
   try:
-    found, restored = rk_ckpt.restore_newest_intact(
-        manager,
-        lambda s: ocp.args.Composite(**{rk_ckpt.MODEL_ITEM: ocp.args.StandardRestore(target)}),
-        step=step)
+    found, variables, meta = rk_ckpt.restore_model(manager, target, step=step)
   finally:
     manager.close()
-  if found is None:
-    raise FileNotFoundError(f"no intact checkpoint under {workdir}")
-  variables = restored[rk_ckpt.MODEL_ITEM]
-  meta = restored.get(rk_ckpt.META_ITEM) or {}
   # A run with precise BatchNorm evaluated every checkpoint with statistics re-estimated for
   # its weights (the final one holds them): recompute them the same way.
   precise = "precise_bn_batches" in run["config"] and config.precise_bn_batches > 0

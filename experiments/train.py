@@ -20,18 +20,18 @@ and rerunning a finished run (same total steps, results written) returns its
 ``results.json`` without training, testing or writing anything.
 """
 
+import dataclasses
 import itertools
 import json
 import math
 import signal
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from experiments import checkpointing
@@ -265,255 +265,366 @@ def _finished_results(config, workdir: str, total_steps: int) -> Optional[dict]:
   return results
 
 
+@dataclasses.dataclass
+class _Run:
+  """One run's pieces, handed from phase to phase: setup, restore, train loop, final test.
+
+  ``state`` is the current ``TrainState`` (replaced by every train step) and ``step`` its
+  step; the evaluation helpers below always see the current ones.
+  """
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Mesh
+  input_shape: tuple
+  num_classes: int
+  steps_per_epoch: int
+  total_steps: int
+  split_sizes: dict
+  # setup
+  spec: Any = None
+  model: Any = None
+  init_fn: Any = None
+  train_step: Any = None
+  eval_step: Any = None
+  bn_stats_step: Any = None
+  n_precise: int = 0
+  abstract: Any = None
+  ckpts: Optional[checkpointing.RunCheckpoints] = None
+  # restore
+  state: Any = None
+  start_step: int = 0
+  wall_time_before: float = 0.0
+  restored_precise: bool = False
+  previous_run: Optional[dict] = None
+  stats: Any = None
+  params: int = 0
+  gflops: float = 0.0
+  # train loop
+  step: int = 0
+  log: Any = None
+  bar: Any = None
+  window: Any = None
+  t_start: float = 0.0
+  precise_cache: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def validation_examples(self) -> int:
+    return self.split_sizes["validation"]
+
+  @property
+  def has_validation(self) -> bool:
+    return self.validation_examples > 0
+
+  def wall_time(self) -> float:
+    """Training time of every session that led to this one, this one's so far included."""
+    return self.wall_time_before + clock() - self.t_start
+
+  def run_eval(self, variables, split: str) -> dict:
+    """Exact metrics of ``variables`` on ``split``."""
+    from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+    batches = input_pipeline.eval_iterator(
+        self.config, split, batch_size=self.config.eval_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        stats=self.stats)
+    return steps_lib.evaluate(self.eval_step, variables, batches, self.mesh,
+                              self.config.eval_batch_size)
+
+  def precise_vars(self, model_vars, step: int) -> dict:
+    """``model_vars`` with precise BatchNorm statistics for the model after ``step``."""
+    return precise_model_vars(self.config, model_vars, step, self.steps_per_epoch,
+                              self.bn_stats_step, self.mesh, stats=self.stats)
+
+  def evaluated_vars(self, step: int) -> dict:
+    """The model as evaluated at ``step``: precise BN statistics, or the running ones."""
+    if not self.n_precise:
+      return self.state.model_vars()
+    if step not in self.precise_cache:
+      self.precise_cache.clear()
+      self.precise_cache[step] = self.precise_vars(self.state.model_vars(), step)
+    return self.precise_cache[step]
+
+  def save(self, step: int, val: Optional[dict] = None):
+    """Checkpoints the current state at ``step`` (``val``: its validation metrics)."""
+    self.window.flush(step)  # checks the state: a non-finite one is never checkpointed
+    # The final checkpoint (the exported model) holds the statistics it is tested with;
+    # every other one the running averages a resumed run continues from.
+    final = bool(self.n_precise) and step >= self.total_steps
+    config = self.config
+    self.ckpts.save(step, self.evaluated_vars(step) if final else self.state.model_vars(),
+                    self.state.train_vars(), {
+        "batch_stats": "precise" if final else "running_averages",
+        "precise_bn_batches": self.n_precise if final else 0,
+        "step": int(step), "epoch": step / self.steps_per_epoch, "model": config.model,
+        "dataset": config.dataset, "global_batch": config.batch_size,
+        "devices": self.mesh.devices.size, "processes": jax.process_count(),
+        "train_wall_time_sec": self.wall_time()},
+        metrics=None if val is None else {checkpointing.BEST_METRIC: val["top1_error"]})
+
+
 def _run(config, workdir: str, mesh: Mesh) -> dict:
   """``train_and_evaluate`` once the config is checked and the workdir is ours."""
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
-  is_main = jax.process_index() == 0
-  info = input_pipeline.dataset_info(config)
-  input_shape = tuple(info.image_shape)
-  steps_per_epoch = int(input_pipeline.steps_per_epoch(config))
-  total_steps = run_config.total_steps(config, steps_per_epoch)
-  validation_examples = input_pipeline.split_sizes(config)["validation"]
-  has_validation = validation_examples > 0
-  if config.test_model == "best" and not has_validation:
-    raise ValueError(run_config.NO_VALIDATION_FOR_BEST)
-  finished = _finished_results(config, workdir, total_steps)
+  run = _plan(config, workdir, mesh)
+  finished = _finished_results(config, workdir, run.total_steps)
   if finished is not None:
     return finished
-
-  spec = run_config.model_spec(config, info.num_classes)
-  model = run_config.build_model(config, info.num_classes)
-  schedule = optim.learning_rate_schedule(config, steps_per_epoch, total_steps)
-  tx = optim.make_optimizer(config, schedule)
-  init_fn, train_step, eval_step, bn_stats_step = _compiled_functions(
-      config, spec, model, tx, schedule, input_shape, mesh,
-      (steps_per_epoch, total_steps))
-  n_precise = precise_bn_batches(config, steps_per_epoch)
-  if not n_precise:
-    _warn_if_too_short_for_momentum(spec, total_steps)
-
-  # ---- restore (the metadata is written only once this succeeded)
-  state = init_fn(config.seed)
-  replicated = NamedSharding(mesh, P())
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-  ckpts = checkpointing.RunCheckpoints(
-      workdir, keep=config.keep_checkpoints, track_best=has_validation,
-      model_spec=dict(json.loads(spec.to_json()), input_shape=list(input_shape)))
+  _setup(run)
   try:  # orbax's threads are shut down on every way out
-    start_step, model_vars, train_vars, meta = ckpts.restore_latest(
-        abstract.model_vars(), abstract.train_vars())
-    previous_run = rundir.read_run_file(workdir)
-    # Only the final checkpoint of a finished run holds precise statistics.
-    restored_precise = bool(meta) and meta.get("batch_stats") == "precise"
-    if restored_precise and start_step < total_steps:
-      logging.warning(
-          "Checkpoint %d is the final one of a finished run and holds precise BatchNorm "
-          "statistics; the running averages continue from them. The parameters train as in "
-          "an uninterrupted run (training normalises with batch statistics), only the "
-          "running averages differ.", start_step)
-    if start_step is None:
-      start_step, wall_time_before = 0, 0.0
-      if is_main:
-        rundir.move_aside_outputs(workdir)
-    else:
-      state = steps_lib.TrainState(params=model_vars["params"],
-                                   batch_stats=model_vars["batch_stats"], **train_vars)
-      if int(state.step) != start_step:
-        raise ValueError(f"checkpoint {start_step} holds step {int(state.step)}")
-      wall_time_before = float(meta.get("train_wall_time_sec", 0.0))
-      logging.info("Resumed from checkpoint step %d in %s", start_step, ckpts.directory)
-      old_total = (previous_run or {}).get("total_steps")
-      if old_total is not None and old_total != total_steps:
-        logging.warning(
-            "The run so far trained toward %d steps; this config asks for %d: %s. The "
-            "learning-rate schedule follows the new total.", old_total, total_steps,
-            f"continuing from step {start_step} to {total_steps}" if start_step < total_steps
-            else f"step {start_step} is already past it: no more training, the step "
-            f"{start_step} model is tested")
-    # The run's data: its fingerprint must match, and its data.json's mean/std stay.
-    data, data_change = input_pipeline.bind_data_spec(
-        config, rk_preprocessing.read_data_spec(workdir) if start_step else None,
-        allow_change=bool(config.get("allow_data_change", False)))
-    if data_change:
-      logging.warning("Continuing on new data (config.allow_data_change=True): %s", data_change)
-    stats = (data["mean"], data["std"])
-    if is_main:
-      rk_ckpt.write_model_spec(workdir, spec, input_shape)
-      rk_preprocessing.write_data_spec(workdir, data)
-      run_record = {"identity": run_config.identity(config),
-                    "config": json.loads(config.to_json()), "num_classes": info.num_classes,
-                    "input_shape": list(input_shape), "steps_per_epoch": steps_per_epoch,
-                    "total_steps": total_steps, "data_fingerprint": data["fingerprint"]}
-      data_changes = list((previous_run or {}).get("data_changes", []))  # kept across sessions
-      if data_change:
-        data_changes.append({"at_step": int(start_step), "change": data_change})
-      if data_changes:
-        run_record["data_changes"] = data_changes
-      rundir.write_run_file(workdir, run_record, start_step=start_step, total_steps=total_steps,
-                            session=run_config.session_values(config))
-    from rknet_jax.counting import count_flops, count_params  # pylint: disable=g-import-not-at-top
-    params, gflops = count_params(model, input_shape), count_flops(model, input_shape) / 1e9
-    progress.start_summary(
-        config=config, workdir=workdir, start_step=start_step, total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch, split_sizes=input_pipeline.split_sizes(config),
-        input_shape=input_shape, params=params, gflops=gflops, num_devices=mesh.devices.size)
-
-    # ---- train
-    log = metrics_lib.MetricsLog(workdir, start_step)
-    bar = progress.ProgressBar(total_steps, start_step)
-    window = metrics_lib.TrainWindow(
-        log, start_step=start_step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        global_batch=config.batch_size,
-        check=_finite_guard(steps_lib.checked_leaf_names(state), ckpts), bar=bar)
-    train_step = progress.announce_first_call(train_step, "compiling the train step", bar)
-    eval_step = progress.announce_first_call(eval_step, "compiling the evaluation step", bar)
-    t_start = clock()
-
-    def run_eval(variables, split):
-      batches = input_pipeline.eval_iterator(
-          config, split, batch_size=config.eval_batch_size,
-          process_index=jax.process_index(), process_count=jax.process_count(), stats=stats)
-      return steps_lib.evaluate(eval_step, variables, batches, mesh, config.eval_batch_size)
-
-    precise_cache = {}
-
-    def evaluated_vars(step):
-      """The model as evaluated at ``step``: precise BN statistics, or the running ones."""
-      if not n_precise:
-        return state.model_vars()
-      if step not in precise_cache:
-        precise_cache.clear()
-        precise_cache[step] = precise_model_vars(config, state.model_vars(), step,
-                                                 steps_per_epoch, bn_stats_step, mesh,
-                                                 stats=stats)
-      return precise_cache[step]
-
-    def save(step, val=None):
-      window.flush(step)  # checks the state: a non-finite one is never checkpointed
-      # The final checkpoint (the exported model) holds the statistics it is tested with;
-      # every other one the running averages a resumed run continues from.
-      final = bool(n_precise) and step >= total_steps
-      ckpts.save(step, evaluated_vars(step) if final else state.model_vars(),
-                 state.train_vars(), {
-          "batch_stats": "precise" if final else "running_averages",
-          "precise_bn_batches": n_precise if final else 0,
-          "step": int(step), "epoch": step / steps_per_epoch, "model": config.model,
-          "dataset": config.dataset, "global_batch": config.batch_size,
-          "devices": mesh.devices.size, "processes": jax.process_count(),
-          "train_wall_time_sec": wall_time_before + clock() - t_start},
-          metrics=None if val is None else {checkpointing.BEST_METRIC: val["top1_error"]})
-
-    flag, previous_handler = _install_sigterm()
-    preempt_every = 1 if jax.process_count() == 1 else config.log_every_steps
-    preempted, it, step = False, None, start_step
-    try:
-      it = input_pipeline.train_iterator(
-          config, start_step=start_step, process_index=jax.process_index(),
-          process_count=jax.process_count(), stats=stats)
-      while step < total_steps:
-        local = next(it)
-        batch = steps_lib.global_batch({"image": local["image"], "label": local["label"]},
-                                       mesh, config.batch_size)
-        state, step_metrics = train_step(state, batch)
-        step += 1
-        window.add(step, step_metrics)
-        if is_time(step, config.log_every_steps, total_steps):
-          window.flush(step)
-          ckpts.check_for_errors()  # a failed background write stops the run here
-        val = None
-        if has_validation and is_time(step, config.eval_every_epochs * steps_per_epoch,
-                                      total_steps):
-          window.flush(step)
-          val = run_eval(evaluated_vars(step), "validation")
-          log.write(step, "validation", {k: val[k] for k in ("loss", "top1_error", "top5_error")})
-          logging.info("step %d validation: top1_err %.4f top5_err %.4f (%d examples)", step,
-                       val["top1_error"], val["top5_error"], val["examples"])
-        if (val is not None or is_time(step, steps_per_epoch, total_steps)
-            or is_time(step, config.checkpoint_every_steps, total_steps)):
-          save(step, val)
-        if is_time(step, preempt_every, total_steps, last=False) and _preempted(flag):
-          save(step)
-          preempted = True
-          break
-      window.flush(step)
-      if step >= total_steps and ckpts.last_saved != step:
-        save(step)
-    finally:
-      if it is not None and hasattr(it, "close"):
-        it.close()
-      if previous_handler is not None:
-        signal.signal(signal.SIGTERM, previous_handler)
-      bar.close()
-      log.flush()
-      ckpts.wait_until_finished()  # raises CheckpointWriteError if a write failed
-
+    _restore(run)  # the metadata is written only once this succeeded
+    _record_run(run)
+    preempted = _train(run)
   except BaseException:
-    ckpts.close()
+    run.ckpts.close()
     raise
-
   if preempted:
     logging.warning("Preempted: checkpoint at step %d saved; rerun the same command to "
-                    "continue.", step)
-    log.close()
-    ckpts.close()
-    return {"preempted": True, "step": step}
+                    "continue.", run.step)
+    run.log.close()
+    run.ckpts.close()
+    return {"preempted": True, "step": run.step}
+  return _test(run)
 
-  # ---- test the final model (or the validation-best one if asked)
-  which, test_step, test_vars = "final", step, evaluated_vars(step)
+
+# ---------------------------------------------------------------------- setup
+def _plan(config, workdir: str, mesh: Mesh) -> _Run:
+  """The run's data shapes and sizes; refuses ``test_model="best"`` without validation."""
+  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  info = input_pipeline.dataset_info(config)
+  steps_per_epoch = int(input_pipeline.steps_per_epoch(config))
+  run = _Run(config=config, workdir=workdir, mesh=mesh, input_shape=tuple(info.image_shape),
+             num_classes=info.num_classes, steps_per_epoch=steps_per_epoch,
+             total_steps=run_config.total_steps(config, steps_per_epoch),
+             split_sizes=input_pipeline.split_sizes(config))
+  if config.test_model == "best" and not run.has_validation:
+    raise ValueError(run_config.NO_VALIDATION_FOR_BEST)
+  return run
+
+
+def _setup(run: _Run):
+  """Model, optimiser, compiled steps, the initial state and the checkpoint manager."""
+  config = run.config
+  run.spec = run_config.model_spec(config, run.num_classes)
+  run.model = run_config.build_model(config, run.num_classes)
+  schedule = optim.learning_rate_schedule(config, run.steps_per_epoch, run.total_steps)
+  tx = optim.make_optimizer(config, schedule)
+  run.init_fn, run.train_step, run.eval_step, run.bn_stats_step = _compiled_functions(
+      config, run.spec, run.model, tx, schedule, run.input_shape, run.mesh,
+      (run.steps_per_epoch, run.total_steps))
+  run.n_precise = precise_bn_batches(config, run.steps_per_epoch)
+  if not run.n_precise:
+    _warn_if_too_short_for_momentum(run.spec, run.total_steps)
+  run.state = run.init_fn(config.seed)
+  replicated = NamedSharding(run.mesh, P())
+  run.abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), run.state)
+  run.ckpts = checkpointing.RunCheckpoints(
+      run.workdir, keep=config.keep_checkpoints, track_best=run.has_validation,
+      model_spec=dict(json.loads(run.spec.to_json()), input_shape=list(run.input_shape)))
+
+
+# -------------------------------------------------------------------- restore
+def _restore(run: _Run):
+  """The newest intact checkpoint into ``run.state`` (none: a fresh start at step 0)."""
+  start_step, model_vars, train_vars, meta = run.ckpts.restore_latest(
+      run.abstract.model_vars(), run.abstract.train_vars())
+  run.previous_run = rundir.read_run_file(run.workdir)
+  # Only the final checkpoint of a finished run holds precise statistics.
+  run.restored_precise = bool(meta) and meta.get("batch_stats") == "precise"
+  if run.restored_precise and start_step < run.total_steps:
+    logging.warning(
+        "Checkpoint %d is the final one of a finished run and holds precise BatchNorm "
+        "statistics; the running averages continue from them. The parameters train as in "
+        "an uninterrupted run (training normalises with batch statistics), only the "
+        "running averages differ.", start_step)
+  if start_step is None:
+    run.start_step, run.wall_time_before = 0, 0.0
+    if jax.process_index() == 0:
+      rundir.move_aside_outputs(run.workdir)
+    return
+  run.state = steps_lib.TrainState(params=model_vars["params"],
+                                   batch_stats=model_vars["batch_stats"], **train_vars)
+  if int(run.state.step) != start_step:
+    raise ValueError(f"checkpoint {start_step} holds step {int(run.state.step)}")
+  run.start_step = start_step
+  run.wall_time_before = float(meta.get("train_wall_time_sec", 0.0))
+  logging.info("Resumed from checkpoint step %d in %s", start_step, run.ckpts.directory)
+  old_total, total_steps = (run.previous_run or {}).get("total_steps"), run.total_steps
+  if old_total is not None and old_total != total_steps:
+    logging.warning(
+        "The run so far trained toward %d steps; this config asks for %d: %s. The "
+        "learning-rate schedule follows the new total.", old_total, total_steps,
+        f"continuing from step {start_step} to {total_steps}" if start_step < total_steps
+        else f"step {start_step} is already past it: no more training, the step "
+        f"{start_step} model is tested")
+
+
+def _record_run(run: _Run):
+  """Binds the run's data (fingerprint, mean/std), writes its metadata, prints the summary."""
+  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  config, workdir, start_step = run.config, run.workdir, run.start_step
+  # The run's data: its fingerprint must match, and its data.json's mean/std stay.
+  data, data_change = input_pipeline.bind_data_spec(
+      config, rk_preprocessing.read_data_spec(workdir) if start_step else None,
+      allow_change=bool(config.get("allow_data_change", False)))
+  if data_change:
+    logging.warning("Continuing on new data (config.allow_data_change=True): %s", data_change)
+  run.stats = (data["mean"], data["std"])
+  if jax.process_index() == 0:
+    rk_ckpt.write_model_spec(workdir, run.spec, run.input_shape)
+    rk_preprocessing.write_data_spec(workdir, data)
+    run_record = {"identity": run_config.identity(config),
+                  "config": json.loads(config.to_json()), "num_classes": run.num_classes,
+                  "input_shape": list(run.input_shape), "steps_per_epoch": run.steps_per_epoch,
+                  "total_steps": run.total_steps, "data_fingerprint": data["fingerprint"]}
+    data_changes = list((run.previous_run or {}).get("data_changes", []))  # kept across sessions
+    if data_change:
+      data_changes.append({"at_step": int(start_step), "change": data_change})
+    if data_changes:
+      run_record["data_changes"] = data_changes
+    rundir.write_run_file(workdir, run_record, start_step=start_step,
+                          total_steps=run.total_steps, session=run_config.session_values(config))
+  from rknet_jax.counting import count_flops, count_params  # pylint: disable=g-import-not-at-top
+  run.params = count_params(run.model, run.input_shape)
+  run.gflops = count_flops(run.model, run.input_shape) / 1e9
+  progress.start_summary(
+      config=config, workdir=workdir, start_step=start_step, total_steps=run.total_steps,
+      steps_per_epoch=run.steps_per_epoch, split_sizes=run.split_sizes,
+      input_shape=run.input_shape, params=run.params, gflops=run.gflops,
+      num_devices=run.mesh.devices.size)
+
+
+# ----------------------------------------------------------------- train loop
+def _train(run: _Run) -> bool:
+  """Trains from ``run.start_step`` to ``run.total_steps``, logging, evaluating and saving at
+  the steps ``is_time`` says; returns whether SIGTERM stopped it (after a checkpoint)."""
+  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  config, total_steps = run.config, run.total_steps
+  run.log = metrics_lib.MetricsLog(run.workdir, run.start_step)
+  run.bar = progress.ProgressBar(total_steps, run.start_step)
+  run.window = metrics_lib.TrainWindow(
+      run.log, start_step=run.start_step, total_steps=total_steps,
+      steps_per_epoch=run.steps_per_epoch, global_batch=config.batch_size,
+      check=_finite_guard(steps_lib.checked_leaf_names(run.state), run.ckpts), bar=run.bar)
+  train_step = progress.announce_first_call(run.train_step, "compiling the train step", run.bar)
+  run.eval_step = progress.announce_first_call(run.eval_step, "compiling the evaluation step",
+                                               run.bar)
+  run.t_start = clock()
+  flag, previous_handler = _install_sigterm()
+  preempt_every = 1 if jax.process_count() == 1 else config.log_every_steps
+  preempted, it, run.step = False, None, run.start_step
+  try:
+    it = input_pipeline.train_iterator(
+        config, start_step=run.start_step, process_index=jax.process_index(),
+        process_count=jax.process_count(), stats=run.stats)
+    while run.step < total_steps:
+      local = next(it)
+      batch = steps_lib.global_batch({"image": local["image"], "label": local["label"]},
+                                     run.mesh, config.batch_size)
+      run.state, step_metrics = train_step(run.state, batch)
+      run.step += 1
+      step = run.step
+      run.window.add(step, step_metrics)
+      if is_time(step, config.log_every_steps, total_steps):
+        run.window.flush(step)
+        run.ckpts.check_for_errors()  # a failed background write stops the run here
+      val = _validate_if_due(run)
+      if (val is not None or is_time(step, run.steps_per_epoch, total_steps)
+          or is_time(step, config.checkpoint_every_steps, total_steps)):
+        run.save(step, val)
+      if is_time(step, preempt_every, total_steps, last=False) and _preempted(flag):
+        run.save(step)
+        preempted = True
+        break
+    run.window.flush(run.step)
+    if run.step >= total_steps and run.ckpts.last_saved != run.step:
+      run.save(run.step)
+  finally:
+    if it is not None and hasattr(it, "close"):
+      it.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+    run.bar.close()
+    run.log.flush()
+    run.ckpts.wait_until_finished()  # raises CheckpointWriteError if a write failed
+  return preempted
+
+
+def _validate_if_due(run: _Run) -> Optional[dict]:
+  """The validation metrics at ``run.step`` when an evaluation is due (logged), else None."""
+  step = run.step
+  if not run.has_validation or not is_time(
+      step, run.config.eval_every_epochs * run.steps_per_epoch, run.total_steps):
+    return None
+  run.window.flush(step)
+  val = run.run_eval(run.evaluated_vars(step), "validation")
+  run.log.write(step, "validation", {k: val[k] for k in ("loss", "top1_error", "top5_error")})
+  logging.info("step %d validation: top1_err %.4f top5_err %.4f (%d examples)", step,
+               val["top1_error"], val["top5_error"], val["examples"])
+  return val
+
+
+# ----------------------------------------------------------------- final test
+def _test(run: _Run) -> dict:
+  """Tests the final model (or the validation-best one if asked); writes ``results.json``."""
+  config, step, n_precise = run.config, run.step, run.n_precise
+  which, test_step, test_vars = "final", step, run.evaluated_vars(step)
   # The running averages (None: the state holds a finished run's precise statistics).
-  running_vars = None if restored_precise and start_step >= step else state.model_vars()
-  best = ckpts.best_step() if has_validation else None
+  running_vars = None if run.restored_precise and run.start_step >= step else (
+      run.state.model_vars())
+  best = run.ckpts.best_step() if run.has_validation else None
   if config.test_model == "best" and best is not None and best != step:
     which, test_step = "best", best
-    restored = rk_ckpt.restore_verified(ckpts.manager, best, ocp.args.Composite(**{
-        rk_ckpt.MODEL_ITEM: ocp.args.StandardRestore(abstract.model_vars())}))
-    test_vars = restored[rk_ckpt.MODEL_ITEM]
-    running_vars = (None if (restored.get(rk_ckpt.META_ITEM) or {}).get("batch_stats")
-                    == "precise" else test_vars)
+    _, test_vars, meta = rk_ckpt.restore_model(run.ckpts.manager, run.abstract.model_vars(),
+                                               step=best)
+    running_vars = None if meta.get("batch_stats") == "precise" else test_vars
     if n_precise:
-      test_vars = precise_model_vars(config, test_vars, best, steps_per_epoch, bn_stats_step,
-                                     mesh, stats=stats)
+      test_vars = run.precise_vars(test_vars, best)
   elif config.test_model == "best" and best is not None:
     which = "best"
-  with progress.phase(f"testing the {which} model (step {test_step}) on the test split", bar):
-    test = run_eval(test_vars, "test")
+  with progress.phase(f"testing the {which} model (step {test_step}) on the test split",
+                      run.bar):
+    test = run.run_eval(test_vars, "test")
   running_test = (test if not n_precise else
-                  None if running_vars is None else run_eval(running_vars, "test"))
-  log.write(step, "test", {k: test[k] for k in ("loss", "top1_error", "top5_error")})
-  log.close()
-  ckpts.close()
+                  None if running_vars is None else run.run_eval(running_vars, "test"))
+  run.log.write(step, "test", {k: test[k] for k in ("loss", "top1_error", "top5_error")})
+  run.log.close()
+  run.ckpts.close()
+  results = _results(run, test, running_test, which=which, test_step=test_step, best=best)
+  if jax.process_index() == 0:
+    rundir.write_results(run.workdir, results)
+    try:
+      metrics_lib.plot_curves(run.workdir, rundir.path(run.workdir, rundir.CURVES_FILE))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("could not draw %s: %s", rundir.CURVES_FILE, e)
+  logging.info("Done: test top-1 error %.4f, top-5 %.4f on %d examples (%s model, step %d)",
+               test["top1_error"], test["top5_error"], test["examples"], which, test_step)
+  return results
 
-  val_hist = [r for r in metrics_lib.read_metrics(workdir) if r["split"] == "validation"]
-  results = {
+
+def _results(run: _Run, test: dict, running_test: Optional[dict], *, which: str,
+             test_step: int, best: Optional[int]) -> dict:
+  """The ``results.json`` dict of the tested run."""
+  config, step = run.config, run.step
+  val_hist = [r for r in metrics_lib.read_metrics(run.workdir) if r["split"] == "validation"]
+  return {
       "dataset": config.dataset, "model": config.model, "growth_rate": config.growth_rate,
-      "params": int(params), "gflops": float(gflops),
-      "steps": int(step), "epochs": step / steps_per_epoch,
-      "global_batch": config.batch_size, "devices": int(mesh.devices.size),
+      "params": int(run.params), "gflops": float(run.gflops),
+      "steps": int(step), "epochs": step / run.steps_per_epoch,
+      "global_batch": config.batch_size, "devices": int(run.mesh.devices.size),
       "processes": jax.process_count(),
       "test_examples": test["examples"], "test_top1_error": test["top1_error"],
       "test_top5_error": test["top5_error"], "test_loss": test["loss"],
       "test_model": which, "test_checkpoint_step": int(test_step),
       # Precise BatchNorm: the test numbers above use statistics re-estimated over this many
       # training batches (0: the running averages); the running averages' error is below.
-      "precise_bn_batches": n_precise,
+      "precise_bn_batches": run.n_precise,
       "running_averages_test_top1_error": (None if running_test is None
                                            else running_test["top1_error"]),
-      "validation_examples": validation_examples,
+      "validation_examples": run.validation_examples,
       "best_validation_step": best,
       "best_validation_top1_error": (min(r["top1_error"] for r in val_hist)
                                      if val_hist else None),
       # Training time of every session that led to the final checkpoint.
-      "train_wall_time_sec": wall_time_before + clock() - t_start,
+      "train_wall_time_sec": run.wall_time(),
       # Recipe / data-stream fields a resume changed, with the step they apply from.
-      "changes": (rundir.read_run_file(workdir) or {}).get("changes", []),
+      "changes": (rundir.read_run_file(run.workdir) or {}).get("changes", []),
   }
-  if is_main:
-    rundir.write_results(workdir, results)
-    try:
-      metrics_lib.plot_curves(workdir, rundir.path(workdir, rundir.CURVES_FILE))
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("could not draw %s: %s", rundir.CURVES_FILE, e)
-  logging.info("Done: test top-1 error %.4f, top-5 %.4f on %d examples (%s model, step %d)",
-               test["top1_error"], test["top5_error"], test["examples"], which, test_step)
-  return results

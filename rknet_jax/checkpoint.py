@@ -260,6 +260,33 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
   return None, None
 
 
+def restore_model(manager, target, step: Optional[int] = None):
+  """The ``model`` item (``params``, ``batch_stats``) of checkpoint ``step`` of ``manager``.
+
+  The one way a trained model is read back (``load_checkpoint``, ``experiments.evaluate``,
+  the runner's validation-best model): only the ``model`` item (and ``meta``) is restored,
+  onto ``target`` (abstract variables with their sharding, see :func:`abstract_variables`),
+  with the checksums verified (:func:`restore_newest_intact`).
+
+  Args:
+    manager: an orbax ``CheckpointManager`` (see :func:`checkpoint_manager`).
+    target: the variables' shapes, dtypes and shardings.
+    step: a specific step, or None for the newest intact one.
+
+  Returns:
+    ``(step, variables, meta)``; ``meta`` is ``{}`` for a checkpoint saved without one.
+
+  Raises:
+    FileNotFoundError: there is no intact checkpoint (``step`` None).
+  """
+  found, restored = restore_newest_intact(
+      manager, lambda s: ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardRestore(target)}),
+      step=step)
+  if found is None:
+    raise FileNotFoundError(f"no intact checkpoint in {os.fspath(manager.directory)}")
+  return found, restored[MODEL_ITEM], restored.get(META_ITEM) or {}
+
+
 def load_checkpoint(workdir: str, step: Optional[int] = None):
   """Loads a trained model from an experiments workdir.
 
@@ -301,15 +328,10 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
   target = abstract_variables(model, spec["input_shape"])
   manager = checkpoint_manager(workdir, read_only=True)
   try:
-    found, restored = restore_newest_intact(
-        manager, lambda s: ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardRestore(target)}),
-        step=step)
+    found, variables, _ = restore_model(manager, target, step=step)
   finally:
     manager.close()
-  if found is None:
-    raise FileNotFoundError(
-        f"no intact checkpoint in {os.path.join(workdir, CHECKPOINT_SUBDIR)}")
-  variables = dict(restored[MODEL_ITEM])
+  variables = dict(variables)
 
   predict = _predictor(model, variables, workdir)
   logging.info("Loaded %s from %s step %d", spec.get("name"), workdir, found)
