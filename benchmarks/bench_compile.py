@@ -44,8 +44,8 @@ def measure(name, batch, conv_impl, infer=True):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  import rknet_jax  # pylint: disable=g-import-not-at-top
   from benchmarks import steps as bench_steps  # pylint: disable=g-import-not-at-top
+  import rknet_jax  # pylint: disable=g-import-not-at-top
 
   overrides = {} if conv_impl is None else {"conv_impl": conv_impl}
   model = rknet_jax.create_model(name, **overrides)
@@ -120,6 +120,7 @@ def main():
     return
 
   import jax  # pylint: disable=g-import-not-at-top
+
   import rknet_jax  # pylint: disable=g-import-not-at-top
   results = []
   impl = args.conv_impl or "auto"

@@ -47,8 +47,9 @@ def _worker(case: dict, steps: int, warmup: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import rknet_jax
+
   from benchmarks import steps as bench_steps
+  import rknet_jax
 
   model = rknet_jax.create_model(case["model"], dtype=case["dtype"], **case["kwargs"])
   shape, batch = tuple(case["shape"]), case["batch"]

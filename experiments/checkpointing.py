@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -64,10 +64,10 @@ class RunCheckpoints:
   """
 
   def __init__(self, workdir: str, *, keep: int, track_best: bool,
-               model_spec: Optional[dict] = None):
+               model_spec: dict | None = None):
     self.workdir = rundir.path(workdir)
     self.model_spec = model_spec  # stored in every step's meta (``MODEL_SPEC_KEY``)
-    self.last_saved: Optional[int] = None  # newest step saved (or restored) by this run
+    self.last_saved: int | None = None  # newest step saved (or restored) by this run
     self._closed = False
     policies = [ocp_managers.LatestN(n=keep)]
     extra = {}
@@ -89,7 +89,7 @@ class RunCheckpoints:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, model_vars: Any, train_vars: Any, meta: dict,
-           metrics: Optional[dict] = None):
+           metrics: dict | None = None):
     """Saves (asynchronously) the state after ``step`` completed steps, with checksums.
 
     A second save of ``last_saved`` is a no-op. Raises ``CheckpointWriteError`` if this or
@@ -112,7 +112,7 @@ class RunCheckpoints:
       self._write_failed(e, step)
     self.last_saved = step
 
-  def _write_failed(self, error: Exception, step: Optional[int] = None):
+  def _write_failed(self, error: Exception, step: int | None = None):
     self.close()
     at = f"step {step} (or the one before)" if step is not None else "a checkpoint"
     raise CheckpointWriteError(
@@ -192,7 +192,7 @@ class RunCheckpoints:
         rk_ckpt.MODEL_ITEM: ocp.args.StandardRestore(abstract_model)}))
     return restored[rk_ckpt.MODEL_ITEM]
 
-  def best_step(self) -> Optional[int]:
+  def best_step(self) -> int | None:
     """The kept step with the lowest validation error (None without validation saves)."""
     if self.manager._options.best_fn is None:  # pylint: disable=protected-access
       return None
@@ -234,7 +234,7 @@ class RunCheckpoints:
 
 
 # ------------------------------------------------------------------ what was trained
-def checkpoint_metas(workdir: str) -> Dict[int, Optional[dict]]:
+def checkpoint_metas(workdir: str) -> dict[int, dict | None]:
   """Each committed step's ``meta`` item (None where it cannot be read); no array is read.
 
   Reads the item's JSON file directly (orbax's JSON handler writes ``<step>/meta/metadata``;
@@ -273,7 +273,7 @@ def resolved_spec(data: dict) -> dict:
   return json.loads(registry.resolve(rk_ckpt.saved_spec(data)).to_json())
 
 
-def spec_differences(old: dict, new: dict) -> Dict[str, tuple]:
+def spec_differences(old: dict, new: dict) -> dict[str, tuple]:
   """``{field: (old value, new value)}`` where two resolved spec dicts differ (the derived
   ``name`` only when nothing else does)."""
   diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
@@ -283,7 +283,7 @@ def spec_differences(old: dict, new: dict) -> Dict[str, tuple]:
   return diff
 
 
-def check_model_file(workdir: str, saved: Optional[dict]):
+def check_model_file(workdir: str, saved: dict | None):
   """Raises ``ValueError`` when ``model.json`` (``saved``) is not the model the checkpoints
   were trained as (their ``meta`` records it), naming the fields that differ."""
   trained = trained_spec(workdir)

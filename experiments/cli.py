@@ -12,13 +12,13 @@ refused value the user typed with look-alike or other non-ASCII characters gets 
 line naming their code points (``U+2010 HYPHEN where '-' was probably meant``).
 """
 
+from collections.abc import Callable, Iterable, Sequence
 import difflib
 import os
 import re
 import sys
 import traceback
 import unicodedata
-from typing import Callable, Iterable, Optional, Sequence
 
 VERBOSE_ENV = "RKNET_VERBOSE"
 
@@ -39,7 +39,7 @@ _LOOKALIKES = {
 }
 
 
-def ascii_lookalike(char: str) -> Optional[str]:
+def ascii_lookalike(char: str) -> str | None:
   """The ASCII text ``char`` was probably meant as (None if there is no obvious one)."""
   if char in _LOOKALIKES:
     return _LOOKALIKES[char]
@@ -64,7 +64,7 @@ def describe_non_ascii(text: str) -> str:
   return f"{text!r} contains " + ", ".join(parts)
 
 
-def non_ascii_note(message: str, argv: Sequence[str]) -> Optional[str]:
+def non_ascii_note(message: str, argv: Sequence[str]) -> str | None:
   """A line naming the non-ASCII characters of the command-line values ``message`` quotes.
 
   Only characters the user typed (they occur in ``argv``) and the message shows, and not
@@ -86,7 +86,7 @@ def non_ascii_note(message: str, argv: Sequence[str]) -> Optional[str]:
   return "; ".join(describe_non_ascii(v) for v in values)
 
 
-def did_you_mean(name: str, allowed: Iterable[str]) -> Optional[str]:
+def did_you_mean(name: str, allowed: Iterable[str]) -> str | None:
   """The entry of ``allowed`` closest to ``name`` (look-alikes folded first), or None."""
   allowed = list(allowed)
   folded = fold_lookalikes(name)
@@ -97,7 +97,7 @@ def did_you_mean(name: str, allowed: Iterable[str]) -> Optional[str]:
 
 
 # ------------------------------------------------------------------- config overrides
-def config_override_error(argv: Sequence[str], config, flag: str = "config") -> Optional[str]:
+def config_override_error(argv: Sequence[str], config, flag: str = "config") -> str | None:
   """The first ``--config.PATH=...`` of ``argv`` naming no field of ``config``, explained.
 
   Returns e.g. ``--config.lerning_rate=0.1: the config has no field 'lerning_rate'; did
@@ -148,8 +148,10 @@ def refusal_types() -> tuple:
   if prepare is not None:
     types.append(prepare.DownloadUnavailableError)
   try:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    from absl import app  # pylint: disable=g-import-not-at-top
+    from absl import (
+      app,  # pylint: disable=g-import-not-at-top
+      flags,  # pylint: disable=g-import-not-at-top
+    )
     types.extend([flags.Error, app.UsageError])
   except ImportError:
     pass
@@ -179,7 +181,7 @@ def refusal_message(error: BaseException, argv: Sequence[str] = ()) -> str:
   return f"error: {message}" + (f"\nerror: {note}" if note else "")
 
 
-def report(error: BaseException, argv: Optional[Sequence[str]] = None) -> int:
+def report(error: BaseException, argv: Sequence[str] | None = None) -> int:
   """Prints ``error`` the CLI way and returns the exit code (1; 130 for Ctrl-C).
 
   A refusal (``refusal_types``) is one line (two with a look-alike note) on stderr, its
@@ -221,7 +223,7 @@ def _plain_text(error: BaseException) -> str:
   return re.sub(r"\s+", " ", text).strip() or type(error).__name__
 
 
-def _config_of(flag, argv: Sequence[str]) -> Optional[object]:
+def _config_of(flag, argv: Sequence[str]) -> object | None:
   """The ConfigDict a ``DEFINE_config_file`` flag names in ``argv`` (None if unloadable)."""
   try:
     if flag.value is not None:
@@ -239,7 +241,7 @@ def _config_of(flag, argv: Sequence[str]) -> Optional[object]:
   return None
 
 
-def parse_flags(argv: Sequence[str], config_flag: Optional[str] = "config"):
+def parse_flags(argv: Sequence[str], config_flag: str | None = "config"):
   """``FLAGS(argv)`` with one-line errors; a bad ``--config.FIELD`` gets "did you mean"."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
@@ -261,10 +263,12 @@ def parse_flags(argv: Sequence[str], config_flag: Optional[str] = "config"):
 
 
 def run(main: Callable, *, exit_fn: Callable[[int], None] = sys.exit,
-        config_flag: Optional[str] = "config"):
+        config_flag: str | None = "config"):
   """``absl.app.run(main)`` for an entry point: ``--verbose``, one-line refusals."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import (
+    app,  # pylint: disable=g-import-not-at-top
+    flags,  # pylint: disable=g-import-not-at-top
+  )
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, "Show the Python traceback of a refused command "
                       f"(also {VERBOSE_ENV}=1).")

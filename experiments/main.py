@@ -19,9 +19,7 @@ Multi-host (one process per host, every process runs the same command):
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -93,8 +91,10 @@ def main(argv):
   from experiments import progress  # pylint: disable=g-import-not-at-top
   progress.quiet_third_party_logs()
   initialize_distributed()
-  from experiments import cli  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments import (
+    cli,  # pylint: disable=g-import-not-at-top
+    train,  # pylint: disable=g-import-not-at-top
+  )
   # The full config goes to the workdir's run.json; the log opens with a short summary.
   try:
     result = train.train_and_evaluate(config, FLAGS.workdir)

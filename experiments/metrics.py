@@ -10,13 +10,13 @@ the ``tensorboard`` package but not TensorFlow (importing TensorFlow costs ~8 s,
 than the whole digits quickstart spends compiling).
 """
 
+from collections.abc import Callable
 import io
 import json
 import logging as pylogging
 import os
 import socket
 import time
-from typing import Callable, Optional
 
 from absl import logging
 from etils import epath
@@ -177,7 +177,7 @@ class TrainWindow:
 
   def __init__(self, log: MetricsLog, *, start_step: int, total_steps: int,
                steps_per_epoch: int, global_batch: int,
-               check: Optional[Callable[[int, dict], None]] = None, bar=None):
+               check: Callable[[int, dict], None] | None = None, bar=None):
     self.log, self.check, self.bar = log, check, bar
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
     self.global_batch = global_batch

@@ -7,12 +7,11 @@ writable, taking its lock) live in ``experiments/rundir.py``.
 
 import json
 import math
-from typing import Optional
 
 from absl import logging
 import jax
-import ml_collections
 from jax.sharding import Mesh
+import ml_collections
 
 from experiments import rundir
 from rknet_jax import checkpoint as rk_ckpt
@@ -86,7 +85,7 @@ def _check_number(config, name, kind, low, low_incl, high, high_incl, meaning):
     raise ValueError(f"config.{name} must be {allowed}; got {v!r} ({meaning})")
 
 
-def mesh_size(mesh: Optional[Mesh]) -> int:
+def mesh_size(mesh: Mesh | None) -> int:
   """Devices of ``mesh`` (every device when None)."""
   return jax.device_count() if mesh is None else mesh.devices.size
 
@@ -155,7 +154,7 @@ def config_from_run(run: dict) -> ml_collections.ConfigDict:
 
 
 def validate_config(config: ml_collections.ConfigDict, workdir: str,
-                    mesh: Optional[Mesh] = None):
+                    mesh: Mesh | None = None):
   """Checks the config against itself, the devices and the workdir; changes nothing.
 
   Raises ``ValueError`` before any data, compilation or file write: unknown model (parsed

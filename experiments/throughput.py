@@ -14,8 +14,7 @@ import os
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import numpy as np
 

@@ -8,13 +8,12 @@ and the one-convolution-over-a-concatenation implementation.
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
-from rknet_jax import blocks
-from rknet_jax import layers
+from rknet_jax import blocks, layers
 from rknet_jax.layers import LayerConfig
 
 EPS = LayerConfig().bn_epsilon

@@ -10,9 +10,7 @@ import sys
 
 import pytest
 
-from experiments import cli
-from experiments import study
-from experiments import train
+from experiments import cli, study, train
 from experiments.configs import digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,10 +7,10 @@ and vmap; forward FLOPs seen by the jaxpr walker are the same for every formulat
 
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from rknet_jax import conv as conv_lib
 from rknet_jax.conv import Conv, conv2d

@@ -42,6 +42,7 @@ def test_library_modules_import_without_cycles():
   """tableaus and order_conditions never import rk or convergence (no cycle, lazy or not)."""
   import ast
   import pathlib
+
   import rknet_jax
   root = pathlib.Path(rknet_jax.__file__).parent
   for module in ("tableaus", "order_conditions", "rk"):

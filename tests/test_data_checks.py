@@ -9,8 +9,9 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
+import test_data_sources
 
 from experiments import evaluate as evaluate_lib
 from experiments import input_pipeline as ip
@@ -19,7 +20,6 @@ from experiments.data import base
 from experiments.data import fingerprint as fingerprint_lib
 import rknet_jax
 from rknet_jax import preprocessing
-import test_data_sources
 
 tiny_config = test_data_sources.tiny_config
 

@@ -10,8 +10,9 @@ import os
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
+import test_train
 
 from experiments import input_pipeline as ip
 from experiments import train
@@ -19,7 +20,6 @@ from experiments.data import folder as folder_lib
 from experiments.data import tfds_utils
 import rknet_jax
 from rknet_jax import preprocessing
-import test_train
 
 tfds = tfds_utils.import_tfds()
 

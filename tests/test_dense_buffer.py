@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rknet_jax import blocks
-from rknet_jax import dense_buffer
+from rknet_jax import blocks, dense_buffer
 from rknet_jax.layers import LayerConfig
 
 

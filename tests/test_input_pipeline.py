@@ -399,6 +399,7 @@ def test_tensorflow_sees_no_accelerator():
 
 def test_prefetcher_propagates_errors_and_stops_when_abandoned():
   import gc  # pylint: disable=g-import-not-at-top
+
   from experiments.data import prefetch  # pylint: disable=g-import-not-at-top
 
   def failing():

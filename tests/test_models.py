@@ -27,7 +27,7 @@ def _input_shape(model, batch=1):
   return (batch, 224, 224, 3) if model.stem == "imagenet" else (batch, 32, 32, 3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _traced(name):
   """(variables shapes, train logits shape, eval logits shape) of a ready-made model."""
   model = registry.create_model(name)
@@ -318,7 +318,8 @@ def test_nchw_or_wrong_channels_are_refused_naming_shape_and_layout():
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), nhwc)
   with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\).*NHWC.*with 3 channels.*NCHW"):
     jax.eval_shape(lambda v, x: model.apply(v, x), variables, nchw)
-  with pytest.raises(ValueError, match=r"\(2, 8, 8, 1\).*NHWC.*with 3 channels(?! -- it looks like NCHW)"):
+  with pytest.raises(ValueError,
+                     match=r"\(2, 8, 8, 1\).*NHWC.*with 3 channels(?! -- it looks like NCHW)"):
     jax.eval_shape(lambda v, x: model.apply(v, x), variables, _images((2, 8, 8, 1)))
   with pytest.raises(ValueError, match=r"\(8, 8, 3\).*\(N, H, W, C\)"):
     jax.eval_shape(lambda v, x: model.apply(v, x), variables, nhwc[0])

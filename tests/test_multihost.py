@@ -14,8 +14,7 @@ import sys
 import jax
 import numpy as np
 
-from experiments import steps
-from experiments import train
+from experiments import steps, train
 from experiments.configs import digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,14 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import rknet_jax
-from experiments import input_pipeline
-from experiments import run_config
+from experiments import input_pipeline, run_config, train
 from experiments import steps as steps_lib
-from experiments import train
 from experiments.configs import default, paper
-from rknet_jax import layers
-from rknet_jax import registry
+import rknet_jax
+from rknet_jax import layers, registry
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train import tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from experiments import input_pipeline as ip
-from experiments.data import prepare
-from experiments.data import tfds_utils
+from experiments.data import prepare, tfds_utils
 
 tfds = tfds_utils.import_tfds()
 CIFAR10 = tfds.image_classification.Cifar10

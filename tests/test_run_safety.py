@@ -16,16 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from experiments import checkpointing
-from experiments import input_pipeline
-from experiments import run_config
-from experiments import rundir
-from experiments import steps as steps_lib
-from experiments import train
-from rknet_jax import checkpoint as rk_ckpt
-import rknet_jax
 from test_train import tiny_config
+
+from experiments import checkpointing, input_pipeline, run_config, rundir, train
+from experiments import steps as steps_lib
+import rknet_jax
+from rknet_jax import checkpoint as rk_ckpt
 
 
 def checkpoint_steps(workdir):

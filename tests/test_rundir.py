@@ -14,13 +14,12 @@ from etils.epath import gpath
 from etils.epath import testing as epath_testing
 import fsspec
 import pytest
+from test_train import tiny_config
 
 from experiments import metrics as metrics_lib
-from experiments import run_config
-from experiments import rundir
+from experiments import run_config, rundir
 from rknet_jax import checkpoint as rk_ckpt
 from rknet_jax import preprocessing
-from test_train import tiny_config
 
 
 @contextlib.contextmanager

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from experiments import study
-from experiments import train
+from experiments import study, train
 from experiments.configs import digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,13 +3,12 @@ import functools
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
-from rknet_jax import rk
-from rknet_jax import tableaus
+from rknet_jax import rk, tableaus
 from rknet_jax.tableau_block import ConvVectorField, TableauStep
 
 LINEAR_FIELD = functools.partial(ConvVectorField, num_layers=1, normalize=False,

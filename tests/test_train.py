@@ -15,11 +15,8 @@ import numpy as np
 import pytest
 
 from experiments import evaluate as evaluate_lib
-from experiments import input_pipeline
-from experiments import optim
-from experiments import run_config
+from experiments import input_pipeline, optim, run_config, train
 from experiments import steps as steps_lib
-from experiments import train
 from experiments.configs import default
 from experiments.data import tfds_utils
 import rknet_jax

@@ -11,9 +11,7 @@ import threading
 
 import numpy as np
 
-from experiments.data import base
-from experiments.data import prepare
-from experiments.data import tfds_utils
+from experiments.data import base, prepare, tfds_utils
 
 # Tags that keep the random streams derived from one user seed independent of each other.
 _TAG_VALIDATION = 0x5EED_0001
