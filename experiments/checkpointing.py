@@ -108,7 +108,7 @@ class RunCheckpoints:
               rk_ckpt.TRAIN_ITEM: ocp.args.StandardSave(train_vars),
               rk_ckpt.META_ITEM: ocp.args.JsonSave(meta)}),
           metrics=metrics, force=True)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       self._write_failed(e, step)
     self.last_saved = step
 
@@ -124,7 +124,7 @@ class RunCheckpoints:
     """Raises ``CheckpointWriteError`` if a background write has failed (non-blocking)."""
     try:
       self.manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       self._write_failed(e)
 
   def _quarantine(self, step: int, error: Exception):
@@ -178,7 +178,7 @@ class RunCheckpoints:
       for s, e in damaged:
         self._quarantine(s, e)
       if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("rknet_quarantine_damaged_checkpoints")
       self.manager.reload()
     if step is None:
@@ -194,7 +194,7 @@ class RunCheckpoints:
 
   def best_step(self) -> int | None:
     """The kept step with the lowest validation error (None without validation saves)."""
-    if self.manager._options.best_fn is None:  # pylint: disable=protected-access
+    if self.manager._options.best_fn is None:
       return None
     step = self.manager.best_step()
     return step
@@ -206,7 +206,7 @@ class RunCheckpoints:
     try:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       self._write_failed(e)
 
   def close(self):
@@ -220,7 +220,7 @@ class RunCheckpoints:
     m = self.manager
     try:
       m.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       logging.error("A checkpoint write of %s failed: %s: %s", self.directory,
                     type(e).__name__, e)
     # CheckpointManager.close() stops at a failed wait; close its parts one by one.
@@ -228,7 +228,7 @@ class RunCheckpoints:
                  "_blocking_metadata_store", "_checkpoint_deleter"):
       try:
         getattr(m, part).close()
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         logging.error("Closing the checkpoint manager's %s failed: %s: %s", part,
                       type(e).__name__, e)
 
@@ -269,7 +269,7 @@ def trained_spec(workdir: str):
 def resolved_spec(data: dict) -> dict:
   """A ``model.json``-style dict as the resolved spec's JSON (every default filled in),
   without ``input_shape``: two of them are the same model exactly when they are equal."""
-  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  from rknet_jax import registry
   return json.loads(registry.resolve(rk_ckpt.saved_spec(data)).to_json())
 
 

@@ -103,7 +103,7 @@ def config_override_error(argv: Sequence[str], config, flag: str = "config") -> 
   Returns e.g. ``--config.lerning_rate=0.1: the config has no field 'lerning_rate'; did
   you mean --config.learning_rate?``, or None when every override names a field.
   """
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict
   for arg in argv:
     m = re.match(rf"--{re.escape(flag)}\.([^=]+)", arg)
     if not m:
@@ -149,8 +149,8 @@ def refusal_types() -> tuple:
     types.append(prepare.DownloadUnavailableError)
   try:
     from absl import (
-      app,  # pylint: disable=g-import-not-at-top
-      flags,  # pylint: disable=g-import-not-at-top
+      app,
+      flags,
     )
     types.extend([flags.Error, app.UsageError])
   except ImportError:
@@ -165,9 +165,9 @@ def verbose(argv: Sequence[str] = ()) -> bool:
   if "--verbose" in argv:
     return True
   try:
-    from absl import flags  # pylint: disable=g-import-not-at-top
+    from absl import flags
     return "verbose" in flags.FLAGS and bool(flags.FLAGS["verbose"].value)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return False
 
 
@@ -208,7 +208,7 @@ def guard(main: Callable, exit_fn: Callable[[int], None] = sys.exit) -> Callable
       return main(argv)
     except SystemExit:
       raise
-    except BaseException as e:  # pylint: disable=broad-except
+    except BaseException as e:
       exit_fn(report(e))
 
   guarded.__doc__ = main.__doc__
@@ -228,7 +228,7 @@ def _config_of(flag, argv: Sequence[str]) -> object | None:
   try:
     if flag.value is not None:
       return flag.value
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     pass
   for i, arg in enumerate(argv):
     name, eq, value = arg.partition("=")
@@ -236,18 +236,18 @@ def _config_of(flag, argv: Sequence[str]) -> object | None:
       path = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
       try:
         return flag.parser.parse(path)
-      except Exception:  # pylint: disable=broad-except
+      except Exception:
         return None
   return None
 
 
 def parse_flags(argv: Sequence[str], config_flag: str | None = "config"):
   """``FLAGS(argv)`` with one-line errors; a bad ``--config.FIELD`` gets "did you mean"."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  from absl import flags
+  FLAGS = flags.FLAGS
   try:
     return FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     explained = None
     if config_flag is not None and config_flag in FLAGS:
       config = _config_of(FLAGS[config_flag], argv[1:])
@@ -266,8 +266,8 @@ def run(main: Callable, *, exit_fn: Callable[[int], None] = sys.exit,
         config_flag: str | None = "config"):
   """``absl.app.run(main)`` for an entry point: ``--verbose``, one-line refusals."""
   from absl import (
-    app,  # pylint: disable=g-import-not-at-top
-    flags,  # pylint: disable=g-import-not-at-top
+    app,
+    flags,
   )
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, "Show the Python traceback of a refused command "

@@ -293,7 +293,7 @@ def _check_hosts(batch_size, process_index, process_count, what="batch_size"):
 
 
 def _preflight_digits(unused_s) -> str:
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets
   path = os.path.join(os.path.dirname(datasets.__file__), "data", "digits.csv.gz")
   if not os.path.exists(path):
     raise FileNotFoundError(f"scikit-learn's bundled digits file is missing: {path}")
@@ -457,7 +457,7 @@ def bind_data_spec(config, previous: dict | None, *, allow_change: bool = False,
   spec = dict(previous)
   if change or "fingerprint" not in previous:
     if "fingerprint" not in previous:
-      from absl import logging  # pylint: disable=g-import-not-at-top
+      from absl import logging
       logging.warning("data.json has no data fingerprint (written by an older version): the "
                       "data cannot be checked against the run's")
     spec["fingerprint"] = new

@@ -75,7 +75,7 @@ def measure(row: PaperRow) -> Result:
 
   Nothing of the model's size is allocated; the time is that of tracing.
   """
-  from rknet_jax import counting, registry  # pylint: disable=g-import-not-at-top
+  from rknet_jax import counting, registry
   start = time.perf_counter()
   model = registry.create_model(row.spec)
   counts = counting.model_counts(model, (1,) + row.input_shape)

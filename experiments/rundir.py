@@ -120,7 +120,7 @@ class WorkdirLock:
     if not is_local(self.file):
       yield
       return
-    import fcntl  # pylint: disable=g-import-not-at-top
+    import fcntl
     fd = os.open(os.fspath(self.file.parent / LOCK_GUARD_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX)

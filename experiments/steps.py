@@ -181,7 +181,7 @@ def _own_batch_stats(module) -> dict:
   """The ``batch_stats`` leaves declared by ``module`` itself (not its children)."""
   try:
     stats = module.variables.get("batch_stats", {})
-  except Exception:  # pylint: disable=broad-except  (unbound, or not inside apply)
+  except Exception:  # unbound, or not inside apply
     return {}
   return {k: v for k, v in stats.items() if not isinstance(v, (dict, flax.core.FrozenDict))}
 

@@ -155,7 +155,7 @@ def flat_config(config) -> dict[str, Any]:
 
 def recorded_config(run: dict) -> dict[str, Any]:
   """The flat config a ``run.json`` recorded; fields added since then at their defaults."""
-  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  from experiments.configs import default
   return {**flat_config(default.get_config()), **flat_config(run.get("config", {}))}
 
 
@@ -221,7 +221,7 @@ def check_entries(base, models, seeds: int, workdir: str) -> dict[tuple[str, int
   if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
     raise ValueError(f"--seeds={seeds!r}: expected a positive int (runs use seeds "
                      "0 .. N-1)")
-  from experiments import run_config  # pylint: disable=g-import-not-at-top
+  from experiments import run_config
   plans, refused = {}, []
   for entry, name, overrides in models:
     for seed in range(seeds):
@@ -235,7 +235,7 @@ def check_entries(base, models, seeds: int, workdir: str) -> dict[tuple[str, int
       try:
         run_config.validate_config(config, directory)
       except (ValueError, TypeError, KeyError) as e:
-        from experiments import cli  # pylint: disable=g-import-not-at-top
+        from experiments import cli
         raise ValueError(f"--models entry {entry!r}: {e}"
                          f"{cli.config_field_hint(overrides, base)}") from e
   if refused:
@@ -330,9 +330,9 @@ def markdown_table(summary: Sequence[dict], caption: str = "", notes: Sequence[s
 
 def plot(summary: Sequence[dict], path: str, title: str = ""):
   """``study.png``: test error (%) against parameters, mean +- std, a marker per family."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.4, 5.0), dpi=100)
   for s in summary:
     bar = ax.errorbar(s["params"], 100 * s["mean_test_top1_error"],
@@ -356,7 +356,7 @@ def plot(summary: Sequence[dict], path: str, title: str = ""):
 
 def _non_default(flat: dict[str, Any]) -> dict[str, Any]:
   """The fields of a flat config whose values differ from ``configs/default.py``'s."""
-  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  from experiments.configs import default
   defaults = flat_config(default.get_config())
   return {k: v for k, v in flat.items() if defaults.get(k, _UNSET) != v}
 
@@ -379,9 +379,9 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> list[dict]:
   """
   models = parse_models(models_text)
   plans = check_entries(base, models, seeds, workdir)
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging
 
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments import train
   records, configs = [], []
   for entry, name, overrides in models:
     runs, row_configs = [], []
@@ -441,11 +441,11 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> list[dict]:
 def main(argv):
   """absl entry point (see the module docstring for the command)."""
   from absl import (
-    app,  # pylint: disable=g-import-not-at-top
-    flags,  # pylint: disable=g-import-not-at-top
+    app,
+    flags,
   )
 
-  from experiments import metrics  # pylint: disable=g-import-not-at-top
+  from experiments import metrics
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metrics.console_logging()
@@ -457,8 +457,8 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from ml_collections import config_flags
   flags.DEFINE_string("workdir", None, "Study directory (runs/, study.json/.md/.png).")
   flags.DEFINE_string("models", None, "Comma-separated model entries (module docstring).")
   flags.DEFINE_integer("seeds", 3, "Seeds per model: 0 .. N-1.")
@@ -468,8 +468,8 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from experiments import huge_pages  # pylint: disable=g-import-not-at-top
+  from experiments import huge_pages
   huge_pages.reexec_with_huge_pages()
   _define_flags()
-  from experiments import cli  # pylint: disable=g-import-not-at-top
+  from experiments import cli
   cli.run(main)

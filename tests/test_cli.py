@@ -60,7 +60,7 @@ def test_a_refusal_is_one_line_and_a_bug_keeps_its_traceback(capsys, monkeypatch
                 FileNotFoundError(2, "No such file or directory", "/data/x.npz")):
     try:
       raise error
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       assert cli.report(e, argv=[]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [f"error: {error}" if not isinstance(error, OSError)

@@ -25,7 +25,7 @@ tiny_config = test_data_sources.tiny_config
 
 
 def _digits_arrays():
-  train_split, test_split = test_data_sources._digits()  # pylint: disable=protected-access
+  train_split, test_split = test_data_sources._digits()
   return dict(train_images=train_split.images[..., 0], train_labels=train_split.labels,
               test_images=test_split.images[..., 0], test_labels=test_split.labels)
 
@@ -214,9 +214,9 @@ def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(tmp_path
 def test_folder_fingerprint_follows_the_image_files_only(tmp_path):
   images = (np.arange(6 * 64).reshape(6, 8, 8) % 256).astype(np.uint8)
   root = tmp_path / "data"
-  test_data_sources._write_folder(  # pylint: disable=protected-access
+  test_data_sources._write_folder(
       root, {"train": (images[:4], [0, 1, 0, 1]), "test": (images[4:], [0, 1])})
-  settings = ip._settings({"dataset": f"folder:{root}", "batch_size": 2})  # pylint: disable=protected-access
+  settings = ip._settings({"dataset": f"folder:{root}", "batch_size": 2})
   first = fingerprint_lib.fingerprint(settings)
   assert first["files"] == 6
   (root / "train" / "c0" / ".hidden.png").write_bytes(b"x")
@@ -229,7 +229,7 @@ def test_folder_fingerprint_follows_the_image_files_only(tmp_path):
   # A copy of the same npz elsewhere is the same data; digits are fixed.
   np.savez(tmp_path / "a.npz", x=np.arange(3))
   shutil.copy(tmp_path / "a.npz", tmp_path / "b.npz")
-  a, b = (fingerprint_lib.fingerprint(ip._settings(  # pylint: disable=protected-access
+  a, b = (fingerprint_lib.fingerprint(ip._settings(
       {"dataset": f"npz:{tmp_path / n}", "batch_size": 2})) for n in ("a.npz", "b.npz"))
   assert a["path"] != b["path"] and fingerprint_lib.describe_change(a, b) is None
   digits = ip.data_fingerprint({"dataset": "digits", "batch_size": 2})
@@ -339,7 +339,7 @@ def test_predict_reads_image_files_and_applies_the_training_resize(tmp_path):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (40, 12, 12), dtype=np.uint8)
   root = tmp_path / "data"
-  dataset = test_data_sources._write_folder(  # pylint: disable=protected-access
+  dataset = test_data_sources._write_folder(
       root, {"train": (images[:32], np.arange(32) % 2), "test": (images[32:], np.arange(8) % 2)})
   # One training image of another size: config.resize=8 resizes every 12x12 image to 8x8.
   Image.fromarray(images[0][:10, :10]).save(root / "train" / "c0" / "small.png")

@@ -21,7 +21,7 @@ import rknet_jax
 from rknet_jax import layers, registry
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train import tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
+from test_train import tiny_config  # noqa: E402
 
 
 def _init(model, x):

@@ -77,7 +77,7 @@ def _point_cifar10_at(monkeypatch, url, url_info=None):
   for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
               "all_proxy"):
     monkeypatch.delenv(var, raising=False)
-  original = CIFAR10._cifar_info.fget  # pylint: disable=protected-access
+  original = CIFAR10._cifar_info.fget
   monkeypatch.setattr(CIFAR10, "_cifar_info", property(lambda self: original(self)._replace(
       url=url)))
   if url_info is None:  # a registered URL whose file was never downloaded

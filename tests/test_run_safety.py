@@ -127,7 +127,7 @@ def rot_one_bit_of_the_saved_weights(workdir, step):
   (Re-written through orbax, so its own format checks pass: only the checksums recorded at
   save time can tell.)
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
   spec = rk_ckpt.read_model_spec(workdir)
   target = rk_ckpt.abstract_variables(rk_ckpt.model_from_spec(spec), spec["input_shape"])
   item = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "model")
@@ -342,7 +342,7 @@ def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_no
 
 
 def test_a_model_json_that_does_not_match_the_checkpoints_says_so(tmp_path, caplog):
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  from experiments import evaluate
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
   train.train_and_evaluate(config, workdir)
@@ -451,7 +451,7 @@ def test_truncated_run_json_is_named_and_explained(tmp_path):
   with pytest.raises(ValueError, match=r"run.json \(the run's config and history\) is not "
                      r"valid JSON .*delete it"):
     run_config.validate_config(tiny_config(), str(workdir))
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  from experiments import evaluate
   with pytest.raises(ValueError, match="run.json .* is not valid JSON"):
     evaluate.evaluate_checkpoint(str(workdir))
 
@@ -465,7 +465,7 @@ def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(
 
   def denied(self, step, args=None):  # what a chmod 000 gives a non-root user
     raise PermissionError(13, "Permission denied", path)
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
   monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
   os.remove(os.path.join(workdir, "results.json"))  # not finished: it restores
   with pytest.raises(rk_ckpt.CheckpointUnreadable,
@@ -483,7 +483,7 @@ def test_a_damaged_checkpoint_that_cannot_be_moved_aside_gives_a_clear_error(
   train.train_and_evaluate(config, workdir)
   rot_one_bit_of_the_saved_weights(workdir, 8)
   os.remove(os.path.join(workdir, "results.json"))  # not finished: it restores
-  from etils import epath  # pylint: disable=g-import-not-at-top
+  from etils import epath
 
   def cannot_rename(self, target):
     raise OSError(30, "Read-only file system", os.fspath(self))

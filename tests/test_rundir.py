@@ -156,9 +156,9 @@ def _take_over_in_step(workdir, barrier, results, trials):
 def test_concurrent_takeovers_of_a_stale_lock_never_both_win(tmp_path):
   """Many synchronised trials of two (then three) processes taking over a dead run's lock:
   exactly one wins each time (the takeover is atomic, not read-unlink-create)."""
-  import multiprocessing  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+  import multiprocessing
+  import subprocess
+  import sys
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
   dead = subprocess.Popen([sys.executable, "-c", "pass"])

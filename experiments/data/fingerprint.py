@@ -57,7 +57,7 @@ def fingerprint(settings) -> dict:
   if s.source == "digits":
     return {"kind": "digits", "source": "scikit-learn load_digits",
             "test_size": in_memory.DIGITS_TEST_SIZE,
-            "split_seed": in_memory._DIGITS_SPLIT_SEED}  # pylint: disable=protected-access
+            "split_seed": in_memory._DIGITS_SPLIT_SEED}
   if tfds_utils.tfds_is_mocked():
     builder = tfds_utils.import_tfds().builder(s.target, data_dir=s.data_dir)
   else:
