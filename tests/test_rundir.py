@@ -14,7 +14,6 @@ from etils.epath import gpath
 from etils.epath import testing as epath_testing
 import fsspec
 import pytest
-from test_train import tiny_config
 
 from experiments import metrics as metrics_lib
 from experiments import run_config, rundir
@@ -70,7 +69,7 @@ def workdir(request, tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []  # nothing went to the local disk
 
 
-def test_workdir_checks_lock_metadata_and_outputs_on_any_file_system(workdir):
+def test_workdir_checks_lock_metadata_and_outputs_on_any_file_system(tiny_config, workdir):
   path, fs = workdir
   config = tiny_config()
   run_config.validate_config(config, path)  # pure: nothing created
@@ -134,7 +133,7 @@ def test_workdir_checks_lock_metadata_and_outputs_on_any_file_system(workdir):
     assert fs.exists("/bucket/run/run.json")  # the files really are in the fake bucket
 
 
-def test_a_file_in_the_way_of_the_workdir_is_named(tmp_path):
+def test_a_file_in_the_way_of_the_workdir_is_named(tiny_config, tmp_path):
   (tmp_path / "f").write_text("x")
   with pytest.raises(ValueError, match=r"cannot be created: .*/f' is an existing file"):
     run_config.validate_config(tiny_config(), str(tmp_path / "f" / "run"))
