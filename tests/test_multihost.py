@@ -13,6 +13,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import steps, train
 from experiments.configs import digits
@@ -36,6 +37,7 @@ def train_losses(workdir):
   return [r["loss"] for r in recs if r["split"] == "train"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
   workdir = str(tmp_path / "two_hosts")
   port = free_port()

@@ -91,6 +91,7 @@ def _shell_blocks():
           if lang == "" and not marker and "pytest" not in code]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code,line", _shell_blocks(), ids=lambda v: str(v)[:40])
 def test_unmarked_commands_run(code, line):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))

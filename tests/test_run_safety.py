@@ -530,6 +530,7 @@ def run_main(*args, timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
   """A regression: this exited 0 reporting 0.90 test error, with NaN weights in its checkpoint."""
   workdir = str(tmp_path / "run")

@@ -71,6 +71,7 @@ def test_run_dirs_are_distinct_and_readable():
   assert a != b and "ERKNet_3x1_3x1" in a and a.endswith("seed_0")
 
 
+@pytest.mark.slow
 def test_tiny_study_trains_then_reuses_runs(tmp_path, monkeypatch):
   workdir = str(tmp_path / "study")
   calls = []
@@ -146,6 +147,7 @@ def _snapshot(directory):
   return out
 
 
+@pytest.mark.slow
 def test_rerun_continues_longer_runs_and_refuses_another_config(tmp_path, monkeypatch):
   """A rerun with more epochs reports the longer runs; another learning rate is refused."""
   workdir = str(tmp_path / "study")
