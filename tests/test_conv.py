@@ -6,6 +6,7 @@ and vmap; forward FLOPs seen by the jaxpr walker are the same for every formulat
 """
 
 
+import chex
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -202,8 +203,7 @@ def test_conv1x1_concat_equals_conv_of_concatenation(impl):
   yr, vjpr = jax.vjp(ref, xs, k)
   np.testing.assert_allclose(y, yr, rtol=1e-5, atol=1e-5)
   g = jax.random.normal(keys[0], y.shape)
-  for a, b in zip(jax.tree_util.tree_leaves(vjp(g)), jax.tree_util.tree_leaves(vjpr(g))):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(vjp(g), vjpr(g), rtol=1e-5, atol=1e-5)
   assert jaxpr_flops(jax.make_jaxpr(got)(xs, k)) == 2 * 2 * 5 * 6 * 9 * 5
   if impl != "xla":
     assert "concatenate" not in str(jax.make_jaxpr(got)(xs, k))

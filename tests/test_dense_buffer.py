@@ -5,6 +5,7 @@ of features, concatenated per layer): same variables and initial values, outputs
 gradients, BatchNorm statistics and dropout masks; and training memory linear in depth.
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -84,9 +85,7 @@ def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train
   init_new = new.init(jax.random.PRNGKey(0), x, train=False)
   init_old = old.init(jax.random.PRNGKey(0), x, train=False)
   # Same variable tree and the same initial values (old checkpoints load unchanged).
-  assert jax.tree.structure(init_new) == jax.tree.structure(init_old)
-  for a, b in zip(jax.tree.leaves(init_new), jax.tree.leaves(init_old)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(init_new, init_old)
 
   variables = _perturbed(init_new)
   rngs = {"dropout": jax.random.PRNGKey(7)}
@@ -98,8 +97,7 @@ def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train
   for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):  # params and input
     assert a.shape == b.shape
     assert _max_rel(a, b) < 1e-5
-  for a, b in zip(jax.tree.leaves(upd_new), jax.tree.leaves(upd_old)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(upd_new, upd_old, rtol=1e-5, atol=1e-6)
   if not train:  # eval mode leaves the running statistics alone
     for a, b in zip(jax.tree.leaves(upd_new), jax.tree.leaves(variables["batch_stats"])):
       np.testing.assert_array_equal(a, b)
@@ -120,8 +118,7 @@ def test_buffer_block_with_xla_convolutions_equals_the_loop(bottleneck):
   assert _max_rel(out_new, out_old) < 1e-6
   for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):
     assert _max_rel(a, b) < 1e-5
-  for a, b in zip(jax.tree.leaves(upd_new), jax.tree.leaves(upd_old)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(upd_new, upd_old, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_block_follows_the_float32_one():

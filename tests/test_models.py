@@ -6,6 +6,7 @@ Big models are only traced (``jax.eval_shape``: no array is allocated); small on
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,8 +241,7 @@ def test_default_batch_norm_settings_reach_every_layer():
   other = registry.create_model(name, bn_momentum=0.9, bn_epsilon=1e-5, **kwargs)
   variables = _init(default, x)
   outs = [_run(m, x, True, variables)[1] for m in (default, explicit, other)]
-  for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(outs[0], outs[1])
   assert float(jnp.max(jnp.abs(outs[0][0] - outs[2][0]))) > 1e-4
   # The first BatchNorm reads the stem's output (no BatchNorm before it): from a zero
   # running mean, one update gives (1 - momentum) * batch mean.
