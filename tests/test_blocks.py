@@ -84,6 +84,7 @@ def _dense_block_ref(p, x, num_layers, bottleneck):
 
 
 @pytest.mark.parametrize("width", [None, 5])
+@pytest.mark.slow
 def test_erk_step_is_dense_block_plus_summation(width):
   s, m, k = 3, 2, 4
   step = blocks.ERKStep(s, m, k, width)
@@ -249,6 +250,7 @@ class _Loss(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["irk", "irk_b", "irk_unshared"])
+@pytest.mark.slow
 def test_remat_gives_identical_loss_gradients_and_batch_stats(kind):
   k = 4
   make = {

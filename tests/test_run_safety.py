@@ -91,6 +91,7 @@ def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_resul
   assert not os.path.exists(os.path.join(workdir, "run.lock"))  # released on the way out
 
 
+@pytest.mark.slow
 def test_a_resumed_run_that_breaks_keeps_the_good_checkpoints(tiny_config, tmp_path, monkeypatch):
   """A regression: a good run resumed with a huge learning rate wrote NaN checkpoints, and
   keep-last-K deleted the good ones. The state breaks (finite loss) after step 9 here."""

@@ -125,6 +125,7 @@ def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tiny_confi
   assert model.num_classes == 10
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_8_and_1_devices_and_match(tiny_config, tmp_path, caplog):
   """6 steps on 8 devices then 6 on 1 (and 1 then 8) = 12 steps on 1 device."""
   config = tiny_config(lr_schedule="constant", validation_size=0, checkpoint_every_steps=6)
@@ -172,6 +173,7 @@ def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tiny_con
     ("cifar10", "ERKNet-1x1 1x1", "cifar", 32, "bfloat16"),
     ("imagenet2012", "ERKNet-1x1 1x1-B", "imagenet", 32, "float32"),
 ])
+@pytest.mark.slow
 def test_mock_data_end_to_end(tiny_config, tmp_path, dataset, model, stem, size, dtype):
   """The tfds pipelines (CIFAR-10 in memory, ImageNet via tf.data) drive a few steps."""
   with tfds.testing.mock_data(num_examples=80):
