@@ -22,6 +22,9 @@ CASES = [  # (kernel size, stride, padding)
     (3, 1, "SAME"), (3, 1, "VALID"), (3, 1, ((2, 0), (1, 3))), (3, 2, "SAME"),
     (3, 2, "VALID"), (7, 1, "SAME"), (7, 2, ((3, 3), (3, 3))),
 ]
+# The 7x7 (ImageNet stem) cases compile the longest: the full suite only.
+SLOW_7X7 = [pytest.param(*case, marks=pytest.mark.slow) if case[0] == 7 else case
+            for case in CASES]
 
 
 def _ref(x, k, stride, padding):
@@ -43,7 +46,7 @@ def _out_and_grads(fn, x, k, key):
   return y, dx, dk
 
 
-@pytest.mark.parametrize("ks,stride,padding", CASES)
+@pytest.mark.parametrize("ks,stride,padding", SLOW_7X7)
 def test_float32_matches_lax_conv(ks, stride, padding):
   x, k, kg = _inputs(ks, jnp.float32)
 
