@@ -291,6 +291,7 @@ def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(
 
 
 # ------------------------------------------- a run is bound to its recipe and its model
+@pytest.mark.slow
 def test_a_recipe_change_on_resume_warns_and_run_json_keeps_each_sessions_values(tiny_config,
     tmp_path, caplog):
   """Changing the optimiser on resume continues (lowering the learning rate after a
