@@ -1,7 +1,9 @@
-"""Test-wide setup.
+"""Test-wide setup and the shared fixtures.
 
 Eight virtual CPU devices, so data-parallel sharding is tested on a one-CPU machine
-(set before JAX is imported by any test module).
+(set before JAX is imported by any test module). Fixtures: ``tiny_config`` (the runner config
+of every end-to-end test), ``data_config`` (the same on another dataset), ``digits_splits``
+and ``write_image_folder`` (datasets made from scikit-learn's digits).
 """
 import os
 
