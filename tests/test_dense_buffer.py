@@ -74,8 +74,15 @@ def test_the_shapes_used_below_have_scanned_buckets():
   assert sum(sizes) == _L and max(sizes) > 1 and min(sizes) == 1
 
 
-@pytest.mark.parametrize("bottleneck", [None, 4], ids=["plain", "bottleneck"])
-@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no_dropout", "dropout"])
+# Each case compiles two dense blocks (about 25 s on a loaded 2-core machine): the quick suite
+# keeps the plain block without dropout; the full suite runs every case.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("bottleneck", [None, pytest.param(4, marks=SLOW)],
+                         ids=["plain", "bottleneck"])
+@pytest.mark.parametrize("dropout", [0.0, pytest.param(0.3, marks=SLOW)],
+                         ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train):
   cfg = LayerConfig(dropout_rate=dropout)
@@ -103,7 +110,8 @@ def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train
       np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("bottleneck", [None, 4], ids=["plain", "bottleneck"])
+@pytest.mark.parametrize("bottleneck", [None, pytest.param(4, marks=SLOW)],
+                         ids=["plain", "bottleneck"])
 def test_buffer_block_with_xla_convolutions_equals_the_loop(bottleneck):
   """The GPU/TPU formulation (XLA's native convolutions, also inside the backward scans)."""
   cfg = LayerConfig(conv_impl="xla", dropout_rate=0.2)

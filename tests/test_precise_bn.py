@@ -43,7 +43,14 @@ SINGLE_USE = [
 ]
 
 
-@pytest.mark.parametrize("name,kwargs", SINGLE_USE, ids=[n for n, _ in SINGLE_USE])
+# The families that compile longest here (20-45 s each on a loaded 2-core machine) run in the
+# full suite only.
+SLOW_FAMILIES = ("ERKNet-2x1 1x2-AB", "ERKNet-9x1-B", "DenseNet-BC-16-k4", "CliqueNet-ABC-T12-k4")
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    pytest.param(n, k, marks=pytest.mark.slow) if n in SLOW_FAMILIES else (n, k)
+    for n, k in SINGLE_USE], ids=[n for n, _ in SINGLE_USE])
 def test_one_batch_statistics_make_eval_mode_reproduce_training_mode(tiny_config, name, kwargs):
   """The per-batch statistics are each BatchNorm's statistics of that batch: evaluating the
   same batch with them gives the train-mode logits (every BatchNorm, every family)."""
