@@ -68,7 +68,7 @@ def test_float32_matches_lax_conv(ks, stride, padding):
 
 @pytest.mark.parametrize("ks,stride,padding",
                          [(1, 2, "SAME"), (3, 1, "SAME"), (3, 1, ((2, 0), (1, 3))),
-                          (7, 1, "VALID")])
+                          pytest.param(7, 1, "VALID", marks=pytest.mark.slow)])
 def test_bfloat16_matches_lax_conv_within_rounding(ks, stride, padding):
   x, k, kg = _inputs(ks, jnp.bfloat16)
   def up(t):

@@ -158,6 +158,7 @@ def _swap_train_images(d):
   return swapped
 
 
+@pytest.mark.slow
 def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(
     data_config, digits_arrays, tmp_path):
   """Before: replacing the npz at the same path and resuming continued silently on the new

@@ -129,6 +129,7 @@ def test_buffer_block_with_xla_convolutions_equals_the_loop(bottleneck):
   chex.assert_trees_all_close(upd_new, upd_old, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_block_follows_the_float32_one():
   x = _x(_C0)
   f32 = blocks.DenseBlock(_L, _K, 4, formulation="buffer")
@@ -158,6 +159,7 @@ def _train_temp_bytes(num_layers):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_training_memory_grows_linearly_with_depth():
   """XLA's temporary memory for the gradient of a dense block: from 8 to 16 layers it grows
   by no more than twice its growth from 4 to 8 (linear, plus slack for XLA's choices); the

@@ -317,6 +317,7 @@ IMAGENET = {"dataset": "imagenet2012", "batch_size": 8, "seed": 1, "validation_s
             "augment": None}
 
 
+@pytest.mark.slow
 def test_imagenet_pipeline_shapes_determinism_resume_hosts():
   with tfds.testing.mock_data(num_examples=24):
     assert "mock" in ip.preflight(IMAGENET)

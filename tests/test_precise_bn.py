@@ -191,6 +191,7 @@ def test_runs_are_deterministic_resume_bit_identically_and_export_precise_statis
   _assert_identical(_final(a), _final(b))
 
 
+@pytest.mark.slow
 def test_continuing_a_finished_run_trains_the_same_weights(tiny_config, tmp_path, caplog):
   """The finished run's final checkpoint holds precise statistics; continuing from it says
   so, trains the same parameters and ends with the same precise statistics."""

@@ -108,6 +108,7 @@ def _python_blocks():
           if lang == "python" and not marker]
 
 
+@pytest.mark.slow
 def test_readme_library_example_runs():
   code, line = _python_blocks()[0]
   namespace = {}
