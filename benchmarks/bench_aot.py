@@ -1,7 +1,8 @@
 """Ahead-of-time check of the runner's steps on a TPU slice this machine does not have.
 
   python -m benchmarks.bench_aot --topology=v5e:4x4 --models=table1 --dtype=float32,bfloat16
-  python -m benchmarks.bench_aot --topology=v5e:4x4 --num_slices=2 --models="ERKNet-3×1 3×1 6×1 2×1-B"
+  python -m benchmarks.bench_aot --topology=v5e:4x4 --num_slices=2 \
+      --models="ERKNet-3×1 3×1 6×1 2×1-B"
   python -m benchmarks.bench_aot --topology=v5e:4x4 --models=table2 --formulation=buffer,loop
 
 ``jax.experimental.topologies.get_topology_desc`` gives compile-only devices of a TPU
@@ -21,6 +22,7 @@ to on TPU); ``--formulation`` picks the dense blocks' buffer scans or the loop o
 """
 
 import argparse
+from collections.abc import Sequence
 import contextlib
 import dataclasses
 import json
@@ -29,7 +31,6 @@ import os
 import re
 import sys
 import time
-from typing import Dict, List, Sequence
 
 CHIPS = {  # name: (dense bf16 peak TFLOP/s, HBM GB/s, HBM GiB per chip)
     "v4": (275.0, 1228.0, 32.0),
@@ -70,7 +71,7 @@ class Collective:
   dims: tuple = ()
 
 
-def collectives(hlo_text: str) -> List[Collective]:
+def collectives(hlo_text: str) -> list[Collective]:
   """Every collective of a compiled (post-optimisation) HLO module's text: its kind, the
   bytes of its result (async ``-start`` ops: the largest array of the result tuple), its
   element types, whether it sits in a while loop's body (any depth of calls), and the
@@ -110,7 +111,7 @@ def collectives(hlo_text: str) -> List[Collective]:
   return [dataclasses.replace(op, in_loop=comp in in_loop) for comp, op in comp_of_op]
 
 
-def collective_summary(ops: Sequence[Collective]) -> Dict[str, dict]:
+def collective_summary(ops: Sequence[Collective]) -> dict[str, dict]:
   """Per kind: count, of which in loops, bytes (all; of those in loops, counted once per
   loop body), and the count on u32 data."""
   out = {}
@@ -174,7 +175,9 @@ def compile_steps(config, input_shape, mesh, formulation: str = "buffer",
   compiled executable and its compile time (lowering included)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P
+
   from experiments import optim, run_config  # pylint: disable=g-import-not-at-top
   from experiments import steps as steps_lib  # pylint: disable=g-import-not-at-top
   num_classes = NUM_CLASSES[config.dataset]
@@ -283,8 +286,8 @@ def select_rows(models: str):
 
 def run(args) -> list:
   """Every case of ``args``; one record per compiled step."""
-  import rknet_jax  # pylint: disable=g-import-not-at-top
   from experiments import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  import rknet_jax  # pylint: disable=g-import-not-at-top
 
   devices = topology_devices(args.topology, args.num_slices)
   mesh = steps_lib.make_mesh(devices)

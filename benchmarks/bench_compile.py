@@ -41,11 +41,11 @@ def _hlo_instructions(compiled) -> int:
 
 def measure(name, batch, conv_impl, infer=True):
   """Compile the train step (and inference) of ``name`` at ``batch``; a JSON-able dict."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
 
-  import rknet_jax  # pylint: disable=g-import-not-at-top
-  from benchmarks import steps as bench_steps  # pylint: disable=g-import-not-at-top
+  from benchmarks import steps as bench_steps
+  import rknet_jax
 
   overrides = {} if conv_impl is None else {"conv_impl": conv_impl}
   model = rknet_jax.create_model(name, **overrides)
@@ -119,8 +119,9 @@ def main():
     print(json.dumps(measure(case["model"], case["batch"], case["conv_impl"], case["infer"])))
     return
 
-  import jax  # pylint: disable=g-import-not-at-top
-  import rknet_jax  # pylint: disable=g-import-not-at-top
+  import jax
+
+  import rknet_jax
   results = []
   impl = args.conv_impl or "auto"
   print(f"backend: {jax.default_backend()}, conv_impl {impl}")

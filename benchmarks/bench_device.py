@@ -49,8 +49,8 @@ TRAIN_FLOPS_FACTOR = 3  # forward + backward ~ 3 forward passes
 
 def _worker(case: dict, steps: int, warmup: int) -> dict:
   """Measures one case in this process; returns one JSON-able record."""
-  import rknet_jax
   from benchmarks.bench_aot import dense_formulation
+  import rknet_jax
 
   with dense_formulation(case.get("dense", "auto")):
     model = rknet_jax.create_model(case["model"], dtype=case["dtype"], **case["kwargs"])
@@ -62,8 +62,9 @@ def _measure(case: dict, model, steps: int, warmup: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import rknet_jax
+
   from benchmarks import steps as bench_steps
+  import rknet_jax
 
   shape, batch = tuple(case["shape"]), case["batch"]
   flops = float(rknet_jax.count_flops(model, shape))

@@ -48,7 +48,8 @@ TABLE1 = ("ERKNet-6×1 6×1 6×1", "ERKNet-7×1 6×1 6×1", "ERKNet-7×1 7×1 6�
 GROWTH_RATE = 36
 BOTTLENECK_WIDTH = 36
 
-# Reference numbers of the authors' PyTorch code (same network, this 2-core machine type, interleaved runs).
+# Reference numbers of the authors' PyTorch code (same network, this 2-core machine type,
+# interleaved runs).
 PYTORCH_REFERENCE = {"train_img_s": 81.0, "infer_img_s": (127.0, 136.0), "peak_rss_gb": 1.44}
 
 
@@ -57,6 +58,7 @@ PYTORCH_REFERENCE = {"train_img_s": 81.0, "infer_img_s": (127.0, 136.0), "peak_r
 # --------------------------------------------------------------------------------------
 def _build(model_name, remat, dtype_name, impl, dense="auto"):
   import jax.numpy as jnp
+
   import rknet_jax
   kwargs = dict(growth_rate=GROWTH_RATE, remat=remat, dtype=jnp.dtype(dtype_name),
                 conv_impl=impl, dense_formulation=dense)
@@ -76,6 +78,7 @@ def _worker(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from benchmarks import steps as bench_steps
   from rknet_jax import conv as conv_lib
 

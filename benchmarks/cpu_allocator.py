@@ -9,10 +9,10 @@ Measured on a 2-core VM: writing one fresh 66 MB array takes 75-115 ms
 (16k faults) against 5-19 ms into reused memory.
 
 :func:`keep_freed_memory` tells glibc (``mallopt``) to serve every allocation from its
-heap (``M_MMAP_MAX = 0``), from one arena (``M_ARENA_MAX = 1``), and never to give freed heap memory back to the OS
-(``M_TRIM_THRESHOLD``), so after the first step the same pages are reused.  It changes
-no result; peak RSS is unchanged in principle (the memory was needed at the peak
-anyway), but RSS no longer shrinks between steps.  The environment-variable equivalent,
+heap (``M_MMAP_MAX = 0``), from one arena (``M_ARENA_MAX = 1``), and never to give freed heap
+memory back to the OS (``M_TRIM_THRESHOLD``), so after the first step the same pages are
+reused.  It changes no result; peak RSS is unchanged in principle (the memory was needed at
+the peak anyway), but RSS no longer shrinks between steps.  The environment-variable equivalent,
 for any process: ``MALLOC_MMAP_MAX_=0 MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=2147483647``.
 """
 

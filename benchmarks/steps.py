@@ -16,7 +16,7 @@ def paper_sgd():
 
 def train_step_fn(model, tx):
   """``step(params, batch_stats, opt_state, x, y) -> (params, batch_stats, opt_state, loss)``."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   def train_step(params, batch_stats, opt_state, x, y):
     def loss_fn(p):

@@ -1,1 +1,1 @@
-"""Experiments: input pipelines, training, evaluation and the paper's tables (see docs/design.md)."""
+"""Experiments: input pipelines, training, evaluation, the paper's tables (see docs/design.md)."""

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -64,10 +64,10 @@ class RunCheckpoints:
   """
 
   def __init__(self, workdir: str, *, keep: int, track_best: bool,
-               model_spec: Optional[dict] = None):
+               model_spec: dict | None = None):
     self.workdir = rundir.path(workdir)
     self.model_spec = model_spec  # stored in every step's meta (``MODEL_SPEC_KEY``)
-    self.last_saved: Optional[int] = None  # newest step saved (or restored) by this run
+    self.last_saved: int | None = None  # newest step saved (or restored) by this run
     self._closed = False
     policies = [ocp_managers.LatestN(n=keep)]
     extra = {}
@@ -89,7 +89,7 @@ class RunCheckpoints:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, model_vars: Any, train_vars: Any, meta: dict,
-           metrics: Optional[dict] = None):
+           metrics: dict | None = None):
     """Saves (asynchronously) the state after ``step`` completed steps, with checksums.
 
     A second save of ``last_saved`` is a no-op. Raises ``CheckpointWriteError`` if this or
@@ -108,11 +108,11 @@ class RunCheckpoints:
               rk_ckpt.TRAIN_ITEM: ocp.args.StandardSave(train_vars),
               rk_ckpt.META_ITEM: ocp.args.JsonSave(meta)}),
           metrics=metrics, force=True)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       self._write_failed(e, step)
     self.last_saved = step
 
-  def _write_failed(self, error: Exception, step: Optional[int] = None):
+  def _write_failed(self, error: Exception, step: int | None = None):
     self.close()
     at = f"step {step} (or the one before)" if step is not None else "a checkpoint"
     raise CheckpointWriteError(
@@ -124,7 +124,7 @@ class RunCheckpoints:
     """Raises ``CheckpointWriteError`` if a background write has failed (non-blocking)."""
     try:
       self.manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       self._write_failed(e)
 
   def _quarantine(self, step: int, error: Exception):
@@ -178,7 +178,7 @@ class RunCheckpoints:
       for s, e in damaged:
         self._quarantine(s, e)
       if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("rknet_quarantine_damaged_checkpoints")
       self.manager.reload()
     if step is None:
@@ -186,9 +186,9 @@ class RunCheckpoints:
     return (step, restored[rk_ckpt.MODEL_ITEM], restored[rk_ckpt.TRAIN_ITEM],
             restored[rk_ckpt.META_ITEM])
 
-  def best_step(self) -> Optional[int]:
+  def best_step(self) -> int | None:
     """The kept step with the lowest validation error (None without validation saves)."""
-    if self.manager._options.best_fn is None:  # pylint: disable=protected-access
+    if self.manager._options.best_fn is None:
       return None
     step = self.manager.best_step()
     return step
@@ -200,7 +200,7 @@ class RunCheckpoints:
     try:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       self._write_failed(e)
 
   def close(self):
@@ -214,7 +214,7 @@ class RunCheckpoints:
     m = self.manager
     try:
       m.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       logging.error("A checkpoint write of %s failed: %s: %s", self.directory,
                     type(e).__name__, e)
     # CheckpointManager.close() stops at a failed wait; close its parts one by one.
@@ -222,13 +222,13 @@ class RunCheckpoints:
                  "_blocking_metadata_store", "_checkpoint_deleter"):
       try:
         getattr(m, part).close()
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         logging.error("Closing the checkpoint manager's %s failed: %s: %s", part,
                       type(e).__name__, e)
 
 
 # ------------------------------------------------------------------ what was trained
-def checkpoint_metas(workdir: str) -> Dict[int, Optional[dict]]:
+def checkpoint_metas(workdir: str) -> dict[int, dict | None]:
   """Each committed step's ``meta`` item (None where it cannot be read); no array is read.
 
   Reads the item's JSON file directly (orbax's JSON handler writes ``<step>/meta/metadata``;
@@ -263,11 +263,11 @@ def trained_spec(workdir: str):
 def resolved_spec(data: dict) -> dict:
   """A ``model.json``-style dict as the resolved spec's JSON (every default filled in),
   without ``input_shape``: two of them are the same model exactly when they are equal."""
-  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  from rknet_jax import registry
   return json.loads(registry.resolve(rk_ckpt.saved_spec(data)).to_json())
 
 
-def spec_differences(old: dict, new: dict) -> Dict[str, tuple]:
+def spec_differences(old: dict, new: dict) -> dict[str, tuple]:
   """``{field: (old value, new value)}`` where two resolved spec dicts differ (the derived
   ``name`` only when nothing else does)."""
   diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
@@ -277,7 +277,7 @@ def spec_differences(old: dict, new: dict) -> Dict[str, tuple]:
   return diff
 
 
-def check_model_file(workdir: str, saved: Optional[dict]):
+def check_model_file(workdir: str, saved: dict | None):
   """Raises ``ValueError`` when ``model.json`` (``saved``) is not the model the checkpoints
   were trained as (their ``meta`` records it), naming the fields that differ."""
   trained = trained_spec(workdir)

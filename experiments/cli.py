@@ -12,13 +12,13 @@ refused value the user typed with look-alike or other non-ASCII characters gets 
 line naming their code points (``U+2010 HYPHEN where '-' was probably meant``).
 """
 
+from collections.abc import Callable, Iterable, Sequence
 import difflib
 import os
 import re
 import sys
 import traceback
 import unicodedata
-from typing import Callable, Iterable, Optional, Sequence
 
 VERBOSE_ENV = "RKNET_VERBOSE"
 
@@ -39,7 +39,7 @@ _LOOKALIKES = {
 }
 
 
-def ascii_lookalike(char: str) -> Optional[str]:
+def ascii_lookalike(char: str) -> str | None:
   """The ASCII text ``char`` was probably meant as (None if there is no obvious one)."""
   if char in _LOOKALIKES:
     return _LOOKALIKES[char]
@@ -64,7 +64,7 @@ def describe_non_ascii(text: str) -> str:
   return f"{text!r} contains " + ", ".join(parts)
 
 
-def non_ascii_note(message: str, argv: Sequence[str]) -> Optional[str]:
+def non_ascii_note(message: str, argv: Sequence[str]) -> str | None:
   """A line naming the non-ASCII characters of the command-line values ``message`` quotes.
 
   Only characters the user typed (they occur in ``argv``) and the message shows, and not
@@ -86,7 +86,7 @@ def non_ascii_note(message: str, argv: Sequence[str]) -> Optional[str]:
   return "; ".join(describe_non_ascii(v) for v in values)
 
 
-def did_you_mean(name: str, allowed: Iterable[str]) -> Optional[str]:
+def did_you_mean(name: str, allowed: Iterable[str]) -> str | None:
   """The entry of ``allowed`` closest to ``name`` (look-alikes folded first), or None."""
   allowed = list(allowed)
   folded = fold_lookalikes(name)
@@ -97,13 +97,13 @@ def did_you_mean(name: str, allowed: Iterable[str]) -> Optional[str]:
 
 
 # ------------------------------------------------------------------- config overrides
-def config_override_error(argv: Sequence[str], config, flag: str = "config") -> Optional[str]:
+def config_override_error(argv: Sequence[str], config, flag: str = "config") -> str | None:
   """The first ``--config.PATH=...`` of ``argv`` naming no field of ``config``, explained.
 
   Returns e.g. ``--config.lerning_rate=0.1: the config has no field 'lerning_rate'; did
   you mean --config.learning_rate?``, or None when every override names a field.
   """
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict
   for arg in argv:
     m = re.match(rf"--{re.escape(flag)}\.([^=]+)", arg)
     if not m:
@@ -148,8 +148,10 @@ def refusal_types() -> tuple:
   if prepare is not None:
     types.append(prepare.DownloadUnavailableError)
   try:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    from absl import app  # pylint: disable=g-import-not-at-top
+    from absl import (
+      app,
+      flags,
+    )
     types.extend([flags.Error, app.UsageError])
   except ImportError:
     pass
@@ -163,9 +165,9 @@ def verbose(argv: Sequence[str] = ()) -> bool:
   if "--verbose" in argv:
     return True
   try:
-    from absl import flags  # pylint: disable=g-import-not-at-top
+    from absl import flags
     return "verbose" in flags.FLAGS and bool(flags.FLAGS["verbose"].value)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return False
 
 
@@ -179,7 +181,7 @@ def refusal_message(error: BaseException, argv: Sequence[str] = ()) -> str:
   return f"error: {message}" + (f"\nerror: {note}" if note else "")
 
 
-def report(error: BaseException, argv: Optional[Sequence[str]] = None) -> int:
+def report(error: BaseException, argv: Sequence[str] | None = None) -> int:
   """Prints ``error`` the CLI way and returns the exit code (1; 130 for Ctrl-C).
 
   A refusal (``refusal_types``) is one line (two with a look-alike note) on stderr, its
@@ -206,7 +208,7 @@ def guard(main: Callable, exit_fn: Callable[[int], None] = sys.exit) -> Callable
       return main(argv)
     except SystemExit:
       raise
-    except BaseException as e:  # pylint: disable=broad-except
+    except BaseException as e:
       exit_fn(report(e))
 
   guarded.__doc__ = main.__doc__
@@ -221,12 +223,12 @@ def _plain_text(error: BaseException) -> str:
   return re.sub(r"\s+", " ", text).strip() or type(error).__name__
 
 
-def _config_of(flag, argv: Sequence[str]) -> Optional[object]:
+def _config_of(flag, argv: Sequence[str]) -> object | None:
   """The ConfigDict a ``DEFINE_config_file`` flag names in ``argv`` (None if unloadable)."""
   try:
     if flag.value is not None:
       return flag.value
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     pass
   for i, arg in enumerate(argv):
     name, eq, value = arg.partition("=")
@@ -234,18 +236,18 @@ def _config_of(flag, argv: Sequence[str]) -> Optional[object]:
       path = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
       try:
         return flag.parser.parse(path)
-      except Exception:  # pylint: disable=broad-except
+      except Exception:
         return None
   return None
 
 
-def parse_flags(argv: Sequence[str], config_flag: Optional[str] = "config"):
+def parse_flags(argv: Sequence[str], config_flag: str | None = "config"):
   """``FLAGS(argv)`` with one-line errors; a bad ``--config.FIELD`` gets "did you mean"."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  from absl import flags
+  FLAGS = flags.FLAGS
   try:
     return FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     explained = None
     if config_flag is not None and config_flag in FLAGS:
       config = _config_of(FLAGS[config_flag], argv[1:])
@@ -261,10 +263,12 @@ def parse_flags(argv: Sequence[str], config_flag: Optional[str] = "config"):
 
 
 def run(main: Callable, *, exit_fn: Callable[[int], None] = sys.exit,
-        config_flag: Optional[str] = "config"):
+        config_flag: str | None = "config"):
   """``absl.app.run(main)`` for an entry point: ``--verbose``, one-line refusals."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import (
+    app,
+    flags,
+  )
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, "Show the Python traceback of a refused command "
                       f"(also {VERBOSE_ENV}=1).")

@@ -13,10 +13,10 @@ the start of ``train_and_evaluate``); nothing happens off glibc, or with
 ``RKNET_MALLOC_TRIM=0``.
 """
 
+from collections.abc import Callable
 import ctypes
 import ctypes.util
 import os
-from typing import Callable, Optional
 
 import jax.monitoring
 
@@ -26,7 +26,7 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _listener = None
 
 
-def _glibc_malloc_trim() -> Optional[Callable[[int], int]]:
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
   """glibc's ``malloc_trim``, or None on another C library."""
   name = ctypes.util.find_library("c")
   if not name:
@@ -43,7 +43,7 @@ def wanted(environ=os.environ) -> bool:
                                                                         "off")
 
 
-def install(trim: Optional[Callable[[int], int]] = None) -> bool:
+def install(trim: Callable[[int], int] | None = None) -> bool:
   """Calls ``trim(0)`` (default: glibc's ``malloc_trim``) after every XLA compilation from
   now on in this process.  Returns whether the listener is installed (once per process)."""
   global _listener

@@ -16,9 +16,7 @@ re-estimated for the checkpoint's weights over the same training batches.
 import json
 import os
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a training run.")
@@ -39,9 +37,16 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
   differs from the run's raise ``input_pipeline.DataChanged`` unless ``allow_data_change``.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
-  from experiments import checkpointing, run_config, rundir, steps  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P
+
+  from experiments import (  # pylint: disable=g-import-not-at-top
+    checkpointing,
+    input_pipeline,  # pylint: disable=g-import-not-at-top
+    run_config,
+    rundir,
+    steps,
+  )
   from rknet_jax import checkpoint as rk_ckpt  # pylint: disable=g-import-not-at-top
 
   run = rundir.read_run_file(workdir)

@@ -13,14 +13,14 @@ the variable is ignored; on GPU/TPU it changes nothing that matters.
 ``python -m experiments.huge_pages`` prints the value the process ends up with.
 """
 
+from collections.abc import Mapping
 import os
 import sys
-from typing import Mapping, Optional
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 
 
-def huge_pages_env(environ: Mapping[str, str], platform: str) -> Optional[dict]:
+def huge_pages_env(environ: Mapping[str, str], platform: str) -> dict | None:
   """The environment to re-execute with, or None when no re-execution is wanted."""
   if not platform.startswith("linux") or "GLIBC_TUNABLES" in environ:
     return None

@@ -75,19 +75,16 @@ ImageNet preparation (manual; TFDS cannot download it):
 import dataclasses
 import numbers
 import os
-from typing import Optional, Tuple
 
 import numpy as np
 
-from experiments.data import base
+from experiments.data import base, in_memory, tfds_utils
 from experiments.data import fingerprint as fingerprint_lib
 from experiments.data import folder as folder_lib
 from experiments.data import imagenet as imagenet_lib
-from experiments.data import in_memory
 from experiments.data import npz as npz_lib
 from experiments.data import prefetch as prefetch_lib
 from experiments.data import prepare as prepare_lib
-from experiments.data import tfds_utils
 
 IMAGENET_MANUAL_FILES = prepare_lib.IMAGENET_MANUAL_FILES
 EVAL_SPLITS = ("validation", "test")
@@ -99,12 +96,12 @@ Dataset = base.Dataset
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   num_classes: int
-  image_shape: Tuple[int, int, int]
+  image_shape: tuple[int, int, int]
   official_train: int
   default_validation: int
   test: int
-  mean: Tuple[float, ...]
-  std: Tuple[float, ...]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
   default_augment: bool
   in_memory: bool
 
@@ -164,7 +161,7 @@ def check_dataset_name(name: str) -> None:
   _parse_name(name)
 
 
-def _spec(name) -> Optional[_Spec]:
+def _spec(name) -> _Spec | None:
   """The static facts of a paper dataset (None for the other sources)."""
   _parse_name(name)
   return _SPECS.get(name)
@@ -205,13 +202,13 @@ class _Settings:
   target: str
   batch_size: int
   seed: int
-  data_dir: Optional[str]
+  data_dir: str | None
   validation_size: int
   split_seed: int
   augment: bool
   image_size: int
   download: bool
-  manual_dir: Optional[str]
+  manual_dir: str | None
   shuffle_buffer: int
   svhn_extra: bool
   prefetch: int
@@ -296,7 +293,7 @@ def _check_hosts(batch_size, process_index, process_count, what="batch_size"):
 
 
 def _preflight_digits(unused_s) -> str:
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets
   path = os.path.join(os.path.dirname(datasets.__file__), "data", "digits.csv.gz")
   if not os.path.exists(path):
     raise FileNotFoundError(f"scikit-learn's bundled digits file is missing: {path}")
@@ -428,7 +425,7 @@ _CONTINUE_FIX = ("set config.allow_data_change=True to continue on these data (w
                  "mean/std)")
 
 
-def bind_data_spec(config, previous: Optional[dict], *, allow_change: bool = False,
+def bind_data_spec(config, previous: dict | None, *, allow_change: bool = False,
                    what: str = "resuming", fix: str = _CONTINUE_FIX):
   """The data.json a run continues with, given the one it wrote before (None: a new run).
 
@@ -460,7 +457,7 @@ def bind_data_spec(config, previous: Optional[dict], *, allow_change: bool = Fal
   spec = dict(previous)
   if change or "fingerprint" not in previous:
     if "fingerprint" not in previous:
-      from absl import logging  # pylint: disable=g-import-not-at-top
+      from absl import logging
       logging.warning("data.json has no data fingerprint (written by an older version): the "
                       "data cannot be checked against the run's")
     spec["fingerprint"] = new

@@ -19,9 +19,7 @@ Multi-host (one process per host, every process runs the same command):
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -43,7 +41,7 @@ def initialize_distributed():
   """``jax.distributed.initialize`` when ``--distributed`` or ``RKNET_DISTRIBUTED=1``."""
   if not (FLAGS.distributed or os.environ.get("RKNET_DISTRIBUTED", "") in ("1", "true")):
     return
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   kwargs = {}
   if FLAGS.coordinator_address:
     kwargs["coordinator_address"] = FLAGS.coordinator_address
@@ -79,7 +77,7 @@ def exit_now(code: int):
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(code)  # pylint: disable=protected-access
+  os._exit(code)
 
 
 def main(argv):
@@ -88,17 +86,19 @@ def main(argv):
   config = load_config()
   # TensorFlow (tf.data only) must never take accelerator memory.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from experiments import metrics  # pylint: disable=g-import-not-at-top
+  from experiments import metrics
   metrics.console_logging()
-  from experiments import progress  # pylint: disable=g-import-not-at-top
+  from experiments import progress
   progress.quiet_third_party_logs()
   initialize_distributed()
-  from experiments import cli  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments import (
+    cli,
+    train,
+  )
   # The full config goes to the workdir's run.json; the log opens with a short summary.
   try:
     result = train.train_and_evaluate(config, FLAGS.workdir)
-  except BaseException as e:  # pylint: disable=broad-except
+  except BaseException as e:
     exit_now(cli.report(e))  # a refusal: one line; anything else: its traceback
   if result.get("preempted"):
     logging.warning("Stopped by SIGTERM at step %d (checkpointed).", result["step"])
@@ -106,7 +106,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from experiments import huge_pages  # pylint: disable=g-import-not-at-top
+  from experiments import huge_pages
   huge_pages.reexec_with_huge_pages()
-  from experiments import cli  # pylint: disable=g-import-not-at-top
+  from experiments import cli
   cli.run(main)

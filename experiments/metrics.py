@@ -10,13 +10,13 @@ the ``tensorboard`` package but not TensorFlow (importing TensorFlow costs ~8 s,
 than the whole digits quickstart spends compiling).
 """
 
+from collections.abc import Callable
 import io
 import json
 import logging as pylogging
 import os
 import socket
 import time
-from typing import Callable, Optional
 
 from absl import logging
 from etils import epath
@@ -53,8 +53,8 @@ class TensorBoardWriter:
   """Scalar summaries in TensorBoard's event-file format (``tensorboard --logdir=DIR``)."""
 
   def __init__(self, logdir):
-    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     logdir = epath.Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ class MetricsLog:
       tmp.replace(self.file)
     try:
       self.writer = TensorBoardWriter(rundir.path(workdir, rundir.TENSORBOARD_SUBDIR))
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       logging.warning("TensorBoard summaries disabled (%s); metrics.jsonl is still written", e)
 
   def write(self, step: int, split: str, values: dict):
@@ -177,7 +177,7 @@ class TrainWindow:
 
   def __init__(self, log: MetricsLog, *, start_step: int, total_steps: int,
                steps_per_epoch: int, global_batch: int,
-               check: Optional[Callable[[int, dict], None]] = None, bar=None):
+               check: Callable[[int, dict], None] | None = None, bar=None):
     self.log, self.check, self.bar = log, check, bar
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
     self.global_batch = global_batch
@@ -223,9 +223,9 @@ class TrainWindow:
 
 def plot_curves(workdir: str, out_path):
   """PNG of the training loss and train/validation/test top-1 error against step."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   recs = read_metrics(workdir)
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
   for split, style in (("train", "-"), ("validation", "o-"), ("test", "s")):

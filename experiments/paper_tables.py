@@ -5,7 +5,7 @@ Usage::
   python -m experiments.paper_tables            # all 16 rows
   python -m experiments.paper_tables --table 3  # one table
   python -m experiments.paper_tables --keys     # the rows' keys for configs/paper.py
-  python -m experiments.paper_tables --markdown # the table of rows and commands in docs/reproducing.md
+  python -m experiments.paper_tables --markdown # docs/reproducing.md's table: rows and commands
 
 The rows are those of :data:`rknet_jax.paper.ROWS` (13 RKNets and the three baselines of
 Table 2).  Every model is built from its row's spec and counted from its own jaxpr by
@@ -20,13 +20,13 @@ not match, so the script doubles as a check.
 """
 
 import argparse
+from collections.abc import Sequence
 import dataclasses
 import decimal
 import sys
 import time
-from typing import Sequence
 
-from rknet_jax.paper import PaperRow, ROWS
+from rknet_jax.paper import ROWS, PaperRow
 
 __all__ = ["ROWS", "PaperRow", "Result", "agrees", "measure", "format_results", "main"]
 
@@ -75,7 +75,7 @@ def measure(row: PaperRow) -> Result:
 
   Nothing of the model's size is allocated; the time is that of tracing.
   """
-  from rknet_jax import counting, registry  # pylint: disable=g-import-not-at-top
+  from rknet_jax import counting, registry
   start = time.perf_counter()
   model = registry.create_model(row.spec)
   counts = counting.model_counts(model, (1,) + row.input_shape)
@@ -114,7 +114,7 @@ def format_results(results: Sequence[Result]) -> str:
 
 
 def markdown() -> str:
-  """docs/reproducing.md's table of the paper's rows: what the paper reports and the command per row."""
+  """docs/reproducing.md's table of the paper's rows: what the paper reports, command per row."""
   lines = ["| table | model | data (batch) | paper: params (M), GFLOPs, test error (%) | command |",
            "| --- | --- | --- | --- | --- |"]
   for row in ROWS:

@@ -23,7 +23,6 @@ import jax
 
 from experiments.metrics import fmt_time
 
-
 # --------------------------------------------------------------------------- noise filter
 # (logger name prefix, start of the message, highest level dropped): records of other
 # libraries that carry no action for the user. Anything else, and anything more severe
@@ -135,8 +134,8 @@ class ProgressBar:
   """
 
   def __init__(self, total_steps: int, start_step: int = 0, *,
-               stream: Optional[TextIO] = None, width: int = 30, min_interval: float = 0.2,
-               enabled: Optional[bool] = None):
+               stream: TextIO | None = None, width: int = 30, min_interval: float = 0.2,
+               enabled: bool | None = None):
     self.stream = sys.stderr if stream is None else stream
     if enabled is None:
       enabled = jax.process_index() == 0 and _is_tty(self.stream)

@@ -7,12 +7,11 @@ writable, taking its lock) live in ``experiments/rundir.py``.
 
 import json
 import math
-from typing import Optional
 
 from absl import logging
 import jax
-import ml_collections
 from jax.sharding import Mesh
+import ml_collections
 
 from experiments import rundir
 from rknet_jax import checkpoint as rk_ckpt
@@ -86,7 +85,7 @@ def _check_number(config, name, kind, low, low_incl, high, high_incl, meaning):
     raise ValueError(f"config.{name} must be {allowed}; got {v!r} ({meaning})")
 
 
-def mesh_size(mesh: Optional[Mesh]) -> int:
+def mesh_size(mesh: Mesh | None) -> int:
   """Devices of ``mesh`` (every device when None)."""
   return jax.device_count() if mesh is None else mesh.devices.size
 
@@ -130,7 +129,7 @@ def model_spec(config, num_classes: int):
   (None = the name's or the model's default). The spec validates every model option (the
   one place they are checked, :mod:`rknet_jax.spec`).
   """
-  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  from rknet_jax import registry
   fields = dict(config.model_kwargs.to_dict(), growth_rate=config.growth_rate,
                 num_classes=int(num_classes), stem=config.stem, dtype=config.dtype,
                 remat=config.remat)
@@ -139,13 +138,13 @@ def model_spec(config, num_classes: int):
 
 def build_model(config, num_classes: int):
   """The only place the runner builds a model (via ``rknet_jax.create_model``)."""
-  from rknet_jax import registry  # pylint: disable=g-import-not-at-top
+  from rknet_jax import registry
   return registry.create_model(model_spec(config, num_classes))
 
 
 def config_from_run(run: dict) -> ml_collections.ConfigDict:
   """The config a ``run.json`` recorded, with fields added since then at their defaults."""
-  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  from experiments.configs import default
   config = default.get_config()
   recorded = ml_collections.ConfigDict(run["config"])
   with config.unlocked():
@@ -155,7 +154,7 @@ def config_from_run(run: dict) -> ml_collections.ConfigDict:
 
 
 def validate_config(config: ml_collections.ConfigDict, workdir: str,
-                    mesh: Optional[Mesh] = None):
+                    mesh: Mesh | None = None):
   """Checks the config against itself, the devices and the workdir; changes nothing.
 
   Raises ``ValueError`` before any data, compilation or file write: unknown model (parsed
@@ -165,7 +164,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str,
   holds a run of another model (its ``run.json``). A changed data-stream field
   (``STREAM_FIELDS``) is only warned about.
   """
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments import input_pipeline
   input_pipeline.check_dataset_name(config.dataset)
   for field in NUMERIC_FIELDS:
     _check_number(config, *field)
@@ -217,7 +216,7 @@ def _check_previous_run(config, workdir: str):
   checkpoints. A ``model.json`` that differs from the checkpoints' spec is named (and
   rewritten from the config once the checkpoint restored).
   """
-  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
+  from experiments import checkpointing
   previous_run = rundir.read_run_file(workdir)
   saved = rk_ckpt.read_model_spec(workdir)
   trained = checkpointing.trained_spec(workdir)

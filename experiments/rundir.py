@@ -22,7 +22,6 @@ import json
 import os
 import socket
 import time
-from typing import Optional
 
 from absl import logging
 from etils import epath
@@ -107,7 +106,7 @@ class WorkdirLock:
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     self.held = False
 
-  def _holder(self) -> Optional[dict]:
+  def _holder(self) -> dict | None:
     try:
       return json.loads(self.file.read_text())
     except FileNotFoundError:
@@ -121,7 +120,7 @@ class WorkdirLock:
     if not is_local(self.file):
       yield
       return
-    import fcntl  # pylint: disable=g-import-not-at-top
+    import fcntl
     fd = os.open(os.fspath(self.file.parent / LOCK_GUARD_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX)
@@ -184,13 +183,13 @@ class WorkdirLock:
 
 
 # ----------------------------------------------------------------------- metadata
-def read_run_file(workdir: str) -> Optional[dict]:
+def read_run_file(workdir: str) -> dict | None:
   """``run.json`` of ``workdir`` (None when there is none)."""
   return read_json(path(workdir, RUN_FILE), "the run's config and history")
 
 
 def write_run_file(workdir: str, run: dict, *, start_step: int, total_steps: int,
-                   session: Optional[dict] = None):
+                   session: dict | None = None):
   """Writes ``run.json``: ``run`` plus the previous ``history`` and this start appended.
 
   ``session`` holds this session's values of the fields a resume may change (recipe, data
@@ -216,7 +215,7 @@ def write_run_file(workdir: str, run: dict, *, start_step: int, total_steps: int
   write_json(path(workdir, RUN_FILE), dict(run, history=history, changes=changes))
 
 
-def read_results(workdir: str) -> Optional[dict]:
+def read_results(workdir: str) -> dict | None:
   """``results.json`` of ``workdir`` (None when there is none)."""
   return read_json(path(workdir, RESULTS_FILE), "the finished run's results")
 
@@ -226,7 +225,7 @@ def write_results(workdir: str, results: dict):
   write_json(path(workdir, RESULTS_FILE), results)
 
 
-def move_aside_outputs(workdir: str) -> Optional[epath.Path]:
+def move_aside_outputs(workdir: str) -> epath.Path | None:
   """Moves existing outputs (``OUTPUTS``) to ``previous_outputs/<time>/``; returns it or None.
 
   Called when a run starts from scratch: outputs already there belong to a run whose

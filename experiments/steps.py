@@ -18,11 +18,12 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
-from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 @flax.struct.dataclass
@@ -204,7 +205,7 @@ def _own_batch_stats(module) -> dict:
   """The ``batch_stats`` leaves declared by ``module`` itself (not its children)."""
   try:
     stats = module.variables.get("batch_stats", {})
-  except Exception:  # pylint: disable=broad-except  (unbound, or not inside apply)
+  except Exception:  # unbound, or not inside apply
     return {}
   return {k: v for k, v in stats.items() if not isinstance(v, (dict, flax.core.FrozenDict))}
 

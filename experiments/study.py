@@ -37,11 +37,12 @@ commas.  Every entry is checked (the model is built abstractly) before any train
 """
 
 import ast
+from collections.abc import Sequence
 import hashlib
 import json
 import os
 import re
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,7 @@ def _literal(text: str):
     return text
 
 
-def parse_models(text: str) -> List[Tuple[str, str, Dict[str, Any]]]:
+def parse_models(text: str) -> list[tuple[str, str, dict[str, Any]]]:
   """Parses ``--models``: returns ``(entry, model name, overrides)`` per entry.
 
   Raises:
@@ -116,7 +117,7 @@ def family(name: str) -> str:
   return "RKNet" if name.startswith("RKNet") else "tableau RKNet"
 
 
-def entry_config(base, name: str, overrides: Dict[str, Any], seed: int):
+def entry_config(base, name: str, overrides: dict[str, Any], seed: int):
   """``base`` with ``model``, ``seed`` and the entry's overrides set (a new ConfigDict)."""
   config = base.copy_and_resolve_references()
   with config.unlocked():
@@ -140,7 +141,7 @@ def run_dir(workdir: str, entry: str, seed: int) -> str:
   return os.path.join(workdir, RUNS_DIR, f"{slug}-{digest}", f"seed_{seed}")
 
 
-def flat_config(config) -> Dict[str, Any]:
+def flat_config(config) -> dict[str, Any]:
   """A config (ConfigDict or its JSON dict) as ``{dotted field: JSON value}``."""
   if not isinstance(config, dict):
     config = json.loads(config.to_json())
@@ -153,23 +154,23 @@ def flat_config(config) -> Dict[str, Any]:
   return out
 
 
-def recorded_config(run: dict) -> Dict[str, Any]:
+def recorded_config(run: dict) -> dict[str, Any]:
   """The flat config a ``run.json`` recorded; fields added since then at their defaults."""
-  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  from experiments.configs import default
   return {**flat_config(default.get_config()), **flat_config(run.get("config", {}))}
 
 
-def config_differences(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple]:
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
   """``{field: (old value, new value)}`` for every field of two flat configs that differs."""
   return {k: (old.get(k, _UNSET), new.get(k, _UNSET)) for k in sorted(set(old) | set(new))
           if old.get(k, _UNSET) != new.get(k, _UNSET)}
 
 
-def _describe(differences: Dict[str, Tuple]) -> str:
+def _describe(differences: dict[str, tuple]) -> str:
   return ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differences.items())
 
 
-def plan_run(config, directory: str) -> Tuple[str, Dict[str, Tuple], Any]:
+def plan_run(config, directory: str) -> tuple[str, dict[str, tuple], Any]:
   """What the study does with one run: ``(action, differences, results)`` (reads only).
 
   ``action`` is ``TRAIN`` (no run yet), ``RESUME`` (same config, not finished),
@@ -209,7 +210,7 @@ def plan_run(config, directory: str) -> Tuple[str, Dict[str, Tuple], Any]:
   return REUSE, {}, results
 
 
-def check_entries(base, models, seeds: int, workdir: str) -> Dict[Tuple[str, int], tuple]:
+def check_entries(base, models, seeds: int, workdir: str) -> dict[tuple[str, int], tuple]:
   """Validates every run's config, workdir and existing run before any training.
 
   Reads only (no arrays, no files written). Returns ``{(entry, seed): plan_run(...)}``.
@@ -221,7 +222,7 @@ def check_entries(base, models, seeds: int, workdir: str) -> Dict[Tuple[str, int
   if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
     raise ValueError(f"--seeds={seeds!r}: expected a positive int (runs use seeds "
                      "0 .. N-1)")
-  from experiments import run_config  # pylint: disable=g-import-not-at-top
+  from experiments import run_config
   plans, refused = {}, []
   for entry, name, overrides in models:
     for seed in range(seeds):
@@ -235,7 +236,7 @@ def check_entries(base, models, seeds: int, workdir: str) -> Dict[Tuple[str, int
       try:
         run_config.validate_config(config, directory)
       except (ValueError, TypeError, KeyError) as e:
-        from experiments import cli  # pylint: disable=g-import-not-at-top
+        from experiments import cli
         raise ValueError(f"--models entry {entry!r}: {e}"
                          f"{cli.config_field_hint(overrides, base)}") from e
   if refused:
@@ -245,7 +246,7 @@ def check_entries(base, models, seeds: int, workdir: str) -> Dict[Tuple[str, int
   return plans
 
 
-def base_and_row_configs(configs: Sequence[Sequence[Dict[str, Any]]]):
+def base_and_row_configs(configs: Sequence[Sequence[dict[str, Any]]]):
   """``(base, [row overrides])`` of flat run configs grouped by row.
 
   ``base`` holds the fields every run has with one value (``seed`` excluded); a row's
@@ -260,7 +261,7 @@ def base_and_row_configs(configs: Sequence[Sequence[Dict[str, Any]]]):
   return base, rows
 
 
-def _common_overrides(records: Sequence[dict]) -> Dict[str, Any]:
+def _common_overrides(records: Sequence[dict]) -> dict[str, Any]:
   """The ``field=value`` overrides every entry shares (shown once, not per row)."""
   if len(records) < 2:
     return {}
@@ -269,7 +270,7 @@ def _common_overrides(records: Sequence[dict]) -> Dict[str, Any]:
           if all(k in r["overrides"] and r["overrides"][k] == v for r in records[1:])}
 
 
-def _label(rec: dict, common: Dict[str, Any]) -> str:
+def _label(rec: dict, common: dict[str, Any]) -> str:
   own = [f"{k}={v}" for k, v in rec["overrides"].items() if k not in common]
   return rec["model"] + (f" ({', '.join(own)})" if own else "")
 
@@ -280,7 +281,7 @@ def _epochs_text(epochs: Sequence[float]) -> str:
           else ", ".join(f"{e:g}" for e in epochs))
 
 
-def summarise(records: Sequence[dict]) -> List[dict]:
+def summarise(records: Sequence[dict]) -> list[dict]:
   """One summary per model from its per-seed run results (see the module docstring).
 
   A record: ``entry``, ``model``, ``overrides`` (the entry's), optionally
@@ -330,9 +331,9 @@ def markdown_table(summary: Sequence[dict], caption: str = "", notes: Sequence[s
 
 def plot(summary: Sequence[dict], path: str, title: str = ""):
   """``study.png``: test error (%) against parameters, mean +- std, a marker per family."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.4, 5.0), dpi=100)
   for s in summary:
     bar = ax.errorbar(s["params"], 100 * s["mean_test_top1_error"],
@@ -354,14 +355,14 @@ def plot(summary: Sequence[dict], path: str, title: str = ""):
   plt.close(fig)
 
 
-def _non_default(flat: Dict[str, Any]) -> Dict[str, Any]:
+def _non_default(flat: dict[str, Any]) -> dict[str, Any]:
   """The fields of a flat config whose values differ from ``configs/default.py``'s."""
-  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  from experiments.configs import default
   defaults = flat_config(default.get_config())
   return {k: v for k, v in flat.items() if defaults.get(k, _UNSET) != v}
 
 
-def _fields_text(fields: Dict[str, Any]) -> str:
+def _fields_text(fields: dict[str, Any]) -> str:
   return ", ".join(f"{k}={v}" for k, v in fields.items())
 
 
@@ -370,7 +371,7 @@ def _is_continued(run: dict) -> bool:
   return len({h.get("total_steps") for h in run.get("history", [])}) > 1
 
 
-def run_study(base, workdir: str, models_text: str, seeds: int) -> List[dict]:
+def run_study(base, workdir: str, models_text: str, seeds: int) -> list[dict]:
   """Trains, continues or reuses every (model, seed) run and writes study.json/.md/.png.
 
   Every run is checked first (``check_entries``): a run made with another config stops the
@@ -379,8 +380,9 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> List[dict]:
   """
   models = parse_models(models_text)
   plans = check_entries(base, models, seeds, workdir)
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from absl import logging
+
+  from experiments import train
   records, configs = [], []
   for entry, name, overrides in models:
     runs, row_configs = [], []
@@ -439,9 +441,12 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> List[dict]:
 
 def main(argv):
   """absl entry point (see the module docstring for the command)."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from experiments import metrics  # pylint: disable=g-import-not-at-top
+  from absl import (
+    app,
+    flags,
+  )
+
+  from experiments import metrics
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metrics.console_logging()
@@ -453,8 +458,8 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from ml_collections import config_flags
   flags.DEFINE_string("workdir", None, "Study directory (runs/, study.json/.md/.png).")
   flags.DEFINE_string("models", None, "Comma-separated model entries (module docstring).")
   flags.DEFINE_integer("seeds", 3, "Seeds per model: 0 .. N-1.")
@@ -464,8 +469,8 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from experiments import huge_pages  # pylint: disable=g-import-not-at-top
+  from experiments import huge_pages
   huge_pages.reexec_with_huge_pages()
   _define_flags()
-  from experiments import cli  # pylint: disable=g-import-not-at-top
+  from experiments import cli
   cli.run(main)

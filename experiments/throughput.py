@@ -14,8 +14,7 @@ import os
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import numpy as np
 
@@ -28,13 +27,12 @@ flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 
 
 def main(argv):
-  from experiments import metrics  # pylint: disable=g-import-not-at-top
+  from experiments import metrics
   metrics.console_logging()
   del argv
-  # pylint: disable=g-import-not-at-top
   from experiments import input_pipeline, optim, run_config, steps, train
-  from experiments.configs import default  # pylint: disable=g-import-not-at-top
-  from experiments.data import tfds_utils  # pylint: disable=g-import-not-at-top
+  from experiments.configs import default
+  from experiments.data import tfds_utils
   c = default.get_config()
   c.model, c.growth_rate, c.batch_size, c.dtype = (FLAGS.model, FLAGS.growth_rate,
                                                    FLAGS.batch_size, FLAGS.dtype)

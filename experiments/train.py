@@ -26,26 +26,21 @@ import json
 import math
 import signal
 import time
-from typing import Any, Optional
+from typing import Any
 
 from absl import logging
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from experiments import checkpointing
-from experiments import compiler_memory
+from experiments import checkpointing, compiler_memory, optim, progress, run_config, rundir
 from experiments import metrics as metrics_lib
-from experiments import optim
-from experiments import progress
-from experiments import run_config
-from experiments import rundir
 from experiments import steps as steps_lib
 from experiments.data import prepare as prepare_lib
 from rknet_jax import checkpoint as rk_ckpt
 from rknet_jax import preprocessing as rk_preprocessing
-
 
 clock = time.time  # wall clock of the run's training time (tests replace it)
 
@@ -195,7 +190,7 @@ def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh,
 
 # -------------------------------------------------------------------------- the run
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       mesh: Optional[Mesh] = None) -> dict:
+                       mesh: Mesh | None = None) -> dict:
   """Trains ``config.model`` on ``config.dataset`` in ``workdir``; returns ``results.json``.
 
   Resumes automatically from the newest intact checkpoint in ``workdir`` (to the config's
@@ -240,7 +235,7 @@ def _take_workdir(workdir: str) -> rundir.WorkdirLock:
   return lock
 
 
-def _finished_results(config, workdir: str, total_steps: int) -> Optional[dict]:
+def _finished_results(config, workdir: str, total_steps: int) -> dict | None:
   """The results of the run ``config`` already finished in ``workdir``, else None.
 
   Finished: ``run.json`` at ``total_steps`` with the same ``test_model``, and
@@ -289,13 +284,13 @@ class _Run:
   bn_stats_step: Any = None
   n_precise: int = 0
   abstract: Any = None
-  ckpts: Optional[checkpointing.RunCheckpoints] = None
+  ckpts: checkpointing.RunCheckpoints | None = None
   # restore
   state: Any = None
   start_step: int = 0
   wall_time_before: float = 0.0
   restored_precise: bool = False
-  previous_run: Optional[dict] = None
+  previous_run: dict | None = None
   stats: Any = None
   params: int = 0
   gflops: float = 0.0
@@ -343,7 +338,7 @@ class _Run:
       self.precise_cache[step] = self.precise_vars(self.state.model_vars(), step)
     return self.precise_cache[step]
 
-  def save(self, step: int, val: Optional[dict] = None):
+  def save(self, step: int, val: dict | None = None):
     """Checkpoints the current state at ``step`` (``val``: its validation metrics)."""
     self.window.flush(step)  # checks the state: a non-finite one is never checkpointed
     # The final checkpoint (the exported model) holds the statistics it is tested with;
@@ -548,7 +543,7 @@ def _train(run: _Run) -> bool:
   return preempted
 
 
-def _validate_if_due(run: _Run) -> Optional[dict]:
+def _validate_if_due(run: _Run) -> dict | None:
   """The validation metrics at ``run.step`` when an evaluation is due (logged), else None."""
   step = run.step
   if not run.has_validation or not is_time(
@@ -600,8 +595,8 @@ def _test(run: _Run) -> dict:
   return results
 
 
-def _results(run: _Run, test: dict, running_test: Optional[dict], *, which: str,
-             test_step: int, best: Optional[int]) -> dict:
+def _results(run: _Run, test: dict, running_test: dict | None, *, which: str,
+             test_step: int, best: int | None) -> dict:
   """The ``results.json`` dict of the tested run."""
   config, step = run.config, run.step
   val_hist = [r for r in metrics_lib.read_metrics(run.workdir) if r["split"] == "validation"]

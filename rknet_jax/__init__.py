@@ -58,6 +58,27 @@ __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 if TYPE_CHECKING:
   # What editors and type checkers see: the same names, imported eagerly (never at run time).
   # tests/test_public_api.py checks these lines against _EXPORTS and _SUBMODULES.
+  from rknet_jax import (
+    blocks,
+    checkpoint,
+    checks,
+    conv,
+    convergence,
+    counting,
+    layers,
+    models,
+    names,
+    optim,
+    order_conditions,
+    paper,
+    preprocessing,
+    registry,
+    rk,
+    spec,
+    summary,
+    tableau_block,
+    tableaus,
+  )
   from rknet_jax.blocks import CliqueBlock, DenseBlock, ERKStep, IRKStep
   from rknet_jax.checkpoint import load_checkpoint
   from rknet_jax.conv import Conv
@@ -65,15 +86,17 @@ if TYPE_CHECKING:
   from rknet_jax.models import CliqueNet, DenseNet, RKNet, TableauRKNet
   from rknet_jax.optim import paper_sgd
   from rknet_jax.order_conditions import algebraic_order
-  from rknet_jax.registry import (create_model, erknet_from_densenet, irknet_from_cliquenet,
-      list_models, parse_name)
+  from rknet_jax.registry import (
+    create_model,
+    erknet_from_densenet,
+    irknet_from_cliquenet,
+    list_models,
+    parse_name,
+  )
   from rknet_jax.rk import odeint_fixed, rk_step
   from rknet_jax.spec import CliqueNetSpec, DenseNetSpec, RKNetSpec, TableauRKNetSpec
   from rknet_jax.tableau_block import ConvVectorField, TableauStep
   from rknet_jax.tableaus import ButcherTableau
-  from rknet_jax import (tableaus, order_conditions, rk, tableau_block, conv, layers, blocks,
-      models, checks, spec, names, paper, registry, counting, summary, checkpoint, preprocessing,
-      convergence, optim)
 
 
 def __getattr__(name):

@@ -5,8 +5,8 @@ E[x^2] - E[x]^2 clipped at 0, ``(x - mean) * (rsqrt(var + eps) * scale) + bias``
 running averages ``momentum * old + (1 - momentum) * new``.
 """
 
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 __all__ = ["moments", "normalize", "running_average"]
 

@@ -13,15 +13,12 @@ Paper section 3.3 (``docs/architecture.md``, "ERK time-step" and "IRK time-step"
   y_{n+1} = y_n + sum_i X_i over the final stage values (Rule 4: m = 1).
 """
 
-from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rknet_jax import checks
+from rknet_jax import checks, dense_buffer, layers
 from rknet_jax import conv as conv_lib
-from rknet_jax import dense_buffer
-from rknet_jax import layers
 from rknet_jax import rk as rk_lib
 from rknet_jax.layers import LayerConfig
 
@@ -51,7 +48,7 @@ class DenseLayer(nn.Module):
     config: shared layer options (:class:`~rknet_jax.layers.LayerConfig`).
   """
   growth_rate: int
-  bottleneck_width: Optional[int] = None
+  bottleneck_width: int | None = None
   config: LayerConfig = LayerConfig()
 
   @nn.compact
@@ -102,7 +99,7 @@ class _DenseLayerVariables(nn.Module):
   ``Dropout_0`` modules would draw; with ``stats`` it updates the running averages instead."""
   in_features: int
   growth_rate: int
-  bottleneck_width: Optional[int] = None
+  bottleneck_width: int | None = None
 
   @nn.compact
   def __call__(self, dropout: bool, stats=None, momentum: float = 0.0):
@@ -156,9 +153,9 @@ class DenseBlock(nn.Module):
   """
   num_layers: int
   growth_rate: int
-  bottleneck_width: Optional[int] = None
+  bottleneck_width: int | None = None
   config: LayerConfig = LayerConfig()
-  formulation: Optional[str] = None
+  formulation: str | None = None
   as_list: bool = False
 
   def uses_buffer(self) -> bool:
@@ -220,7 +217,7 @@ class ERKStep(nn.Module):
   num_stages: int
   growth_multiplier: int
   growth_rate: int
-  bottleneck_width: Optional[int] = None
+  bottleneck_width: int | None = None
   config: LayerConfig = LayerConfig()
 
   @nn.compact
@@ -240,7 +237,7 @@ class _CliqueOptions(nn.Module):
   """The fields a clique block and an IRK time-step share (see :class:`CliqueBlock`)."""
   num_stages: int
   growth_rate: int
-  bottleneck_width: Optional[int] = None
+  bottleneck_width: int | None = None
   num_updates: int = 1
   update_order: str = "gauss_seidel"
   share_weights: bool = True

@@ -19,11 +19,12 @@ This module only reads. The training-side writer lives in ``experiments/checkpoi
 the two share the layout constants and :func:`restore_newest_intact` defined here.
 """
 
+from collections.abc import Callable, Sequence
 import errno
 import json
 import logging
 import os
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 import zlib
 
 import jax
@@ -31,8 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rknet_jax import preprocessing
-from rknet_jax import workdir_files
+from rknet_jax import preprocessing, workdir_files
 
 CHECKPOINT_SUBDIR = "checkpoints"
 MODEL_FILE = "model.json"
@@ -49,7 +49,7 @@ class ChecksumError(ValueError):
 class Prediction(NamedTuple):
   """What ``predict(images, return_probs=True)`` returns for N images."""
   labels: np.ndarray  # int [N]: the most probable class of each image
-  class_names: List[str]  # the name of that class (data.json's class_names)
+  class_names: list[str]  # the name of that class (data.json's class_names)
   probabilities: np.ndarray  # float32 [N, num_classes]: softmax of the logits
   logits: np.ndarray  # float32 [N, num_classes]
 
@@ -77,7 +77,7 @@ def write_model_spec(workdir: str, spec, input_shape: Sequence[int]):
   workdir_files.write_json(workdir_files.path(workdir, MODEL_FILE), data)
 
 
-def read_model_spec(workdir: str) -> Optional[dict]:
+def read_model_spec(workdir: str) -> dict | None:
   """The ``model.json`` of ``workdir`` as a dict, or None when there is none."""
   return workdir_files.read_json(workdir_files.path(workdir, MODEL_FILE),
                                  "the trained model's spec")
@@ -85,7 +85,8 @@ def read_model_spec(workdir: str) -> Optional[dict]:
 
 def saved_spec(data: dict):
   """The spec of a ``model.json`` dict (this format, or the first: name + kwargs)."""
-  from rknet_jax import names, registry, spec as spec_lib
+  from rknet_jax import names, registry
+  from rknet_jax import spec as spec_lib
   data = {k: v for k, v in data.items() if k != "input_shape"}
   if "family" in data:
     return spec_lib.from_json(data)
@@ -120,7 +121,7 @@ def abstract_variables(model, input_shape: Sequence[int], sharding=None):
 
 
 def checkpoint_manager(workdir, *, read_only: bool = True,
-                       options: Optional[ocp.CheckpointManagerOptions] = None):
+                       options: ocp.CheckpointManagerOptions | None = None):
   """An orbax ``CheckpointManager`` on ``workdir/checkpoints`` with this layout's items.
 
   ``workdir`` is any path ``etils.epath`` supports (local, ``gs://``, ...).
@@ -128,7 +129,8 @@ def checkpoint_manager(workdir, *, read_only: bool = True,
   if options is None:
     options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
   return ocp.CheckpointManager(
-      workdir_files.path(workdir, CHECKPOINT_SUBDIR), item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM),
+      workdir_files.path(workdir, CHECKPOINT_SUBDIR),
+      item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM),
       options=options)
 
 
@@ -169,7 +171,7 @@ def verify_checksums(step: int, restored) -> None:
             f"saved as {expected.get(path)}: the checkpoint's bytes changed after saving")
 
 
-def _permission_denied(error: BaseException) -> Optional[BaseException]:
+def _permission_denied(error: BaseException) -> BaseException | None:
   """The permission error in ``error``'s chain (or message), if any."""
   seen = set()
   e = error
@@ -212,8 +214,8 @@ def restore_verified(manager, step: int, args):
 
 
 def restore_newest_intact(manager, make_args: Callable[[int], Any],
-                          step: Optional[int] = None,
-                          on_damaged: Optional[Callable[[int, Exception], None]] = None):
+                          step: int | None = None,
+                          on_damaged: Callable[[int, Exception], None] | None = None):
   """Restores the newest checkpoint that reads back completely.
 
   Steps are tried newest first. A step whose restore fails (orbax raises ``ValueError``
@@ -260,7 +262,7 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
   return None, None
 
 
-def restore_model(manager, target, step: Optional[int] = None):
+def restore_model(manager, target, step: int | None = None):
   """The ``model`` item (``params``, ``batch_stats``) of checkpoint ``step`` of ``manager``.
 
   The one way a trained model is read back (``load_checkpoint``, ``experiments.evaluate``,
@@ -287,7 +289,7 @@ def restore_model(manager, target, step: Optional[int] = None):
   return found, restored[MODEL_ITEM], restored.get(META_ITEM) or {}
 
 
-def load_checkpoint(workdir: str, step: Optional[int] = None):
+def load_checkpoint(workdir: str, step: int | None = None):
   """Loads a trained model from an experiments workdir.
 
   Args:

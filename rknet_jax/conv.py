@@ -38,19 +38,20 @@ Initialisation follows the paper (section 4.1): He-normal, fan-in, ReLU gain, *n
 truncated (He et al., 2015).
 """
 
+from collections.abc import Sequence
 import functools
-from typing import Any, Sequence, Union
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from rknet_jax.checks import IMPLS
 
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
-Padding = Union[str, Sequence[tuple[int, int]]]
+Padding = str | Sequence[tuple[int, int]]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 

@@ -15,16 +15,13 @@ tableau, its declared order, the order from the Butcher order conditions
 """
 
 import argparse
-from typing import Optional
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from rknet_jax import checks
-from rknet_jax import order_conditions
-from rknet_jax import rk
+from rknet_jax import checks, order_conditions, rk
 from rknet_jax import tableaus as tableaus_lib
 
 __all__ = ["PROBLEMS", "default_step_counts", "convergence_errors", "measured_order",
@@ -76,7 +73,7 @@ def default_step_counts(tableau):
 
 
 def convergence_errors(tableau, problem: str = "nonlinear", num_steps=None,
-                       implicit_iterations: Optional[int] = None,
+                       implicit_iterations: int | None = None,
                        solver: str = "fixed_point"):
   """Max-norm errors at t = 1 on a float64 test problem, one per entry of ``num_steps``.
 
@@ -112,7 +109,7 @@ def convergence_errors(tableau, problem: str = "nonlinear", num_steps=None,
 
 
 def measured_order(tableau, problem: str = "nonlinear", num_steps=None,
-                   implicit_iterations: Optional[int] = None,
+                   implicit_iterations: int | None = None,
                    solver: str = "fixed_point") -> float:
   """Empirical convergence order: least-squares slope of log(error) against log(h).
 

@@ -36,15 +36,16 @@ Rules, per equation of the jaxpr (``B`` = the input batch; results are divided b
   the paper's "no parameters" summations are.
 """
 
+from collections.abc import Mapping, Sequence
 import dataclasses
 import math
 import numbers
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.extend import core as jex_core
+import jax.numpy as jnp
 
 from rknet_jax import checks
 

@@ -35,14 +35,15 @@ differentiated (their cotangents are ignored): BatchNorm running averages are ne
 a loss.
 """
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from rknet_jax import batch_norm as bn_math
 from rknet_jax import conv as conv_lib
@@ -72,7 +73,7 @@ class DenseBlockPlan:
   in_channels: int
   num_layers: int
   growth_rate: int
-  bottleneck_width: Optional[int]
+  bottleneck_width: int | None
   train: bool
   epsilon: float
   dtype: str
@@ -124,7 +125,7 @@ class LayerVars(NamedTuple):
   """A dense layer: ``first`` reads the prefix (1x1 to w, or 3x3 to k when plain);
   ``second`` is the bottleneck's 3x3 unit (None for plain layers)."""
   first: ConvUnitVars
-  second: Optional[ConvUnitVars] = None
+  second: ConvUnitVars | None = None
 
 
 def _unit(plan: DenseBlockPlan, x, scale, bias, kernel, stats, key):

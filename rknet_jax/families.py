@@ -20,14 +20,15 @@ a new family is its module plus one :func:`register` call.
 This module imports nothing of the model code.
 """
 
+from collections.abc import Callable
 import dataclasses
 import importlib
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any
 
 __all__ = ["Family", "register", "unregister", "families", "by_spec_name", "of_spec",
            "of_module", "for_name", "study_labels"]
 
-Lazy = Union[str, Callable[..., Any], type]
+Lazy = str | Callable[..., Any] | type
 
 
 def _resolve(target: Lazy):
@@ -56,8 +57,8 @@ class Family:
   module: Lazy
   matches: Callable[[str], bool]
   from_name: Lazy
-  study_labels: Tuple[str, ...] = ()
-  converter: Optional[Lazy] = None
+  study_labels: tuple[str, ...] = ()
+  converter: Lazy | None = None
 
   @property
   def name(self) -> str:
@@ -68,7 +69,7 @@ class Family:
     """The Flax module class (imported on first use when given as text)."""
     return _resolve(self.module)
 
-  def spec_from_name(self, name: str, hint: str, fields: Dict[str, Any]):
+  def spec_from_name(self, name: str, hint: str, fields: dict[str, Any]):
     """The spec of ``name`` with ``fields`` (see ``from_name``)."""
     return _resolve(self.from_name)(name, hint, fields)
 
@@ -79,7 +80,7 @@ class Family:
     return _resolve(self.converter)(config)
 
 
-_REGISTRY: Dict[str, Family] = {}
+_REGISTRY: dict[str, Family] = {}
 
 
 def _builtins():
@@ -101,7 +102,7 @@ def unregister(name: str) -> None:
   _REGISTRY.pop(name, None)
 
 
-def families() -> Tuple[Family, ...]:
+def families() -> tuple[Family, ...]:
   """The registered families, in registration order."""
   _builtins()
   return tuple(_REGISTRY.values())
@@ -135,7 +136,7 @@ def of_module(module_cls: type) -> Family:
   raise ValueError(f"{module_cls.__name__}: not the module of a registered model family")
 
 
-def for_name(name: str) -> Optional[Family]:
+def for_name(name: str) -> Family | None:
   """The first registered family that claims the (stripped) model name, or None."""
   for family in families():
     if family.matches(name):
@@ -143,6 +144,6 @@ def for_name(name: str) -> Optional[Family]:
   return None
 
 
-def study_labels() -> Tuple[str, ...]:
+def study_labels() -> tuple[str, ...]:
   """The study's family labels (name prefixes), in registration order."""
   return tuple(label for family in families() for label in family.study_labels)

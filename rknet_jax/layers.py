@@ -62,8 +62,9 @@ avoids XLA's fused BatchNorm backward over the concatenation's gradient slices a
 quadratic (over a dense block) concatenations (benchmarks/README.md, finding 4).
 """
 
+from collections.abc import Sequence
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -73,7 +74,8 @@ from rknet_jax import checks
 from rknet_jax import conv as conv_lib
 
 __all__ = [
-    "LayerConfig", "BNVariables", "BatchNormParts", "ConvKernel", "concat", "BNReLUConv", "BNReLUKernelConv",
+    "LayerConfig", "BNVariables", "BatchNormParts", "ConvKernel", "concat", "BNReLUConv",
+    "BNReLUKernelConv",
     "CifarStem", "ImageNetStem", "make_stem", "ChannelAttention", "Transition",
     "Postprocessor", "glorot_uniform", "check_images",
     "RKNET_BN_MOMENTUM", "RKNET_BN_EPSILON", "DENSENET_BN_MOMENTUM", "DENSENET_BN_EPSILON",
@@ -134,7 +136,7 @@ class LayerConfig:
   dense_formulation: str = "auto"
   param_dtype: Any = jnp.float32
 
-  def batch_norm(self, train: bool, name: Optional[str] = None) -> nn.BatchNorm:
+  def batch_norm(self, train: bool, name: str | None = None) -> nn.BatchNorm:
     """Flax BatchNorm with these settings, ``param_dtype`` scale/bias and statistics."""
     return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                         epsilon=self.bn_epsilon, dtype=self.dtype,
@@ -142,7 +144,7 @@ class LayerConfig:
 
   def conv(self, features: int, kernel_size: Sequence[int] = (3, 3),
            strides: Sequence[int] = (1, 1), padding: conv_lib.Padding = "SAME",
-           name: Optional[str] = None) -> conv_lib.Conv:
+           name: str | None = None) -> conv_lib.Conv:
     """Bias-free He-normal :class:`rknet_jax.conv.Conv` in ``dtype`` and ``conv_impl``."""
     return conv_lib.Conv(features, tuple(kernel_size), strides=tuple(strides), padding=padding,
                          dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv_impl,
@@ -206,8 +208,8 @@ class BNVariables:
 class BatchNormParts(nn.Module):
   """BatchNorm of the channel concatenation of ``inputs``, computed part by part.
 
-  The same variables as :meth:`LayerConfig.batch_norm` applied to ``concat(inputs)`` (params ``scale``,
-  ``bias``; batch_stats ``mean``, ``var``; one entry per channel of the concatenation, in
+  The same variables as :meth:`LayerConfig.batch_norm` applied to ``concat(inputs)``
+  (params ``scale``, ``bias``; batch_stats ``mean``, ``var``; one entry per channel of the concatenation, in
   order) and flax's arithmetic (float32 statistics, fast variance E[x^2] - E[x]^2 clipped
   at 0, the biased variance also in the running average, running averages updated in
   training but not at initialisation).  Statistics are per channel, so each part's

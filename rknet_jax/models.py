@@ -28,14 +28,12 @@ CliqueNet: their own authors' code; sources in :mod:`rknet_jax.layers`).
 """
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rknet_jax import blocks
-from rknet_jax import families
-from rknet_jax import layers
+from rknet_jax import blocks, families, layers
 from rknet_jax import spec as spec_lib
 from rknet_jax.layers import LayerConfig
 
@@ -159,15 +157,15 @@ class RKNet(_Periods):
       options of :class:`_Network`; BatchNorm defaults: the authors' RKCNN code
       (``BatchNorm2d(eps=0.001, momentum=0.01)``: epsilon 1e-3, flax momentum 0.99).
   """
-  stages: Tuple[int, ...]
-  steps: Tuple[int, ...]
-  growth_rate: Tuple[int, ...]
-  growth_multipliers: Tuple[int, ...]
+  stages: tuple[int, ...]
+  steps: tuple[int, ...]
+  growth_rate: tuple[int, ...]
+  growth_multipliers: tuple[int, ...]
   method: str = "explicit"
   num_classes: int = 10
   stem: str = "cifar"
   bottleneck: bool = False
-  bottleneck_width: Optional[Tuple[int, ...]] = None
+  bottleneck_width: tuple[int, ...] | None = None
   attention: bool = False
   multiscale: bool = True
   num_updates: int = 1
@@ -175,7 +173,7 @@ class RKNet(_Periods):
   share_weights: bool = True
 
   @property
-  def bottleneck_widths(self) -> Optional[Tuple[int, ...]]:
+  def bottleneck_widths(self) -> tuple[int, ...] | None:
     """w per period (None without bottleneck; :func:`rknet_jax.spec.bottleneck_widths`)."""
     return spec_lib.bottleneck_widths(self.method, self.bottleneck, self.bottleneck_width,
                                       self.growth_rate)
@@ -221,15 +219,15 @@ class TableauRKNet(_Periods):
     (the others as :class:`RKNet`; BatchNorm defaults: the authors' RKCNN code's)
   """
   tableau: str
-  stages: Tuple[int, ...]
-  steps: Tuple[int, ...]
-  growth_rate: Tuple[int, ...]
-  growth_multipliers: Tuple[int, ...]
+  stages: tuple[int, ...]
+  steps: tuple[int, ...]
+  growth_rate: tuple[int, ...]
+  growth_multipliers: tuple[int, ...]
   num_classes: int = 10
   stem: str = "cifar"
   attention: bool = False
   multiscale: bool = True
-  step_options: Tuple[Tuple[str, Any], ...] = ()
+  step_options: tuple[tuple[str, Any], ...] = ()
 
   def _step_kwargs(self, p):
     options = dict(self.step_options)
@@ -286,10 +284,10 @@ class DenseNet(_Network):
       torchvision: BatchNorm defaults eps 1e-5, momentum 0.1).
     (keywords) the other layer options of :class:`_Network`.
   """
-  block_layers: Tuple[int, ...]
+  block_layers: tuple[int, ...]
   growth_rate: int
   init_features: int
-  bottleneck_width: Optional[int] = None
+  bottleneck_width: int | None = None
   compression: float = 1.0
   num_classes: int = 10
   stem: str = "cifar"
@@ -333,8 +331,8 @@ class CliqueNet(_Network):
       epsilon 0.001).
     (keywords) the other layer options of :class:`_Network`.
   """
-  block_layers: Tuple[int, ...]
-  growth_rate: Tuple[int, ...]
+  block_layers: tuple[int, ...]
+  growth_rate: tuple[int, ...]
   init_features: int = 64
   attention: bool = False
   bottleneck: bool = False

@@ -32,10 +32,8 @@ block has T/3 stages, or T/6 with B where each stage is a 1x1 and a 3x3 conv).
 import dataclasses
 import re
 import unicodedata
-from typing import Optional
 
-from rknet_jax import checks
-from rknet_jax import families
+from rknet_jax import checks, families
 from rknet_jax import spec as spec_lib
 
 __all__ = ["ParsedName", "parse", "spec_from_name", "check_ascii", "rknet_spec_from_name",
@@ -63,8 +61,8 @@ class ParsedName:
   stages: tuple
   steps: tuple
   letters: str
-  growth_rate: Optional[int]
-  tableau: Optional[str] = None
+  growth_rate: int | None
+  tableau: str | None = None
 
   def canonical(self) -> str:
     """The name with '×', letters in the order A, B, and the ``-k`` tag if given."""

@@ -26,7 +26,7 @@ is the effect weight decay is used for in these networks. ``"all"`` decays every
 these included, as PyTorch's ``SGD(model.parameters(), weight_decay=...)`` in the authors' code.
 """
 
-from typing import Any, Union
+from typing import Any
 
 import flax
 import jax
@@ -70,7 +70,7 @@ def weight_decay_mask(params, which: str):
   return flax.traverse_util.unflatten_dict({k: is_weight(k, v) for k, v in flat.items()})
 
 
-def paper_sgd(learning_rate: Union[float, optax.Schedule], *, momentum: float = 0.9,
+def paper_sgd(learning_rate: float | optax.Schedule, *, momentum: float = 0.9,
               nesterov: bool = True, weight_decay: float = 1e-4,
               weight_decay_params: str = "kernels") -> optax.GradientTransformation:
   """SGD + Nesterov momentum with L2 weight decay added to the gradient (section 4.1).

@@ -24,7 +24,6 @@ node is ``()``.
 
 import functools
 import math
-from typing import List, Tuple
 
 import numpy as np
 
@@ -34,7 +33,7 @@ from rknet_jax import tableaus as tableaus_lib
 __all__ = ["rooted_trees", "tree_size", "tree_density", "elementary_weight",
            "order_condition_residuals", "algebraic_order", "ORDER_TOLERANCE"]
 
-Tree = Tuple["Tree", ...]
+Tree = tuple["Tree", ...]
 
 # A condition holds when |Phi(t) - 1/gamma(t)| <= ORDER_TOLERANCE.
 ORDER_TOLERANCE = 1e-10
@@ -49,8 +48,8 @@ def tree_size(tree: Tree) -> int:
   return 1 + sum(tree_size(child) for child in tree)
 
 
-@functools.lru_cache(maxsize=None)
-def rooted_trees(num_nodes: int) -> Tuple[Tree, ...]:
+@functools.cache
+def rooted_trees(num_nodes: int) -> tuple[Tree, ...]:
   """All (unlabelled) rooted trees with exactly ``num_nodes`` nodes, canonical, sorted.
 
   Every tree with n + 1 nodes arises by attaching one new leaf to some node of a tree
@@ -93,7 +92,7 @@ def elementary_weight(tree: Tree, tableau: tableaus_lib.ButcherTableau) -> float
   return float(b @ _stage_weights(tree, a))
 
 
-def order_condition_residuals(tableau, order: int) -> List[Tuple[Tree, float]]:
+def order_condition_residuals(tableau, order: int) -> list[tuple[Tree, float]]:
   """(tree, Phi(t) - 1/gamma(t)) for every rooted tree with exactly ``order`` nodes."""
   tableau = tableaus_lib.get(tableau)
   order = _positive_int(order, "order")

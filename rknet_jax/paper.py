@@ -9,12 +9,11 @@ builds the row's model, ``experiments/configs/paper.py:<row.key>`` trains it,
 same rows.  Adding a row is adding one entry to :data:`ROWS`.
 """
 
+from collections.abc import Mapping
 import dataclasses
 import re
-from typing import Mapping, Tuple
 
-from rknet_jax import checks
-from rknet_jax import names
+from rknet_jax import checks, names
 from rknet_jax import spec as spec_lib
 
 __all__ = ["PaperRow", "ROWS", "BASELINES", "row", "ready_made", "READY_MADE"]
@@ -42,7 +41,7 @@ class PaperRow:
   table: int
   name: str
   model: Mapping[str, object]
-  datasets: Tuple[str, ...]
+  datasets: tuple[str, ...]
   batch_size: int
   gflops: str
   params_m: str
@@ -65,7 +64,7 @@ class PaperRow:
     return names.spec_from_name(self.name, **self.model)
 
   @property
-  def input_shape(self) -> Tuple[int, int, int]:
+  def input_shape(self) -> tuple[int, int, int]:
     """The image shape counted: 224x224x3 (ImageNet) or 32x32x3."""
     return IMAGENET_SHAPE if "imagenet2012" in self.datasets else CIFAR_SHAPE
 

@@ -16,9 +16,9 @@ every image of another size to N x N (:func:`read_image`, :func:`resize_images`)
 ``fingerprint`` identifies the data the run trained on (``experiments/data/fingerprint.py``).
 Files written before ``pixel_range`` or ``fingerprint`` existed still load.
 """
+from collections.abc import Sequence
 import math
 import os
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ _KEYS = ("image_shape", "num_classes", "class_names", "mean", "std")
 ON_OUT_OF_RANGE = ("raise", "warn", "ignore")
 
 
-def _spec_problem(spec) -> Optional[str]:
+def _spec_problem(spec) -> str | None:
   """What makes ``spec`` unusable as a data.json (naming the field), or None."""
   if not isinstance(spec, dict):
     return f"it holds {type(spec).__name__}, not an object"
@@ -81,7 +81,7 @@ def write_data_spec(workdir: str, spec: dict):
   workdir_files.write_json(workdir_files.path(workdir, DATA_FILE), spec)
 
 
-def read_data_spec(workdir: str) -> Optional[dict]:
+def read_data_spec(workdir: str) -> dict | None:
   """Returns the checked ``data.json`` of ``workdir``, or None when there is none (older runs).
 
   Raises ValueError naming the field when the file lacks a field or holds a bad value (std <= 0,
@@ -96,7 +96,7 @@ def read_data_spec(workdir: str) -> Optional[dict]:
 # The pixel scale.
 
 
-def range_problem(expected, got) -> Optional[str]:
+def range_problem(expected, got) -> str | None:
   """Why pixel values spanning ``got`` = (min, max) are not at the scale of ``expected``.
 
   The rule shared by the data checks of training (every split against the training split) and

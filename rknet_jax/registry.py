@@ -10,13 +10,9 @@ ready-made values when the name is a row of the paper's tables (:mod:`rknet_jax.
 """
 
 import dataclasses
-from typing import Any, Dict, Union
+from typing import Any
 
-from rknet_jax import checks
-from rknet_jax import families
-from rknet_jax import models
-from rknet_jax import names
-from rknet_jax import paper
+from rknet_jax import checks, families, models, names, paper
 from rknet_jax import spec as spec_lib
 
 __all__ = ["create_model", "list_models", "parse_name", "build", "resolve", "module_kwargs",
@@ -61,7 +57,7 @@ def _ready_made_hint(name: str) -> str:
   return f", or a ready-made name such as {' or '.join(map(repr, tagged))}" if tagged else ""
 
 
-def create_model(name: Union[str, spec_lib.ModelSpec], **overrides):
+def create_model(name: str | spec_lib.ModelSpec, **overrides):
   """Build an RKNet, tableau RKNet or baseline from a name or a spec.
 
   Args:
@@ -107,7 +103,7 @@ def create_model(name: Union[str, spec_lib.ModelSpec], **overrides):
   return build(spec)
 
 
-def module_kwargs(spec: spec_lib.ModelSpec) -> Dict[str, Any]:
+def module_kwargs(spec: spec_lib.ModelSpec) -> dict[str, Any]:
   """The module fields of a spec: its fields under the same names, the layer options left
   None dropped (the module's default applies) and ``dtype`` as a dtype."""
   out = {k: v for k, v in spec.fields().items()
@@ -164,7 +160,7 @@ def _as_config(config, cls, what):
                    f"fields, got {type(config).__name__}")
 
 
-def erknet_from_densenet(config) -> Dict[str, Any]:
+def erknet_from_densenet(config) -> dict[str, Any]:
   """The ERKNet the paper's Rules 1-3 make of a DenseNet (section 3.3.1).
 
   Each dense block becomes a period with one time-step (r = 1): the block input has
@@ -217,7 +213,7 @@ def erknet_from_densenet(config) -> Dict[str, Any]:
   return out
 
 
-def irknet_from_cliquenet(config, *, strict: bool = False) -> Dict[str, Any]:
+def irknet_from_cliquenet(config, *, strict: bool = False) -> dict[str, Any]:
   """The IRKNet the paper's Rules 1-4 make of a CliqueNet (section 3.3.2).
 
   Each clique block becomes a period with one time-step (r = 1) of an s-stage IRK method,

@@ -38,12 +38,13 @@ bound Flax Linen module that creates parameters or updates batch statistics; the
 compiled graph holds (iterations + 1) * s evaluations of f.
 """
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
 
 from rknet_jax import checks
 from rknet_jax import tableaus as tableaus_lib
@@ -253,7 +254,7 @@ def _newton_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations):
   return unravel(y_next.astype(dtype)), jnp.max(jnp.abs(g)).astype(jnp.float32)
 
 
-def rk_step(f: VectorField, t, y, h, tableau, *, implicit_iterations: Optional[int] = None,
+def rk_step(f: VectorField, t, y, h, tableau, *, implicit_iterations: int | None = None,
             solver: str = "fixed_point", return_residual: bool = False):
   """One Runge-Kutta step y_{n+1} = y_n + h sum_i b_i z_i (paper eqs. 2-3).
 
@@ -353,7 +354,7 @@ def _check_num_steps(num_steps):
 
 
 def odeint_fixed(f: VectorField, y0, t0, t1, num_steps: int, tableau, *,
-                 implicit_iterations: Optional[int] = None, solver: str = "fixed_point",
+                 implicit_iterations: int | None = None, solver: str = "fixed_point",
                  return_trajectory: bool = False):
   """Integrates dy/dt = f(t, y) from t0 to t1 with ``num_steps`` equal RK steps (eq. 1-3).
 

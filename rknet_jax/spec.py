@@ -25,14 +25,31 @@ Values are checked by :mod:`rknet_jax.checks`, which the modules use too.
 import dataclasses
 import json
 import re
-from typing import Any, Optional, Tuple
+from typing import Any
 
 from rknet_jax import families
-from rknet_jax.checks import (DENSE_FORMULATIONS, IMPLS, MAX_LAYERS, MAX_UPDATES, MAX_WIDTH, METHODS, STEMS,
-                              UPDATE_ORDERS, check_bool, check_choice, check_compression,
-                              check_epsilon, check_int, check_keywords, check_rate,
-                              check_shared_weight_stages, check_size, dtype_name, per_period,
-                              sequence_length)
+from rknet_jax.checks import (
+  DENSE_FORMULATIONS,
+  IMPLS,
+  MAX_LAYERS,
+  MAX_UPDATES,
+  MAX_WIDTH,
+  METHODS,
+  STEMS,
+  UPDATE_ORDERS,
+  check_bool,
+  check_choice,
+  check_compression,
+  check_epsilon,
+  check_int,
+  check_keywords,
+  check_rate,
+  check_shared_weight_stages,
+  check_size,
+  dtype_name,
+  per_period,
+  sequence_length,
+)
 
 __all__ = ["RKNetSpec", "TableauRKNetSpec", "DenseNetSpec", "CliqueNetSpec", "ModelSpec",
            "from_json", "LAYER_OPTIONS", "DENSENET_IMAGENET", "TABLEAU_STEP_OPTIONS",
@@ -59,13 +76,13 @@ class ModelSpec:
   """
   num_classes: int = 10
   stem: str = "cifar"
-  dropout_rate: Optional[float] = None
-  bn_momentum: Optional[float] = None
-  bn_epsilon: Optional[float] = None
-  dtype: Optional[str] = None
-  remat: Optional[bool] = None
-  conv_impl: Optional[str] = None
-  dense_formulation: Optional[str] = None
+  dropout_rate: float | None = None
+  bn_momentum: float | None = None
+  bn_epsilon: float | None = None
+  dtype: str | None = None
+  remat: bool | None = None
+  conv_impl: str | None = None
+  dense_formulation: str | None = None
 
   def _set(self, field, value):
     object.__setattr__(self, field, value)
@@ -152,10 +169,10 @@ def _terms(stages, steps):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _PeriodsSpec(ModelSpec):
   """Fields of every RKNet: periods of r time-steps of an s-stage method (section 3.2)."""
-  stages: Tuple[int, ...]
-  steps: Tuple[int, ...]
-  growth_rate: Tuple[int, ...]
-  growth_multipliers: Tuple[int, ...] = 1
+  stages: tuple[int, ...]
+  steps: tuple[int, ...]
+  growth_rate: tuple[int, ...]
+  growth_multipliers: tuple[int, ...] = 1
   attention: bool = False
   multiscale: bool = True
 
@@ -197,7 +214,7 @@ class RKNetSpec(_PeriodsSpec):
   """
   method: str = "explicit"
   bottleneck: bool = False
-  bottleneck_width: Optional[Tuple[int, ...]] = None
+  bottleneck_width: tuple[int, ...] | None = None
   num_updates: int = 1
   update_order: str = "gauss_seidel"
   share_weights: bool = True
@@ -243,7 +260,7 @@ class RKNetSpec(_PeriodsSpec):
     return sum(s * r * m for s, r, m in zip(self.stages, self.steps, self.growth_multipliers))
 
   @property
-  def bottleneck_widths(self) -> Optional[Tuple[int, ...]]:
+  def bottleneck_widths(self) -> tuple[int, ...] | None:
     """w per period (None without bottleneck): the given widths, or 4k (ERK) / k (IRK)."""
     return bottleneck_widths(self.method, self.bottleneck, self.bottleneck_width,
                              self.growth_rate)
@@ -273,7 +290,7 @@ class TableauRKNetSpec(_PeriodsSpec):
       model class checks them.
   """
   tableau: str
-  step_options: Tuple[Tuple[str, Any], ...] = ()
+  step_options: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     from rknet_jax import tableaus
@@ -352,10 +369,10 @@ class DenseNetSpec(ModelSpec):
     bottleneck_width: None (plain layers) or w (BC: 4k).
     compression: transition compression theta, 0 < theta <= 1 (BC: 0.5).
   """
-  block_layers: Tuple[int, ...]
+  block_layers: tuple[int, ...]
   growth_rate: int
   init_features: int
-  bottleneck_width: Optional[int] = None
+  bottleneck_width: int | None = None
   compression: float = 1.0
 
   def __post_init__(self):
@@ -408,8 +425,8 @@ class CliqueNetSpec(ModelSpec):
     num_updates: alternate updates (CliqueNet: 1; 0 = stage I only).
     update_order: "gauss_seidel" (CliqueNet) or "jacobi".
   """
-  block_layers: Tuple[int, ...]
-  growth_rate: Tuple[int, ...]
+  block_layers: tuple[int, ...]
+  growth_rate: tuple[int, ...]
   init_features: int = 64
   attention: bool = False
   bottleneck: bool = False

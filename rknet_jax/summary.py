@@ -14,12 +14,11 @@ excluded); FLOPs = 2 x multiply-adds of convolutions and dense layers per image.
 """
 
 import argparse
+from collections.abc import Sequence
 import re
 import sys
-from typing import Sequence
 
-from rknet_jax import checks
-from rknet_jax import counting
+from rknet_jax import checks, counting
 
 
 def _growth_rate(text: str):

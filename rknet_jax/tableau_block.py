@@ -32,9 +32,10 @@ updates the running averages of the BN layers it uses.  With a shared f that is 
 mostly reflect the last stages; use ``"per_stage"`` for stage-specific statistics.
 """
 
+from collections.abc import Callable, Sequence
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -74,12 +75,12 @@ class ConvVectorField(nn.Module):
 
   Call: ``f(t, y, train=False)`` with y NHWC and t a scalar.
   """
-  features: Optional[int] = None
-  hidden_features: Optional[int] = None
+  features: int | None = None
+  hidden_features: int | None = None
   num_layers: int = 2
   kernel_size: Sequence[int] = (3, 3)
   normalize: bool = True
-  activation: Optional[Callable[[Any], Any]] = nn.relu
+  activation: Callable[[Any], Any] | None = nn.relu
   time_conditioning: bool = True
   config: LayerConfig = LayerConfig()
 
@@ -146,16 +147,16 @@ class TableauStep(nn.Module):
     >>> y.shape, sorted(variables["params"])
     ((2, 8, 8, 8), ['f'])
   """
-  tableau: Union[tableaus_lib.ButcherTableau, str]
+  tableau: tableaus_lib.ButcherTableau | str
   step_size: float = 1.0
   time: float = 0.0
   stage_functions: str = "shared"
   learn_coefficients: bool = False
   learn_step_size: bool = False
-  implicit_iterations: Optional[int] = None
-  hidden_features: Optional[int] = None
+  implicit_iterations: int | None = None
+  hidden_features: int | None = None
   kernel_size: Sequence[int] = (3, 3)
-  vector_field: Optional[Callable[..., nn.Module]] = None
+  vector_field: Callable[..., nn.Module] | None = None
   config: LayerConfig = LayerConfig()
 
   def __post_init__(self):

@@ -31,7 +31,6 @@ References used below:
 
 import dataclasses
 import math
-from typing import Tuple
 
 import numpy as np
 
@@ -78,9 +77,9 @@ class ButcherTableau:
       a coefficient is NaN or infinite, a row of a does not sum to the matching c_i,
       b does not sum to 1, or order is not a positive integer.
   """
-  a: Tuple[Tuple[float, ...], ...]
-  b: Tuple[float, ...]
-  c: Tuple[float, ...]
+  a: tuple[tuple[float, ...], ...]
+  b: tuple[float, ...]
+  c: tuple[float, ...]
   name: str = "custom"
   order: int = 1
   reference: str = ""
@@ -143,13 +142,13 @@ class ButcherTableau:
                for j in range(i, self.num_stages))
 
   @property
-  def needed_stages(self) -> Tuple[bool, ...]:
+  def needed_stages(self) -> tuple[bool, ...]:
     """Per stage, whether an explicit step evaluates it with these (fixed) coefficients:
     b_i != 0 or a later needed stage reads it (:func:`needed_stages`)."""
     return needed_stages(self.a, self.b)
 
   @property
-  def zero_rows(self) -> Tuple[bool, ...]:
+  def zero_rows(self) -> tuple[bool, ...]:
     """Per stage, whether its row of a is zero (an implicit step evaluates it once)."""
     return zero_rows(self.a)
 
@@ -354,7 +353,7 @@ def is_static_zero(v) -> bool:
   return isinstance(v, (int, float, np.floating, np.integer)) and v == 0
 
 
-def needed_stages(a, b, is_zero=is_static_zero) -> Tuple[bool, ...]:
+def needed_stages(a, b, is_zero=is_static_zero) -> tuple[bool, ...]:
   """Per stage of an explicit method: needed iff b_i is not zero or a later needed stage
   reads it through a non-zero a_ki (the FSAL stage of Dormand-Prince is not).  Coefficients
   that ``is_zero`` does not call zero (e.g. learned, traced ones) count as non-zero."""
@@ -366,7 +365,7 @@ def needed_stages(a, b, is_zero=is_static_zero) -> Tuple[bool, ...]:
   return tuple(needed)
 
 
-def zero_rows(a, is_zero=is_static_zero) -> Tuple[bool, ...]:
+def zero_rows(a, is_zero=is_static_zero) -> tuple[bool, ...]:
   """Per stage, whether its row of a is (statically) zero: an explicit stage even in an
   implicit method, evaluated once at y_n."""
   return tuple(all(is_zero(v) for v in row) for row in a)

@@ -7,7 +7,6 @@ reads name the file when it is cut or edited into something that is not a JSON o
 
 import json
 import os
-from typing import Optional
 
 from etils import epath
 
@@ -27,7 +26,7 @@ def path(workdir, *parts) -> epath.Path:
   return p.joinpath(*parts)
 
 
-def read_json(file: epath.Path, what: str) -> Optional[dict]:
+def read_json(file: epath.Path, what: str) -> dict | None:
   """The JSON object in ``file``, None if absent; ``ValueError`` naming it if unreadable."""
   try:
     text = epath.Path(file).read_text()

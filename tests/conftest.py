@@ -1,7 +1,9 @@
-"""Test-wide setup.
+"""Test-wide setup and the shared fixtures.
 
 Eight virtual CPU devices, so data-parallel sharding is tested on a one-CPU machine
-(set before JAX is imported by any test module).
+(set before JAX is imported by any test module). Fixtures: ``tiny_config`` (the runner config
+of every end-to-end test), ``data_config`` (the same on another dataset), ``digits_splits``
+and ``write_image_folder`` (datasets made from scikit-learn's digits).
 """
 import os
 
@@ -15,3 +17,76 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # TensorFlow (tf.data only) must stay quiet and off accelerators.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest  # noqa: E402  (after the environment above, like every JAX import)
+
+
+def _tiny_config(**overrides):
+  """ERKNet-1x1 1x1, k = 4, on digits: compiles and trains in about a second."""
+  from experiments.configs import default
+
+  c = default.get_config()
+  c.model = "ERKNet-1x1 1x1"
+  c.growth_rate = 4
+  c.dataset = "digits"
+  c.download = False
+  c.validation_size = 144
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.num_train_steps = 12
+  c.log_every_steps = 4
+  c.checkpoint_every_steps = 5
+  c.prefetch = 1
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  """The runner config of every end-to-end test: ``tiny_config(**overrides)``."""
+  return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def data_config():
+  """``data_config(dataset, **overrides)``: the tiny config on ``dataset`` with no hold-out,
+  6 steps and no mid-run checkpoint (the data-source tests)."""
+
+  def make(dataset, **overrides):
+    defaults = dict(dataset=dataset, validation_size=0, batch_size=32, num_train_steps=6,
+                    log_every_steps=3, checkpoint_every_steps=100)
+    return _tiny_config(**{**defaults, **overrides})
+
+  return make
+
+
+@pytest.fixture
+def digits_splits():
+  """scikit-learn's digits as the runner loads them: (train, test) splits, no hold-out."""
+  from experiments import input_pipeline
+
+  splits = input_pipeline.load_splits(
+      {"dataset": "digits", "batch_size": 8, "validation_size": 0})
+  return splits.train, splits.test
+
+
+def _write_image_folder(root, splits, *, mode="L", ext="png", size=None):
+  """splits: {split: (uint8 images [N, H, W] or [N, H, W, 3], labels)} -> PATH/split/c<l>/."""
+  from PIL import Image
+
+  for split, (images, labels) in splits.items():
+    for i, (image, label) in enumerate(zip(images, labels)):
+      folder = root / split / f"c{label}"
+      folder.mkdir(parents=True, exist_ok=True)
+      picture = Image.fromarray(image).convert(mode)
+      if size:
+        picture = picture.resize(size)
+      picture.save(folder / f"{i:04d}.{ext}")
+  return f"folder:{root}"
+
+
+@pytest.fixture(scope="session")
+def write_image_folder():
+  """``write_image_folder(root, splits, mode=, ext=, size=)`` -> the ``folder:`` dataset."""
+  return _write_image_folder

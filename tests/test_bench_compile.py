@@ -1,9 +1,11 @@
-"""benchmarks/bench_compile.py: the issue-10 tables, one subprocess per case."""
+"""benchmarks/bench_compile.py: the compile tables, one subprocess per case."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -13,6 +15,7 @@ def _run(*args, timeout=300):
                         capture_output=True, text=True, timeout=timeout, check=True)
 
 
+@pytest.mark.slow
 def test_compile_table_row_and_json(tmp_path):
   out = tmp_path / "r.json"
   done = _run("--tables", "compile", "--models", "DenseNet-BC-16-k8", "--batch", "2",

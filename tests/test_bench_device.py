@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import bench_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_smoke_run_prints_a_row_per_case_with_numbers(tmp_path):
   out_json = tmp_path / "records.json"
   proc = subprocess.run(

@@ -6,15 +6,15 @@ check both the interpretation (ERK step = dense block + sum, IRK step = clique b
 and the one-convolution-over-a-concatenation implementation.
 """
 
+import chex
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
-from rknet_jax import blocks
-from rknet_jax import layers
+from rknet_jax import blocks, layers
 from rknet_jax.layers import LayerConfig
 
 EPS = LayerConfig().bn_epsilon
@@ -84,6 +84,7 @@ def _dense_block_ref(p, x, num_layers, bottleneck):
 
 
 @pytest.mark.parametrize("width", [None, 5])
+@pytest.mark.slow
 def test_erk_step_is_dense_block_plus_summation(width):
   s, m, k = 3, 2, 4
   step = blocks.ERKStep(s, m, k, width)
@@ -249,6 +250,7 @@ class _Loss(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["irk", "irk_b", "irk_unshared"])
+@pytest.mark.slow
 def test_remat_gives_identical_loss_gradients_and_batch_stats(kind):
   k = 4
   make = {
@@ -276,8 +278,7 @@ def test_remat_gives_identical_loss_gradients_and_batch_stats(kind):
   # Equal up to float32 rounding (recomputation lets XLA fuse and reassociate differently).
   for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))))
-  for a, b in zip(jax.tree_util.tree_leaves(s0), jax.tree_util.tree_leaves(s1)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(s0, s1, rtol=1e-6, atol=1e-7)
   # The remat model really rematerialises (a checkpoint in its gradient jaxpr).
   jaxpr = str(jax.make_jaxpr(lambda p: jax.grad(lambda q: jnp.sum(rem.apply(
       {"params": q, "batch_stats": variables["batch_stats"]}, y, train=True,
@@ -396,6 +397,4 @@ def test_chunked_dense_layer_init_equals_concat_formulation():
   parts = [_x(5, seed=1), _x(3, seed=2)]
   got = layers.BNReLUConv(6, (1, 1)).init(_key(), parts, train=False)
   want = layers.BNReLUConv(6, (1, 1)).init(_key(), jnp.concatenate(parts, -1), train=False)
-  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
-  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(got, want)

@@ -124,6 +124,7 @@ def checkpoint_steps(workdir):
                 if s.isdigit())
 
 
+@pytest.mark.slow
 def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
     tmp_path, children):
   ref_dir, work = str(tmp_path / "reference"), str(tmp_path / "interrupted")
@@ -229,6 +230,7 @@ def make_read_only(folder):
   return lambda: (os.remove(folder), os.rename(folder + ".kept", folder))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_folder_turning_read_only_mid_run_stops_the_process_within_seconds(
     tmp_path, children):
   """Writable at start (checked), read-only from the first save on: every write fails in

@@ -10,9 +10,7 @@ import sys
 
 import pytest
 
-from experiments import cli
-from experiments import study
-from experiments import train
+from experiments import cli, study, train
 from experiments.configs import digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +60,7 @@ def test_a_refusal_is_one_line_and_a_bug_keeps_its_traceback(capsys, monkeypatch
                 FileNotFoundError(2, "No such file or directory", "/data/x.npz")):
     try:
       raise error
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       assert cli.report(e, argv=[]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [f"error: {error}" if not isinstance(error, OSError)

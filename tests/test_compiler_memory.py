@@ -42,5 +42,5 @@ def test_opt_out_and_no_glibc(fresh, monkeypatch):
 
 
 def test_glibc_malloc_trim_is_found_on_this_linux_machine():
-  trim = compiler_memory._glibc_malloc_trim()  # pylint: disable=protected-access
+  trim = compiler_memory._glibc_malloc_trim()
   assert trim is not None and trim(0) in (0, 1)

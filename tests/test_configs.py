@@ -12,14 +12,9 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
-from experiments import input_pipeline
-from experiments import optim
-from experiments import run_config
-from experiments import rundir
-from experiments import train
+from experiments import input_pipeline, optim, run_config, rundir, train
 import rknet_jax
-from rknet_jax import paper
-from rknet_jax import registry
+from rknet_jax import paper, registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "experiments", "configs")

@@ -6,11 +6,12 @@ and vmap; forward FLOPs seen by the jaxpr walker are the same for every formulat
 """
 
 
+import chex
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from rknet_jax import conv as conv_lib
 from rknet_jax.conv import Conv, conv2d
@@ -21,6 +22,9 @@ CASES = [  # (kernel size, stride, padding)
     (3, 1, "SAME"), (3, 1, "VALID"), (3, 1, ((2, 0), (1, 3))), (3, 2, "SAME"),
     (3, 2, "VALID"), (7, 1, "SAME"), (7, 2, ((3, 3), (3, 3))),
 ]
+# The 7x7 (ImageNet stem) cases compile the longest: the full suite only.
+SLOW_7X7 = [pytest.param(*case, marks=pytest.mark.slow) if case[0] == 7 else case
+            for case in CASES]
 
 
 def _ref(x, k, stride, padding):
@@ -42,7 +46,7 @@ def _out_and_grads(fn, x, k, key):
   return y, dx, dk
 
 
-@pytest.mark.parametrize("ks,stride,padding", CASES)
+@pytest.mark.parametrize("ks,stride,padding", SLOW_7X7)
 def test_float32_matches_lax_conv(ks, stride, padding):
   x, k, kg = _inputs(ks, jnp.float32)
 
@@ -64,7 +68,7 @@ def test_float32_matches_lax_conv(ks, stride, padding):
 
 @pytest.mark.parametrize("ks,stride,padding",
                          [(1, 2, "SAME"), (3, 1, "SAME"), (3, 1, ((2, 0), (1, 3))),
-                          (7, 1, "VALID")])
+                          pytest.param(7, 1, "VALID", marks=pytest.mark.slow)])
 def test_bfloat16_matches_lax_conv_within_rounding(ks, stride, padding):
   x, k, kg = _inputs(ks, jnp.bfloat16)
   def up(t):
@@ -202,8 +206,7 @@ def test_conv1x1_concat_equals_conv_of_concatenation(impl):
   yr, vjpr = jax.vjp(ref, xs, k)
   np.testing.assert_allclose(y, yr, rtol=1e-5, atol=1e-5)
   g = jax.random.normal(keys[0], y.shape)
-  for a, b in zip(jax.tree_util.tree_leaves(vjp(g)), jax.tree_util.tree_leaves(vjpr(g))):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(vjp(g), vjpr(g), rtol=1e-5, atol=1e-5)
   assert jaxpr_flops(jax.make_jaxpr(got)(xs, k)) == 2 * 2 * 5 * 6 * 9 * 5
   if impl != "xla":
     assert "concatenate" not in str(jax.make_jaxpr(got)(xs, k))

@@ -1,7 +1,4 @@
 """Tests for rknet_jax.convergence: the measured-order tool."""
-import subprocess
-import sys
-
 import pytest
 
 from rknet_jax import convergence
@@ -30,10 +27,9 @@ def test_order_table_without_measurement_lists_every_tableau():
   assert by_name["gauss_legendre2"][4] == "4"
 
 
-def test_command_line_prints_markdown_table():
-  out = subprocess.run([sys.executable, "-m", "rknet_jax.convergence", "--no-empirical",
-                        "--markdown"], check=True, capture_output=True, text=True).stdout
-  lines = out.splitlines()
+def test_command_line_prints_markdown_table(capsys):
+  convergence.main(["--no-empirical", "--markdown"])
+  lines = capsys.readouterr().out.splitlines()
   assert lines[0].startswith("| name | kind | stages | declared | algebraic")
   assert any(line.startswith("| dopri5 | explicit | 7 | 5 | 5 |") for line in lines)
 
@@ -42,6 +38,7 @@ def test_library_modules_import_without_cycles():
   """tableaus and order_conditions never import rk or convergence (no cycle, lazy or not)."""
   import ast
   import pathlib
+
   import rknet_jax
   root = pathlib.Path(rknet_jax.__file__).parent
   for module in ("tableaus", "order_conditions", "rk"):

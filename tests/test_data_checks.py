@@ -2,15 +2,15 @@
 
 Each test names the silent wrong answer it used to give ("before") and asserts the refusal or
 the right answer now. Datasets are built from scikit-learn's digits in temporary folders;
-training runs use test_train's tiny ERKNet for a few steps.
+training runs use the tiny ERKNet of conftest.py for a few steps.
 """
 import json
 import os
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from experiments import evaluate as evaluate_lib
 from experiments import input_pipeline as ip
@@ -19,13 +19,12 @@ from experiments.data import base
 from experiments.data import fingerprint as fingerprint_lib
 import rknet_jax
 from rknet_jax import preprocessing
-import test_data_sources
-
-tiny_config = test_data_sources.tiny_config
 
 
-def _digits_arrays():
-  train_split, test_split = test_data_sources._digits()  # pylint: disable=protected-access
+@pytest.fixture
+def digits_arrays(digits_splits):
+  """digits as npz arrays (fresh per test: tests edit them)."""
+  train_split, test_split = digits_splits
   return dict(train_images=train_split.images[..., 0], train_labels=train_split.labels,
               test_images=test_split.images[..., 0], test_labels=test_split.labels)
 
@@ -46,10 +45,11 @@ def _refused(dataset, pattern):
 # Checked at load.
 
 
-def test_labels_that_do_not_fit_int32_or_are_not_whole_are_refused_before_the_cast(tmp_path):
+def test_labels_that_do_not_fit_int32_or_are_not_whole_are_refused_before_the_cast(
+    digits_arrays, tmp_path):
   """Before: labels were cast to int32 unchecked, 2**32+3 trained as class 3 and 2**31 became
   negative (a NaN later blamed on the learning rate)."""
-  d = _digits_arrays()
+  d = digits_arrays
   labels = d["train_labels"].astype(np.int64)
   for i, value in ((7, 2**32 + 3), (11, 2**31)):
     bad = labels.copy()
@@ -76,10 +76,10 @@ def test_labels_that_do_not_fit_int32_or_are_not_whole_are_refused_before_the_ca
     base.labels_int32(np.array([0, 2**32 + 3], np.uint64), "labels")
 
 
-def test_one_class_of_training_labels_is_refused(tmp_path):
+def test_one_class_of_training_labels_is_refused(digits_arrays, tmp_path):
   """Before: an npz whose labels are all 0 trained a 1-class model and reported test top-1
   error 0.0000."""
-  d = _digits_arrays()
+  d = digits_arrays
   zeros = dict(d, train_labels=np.zeros_like(d["train_labels"]),
                test_labels=np.zeros_like(d["test_labels"]))
   _refused(_npz(tmp_path / "zeros.npz", **zeros),
@@ -90,10 +90,11 @@ def test_one_class_of_training_labels_is_refused(tmp_path):
   _refused(_npz(tmp_path / "named.npz", **named), "every training label is 0")
 
 
-def test_splits_at_another_scale_or_dtype_than_train_are_refused_naming_both(tmp_path):
+def test_splits_at_another_scale_or_dtype_than_train_are_refused_naming_both(
+    digits_arrays, tmp_path):
   """Before: train images as float 0..1 with test images as uint8 0..255 were accepted; the
   reported test error was 0.90 against 0.28 for the same data at one scale."""
-  d = _digits_arrays()
+  d = digits_arrays
   as_unit = dict(d, train_images=d["train_images"] / 16.0,
                  test_images=(d["test_images"] * 15).astype(np.uint8))
   message = _refused(_npz(tmp_path / "mixed.npz", **as_unit),
@@ -119,8 +120,8 @@ def test_splits_at_another_scale_or_dtype_than_train_are_refused_naming_both(tmp
                                        "batch_size": 2})
 
 
-def test_non_finite_pixels_are_refused_naming_split_and_image(tmp_path):
-  d = _digits_arrays()
+def test_non_finite_pixels_are_refused_naming_split_and_image(digits_arrays, tmp_path):
+  d = digits_arrays
   test = d["test_images"].astype(np.float32)
   test[17, 3, 4] = np.inf
   _refused(_npz(tmp_path / "inf.npz", **dict(d, train_images=d["train_images"] * 1.0,
@@ -157,15 +158,17 @@ def _swap_train_images(d):
   return swapped
 
 
-def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(tmp_path):
+@pytest.mark.slow
+def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(
+    data_config, digits_arrays, tmp_path):
   """Before: replacing the npz at the same path and resuming continued silently on the new
   data and rewrote data.json's mean/std; evaluate after the swap recomputed mean/std from the
   new file (0.85 vs 0.78)."""
-  d = _digits_arrays()
+  d = digits_arrays
   path = tmp_path / "data.npz"
   dataset = _npz(path, **d)
   workdir = str(tmp_path / "run")
-  config = tiny_config(dataset, num_train_steps=6)
+  config = data_config(dataset, num_train_steps=6)
   train.train_and_evaluate(config, workdir)
   spec = preprocessing.read_data_spec(workdir)
   assert spec["fingerprint"]["size"] == os.path.getsize(path)
@@ -179,13 +182,13 @@ def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(tmp_path
                      match=rf"the npz file {path} changed since this run started: size "
                            rf"{old_size} bytes -> {new_size} bytes, sha256 \w+\.\.\. -> \w+"
                            r"\.\.\..*config.allow_data_change=True"):
-    train.train_and_evaluate(tiny_config(dataset, num_train_steps=9), workdir)
+    train.train_and_evaluate(data_config(dataset, num_train_steps=9), workdir)
   with pytest.raises(ip.DataChanged, match="Refusing to evaluate on other data.*"
                                            "--allow_data_change"):
     evaluate_lib.evaluate_checkpoint(workdir)
   # Other classes cannot continue even when asked.
   with pytest.raises(ip.DataChanged, match=r"class_names \['0', '1', '2'\] differ .* \(not even"):
-    ip.bind_data_spec(tiny_config(_npz(tmp_path / "three.npz", **dict(
+    ip.bind_data_spec(data_config(_npz(tmp_path / "three.npz", **dict(
         d, train_labels=d["train_labels"] % 3, test_labels=d["test_labels"] % 3))), spec,
                       allow_change=True)
   # Asked for: evaluate standardises with the run's data.json, not the new file's statistics,
@@ -195,7 +198,7 @@ def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(tmp_path
   assert after["top1_error"] == before["top1_error"] and after["loss"] == before["loss"]
   # Resume asked for: continues on the new data with the run's mean/std, says so in run.json.
   results = train.train_and_evaluate(
-      tiny_config(dataset, num_train_steps=9, allow_data_change=True), workdir)
+      data_config(dataset, num_train_steps=9, allow_data_change=True), workdir)
   assert results["steps"] == 9
   resumed = preprocessing.read_data_spec(workdir)
   assert resumed["mean"] == spec["mean"] and resumed["std"] == spec["std"]
@@ -206,17 +209,17 @@ def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(tmp_path
   assert run["data_changes"][0]["at_step"] == 6
   assert f"size {old_size} bytes -> {new_size} bytes" in run["data_changes"][0]["change"]
   # The new data are now the run's: a plain resume continues.
-  assert train.train_and_evaluate(tiny_config(dataset, num_train_steps=12), workdir)[
+  assert train.train_and_evaluate(data_config(dataset, num_train_steps=12), workdir)[
       "steps"] == 12
   ip.clear_cache()
 
 
-def test_folder_fingerprint_follows_the_image_files_only(tmp_path):
+def test_folder_fingerprint_follows_the_image_files_only(write_image_folder, tmp_path):
   images = (np.arange(6 * 64).reshape(6, 8, 8) % 256).astype(np.uint8)
   root = tmp_path / "data"
-  test_data_sources._write_folder(  # pylint: disable=protected-access
+  write_image_folder(
       root, {"train": (images[:4], [0, 1, 0, 1]), "test": (images[4:], [0, 1])})
-  settings = ip._settings({"dataset": f"folder:{root}", "batch_size": 2})  # pylint: disable=protected-access
+  settings = ip._settings({"dataset": f"folder:{root}", "batch_size": 2})
   first = fingerprint_lib.fingerprint(settings)
   assert first["files"] == 6
   (root / "train" / "c0" / ".hidden.png").write_bytes(b"x")
@@ -229,19 +232,20 @@ def test_folder_fingerprint_follows_the_image_files_only(tmp_path):
   # A copy of the same npz elsewhere is the same data; digits are fixed.
   np.savez(tmp_path / "a.npz", x=np.arange(3))
   shutil.copy(tmp_path / "a.npz", tmp_path / "b.npz")
-  a, b = (fingerprint_lib.fingerprint(ip._settings(  # pylint: disable=protected-access
+  a, b = (fingerprint_lib.fingerprint(ip._settings(
       {"dataset": f"npz:{tmp_path / n}", "batch_size": 2})) for n in ("a.npz", "b.npz"))
   assert a["path"] != b["path"] and fingerprint_lib.describe_change(a, b) is None
   digits = ip.data_fingerprint({"dataset": "digits", "batch_size": 2})
   assert digits == ip.data_fingerprint({"dataset": "digits", "batch_size": 4})
 
 
-def test_a_workdir_without_fingerprint_or_pixel_range_still_resumes_and_predicts(tmp_path,
+def test_a_workdir_without_fingerprint_or_pixel_range_still_resumes_and_predicts(
+    data_config, tmp_path,
                                                                                  caplog):
   """Older data.json files (no fingerprint, no pixel range) load, predict and resume; the
   resume records the fingerprint and keeps mean/std."""
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_config("digits", num_train_steps=6), workdir)
+  train.train_and_evaluate(data_config("digits", num_train_steps=6), workdir)
   file = os.path.join(workdir, preprocessing.DATA_FILE)
   with open(file) as f:
     spec = json.load(f)
@@ -251,7 +255,7 @@ def test_a_workdir_without_fingerprint_or_pixel_range_still_resumes_and_predicts
     json.dump(old, f)
   _, _, predict = rknet_jax.load_checkpoint(workdir)
   assert np.asarray(predict(np.full((2, 8, 8), 255.0))).shape == (2, 10)  # no range to check
-  results = train.train_and_evaluate(tiny_config("digits", num_train_steps=9), workdir)
+  results = train.train_and_evaluate(data_config("digits", num_train_steps=9), workdir)
   assert results["steps"] == 9
   assert "no data fingerprint" in caplog.text
   resumed = preprocessing.read_data_spec(workdir)
@@ -265,9 +269,9 @@ def test_a_workdir_without_fingerprint_or_pixel_range_still_resumes_and_predicts
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
+def digits_run(data_config, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("predict") / "run")
-  config = tiny_config("digits", num_train_steps=60, batch_size=64, growth_rate=8)
+  config = data_config("digits", num_train_steps=60, batch_size=64, growth_rate=8)
   config.model_kwargs.bn_momentum = 0.9
   results = train.train_and_evaluate(config, workdir)
   return workdir, results, ip.load_splits(config).test
@@ -334,16 +338,17 @@ def test_a_damaged_data_json_is_an_error_at_load_naming_the_field(digits_run, tm
     evaluate_lib.evaluate_checkpoint(workdir)
 
 
-def test_predict_reads_image_files_and_applies_the_training_resize(tmp_path):
+def test_predict_reads_image_files_and_applies_the_training_resize(
+    data_config, write_image_folder, tmp_path):
   """Before: predict took arrays only and did not apply the resize data.json records."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (40, 12, 12), dtype=np.uint8)
   root = tmp_path / "data"
-  dataset = test_data_sources._write_folder(  # pylint: disable=protected-access
+  dataset = write_image_folder(
       root, {"train": (images[:32], np.arange(32) % 2), "test": (images[32:], np.arange(8) % 2)})
   # One training image of another size: config.resize=8 resizes every 12x12 image to 8x8.
   Image.fromarray(images[0][:10, :10]).save(root / "train" / "c0" / "small.png")
-  config = tiny_config(dataset, resize=8, num_train_steps=3, batch_size=8)
+  config = data_config(dataset, resize=8, num_train_steps=3, batch_size=8)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   _, _, predict = rknet_jax.load_checkpoint(workdir)

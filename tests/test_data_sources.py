@@ -11,7 +11,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from experiments import input_pipeline as ip
 from experiments import train
@@ -19,21 +18,8 @@ from experiments.data import folder as folder_lib
 from experiments.data import tfds_utils
 import rknet_jax
 from rknet_jax import preprocessing
-import test_train
 
 tfds = tfds_utils.import_tfds()
-
-
-def tiny_config(dataset, **overrides):
-  """test_train's tiny ERKNet on ``dataset``: no hold-out, 6 steps, no mid-run checkpoint."""
-  defaults = dict(dataset=dataset, validation_size=0, batch_size=32, num_train_steps=6,
-                  log_every_steps=3, checkpoint_every_steps=100)
-  return test_train.tiny_config(**{**defaults, **overrides})
-
-
-def _digits():
-  splits = ip.load_splits({"dataset": "digits", "batch_size": 8, "validation_size": 0})
-  return splits.train, splits.test
 
 
 def _to_28(images):
@@ -51,13 +37,13 @@ def _write_npz(path, **arrays):
   return f"npz:{path}"
 
 
-def test_npz_trains_on_28x28_gray_and_saves_its_statistics(tmp_path):
-  train_split, test_split = _digits()
+def test_npz_trains_on_28x28_gray_and_saves_its_statistics(data_config, digits_splits, tmp_path):
+  train_split, test_split = digits_splits
   train_x, test_x = _to_28(train_split.images), _to_28(test_split.images)
   names = np.array([f"digit_{i}" for i in range(10)])
   dataset = _write_npz(tmp_path / "d.npz", train_images=train_x, train_labels=train_split.labels,
                        test_images=test_x, test_labels=test_split.labels, class_names=names)
-  config = tiny_config(dataset)
+  config = data_config(dataset)
   info = ip.dataset_info(config)
   assert info.image_shape == (28, 28, 1) and info.num_classes == 10
   assert info.class_names == tuple(names)
@@ -75,21 +61,22 @@ def test_npz_trains_on_28x28_gray_and_saves_its_statistics(tmp_path):
   assert spec["mean"] == pytest.approx([train_x.mean()])
 
 
-def test_best_model_selection_uses_the_datas_own_validation_split(tmp_path):
+def test_best_model_selection_uses_the_datas_own_validation_split(
+    data_config, digits_splits, tmp_path):
   """test_model='best' with validation_size=0 works when the npz brings validation arrays,
   and is refused, before compiling, when it does not."""
-  train_split, test_split = _digits()
+  train_split, test_split = digits_splits
   arrays = dict(train_images=train_split.images[:200], train_labels=train_split.labels[:200],
                 test_images=test_split.images, test_labels=test_split.labels)
   own = _write_npz(tmp_path / "own.npz", validation_images=train_split.images[200:300],
                    validation_labels=train_split.labels[200:300], **arrays)
-  results = train.train_and_evaluate(tiny_config(own, test_model="best"),
+  results = train.train_and_evaluate(data_config(own, test_model="best"),
                                      str(tmp_path / "run_own"))
   assert results["test_model"] == "best" and results["validation_examples"] == 100
   assert results["best_validation_step"] is not None
   none = _write_npz(tmp_path / "none.npz", **arrays)
   with pytest.raises(ValueError, match="test_model='best' needs a validation split"):
-    train.train_and_evaluate(tiny_config(none, test_model="best"), str(tmp_path / "run_none"))
+    train.train_and_evaluate(data_config(none, test_model="best"), str(tmp_path / "run_none"))
   assert not (tmp_path / "run_none" / "checkpoints").exists() or not any(
       (tmp_path / "run_none" / "checkpoints").iterdir())
 
@@ -145,25 +132,14 @@ def test_npz_errors_name_the_array(tmp_path):
 # folder
 
 
-def _write_folder(root, splits, *, mode="L", ext="png", size=None):
-  """splits: {split: (uint8 images [N, H, W] or [N, H, W, 3], labels)} -> PATH/split/c<l>/."""
-  for split, (images, labels) in splits.items():
-    for i, (image, label) in enumerate(zip(images, labels)):
-      folder = root / split / f"c{label}"
-      folder.mkdir(parents=True, exist_ok=True)
-      picture = Image.fromarray(image).convert(mode)
-      if size:
-        picture = picture.resize(size)
-      picture.save(folder / f"{i:04d}.{ext}")
-  return f"folder:{root}"
-
-
-def test_folder_of_png_trains_and_labels_are_sorted_folder_names(tmp_path, caplog):
-  train_split, test_split = _digits()
+def test_folder_of_png_trains_and_labels_are_sorted_folder_names(
+    data_config, digits_splits, write_image_folder, tmp_path, caplog):
+  train_split, test_split = digits_splits
   def pick(split, n):
     return (split.images[:n, :, :, 0] * 15).astype(np.uint8), split.labels[:n]
   root = tmp_path / "data"
-  dataset = _write_folder(root, {"train": pick(train_split, 200), "test": pick(test_split, 50)})
+  dataset = write_image_folder(
+      root, {"train": pick(train_split, 200), "test": pick(test_split, 50)})
   # What a user's folder also holds: notes, hidden files and folders, a subfolder, a file next
   # to the class folders. All are skipped (one log line), none is read as an image or class.
   (root / "train" / "c3" / "notes.txt").write_text("my notes")
@@ -173,7 +149,7 @@ def test_folder_of_png_trains_and_labels_are_sorted_folder_names(tmp_path, caplo
   (root / "train" / "c1" / "old" / "0001.png").write_bytes(b"a subfolder is not read")
   (root / "train" / ".ipynb_checkpoints").mkdir()
   (root / "test" / "labels.csv").write_text("file,label")
-  config = tiny_config(dataset)
+  config = data_config(dataset)
   with caplog.at_level(logging.INFO):
     splits = ip.load_splits(config)
   skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -198,14 +174,16 @@ def test_folder_of_png_trains_and_labels_are_sorted_folder_names(tmp_path, caplo
     assert json.load(f)["class_names"] == [f"c{i}" for i in range(10)]
 
 
-def test_folder_colour_jpeg_mixed_sizes_and_validation(tmp_path):
+def test_folder_colour_jpeg_mixed_sizes_and_validation(write_image_folder, tmp_path):
   rng = np.random.default_rng(0)
   def colour(n):
     return rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % 2
   root = tmp_path / "data"
-  dataset = _write_folder(root, {"train": colour(6), "test": colour(4), "validation": colour(2)},
-                          mode="RGB", ext="jpg")
-  _write_folder(root, {"train": (np.zeros((1, 12, 10), np.uint8), [1])}, mode="L")  # gray, 10x12
+  dataset = write_image_folder(
+      root, {"train": colour(6), "test": colour(4), "validation": colour(2)}, mode="RGB",
+      ext="jpg")
+  # gray, 10x12
+  write_image_folder(root, {"train": (np.zeros((1, 12, 10), np.uint8), [1])}, mode="L")
   config = {"dataset": dataset, "batch_size": 2}
   with pytest.raises(ValueError, match=r"c1/0000.png is 10x12 .* config.resize"):
     ip.preflight(config)
@@ -217,13 +195,13 @@ def test_folder_colour_jpeg_mixed_sizes_and_validation(tmp_path):
     ip.preflight({"dataset": "digits", "batch_size": 2, "resize": 8})
 
 
-def test_folder_errors_name_the_file_or_folder(tmp_path):
+def test_folder_errors_name_the_file_or_folder(write_image_folder, tmp_path):
   def gray(n):
     return np.zeros((n, 8, 8), np.uint8), np.arange(n) % 2
 
   def make(name):
     root = tmp_path / name
-    _write_folder(root, {"train": gray(4), "test": gray(2)})
+    write_image_folder(root, {"train": gray(4), "test": gray(2)})
     return root
 
   root = make("unreadable")
@@ -252,7 +230,7 @@ def test_folder_errors_name_the_file_or_folder(tmp_path):
                      r"entries, e.g. 'test/README'\): expected .*/test/<class>/<image>"):
     ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
   root = make("extra_class")
-  _write_folder(root, {"test": (np.zeros((1, 8, 8), np.uint8), [5])})
+  write_image_folder(root, {"test": (np.zeros((1, 8, 8), np.uint8), [5])})
   with pytest.raises(ValueError, match=r"extra_class/test/c5 has no counterpart"):
     ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
   with pytest.raises(FileNotFoundError, match=r"nowhere/train not found"):
@@ -278,8 +256,8 @@ def test_tfds_short_names_and_prefix_read_28x28_gray_with_computed_statistics():
       ip.clear_cache()
 
 
-def test_predict_on_raw_images_reproduces_the_runs_test_error(tmp_path):
-  config = tiny_config("digits", num_train_steps=100, batch_size=64, growth_rate=8)
+def test_predict_on_raw_images_reproduces_the_runs_test_error(data_config, tmp_path):
+  config = data_config("digits", num_train_steps=100, batch_size=64, growth_rate=8)
   # 100 steps: running BN statistics that follow the batches quickly (the RKNet default,
   # the authors' 0.99, needs several hundred steps before eval mode is accurate).
   config.model_kwargs.bn_momentum = 0.9
@@ -303,10 +281,11 @@ def test_predict_on_raw_images_reproduces_the_runs_test_error(tmp_path):
     old_predict(raw.images)
 
 
-def test_large_folder_streams_from_files_with_the_batches_of_memory(tmp_path, monkeypatch):
+def test_large_folder_streams_from_files_with_the_batches_of_memory(
+    write_image_folder, tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
-  dataset = _write_folder(tmp_path / "data", {"train": (images[:30], np.arange(30) % 3),
+  dataset = write_image_folder(tmp_path / "data", {"train": (images[:30], np.arange(30) % 3),
                                               "test": (images[30:], np.arange(10) % 3)},
                           mode="RGB")
   config = {"dataset": dataset, "batch_size": 4, "validation_size": 6, "augment": True,

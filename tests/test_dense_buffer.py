@@ -5,14 +5,14 @@ of features, concatenated per layer): same variables and initial values, outputs
 gradients, BatchNorm statistics and dropout masks; and training memory linear in depth.
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rknet_jax import blocks
-from rknet_jax import dense_buffer
+from rknet_jax import blocks, dense_buffer
 from rknet_jax.layers import LayerConfig
 
 
@@ -74,8 +74,15 @@ def test_the_shapes_used_below_have_scanned_buckets():
   assert sum(sizes) == _L and max(sizes) > 1 and min(sizes) == 1
 
 
-@pytest.mark.parametrize("bottleneck", [None, 4], ids=["plain", "bottleneck"])
-@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no_dropout", "dropout"])
+# Each case compiles two dense blocks (about 25 s on a loaded 2-core machine): the quick suite
+# keeps the plain block without dropout; the full suite runs every case.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("bottleneck", [None, pytest.param(4, marks=SLOW)],
+                         ids=["plain", "bottleneck"])
+@pytest.mark.parametrize("dropout", [0.0, pytest.param(0.3, marks=SLOW)],
+                         ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train):
   cfg = LayerConfig(dropout_rate=dropout)
@@ -85,9 +92,7 @@ def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train
   init_new = new.init(jax.random.PRNGKey(0), x, train=False)
   init_old = old.init(jax.random.PRNGKey(0), x, train=False)
   # Same variable tree and the same initial values (old checkpoints load unchanged).
-  assert jax.tree.structure(init_new) == jax.tree.structure(init_old)
-  for a, b in zip(jax.tree.leaves(init_new), jax.tree.leaves(init_old)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(init_new, init_old)
 
   variables = _perturbed(init_new)
   rngs = {"dropout": jax.random.PRNGKey(7)}
@@ -99,14 +104,14 @@ def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train
   for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):  # params and input
     assert a.shape == b.shape
     assert _max_rel(a, b) < 1e-5
-  for a, b in zip(jax.tree.leaves(upd_new), jax.tree.leaves(upd_old)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(upd_new, upd_old, rtol=1e-5, atol=1e-6)
   if not train:  # eval mode leaves the running statistics alone
     for a, b in zip(jax.tree.leaves(upd_new), jax.tree.leaves(variables["batch_stats"])):
       np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("bottleneck", [None, 4], ids=["plain", "bottleneck"])
+@pytest.mark.parametrize("bottleneck", [None, pytest.param(4, marks=SLOW)],
+                         ids=["plain", "bottleneck"])
 def test_buffer_block_with_xla_convolutions_equals_the_loop(bottleneck):
   """The GPU/TPU formulation (XLA's native convolutions, also inside the backward scans)."""
   cfg = LayerConfig(conv_impl="xla", dropout_rate=0.2)
@@ -121,10 +126,10 @@ def test_buffer_block_with_xla_convolutions_equals_the_loop(bottleneck):
   assert _max_rel(out_new, out_old) < 1e-6
   for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):
     assert _max_rel(a, b) < 1e-5
-  for a, b in zip(jax.tree.leaves(upd_new), jax.tree.leaves(upd_old)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(upd_new, upd_old, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_block_follows_the_float32_one():
   x = _x(_C0)
   f32 = blocks.DenseBlock(_L, _K, 4, formulation="buffer")
@@ -154,6 +159,7 @@ def _train_temp_bytes(num_layers):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_training_memory_grows_linearly_with_depth():
   """XLA's temporary memory for the gradient of a dense block: from 8 to 16 layers it grows
   by no more than twice its growth from 4 to 8 (linear, plus slack for XLA's choices); the

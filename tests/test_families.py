@@ -4,17 +4,13 @@ import dataclasses
 import re
 import subprocess
 import sys
-from typing import Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
-from rknet_jax import families
-from rknet_jax import layers
-from rknet_jax import models
-from rknet_jax import registry
+from rknet_jax import families, layers, models, registry
 from rknet_jax import spec as spec_lib
 from rknet_jax.checks import check_int, per_period
 
@@ -23,7 +19,7 @@ from rknet_jax.checks import check_int, per_period
 class ToyNetSpec(spec_lib.ModelSpec):
   """A toy family: ``ToyNet-<depth>`` = a stem and ``depth`` convolutions of ``width``."""
   depth: int
-  width: Tuple[int, ...] = 4
+  width: tuple[int, ...] = 4
 
   def __post_init__(self):
     super().__post_init__()
@@ -42,7 +38,7 @@ class ToyNetSpec(spec_lib.ModelSpec):
 class ToyNet(models._Network):  # noqa: SLF001 -- the base every family module extends
   """The toy family's module: its fields carry the spec's names."""
   depth: int = 1
-  width: Tuple[int, ...] = (4,)
+  width: tuple[int, ...] = (4,)
   num_classes: int = 10
   stem: str = "cifar"
 

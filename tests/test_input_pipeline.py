@@ -317,6 +317,7 @@ IMAGENET = {"dataset": "imagenet2012", "batch_size": 8, "seed": 1, "validation_s
             "augment": None}
 
 
+@pytest.mark.slow
 def test_imagenet_pipeline_shapes_determinism_resume_hosts():
   with tfds.testing.mock_data(num_examples=24):
     assert "mock" in ip.preflight(IMAGENET)
@@ -365,7 +366,7 @@ def test_imagenet_host_shards_mode_is_deterministic_and_resumable():
 
 
 def test_imagenet_eval_preprocessing_centre_crop_and_standardisation():
-  from experiments.data import imagenet  # pylint: disable=g-import-not-at-top
+  from experiments.data import imagenet
   info = ip.dataset_info("imagenet2012")
   mean, std = np.asarray(info.mean), np.asarray(info.std)
   # A 300x400 image: left half one colour, right half another; the 224 centre crop of the
@@ -398,8 +399,9 @@ def test_tensorflow_sees_no_accelerator():
 
 
 def test_prefetcher_propagates_errors_and_stops_when_abandoned():
-  import gc  # pylint: disable=g-import-not-at-top
-  from experiments.data import prefetch  # pylint: disable=g-import-not-at-top
+  import gc
+
+  from experiments.data import prefetch
 
   def failing():
     yield 1
@@ -412,7 +414,7 @@ def test_prefetcher_propagates_errors_and_stops_when_abandoned():
   assert list(prefetch.Prefetcher(iter(range(5)), size=1)) == list(range(5))
   endless = prefetch.Prefetcher(itertools.count(), size=2)
   assert [next(endless) for _ in range(3)] == [0, 1, 2]
-  thread = endless._thread  # pylint: disable=protected-access
+  thread = endless._thread
   del endless
   gc.collect()
   thread.join(timeout=5)  # the producer notices within ~0.1 s

@@ -6,6 +6,7 @@ Big models are only traced (``jax.eval_shape``: no array is allocated); small on
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,7 @@ def _input_shape(model, batch=1):
   return (batch, 224, 224, 3) if model.stem == "imagenet" else (batch, 32, 32, 3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _traced(name):
   """(variables shapes, train logits shape, eval logits shape) of a ready-made model."""
   model = registry.create_model(name)
@@ -240,8 +241,7 @@ def test_default_batch_norm_settings_reach_every_layer():
   other = registry.create_model(name, bn_momentum=0.9, bn_epsilon=1e-5, **kwargs)
   variables = _init(default, x)
   outs = [_run(m, x, True, variables)[1] for m in (default, explicit, other)]
-  for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(outs[0], outs[1])
   assert float(jnp.max(jnp.abs(outs[0][0] - outs[2][0]))) > 1e-4
   # The first BatchNorm reads the stem's output (no BatchNorm before it): from a zero
   # running mean, one update gives (1 - momentum) * batch mean.
@@ -318,7 +318,8 @@ def test_nchw_or_wrong_channels_are_refused_naming_shape_and_layout():
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), nhwc)
   with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\).*NHWC.*with 3 channels.*NCHW"):
     jax.eval_shape(lambda v, x: model.apply(v, x), variables, nchw)
-  with pytest.raises(ValueError, match=r"\(2, 8, 8, 1\).*NHWC.*with 3 channels(?! -- it looks like NCHW)"):
+  with pytest.raises(ValueError,
+                     match=r"\(2, 8, 8, 1\).*NHWC.*with 3 channels(?! -- it looks like NCHW)"):
     jax.eval_shape(lambda v, x: model.apply(v, x), variables, _images((2, 8, 8, 1)))
   with pytest.raises(ValueError, match=r"\(8, 8, 3\).*\(N, H, W, C\)"):
     jax.eval_shape(lambda v, x: model.apply(v, x), variables, nhwc[0])

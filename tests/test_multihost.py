@@ -13,9 +13,9 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
-from experiments import steps
-from experiments import train
+from experiments import steps, train
 from experiments.configs import digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +37,7 @@ def train_losses(workdir):
   return [r["loss"] for r in recs if r["split"] == "train"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
   workdir = str(tmp_path / "two_hosts")
   port = free_port()

@@ -5,16 +5,15 @@ parameter through the traced model to the kernel operand of a convolution or mat
 import doctest
 
 import jax
+from jax.extend import core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.extend import core as jex_core
 
-import rknet_jax
 from experiments import optim as experiments_optim
-from rknet_jax import optim
-from rknet_jax import registry
+import rknet_jax
+from rknet_jax import optim, registry
 
 # (name, create_model kwargs, input shape): every family and variant with its own weights.
 FAMILIES = [

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 
 import flax.linen as nn
 import jax
@@ -14,25 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import rknet_jax
-from experiments import input_pipeline
-from experiments import run_config
+from experiments import input_pipeline, run_config, train
 from experiments import steps as steps_lib
-from experiments import train
 from experiments.configs import default, paper
-from rknet_jax import layers
-from rknet_jax import registry
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_train import tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
+import rknet_jax
+from rknet_jax import layers, registry
 
 
 def _init(model, x):
   return model.init({"params": jax.random.PRNGKey(0)}, x, train=False)
 
 
-def _digits_batches(n, batch_size=32):
-  config = tiny_config(batch_size=batch_size)
+def _digits_batches(config, n):
   it = input_pipeline.train_iterator(config, start_step=0, process_index=0, process_count=1)
   batches = [next(it) for _ in range(n)]
   it.close()
@@ -51,12 +43,19 @@ SINGLE_USE = [
 ]
 
 
-@pytest.mark.parametrize("name,kwargs", SINGLE_USE, ids=[n for n, _ in SINGLE_USE])
-def test_one_batch_statistics_make_eval_mode_reproduce_training_mode(name, kwargs):
+# The families that compile longest here (20-45 s each on a loaded 2-core machine) run in the
+# full suite only.
+SLOW_FAMILIES = ("ERKNet-2x1 1x2-AB", "ERKNet-9x1-B", "DenseNet-BC-16-k4", "CliqueNet-ABC-T12-k4")
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    pytest.param(n, k, marks=pytest.mark.slow) if n in SLOW_FAMILIES else (n, k)
+    for n, k in SINGLE_USE], ids=[n for n, _ in SINGLE_USE])
+def test_one_batch_statistics_make_eval_mode_reproduce_training_mode(tiny_config, name, kwargs):
   """The per-batch statistics are each BatchNorm's statistics of that batch: evaluating the
   same batch with them gives the train-mode logits (every BatchNorm, every family)."""
   model = registry.create_model(name, num_classes=10, dropout_rate=0.3, **kwargs)
-  x = jnp.asarray(_digits_batches(1, 16)[0]["image"])
+  x = jnp.asarray(_digits_batches(tiny_config(batch_size=16), 1)[0]["image"])
   variables = _init(model, x)
   mesh = steps_lib.make_mesh(jax.devices()[:1])
   stats = steps_lib.make_bn_stats_step(model, mesh)(variables, x)
@@ -101,9 +100,10 @@ def _numpy_precise_stats(model, variables, batches):
     ("IRKNet-2x1 2x1-B", dict(growth_rate=4, share_weights=False, num_updates=2), True),
     ("ERKNet-2x1 2x1", dict(growth_rate=4), False),
 ])
-def test_precise_statistics_equal_numpy_means_over_the_same_batches(name, kwargs, shared):
+def test_precise_statistics_equal_numpy_means_over_the_same_batches(
+    tiny_config, name, kwargs, shared):
   model = registry.create_model(name, num_classes=10, **kwargs)
-  batches = _digits_batches(3)
+  batches = _digits_batches(tiny_config(batch_size=32), 3)
   variables = _init(model, jnp.asarray(batches[0]["image"]))
   mesh = steps_lib.make_mesh()  # 8 devices
   got = steps_lib.precise_batch_stats(steps_lib.make_bn_stats_step(model, mesh), variables,
@@ -118,10 +118,10 @@ def test_precise_statistics_equal_numpy_means_over_the_same_batches(name, kwargs
   assert len(want) * 2 == len(flat)
 
 
-def test_eight_devices_give_the_statistics_of_one_device():
+def test_eight_devices_give_the_statistics_of_one_device(tiny_config):
   config = tiny_config(model="ERKNet-2x1 1x1-B")
   model = run_config.build_model(config, 10)
-  batches = _digits_batches(2, 64)
+  batches = _digits_batches(tiny_config(batch_size=64), 2)
   variables = _init(model, jnp.asarray(batches[0]["image"]))
   got = {}
   for n in (1, 8):
@@ -132,7 +132,7 @@ def test_eight_devices_give_the_statistics_of_one_device():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_batches_are_the_first_of_the_epoch_of_the_last_step():
+def test_batches_are_the_first_of_the_epoch_of_the_last_step(tiny_config):
   assert [train.precise_bn_first_batch(s, 20) for s in (0, 1, 12, 20, 21, 40, 41)] == [
       0, 0, 0, 0, 20, 20, 40]
   assert train.precise_bn_batches(tiny_config(precise_bn_batches=50), 20) == 20
@@ -158,7 +158,7 @@ def _assert_identical(a, b):
   assert a[2] == b[2]
 
 
-def test_runs_are_deterministic_resume_bit_identically_and_export_precise_statistics(
+def test_runs_are_deterministic_resume_bit_identically_and_export_precise_statistics(tiny_config,
     tmp_path, caplog):
   config = tiny_config(num_train_steps=24, checkpoint_every_steps=4, keep_checkpoints=10,
                        precise_bn_batches=6)
@@ -191,7 +191,8 @@ def test_runs_are_deterministic_resume_bit_identically_and_export_precise_statis
   _assert_identical(_final(a), _final(b))
 
 
-def test_continuing_a_finished_run_trains_the_same_weights(tmp_path, caplog):
+@pytest.mark.slow
+def test_continuing_a_finished_run_trains_the_same_weights(tiny_config, tmp_path, caplog):
   """The finished run's final checkpoint holds precise statistics; continuing from it says
   so, trains the same parameters and ends with the same precise statistics."""
   config = tiny_config(num_train_steps=12, lr_schedule="constant", validation_size=0,
@@ -211,7 +212,7 @@ def test_continuing_a_finished_run_trains_the_same_weights(tmp_path, caplog):
   assert result["test_top1_error"] == want[1]["test_top1_error"]
 
 
-def test_short_runs_without_precise_bn_warn_naming_the_fix(tmp_path, caplog):
+def test_short_runs_without_precise_bn_warn_naming_the_fix(tiny_config, tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     off = train.train_and_evaluate(tiny_config(precise_bn_batches=0), str(tmp_path / "off"))
   assert "momentum 0.99 needs 459 steps" in caplog.text
@@ -224,7 +225,7 @@ def test_short_runs_without_precise_bn_warn_naming_the_fix(tmp_path, caplog):
   assert "precise_bn_batches=50" not in caplog.text
 
 
-def test_config_defaults_and_validation(tmp_path):
+def test_config_defaults_and_validation(tiny_config, tmp_path):
   assert default.get_config().precise_bn_batches == 50
   row = paper.get_config("table1_erknet_6x1_6x1_6x1")
   assert row.precise_bn_batches == 0  # the authors evaluate the running averages

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from experiments import input_pipeline as ip
-from experiments.data import prepare
-from experiments.data import tfds_utils
+from experiments.data import prepare, tfds_utils
 
 tfds = tfds_utils.import_tfds()
 CIFAR10 = tfds.image_classification.Cifar10
@@ -78,7 +77,7 @@ def _point_cifar10_at(monkeypatch, url, url_info=None):
   for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
               "all_proxy"):
     monkeypatch.delenv(var, raising=False)
-  original = CIFAR10._cifar_info.fget  # pylint: disable=protected-access
+  original = CIFAR10._cifar_info.fget
   monkeypatch.setattr(CIFAR10, "_cifar_info", property(lambda self: original(self)._replace(
       url=url)))
   if url_info is None:  # a registered URL whose file was never downloaded

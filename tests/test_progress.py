@@ -9,8 +9,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from experiments import metrics
-from experiments import progress
+from experiments import metrics, progress
 
 
 class _Tty(io.StringIO):

@@ -15,7 +15,7 @@ def test_public_name_resolves_and_has_docstring(name):
 
 def test_unknown_attribute_raises_attribute_error():
   with pytest.raises(AttributeError, match="no_such_thing"):
-    rknet_jax.no_such_thing  # noqa: B018  # pylint: disable=pointless-statement
+    rknet_jax.no_such_thing  # noqa: B018
 
 
 @pytest.mark.parametrize("module", [
@@ -37,8 +37,8 @@ def test_public_functions_and_classes_are_documented(module):
 
 def test_spec_layers_import_no_model_code():
   """checks, spec and names stay below the modules (which may use them): no import cycle."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+  import subprocess
+  import sys
   code = ("import sys, rknet_jax.names, rknet_jax.paper; "
           "print(sorted(m for m in ('rknet_jax.models', 'rknet_jax.blocks', 'rknet_jax.layers', "
           "'rknet_jax.registry') if m in sys.modules))")
@@ -47,18 +47,19 @@ def test_spec_layers_import_no_model_code():
 
 
 def _pyproject():
-  import pathlib  # pylint: disable=g-import-not-at-top
-  import tomllib  # pylint: disable=g-import-not-at-top
+  import pathlib
+
+  import tomllib
   return tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
 
 
 def test_library_install_declares_exactly_what_rknet_jax_imports():
   """`pip install .` is the library only: its dependencies are the third-party modules that
   rknet_jax/*.py import (no TensorFlow, no runner or test tools), and only rknet_jax is packaged."""
-  import ast  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
-  import re  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+  import ast
+  import pathlib
+  import re
+  import sys
   project = _pyproject()["project"]
   declared = {re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
   # import name -> distribution name, where they differ
@@ -74,7 +75,8 @@ def test_library_install_declares_exactly_what_rknet_jax_imports():
                  if m not in sys.stdlib_module_names and m != "rknet_jax"}
   # optax: the library's optimiser (the paper's SGD); flax depends on it anyway.
   assert third_party <= declared, f"imported but not declared: {third_party - declared}"
-  assert declared <= third_party | {"optax"}, f"declared but never imported: {declared - third_party}"
+  unused = declared - third_party - {"optax"}
+  assert not unused, f"declared but never imported: {unused}"
   assert not any("tensorflow" in d for d in declared)
   packages = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
   assert packages == ["rknet_jax", "rknet_jax.*"]
@@ -91,7 +93,7 @@ def test_one_version_string():
                                   "TableauStep"])
 def test_docstring_examples_run(name):
   """The doctested examples of the main entry points (what an editor shows on hover)."""
-  import doctest  # pylint: disable=g-import-not-at-top
+  import doctest
   obj = getattr(rknet_jax, name)
   tests = doctest.DocTestFinder(recurse=False).find(obj, name, globs={})
   assert tests and tests[0].examples, f"rknet_jax.{name} has no doctest example"
@@ -104,8 +106,8 @@ def test_docstring_examples_run(name):
 def test_type_checking_imports_are_the_lazy_exports():
   """Editors and type checkers read the ``if TYPE_CHECKING:`` imports of rknet_jax/__init__.py;
   they name exactly the lazily exported symbols and submodules, from the same modules."""
-  import ast  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
+  import ast
+  import pathlib
   tree = ast.parse(pathlib.Path(rknet_jax.__file__).read_text())
   block = next(node for node in tree.body if isinstance(node, ast.If)
                and getattr(node.test, "id", None) == "TYPE_CHECKING")
@@ -113,6 +115,6 @@ def test_type_checking_imports_are_the_lazy_exports():
   for node in block.body:
     for alias in node.names:
       seen[alias.name] = node.module
-  expected = dict(rknet_jax._EXPORTS)  # pylint: disable=protected-access
-  expected.update({m: "rknet_jax" for m in rknet_jax._SUBMODULES})  # pylint: disable=protected-access
+  expected = dict(rknet_jax._EXPORTS)
+  expected.update({m: "rknet_jax" for m in rknet_jax._SUBMODULES})
   assert seen == expected

@@ -91,6 +91,7 @@ def _shell_blocks():
           if lang == "" and not marker and "pytest" not in code]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code,line", _shell_blocks(), ids=lambda v: str(v)[:40])
 def test_unmarked_commands_run(code, line):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
@@ -107,10 +108,11 @@ def _python_blocks():
           if lang == "python" and not marker]
 
 
+@pytest.mark.slow
 def test_readme_library_example_runs():
   code, line = _python_blocks()[0]
   namespace = {}
-  exec(compile(code, f"README.md:{line}", "exec"), namespace)  # pylint: disable=exec-used
+  exec(compile(code, f"README.md:{line}", "exec"), namespace)
   # dy/dt = -y cos t, y(0) = 1  =>  y(t) = exp(-sin t)
   np.testing.assert_allclose(namespace["y1"]["x"], np.exp(-np.sin(0.1)), rtol=1e-5)
   np.testing.assert_allclose(namespace["yT"]["x"], np.exp(-np.sin(1.0)), rtol=1e-5)
@@ -123,7 +125,7 @@ def test_readme_training_loop_learns(capsys):
   code, line = _python_blocks()[1]
   assert "optax" in code and "for step in range(num_steps)" in code
   namespace = {}
-  exec(compile(code, f"README.md:{line}", "exec"), namespace)  # pylint: disable=exec-used
+  exec(compile(code, f"README.md:{line}", "exec"), namespace)
   labels, test = namespace["labels"], namespace["test"]
   accuracy = np.mean(np.argmax(namespace["logits"], -1) == labels[test])
   assert accuracy > 0.9, accuracy
@@ -135,7 +137,7 @@ def test_every_unmarked_python_block_is_run_by_a_test():
 
 
 def test_reproducing_page_table_is_the_paper_module_table():
-  from experiments import paper_tables  # pylint: disable=g-import-not-at-top
+  from experiments import paper_tables
   assert paper_tables.markdown() in (ROOT / "docs" / "reproducing.md").read_text()
 
 
@@ -153,7 +155,7 @@ def test_docs_links_point_at_files():
 def test_tableaus_page_is_the_convergence_command_output():
   """docs/tableaus.md holds `python -m rknet_jax.convergence --markdown`: every row's declared
   and algebraic orders exactly, and the measured orders of a few tableaus recomputed here."""
-  from rknet_jax import convergence  # pylint: disable=g-import-not-at-top
+  from rknet_jax import convergence
   text = (ROOT / "docs" / "tableaus.md").read_text()
   table = text.split("<!-- generated: python -m rknet_jax.convergence --markdown -->\n", 1)[1]
   table = table.split("<!-- end generated -->", 1)[0]

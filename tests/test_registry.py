@@ -3,8 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from rknet_jax import models
-from rknet_jax import registry
+from rknet_jax import models, registry
 
 
 def _fields(model):

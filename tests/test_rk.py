@@ -6,15 +6,13 @@ convergence slopes are not polluted by float32 round-off; float32 is tested expl
 import re
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
-from jax import lax
 
-from rknet_jax import convergence
-from rknet_jax import rk
-from rknet_jax import tableaus
+from rknet_jax import convergence, rk, tableaus
 
 ALL = tableaus.names()
 IMPLICIT = [n for n in ALL if tableaus.get(n).is_implicit]

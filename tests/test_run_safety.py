@@ -1,7 +1,7 @@
 """Runs that never lie or lose work: the non-finite guard, checksums, the workdir
 lock and metadata, outputs kept aside, clear errors for bad numbers and damaged files.
 
-In-process runs of a tiny ERKNet on digits (``tiny_config`` of test_train.py).
+In-process runs of a tiny ERKNet on digits (the ``tiny_config`` fixture of conftest.py).
 """
 import json
 import logging
@@ -17,15 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import checkpointing
-from experiments import input_pipeline
-from experiments import run_config
-from experiments import rundir
+from experiments import checkpointing, input_pipeline, run_config, rundir, train
 from experiments import steps as steps_lib
-from experiments import train
-from rknet_jax import checkpoint as rk_ckpt
 import rknet_jax
-from test_train import tiny_config
+from rknet_jax import checkpoint as rk_ckpt
 
 
 def checkpoint_steps(workdir):
@@ -71,7 +66,7 @@ def overflow_running_variances_after(bad_step, monkeypatch):
   monkeypatch.setattr(train, "_FN_CACHE", {})
 
 
-def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_result(
+def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_result(tiny_config,
     tmp_path, monkeypatch):
   """What learning_rate=100 does on digits: running variances overflow, the loss does not.
 
@@ -96,7 +91,8 @@ def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_resul
   assert not os.path.exists(os.path.join(workdir, "run.lock"))  # released on the way out
 
 
-def test_a_resumed_run_that_breaks_keeps_the_good_checkpoints(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_a_resumed_run_that_breaks_keeps_the_good_checkpoints(tiny_config, tmp_path, monkeypatch):
   """A regression: a good run resumed with a huge learning rate wrote NaN checkpoints, and
   keep-last-K deleted the good ones. The state breaks (finite loss) after step 9 here."""
   workdir = str(tmp_path / "run")
@@ -131,7 +127,7 @@ def rot_one_bit_of_the_saved_weights(workdir, step):
   (Re-written through orbax, so its own format checks pass: only the checksums recorded at
   save time can tell.)
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
   spec = rk_ckpt.read_model_spec(workdir)
   target = rk_ckpt.abstract_variables(rk_ckpt.model_from_spec(spec), spec["input_shape"])
   item = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "model")
@@ -146,7 +142,7 @@ def rot_one_bit_of_the_saved_weights(workdir, step):
   checkpointer.close()
 
 
-def test_a_flipped_bit_in_the_newest_checkpoint_is_detected_and_the_previous_used(
+def test_a_flipped_bit_in_the_newest_checkpoint_is_detected_and_the_previous_used(tiny_config,
     tmp_path, caplog):
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=4,
@@ -186,7 +182,8 @@ def test_checksums_are_recorded_for_every_array_and_catch_any_change():
 
 
 # ------------------------------------------------------------------ one run per workdir
-def test_a_live_holder_refuses_a_second_run_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+def test_a_live_holder_refuses_a_second_run_and_a_stale_lock_is_taken_over(
+    tiny_config, tmp_path, caplog):
   workdir = tmp_path / "run"
   workdir.mkdir()
   lock_file = workdir / rundir.LOCK_FILE
@@ -215,7 +212,7 @@ def test_a_live_holder_refuses_a_second_run_and_a_stale_lock_is_taken_over(tmp_p
   assert not lock_file.exists()
 
 
-def test_metadata_is_written_only_after_the_restore_succeeded(tmp_path):
+def test_metadata_is_written_only_after_the_restore_succeeded(tiny_config, tmp_path):
   workdir = tmp_path / "run"
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
   train.train_and_evaluate(config, str(workdir))
@@ -244,7 +241,7 @@ def test_metadata_is_written_only_after_the_restore_succeeded(tmp_path):
   assert checkpoint_steps(str(workdir)) == [4]
 
 
-def test_outputs_without_checkpoints_are_moved_aside_never_overwritten(tmp_path):
+def test_outputs_without_checkpoints_are_moved_aside_never_overwritten(tiny_config, tmp_path):
   workdir = tmp_path / "run"
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
   train.train_and_evaluate(config, str(workdir))
@@ -266,7 +263,8 @@ def test_outputs_without_checkpoints_are_moved_aside_never_overwritten(tmp_path)
   assert json.loads((kept / "results.json").read_text()) == {"theirs": True}
 
 
-def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(tmp_path, caplog,
+def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(
+    tiny_config, tmp_path, caplog,
                                                                        monkeypatch):
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
@@ -293,7 +291,8 @@ def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(tmp_path,
 
 
 # ------------------------------------------- a run is bound to its recipe and its model
-def test_a_recipe_change_on_resume_warns_and_run_json_keeps_each_sessions_values(
+@pytest.mark.slow
+def test_a_recipe_change_on_resume_warns_and_run_json_keeps_each_sessions_values(tiny_config,
     tmp_path, caplog):
   """Changing the optimiser on resume continues (lowering the learning rate after a
   non-finite stop is a fix), warns, and never makes run.json claim one value for the run."""
@@ -323,7 +322,7 @@ def test_a_recipe_change_on_resume_warns_and_run_json_keeps_each_sessions_values
 
 
 @pytest.mark.parametrize("field,value", [("dropout_rate", 0.2), ("bn_momentum", 0.5)])
-def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_nothing(
+def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_nothing(tiny_config,
     tmp_path, field, value):
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=4, checkpoint_every_steps=2,
@@ -345,8 +344,8 @@ def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_no
   assert (tmp_path / "run" / rundir.RUN_FILE).read_text() == run_json
 
 
-def test_a_model_json_that_does_not_match_the_checkpoints_says_so(tmp_path, caplog):
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+def test_a_model_json_that_does_not_match_the_checkpoints_says_so(tiny_config, tmp_path, caplog):
+  from experiments import evaluate
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
   train.train_and_evaluate(config, workdir)
@@ -366,7 +365,8 @@ def test_a_model_json_that_does_not_match_the_checkpoints_says_so(tmp_path, capl
 
 
 # ------------------------------------------------------- no empty or repeated results
-def test_a_config_that_trains_zero_steps_is_refused_before_any_work(tmp_path, monkeypatch):
+def test_a_config_that_trains_zero_steps_is_refused_before_any_work(
+    tiny_config, tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "jit", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
   config = tiny_config(num_train_steps=-1)
   with config.unlocked():  # a config file may give a fraction of an epoch
@@ -384,7 +384,7 @@ def test_a_config_that_trains_zero_steps_is_refused_before_any_work(tmp_path, mo
   assert run_config.total_steps(config, steps_per_epoch) == 1
 
 
-def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(
+def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(tiny_config,
     tmp_path, caplog, monkeypatch):
   workdir = tmp_path / "run"
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
@@ -434,7 +434,7 @@ def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(
     ("prefetch", 0, "prefetch must be a positive integer; got 0"),
     ("lr_decay_fractions", (0.5, 1.5), "lr_decay_fractions must lie in"),
 ])
-def test_numeric_fields_out_of_range_fail_before_any_compilation(tmp_path, monkeypatch,
+def test_numeric_fields_out_of_range_fail_before_any_compilation(tiny_config, tmp_path, monkeypatch,
                                                                  field, value, match):
   def forbidden(*a, **k):
     raise AssertionError("compiled or loaded data before validating the config")
@@ -448,19 +448,19 @@ def test_numeric_fields_out_of_range_fail_before_any_compilation(tmp_path, monke
   assert not (tmp_path / "w").exists()  # checks have no side effects
 
 
-def test_truncated_run_json_is_named_and_explained(tmp_path):
+def test_truncated_run_json_is_named_and_explained(tiny_config, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / rundir.RUN_FILE).write_text('{"identity": {"model": "ERK')
   with pytest.raises(ValueError, match=r"run.json \(the run's config and history\) is not "
                      r"valid JSON .*delete it"):
     run_config.validate_config(tiny_config(), str(workdir))
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  from experiments import evaluate
   with pytest.raises(ValueError, match="run.json .* is not valid JSON"):
     evaluate.evaluate_checkpoint(str(workdir))
 
 
-def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(
+def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(tiny_config,
     tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
@@ -469,7 +469,7 @@ def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(
 
   def denied(self, step, args=None):  # what a chmod 000 gives a non-root user
     raise PermissionError(13, "Permission denied", path)
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
   monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
   os.remove(os.path.join(workdir, "results.json"))  # not finished: it restores
   with pytest.raises(rk_ckpt.CheckpointUnreadable,
@@ -479,7 +479,7 @@ def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(
   assert not os.path.exists(os.path.join(workdir, "damaged_checkpoints"))
 
 
-def test_a_damaged_checkpoint_that_cannot_be_moved_aside_gives_a_clear_error(
+def test_a_damaged_checkpoint_that_cannot_be_moved_aside_gives_a_clear_error(tiny_config,
     tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=4,
@@ -487,7 +487,7 @@ def test_a_damaged_checkpoint_that_cannot_be_moved_aside_gives_a_clear_error(
   train.train_and_evaluate(config, workdir)
   rot_one_bit_of_the_saved_weights(workdir, 8)
   os.remove(os.path.join(workdir, "results.json"))  # not finished: it restores
-  from etils import epath  # pylint: disable=g-import-not-at-top
+  from etils import epath
 
   def cannot_rename(self, target):
     raise OSError(30, "Read-only file system", os.fspath(self))
@@ -498,7 +498,8 @@ def test_a_damaged_checkpoint_that_cannot_be_moved_aside_gives_a_clear_error(
   assert checkpoint_steps(workdir) == [4, 8]
 
 
-def test_checkpoints_folder_that_cannot_be_written_is_refused_at_start(tmp_path, monkeypatch):
+def test_checkpoints_folder_that_cannot_be_written_is_refused_at_start(
+    tiny_config, tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "jit", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
   workdir = tmp_path / "run"
   workdir.mkdir()
@@ -531,6 +532,7 @@ def run_main(*args, timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
   """A regression: this exited 0 reporting 0.90 test error, with NaN weights in its checkpoint."""
   workdir = str(tmp_path / "run")

@@ -16,11 +16,9 @@ import fsspec
 import pytest
 
 from experiments import metrics as metrics_lib
-from experiments import run_config
-from experiments import rundir
+from experiments import run_config, rundir
 from rknet_jax import checkpoint as rk_ckpt
 from rknet_jax import preprocessing
-from test_train import tiny_config
 
 
 @contextlib.contextmanager
@@ -71,7 +69,7 @@ def workdir(request, tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []  # nothing went to the local disk
 
 
-def test_workdir_checks_lock_metadata_and_outputs_on_any_file_system(workdir):
+def test_workdir_checks_lock_metadata_and_outputs_on_any_file_system(tiny_config, workdir):
   path, fs = workdir
   config = tiny_config()
   run_config.validate_config(config, path)  # pure: nothing created
@@ -135,7 +133,7 @@ def test_workdir_checks_lock_metadata_and_outputs_on_any_file_system(workdir):
     assert fs.exists("/bucket/run/run.json")  # the files really are in the fake bucket
 
 
-def test_a_file_in_the_way_of_the_workdir_is_named(tmp_path):
+def test_a_file_in_the_way_of_the_workdir_is_named(tiny_config, tmp_path):
   (tmp_path / "f").write_text("x")
   with pytest.raises(ValueError, match=r"cannot be created: .*/f' is an existing file"):
     run_config.validate_config(tiny_config(), str(tmp_path / "f" / "run"))
@@ -157,9 +155,9 @@ def _take_over_in_step(workdir, barrier, results, trials):
 def test_concurrent_takeovers_of_a_stale_lock_never_both_win(tmp_path):
   """Many synchronised trials of two (then three) processes taking over a dead run's lock:
   exactly one wins each time (the takeover is atomic, not read-unlink-create)."""
-  import multiprocessing  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+  import multiprocessing
+  import subprocess
+  import sys
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
   dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -8,9 +8,7 @@ import time
 import jax.numpy as jnp
 import pytest
 
-from rknet_jax import checkpoint
-from rknet_jax import paper
-from rknet_jax import registry
+from rknet_jax import checkpoint, paper, registry
 from rknet_jax import spec as spec_lib
 
 SPECS = [

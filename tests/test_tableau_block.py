@@ -3,13 +3,12 @@ import functools
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
-from rknet_jax import rk
-from rknet_jax import tableaus
+from rknet_jax import rk, tableaus
 from rknet_jax.layers import LayerConfig
 from rknet_jax.tableau_block import ConvVectorField, TableauStep
 
@@ -161,7 +160,8 @@ def test_training_mode_updates_batch_stats_and_preserves_shape():
 def test_bfloat16_compute_with_float32_params():
   x = _input((2, 4, 4, 3)).astype(jnp.float32)
   step = TableauStep(tableau="gauss_legendre2", implicit_iterations=2,
-                     config=LayerConfig(dtype=jnp.bfloat16), learn_coefficients=True, learn_step_size=True)
+                     config=LayerConfig(dtype=jnp.bfloat16), learn_coefficients=True,
+                     learn_step_size=True)
   variables = step.init(jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
   y = step.apply(variables, x)

@@ -15,38 +15,15 @@ import numpy as np
 import pytest
 
 from experiments import evaluate as evaluate_lib
-from experiments import input_pipeline
-from experiments import optim
-from experiments import run_config
+from experiments import input_pipeline, optim, run_config, train
 from experiments import steps as steps_lib
-from experiments import train
-from experiments.configs import default
 from experiments.data import tfds_utils
 import rknet_jax
 
 tfds = tfds_utils.import_tfds()
 
 
-def tiny_config(**overrides):
-  """ERKNet-1x1 1x1, k = 4, on digits: compiles and trains in about a second."""
-  c = default.get_config()
-  c.model = "ERKNet-1x1 1x1"
-  c.growth_rate = 4
-  c.dataset = "digits"
-  c.download = False
-  c.validation_size = 144
-  c.batch_size = 64
-  c.eval_batch_size = 64
-  c.num_train_steps = 12
-  c.log_every_steps = 4
-  c.checkpoint_every_steps = 5
-  c.prefetch = 1
-  for k, v in overrides.items():
-    c[k] = v
-  return c
-
-
-def test_eight_devices_give_the_losses_and_params_of_one_device():
+def test_eight_devices_give_the_losses_and_params_of_one_device(tiny_config):
   """Batch sharded on 8 devices, BN over the global batch: same function as 1 device."""
   config = tiny_config()
   info = input_pipeline.dataset_info("digits")
@@ -73,7 +50,7 @@ def test_eight_devices_give_the_losses_and_params_of_one_device():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_exact_eval_counts_1003_examples_at_batch_64_on_8_devices():
+def test_exact_eval_counts_1003_examples_at_batch_64_on_8_devices(tiny_config):
   with tfds.testing.mock_data(num_examples=1003):
     config = tiny_config(dataset="cifar10", validation_size=0, data_dir="/nonexistent")
     info = input_pipeline.dataset_info("cifar10")
@@ -101,7 +78,7 @@ def test_exact_eval_counts_1003_examples_at_batch_64_on_8_devices():
     assert out["top5_error"] == pytest.approx(top5, abs=1e-9)
 
 
-def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tmp_path):
+def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(test_model="best", num_train_steps=40, keep_checkpoints=2)
   results = train.train_and_evaluate(config, workdir)
@@ -148,7 +125,8 @@ def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tmp_path):
   assert model.num_classes == 10
 
 
-def test_checkpoints_move_between_8_and_1_devices_and_match(tmp_path, caplog):
+@pytest.mark.slow
+def test_checkpoints_move_between_8_and_1_devices_and_match(tiny_config, tmp_path, caplog):
   """6 steps on 8 devices then 6 on 1 (and 1 then 8) = 12 steps on 1 device."""
   config = tiny_config(lr_schedule="constant", validation_size=0, checkpoint_every_steps=6)
   first = config.copy_and_resolve_references()
@@ -170,7 +148,7 @@ def test_checkpoints_move_between_8_and_1_devices_and_match(tmp_path, caplog):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
-def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tmp_path):
+def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tiny_config, tmp_path):
   workdir = str(tmp_path / "nan")
   config = tiny_config(learning_rate=1e30, weight_decay=0.0, checkpoint_every_steps=1,
                        log_every_steps=1, lr_schedule="constant", validation_size=0)
@@ -195,7 +173,8 @@ def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tmp_path
     ("cifar10", "ERKNet-1x1 1x1", "cifar", 32, "bfloat16"),
     ("imagenet2012", "ERKNet-1x1 1x1-B", "imagenet", 32, "float32"),
 ])
-def test_mock_data_end_to_end(tmp_path, dataset, model, stem, size, dtype):
+@pytest.mark.slow
+def test_mock_data_end_to_end(tiny_config, tmp_path, dataset, model, stem, size, dtype):
   """The tfds pipelines (CIFAR-10 in memory, ImageNet via tf.data) drive a few steps."""
   with tfds.testing.mock_data(num_examples=80):
     config = tiny_config(dataset=dataset, model=model, stem=stem, image_size=size, dtype=dtype,

@@ -5,9 +5,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_readme_quickstart_reaches_95_percent_on_digits(tmp_path):
   workdir = str(tmp_path / "rknet_digits")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device

@@ -17,8 +17,7 @@ the running averages are evaluated as in the authors' code (``precise_bn_batches
 short for its BN momentum warns at start).
 """
 
-from experiments.configs import default
-from experiments.configs import imagenet
+from experiments.configs import default, imagenet
 from rknet_jax import paper
 
 AUTHORS_WEIGHT_DECAY_PARAMS = "all"

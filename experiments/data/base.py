@@ -6,8 +6,9 @@ from any step, and padded `eval_batches(...)`. Adding a source means one module 
 `Dataset` subclass (see `in_memory.InMemoryDataset`, `imagenet.ImagenetDataset`).
 """
 import abc
+from collections.abc import Iterator
 import dataclasses
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,14 +25,14 @@ class DatasetInfo(NamedTuple):
   """
   name: str
   num_classes: int
-  image_shape: Tuple[int, int, int]
+  image_shape: tuple[int, int, int]
   train_size: int
   validation_size: int
   test_size: int
-  mean: Tuple[float, ...] = ()
-  std: Tuple[float, ...] = ()
-  class_names: Tuple[str, ...] = ()
-  pixel_range: Tuple[float, ...] = ()  # (min, max) of the raw training pixels, when known
+  mean: tuple[float, ...] = ()
+  std: tuple[float, ...] = ()
+  class_names: tuple[str, ...] = ()
+  pixel_range: tuple[float, ...] = ()  # (min, max) of the raw training pixels, when known
   pixel_dtype: str = ""  # their dtype as the source stores them ("uint8", "float32")
 
 
@@ -94,8 +95,8 @@ class Official:
   then one is held out of train) and the class names (label i is `class_names[i]`)."""
   train: Split
   test: Split
-  validation: Optional[Split]
-  class_names: Tuple[str, ...]
+  validation: Split | None
+  class_names: tuple[str, ...]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def labels_int32(labels, what: str) -> np.ndarray:
   return y.astype(np.int32)
 
 
-def pixel_range(images) -> Tuple[str, float, float]:
+def pixel_range(images) -> tuple[str, float, float]:
   """(dtype name, min, max) of an in-memory image array (float arrays: finite by then)."""
   x = np.asarray(images)
   return x.dtype.name, float(x.min()), float(x.max())

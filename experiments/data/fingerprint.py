@@ -15,12 +15,9 @@ Only contents count: the same file under another path has the same fingerprint.
 """
 import hashlib
 import os
-from typing import Optional
 
 from experiments.data import folder as folder_lib
-from experiments.data import in_memory
-from experiments.data import prepare
-from experiments.data import tfds_utils
+from experiments.data import in_memory, prepare, tfds_utils
 
 _CHUNK = 1 << 20
 # The fields that identify the data's contents, per kind (others, such as the path, inform).
@@ -60,7 +57,7 @@ def fingerprint(settings) -> dict:
   if s.source == "digits":
     return {"kind": "digits", "source": "scikit-learn load_digits",
             "test_size": in_memory.DIGITS_TEST_SIZE,
-            "split_seed": in_memory._DIGITS_SPLIT_SEED}  # pylint: disable=protected-access
+            "split_seed": in_memory._DIGITS_SPLIT_SEED}
   if tfds_utils.tfds_is_mocked():
     builder = tfds_utils.import_tfds().builder(s.target, data_dir=s.data_dir)
   else:
@@ -70,7 +67,7 @@ def fingerprint(settings) -> dict:
           "svhn_extra": bool(s.svhn_extra)}
 
 
-def describe_change(old: Optional[dict], new: dict) -> Optional[str]:
+def describe_change(old: dict | None, new: dict) -> str | None:
   """How the data of fingerprint `new` differs from the run's `old`, or None if it does not
   (also None when `old` is None: a run written before fingerprints, nothing to compare)."""
   if not old:

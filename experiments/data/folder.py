@@ -43,7 +43,7 @@ _COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"
 
 
 def _pil():
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   return Image
 
 

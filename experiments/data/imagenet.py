@@ -21,9 +21,7 @@ its `tfds.even_splits` shard (global batches then depend on the host count).
 """
 import numpy as np
 
-from experiments.data import base
-from experiments.data import prepare
-from experiments.data import tfds_utils
+from experiments.data import base, prepare, tfds_utils
 
 # AlexNet's PCA of ImageNet RGB pixels in [0, 1] (as in fb.resnet.torch).
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)

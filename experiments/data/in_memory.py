@@ -11,9 +11,7 @@ import threading
 
 import numpy as np
 
-from experiments.data import base
-from experiments.data import prepare
-from experiments.data import tfds_utils
+from experiments.data import base, prepare, tfds_utils
 
 # Tags that keep the random streams derived from one user seed independent of each other.
 _TAG_VALIDATION = 0x5EED_0001
@@ -50,7 +48,7 @@ def clear_cache():
 
 def _load_digits():
   """scikit-learn's bundled 8x8 digits (offline), values 0..16, with the fixed test split."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets
   digits = datasets.load_digits()
   images = np.asarray(digits.images, np.float64)
   if not np.array_equal(images, np.round(images)) or images.min() < 0 or images.max() > 16:
@@ -128,7 +126,7 @@ def _source_token(settings):
     return (settings.target, os.path.getmtime(settings.target) if exists else None)
   core = tfds_utils.import_tfds().core
   return (core.dataset_builder.DatasetBuilder.as_dataset,
-          core.dataset_builder.FileReaderBuilder._as_dataset)  # pylint: disable=protected-access
+          core.dataset_builder.FileReaderBuilder._as_dataset)
 
 
 def _cached(cache, key, make, max_entries=2):

@@ -1,7 +1,8 @@
 """`--config.dataset=npz:FILE`: a dataset in one NumPy .npz file, held in memory.
 
 Arrays (names fixed): `train_images` (N, H, W) or (N, H, W, C), uint8 or float; `train_labels`
-(N,) whole numbers in [0, K) (integers, or floats such as 3.0); `test_images`, `test_labels` likewise with the same H, W, C; optional
+(N,) whole numbers in [0, K) (integers, or floats such as 3.0); `test_images`, `test_labels`
+likewise with the same H, W, C; optional
 `validation_images`, `validation_labels` (then used as the validation split, and nothing is
 held out of train); optional `class_names` (K strings). K is `len(class_names)`, else the largest
 training label + 1; test and validation labels must be training classes. Every split is then

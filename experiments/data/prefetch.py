@@ -23,7 +23,7 @@ def _produce(iterable, q, stop):
       if not _put(q, stop, item):
         return
     _put(q, stop, _DONE)
-  except BaseException as e:  # pylint: disable=broad-except
+  except BaseException as e:
     _put(q, stop, e)
 
 

@@ -69,7 +69,7 @@ def check_reachable(builder, *, manual_dir=None, timeout: float = PROBE_TIMEOUT_
   checksums that are not cached yet; any HTTP answer (even an error status) counts as reachable.
   Datasets without registered URLs, or downloaded by hand (ImageNet), are not probed.
   """
-  import requests  # pylint: disable=g-import-not-at-top
+  import requests
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
     return
   url_infos = builder.url_infos or {}
@@ -144,7 +144,7 @@ def prepare(name: str, data_dir=None, *, manual_dir=None,
   manual_dir = manual_dir or default_manual_dir(data_dir)
   check_manual_files(builder.name, manual_dir)
   check_reachable(builder, manual_dir=manual_dir, timeout=probe_timeout)
-  import requests  # pylint: disable=g-import-not-at-top
+  import requests
   config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
   try:
     builder.download_and_prepare(download_config=config)

@@ -20,7 +20,7 @@ def import_tf():
   global _TF_READY
   with _TF_LOCK:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf
     if not _TF_READY:
       for kind in ("GPU", "TPU"):
         try:
@@ -42,7 +42,7 @@ def import_tf():
 def import_tfds():
   """Imports tensorflow_datasets after TensorFlow has been kept off the accelerators."""
   import_tf()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
   return tfds
 
 
@@ -69,7 +69,7 @@ def as_dataset(builder, **kwargs):
   """
   with _AS_DATASET_LOCK:
     if tfds_is_mocked():
-      return builder._as_dataset(  # pylint: disable=protected-access
+      return builder._as_dataset(
           split=kwargs["split"], decoders=kwargs.get("decoders"),
           read_config=kwargs.get("read_config"), shuffle_files=kwargs.get("shuffle_files", False))
     return builder.as_dataset(**kwargs)

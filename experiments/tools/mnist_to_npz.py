@@ -51,7 +51,8 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
 
 
 def _find(idx_dir: str, stem: str) -> str:
-  for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+  dotted = stem.replace("-idx", ".idx")
+  for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
     path = os.path.join(idx_dir, name)
     if os.path.exists(path):
       return path
