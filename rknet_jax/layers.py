@@ -208,11 +208,11 @@ class BNVariables:
 class BatchNormParts(nn.Module):
   """BatchNorm of the channel concatenation of ``inputs``, computed part by part.
 
-  The same variables as :meth:`LayerConfig.batch_norm` applied to ``concat(inputs)``
-  (params ``scale``, ``bias``; batch_stats ``mean``, ``var``; one entry per channel of the
-  concatenation, in order) and flax's arithmetic (float32 statistics, fast variance E[x^2] - E[x]^2 clipped
-  at 0, the biased variance also in the running average, running averages updated in
-  training but not at initialisation).  Statistics are per channel, so each part's
+  The same variables as :meth:`LayerConfig.batch_norm` applied to ``concat(inputs)`` (params
+  ``scale``, ``bias``; batch_stats ``mean``, ``var``; one entry per channel of the
+  concatenation, in order) and flax's arithmetic (float32 statistics, fast variance E[x^2] -
+  E[x]^2 clipped at 0, the biased variance also in the running average, running averages
+  updated in training but not at initialisation).  Statistics are per channel, so each part's
   statistics are exactly the concatenation's for its channels, and each part is normalised
   with its slice of the same scale/bias/mean/var; only the per-channel vectors are
   concatenated (for the running averages).
