@@ -129,7 +129,7 @@ def collective_summary(ops: Sequence[Collective]) -> dict[str, dict]:
 # ------------------------------------------------------------------ one compile
 def topology_devices(topology: str, num_slices: int = 1):
   """Compile-only devices of a TPU topology (``"v5e:4x4"``), ``num_slices`` slices."""
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies
   kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
   return topologies.get_topology_desc(topology, "tpu", **kwargs).devices
 
@@ -141,7 +141,7 @@ def chip_specs(topology: str):
 
 def row_config(row, dtype: str, batch: int = 0):
   """The runner's config of a paper row (its first dataset), GPU/TPU convolutions."""
-  from experiments.configs import paper as paper_configs  # pylint: disable=g-import-not-at-top
+  from experiments.configs import paper as paper_configs
   config = paper_configs.get_config(row.key)
   config.dtype = dtype
   config.model_kwargs.conv_impl = "xla"
@@ -156,7 +156,7 @@ def dense_formulation(formulation: str):
   """Every dense block built inside runs as ``formulation``: ``"buffer"`` (the channel
   buffer's scans, ``rknet_jax/dense_buffer.py``), ``"loop"`` (the loop of layers) or
   ``"auto"`` (``DenseBlock``'s own choice)."""
-  from rknet_jax import blocks  # pylint: disable=g-import-not-at-top
+  from rknet_jax import blocks
   if formulation not in FORMULATIONS + ("auto",):
     raise ValueError(f"formulation must be one of {FORMULATIONS + ('auto',)}, "
                      f"got {formulation!r}")
@@ -173,13 +173,13 @@ def compile_steps(config, input_shape, mesh, formulation: str = "buffer",
                   which: Sequence[str] = ("train", "eval")) -> dict:
   """Lowers and compiles the runner's train and/or eval step for ``mesh``; per step: the
   compiled executable and its compile time (lowering included)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from experiments import optim, run_config  # pylint: disable=g-import-not-at-top
-  from experiments import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from experiments import optim, run_config
+  from experiments import steps as steps_lib
   num_classes = NUM_CLASSES[config.dataset]
   steps_per_epoch = max(TRAIN_SIZES[config.dataset] // config.batch_size, 1)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch,
@@ -269,7 +269,7 @@ def table(records) -> str:
 def select_rows(models: str):
   """Paper rows named by ``--models``: ``table1``/``table2``/``table3``/``all`` or names
   and keys separated by commas."""
-  from rknet_jax import paper  # pylint: disable=g-import-not-at-top
+  from rknet_jax import paper
   out = []
   for item in [m.strip() for m in models.split(",") if m.strip()]:
     if item in GROUPS:
@@ -286,8 +286,8 @@ def select_rows(models: str):
 
 def run(args) -> list:
   """Every case of ``args``; one record per compiled step."""
-  from experiments import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  import rknet_jax  # pylint: disable=g-import-not-at-top
+  from experiments import steps as steps_lib
+  import rknet_jax
 
   devices = topology_devices(args.topology, args.num_slices)
   mesh = steps_lib.make_mesh(devices)
@@ -303,7 +303,7 @@ def run(args) -> list:
                 "topology": args.topology, "num_slices": args.num_slices, "chips": chips}
         try:
           compiled = compile_steps(config, row.input_shape, mesh, formulation, args.steps)
-        except Exception as e:  # pylint: disable=broad-except  # one failing cell
+        except Exception as e:  # one failing cell
           records += [dict(base, step=s, batch=0, error=f"{type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}") for s in args.steps]
           print(json.dumps(records[-1]), file=sys.stderr, flush=True)

@@ -12,8 +12,8 @@ import pathlib
 import matplotlib
 
 matplotlib.use("Agg")
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402  pylint: disable=g-import-not-at-top
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
 
 OUT = pathlib.Path(__file__).resolve().parent / "rk_block.png"
 

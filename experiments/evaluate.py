@@ -36,18 +36,18 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
   The images are standardised with the run's ``data.json`` mean/std; data whose fingerprint
   differs from the run's raise ``input_pipeline.DataChanged`` unless ``allow_data_change``.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from experiments import (  # pylint: disable=g-import-not-at-top
+  from experiments import (
     checkpointing,
-    input_pipeline,  # pylint: disable=g-import-not-at-top
+    input_pipeline,
     run_config,
     rundir,
     steps,
   )
-  from rknet_jax import checkpoint as rk_ckpt  # pylint: disable=g-import-not-at-top
+  from rknet_jax import checkpoint as rk_ckpt
 
   run = rundir.read_run_file(workdir)
   if run is None:
@@ -63,7 +63,7 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
     raise ValueError(f"eval batch {config.eval_batch_size} is not divisible by the "
                      f"{mesh.devices.size} devices")
   input_pipeline.preflight(config)
-  from rknet_jax import preprocessing  # pylint: disable=g-import-not-at-top
+  from rknet_jax import preprocessing
   recorded = preprocessing.read_data_spec(workdir)  # (checked: a bad field is an error)
   if recorded is None:
     logging.warning("%s has no data.json (written by an older version): standardising with "
@@ -90,7 +90,7 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
   # its weights (the final one holds them): recompute them the same way.
   precise = "precise_bn_batches" in run["config"] and config.precise_bn_batches > 0
   if precise and meta.get("batch_stats") != "precise":
-    from experiments import train  # pylint: disable=g-import-not-at-top
+    from experiments import train
     variables = train.precise_model_vars(config, variables, int(found),
                                          int(run["steps_per_epoch"]),
                                          steps.make_bn_stats_step(model, mesh), mesh,
@@ -106,7 +106,7 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
 
 
 def main(argv):
-  from experiments import metrics  # pylint: disable=g-import-not-at-top
+  from experiments import metrics
   metrics.console_logging()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -117,5 +117,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from experiments import cli  # pylint: disable=g-import-not-at-top
+  from experiments import cli
   cli.run(main, config_flag=None)

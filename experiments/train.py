@@ -89,7 +89,7 @@ RUN_STOPPED = (NonFiniteError, checkpointing.CheckpointWriteError, checkpointing
 def _install_sigterm():
   flag = {"set": False}
 
-  def handler(signum, frame):  # pylint: disable=unused-argument
+  def handler(signum, frame):
     flag["set"] = True
     logging.warning("SIGTERM received: checkpointing after the current step, then exiting")
 
@@ -104,7 +104,7 @@ def _preempted(flag) -> bool:
   """True on every process once any process received SIGTERM."""
   if jax.process_count() == 1:
     return flag["set"]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils
   flags = multihost_utils.process_allgather(np.asarray(flag["set"], np.int32))
   return bool(np.any(flags))
 
@@ -132,7 +132,7 @@ def precise_model_vars(config, model_vars, step: int, steps_per_epoch: int, bn_s
   """``model_vars`` with BatchNorm statistics re-estimated for its parameters over
   ``precise_bn_batches`` training batches (``steps.precise_batch_stats``), standardised with
   ``stats`` (the run's ``data.json`` mean/std; None: the data's own)."""
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments import input_pipeline
   it = input_pipeline.train_iterator(
       config, start_step=precise_bn_first_batch(step, steps_per_epoch),
       process_index=jax.process_index(), process_count=jax.process_count(), stats=stats)
@@ -204,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       ``etils.epath`` and orbax support, e.g. ``gs://bucket/run``).
     mesh: the device mesh (default: every device, axis ``"data"``).
   """
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments import input_pipeline
   run_config.validate_config(config, workdir, mesh)  # pure: raises before any side effect
   compiler_memory.install()  # peak RSS: the compiler's freed memory goes back to the OS
   input_pipeline.preflight(config)
@@ -226,7 +226,7 @@ def _take_workdir(workdir: str) -> rundir.WorkdirLock:
     except rundir.WorkdirBusy as e:
       busy = e
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils
     refused = multihost_utils.broadcast_one_to_all(np.int32(busy is not None))
     if busy is None and int(refused):
       busy = rundir.WorkdirBusy(f"process 0 could not take the lock of {workdir!r}; see its log")
@@ -316,7 +316,7 @@ class _Run:
 
   def run_eval(self, variables, split: str) -> dict:
     """Exact metrics of ``variables`` on ``split``."""
-    from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+    from experiments import input_pipeline
     batches = input_pipeline.eval_iterator(
         self.config, split, batch_size=self.config.eval_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -382,7 +382,7 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
 # ---------------------------------------------------------------------- setup
 def _plan(config, workdir: str, mesh: Mesh) -> _Run:
   """The run's data shapes and sizes; refuses ``test_model="best"`` without validation."""
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments import input_pipeline
   info = input_pipeline.dataset_info(config)
   steps_per_epoch = int(input_pipeline.steps_per_epoch(config))
   run = _Run(config=config, workdir=workdir, mesh=mesh, input_shape=tuple(info.image_shape),
@@ -454,7 +454,7 @@ def _restore(run: _Run):
 
 def _record_run(run: _Run):
   """Binds the run's data (fingerprint, mean/std), writes its metadata, prints the summary."""
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments import input_pipeline
   config, workdir, start_step = run.config, run.workdir, run.start_step
   # The run's data: its fingerprint must match, and its data.json's mean/std stay.
   data, data_change = input_pipeline.bind_data_spec(
@@ -477,7 +477,7 @@ def _record_run(run: _Run):
       run_record["data_changes"] = data_changes
     rundir.write_run_file(workdir, run_record, start_step=start_step,
                           total_steps=run.total_steps, session=run_config.session_values(config))
-  from rknet_jax.counting import count_flops, count_params  # pylint: disable=g-import-not-at-top
+  from rknet_jax.counting import count_flops, count_params
   run.params = count_params(run.model, run.input_shape)
   run.gflops = count_flops(run.model, run.input_shape) / 1e9
   progress.start_summary(
@@ -491,7 +491,7 @@ def _record_run(run: _Run):
 def _train(run: _Run) -> bool:
   """Trains from ``run.start_step`` to ``run.total_steps``, logging, evaluating and saving at
   the steps ``is_time`` says; returns whether SIGTERM stopped it (after a checkpoint)."""
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments import input_pipeline
   config, total_steps = run.config, run.total_steps
   run.log = metrics_lib.MetricsLog(run.workdir, run.start_step)
   run.bar = progress.ProgressBar(total_steps, run.start_step)
@@ -588,7 +588,7 @@ def _test(run: _Run) -> dict:
     rundir.write_results(run.workdir, results)
     try:
       metrics_lib.plot_curves(run.workdir, rundir.path(run.workdir, rundir.CURVES_FILE))
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       logging.warning("could not draw %s: %s", rundir.CURVES_FILE, e)
   logging.info("Done: test top-1 error %.4f, top-5 %.4f on %d examples (%s model, step %d)",
                test["top1_error"], test["top5_error"], test["examples"], which, test_step)

@@ -96,5 +96,5 @@ ENTRY %main (a: f32[8]) -> f32[16] {
 
 
 def jax_leaves(tree):
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   return jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "is_fully_replicated"))
