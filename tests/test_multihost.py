@@ -47,18 +47,22 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
          f"--workdir={workdir}", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", "--initialization_timeout=120"]
   cmd += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  procs = []
+  procs, logs = [], [tmp_path / f"process_{i}.log" for i in range(2)]
   try:
     for i in range(2):
-      procs.append(subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+      # Each process logs to a file: a pipe read only after the other process ends could fill
+      # up and block its writer, while the other process waits for it in a collective.
+      with open(logs[i], "w") as log:
+        procs.append(subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+      p.wait(timeout=300)
   finally:
     for p in procs:  # never leave a child behind, whatever failed
       if p.poll() is None:
         p.kill()
         p.wait(30)
+  outs = [log.read_text() for log in logs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
   assert "process 1 of 2, 2 local / 4 global devices" in outs[1]
