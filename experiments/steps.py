@@ -277,11 +277,18 @@ def precise_batch_stats(bn_stats_step, variables, batches, mesh, global_batch_si
   for local in batches:
     images = global_batch({"image": local["image"]}, mesh, global_batch_size)["image"]
     stats = bn_stats_step(variables, images)
-    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    total = stats if total is None else _tree_add(total, stats)
     count += 1
   if total is None:
     raise ValueError("precise BatchNorm statistics need at least one training batch")
-  return jax.tree.map(lambda x: x / count, total)
+  return _tree_divide(total, np.float32(count))
+
+
+# One compiled program each for the whole tree (not one eager dispatch per leaf): on a
+# multi-process mesh every process must launch the same programs in the same order, and
+# fewer, larger programs keep that cheap.
+_tree_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+_tree_divide = jax.jit(lambda tree, n: jax.tree.map(lambda x: x / n, tree))
 
 
 def global_batch(local: dict, mesh: Mesh, global_batch_size: int) -> dict:
