@@ -33,29 +33,43 @@ import sys
 import time
 
 CHIPS = {  # name: (dense bf16 peak TFLOP/s, HBM GB/s, HBM GiB per chip)
-    "v4": (275.0, 1228.0, 32.0),
-    "v5e": (197.0, 819.0, 16.0),
-    "v5p": (459.0, 2765.0, 95.0),
-    "v6e": (918.0, 1640.0, 32.0),
+  "v4": (275.0, 1228.0, 32.0),
+  "v5e": (197.0, 819.0, 16.0),
+  "v5p": (459.0, 2765.0, 95.0),
+  "v6e": (918.0, 1640.0, 32.0),
 }
 """Public per-chip specs (source: Google Cloud TPU documentation, system architecture pages).
 f32 matmuls/convolutions run on the bf16 MXUs at JAX's default precision, so the bf16 peak
 bounds both dtypes."""
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-               "collective-permute")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 GROUPS = {"table1": (1,), "table2": (2,), "table3": (3,), "all": (1, 2, 3)}
 TRAIN_SIZES = {"cifar10": 45000, "cifar100": 45000, "imagenet2012": 1281167}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
 FORMULATIONS = ("buffer", "loop")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+}
 
 
 # ------------------------------------------------------------------ HLO collectives
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
-_CALLEE = re.compile(r"(?:body|condition|calls|to_apply|branch_computations)=\{?([^}\s,]+"
-                     r"(?:,\s*%[\w.\-]+)*)")
+_CALLEE = re.compile(
+  r"(?:body|condition|calls|to_apply|branch_computations)=\{?([^}\s,]+"
+  r"(?:,\s*%[\w.\-]+)*)"
+)
 _COLLECTIVE = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 
@@ -63,6 +77,7 @@ _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 @dataclasses.dataclass
 class Collective:
   """One collective op of a compiled HLO module."""
+
   kind: str
   bytes: int
   dtypes: tuple
@@ -92,15 +107,23 @@ def collectives(hlo_text: str) -> list[Collective]:
         callees[current].add(("call", name))
     m = _COLLECTIVE.search(line)
     if m:
-      shapes = [(t, math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[t])
-                for t, dims in _SHAPE.findall(m.group(1))]
-      size = (max(s for _, s in shapes) if m.group(3) and m.group(2) != "all-reduce"
-              else sum(s for _, s in shapes))
+      shapes = [
+        (t, math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[t])
+        for t, dims in _SHAPE.findall(m.group(1))
+      ]
+      size = (
+        max(s for _, s in shapes)
+        if m.group(3) and m.group(2) != "all-reduce"
+        else sum(s for _, s in shapes)
+      )
       name = line.split("=")[0].strip().lstrip("%")
       dims = tuple(int(d) for _, ds in _SHAPE.findall(m.group(1)) for d in ds.split(",") if d)
-      comp_of_op.append((current, Collective(m.group(2), size,
-                                             tuple(sorted({t for t, _ in shapes})), False,
-                                             name, dims)))
+      comp_of_op.append(
+        (
+          current,
+          Collective(m.group(2), size, tuple(sorted({t for t, _ in shapes})), False, name, dims),
+        )
+      )
   in_loop, stack = set(), [b for c in callees.values() for k, b in c if k == "loop"]
   while stack:
     c = stack.pop()
@@ -116,8 +139,9 @@ def collective_summary(ops: Sequence[Collective]) -> dict[str, dict]:
   loop body), and the count on u32 data."""
   out = {}
   for op in ops:
-    s = out.setdefault(op.kind, {"count": 0, "in_loop": 0, "bytes": 0, "in_loop_bytes": 0,
-                                 "u32": 0})
+    s = out.setdefault(
+      op.kind, {"count": 0, "in_loop": 0, "bytes": 0, "in_loop_bytes": 0, "u32": 0}
+    )
     s["count"] += 1
     s["in_loop"] += op.in_loop
     s["bytes"] += op.bytes
@@ -130,6 +154,7 @@ def collective_summary(ops: Sequence[Collective]) -> dict[str, dict]:
 def topology_devices(topology: str, num_slices: int = 1):
   """Compile-only devices of a TPU topology (``"v5e:4x4"``), ``num_slices`` slices."""
   from jax.experimental import topologies
+
   kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
   return topologies.get_topology_desc(topology, "tpu", **kwargs).devices
 
@@ -142,6 +167,7 @@ def chip_specs(topology: str):
 def row_config(row, dtype: str, batch: int = 0):
   """The runner's config of a paper row (its first dataset), GPU/TPU convolutions."""
   from experiments.configs import paper as paper_configs
+
   config = paper_configs.get_config(row.key)
   config.dtype = dtype
   config.model_kwargs.conv_impl = "xla"
@@ -157,9 +183,9 @@ def dense_formulation(formulation: str):
   buffer's scans, ``rknet_jax/dense_buffer.py``), ``"loop"`` (the loop of layers) or
   ``"auto"`` (``DenseBlock``'s own choice)."""
   from rknet_jax import blocks
+
   if formulation not in FORMULATIONS + ("auto",):
-    raise ValueError(f"formulation must be one of {FORMULATIONS + ('auto',)}, "
-                     f"got {formulation!r}")
+    raise ValueError(f"formulation must be one of {FORMULATIONS + ('auto',)}, got {formulation!r}")
   uses_buffer = blocks.DenseBlock.uses_buffer
   if formulation != "auto":
     blocks.DenseBlock.uses_buffer = lambda self: formulation == "buffer"
@@ -169,8 +195,9 @@ def dense_formulation(formulation: str):
     blocks.DenseBlock.uses_buffer = uses_buffer
 
 
-def compile_steps(config, input_shape, mesh, formulation: str = "buffer",
-                  which: Sequence[str] = ("train", "eval")) -> dict:
+def compile_steps(
+  config, input_shape, mesh, formulation: str = "buffer", which: Sequence[str] = ("train", "eval")
+) -> dict:
   """Lowers and compiles the runner's train and/or eval step for ``mesh``; per step: the
   compiled executable and its compile time (lowering included)."""
   import jax
@@ -180,10 +207,12 @@ def compile_steps(config, input_shape, mesh, formulation: str = "buffer",
 
   from experiments import optim, run_config
   from experiments import steps as steps_lib
+
   num_classes = NUM_CLASSES[config.dataset]
   steps_per_epoch = max(TRAIN_SIZES[config.dataset] // config.batch_size, 1)
-  schedule = optim.learning_rate_schedule(config, steps_per_epoch,
-                                          int(config.num_epochs * steps_per_epoch))
+  schedule = optim.learning_rate_schedule(
+    config, steps_per_epoch, int(config.num_epochs * steps_per_epoch)
+  )
   tx = optim.make_optimizer(config, schedule)
   with dense_formulation(formulation):
     model = run_config.build_model(config, num_classes)
@@ -193,9 +222,10 @@ def compile_steps(config, input_shape, mesh, formulation: str = "buffer",
     out = {}
     for step in which:
       b = config.batch_size if step == "train" else config.eval_batch_size
-      batch = {"image": jax.ShapeDtypeStruct((b,) + tuple(input_shape), jnp.float32,
-                                             sharding=data),
-               "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)}
+      batch = {
+        "image": jax.ShapeDtypeStruct((b,) + tuple(input_shape), jnp.float32, sharding=data),
+        "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data),
+      }
       t0 = time.perf_counter()
       if step == "train":
         fn = steps_lib.make_train_step(model, tx, schedule, mesh, state)
@@ -222,16 +252,26 @@ def analyse(compiled, chips: int, batch: int, chip, model_flops: float) -> dict:
   bytes_accessed = float(cost.get("bytes accessed", 0.0))
   flops = max(xla_flops, model_flops / chips)
   step_s = max(flops / (peak_tflops * 1e12), bytes_accessed / (hbm_gbs * 1e9))
-  args_b, temp_b, out_b = (mem.argument_size_in_bytes, mem.temp_size_in_bytes,
-                           mem.output_size_in_bytes)
+  args_b, temp_b, out_b = (
+    mem.argument_size_in_bytes,
+    mem.temp_size_in_bytes,
+    mem.output_size_in_bytes,
+  )
   alias_b = getattr(mem, "alias_size_in_bytes", 0)
   total = args_b + temp_b + out_b - alias_b
-  return {"args_gib": args_b / 2**30, "temp_gib": temp_b / 2**30, "out_gib": out_b / 2**30,
-          "hbm_gib": total / 2**30, "hbm_fraction": total / (hbm_gib * 2**30),
-          "xla_gflops": xla_flops / 1e9, "model_gflops": model_flops / chips / 1e9,
-          "gbytes_accessed": bytes_accessed / 1e9,
-          "collectives": collective_summary(ops),
-          "roofline_ms": 1e3 * step_s, "roofline_images_per_s": batch / step_s}
+  return {
+    "args_gib": args_b / 2**30,
+    "temp_gib": temp_b / 2**30,
+    "out_gib": out_b / 2**30,
+    "hbm_gib": total / 2**30,
+    "hbm_fraction": total / (hbm_gib * 2**30),
+    "xla_gflops": xla_flops / 1e9,
+    "model_gflops": model_flops / chips / 1e9,
+    "gbytes_accessed": bytes_accessed / 1e9,
+    "collectives": collective_summary(ops),
+    "roofline_ms": 1e3 * step_s,
+    "roofline_images_per_s": batch / step_s,
+  }
 
 
 def _collectives_cell(summary: dict) -> str:
@@ -240,29 +280,33 @@ def _collectives_cell(summary: dict) -> str:
   parts = []
   for kind, s in sorted(summary.items()):
     u32 = f", {s['u32']} u32" if s["u32"] else ""
-    parts.append(f"{kind} {s['count']} ({s['in_loop']} in loops{u32}; "
-                 f"{s['bytes'] / 2**20:.2f} MiB, in loops {s.get('in_loop_bytes', 0) / 2**20:.3f})")
+    parts.append(
+      f"{kind} {s['count']} ({s['in_loop']} in loops{u32}; "
+      f"{s['bytes'] / 2**20:.2f} MiB, in loops {s.get('in_loop_bytes', 0) / 2**20:.3f})"
+    )
   return "; ".join(parts)
 
 
 def table(records) -> str:
   """Markdown table of the records (one line per model x dtype x formulation x step)."""
-  lines = ["| model | dtype | dense | step | batch | compile s | HBM GiB/chip (args + temp + "
-           "out) | % HBM | XLA GFLOP/chip (loops once) | model GFLOP/chip | collectives | "
-           "roofline ms | roofline img/s |",
-           "| --- | --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: "
-           "| ---: |"]
+  lines = [
+    "| model | dtype | dense | step | batch | compile s | HBM GiB/chip (args + temp + "
+    "out) | % HBM | XLA GFLOP/chip (loops once) | model GFLOP/chip | collectives | "
+    "roofline ms | roofline img/s |",
+    "| --- | --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |",
+  ]
   for r in records:
     head = f"| {r['model']} | {r['dtype']} | {r['formulation']} | {r['step']} | {r['batch']} |"
     if "error" in r:
       lines.append(f"{head} {r['error']} | | | | | | | |")
       continue
     lines.append(
-        f"{head} {r['compile_s']:.0f} | {r['hbm_gib']:.3f} ({r['args_gib']:.3f} + "
-        f"{r['temp_gib']:.3f} + {r['out_gib']:.3f}) | {100 * r['hbm_fraction']:.1f} | "
-        f"{r['xla_gflops']:.1f} | {r['model_gflops']:.1f} | "
-        f"{_collectives_cell(r['collectives'])} | {r['roofline_ms']:.2f} | "
-        f"{r['roofline_images_per_s']:.0f} |")
+      f"{head} {r['compile_s']:.0f} | {r['hbm_gib']:.3f} ({r['args_gib']:.3f} + "
+      f"{r['temp_gib']:.3f} + {r['out_gib']:.3f}) | {100 * r['hbm_fraction']:.1f} | "
+      f"{r['xla_gflops']:.1f} | {r['model_gflops']:.1f} | "
+      f"{_collectives_cell(r['collectives'])} | {r['roofline_ms']:.2f} | "
+      f"{r['roofline_images_per_s']:.0f} |"
+    )
   return "\n".join(lines)
 
 
@@ -270,6 +314,7 @@ def select_rows(models: str):
   """Paper rows named by ``--models``: ``table1``/``table2``/``table3``/``all`` or names
   and keys separated by commas."""
   from rknet_jax import paper
+
   out = []
   for item in [m.strip() for m in models.split(",") if m.strip()]:
     if item in GROUPS:
@@ -278,8 +323,10 @@ def select_rows(models: str):
     norm = item.replace("x", "×")
     found = [r for r in paper.ROWS if item in (r.key, r.name) or r.name == norm]
     if not found:
-      raise ValueError(f"--models: {item!r} is neither table1/table2/table3/all nor a paper "
-                       "row (python -m experiments.paper_tables --keys lists them)")
+      raise ValueError(
+        f"--models: {item!r} is neither table1/table2/table3/all nor a paper "
+        "row (python -m experiments.paper_tables --keys lists them)"
+      )
     out += found
   return out
 
@@ -296,56 +343,84 @@ def run(args) -> list:
   for row in args.rows:
     for dtype in args.dtypes:
       config = row_config(row, dtype, args.batch)
-      flops_per_image = float(rknet_jax.count_flops(
-          rknet_jax.create_model(row.name), row.input_shape))
+      flops_per_image = float(
+        rknet_jax.count_flops(rknet_jax.create_model(row.name), row.input_shape)
+      )
       for formulation in args.formulations:
-        base = {"model": row.name, "dtype": dtype, "formulation": formulation,
-                "topology": args.topology, "num_slices": args.num_slices, "chips": chips}
+        base = {
+          "model": row.name,
+          "dtype": dtype,
+          "formulation": formulation,
+          "topology": args.topology,
+          "num_slices": args.num_slices,
+          "chips": chips,
+        }
         try:
           compiled = compile_steps(config, row.input_shape, mesh, formulation, args.steps)
         except Exception as e:  # one failing cell
-          records += [dict(base, step=s, batch=0, error=f"{type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}") for s in args.steps]
+          records += [
+            dict(base, step=s, batch=0, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            for s in args.steps
+          ]
           print(json.dumps(records[-1]), file=sys.stderr, flush=True)
           continue
         for step, c in compiled.items():
           factor = 3 if step == "train" else 1
-          rec = dict(base, step=step, batch=c["batch"], compile_s=c["compile_s"],
-                     **analyse(c["compiled"], chips, c["batch"], chip,
-                               factor * flops_per_image * c["batch"]))
+          rec = dict(
+            base,
+            step=step,
+            batch=c["batch"],
+            compile_s=c["compile_s"],
+            **analyse(
+              c["compiled"], chips, c["batch"], chip, factor * flops_per_image * c["batch"]
+            ),
+          )
           records.append(rec)
           print(json.dumps(rec), file=sys.stderr, flush=True)
   return records
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_aot",
-                                   description=__doc__.split("\n\n", maxsplit=1)[0])
-  parser.add_argument("--topology", default="v5e:4x4",
-                      help=f"TPU topology '<chip>:<shape>', chip one of {sorted(CHIPS)}")
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.bench_aot", description=__doc__.split("\n\n", maxsplit=1)[0]
+  )
+  parser.add_argument(
+    "--topology",
+    default="v5e:4x4",
+    help=f"TPU topology '<chip>:<shape>', chip one of {sorted(CHIPS)}",
+  )
   parser.add_argument("--num_slices", type=int, default=1, help="slices (over DCN)")
-  parser.add_argument("--models", default="table1",
-                      help="table1|table2|table3|all or paper row names/keys, comma-separated")
+  parser.add_argument(
+    "--models",
+    default="table1",
+    help="table1|table2|table3|all or paper row names/keys, comma-separated",
+  )
   parser.add_argument("--dtype", default="float32", help="float32,bfloat16 (comma-separated)")
-  parser.add_argument("--formulation", default="buffer",
-                      help="dense blocks: buffer,loop (comma-separated)")
+  parser.add_argument(
+    "--formulation", default="buffer", help="dense blocks: buffer,loop (comma-separated)"
+  )
   parser.add_argument("--steps", default="train,eval", help="train,eval (comma-separated)")
-  parser.add_argument("--batch", type=int, default=0,
-                      help="global batch (default: the row's paper batch)")
+  parser.add_argument(
+    "--batch", type=int, default=0, help="global batch (default: the row's paper batch)"
+  )
   parser.add_argument("--json", default="", help="also write the records to this file")
   args = parser.parse_args(argv)
   chip = args.topology.split(":")[0]
   if chip not in CHIPS or ":" not in args.topology:
-    parser.error(f"--topology={args.topology!r}: expected '<chip>:<shape>' with chip one of "
-                 f"{sorted(CHIPS)}, e.g. v5e:4x4")
+    parser.error(
+      f"--topology={args.topology!r}: expected '<chip>:<shape>' with chip one of "
+      f"{sorted(CHIPS)}, e.g. v5e:4x4"
+    )
   if args.num_slices < 1:
     parser.error(f"--num_slices={args.num_slices}: must be >= 1")
   args.dtypes = args.dtype.split(",")
   args.formulations = args.formulation.split(",")
   args.steps = args.steps.split(",")
-  for name, values, allowed in (("--dtype", args.dtypes, ("float32", "bfloat16")),
-                                ("--formulation", args.formulations, FORMULATIONS),
-                                ("--steps", args.steps, ("train", "eval"))):
+  for name, values, allowed in (
+    ("--dtype", args.dtypes, ("float32", "bfloat16")),
+    ("--formulation", args.formulations, FORMULATIONS),
+    ("--steps", args.steps, ("train", "eval")),
+  ):
     bad = [v for v in values if v not in allowed]
     if bad:
       parser.error(f"{name}: {bad[0]!r} is not one of {', '.join(allowed)}")
@@ -366,15 +441,19 @@ def main(argv=None):
     config = row_config(row, "float32", args.batch)
     for b in (config.batch_size, config.eval_batch_size):
       if b % len(devices):
-        sys.exit(f"bench_aot: global batch {b} of {row.name} does not divide over the "
-                 f"{len(devices)} chips of {args.num_slices} x {args.topology}; pass --batch "
-                 "with a multiple of the chip count")
+        sys.exit(
+          f"bench_aot: global batch {b} of {row.name} does not divide over the "
+          f"{len(devices)} chips of {args.num_slices} x {args.topology}; pass --batch "
+          "with a multiple of the chip count"
+        )
   t0 = time.time()
   records = run(args)
   peak, bw, cap = chip_specs(args.topology)
-  print(f"{args.num_slices} x {args.topology} ({len(devices)} chips; {peak:g} TFLOP/s bf16, "
-        f"{bw:g} GB/s, {cap:g} GiB HBM per chip); {time.strftime('%Y-%m-%d')}; "
-        f"{time.time() - t0:.0f} s")
+  print(
+    f"{args.num_slices} x {args.topology} ({len(devices)} chips; {peak:g} TFLOP/s bf16, "
+    f"{bw:g} GB/s, {cap:g} GiB HBM per chip); {time.strftime('%Y-%m-%d')}; "
+    f"{time.time() - t0:.0f} s"
+  )
   print(table(records))
   if args.json:
     with open(args.json, "w") as f:

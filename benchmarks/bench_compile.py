@@ -53,30 +53,45 @@ def measure(name, batch, conv_impl, infer=True):
   x = jax.ShapeDtypeStruct((batch,) + shape, jnp.float32)
   y = jax.ShapeDtypeStruct((batch,), jnp.int32)
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False))
+    lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)
+  )
   tx = bench_steps.paper_sgd()
   opt_state = jax.eval_shape(tx.init, variables["params"])
   t0 = time.perf_counter()
-  compiled = jax.jit(bench_steps.train_step_fn(model, tx), donate_argnums=(0, 1, 2)).lower(
-      variables["params"], variables["batch_stats"], opt_state, x, y).compile()
+  compiled = (
+    jax.jit(bench_steps.train_step_fn(model, tx), donate_argnums=(0, 1, 2))
+    .lower(variables["params"], variables["batch_stats"], opt_state, x, y)
+    .compile()
+  )
   t1 = time.perf_counter()
   mem = compiled.memory_analysis()
-  out = {"model": name, "batch": batch, "conv_impl": conv_impl or "auto",
-         "params_m": rknet_jax.count_params(model, shape) / 1e6,
-         "train_compile_s": t1 - t0, "train_hlo": _hlo_instructions(compiled),
-         "train_temp_gb": (mem.temp_size_in_bytes / 1e9) if mem is not None else None}
+  out = {
+    "model": name,
+    "batch": batch,
+    "conv_impl": conv_impl or "auto",
+    "params_m": rknet_jax.count_params(model, shape) / 1e6,
+    "train_compile_s": t1 - t0,
+    "train_hlo": _hlo_instructions(compiled),
+    "train_temp_gb": (mem.temp_size_in_bytes / 1e9) if mem is not None else None,
+  }
   if infer:
     t2 = time.perf_counter()
     jax.jit(bench_steps.infer_fn(model)).lower(
-        variables["params"], variables["batch_stats"], x).compile()
+      variables["params"], variables["batch_stats"], x
+    ).compile()
     out["infer_compile_s"] = time.perf_counter() - t2
   return out
 
 
 def _run_case(name, batch, conv_impl, infer, timeout):
   """``measure`` in a fresh subprocess; {'model':..., 'timeout': s} when it ran too long."""
-  cmd = [sys.executable, "-m", "benchmarks.bench_compile", "--worker",
-         json.dumps({"model": name, "batch": batch, "conv_impl": conv_impl, "infer": infer})]
+  cmd = [
+    sys.executable,
+    "-m",
+    "benchmarks.bench_compile",
+    "--worker",
+    json.dumps({"model": name, "batch": batch, "conv_impl": conv_impl, "infer": infer}),
+  ]
   try:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
   except subprocess.TimeoutExpired:
@@ -102,14 +117,23 @@ def _row(label, result, cells):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--tables", nargs="+", choices=("compile", "memory"),
-                      default=["compile", "memory"])
-  parser.add_argument("--models", nargs="+", default=None,
-                      help="models of the compile table (default: rknet_jax.list_models())")
+  parser.add_argument(
+    "--tables", nargs="+", choices=("compile", "memory"), default=["compile", "memory"]
+  )
+  parser.add_argument(
+    "--models",
+    nargs="+",
+    default=None,
+    help="models of the compile table (default: rknet_jax.list_models())",
+  )
   parser.add_argument("--batch", type=int, default=8, help="batch of the compile table")
   parser.add_argument("--memory_batch", type=int, default=64)
-  parser.add_argument("--conv_impl", default=None, choices=("auto", "xla", "dot1x1", "dot"),
-                      help="force a convolution formulation (default: the backend's)")
+  parser.add_argument(
+    "--conv_impl",
+    default=None,
+    choices=("auto", "xla", "dot1x1", "dot"),
+    help="force a convolution formulation (default: the backend's)",
+  )
   parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
   parser.add_argument("--json_out", default=None, help="also write every result here")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -122,6 +146,7 @@ def main():
   import jax
 
   import rknet_jax
+
   results = []
   impl = args.conv_impl or "auto"
   print(f"backend: {jax.default_backend()}, conv_impl {impl}")
@@ -130,8 +155,12 @@ def main():
     print(f"\nTrain step (and inference) compile, batch {args.batch}\n")
     print("| model | params (M) | train compile (s) | HLO instructions | inference compile (s) |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    cells = [("params_m", ".2f"), ("train_compile_s", ".1f"), ("train_hlo", ",d"),
-             ("infer_compile_s", ".1f")]
+    cells = [
+      ("params_m", ".2f"),
+      ("train_compile_s", ".1f"),
+      ("train_hlo", ",d"),
+      ("infer_compile_s", ".1f"),
+    ]
     for name in names:
       r = _run_case(name, args.batch, args.conv_impl, True, args.timeout)
       results.append(dict(r, table="compile"))
@@ -144,8 +173,10 @@ def main():
       r = _run_case(name, args.memory_batch, args.conv_impl, False, args.timeout)
       results.append(dict(r, table="memory"))
       layers = (int(name.split("-")[2]) - 4) // 6
-      print(_row(f"{name} | {layers}", r, [("train_temp_gb", ".2f"),
-                                           ("train_compile_s", ".1f")]), flush=True)
+      print(
+        _row(f"{name} | {layers}", r, [("train_temp_gb", ".2f"), ("train_compile_s", ".1f")]),
+        flush=True,
+      )
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(results, f, indent=1)

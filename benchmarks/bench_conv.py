@@ -24,9 +24,9 @@ from rknet_jax import conv as conv_lib
 # name -> (N, H, W, C, D, kernel size): the 3x3 conv of a bottleneck layer and the
 # widest 1x1 conv of the first period of ERKNet-6x1 6x1 6x1-B (k = w = 36, batch 64).
 SHAPES = {
-    "3x3": (64, 32, 32, 36, 36, 3),
-    "1x1": (64, 32, 32, 252, 36, 1),
-    "3x3-16": (64, 16, 16, 36, 36, 3),
+  "3x3": (64, 32, 32, 36, 36, 3),
+  "1x1": (64, 32, 32, 252, 36, 1),
+  "3x3-16": (64, 16, 16, 36, 36, 3),
 }
 
 
@@ -43,8 +43,7 @@ def _fns(impl, strides=(1, 1), padding="SAME"):
   def vjp(x, k, g):
     return jax.vjp(fwd, x, k)[1](g)
 
-  return {"fwd": jax.jit(fwd), "dx": jax.jit(dx), "dk": jax.jit(dk),
-          "vjp": jax.jit(vjp)}
+  return {"fwd": jax.jit(fwd), "dx": jax.jit(dx), "dk": jax.jit(dk), "vjp": jax.jit(vjp)}
 
 
 def _time(fn, args, reps):
@@ -60,17 +59,26 @@ def _time(fn, args, reps):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-  parser.add_argument("--impls", nargs="+", default=["xla", "dot1x1", "dot"],
-                      choices=[i for i in conv_lib.IMPLS if i != "auto"])
+  parser.add_argument(
+    "--impls",
+    nargs="+",
+    default=["xla", "dot1x1", "dot"],
+    choices=[i for i in conv_lib.IMPLS if i != "auto"],
+  )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--reps", type=int, default=5, help="timed calls per round")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--malloc", default="keep", choices=["default", "keep"],
-                      help="'keep': glibc keeps freed memory (benchmarks/cpu_allocator.py), "
-                      "so repeated calls do not page-fault on fresh output buffers")
+  parser.add_argument(
+    "--malloc",
+    default="keep",
+    choices=["default", "keep"],
+    help="'keep': glibc keeps freed memory (benchmarks/cpu_allocator.py), "
+    "so repeated calls do not page-fault on fresh output buffers",
+  )
   args = parser.parse_args(argv)
   if args.malloc == "keep":
     from benchmarks.cpu_allocator import keep_freed_memory
+
     keep_freed_memory()
   dtype = jnp.dtype(args.dtype)
   print(f"backend={jax.default_backend()} devices={jax.device_count()} dtype={dtype.name}")
@@ -89,8 +97,7 @@ def main(argv=None):
         for impl in args.impls:
           fargs = (x, k) if part == "fwd" else (x, k, g)
           results[(impl, part)].append(_time(fns[impl][part], fargs, args.reps) * 1e3)
-    print(f"\n{shape_name}: N={n} {h}x{w} {c}->{d} kernel {ks}x{ks}, "
-          f"{gflop:.2f} GFLOP per pass")
+    print(f"\n{shape_name}: N={n} {h}x{w} {c}->{d} kernel {ks}x{ks}, {gflop:.2f} GFLOP per pass")
     print(f"{'impl':8s}" + "".join(f"{p:>22s}" for p in ("fwd", "dx", "dk", "vjp")))
     for impl in args.impls:
       row = f"{impl:8s}"

@@ -32,16 +32,14 @@ import sys
 import time
 
 CASES = (  # name, model kwargs, image shape, mode, batch
-    ("ERKNet-6x1 6x1 6x1-B", {"growth_rate": 36, "bottleneck_width": 36}, (32, 32, 3),
-     "train", 64),
-    ("ERKNet-6x1 6x1 6x1-B", {"growth_rate": 36, "bottleneck_width": 36}, (32, 32, 3),
-     "infer", 256),
-    ("ERKNet-3x1 3x1 4x1 2x1-B", {}, (224, 224, 3), "train", 64),
-    ("ERKNet-3x1 3x1 4x1 2x1-B", {}, (224, 224, 3), "infer", 64),
+  ("ERKNet-6x1 6x1 6x1-B", {"growth_rate": 36, "bottleneck_width": 36}, (32, 32, 3), "train", 64),
+  ("ERKNet-6x1 6x1 6x1-B", {"growth_rate": 36, "bottleneck_width": 36}, (32, 32, 3), "infer", 256),
+  ("ERKNet-3x1 3x1 4x1 2x1-B", {}, (224, 224, 3), "train", 64),
+  ("ERKNet-3x1 3x1 4x1 2x1-B", {}, (224, 224, 3), "infer", 64),
 )
 SMOKE_CASES = (
-    ("ERKNet-1x1 1x1-B", {"growth_rate": 4}, (8, 8, 3), "train", 4),
-    ("ERKNet-1x1 1x1-B", {"growth_rate": 4}, (8, 8, 3), "infer", 4),
+  ("ERKNet-1x1 1x1-B", {"growth_rate": 4}, (8, 8, 3), "train", 4),
+  ("ERKNet-1x1 1x1-B", {"growth_rate": 4}, (8, 8, 3), "infer", 4),
 )
 DTYPES = ("float32", "bfloat16")
 TRAIN_FLOPS_FACTOR = 3  # forward + backward ~ 3 forward passes
@@ -71,8 +69,9 @@ def _measure(case: dict, model, steps: int, warmup: int) -> dict:
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((batch,) + shape, dtype=np.float32))
   labels = jnp.asarray(rng.integers(0, model.num_classes, batch), dtype=jnp.int32)
-  variables = jax.jit(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x,
-                                           train=False))(images[:1])
+  variables = jax.jit(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x, train=False))(
+    images[:1]
+  )
   params, stats = variables["params"], variables["batch_stats"]
   if case["mode"] == "train":
     tx = bench_steps.paper_sgd()
@@ -104,16 +103,31 @@ def _measure(case: dict, model, steps: int, warmup: int) -> dict:
   step_s = statistics.median(times)
   device = jax.devices()[0]
   memory = device.memory_stats() or {}
-  return dict(case, compile_s=compile_s, step_s=step_s, images_per_s=batch / step_s,
-              model_gflops_per_image=flops / 1e9,
-              achieved_tflops=factor * flops * batch / step_s / 1e12,
-              peak_bytes=memory.get("peak_bytes_in_use"), device=device.device_kind,
-              backend=jax.default_backend())
+  return dict(
+    case,
+    compile_s=compile_s,
+    step_s=step_s,
+    images_per_s=batch / step_s,
+    model_gflops_per_image=flops / 1e9,
+    achieved_tflops=factor * flops * batch / step_s / 1e12,
+    peak_bytes=memory.get("peak_bytes_in_use"),
+    device=device.device_kind,
+    backend=jax.default_backend(),
+  )
 
 
 def _run_case(case: dict, steps: int, warmup: int, timeout: float) -> dict:
-  cmd = [sys.executable, "-m", "benchmarks.bench_device", "--worker", json.dumps(case),
-         "--steps", str(steps), "--warmup", str(warmup)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "benchmarks.bench_device",
+    "--worker",
+    json.dumps(case),
+    "--steps",
+    str(steps),
+    "--warmup",
+    str(warmup),
+  ]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -125,35 +139,51 @@ def _run_case(case: dict, steps: int, warmup: int, timeout: float) -> dict:
 
 def table(records, peak_tflops: float) -> str:
   """Markdown table of the records (one row per case)."""
-  lines = ["| model | input | mode | batch | dtype | compile s | images/s | peak memory GB "
-           "| MFU % |", "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+  lines = [
+    "| model | input | mode | batch | dtype | compile s | images/s | peak memory GB | MFU % |",
+    "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+  ]
   for r in records:
     model = r["model"] + (f" [{r['dense']}]" if r.get("dense", "auto") != "auto" else "")
-    head = (f"| {model} | {'x'.join(map(str, r['shape']))} | {r['mode']} | "
-            f"{r['batch']} | {r['dtype']} |")
+    head = (
+      f"| {model} | {'x'.join(map(str, r['shape']))} | {r['mode']} | {r['batch']} | {r['dtype']} |"
+    )
     if "error" in r:
       lines.append(f"{head} {r['error']} | | | |")
       continue
     mem = f"{r['peak_bytes'] / 1e9:.2f}" if r.get("peak_bytes") else "n/a"
-    lines.append(f"{head} {r['compile_s']:.1f} | {r['images_per_s']:.0f} | {mem} | "
-                 f"{100 * r['achieved_tflops'] / peak_tflops:.2f} |")
+    lines.append(
+      f"{head} {r['compile_s']:.1f} | {r['images_per_s']:.0f} | {mem} | "
+      f"{100 * r['achieved_tflops'] / peak_tflops:.2f} |"
+    )
   return "\n".join(lines)
 
 
 def main(argv=None):
   """Runs every case (or ``--worker`` one) and prints the table."""
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_device",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.bench_device", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--smoke", action="store_true", help="tiny models (any backend)")
   parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
   parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
-  parser.add_argument("--dense", nargs="+", default=None, choices=["auto", "buffer", "loop"],
-                      help="dense-block formulations (default: buffer loop; --smoke: auto)")
-  parser.add_argument("--peak_tflops", type=float, default=989.4,
-                      help="the chip's dense bf16 peak, for MFU")
-  parser.add_argument("--case_timeout", type=float, default=240.0,
-                      help="seconds per case before it is reported as timed out")
+  parser.add_argument(
+    "--dense",
+    nargs="+",
+    default=None,
+    choices=["auto", "buffer", "loop"],
+    help="dense-block formulations (default: buffer loop; --smoke: auto)",
+  )
+  parser.add_argument(
+    "--peak_tflops", type=float, default=989.4, help="the chip's dense bf16 peak, for MFU"
+  )
+  parser.add_argument(
+    "--case_timeout",
+    type=float,
+    default=240.0,
+    help="seconds per case before it is reported as timed out",
+  )
   parser.add_argument("--json", default="", help="also write the records to this file")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -164,17 +194,26 @@ def main(argv=None):
     return
   records = []
   dense = args.dense or (["auto"] if args.smoke else ["buffer", "loop"])
-  for name, kwargs, shape, mode, batch in (SMOKE_CASES if args.smoke else CASES):
+  for name, kwargs, shape, mode, batch in SMOKE_CASES if args.smoke else CASES:
     for dtype in args.dtypes:
       for formulation in dense:
-        case = {"model": name, "kwargs": kwargs, "shape": list(shape), "mode": mode,
-                "batch": batch, "dtype": dtype, "dense": formulation}
+        case = {
+          "model": name,
+          "kwargs": kwargs,
+          "shape": list(shape),
+          "mode": mode,
+          "batch": batch,
+          "dtype": dtype,
+          "dense": formulation,
+        }
         records.append(_run_case(case, args.steps, args.warmup, args.case_timeout))
         print(json.dumps(records[-1]), file=sys.stderr, flush=True)
   found = [r for r in records if "device" in r]
   if found:
-    print(f"device: {found[0]['device']} ({found[0]['backend']}), "
-          f"peak {args.peak_tflops:g} TFLOP/s bf16")
+    print(
+      f"device: {found[0]['device']} ({found[0]['backend']}), "
+      f"peak {args.peak_tflops:g} TFLOP/s bf16"
+    )
   print(table(records, args.peak_tflops))
   if args.json:
     with open(args.json, "w") as f:

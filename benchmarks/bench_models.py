@@ -42,9 +42,16 @@ import sys
 import time
 
 BOTTLENECK_MODEL = "ERKNet-6×1 6×1 6×1-B"
-TABLE1 = ("ERKNet-6×1 6×1 6×1", "ERKNet-7×1 6×1 6×1", "ERKNet-7×1 7×1 6×1",
-          "ERKNet-7×1 7×1 7×1", "IRKNet-3×1 3×1 3×1", "IRKNet-4×1 3×1 3×1",
-          "IRKNet-4×1 4×1 3×1", "IRKNet-4×1 4×1 4×1")
+TABLE1 = (
+  "ERKNet-6×1 6×1 6×1",
+  "ERKNet-7×1 6×1 6×1",
+  "ERKNet-7×1 7×1 6×1",
+  "ERKNet-7×1 7×1 7×1",
+  "IRKNet-3×1 3×1 3×1",
+  "IRKNet-4×1 3×1 3×1",
+  "IRKNet-4×1 4×1 3×1",
+  "IRKNet-4×1 4×1 4×1",
+)
 GROWTH_RATE = 36
 BOTTLENECK_WIDTH = 36
 
@@ -60,8 +67,14 @@ def _build(model_name, remat, dtype_name, impl, dense="auto"):
   import jax.numpy as jnp
 
   import rknet_jax
-  kwargs = dict(growth_rate=GROWTH_RATE, remat=remat, dtype=jnp.dtype(dtype_name),
-                conv_impl=impl, dense_formulation=dense)
+
+  kwargs = dict(
+    growth_rate=GROWTH_RATE,
+    remat=remat,
+    dtype=jnp.dtype(dtype_name),
+    conv_impl=impl,
+    dense_formulation=dense,
+  )
   if model_name.endswith("-B"):
     kwargs["bottleneck_width"] = BOTTLENECK_WIDTH
   return rknet_jax.create_model(model_name, **kwargs)
@@ -84,10 +97,12 @@ def _worker(args):
 
   if args.malloc == "keep":
     from benchmarks.cpu_allocator import keep_freed_memory
+
     if not keep_freed_memory():
       raise RuntimeError("--malloc keep needs glibc's mallopt")
   if args.malloc == "runner":
     from experiments import compiler_memory
+
     if not compiler_memory.install():
       raise RuntimeError("--malloc runner needs glibc's malloc_trim")
   model = _build(args.model, args.remat, args.dtype, args.impl, args.dense)
@@ -95,8 +110,9 @@ def _worker(args):
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((batch, 32, 32, 3), dtype=np.float32))
   labels = jnp.asarray(rng.integers(0, model.num_classes, batch), dtype=jnp.int32)
-  variables = jax.jit(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x,
-                                           train=False))(images[:1])
+  variables = jax.jit(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x, train=False))(
+    images[:1]
+  )
   params, batch_stats = variables["params"], variables["batch_stats"]
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
@@ -140,16 +156,30 @@ def _worker(args):
       raise FloatingPointError(f"non-finite output at step {i}")
   median = statistics.median(times)
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-  print(json.dumps({
-      "model": args.model, "impl": args.impl, "resolved_impl": conv_lib.resolve_impl(args.impl),
-      "remat": args.remat, "mode": args.mode, "batch": batch, "dtype": args.dtype,
-      "params": num_params, "compile_s": compile_s, "step_s": times,
-      "median_step_s": median, "img_s": batch / median,
-      "median_cpu_s": statistics.median(cpu_times), "malloc": args.malloc,
-      "page_faults_per_step": faults / args.steps,
-      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-      "xla_temp_gb": None if temp_bytes is None else temp_bytes / 2**30,
-      "backend": jax.default_backend()}))
+  print(
+    json.dumps(
+      {
+        "model": args.model,
+        "impl": args.impl,
+        "resolved_impl": conv_lib.resolve_impl(args.impl),
+        "remat": args.remat,
+        "mode": args.mode,
+        "batch": batch,
+        "dtype": args.dtype,
+        "params": num_params,
+        "compile_s": compile_s,
+        "step_s": times,
+        "median_step_s": median,
+        "img_s": batch / median,
+        "median_cpu_s": statistics.median(cpu_times),
+        "malloc": args.malloc,
+        "page_faults_per_step": faults / args.steps,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "xla_temp_gb": None if temp_bytes is None else temp_bytes / 2**30,
+        "backend": jax.default_backend(),
+      }
+    )
+  )
 
 
 # --------------------------------------------------------------------------------------
@@ -177,17 +207,42 @@ def _configs(args):
 
 def _run_config(cfg, args):
   batch = args.train_batch if cfg["mode"] == "train" else args.infer_batch
-  cmd = [sys.executable, "-m", "benchmarks.bench_models", "--worker",
-         "--model", cfg["model"], "--mode", cfg["mode"], "--impl", cfg["impl"],
-         "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-         "--dtype", args.dtype, "--malloc_one", cfg["malloc"], "--dense", args.dense] + (
-             ["--remat_on"] if cfg["remat"] else [])
+  cmd = [
+    sys.executable,
+    "-m",
+    "benchmarks.bench_models",
+    "--worker",
+    "--model",
+    cfg["model"],
+    "--mode",
+    cfg["mode"],
+    "--impl",
+    cfg["impl"],
+    "--batch",
+    str(batch),
+    "--steps",
+    str(args.steps),
+    "--warmup",
+    str(args.warmup),
+    "--dtype",
+    args.dtype,
+    "--malloc_one",
+    cfg["malloc"],
+    "--dense",
+    args.dense,
+  ] + (["--remat_on"] if cfg["remat"] else [])
   env = dict(os.environ)
   if cfg["malloc"] in ("thp", "runner"):
     env["GLIBC_TUNABLES"] = ":".join(
-        t for t in (env.get("GLIBC_TUNABLES", ""), "glibc.malloc.hugetlb=1") if t)
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      t for t in (env.get("GLIBC_TUNABLES", ""), "glibc.malloc.hugetlb=1") if t
+    )
+  proc = subprocess.run(
+    cmd,
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   if proc.returncode != 0:
     sys.stderr.write(proc.stderr[-3000:])
     return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
@@ -205,12 +260,14 @@ def _fmt(values, fmt):
 
 def _driver(args):
   configs = _configs(args)
-  print(f"{len(configs)} configurations x {args.rounds} round(s); "
-        f"train batch {args.train_batch}, inference batch {args.infer_batch}, "
-        f"{args.warmup} warm-up + {args.steps} timed steps each, dtype {args.dtype}, "
-        f"dense blocks {args.dense}; "
-        f"load average at start {os.getloadavg()[0]:.2f}, CPUs {os.cpu_count()}",
-        flush=True)
+  print(
+    f"{len(configs)} configurations x {args.rounds} round(s); "
+    f"train batch {args.train_batch}, inference batch {args.infer_batch}, "
+    f"{args.warmup} warm-up + {args.steps} timed steps each, dtype {args.dtype}, "
+    f"dense blocks {args.dense}; "
+    f"load average at start {os.getloadavg()[0]:.2f}, CPUs {os.cpu_count()}",
+    flush=True,
+  )
   results = {i: [] for i in range(len(configs))}
   for r in range(args.rounds):
     for i, cfg in enumerate(configs):
@@ -220,35 +277,47 @@ def _driver(args):
         shown = {k: v for k, v in res.items() if k != "step_s"}
         print(f"  round {r + 1} {cfg}: {json.dumps(shown)}", flush=True)
   print(f"load average at end {os.getloadavg()[0]:.2f}\n")
-  print("| model | mode | batch | conv impl | remat | malloc | params | images/s | "
-        "step ms | CPU s/step | faults/step | compile s | peak RSS GB | XLA temp GB |")
-  print("| --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: |")
+  print(
+    "| model | mode | batch | conv impl | remat | malloc | params | images/s | "
+    "step ms | CPU s/step | faults/step | compile s | peak RSS GB | XLA temp GB |"
+  )
+  print(
+    "| --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  )
   for i, cfg in enumerate(configs):
     ok = [r for r in results[i] if "error" not in r]
     if not ok:
       err = results[i][0]["error"][:60]
-      print(f"| {cfg['model']} | {cfg['mode']} | | {cfg['impl']} | {cfg['remat']} | "
-            f"{cfg['malloc']} | FAILED: {err} | | | | | | | |")
+      print(
+        f"| {cfg['model']} | {cfg['mode']} | | {cfg['impl']} | {cfg['remat']} | "
+        f"{cfg['malloc']} | FAILED: {err} | | | | | | | |"
+      )
       continue
     r0 = ok[0]
-    impl = cfg["impl"] if cfg["impl"] == r0["resolved_impl"] else (
-        f"{cfg['impl']}->{r0['resolved_impl']}")
+    impl = (
+      cfg["impl"]
+      if cfg["impl"] == r0["resolved_impl"]
+      else (f"{cfg['impl']}->{r0['resolved_impl']}")
+    )
     temp = [r["xla_temp_gb"] for r in ok if r["xla_temp_gb"] is not None]
-    print(f"| {cfg['model']} | {cfg['mode']} | {r0['batch']} | {impl} | "
-          f"{'on' if cfg['remat'] else 'off'} | {cfg['malloc']} | "
-          f"{r0['params']:,} | "
-          f"{_fmt([r['img_s'] for r in ok], '.1f')} | "
-          f"{_fmt([r['median_step_s'] * 1e3 for r in ok], '.0f')} | "
-          f"{_fmt([r['median_cpu_s'] for r in ok], '.2f')} | "
-          f"{_fmt([r['page_faults_per_step'] for r in ok], '.0f')} | "
-          f"{_fmt([r['compile_s'] for r in ok], '.1f')} | "
-          f"{_fmt([r['peak_rss_gb'] for r in ok], '.2f')} | {_fmt(temp, '.2f')} |")
+    print(
+      f"| {cfg['model']} | {cfg['mode']} | {r0['batch']} | {impl} | "
+      f"{'on' if cfg['remat'] else 'off'} | {cfg['malloc']} | "
+      f"{r0['params']:,} | "
+      f"{_fmt([r['img_s'] for r in ok], '.1f')} | "
+      f"{_fmt([r['median_step_s'] * 1e3 for r in ok], '.0f')} | "
+      f"{_fmt([r['median_cpu_s'] for r in ok], '.2f')} | "
+      f"{_fmt([r['page_faults_per_step'] for r in ok], '.0f')} | "
+      f"{_fmt([r['compile_s'] for r in ok], '.1f')} | "
+      f"{_fmt([r['peak_rss_gb'] for r in ok], '.2f')} | {_fmt(temp, '.2f')} |"
+    )
   ref = PYTORCH_REFERENCE
-  print(f"\nReference (authors' PyTorch, same network and machine type): train "
-        f"{ref['train_img_s']:.0f} images/s at batch 64, peak RSS {ref['peak_rss_gb']} GB; "
-        f"inference {ref['infer_img_s'][0]:.0f}-{ref['infer_img_s'][1]:.0f} images/s at "
-        f"batch 256.  Targets: train >= 1.0x, inference >= 1.5x, peak RSS <= PyTorch's.")
+  print(
+    f"\nReference (authors' PyTorch, same network and machine type): train "
+    f"{ref['train_img_s']:.0f} images/s at batch 64, peak RSS {ref['peak_rss_gb']} GB; "
+    f"inference {ref['infer_img_s'][0]:.0f}-{ref['infer_img_s'][1]:.0f} images/s at "
+    f"batch 256.  Targets: train >= 1.0x, inference >= 1.5x, peak RSS <= PyTorch's."
+  )
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump({"configs": configs, "results": results}, f, indent=1)
@@ -256,37 +325,55 @@ def _driver(args):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-  parser.add_argument("--models", nargs="+", default=["B"],
-                      help="model names; 'B' = ERKNet-6×1 6×1 6×1-B (w = k = 36), "
-                      "'table1' = the eight Table 1 models (k = 36)")
-  parser.add_argument("--modes", nargs="+", default=["train", "infer"],
-                      choices=["train", "infer"])
-  parser.add_argument("--impls", nargs="+", default=["auto"],
-                      choices=["auto", "xla", "dot1x1", "dot"],
-                      help="conv formulations (rknet_jax.conv); several = A/B comparison")
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split("\n\n", 1)[1],
+  )
+  parser.add_argument(
+    "--models",
+    nargs="+",
+    default=["B"],
+    help="model names; 'B' = ERKNet-6×1 6×1 6×1-B (w = k = 36), "
+    "'table1' = the eight Table 1 models (k = 36)",
+  )
+  parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+  parser.add_argument(
+    "--impls",
+    nargs="+",
+    default=["auto"],
+    choices=["auto", "xla", "dot1x1", "dot"],
+    help="conv formulations (rknet_jax.conv); several = A/B comparison",
+  )
   parser.add_argument("--remat", default="both", choices=["off", "on", "both"])
-  parser.add_argument("--malloc", nargs="+", default=["thp"],
-                      choices=["default", "thp", "runner", "keep"],
-                      help="glibc malloc of the worker: 'default' = as the process starts; "
-                      "'thp' = GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge "
-                      "pages for malloc: 512x fewer page faults); 'runner' = thp and "
-                      "malloc_trim after every compilation, as the runner does "
-                      "(experiments/compiler_memory.py); 'keep' = never return "
-                      "freed memory (benchmarks/cpu_allocator.py: no faults, but the heap "
-                      "fragments and RSS grows)")
-  parser.add_argument("--dense", default="auto", choices=["auto", "buffer"],
-                      help="the models' dense_formulation: 'auto' = DenseBlock's choice (on "
-                      "CPU the loop of layers for blocks of at most blocks.LOOP_MAX_LAYERS "
-                      "layers); 'buffer' = every block on the channel buffer "
-                      "(rknet_jax/dense_buffer.py)")
+  parser.add_argument(
+    "--malloc",
+    nargs="+",
+    default=["thp"],
+    choices=["default", "thp", "runner", "keep"],
+    help="glibc malloc of the worker: 'default' = as the process starts; "
+    "'thp' = GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge "
+    "pages for malloc: 512x fewer page faults); 'runner' = thp and "
+    "malloc_trim after every compilation, as the runner does "
+    "(experiments/compiler_memory.py); 'keep' = never return "
+    "freed memory (benchmarks/cpu_allocator.py: no faults, but the heap "
+    "fragments and RSS grows)",
+  )
+  parser.add_argument(
+    "--dense",
+    default="auto",
+    choices=["auto", "buffer"],
+    help="the models' dense_formulation: 'auto' = DenseBlock's choice (on "
+    "CPU the loop of layers for blocks of at most blocks.LOOP_MAX_LAYERS "
+    "layers); 'buffer' = every block on the channel buffer "
+    "(rknet_jax/dense_buffer.py)",
+  )
   parser.add_argument("--train_batch", type=int, default=64)
   parser.add_argument("--infer_batch", type=int, default=256)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
-  parser.add_argument("--rounds", type=int, default=1,
-                      help="run every configuration this many times, round-robin")
+  parser.add_argument(
+    "--rounds", type=int, default=1, help="run every configuration this many times, round-robin"
+  )
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--json_out", default="", help="also write all raw results here")
   parser.add_argument("--verbose", action="store_true", help="print each run as it ends")
@@ -304,9 +391,12 @@ def main(argv=None):
     args.malloc = args.malloc_one
     _worker(args)
   else:
-    for name, value in (("--steps", args.steps), ("--rounds", args.rounds),
-                        ("--train_batch", args.train_batch),
-                        ("--infer_batch", args.infer_batch)):
+    for name, value in (
+      ("--steps", args.steps),
+      ("--rounds", args.rounds),
+      ("--train_batch", args.train_batch),
+      ("--infer_batch", args.infer_batch),
+    ):
       if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     if args.warmup < 0:

@@ -10,8 +10,7 @@ import optax
 
 def paper_sgd():
   """SGD with Nesterov momentum 0.9 and weight decay 1e-4 on every parameter, lr 0.1."""
-  return optax.chain(optax.add_decayed_weights(1e-4),
-                     optax.sgd(0.1, momentum=0.9, nesterov=True))
+  return optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9, nesterov=True))
 
 
 def train_step_fn(model, tx):
@@ -20,8 +19,9 @@ def train_step_fn(model, tx):
 
   def train_step(params, batch_stats, opt_state, x, y):
     def loss_fn(p):
-      logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                    mutable=["batch_stats"])
+      logits, updates = model.apply(
+        {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, updates["batch_stats"]
 

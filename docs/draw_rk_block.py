@@ -7,6 +7,7 @@ stage slopes z_1..z_s are computed by convolutional layers (each stage sees y_n 
 explicit method, the earlier stages: DenseNet's dense connections), and the step adds them up,
 y_{n+1} = y_n + h sum_i b_i z_i (paper section 3, equations 2-3).
 """
+
 import pathlib
 
 import matplotlib
@@ -19,14 +20,26 @@ OUT = pathlib.Path(__file__).resolve().parent / "rk_block.png"
 
 
 def _box(ax, x, y, text, color, w=1.3, h=0.7):
-  ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05",
-                              fc=color, ec="black", lw=1))
+  ax.add_patch(
+    FancyBboxPatch(
+      (x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05", fc=color, ec="black", lw=1
+    )
+  )
   ax.text(x, y, text, ha="center", va="center", fontsize=11)
 
 
 def _arrow(ax, start, end, rad=0.0, color="black"):
-  ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, lw=1,
-                               color=color, connectionstyle=f"arc3,rad={rad}"))
+  ax.add_patch(
+    FancyArrowPatch(
+      start,
+      end,
+      arrowstyle="-|>",
+      mutation_scale=12,
+      lw=1,
+      color=color,
+      connectionstyle=f"arc3,rad={rad}",
+    )
+  )
 
 
 def draw(path=OUT):
@@ -51,11 +64,22 @@ def draw(path=OUT):
     _arrow(ax, (x, 0.62), (7.75, 0.72), rad=0.25, color="#e69138")
   _arrow(ax, (0.6, 0.62), (7.7, 0.68), rad=0.3, color="#999999")
   _arrow(ax, (8.25, 1.0), (9.15, 1.0))
-  ax.text(5.2, -0.75, r"one block = one Runge-Kutta time-step:  "
-          r"$y_{n+1} = y_n + h\sum_i b_i z_i$,   $z_i = f(t_n + c_i h,\ y_n + h\sum_j a_{ij} z_j)$",
-          ha="center", fontsize=10)
-  ax.text(3.3, 2.45, "explicit (ERKNet): each stage sees y_n and the earlier stages "
-          "(a DenseNet dense block)", ha="center", fontsize=9, color="#3d85c6")
+  ax.text(
+    5.2,
+    -0.75,
+    r"one block = one Runge-Kutta time-step:  "
+    r"$y_{n+1} = y_n + h\sum_i b_i z_i$,   $z_i = f(t_n + c_i h,\ y_n + h\sum_j a_{ij} z_j)$",
+    ha="center",
+    fontsize=10,
+  )
+  ax.text(
+    3.3,
+    2.45,
+    "explicit (ERKNet): each stage sees y_n and the earlier stages (a DenseNet dense block)",
+    ha="center",
+    fontsize=9,
+    color="#3d85c6",
+  )
   fig.savefig(path, bbox_inches="tight")
   plt.close(fig)
 

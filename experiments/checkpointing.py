@@ -63,8 +63,7 @@ class RunCheckpoints:
   run killed mid-save leaves no half-written committed step.
   """
 
-  def __init__(self, workdir: str, *, keep: int, track_best: bool,
-               model_spec: dict | None = None):
+  def __init__(self, workdir: str, *, keep: int, track_best: bool, model_spec: dict | None = None):
     self.workdir = rundir.path(workdir)
     self.model_spec = model_spec  # stored in every step's meta (``MODEL_SPEC_KEY``)
     self.last_saved: int | None = None  # newest step saved (or restored) by this run
@@ -72,13 +71,21 @@ class RunCheckpoints:
     policies = [ocp_managers.LatestN(n=keep)]
     extra = {}
     if track_best:
-      policies.append(ocp_managers.BestN(
-          get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
-          keep_checkpoints_without_metrics=False))
+      policies.append(
+        ocp_managers.BestN(
+          get_metric_fn=lambda m: m[BEST_METRIC],
+          reverse=True,
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        )
+      )
       extra = dict(best_fn=lambda m: m[BEST_METRIC], best_mode="min")
     options = ocp.CheckpointManagerOptions(
-        create=True, cleanup_tmp_directories=True,
-        preservation_policy=ocp_managers.AnyPreservationPolicy(policies), **extra)
+      create=True,
+      cleanup_tmp_directories=True,
+      preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
+      **extra,
+    )
     self.manager = rk_ckpt.checkpoint_manager(self.workdir, read_only=False, options=options)
 
   @property
@@ -88,8 +95,9 @@ class RunCheckpoints:
   def all_steps(self):
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, model_vars: Any, train_vars: Any, meta: dict,
-           metrics: dict | None = None):
+  def save(
+    self, step: int, model_vars: Any, train_vars: Any, meta: dict, metrics: dict | None = None
+  ):
     """Saves (asynchronously) the state after ``step`` completed steps, with checksums.
 
     A second save of ``last_saved`` is a no-op. Raises ``CheckpointWriteError`` if this or
@@ -97,17 +105,28 @@ class RunCheckpoints:
     """
     if step == self.last_saved:
       return
-    meta = dict(meta, checksums={rk_ckpt.MODEL_ITEM: rk_ckpt.checksums(model_vars),
-                                 rk_ckpt.TRAIN_ITEM: rk_ckpt.checksums(train_vars)})
+    meta = dict(
+      meta,
+      checksums={
+        rk_ckpt.MODEL_ITEM: rk_ckpt.checksums(model_vars),
+        rk_ckpt.TRAIN_ITEM: rk_ckpt.checksums(train_vars),
+      },
+    )
     if self.model_spec is not None:
       meta[MODEL_SPEC_KEY] = self.model_spec
     try:
       self.manager.save(
-          step, args=ocp.args.Composite(**{
-              rk_ckpt.MODEL_ITEM: ocp.args.StandardSave(model_vars),
-              rk_ckpt.TRAIN_ITEM: ocp.args.StandardSave(train_vars),
-              rk_ckpt.META_ITEM: ocp.args.JsonSave(meta)}),
-          metrics=metrics, force=True)
+        step,
+        args=ocp.args.Composite(
+          **{
+            rk_ckpt.MODEL_ITEM: ocp.args.StandardSave(model_vars),
+            rk_ckpt.TRAIN_ITEM: ocp.args.StandardSave(train_vars),
+            rk_ckpt.META_ITEM: ocp.args.JsonSave(meta),
+          }
+        ),
+        metrics=metrics,
+        force=True,
+      )
     except Exception as e:
       self._write_failed(e, step)
     self.last_saved = step
@@ -116,9 +135,10 @@ class RunCheckpoints:
     self.close()
     at = f"step {step} (or the one before)" if step is not None else "a checkpoint"
     raise CheckpointWriteError(
-        f"writing {at} to {self.directory} failed: {type(error).__name__}: {error}. The run "
-        "stopped; the checkpoints already committed there are intact. Make the directory "
-        "writable (or free disk space) and rerun the same command to resume.") from error
+      f"writing {at} to {self.directory} failed: {type(error).__name__}: {error}. The run "
+      "stopped; the checkpoints already committed there are intact. Make the directory "
+      "writable (or free disk space) and rerun the same command to resume."
+    ) from error
 
   def check_for_errors(self):
     """Raises ``CheckpointWriteError`` if a background write has failed (non-blocking)."""
@@ -139,13 +159,13 @@ class RunCheckpoints:
       src.rename(dst)
       notes = dst_root / "README.txt"
       old = notes.read_text() if notes.exists() else ""
-      notes.write_text(old + f"{dst.name}: restore failed with {type(error).__name__}: "
-                       f"{error}\n")
+      notes.write_text(old + f"{dst.name}: restore failed with {type(error).__name__}: {error}\n")
     except OSError as e:
       raise RestoreError(
-          f"checkpoint step {step} in {self.directory} is damaged ({type(error).__name__}: "
-          f"{error}) and could not be moved aside to {os.fspath(dst)} ({e}). Nothing was "
-          "deleted; move that step folder out of the checkpoints folder by hand and rerun.") from e
+        f"checkpoint step {step} in {self.directory} is damaged ({type(error).__name__}: "
+        f"{error}) and could not be moved aside to {os.fspath(dst)} ({e}). Nothing was "
+        "deleted; move that step folder out of the checkpoints folder by hand and rerun."
+      ) from e
     logging.warning("Damaged checkpoint step %d moved to %s (not deleted).", step, dst)
 
   def restore_latest(self, abstract_model: Any, abstract_train: Any):
@@ -158,33 +178,43 @@ class RunCheckpoints:
     damaged = []
 
     def make_args(_):
-      return ocp.args.Composite(**{
+      return ocp.args.Composite(
+        **{
           rk_ckpt.MODEL_ITEM: ocp.args.StandardRestore(abstract_model),
           rk_ckpt.TRAIN_ITEM: ocp.args.StandardRestore(abstract_train),
-          rk_ckpt.META_ITEM: ocp.args.JsonRestore()})
+          rk_ckpt.META_ITEM: ocp.args.JsonRestore(),
+        }
+      )
 
     step, restored = rk_ckpt.restore_newest_intact(
-        self.manager, make_args, on_damaged=lambda s, e: damaged.append((s, e)))
+      self.manager, make_args, on_damaged=lambda s, e: damaged.append((s, e))
+    )
     self.last_saved = step
     if damaged and step is None:
       # Nothing restores: more likely a code/model change than damage everywhere. Refuse
       # to start over (that would bury the work) and leave every checkpoint in place.
       detail = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in damaged)
       raise RestoreError(
-          f"none of the checkpoints in {self.directory} can be restored ({detail}). "
-          "Nothing was moved or deleted. If the model code changed, restore it; to start "
-          "over, use a new --workdir.")
+        f"none of the checkpoints in {self.directory} can be restored ({detail}). "
+        "Nothing was moved or deleted. If the model code changed, restore it; to start "
+        "over, use a new --workdir."
+      )
     if damaged:
       for s, e in damaged:
         self._quarantine(s, e)
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices("rknet_quarantine_damaged_checkpoints")
       self.manager.reload()
     if step is None:
       return None, None, None, None
-    return (step, restored[rk_ckpt.MODEL_ITEM], restored[rk_ckpt.TRAIN_ITEM],
-            restored[rk_ckpt.META_ITEM])
+    return (
+      step,
+      restored[rk_ckpt.MODEL_ITEM],
+      restored[rk_ckpt.TRAIN_ITEM],
+      restored[rk_ckpt.META_ITEM],
+    )
 
   def best_step(self) -> int | None:
     """The kept step with the lowest validation error (None without validation saves)."""
@@ -215,16 +245,20 @@ class RunCheckpoints:
     try:
       m.wait_until_finished()
     except Exception as e:
-      logging.error("A checkpoint write of %s failed: %s: %s", self.directory,
-                    type(e).__name__, e)
+      logging.error("A checkpoint write of %s failed: %s: %s", self.directory, type(e).__name__, e)
     # CheckpointManager.close() stops at a failed wait; close its parts one by one.
-    for part in ("_checkpointer", "_non_blocking_metadata_store",
-                 "_blocking_metadata_store", "_checkpoint_deleter"):
+    for part in (
+      "_checkpointer",
+      "_non_blocking_metadata_store",
+      "_blocking_metadata_store",
+      "_checkpoint_deleter",
+    ):
       try:
         getattr(m, part).close()
       except Exception as e:
-        logging.error("Closing the checkpoint manager's %s failed: %s: %s", part,
-                      type(e).__name__, e)
+        logging.error(
+          "Closing the checkpoint manager's %s failed: %s: %s", part, type(e).__name__, e
+        )
 
 
 # ------------------------------------------------------------------ what was trained
@@ -252,8 +286,11 @@ def checkpoint_metas(workdir: str) -> dict[int, dict | None]:
 
 def trained_spec(workdir: str):
   """``(step, spec dict)`` of the newest checkpoint that recorded its model spec, or None."""
-  specs = {s: m[MODEL_SPEC_KEY] for s, m in checkpoint_metas(workdir).items()
-           if m is not None and MODEL_SPEC_KEY in m}
+  specs = {
+    s: m[MODEL_SPEC_KEY]
+    for s, m in checkpoint_metas(workdir).items()
+    if m is not None and MODEL_SPEC_KEY in m
+  }
   if not specs:
     return None
   step = max(specs)
@@ -264,14 +301,16 @@ def resolved_spec(data: dict) -> dict:
   """A ``model.json``-style dict as the resolved spec's JSON (every default filled in),
   without ``input_shape``: two of them are the same model exactly when they are equal."""
   from rknet_jax import registry
+
   return json.loads(registry.resolve(rk_ckpt.saved_spec(data)).to_json())
 
 
 def spec_differences(old: dict, new: dict) -> dict[str, tuple]:
   """``{field: (old value, new value)}`` where two resolved spec dicts differ (the derived
   ``name`` only when nothing else does)."""
-  diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k)}
+  diff = {
+    k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+  }
   if len(diff) > 1:
     diff.pop("name", None)
   return diff
@@ -288,10 +327,12 @@ def check_model_file(workdir: str, saved: dict | None):
   if spec.get("input_shape") != saved.get("input_shape"):
     diff["input_shape"] = (spec.get("input_shape"), saved.get("input_shape"))
   if diff:
-    detail = "; ".join(f"{k}: checkpoint has {a!r}, model.json has {b!r}"
-                       for k, (a, b) in diff.items())
+    detail = "; ".join(
+      f"{k}: checkpoint has {a!r}, model.json has {b!r}" for k, (a, b) in diff.items()
+    )
     raise ValueError(
-        f"{os.fspath(rundir.path(workdir, rk_ckpt.MODEL_FILE))} does not match the model the "
-        f"checkpoints were trained as (checkpoint step {step}: {detail}): it was edited or "
-        "copied from another run. Put the run's own model.json back (rerunning its training "
-        "command rewrites it).")
+      f"{os.fspath(rundir.path(workdir, rk_ckpt.MODEL_FILE))} does not match the model the "
+      f"checkpoints were trained as (checkpoint step {step}: {detail}): it was edited or "
+      "copied from another run. Put the run's own model.json back (rerunning its training "
+      "command rewrites it)."
+    )

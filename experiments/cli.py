@@ -25,17 +25,53 @@ VERBOSE_ENV = "RKNET_VERBOSE"
 # Characters commonly typed (or pasted) in place of an ASCII one; NFKC covers the rest
 # (full-width forms, ligatures, non-breaking spaces).
 _LOOKALIKES = {
-    "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-",
-    "\u2212": "-", "\u00ad": "-", "\u2018": "'", "\u2019": "'", "\u201c": '"',
-    "\u201d": '"', "\u00d7": "x", "\u200b": "", "\u2044": "/", "\u2215": "/",
-    # Cyrillic and Greek letters drawn like Latin ones.
-    "\u0430": "a", "\u0435": "e", "\u043e": "o", "\u0440": "p", "\u0441": "c",
-    "\u0443": "y", "\u0445": "x", "\u0456": "i", "\u0410": "A", "\u0412": "B",
-    "\u0415": "E", "\u041a": "K", "\u041c": "M", "\u041d": "H", "\u041e": "O",
-    "\u0420": "P", "\u0421": "C", "\u0422": "T", "\u0425": "X", "\u03bf": "o",
-    "\u0391": "A", "\u0392": "B", "\u0395": "E", "\u0399": "I", "\u039a": "K",
-    "\u039c": "M", "\u039d": "N", "\u039f": "O", "\u03a1": "P", "\u03a4": "T",
-    "\u03a7": "X",
+  "\u2010": "-",
+  "\u2011": "-",
+  "\u2012": "-",
+  "\u2013": "-",
+  "\u2014": "-",
+  "\u2212": "-",
+  "\u00ad": "-",
+  "\u2018": "'",
+  "\u2019": "'",
+  "\u201c": '"',
+  "\u201d": '"',
+  "\u00d7": "x",
+  "\u200b": "",
+  "\u2044": "/",
+  "\u2215": "/",
+  # Cyrillic and Greek letters drawn like Latin ones.
+  "\u0430": "a",
+  "\u0435": "e",
+  "\u043e": "o",
+  "\u0440": "p",
+  "\u0441": "c",
+  "\u0443": "y",
+  "\u0445": "x",
+  "\u0456": "i",
+  "\u0410": "A",
+  "\u0412": "B",
+  "\u0415": "E",
+  "\u041a": "K",
+  "\u041c": "M",
+  "\u041d": "H",
+  "\u041e": "O",
+  "\u0420": "P",
+  "\u0421": "C",
+  "\u0422": "T",
+  "\u0425": "X",
+  "\u03bf": "o",
+  "\u0391": "A",
+  "\u0392": "B",
+  "\u0395": "E",
+  "\u0399": "I",
+  "\u039a": "K",
+  "\u039c": "M",
+  "\u039d": "N",
+  "\u039f": "O",
+  "\u03a1": "P",
+  "\u03a4": "T",
+  "\u03a7": "X",
 }
 
 
@@ -59,8 +95,9 @@ def describe_non_ascii(text: str) -> str:
   for char in dict.fromkeys(c for c in text if not c.isascii()):
     name = f"U+{ord(char):04X} {unicodedata.name(char, 'UNNAMED CHARACTER')}"
     meant = ascii_lookalike(char)
-    parts.append(f"{name} where {meant!r} was probably meant" if meant is not None
-                 else f"{name} (not ASCII)")
+    parts.append(
+      f"{name} where {meant!r} was probably meant" if meant is not None else f"{name} (not ASCII)"
+    )
   return f"{text!r} contains " + ", ".join(parts)
 
 
@@ -72,14 +109,17 @@ def non_ascii_note(message: str, argv: Sequence[str]) -> str | None:
   shows why it is not.
   """
   typed = [a for a in argv if not a.isascii()]
-  shown = {c for c in message if not c.isascii() and f"U+{ord(c):04X}" not in message
-           and any(c in a for a in typed)}
+  shown = {
+    c
+    for c in message
+    if not c.isascii() and f"U+{ord(c):04X}" not in message and any(c in a for a in typed)
+  }
   if not shown:
     return None
   values = []
   for arg in typed:
     name, eq, value = arg.partition("=")
-    for part in ([value, name] if eq else [arg]):
+    for part in [value, name] if eq else [arg]:
       if any(c in shown for c in part) and part not in values:
         values.append(part)
         break
@@ -104,6 +144,7 @@ def config_override_error(argv: Sequence[str], config, flag: str = "config") -> 
   you mean --config.learning_rate?``, or None when every override names a field.
   """
   from ml_collections import config_dict
+
   for arg in argv:
     m = re.match(rf"--{re.escape(flag)}\.([^=]+)", arg)
     if not m:
@@ -115,11 +156,14 @@ def config_override_error(argv: Sequence[str], config, flag: str = "config") -> 
       if key in node:
         node = node[key]
         continue
-      field = ".".join(keys[:i + 1])
+      field = ".".join(keys[: i + 1])
       close = did_you_mean(key, node.keys())
-      hint = (f"did you mean --{flag}.{'.'.join(keys[:i] + [close])}?" if close else
-              f"its fields{' under ' + '.'.join(keys[:i]) if i else ''} are: "
-              f"{', '.join(sorted(node.keys()))}")
+      hint = (
+        f"did you mean --{flag}.{'.'.join(keys[:i] + [close])}?"
+        if close
+        else f"its fields{' under ' + '.'.join(keys[:i]) if i else ''} are: "
+        f"{', '.join(sorted(node.keys()))}"
+      )
       return f"{arg}: the config has no field {field!r}; {hint}"
   return None
 
@@ -152,6 +196,7 @@ def refusal_types() -> tuple:
       app,
       flags,
     )
+
     types.extend([flags.Error, app.UsageError])
   except ImportError:
     pass
@@ -166,6 +211,7 @@ def verbose(argv: Sequence[str] = ()) -> bool:
     return True
   try:
     from absl import flags
+
     return "verbose" in flags.FLAGS and bool(flags.FLAGS["verbose"].value)
   except Exception:
     return False
@@ -175,7 +221,8 @@ def refusal_message(error: BaseException, argv: Sequence[str] = ()) -> str:
   """``error: <message>`` (plus a line on look-alike characters where there are any)."""
   message = str(error).strip() or type(error).__name__
   if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError)) and (
-      error.filename is not None and error.strerror):
+    error.filename is not None and error.strerror
+  ):
     message = f"{error.filename}: {error.strerror}"
   note = non_ascii_note(message, argv)
   return f"error: {message}" + (f"\nerror: {note}" if note else "")
@@ -244,6 +291,7 @@ def _config_of(flag, argv: Sequence[str]) -> object | None:
 def parse_flags(argv: Sequence[str], config_flag: str | None = "config"):
   """``FLAGS(argv)`` with one-line errors; a bad ``--config.FIELD`` gets "did you mean"."""
   from absl import flags
+
   FLAGS = flags.FLAGS
   try:
     return FLAGS(argv)
@@ -262,14 +310,17 @@ def parse_flags(argv: Sequence[str], config_flag: str | None = "config"):
     sys.exit(1)
 
 
-def run(main: Callable, *, exit_fn: Callable[[int], None] = sys.exit,
-        config_flag: str | None = "config"):
+def run(
+  main: Callable, *, exit_fn: Callable[[int], None] = sys.exit, config_flag: str | None = "config"
+):
   """``absl.app.run(main)`` for an entry point: ``--verbose``, one-line refusals."""
   from absl import (
     app,
     flags,
   )
+
   if "verbose" not in flags.FLAGS:
-    flags.DEFINE_bool("verbose", False, "Show the Python traceback of a refused command "
-                      f"(also {VERBOSE_ENV}=1).")
+    flags.DEFINE_bool(
+      "verbose", False, f"Show the Python traceback of a refused command (also {VERBOSE_ENV}=1)."
+    )
   app.run(guard(main, exit_fn), flags_parser=lambda argv: parse_flags(argv, config_flag))

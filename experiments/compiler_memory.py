@@ -39,8 +39,7 @@ def _glibc_malloc_trim() -> Callable[[int], int] | None:
 
 def wanted(environ=os.environ) -> bool:
   """False when the user turned it off with ``RKNET_MALLOC_TRIM=0`` (or false/no/off)."""
-  return environ.get("RKNET_MALLOC_TRIM", "1").strip().lower() not in ("0", "false", "no",
-                                                                        "off")
+  return environ.get("RKNET_MALLOC_TRIM", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def install(trim: Callable[[int], int] | None = None) -> bool:

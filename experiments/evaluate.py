@@ -24,13 +24,23 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: newest intact).")
 flags.DEFINE_enum("split", "test", ["test", "validation"], "Which split to evaluate.")
 flags.DEFINE_integer("batch_size", None, "Global eval batch (default: the run's).")
 flags.DEFINE_string("data_dir", None, "Override the run's data_dir.")
-flags.DEFINE_bool("allow_data_change", False,
-                  "Evaluate on data that differ from the run's (its data.json fingerprint).")
+flags.DEFINE_bool(
+  "allow_data_change",
+  False,
+  "Evaluate on data that differ from the run's (its data.json fingerprint).",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
-def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size=None,
-                        data_dir=None, mesh=None, allow_data_change: bool = False) -> dict:
+def evaluate_checkpoint(
+  workdir: str,
+  step=None,
+  split: str = "test",
+  batch_size=None,
+  data_dir=None,
+  mesh=None,
+  allow_data_change: bool = False,
+) -> dict:
   """Exact metrics of checkpoint ``step`` (newest intact if None) of ``workdir`` on ``split``.
 
   The images are standardised with the run's ``data.json`` mean/std; data whose fingerprint
@@ -52,7 +62,8 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
   run = rundir.read_run_file(workdir)
   if run is None:
     raise FileNotFoundError(
-        f"{os.fspath(rundir.path(workdir, rundir.RUN_FILE))} not found: not a training workdir")
+      f"{os.fspath(rundir.path(workdir, rundir.RUN_FILE))} not found: not a training workdir"
+    )
   config = run_config.config_from_run(run)
   if batch_size is not None:
     config.eval_batch_size = batch_size
@@ -60,27 +71,38 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
     config.data_dir = data_dir
   mesh = steps.make_mesh() if mesh is None else mesh
   if config.eval_batch_size % mesh.devices.size:
-    raise ValueError(f"eval batch {config.eval_batch_size} is not divisible by the "
-                     f"{mesh.devices.size} devices")
+    raise ValueError(
+      f"eval batch {config.eval_batch_size} is not divisible by the {mesh.devices.size} devices"
+    )
   input_pipeline.preflight(config)
   from rknet_jax import preprocessing
+
   recorded = preprocessing.read_data_spec(workdir)  # (checked: a bad field is an error)
   if recorded is None:
-    logging.warning("%s has no data.json (written by an older version): standardising with "
-                    "statistics of the current data", workdir)
+    logging.warning(
+      "%s has no data.json (written by an older version): standardising with "
+      "statistics of the current data",
+      workdir,
+    )
     stats = None
   else:
     input_pipeline.bind_data_spec(
-        config, recorded, allow_change=allow_data_change, what="to evaluate",
-        fix="pass --allow_data_change (allow_data_change=True) to evaluate on them with the "
-        "run's mean/std")
+      config,
+      recorded,
+      allow_change=allow_data_change,
+      what="to evaluate",
+      fix="pass --allow_data_change (allow_data_change=True) to evaluate on them with the "
+      "run's mean/std",
+    )
     stats = (recorded["mean"], recorded["std"])
   saved = rk_ckpt.read_model_spec(workdir)  # the model as trained (defaults frozen)
   checkpointing.check_model_file(workdir, saved)  # names an edited or foreign model.json
-  model = (rk_ckpt.model_from_spec(saved) if saved is not None
-           else run_config.build_model(config, run["num_classes"]))
-  target = rk_ckpt.abstract_variables(model, run["input_shape"],
-                                      sharding=NamedSharding(mesh, P()))
+  model = (
+    rk_ckpt.model_from_spec(saved)
+    if saved is not None
+    else run_config.build_model(config, run["num_classes"])
+  )
+  target = rk_ckpt.abstract_variables(model, run["input_shape"], sharding=NamedSharding(mesh, P()))
   manager = rk_ckpt.checkpoint_manager(workdir, read_only=True)
   try:
     found, variables, meta = rk_ckpt.restore_model(manager, target, step=step)
@@ -91,31 +113,55 @@ def evaluate_checkpoint(workdir: str, step=None, split: str = "test", batch_size
   precise = "precise_bn_batches" in run["config"] and config.precise_bn_batches > 0
   if precise and meta.get("batch_stats") != "precise":
     from experiments import train
-    variables = train.precise_model_vars(config, variables, int(found),
-                                         int(run["steps_per_epoch"]),
-                                         steps.make_bn_stats_step(model, mesh), mesh,
-                                         stats=stats)
+
+    variables = train.precise_model_vars(
+      config,
+      variables,
+      int(found),
+      int(run["steps_per_epoch"]),
+      steps.make_bn_stats_step(model, mesh),
+      mesh,
+      stats=stats,
+    )
   eval_step = steps.make_eval_step(model, mesh)
   batches = input_pipeline.eval_iterator(
-      config, split, batch_size=config.eval_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), stats=stats)
+    config,
+    split,
+    batch_size=config.eval_batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    stats=stats,
+  )
   out = steps.evaluate(eval_step, variables, batches, mesh, config.eval_batch_size)
-  out.update(step=int(found), split=split, model=config.model, dataset=config.dataset,
-             batch_stats="precise" if precise else "running_averages")
+  out.update(
+    step=int(found),
+    split=split,
+    model=config.model,
+    dataset=config.dataset,
+    batch_stats="precise" if precise else "running_averages",
+  )
   return out
 
 
 def main(argv):
   from experiments import metrics
+
   metrics.console_logging()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  out = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.split, FLAGS.batch_size,
-                            FLAGS.data_dir, allow_data_change=FLAGS.allow_data_change)
+  out = evaluate_checkpoint(
+    FLAGS.workdir,
+    FLAGS.step,
+    FLAGS.split,
+    FLAGS.batch_size,
+    FLAGS.data_dir,
+    allow_data_change=FLAGS.allow_data_change,
+  )
   logging.info("%s", out)
   print(json.dumps(out))
 
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main, config_flag=None)

@@ -72,6 +72,7 @@ ImageNet preparation (manual; TFDS cannot download it):
      train once with `--config.download=True`.
   `preflight(config)` names the missing file or folder before any training starts.
 """
+
 import dataclasses
 import numbers
 import os
@@ -113,21 +114,61 @@ def _scaled(values, scale=255.0):
 # Per-channel mean/std of each official training split (CIFAR/SVHN/ImageNet: the widely used
 # published values; digits: computed from all 1,797 images, checked by a test).
 _SPECS = {
-    "digits": _Spec(10, (8, 8, 1), 1797 - in_memory.DIGITS_TEST_SIZE, 144,
-                    in_memory.DIGITS_TEST_SIZE, (4.884164579855314,), (6.016787548672236,),
-                    False, True),
-    "cifar10": _Spec(10, (32, 32, 3), 50_000, 5_000, 10_000,
-                     _scaled((0.4914, 0.4822, 0.4465)), _scaled((0.2470, 0.2435, 0.2616)),
-                     False, True),
-    "cifar100": _Spec(100, (32, 32, 3), 50_000, 5_000, 10_000,
-                      _scaled((0.5071, 0.4865, 0.4409)), _scaled((0.2673, 0.2564, 0.2762)),
-                      False, True),
-    "svhn_cropped": _Spec(10, (32, 32, 3), 73_257, 5_000, 26_032,
-                          _scaled((0.4377, 0.4438, 0.4728)), _scaled((0.1980, 0.2010, 0.1970)),
-                          False, True),
-    "imagenet2012": _Spec(1000, (224, 224, 3), 1_281_167, 10_000, 50_000,
-                          _scaled((0.485, 0.456, 0.406)), _scaled((0.229, 0.224, 0.225)),
-                          True, False),
+  "digits": _Spec(
+    10,
+    (8, 8, 1),
+    1797 - in_memory.DIGITS_TEST_SIZE,
+    144,
+    in_memory.DIGITS_TEST_SIZE,
+    (4.884164579855314,),
+    (6.016787548672236,),
+    False,
+    True,
+  ),
+  "cifar10": _Spec(
+    10,
+    (32, 32, 3),
+    50_000,
+    5_000,
+    10_000,
+    _scaled((0.4914, 0.4822, 0.4465)),
+    _scaled((0.2470, 0.2435, 0.2616)),
+    False,
+    True,
+  ),
+  "cifar100": _Spec(
+    100,
+    (32, 32, 3),
+    50_000,
+    5_000,
+    10_000,
+    _scaled((0.5071, 0.4865, 0.4409)),
+    _scaled((0.2673, 0.2564, 0.2762)),
+    False,
+    True,
+  ),
+  "svhn_cropped": _Spec(
+    10,
+    (32, 32, 3),
+    73_257,
+    5_000,
+    26_032,
+    _scaled((0.4377, 0.4438, 0.4728)),
+    _scaled((0.1980, 0.2010, 0.1970)),
+    False,
+    True,
+  ),
+  "imagenet2012": _Spec(
+    1000,
+    (224, 224, 3),
+    1_281_167,
+    10_000,
+    50_000,
+    _scaled((0.485, 0.456, 0.406)),
+    _scaled((0.229, 0.224, 0.225)),
+    True,
+    False,
+  ),
 }
 DATASETS = tuple(_SPECS)
 # TFDS image-classification datasets known by their plain name (any other: `tfds:NAME`).
@@ -146,14 +187,15 @@ def _parse_name(name):
   if name in _SPECS or name in TFDS_SHORT_NAMES:
     return "tfds", name
   for prefix in PREFIXES:
-    if name.startswith(prefix) and name[len(prefix):]:
-      target = name[len(prefix):]
+    if name.startswith(prefix) and name[len(prefix) :]:
+      target = name[len(prefix) :]
       if prefix == "tfds:":
         return ("imagenet" if target == "imagenet2012" else "tfds"), target
       return prefix[:-1], os.path.abspath(os.path.expanduser(target))
   raise ValueError(
-      f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS + TFDS_SHORT_NAMES)}, "
-      "or tfds:NAME (any TFDS image-classification dataset), npz:FILE, folder:PATH")
+    f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS + TFDS_SHORT_NAMES)}, "
+    "or tfds:NAME (any TFDS image-classification dataset), npz:FILE, folder:PATH"
+  )
 
 
 def check_dataset_name(name: str) -> None:
@@ -183,10 +225,18 @@ def dataset_info(name, *, image_size: int = 224) -> DatasetInfo:
   if spec is None:
     return load({"dataset": name, "batch_size": 1}).info
   shape = (image_size, image_size, 3) if name == "imagenet2012" else spec.image_shape
-  return DatasetInfo(name, spec.num_classes, shape, spec.official_train - spec.default_validation,
-                     spec.default_validation, spec.test, spec.mean, spec.std,
-                     pixel_range=(0.0, 255.0) if name == "imagenet2012" else (),
-                     pixel_dtype="uint8" if name == "imagenet2012" else "")
+  return DatasetInfo(
+    name,
+    spec.num_classes,
+    shape,
+    spec.official_train - spec.default_validation,
+    spec.default_validation,
+    spec.test,
+    spec.mean,
+    spec.std,
+    pixel_range=(0.0, 255.0) if name == "imagenet2012" else (),
+    pixel_dtype="uint8" if name == "imagenet2012" else "",
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,32 +300,45 @@ def _settings(config) -> _Settings:
   if spec:
     official = spec.official_train + (SVHN_EXTRA_SIZE if svhn_extra else 0)
     if validation_size >= official:
-      raise ValueError(f"config.validation_size={validation_size} must be smaller than the "
-                       f"{official} official training examples of {dataset}")
+      raise ValueError(
+        f"config.validation_size={validation_size} must be smaller than the "
+        f"{official} official training examples of {dataset}"
+      )
   augment = _field(config, "augment", None)
   augment = (spec.default_augment if spec else False) if augment is None else bool(augment)
   if augment and dataset == "digits":
-    raise ValueError("config.augment=True is not supported for digits (8x8 images: pad-4 "
-                     "crops would remove half the digit); use augment=False or None")
+    raise ValueError(
+      "config.augment=True is not supported for digits (8x8 images: pad-4 "
+      "crops would remove half the digit); use augment=False or None"
+    )
   image_size = _field(config, "image_size", None)
   image_size = 224 if not image_size else _int("config.image_size", image_size, 8)
   resize = _int("config.resize", _field(config, "resize", 0) or 0, 0)
   if resize and source != "folder":
-    raise ValueError(f"config.resize={resize} applies to folder:PATH datasets only, not "
-                     f"{dataset!r}")
+    raise ValueError(
+      f"config.resize={resize} applies to folder:PATH datasets only, not {dataset!r}"
+    )
   data_dir = _field(config, "data_dir", None)
   manual_dir = _field(config, "manual_dir", None)
   return _Settings(
-      dataset=dataset, source=source, target=target, batch_size=batch_size,
-      seed=_int("config.seed", _field(config, "seed", 0)),
-      data_dir=os.path.expanduser(data_dir) if data_dir else None,
-      validation_size=validation_size,
-      split_seed=_int("config.split_seed", _field(config, "split_seed", 0)),
-      augment=augment, image_size=image_size, download=bool(_field(config, "download", False)),
-      manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
-      shuffle_buffer=_int("config.shuffle_buffer", _field(config, "shuffle_buffer", 10_000), 1),
-      svhn_extra=svhn_extra, prefetch=_int("config.prefetch", _field(config, "prefetch", 2), 1),
-      host_shards=bool(_field(config, "host_shards", False)), resize=resize)
+    dataset=dataset,
+    source=source,
+    target=target,
+    batch_size=batch_size,
+    seed=_int("config.seed", _field(config, "seed", 0)),
+    data_dir=os.path.expanduser(data_dir) if data_dir else None,
+    validation_size=validation_size,
+    split_seed=_int("config.split_seed", _field(config, "split_seed", 0)),
+    augment=augment,
+    image_size=image_size,
+    download=bool(_field(config, "download", False)),
+    manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
+    shuffle_buffer=_int("config.shuffle_buffer", _field(config, "shuffle_buffer", 10_000), 1),
+    svhn_extra=svhn_extra,
+    prefetch=_int("config.prefetch", _field(config, "prefetch", 2), 1),
+    host_shards=bool(_field(config, "host_shards", False)),
+    resize=resize,
+  )
 
 
 def _check_hosts(batch_size, process_index, process_count, what="batch_size"):
@@ -294,6 +357,7 @@ def _check_hosts(batch_size, process_index, process_count, what="batch_size"):
 
 def _preflight_digits(unused_s) -> str:
   from sklearn import datasets
+
   path = os.path.join(os.path.dirname(datasets.__file__), "data", "digits.csv.gz")
   if not os.path.exists(path):
     raise FileNotFoundError(f"scikit-learn's bundled digits file is missing: {path}")
@@ -307,26 +371,35 @@ def _preflight_tfds(s: _Settings) -> str:
   where = str(builder.data_dir)
   if builder.is_prepared():
     return f"{s.dataset}: prepared TFDS dataset in {where}"
-  manual = (s.manual_dir or prepare_lib.default_manual_dir(s.data_dir)
-            if s.source == "imagenet" else None)
-  fix = (f"prepare it once with `{prepare_lib.command(s.target, builder.data_dir_root, manual)}`"
-         " or set config.download=True")
+  manual = (
+    s.manual_dir or prepare_lib.default_manual_dir(s.data_dir) if s.source == "imagenet" else None
+  )
+  fix = (
+    f"prepare it once with `{prepare_lib.command(s.target, builder.data_dir_root, manual)}`"
+    " or set config.download=True"
+  )
   if s.source == "imagenet":
     prepare_lib.check_manual_files(s.target, manual)
     if not s.download:
       raise FileNotFoundError(
-          f"imagenet2012 is not prepared in {where} (no dataset_info.json there); the tar files "
-          f"are in {manual}: {fix} (takes hours).")
+        f"imagenet2012 is not prepared in {where} (no dataset_info.json there); the tar files "
+        f"are in {manual}: {fix} (takes hours)."
+      )
     return f"imagenet2012: will be prepared from {manual} into {where}"
   if not s.download:
     raise FileNotFoundError(
-        f"{s.dataset} is not prepared in {where} (no dataset_info.json there) and "
-        f"config.download is False: {fix}.")
+      f"{s.dataset} is not prepared in {where} (no dataset_info.json there) and "
+      f"config.download is False: {fix}."
+    )
   return f"{s.dataset}: will be downloaded into {where}"
 
 
-_IN_MEMORY_LOADERS = {"digits": in_memory.load_digits, "tfds": in_memory.load_tfds,
-                      "npz": npz_lib.load, "folder": folder_lib.load}
+_IN_MEMORY_LOADERS = {
+  "digits": in_memory.load_digits,
+  "tfds": in_memory.load_tfds,
+  "npz": npz_lib.load,
+  "folder": folder_lib.load,
+}
 _PREFLIGHTS = {"digits": _preflight_digits, "tfds": _preflight_tfds}
 
 
@@ -334,11 +407,13 @@ def _check_stats(stats):
   """(mean, std) given by a caller (a run's data.json): per-channel finite numbers, std > 0."""
   mean, std = (tuple(float(v) for v in values) for values in stats)
   if len(mean) != len(std):
-    raise ValueError(f"standardisation stats mean={mean} std={std}: expected one value per "
-                     "channel in each")
+    raise ValueError(
+      f"standardisation stats mean={mean} std={std}: expected one value per channel in each"
+    )
   if not all(map(np.isfinite, mean + std)) or min(std) <= 0:
-    raise ValueError(f"standardisation stats mean={mean} std={std}: expected finite values "
-                     "and std > 0")
+    raise ValueError(
+      f"standardisation stats mean={mean} std={std}: expected finite values and std > 0"
+    )
   return mean, std
 
 
@@ -353,7 +428,8 @@ def _dataset(s: _Settings, stats=None) -> Dataset:
     info = dataset_info("imagenet2012", image_size=s.image_size)
     return imagenet_lib.ImagenetDataset(s, info._replace(mean=mean, std=std), _preflight_tfds)
   return in_memory.InMemoryDataset(
-      s, _IN_MEMORY_LOADERS[s.source], preflight=_PREFLIGHTS.get(s.source), mean=mean, std=std)
+    s, _IN_MEMORY_LOADERS[s.source], preflight=_PREFLIGHTS.get(s.source), mean=mean, std=std
+  )
 
 
 def load(config) -> Dataset:
@@ -386,8 +462,7 @@ def steps_per_epoch(config) -> int:
   s = _settings(config)
   n = _dataset(s).split_sizes()["train"]
   if n < s.batch_size:
-    raise ValueError(f"batch_size={s.batch_size} exceeds the {n} training examples of "
-                     f"{s.dataset}")
+    raise ValueError(f"batch_size={s.batch_size} exceeds the {n} training examples of {s.dataset}")
   return n // s.batch_size
 
 
@@ -408,10 +483,16 @@ def data_spec(config) -> dict:
   s = _settings(config)
   info = _dataset(s).info
   names = list(info.class_names) or [str(i) for i in range(info.num_classes)]
-  spec = {"dataset": s.dataset, "image_shape": [int(d) for d in info.image_shape],
-          "num_classes": int(info.num_classes), "class_names": names,
-          "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std],
-          "resize": s.resize, "fingerprint": fingerprint_lib.fingerprint(s)}
+  spec = {
+    "dataset": s.dataset,
+    "image_shape": [int(d) for d in info.image_shape],
+    "num_classes": int(info.num_classes),
+    "class_names": names,
+    "mean": [float(v) for v in info.mean],
+    "std": [float(v) for v in info.std],
+    "resize": s.resize,
+    "fingerprint": fingerprint_lib.fingerprint(s),
+  }
   if info.pixel_range:
     spec.update(pixel_range=[float(v) for v in info.pixel_range], pixel_dtype=info.pixel_dtype)
   return spec
@@ -421,12 +502,19 @@ class DataChanged(ValueError):
   """The data differ from those a run trained on (its data.json fingerprint)."""
 
 
-_CONTINUE_FIX = ("set config.allow_data_change=True to continue on these data (with the run's "
-                 "mean/std)")
+_CONTINUE_FIX = (
+  "set config.allow_data_change=True to continue on these data (with the run's mean/std)"
+)
 
 
-def bind_data_spec(config, previous: dict | None, *, allow_change: bool = False,
-                   what: str = "resuming", fix: str = _CONTINUE_FIX):
+def bind_data_spec(
+  config,
+  previous: dict | None,
+  *,
+  allow_change: bool = False,
+  what: str = "resuming",
+  fix: str = _CONTINUE_FIX,
+):
   """The data.json a run continues with, given the one it wrote before (None: a new run).
 
   A new run gets `data_spec(config)`. A continuing run keeps its own spec, mean/std above all
@@ -447,19 +535,25 @@ def bind_data_spec(config, previous: dict | None, *, allow_change: bool = False,
   change = fingerprint_lib.describe_change(previous.get("fingerprint"), new)
   if change and not allow_change:
     raise DataChanged(
-        f"{change}. Refusing {what} on other data than the run's: restore the original data, "
-        f"use a new workdir, or {fix}.")
+      f"{change}. Refusing {what} on other data than the run's: restore the original data, "
+      f"use a new workdir, or {fix}."
+    )
   for key in ("image_shape", "class_names"):
     if change and previous.get(key) != current[key]:
-      raise DataChanged(f"{change}; the new data's {key} {current[key]} differ from the run's "
-                        f"{previous.get(key)}, so the run cannot continue on them (not even "
-                        "with config.allow_data_change=True): use a new workdir")
+      raise DataChanged(
+        f"{change}; the new data's {key} {current[key]} differ from the run's "
+        f"{previous.get(key)}, so the run cannot continue on them (not even "
+        "with config.allow_data_change=True): use a new workdir"
+      )
   spec = dict(previous)
   if change or "fingerprint" not in previous:
     if "fingerprint" not in previous:
       from absl import logging
-      logging.warning("data.json has no data fingerprint (written by an older version): the "
-                      "data cannot be checked against the run's")
+
+      logging.warning(
+        "data.json has no data fingerprint (written by an older version): the "
+        "data cannot be checked against the run's"
+      )
     spec["fingerprint"] = new
   for key in ("pixel_range", "pixel_dtype"):
     if key not in spec and key in current:
@@ -467,8 +561,7 @@ def bind_data_spec(config, previous: dict | None, *, allow_change: bool = False,
   return spec, change
 
 
-def train_iterator(config, *, start_step: int, process_index: int, process_count: int,
-                   stats=None):
+def train_iterator(config, *, start_step: int, process_index: int, process_count: int, stats=None):
   """Yields this host's part of global training batches start_step, start_step + 1, ... forever.
 
   Each item is {"image": float32[B/P, H, W, C], "label": int32[B/P]} with B = config.batch_size
@@ -482,13 +575,22 @@ def train_iterator(config, *, start_step: int, process_index: int, process_count
   s = _settings(config)
   process_index, process_count = _check_hosts(s.batch_size, process_index, process_count)
   start_step = _int("start_step", start_step, 0)
-  batches = _dataset(s, stats).train_batches(start_step=start_step, process_index=process_index,
-                                      process_count=process_count)
+  batches = _dataset(s, stats).train_batches(
+    start_step=start_step, process_index=process_index, process_count=process_count
+  )
   return prefetch_lib.Prefetcher(batches, size=s.prefetch)
 
 
-def eval_iterator(config, split: str, *, batch_size: int, process_index: int,
-                  process_count: int, with_index: bool = False, stats=None):
+def eval_iterator(
+  config,
+  split: str,
+  *,
+  batch_size: int,
+  process_index: int,
+  process_count: int,
+  with_index: bool = False,
+  stats=None,
+):
   """Yields padded, masked batches that cover `split` exactly once across all hosts.
 
   Items are {"image": float32[b, H, W, C], "label": int32[b], "mask": float32[b]} with
@@ -502,14 +604,19 @@ def eval_iterator(config, split: str, *, batch_size: int, process_index: int,
     raise ValueError(f"Unknown eval split {split!r}; expected one of {EVAL_SPLITS}")
   s = _settings(config)
   batch_size = _int("eval batch_size", batch_size, 1)
-  process_index, process_count = _check_hosts(batch_size, process_index, process_count,
-                                              what="eval batch_size")
+  process_index, process_count = _check_hosts(
+    batch_size, process_index, process_count, what="eval batch_size"
+  )
   ds = _dataset(s, stats)
   if split == "validation" and ds.split_sizes()["validation"] == 0:
-    raise ValueError(f"config.validation_size=0: {s.dataset} has no validation split to "
-                     "evaluate")
-  batches = ds.eval_batches(split, batch_size=batch_size, process_index=process_index,
-                            process_count=process_count, with_index=with_index)
+    raise ValueError(f"config.validation_size=0: {s.dataset} has no validation split to evaluate")
+  batches = ds.eval_batches(
+    split,
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    with_index=with_index,
+  )
   return prefetch_lib.Prefetcher(batches, size=s.prefetch)
 
 

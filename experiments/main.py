@@ -24,16 +24,18 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize (multi-host). Also RKNET_DISTRIBUTED=1.")
+flags.DEFINE_bool(
+  "distributed", False, "Call jax.distributed.initialize (multi-host). Also RKNET_DISTRIBUTED=1."
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.DEFINE_integer("initialization_timeout", 300,
-                     "Seconds to wait for all processes in jax.distributed.initialize.")
+flags.DEFINE_integer(
+  "initialization_timeout", 300, "Seconds to wait for all processes in jax.distributed.initialize."
+)
 config_flags.DEFINE_config_file(
-    "config", None, "Training configuration (a file in experiments/configs).",
-    lock_config=True)
+  "config", None, "Training configuration (a file in experiments/configs).", lock_config=True
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,6 +44,7 @@ def initialize_distributed():
   if not (FLAGS.distributed or os.environ.get("RKNET_DISTRIBUTED", "") in ("1", "true")):
     return
   import jax
+
   kwargs = {}
   if FLAGS.coordinator_address:
     kwargs["coordinator_address"] = FLAGS.coordinator_address
@@ -50,9 +53,13 @@ def initialize_distributed():
   if FLAGS.process_id is not None:
     kwargs["process_id"] = FLAGS.process_id
   jax.distributed.initialize(initialization_timeout=FLAGS.initialization_timeout, **kwargs)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    "jax.distributed: process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def load_config():
@@ -62,8 +69,9 @@ def load_config():
   if not os.path.isfile(file):
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
     sys.exit(
-        f"error: --config={path}: no such file {os.path.abspath(file)!r}. The configs are the "
-        f"files in {here} (e.g. --config=experiments/configs/digits.py).")
+      f"error: --config={path}: no such file {os.path.abspath(file)!r}. The configs are the "
+      f"files in {here} (e.g. --config=experiments/configs/digits.py)."
+    )
   return FLAGS.config
 
 
@@ -87,14 +95,17 @@ def main(argv):
   # TensorFlow (tf.data only) must never take accelerator memory.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from experiments import metrics
+
   metrics.console_logging()
   from experiments import progress
+
   progress.quiet_third_party_logs()
   initialize_distributed()
   from experiments import (
     cli,
     train,
   )
+
   # The full config goes to the workdir's run.json; the log opens with a short summary.
   try:
     result = train.train_and_evaluate(config, FLAGS.workdir)
@@ -107,6 +118,8 @@ def main(argv):
 
 if __name__ == "__main__":
   from experiments import huge_pages
+
   huge_pages.reexec_with_huge_pages()
   from experiments import cli
+
   cli.run(main)

@@ -36,9 +36,11 @@ class _QuietOrbax(pylogging.Filter):
       return True
     # Saves without validation metrics are expected between evaluations.
     message = record.getMessage()
-    return (record.levelno >= pylogging.WARNING
-            and "did not provide metrics" not in message
-            and "directory is read only" not in message)
+    return (
+      record.levelno >= pylogging.WARNING
+      and "did not provide metrics" not in message
+      and "directory is read only" not in message
+    )
 
 
 def console_logging():
@@ -55,6 +57,7 @@ class TensorBoardWriter:
   def __init__(self, logdir):
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
+
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     logdir = epath.Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +72,8 @@ class TensorBoardWriter:
 
   def scalar(self, tag: str, value: float, step: int):
     summary = self._summary_pb2.Summary(
-        value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
+      value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))]
+    )
     self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
   def flush(self):
@@ -112,8 +116,7 @@ class MetricsLog:
       return
     # A resumed run redoes the steps after its checkpoint: drop their records so the
     # file reads as one uninterrupted run.
-    self._lines = [json.dumps(r) for r in read_metrics(workdir)
-                   if r.get("step", 0) <= resume_step]
+    self._lines = [json.dumps(r) for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
     if self.file.exists():
       tmp = self.file.parent / (self.file.name + ".tmp")
       tmp.write_text("".join(l + "\n" for l in self._lines))
@@ -175,9 +178,17 @@ class TrainWindow:
   cleared before each log line.
   """
 
-  def __init__(self, log: MetricsLog, *, start_step: int, total_steps: int,
-               steps_per_epoch: int, global_batch: int,
-               check: Callable[[int, dict], None] | None = None, bar=None):
+  def __init__(
+    self,
+    log: MetricsLog,
+    *,
+    start_step: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    global_batch: int,
+    check: Callable[[int, dict], None] | None = None,
+    bar=None,
+  ):
     self.log, self.check, self.bar = log, check, bar
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
     self.global_batch = global_batch
@@ -205,8 +216,9 @@ class TrainWindow:
     dt = max(now - self.t_last, 1e-9)
     ips = (step - self.step_last) * self.global_batch / dt
     self.t_last, self.step_last = now, step
-    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
-            if np.ndim(fetched[0][k]) == 0}
+    mean = {
+      k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if np.ndim(fetched[0][k]) == 0
+    }
     if "learning_rate" in mean:  # the rate at the logged step, not the window's mean
       mean["learning_rate"] = float(fetched[-1]["learning_rate"])
     eta = (self.total_steps - step) * dt / max(len(fetched), 1)
@@ -215,17 +227,26 @@ class TrainWindow:
     if self.bar is not None:
       self.bar.clear()
       self.bar.status = f"loss {mean['loss']:.4f}"
-    logging.info("step %d/%d (epoch %.2f)  loss %.4f  top1_err %.4f  lr %.4g  "
-                 "%.1f img/s  ETA %s", step, self.total_steps, step / self.steps_per_epoch,
-                 mean["loss"], mean["top1_error"], mean["learning_rate"], ips,
-                 fmt_time(eta))
+    logging.info(
+      "step %d/%d (epoch %.2f)  loss %.4f  top1_err %.4f  lr %.4g  %.1f img/s  ETA %s",
+      step,
+      self.total_steps,
+      step / self.steps_per_epoch,
+      mean["loss"],
+      mean["top1_error"],
+      mean["learning_rate"],
+      ips,
+      fmt_time(eta),
+    )
 
 
 def plot_curves(workdir: str, out_path):
   """PNG of the training loss and train/validation/test top-1 error against step."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   recs = read_metrics(workdir)
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
   for split, style in (("train", "-"), ("validation", "o-"), ("test", "s")):

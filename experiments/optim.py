@@ -24,7 +24,8 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):
     else:
       boundaries = [int(round(f * total_steps)) for f in config.lr_decay_fractions]
     main = optax.piecewise_constant_schedule(
-        base, {b: float(config.lr_decay_factor) for b in boundaries if b > 0})
+      base, {b: float(config.lr_decay_factor) for b in boundaries if b > 0}
+    )
   elif config.lr_schedule == "cosine":
     main = optax.cosine_decay_schedule(base, max(total_steps - warmup, 1))
   else:
@@ -32,8 +33,7 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):
   if warmup <= 0:
     return main
   if config.lr_schedule == "cosine":
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, base, warmup), main], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
   # step/constant: boundaries are absolute steps, so warm-up only scales the start.
   return lambda step: main(step) * jnp.minimum(1.0, step / warmup)
 
@@ -41,5 +41,9 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):
 def make_optimizer(config, schedule):
   """``rknet_jax.optim.paper_sgd`` with the config's momentum, Nesterov and weight decay."""
   return rk_optim.paper_sgd(
-      schedule, momentum=config.momentum, nesterov=config.nesterov,
-      weight_decay=config.weight_decay, weight_decay_params=config.weight_decay_params)
+    schedule,
+    momentum=config.momentum,
+    nesterov=config.nesterov,
+    weight_decay=config.weight_decay,
+    weight_decay_params=config.weight_decay_params,
+  )

@@ -44,6 +44,7 @@ def agrees(ours: float, printed: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Result:
   """Our counts for one :class:`PaperRow` and whether they match the paper's."""
+
   row: PaperRow
   params: int
   flops: float
@@ -76,6 +77,7 @@ def measure(row: PaperRow) -> Result:
   Nothing of the model's size is allocated; the time is that of tracing.
   """
   from rknet_jax import counting, registry
+
   start = time.perf_counter()
   model = registry.create_model(row.spec)
   counts = counting.model_counts(model, (1,) + row.input_shape)
@@ -89,54 +91,87 @@ def _fmt_num(value: float, printed: str) -> str:
 
 def format_results(results: Sequence[Result]) -> str:
   """A text table: paper vs ours for params (M) and GFLOPs, and a match column."""
-  header = ("table", "model", "GFLOPs paper", "GFLOPs ours", "params(M) paper",
-            "params(M) ours", "match")
+  header = (
+    "table",
+    "model",
+    "GFLOPs paper",
+    "GFLOPs ours",
+    "params(M) paper",
+    "params(M) ours",
+    "match",
+  )
   body = []
   for r in results:
-    body.append((str(r.row.table), r.row.label, r.row.gflops,
-                 _fmt_num(r.gflops, r.row.gflops) + ("" if r.gflops_match else " !"),
-                 r.row.params_m,
-                 _fmt_num(r.params_m, r.row.params_m) + ("" if r.params_match else " !"),
-                 "yes" if r.match else "NO"))
-  widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-            for i, h in enumerate(header)]
+    body.append(
+      (
+        str(r.row.table),
+        r.row.label,
+        r.row.gflops,
+        _fmt_num(r.gflops, r.row.gflops) + ("" if r.gflops_match else " !"),
+        r.row.params_m,
+        _fmt_num(r.params_m, r.row.params_m) + ("" if r.params_match else " !"),
+        "yes" if r.match else "NO",
+      )
+    )
+  widths = [
+    max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)
+  ]
 
   def fmt(cells):
-    return "  ".join(c.ljust(w) if i == 1 else c.rjust(w)
-                     for i, (c, w) in enumerate(zip(cells, widths)))
+    return "  ".join(
+      c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
 
   lines = [fmt(header), "-" * len(fmt(header))]
   lines += [fmt(b) for b in body]
   n_ok = sum(r.match for r in results)
-  lines.append(f"{n_ok}/{len(results)} rows match the paper to its printed precision "
-               "(one unit of the last printed digit); '!' marks a value that does not.")
+  lines.append(
+    f"{n_ok}/{len(results)} rows match the paper to its printed precision "
+    "(one unit of the last printed digit); '!' marks a value that does not."
+  )
   return "\n".join(lines)
 
 
 def markdown() -> str:
   """docs/reproducing.md's table of the paper's rows: what the paper reports, command per row."""
-  lines = ["| table | model | data (batch) | paper: params (M), GFLOPs, test error (%) | command |",
-           "| --- | --- | --- | --- | --- |"]
+  lines = [
+    "| table | model | data (batch) | paper: params (M), GFLOPs, test error (%) | command |",
+    "| --- | --- | --- | --- | --- |",
+  ]
   for row in ROWS:
     data = " / ".join(row.datasets) + f" ({row.batch_size})"
     errors = ", ".join(f"{v} {k}" for k, v in row.errors.items())
-    lines.append(f"| {row.table} | {row.label} | {data} | {row.params_m}, {row.gflops}, "
-                 f"{errors} | `python -m experiments.main --config=experiments/configs/paper.py:"
-                 f"{row.key} --workdir=runs/{row.key}` |")
+    lines.append(
+      f"| {row.table} | {row.label} | {data} | {row.params_m}, {row.gflops}, "
+      f"{errors} | `python -m experiments.main --config=experiments/configs/paper.py:"
+      f"{row.key} --workdir=runs/{row.key}` |"
+    )
   return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Prints the tables; returns 0 if every row printed matches, else 1."""
   parser = argparse.ArgumentParser(
-      prog="python -m experiments.paper_tables",
-      description="Our params/GFLOPs next to the paper's Tables 1-3.")
-  parser.add_argument("--table", type=int, choices=(1, 2, 3), action="append",
-                      help="only these tables (repeatable); default all")
-  parser.add_argument("--markdown", action="store_true",
-                      help="print docs/reproducing.md's table of rows and commands and exit")
-  parser.add_argument("--keys", action="store_true",
-                      help="list the rows' keys (experiments/configs/paper.py:<key>) and exit")
+    prog="python -m experiments.paper_tables",
+    description="Our params/GFLOPs next to the paper's Tables 1-3.",
+  )
+  parser.add_argument(
+    "--table",
+    type=int,
+    choices=(1, 2, 3),
+    action="append",
+    help="only these tables (repeatable); default all",
+  )
+  parser.add_argument(
+    "--markdown",
+    action="store_true",
+    help="print docs/reproducing.md's table of rows and commands and exit",
+  )
+  parser.add_argument(
+    "--keys",
+    action="store_true",
+    help="list the rows' keys (experiments/configs/paper.py:<key>) and exit",
+  )
   args = parser.parse_args(argv)
   if args.markdown:
     print(markdown())

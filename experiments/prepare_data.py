@@ -11,26 +11,30 @@ access this fails within `--probe_timeout` seconds naming the server it could no
 on a connected machine and copy `DIR/<name>/` over. A refusal is one `error: ...` line and exit
 status 1 (`--verbose`: with the traceback).
 """
+
 from absl import flags
 
 from experiments import cli
 from experiments.data import prepare as prepare_lib
 
 _DATASET = flags.DEFINE_list("dataset", None, "dataset name(s), comma-separated", required=True)
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "TFDS data directory (default: $TFDS_DATA_DIR or "
-                                "~/tensorflow_datasets)")
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None,
-                                  "folder with hand-downloaded files (ImageNet's tar files); "
-                                  "default DATA_DIR/downloads/manual")
-_PROBE_TIMEOUT = flags.DEFINE_float("probe_timeout", prepare_lib.PROBE_TIMEOUT_S,
-                                    "seconds to wait for a download server to answer")
+_DATA_DIR = flags.DEFINE_string(
+  "data_dir", None, "TFDS data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
+)
+_MANUAL_DIR = flags.DEFINE_string(
+  "manual_dir",
+  None,
+  "folder with hand-downloaded files (ImageNet's tar files); default DATA_DIR/downloads/manual",
+)
+_PROBE_TIMEOUT = flags.DEFINE_float(
+  "probe_timeout", prepare_lib.PROBE_TIMEOUT_S, "seconds to wait for a download server to answer"
+)
 NO_PREPARATION = ("digits", "npz:", "folder:")
 
 
 def tfds_name(name: str) -> str:
   """The TFDS name behind a `--config.dataset` value (`tfds:NAME` -> NAME)."""
-  return name[len("tfds:"):] if name.startswith("tfds:") else name
+  return name[len("tfds:") :] if name.startswith("tfds:") else name
 
 
 def main(argv):
@@ -39,9 +43,12 @@ def main(argv):
     if name.startswith(NO_PREPARATION):
       print(f"{name}: nothing to prepare (read directly from scikit-learn or the given path)")
       continue
-    builder = prepare_lib.prepare(tfds_name(name), _DATA_DIR.value,
-                                  manual_dir=_MANUAL_DIR.value,
-                                  probe_timeout=_PROBE_TIMEOUT.value)
+    builder = prepare_lib.prepare(
+      tfds_name(name),
+      _DATA_DIR.value,
+      manual_dir=_MANUAL_DIR.value,
+      probe_timeout=_PROBE_TIMEOUT.value,
+    )
     sizes = ", ".join(f"{k}: {v.num_examples}" for k, v in sorted(builder.info.splits.items()))
     print(f"{name}: prepared in {builder.data_dir} ({sizes})")
 

@@ -28,15 +28,15 @@ from experiments.metrics import fmt_time
 # libraries that carry no action for the user. Anything else, and anything more severe
 # than the level given, still reaches the console.
 THIRD_PARTY_NOISE = (
-    # jax probing for a TPU on a machine without one (libtpu installed, no TPU attached).
-    ("jax._src.xla_bridge", "Unable to initialize backend 'tpu'", pylogging.INFO),
-    ("jax._src.xla_bridge", "Unable to initialize backend 'cuda'", pylogging.INFO),
-    ("jax._src.xla_bridge", "Unable to initialize backend 'rocm'", pylogging.INFO),
-    # TFDS announcing where it reads a prepared dataset from, on every run.
-    ("absl", "Load dataset info from", pylogging.INFO),
-    ("absl", "Reusing dataset", pylogging.INFO),
-    ("absl", "Constructing tf.data.Dataset", pylogging.INFO),
-    ("absl", "Fields info.[", pylogging.INFO),
+  # jax probing for a TPU on a machine without one (libtpu installed, no TPU attached).
+  ("jax._src.xla_bridge", "Unable to initialize backend 'tpu'", pylogging.INFO),
+  ("jax._src.xla_bridge", "Unable to initialize backend 'cuda'", pylogging.INFO),
+  ("jax._src.xla_bridge", "Unable to initialize backend 'rocm'", pylogging.INFO),
+  # TFDS announcing where it reads a prepared dataset from, on every run.
+  ("absl", "Load dataset info from", pylogging.INFO),
+  ("absl", "Reusing dataset", pylogging.INFO),
+  ("absl", "Constructing tf.data.Dataset", pylogging.INFO),
+  ("absl", "Fields info.[", pylogging.INFO),
 )
 
 
@@ -63,27 +63,40 @@ def quiet_third_party_logs():
 
 
 # --------------------------------------------------------------------------- start summary
-def start_summary(*, config, workdir: str, start_step: int, total_steps: int,
-                  steps_per_epoch: int, split_sizes: dict, input_shape, params: int,
-                  gflops: float, num_devices: int) -> str:
+def start_summary(
+  *,
+  config,
+  workdir: str,
+  start_step: int,
+  total_steps: int,
+  steps_per_epoch: int,
+  split_sizes: dict,
+  input_shape,
+  params: int,
+  gflops: float,
+  num_devices: int,
+) -> str:
   """Logs (and returns) the block that opens a run's log."""
   where = "from scratch" if start_step == 0 else f"resuming at step {start_step:,}"
   k = config.get("growth_rate")
-  sizes = " / ".join(f"{split_sizes.get(s, 0):,} {s}" for s in ("train", "validation", "test")
-                     if split_sizes.get(s, 0) or s != "validation")
+  sizes = " / ".join(
+    f"{split_sizes.get(s, 0):,} {s}"
+    for s in ("train", "validation", "test")
+    if split_sizes.get(s, 0) or s != "validation"
+  )
   devices = jax.devices()
   kinds = sorted({d.device_kind for d in devices})
   lines = [
-      f"Run: {config.model} on {config.dataset}, {where}",
-      f"  model     {config.model}{f' (k = {k})' if k else ''}: {params:,} parameters, "
-      f"{gflops:.4g} GFLOPs per {'x'.join(map(str, input_shape))} image",
-      f"  data      {config.dataset}: {sizes} examples; batch {config.batch_size}",
-      f"  schedule  {total_steps:,} steps = {total_steps / steps_per_epoch:g} epochs of "
-      f"{steps_per_epoch:,} steps; learning rate {config.learning_rate:g} "
-      f"({config.lr_schedule})",
-      f"  devices   {num_devices} x {', '.join(kinds)} ({jax.default_backend()}), "
-      f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}",
-      f"  workdir   {workdir} (full config: run.json)",
+    f"Run: {config.model} on {config.dataset}, {where}",
+    f"  model     {config.model}{f' (k = {k})' if k else ''}: {params:,} parameters, "
+    f"{gflops:.4g} GFLOPs per {'x'.join(map(str, input_shape))} image",
+    f"  data      {config.dataset}: {sizes} examples; batch {config.batch_size}",
+    f"  schedule  {total_steps:,} steps = {total_steps / steps_per_epoch:g} epochs of "
+    f"{steps_per_epoch:,} steps; learning rate {config.learning_rate:g} "
+    f"({config.lr_schedule})",
+    f"  devices   {num_devices} x {', '.join(kinds)} ({jax.default_backend()}), "
+    f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}",
+    f"  workdir   {workdir} (full config: run.json)",
   ]
   text = "\n".join(lines)
   logging.info("%s", text)
@@ -133,9 +146,16 @@ class ProgressBar:
   printed, and the next ``update`` draws it again.
   """
 
-  def __init__(self, total_steps: int, start_step: int = 0, *,
-               stream: TextIO | None = None, width: int = 30, min_interval: float = 0.2,
-               enabled: bool | None = None):
+  def __init__(
+    self,
+    total_steps: int,
+    start_step: int = 0,
+    *,
+    stream: TextIO | None = None,
+    width: int = 30,
+    min_interval: float = 0.2,
+    enabled: bool | None = None,
+  ):
     self.stream = sys.stderr if stream is None else stream
     if enabled is None:
       enabled = jax.process_index() == 0 and _is_tty(self.stream)
@@ -153,9 +173,11 @@ class ProgressBar:
     filled = int(round(frac * self.width))
     done = step - self.start_step
     eta = (self.total - step) * (now - self.t_start) / done if done > 0 else None
-    return (f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{self.total} "
-            f"{100 * frac:3.0f}%  ETA {fmt_time(eta) if eta is not None else '?'}"
-            f"{'  ' + self.status if self.status else ''}")
+    return (
+      f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{self.total} "
+      f"{100 * frac:3.0f}%  ETA {fmt_time(eta) if eta is not None else '?'}"
+      f"{'  ' + self.status if self.status else ''}"
+    )
 
   def update(self, step: int, force: bool = False):
     if not self.enabled:

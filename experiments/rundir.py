@@ -47,8 +47,10 @@ def check_path(workdir: str):
   while not p.exists() and p.parent != p:
     p = p.parent  # the nearest existing folder must be a folder
   if p.exists() and not p.is_dir():
-    raise ValueError(f"workdir {os.fspath(workdir)!r} cannot be created: "
-                     f"{os.fspath(p)!r} is an existing file, not a directory")
+    raise ValueError(
+      f"workdir {os.fspath(workdir)!r} cannot be created: "
+      f"{os.fspath(p)!r} is an existing file, not a directory"
+    )
 
 
 def probe_write(directory: epath.Path):
@@ -102,8 +104,11 @@ class WorkdirLock:
 
   def __init__(self, workdir: str):
     self.file = path(workdir, LOCK_FILE)
-    self.record = {"host": socket.gethostname(), "pid": os.getpid(),
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    self.record = {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     self.held = False
 
   def _holder(self) -> dict | None:
@@ -121,6 +126,7 @@ class WorkdirLock:
       yield
       return
     import fcntl
+
     fd = os.open(os.fspath(self.file.parent / LOCK_GUARD_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX)
@@ -155,18 +161,22 @@ class WorkdirLock:
           continue  # released meanwhile
         same_host = holder.get("host") == self.record["host"]
         pid = holder.get("pid")
-        if (same_host and isinstance(pid, int) and pid != os.getpid()
-            and not _pid_running(pid)):
-          logging.warning("Taking over the stale lock %s of pid %d (no longer running): %s",
-                          self.file, pid, holder)
+        if same_host and isinstance(pid, int) and pid != os.getpid() and not _pid_running(pid):
+          logging.warning(
+            "Taking over the stale lock %s of pid %d (no longer running): %s",
+            self.file,
+            pid,
+            holder,
+          )
           self.file.unlink(missing_ok=True)
           continue
         raise WorkdirBusy(
-            f"workdir {os.fspath(self.file.parent)!r} is in use by another run (host "
-            f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
-            f"{holder.get('started', '?')}; lock file {os.fspath(self.file)}). Wait for it "
-            "to end or use another --workdir; if that run is gone (e.g. its machine died), "
-            "delete the lock file.")
+          f"workdir {os.fspath(self.file.parent)!r} is in use by another run (host "
+          f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
+          f"{holder.get('started', '?')}; lock file {os.fspath(self.file)}). Wait for it "
+          "to end or use another --workdir; if that run is gone (e.g. its machine died), "
+          "delete the lock file."
+        )
     raise WorkdirBusy(f"could not take the lock {os.fspath(self.file)}")
 
   def release(self):
@@ -188,8 +198,9 @@ def read_run_file(workdir: str) -> dict | None:
   return read_json(path(workdir, RUN_FILE), "the run's config and history")
 
 
-def write_run_file(workdir: str, run: dict, *, start_step: int, total_steps: int,
-                   session: dict | None = None):
+def write_run_file(
+  workdir: str, run: dict, *, start_step: int, total_steps: int, session: dict | None = None
+):
   """Writes ``run.json``: ``run`` plus the previous ``history`` and this start appended.
 
   ``session`` holds this session's values of the fields a resume may change (recipe, data
@@ -207,8 +218,13 @@ def write_run_file(workdir: str, run: dict, *, start_step: int, total_steps: int
       old = before.get(field, previous.get("config", {}).get(field, value))
       if old != value:
         changes.append({"step": int(start_step), "field": field, "from": old, "to": value})
-  entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-           "pid": os.getpid(), "start_step": int(start_step), "total_steps": int(total_steps)}
+  entry = {
+    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "start_step": int(start_step),
+    "total_steps": int(total_steps),
+  }
   if session is not None:
     entry["session"] = session
   history.append(entry)
@@ -242,7 +258,11 @@ def move_aside_outputs(workdir: str) -> epath.Path | None:
   dest.mkdir(parents=True)
   for src in found:
     src.rename(dest / src.name)
-  logging.warning("%s holds outputs (%s) but no checkpoint to resume from: they were moved to "
-                  "%s (not deleted) and the run starts from scratch.", workdir,
-                  ", ".join(p.name for p in found), dest)
+  logging.warning(
+    "%s holds outputs (%s) but no checkpoint to resume from: they were moved to "
+    "%s (not deleted) and the run starts from scratch.",
+    workdir,
+    ", ".join(p.name for p in found),
+    dest,
+  )
   return dest

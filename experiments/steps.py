@@ -29,6 +29,7 @@ import optax
 @flax.struct.dataclass
 class TrainState:
   """Everything a resumed run needs: params, BN statistics, optimiser state, step, RNG."""
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -45,8 +46,7 @@ class TrainState:
 
   def checked(self):
     """What the non-finite guard checks: params, BN statistics, optimiser state."""
-    return {"params": self.params, "batch_stats": self.batch_stats,
-            "opt_state": self.opt_state}
+    return {"params": self.params, "batch_stats": self.batch_stats, "opt_state": self.opt_state}
 
 
 def checked_leaf_names(state: TrainState) -> list:
@@ -84,8 +84,10 @@ def make_mesh(devices=None) -> Mesh:
   if len(slices) > 1:
     per_slice = len(devices) // len(slices)
     if per_slice * len(slices) != len(devices):
-      raise ValueError(f"make_mesh: {len(devices)} devices over {len(slices)} slices; every "
-                       "slice must hold the same number of devices")
+      raise ValueError(
+        f"make_mesh: {len(devices)} devices over {len(slices)} slices; every "
+        "slice must hold the same number of devices"
+      )
     ordered = mesh_utils.create_hybrid_device_mesh((per_slice,), (len(slices),), devices)
     return Mesh(ordered.reshape(-1), ("data",))
   return Mesh(np.asarray(devices), ("data",))
@@ -106,9 +108,13 @@ def make_init_fn(model, tx, input_shape, mesh: Mesh):
     x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
     variables = model.init({"params": init_key}, x, train=False)
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=rng)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+      rng=rng,
+    )
 
   with jax.threefry_partitionable(False):
     abstract = jax.eval_shape(init, 0)
@@ -128,8 +134,7 @@ def create_train_state(model, tx, input_shape, seed: int, mesh: Mesh) -> TrainSt
 
 def cross_entropy(logits, labels):
   """Softmax cross-entropy per example, computed in float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
 def make_train_step(model, tx, schedule, mesh: Mesh, state_example: TrainState):
@@ -147,22 +152,26 @@ def make_train_step(model, tx, schedule, mesh: Mesh, state_example: TrainState):
 
     def loss_fn(params):
       logits, updates = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-          train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+        {"params": params, "batch_stats": state.batch_stats},
+        batch["image"],
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": dropout_key},
+      )
       loss = cross_entropy(logits, batch["label"]).mean()
       return loss, (logits, updates["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        "loss": loss,
-        "top1_error": jnp.mean(jnp.argmax(logits, -1) != batch["label"]),
-        "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+      "loss": loss,
+      "top1_error": jnp.mean(jnp.argmax(logits, -1) != batch["label"]),
+      "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
     }
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
+    new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
     metrics["finite"] = finite_flags(new_state.checked())
     return new_state, metrics
 
@@ -173,9 +182,12 @@ def make_train_step(model, tx, schedule, mesh: Mesh, state_example: TrainState):
     with jax.threefry_partitionable(True):
       return step_fn(state, batch)
 
-  return jax.jit(partitionable_step_fn,
-                 in_shardings=(state_sharding, {"image": data, "label": data}),
-                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  return jax.jit(
+    partitionable_step_fn,
+    in_shardings=(state_sharding, {"image": data, "label": data}),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=(0,),
+  )
 
 
 def make_eval_step(model, mesh: Mesh):
@@ -191,14 +203,18 @@ def make_eval_step(model, mesh: Mesh):
     topk = jax.lax.top_k(logits, k)[1]
     top1 = (topk[:, 0] == labels).astype(jnp.float32)
     top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
-    return {"count": jnp.sum(batch["mask"].astype(jnp.int32)),
-            "loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
-            "top1_correct": jnp.sum((top1 * mask).astype(jnp.int32)),
-            "top5_correct": jnp.sum((top5 * mask).astype(jnp.int32))}
+    return {
+      "count": jnp.sum(batch["mask"].astype(jnp.int32)),
+      "loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
+      "top1_correct": jnp.sum((top1 * mask).astype(jnp.int32)),
+      "top5_correct": jnp.sum((top5 * mask).astype(jnp.int32)),
+    }
 
-  return jax.jit(eval_fn, in_shardings=(replicated, {"image": data, "label": data,
-                                                      "mask": data}),
-                 out_shardings=replicated)
+  return jax.jit(
+    eval_fn,
+    in_shardings=(replicated, {"image": data, "label": data, "mask": data}),
+    out_shardings=replicated,
+  )
 
 
 def _own_batch_stats(module) -> dict:
@@ -258,8 +274,10 @@ def make_bn_stats_step(model, mesh: Mesh):
 
   def stats_fn(variables, images):
     # Zero running averages: the result depends on the parameters and images only.
-    variables = {"params": variables["params"],
-                 "batch_stats": jax.tree.map(jnp.zeros_like, variables["batch_stats"])}
+    variables = {
+      "params": variables["params"],
+      "batch_stats": jax.tree.map(jnp.zeros_like, variables["batch_stats"]),
+    }
     with nn.intercept_methods(_average_over_applications()):
       _, updates = stats_model.apply(variables, images, train=True, mutable=["batch_stats"])
     return updates["batch_stats"]
@@ -297,8 +315,7 @@ def global_batch(local: dict, mesh: Mesh, global_batch_size: int) -> dict:
   out = {}
   for k, v in local.items():
     v = np.asarray(v)
-    out[k] = jax.make_array_from_process_local_data(
-        sharding, v, (global_batch_size,) + v.shape[1:])
+    out[k] = jax.make_array_from_process_local_data(sharding, v, (global_batch_size,) + v.shape[1:])
   return out
 
 
@@ -313,6 +330,9 @@ def evaluate(eval_step, variables, batches, mesh, global_batch_size) -> dict:
     raise ValueError("the evaluation iterator yielded no batches")
   sums = jax.device_get(sums)
   n = int(sums["count"])
-  return {"examples": n, "loss": float(sums["loss_sum"]) / n,
-          "top1_error": 1.0 - int(sums["top1_correct"]) / n,
-          "top5_error": 1.0 - int(sums["top5_correct"]) / n}
+  return {
+    "examples": n,
+    "loss": float(sums["loss_sum"]) / n,
+    "top1_error": 1.0 - int(sums["top1_correct"]) / n,
+    "top5_error": 1.0 - int(sums["top5_correct"]) / n,
+  }

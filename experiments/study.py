@@ -62,15 +62,29 @@ LENGTH_FIELDS = ("num_epochs", "num_train_steps")
 # input prefetch, the exact padded evaluation's batch, where prepared data is found): a run
 # recorded with other values is handed to the runner again and records the new ones. Any
 # field not listed here or in LENGTH_FIELDS must be equal for a run to be reused.
-RESULT_NEUTRAL_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                         "prefetch", "eval_batch_size", "data_dir", "manual_dir", "download")
+RESULT_NEUTRAL_FIELDS = (
+  "log_every_steps",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "prefetch",
+  "eval_batch_size",
+  "data_dir",
+  "manual_dir",
+  "download",
+)
 # What the study does with each (model, seed) run (see ``plan_run``).
 TRAIN, RESUME, CONTINUE, REUSE = "train", "resume", "continue", "reuse"
 _UNSET = "(not set)"  # a field one of two compared configs lacks
 
 FAMILIES = rknet_families.study_labels()  # ERKNet, IRKNet, DenseNet, CliqueNet
-_MARKERS = {"ERKNet": "o", "IRKNet": "s", "DenseNet": "^", "CliqueNet": "v",
-            "tableau RKNet": "D", "RKNet": "P"}
+_MARKERS = {
+  "ERKNet": "o",
+  "IRKNet": "s",
+  "DenseNet": "^",
+  "CliqueNet": "v",
+  "tableau RKNet": "D",
+  "RKNet": "P",
+}
 
 
 def _literal(text: str):
@@ -89,8 +103,10 @@ def parse_models(text: str) -> list[tuple[str, str, dict[str, Any]]]:
   """
   entries = [e.strip() for e in (text or "").split(",")]
   if not text or not any(entries):
-    raise ValueError("--models is empty: give one or more model names separated by "
-                     "commas, e.g. --models='ERKNet-3x1 3x1,DenseNet-BC-22-k12'")
+    raise ValueError(
+      "--models is empty: give one or more model names separated by "
+      "commas, e.g. --models='ERKNet-3x1 3x1,DenseNet-BC-22-k12'"
+    )
   out, seen = [], set()
   for entry in entries:
     if not entry:
@@ -125,8 +141,9 @@ def entry_config(base, name: str, overrides: dict[str, Any], seed: int):
     config.seed = int(seed)
     for key, value in overrides.items():
       if key in ("model", "seed"):
-        raise ValueError(f"--models entry for {name!r}: set {key!r} with --models/--seeds, "
-                         "not as an override")
+        raise ValueError(
+          f"--models entry for {name!r}: set {key!r} with --models/--seeds, not as an override"
+        )
       if key in config and not isinstance(config[key], type(config.model_kwargs)):
         config[key] = value
       else:
@@ -157,13 +174,17 @@ def flat_config(config) -> dict[str, Any]:
 def recorded_config(run: dict) -> dict[str, Any]:
   """The flat config a ``run.json`` recorded; fields added since then at their defaults."""
   from experiments.configs import default
+
   return {**flat_config(default.get_config()), **flat_config(run.get("config", {}))}
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
   """``{field: (old value, new value)}`` for every field of two flat configs that differs."""
-  return {k: (old.get(k, _UNSET), new.get(k, _UNSET)) for k in sorted(set(old) | set(new))
-          if old.get(k, _UNSET) != new.get(k, _UNSET)}
+  return {
+    k: (old.get(k, _UNSET), new.get(k, _UNSET))
+    for k in sorted(set(old) | set(new))
+    if old.get(k, _UNSET) != new.get(k, _UNSET)
+  }
 
 
 def _describe(differences: dict[str, tuple]) -> str:
@@ -189,18 +210,21 @@ def plan_run(config, directory: str) -> tuple[str, dict[str, tuple], Any]:
     if results is None:
       return TRAIN, {}, None
     raise ValueError(
-        f"{directory} holds a {RESULTS_FILE} but no {rundir.RUN_FILE}: the config it was "
-        "trained with is unknown, so it cannot be reused. Use a new --workdir, or delete "
-        f"{directory} to train it again.")
+      f"{directory} holds a {RESULTS_FILE} but no {rundir.RUN_FILE}: the config it was "
+      "trained with is unknown, so it cannot be reused. Use a new --workdir, or delete "
+      f"{directory} to train it again."
+    )
   differences = config_differences(recorded_config(run), flat_config(config))
-  blocking = {k: v for k, v in differences.items()
-              if k not in LENGTH_FIELDS + RESULT_NEUTRAL_FIELDS}
+  blocking = {
+    k: v for k, v in differences.items() if k not in LENGTH_FIELDS + RESULT_NEUTRAL_FIELDS
+  }
   if blocking:
     raise ValueError(
-        f"{directory} was trained with another config ({_describe(blocking)}). A study reuses "
-        "a run only when its config is the same (the training length and "
-        f"{', '.join(RESULT_NEUTRAL_FIELDS)} may change). Use a new --workdir for this "
-        f"config, or delete {directory} to train it again.")
+      f"{directory} was trained with another config ({_describe(blocking)}). A study reuses "
+      "a run only when its config is the same (the training length and "
+      f"{', '.join(RESULT_NEUTRAL_FIELDS)} may change). Use a new --workdir for this "
+      f"config, or delete {directory} to train it again."
+    )
   if differences:
     return CONTINUE, differences, None
   if results is None:
@@ -220,9 +244,9 @@ def check_entries(base, models, seeds: int, workdir: str) -> dict[tuple[str, int
       config (naming the first, with its differing fields, and how many others differ).
   """
   if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-    raise ValueError(f"--seeds={seeds!r}: expected a positive int (runs use seeds "
-                     "0 .. N-1)")
+    raise ValueError(f"--seeds={seeds!r}: expected a positive int (runs use seeds 0 .. N-1)")
   from experiments import run_config
+
   plans, refused = {}, []
   for entry, name, overrides in models:
     for seed in range(seeds):
@@ -237,11 +261,17 @@ def check_entries(base, models, seeds: int, workdir: str) -> dict[tuple[str, int
         run_config.validate_config(config, directory)
       except (ValueError, TypeError, KeyError) as e:
         from experiments import cli
-        raise ValueError(f"--models entry {entry!r}: {e}"
-                         f"{cli.config_field_hint(overrides, base)}") from e
+
+        raise ValueError(
+          f"--models entry {entry!r}: {e}{cli.config_field_hint(overrides, base)}"
+        ) from e
   if refused:
-    others = (f" ({len(refused) - 1} other run(s) of this study differ as well: delete them "
-              "too, or use a new --workdir)" if len(refused) > 1 else "")
+    others = (
+      f" ({len(refused) - 1} other run(s) of this study differ as well: delete them "
+      "too, or use a new --workdir)"
+      if len(refused) > 1
+      else ""
+    )
     raise ValueError(f"study: {refused[0]}{others}")
   return plans
 
@@ -254,10 +284,14 @@ def base_and_row_configs(configs: Sequence[Sequence[dict[str, Any]]]):
   """
   everyone = [c for row in configs for c in row]
   keys = sorted(set().union(*everyone)) if everyone else []
-  base = {k: everyone[0].get(k, _UNSET) for k in keys if k != "seed"
-          and all(c.get(k, _UNSET) == everyone[0].get(k, _UNSET) for c in everyone)}
-  rows = [{k: row[0].get(k, _UNSET) for k in keys if k != "seed" and k not in base}
-          for row in configs]
+  base = {
+    k: everyone[0].get(k, _UNSET)
+    for k in keys
+    if k != "seed" and all(c.get(k, _UNSET) == everyone[0].get(k, _UNSET) for c in everyone)
+  }
+  rows = [
+    {k: row[0].get(k, _UNSET) for k in keys if k != "seed" and k not in base} for row in configs
+  ]
   return base, rows
 
 
@@ -266,8 +300,11 @@ def _common_overrides(records: Sequence[dict]) -> dict[str, Any]:
   if len(records) < 2:
     return {}
   first = records[0]["overrides"]
-  return {k: v for k, v in first.items()
-          if all(k in r["overrides"] and r["overrides"][k] == v for r in records[1:])}
+  return {
+    k: v
+    for k, v in first.items()
+    if all(k in r["overrides"] and r["overrides"][k] == v for r in records[1:])
+  }
 
 
 def _label(rec: dict, common: dict[str, Any]) -> str:
@@ -277,8 +314,7 @@ def _label(rec: dict, common: dict[str, Any]) -> str:
 
 def _epochs_text(epochs: Sequence[float]) -> str:
   """Epochs of a row's runs: one number when they agree, else one per seed."""
-  return (f"{epochs[0]:g}" if len(set(epochs)) == 1
-          else ", ".join(f"{e:g}" for e in epochs))
+  return f"{epochs[0]:g}" if len(set(epochs)) == 1 else ", ".join(f"{e:g}" for e in epochs)
 
 
 def summarise(records: Sequence[dict]) -> list[dict]:
@@ -295,19 +331,26 @@ def summarise(records: Sequence[dict]) -> list[dict]:
     errors = [r["test_top1_error"] for r in rec["runs"]]
     times = [r.get("train_wall_time_sec", float("nan")) for r in rec["runs"]]
     first = rec["runs"][0]
-    out.append({
-        "name": _label(rec, common), "entry": rec["entry"], "model": rec["model"],
-        "overrides": rec["overrides"], "config_overrides": rec.get("config_overrides", {}),
+    out.append(
+      {
+        "name": _label(rec, common),
+        "entry": rec["entry"],
+        "model": rec["model"],
+        "overrides": rec["overrides"],
+        "config_overrides": rec.get("config_overrides", {}),
         "family": family(rec["model"]),
-        "params": int(first["params"]), "gflops": float(first["gflops"]),
-        "seeds": [r["seed"] for r in rec["runs"]], "test_top1_errors": errors,
+        "params": int(first["params"]),
+        "gflops": float(first["gflops"]),
+        "seeds": [r["seed"] for r in rec["runs"]],
+        "test_top1_errors": errors,
         "mean_test_top1_error": float(np.mean(errors)),
         "std_test_top1_error": float(np.std(errors, ddof=1)) if len(errors) > 1 else 0.0,
         "train_time_sec_per_run": float(np.mean(times)),
         "epochs": [float(r.get("epochs", float("nan"))) for r in rec["runs"]],
         "steps": [int(r.get("steps", -1)) for r in rec["runs"]],
         "continued_runs": sum(bool(r.get("continued")) for r in rec["runs"]),
-    })
+      }
+    )
   return out
 
 
@@ -315,15 +358,17 @@ def markdown_table(summary: Sequence[dict], caption: str = "", notes: Sequence[s
   """``study.md``: one row per model, errors in percent, under an optional caption and
   followed by ``notes`` (one paragraph each)."""
   lines = ([caption, ""] if caption else []) + [
-      "| model | family | params | GFLOPs | test error % (mean ± std) | per seed % | epochs "
-      "| train time / run |",
-      "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    "| model | family | params | GFLOPs | test error % (mean ± std) | per seed % | epochs "
+    "| train time / run |",
+    "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
+  ]
   for s in summary:
     per_seed = ", ".join(f"{100 * e:.2f}" for e in s["test_top1_errors"])
     lines.append(
-        f"| {s['name']} | {s['family']} | {s['params']:,} | {s['gflops']:.4f} | "
-        f"{100 * s['mean_test_top1_error']:.2f} ± {100 * s['std_test_top1_error']:.2f} | "
-        f"{per_seed} | {_epochs_text(s['epochs'])} | {s['train_time_sec_per_run']:.0f} s |")
+      f"| {s['name']} | {s['family']} | {s['params']:,} | {s['gflops']:.4f} | "
+      f"{100 * s['mean_test_top1_error']:.2f} ± {100 * s['std_test_top1_error']:.2f} | "
+      f"{per_seed} | {_epochs_text(s['epochs'])} | {s['train_time_sec_per_run']:.0f} s |"
+    )
   for note in notes:
     lines += ["", note]
   return "\n".join(lines) + "\n"
@@ -332,16 +377,29 @@ def markdown_table(summary: Sequence[dict], caption: str = "", notes: Sequence[s
 def plot(summary: Sequence[dict], path: str, title: str = ""):
   """``study.png``: test error (%) against parameters, mean +- std, a marker per family."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(6.4, 5.0), dpi=100)
   for s in summary:
-    bar = ax.errorbar(s["params"], 100 * s["mean_test_top1_error"],
-                      yerr=100 * s["std_test_top1_error"], marker=_MARKERS[s["family"]],
-                      capsize=3, linestyle="none", label=s["name"])
-    ax.scatter([s["params"]] * len(s["test_top1_errors"]),
-               [100 * e for e in s["test_top1_errors"]], s=10, alpha=0.4,
-               color=bar[0].get_color(), marker=_MARKERS[s["family"]])
+    bar = ax.errorbar(
+      s["params"],
+      100 * s["mean_test_top1_error"],
+      yerr=100 * s["std_test_top1_error"],
+      marker=_MARKERS[s["family"]],
+      capsize=3,
+      linestyle="none",
+      label=s["name"],
+    )
+    ax.scatter(
+      [s["params"]] * len(s["test_top1_errors"]),
+      [100 * e for e in s["test_top1_errors"]],
+      s=10,
+      alpha=0.4,
+      color=bar[0].get_color(),
+      marker=_MARKERS[s["family"]],
+    )
   ax.set_yscale("symlog", linthresh=1.0)  # one diverged seed does not flatten the rest
   ax.set_ylim(bottom=0)
   ax.set_xlabel("parameters")
@@ -358,6 +416,7 @@ def plot(summary: Sequence[dict], path: str, title: str = ""):
 def _non_default(flat: dict[str, Any]) -> dict[str, Any]:
   """The fields of a flat config whose values differ from ``configs/default.py``'s."""
   from experiments.configs import default
+
   defaults = flat_config(default.get_config())
   return {k: v for k, v in flat.items() if defaults.get(k, _UNSET) != v}
 
@@ -383,6 +442,7 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> list[dict]:
   from absl import logging
 
   from experiments import train
+
   records, configs = [], []
   for entry, name, overrides in models:
     runs, row_configs = [], []
@@ -393,10 +453,17 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> list[dict]:
       if action == REUSE:
         logging.info("study: reusing %s, seed %d (%s)", entry, seed, directory)
       else:
-        why = {TRAIN: "training", RESUME: "resuming",
-               CONTINUE: "continuing (or testing again)"}[action]
-        logging.info("study: %s %s, seed %d in %s%s", why, entry, seed, directory,
-                     f" ({_describe(differences)})" if differences else "")
+        why = {TRAIN: "training", RESUME: "resuming", CONTINUE: "continuing (or testing again)"}[
+          action
+        ]
+        logging.info(
+          "study: %s %s, seed %d in %s%s",
+          why,
+          entry,
+          seed,
+          directory,
+          f" ({_describe(differences)})" if differences else "",
+        )
         results = train.train_and_evaluate(config, directory)
         if results.get("preempted"):
           logging.warning("study: preempted during %s seed %d; rerun to resume", entry, seed)
@@ -415,24 +482,39 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> list[dict]:
   epochs = epochs.pop() if len(epochs) == 1 else None
   dataset = base_config.get("dataset", base.dataset)
   batch = base_config.get("batch_size", base.batch_size)
-  caption = (f"{dataset}, {seeds} seeds, "
-             + (f"{epochs:g} epochs" if epochs is not None else "epochs per row")
-             + f", batch {batch}"
-             + (", all models: " + _fields_text(common) if common else ""))
-  shown = {k: v for k, v in _non_default(base_config).items()
-           if k not in RESULT_NEUTRAL_FIELDS}
-  notes = [f"Config of every run, where it differs from experiments/configs/default.py: "
-           f"{_fields_text(shown)}."]
+  caption = (
+    f"{dataset}, {seeds} seeds, "
+    + (f"{epochs:g} epochs" if epochs is not None else "epochs per row")
+    + f", batch {batch}"
+    + (", all models: " + _fields_text(common) if common else "")
+  )
+  shown = {k: v for k, v in _non_default(base_config).items() if k not in RESULT_NEUTRAL_FIELDS}
+  notes = [
+    f"Config of every run, where it differs from experiments/configs/default.py: "
+    f"{_fields_text(shown)}."
+  ]
   continued = sum(s["continued_runs"] for s in summary)
   if continued:
-    notes.append(f"{continued} of {sum(len(s['seeds']) for s in summary)} runs were trained "
-                 "toward another total first and then continued from their checkpoint (the "
-                 "learning-rate schedule follows the new total from there): not the same as "
-                 "runs of this length from scratch.")
+    notes.append(
+      f"{continued} of {sum(len(s['seeds']) for s in summary)} runs were trained "
+      "toward another total first and then continued from their checkpoint (the "
+      "learning-rate schedule follows the new total from there): not the same as "
+      "runs of this length from scratch."
+    )
   with open(os.path.join(workdir, STUDY_JSON), "w") as f:
-    json.dump({"dataset": dataset, "seeds": seeds, "epochs": epochs,
-               "batch_size": batch, "common_overrides": common, "config": base_config,
-               "models": summary}, f, indent=2)
+    json.dump(
+      {
+        "dataset": dataset,
+        "seeds": seeds,
+        "epochs": epochs,
+        "batch_size": batch,
+        "common_overrides": common,
+        "config": base_config,
+        "models": summary,
+      },
+      f,
+      indent=2,
+    )
   with open(os.path.join(workdir, STUDY_MD), "w") as f:
     f.write(markdown_table(summary, caption, notes))
   plot(summary, os.path.join(workdir, STUDY_PNG), title=f"{dataset}, {seeds} seeds")
@@ -447,6 +529,7 @@ def main(argv):
   )
 
   from experiments import metrics
+
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metrics.console_logging()
@@ -460,17 +543,19 @@ def main(argv):
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
+
   flags.DEFINE_string("workdir", None, "Study directory (runs/, study.json/.md/.png).")
   flags.DEFINE_string("models", None, "Comma-separated model entries (module docstring).")
   flags.DEFINE_integer("seeds", 3, "Seeds per model: 0 .. N-1.")
-  config_flags.DEFINE_config_file("config", None, "Base training configuration.",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file("config", None, "Base training configuration.", lock_config=True)
   flags.mark_flags_as_required(["config", "workdir", "models"])
 
 
 if __name__ == "__main__":
   from experiments import huge_pages
+
   huge_pages.reexec_with_huge_pages()
   _define_flags()
   from experiments import cli
+
   cli.run(main)

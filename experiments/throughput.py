@@ -28,31 +28,42 @@ flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 
 def main(argv):
   from experiments import metrics
+
   metrics.console_logging()
   del argv
   from experiments import input_pipeline, optim, run_config, steps, train
   from experiments.configs import default
   from experiments.data import tfds_utils
+
   c = default.get_config()
-  c.model, c.growth_rate, c.batch_size, c.dtype = (FLAGS.model, FLAGS.growth_rate,
-                                                   FLAGS.batch_size, FLAGS.dtype)
+  c.model, c.growth_rate, c.batch_size, c.dtype = (
+    FLAGS.model,
+    FLAGS.growth_rate,
+    FLAGS.batch_size,
+    FLAGS.dtype,
+  )
   c.lr_schedule, c.validation_size, c.download, c.data_dir = "constant", 0, False, "/nonexistent"
   window = max(FLAGS.steps // 2, 1)
   c.num_train_steps, c.log_every_steps = 2 * window + window, window
-  c.checkpoint_every_steps = 10 ** 6
+  c.checkpoint_every_steps = 10**6
   c.eval_batch_size = c.batch_size
 
   # Bare step.
   mesh = steps.make_mesh()
   model = run_config.build_model(c, 10)
-  sched = optim.learning_rate_schedule(c, 1000, 10 ** 6)
+  sched = optim.learning_rate_schedule(c, 1000, 10**6)
   tx = optim.make_optimizer(c, sched)
   state = steps.create_train_state(model, tx, (32, 32, 3), 0, mesh)
   step = steps.make_train_step(model, tx, sched, mesh, state)
   rng = np.random.default_rng(0)
   batch = steps.global_batch(
-      {"image": rng.normal(size=(c.batch_size, 32, 32, 3)).astype(np.float32),
-       "label": rng.integers(0, 10, c.batch_size).astype(np.int32)}, mesh, c.batch_size)
+    {
+      "image": rng.normal(size=(c.batch_size, 32, 32, 3)).astype(np.float32),
+      "label": rng.integers(0, 10, c.batch_size).astype(np.int32),
+    },
+    mesh,
+    c.batch_size,
+  )
   for _ in range(2):
     state, m = step(state, batch)
   jax.block_until_ready(m)
@@ -64,19 +75,30 @@ def main(argv):
 
   # Runner.
   tfds = tfds_utils.import_tfds()
-  with tempfile.TemporaryDirectory() as workdir, tfds.testing.mock_data(
-      num_examples=c.batch_size * (c.num_train_steps + 1)):
+  with (
+    tempfile.TemporaryDirectory() as workdir,
+    tfds.testing.mock_data(num_examples=c.batch_size * (c.num_train_steps + 1)),
+  ):
     input_pipeline.clear_cache()
     train.train_and_evaluate(c, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       recs = [json.loads(l) for l in f]
   ips = [r["time_images_per_sec"] for r in recs if r["split"] == "train"][1:]
   runner = float(np.mean(ips))
-  print(json.dumps({"model": c.model, "growth_rate": c.growth_rate, "batch": c.batch_size,
-                    "devices": jax.device_count(), "backend": jax.default_backend(),
-                    "bare_images_per_sec": round(bare, 1),
-                    "runner_images_per_sec": round(runner, 1),
-                    "runner_over_bare": round(runner / bare, 3)}))
+  print(
+    json.dumps(
+      {
+        "model": c.model,
+        "growth_rate": c.growth_rate,
+        "batch": c.batch_size,
+        "devices": jax.device_count(),
+        "backend": jax.default_backend(),
+        "bare_images_per_sec": round(bare, 1),
+        "runner_images_per_sec": round(runner, 1),
+        "runner_over_bare": round(runner / bare, 3),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

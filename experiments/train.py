@@ -66,23 +66,35 @@ def _finite_guard(leaf_names, ckpts):
     if np.isfinite(m["loss"]) and finite.all():
       return
     bad = [n for n, ok in zip(leaf_names, finite) if not ok]
-    what = (f"first non-finite leaf {bad[0]} ({len(bad)} of {len(finite)} state arrays "
-            "non-finite)" if bad else "the state arrays are still finite")
-    kept = ("no checkpoint was written yet" if ckpts.last_saved is None else
-            f"the newest checkpoint, step {ckpts.last_saved}, is finite and kept")
+    what = (
+      f"first non-finite leaf {bad[0]} ({len(bad)} of {len(finite)} state arrays non-finite)"
+      if bad
+      else "the state arrays are still finite"
+    )
+    kept = (
+      "no checkpoint was written yet"
+      if ckpts.last_saved is None
+      else f"the newest checkpoint, step {ckpts.last_saved}, is finite and kept"
+    )
     raise NonFiniteError(
-        f"non-finite training state at step {step} (batch {step - 1}): loss "
-        f"{float(m['loss'])}, {what}. Stopping without checkpointing this state; {kept}. "
-        "Check the input data for non-finite or extreme values (labels, pixel scale), or "
-        "try a lower learning rate or float32.")
+      f"non-finite training state at step {step} (batch {step - 1}): loss "
+      f"{float(m['loss'])}, {what}. Stopping without checkpointing this state; {kept}. "
+      "Check the input data for non-finite or extreme values (labels, pixel scale), or "
+      "try a lower learning rate or float32."
+    )
 
   return check
 
 
 # Errors with which a run stops itself (the CLI prints their message and exits 1).
-RUN_STOPPED = (NonFiniteError, checkpointing.CheckpointWriteError, checkpointing.RestoreError,
-               rundir.WorkdirBusy, rk_ckpt.CheckpointUnreadable,
-               prepare_lib.DownloadUnavailableError)
+RUN_STOPPED = (
+  NonFiniteError,
+  checkpointing.CheckpointWriteError,
+  checkpointing.RestoreError,
+  rundir.WorkdirBusy,
+  rk_ckpt.CheckpointUnreadable,
+  prepare_lib.DownloadUnavailableError,
+)
 
 
 # ------------------------------------------------------------------------- preemption
@@ -105,6 +117,7 @@ def _preempted(flag) -> bool:
   if jax.process_count() == 1:
     return flag["set"]
   from jax.experimental import multihost_utils
+
   flags = multihost_utils.process_allgather(np.asarray(flag["set"], np.int32))
   return bool(np.any(flags))
 
@@ -127,20 +140,29 @@ def precise_bn_first_batch(step: int, steps_per_epoch: int) -> int:
   return (max(int(step), 1) - 1) // steps_per_epoch * steps_per_epoch
 
 
-def precise_model_vars(config, model_vars, step: int, steps_per_epoch: int, bn_stats_step,
-                       mesh, *, stats=None) -> dict:
+def precise_model_vars(
+  config, model_vars, step: int, steps_per_epoch: int, bn_stats_step, mesh, *, stats=None
+) -> dict:
   """``model_vars`` with BatchNorm statistics re-estimated for its parameters over
   ``precise_bn_batches`` training batches (``steps.precise_batch_stats``), standardised with
   ``stats`` (the run's ``data.json`` mean/std; None: the data's own)."""
   from experiments import input_pipeline
+
   it = input_pipeline.train_iterator(
-      config, start_step=precise_bn_first_batch(step, steps_per_epoch),
-      process_index=jax.process_index(), process_count=jax.process_count(), stats=stats)
+    config,
+    start_step=precise_bn_first_batch(step, steps_per_epoch),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    stats=stats,
+  )
   try:
     bn_stats = steps_lib.precise_batch_stats(
-        bn_stats_step, model_vars,
-        itertools.islice(it, precise_bn_batches(config, steps_per_epoch)), mesh,
-        config.batch_size)
+      bn_stats_step,
+      model_vars,
+      itertools.islice(it, precise_bn_batches(config, steps_per_epoch)),
+      mesh,
+      config.batch_size,
+    )
   finally:
     it.close()
   return {"params": model_vars["params"], "batch_stats": bn_stats}
@@ -154,43 +176,58 @@ def _warn_if_too_short_for_momentum(spec, total_steps: int):
   needed = math.ceil(math.log(0.01) / math.log(momentum))
   if total_steps < needed:
     logging.warning(
-        "BatchNorm momentum %g needs %d steps for the running averages' initial values to "
-        "weigh less than 1%%; this run has %d steps, so evaluation would use statistics that "
-        "lag the weights. Use --config.precise_bn_batches=50 (precise BatchNorm "
-        "statistics) or a lower --config.model_kwargs.bn_momentum.", momentum, needed,
-        total_steps)
+      "BatchNorm momentum %g needs %d steps for the running averages' initial values to "
+      "weigh less than 1%%; this run has %d steps, so evaluation would use statistics that "
+      "lag the weights. Use --config.precise_bn_batches=50 (precise BatchNorm "
+      "statistics) or a lower --config.model_kwargs.bn_momentum.",
+      momentum,
+      needed,
+      total_steps,
+    )
 
 
 # ---------------------------------------------------------------- compiled functions
 _FN_CACHE: dict = {}
 
 
-def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh,
-                        schedule_steps):
+def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh, schedule_steps):
   """(init_fn, train_step, eval_step, bn_stats_step), reused by later runs of the same setup.
 
   Repeated ``train_and_evaluate`` calls (sweeps over seeds, tests, resuming in the same
   process) then skip recompilation; the key holds everything the functions depend on.
   """
   recipe = [config[f] for f in run_config.RECIPE_FIELDS]
-  key = json.dumps([spec.to_json(), list(input_shape), recipe, list(schedule_steps),
-                    [d.id for d in mesh.devices.flat], list(mesh.axis_names)],
-                   sort_keys=True, default=str)
+  key = json.dumps(
+    [
+      spec.to_json(),
+      list(input_shape),
+      recipe,
+      list(schedule_steps),
+      [d.id for d in mesh.devices.flat],
+      list(mesh.axis_names),
+    ],
+    sort_keys=True,
+    default=str,
+  )
   if key not in _FN_CACHE:
     if len(_FN_CACHE) >= 8:
       _FN_CACHE.pop(next(iter(_FN_CACHE)))
     init_fn = steps_lib.make_init_fn(model, tx, input_shape, mesh)
     with jax.threefry_partitionable(False):
       example = jax.eval_shape(lambda: init_fn(0))
-    _FN_CACHE[key] = (init_fn, steps_lib.make_train_step(model, tx, schedule, mesh, example),
-                      steps_lib.make_eval_step(model, mesh),
-                      steps_lib.make_bn_stats_step(model, mesh))
+    _FN_CACHE[key] = (
+      init_fn,
+      steps_lib.make_train_step(model, tx, schedule, mesh, example),
+      steps_lib.make_eval_step(model, mesh),
+      steps_lib.make_bn_stats_step(model, mesh),
+    )
   return _FN_CACHE[key]
 
 
 # -------------------------------------------------------------------------- the run
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       mesh: Mesh | None = None) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh | None = None
+) -> dict:
   """Trains ``config.model`` on ``config.dataset`` in ``workdir``; returns ``results.json``.
 
   Resumes automatically from the newest intact checkpoint in ``workdir`` (to the config's
@@ -205,6 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     mesh: the device mesh (default: every device, axis ``"data"``).
   """
   from experiments import input_pipeline
+
   run_config.validate_config(config, workdir, mesh)  # pure: raises before any side effect
   compiler_memory.install()  # peak RSS: the compiler's freed memory goes back to the OS
   input_pipeline.preflight(config)
@@ -227,6 +265,7 @@ def _take_workdir(workdir: str) -> rundir.WorkdirLock:
       busy = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     refused = multihost_utils.broadcast_one_to_all(np.int32(busy is not None))
     if busy is None and int(refused):
       busy = rundir.WorkdirBusy(f"process 0 could not take the lock of {workdir!r}; see its log")
@@ -243,8 +282,12 @@ def _finished_results(config, workdir: str, total_steps: int) -> dict | None:
   trained or tested (no new metrics row, no wall-time growth) and one line says so.
   """
   results, run = rundir.read_results(workdir), rundir.read_run_file(workdir)
-  if (results is None or run is None or run.get("total_steps") != total_steps
-      or run.get("config", {}).get("test_model") != config.test_model):
+  if (
+    results is None
+    or run is None
+    or run.get("total_steps") != total_steps
+    or run.get("config", {}).get("test_model") != config.test_model
+  ):
     return None
   steps = checkpointing.checkpoint_metas(workdir)
   if not steps or results.get("steps") != max(steps) or max(steps) < total_steps:
@@ -252,11 +295,15 @@ def _finished_results(config, workdir: str, total_steps: int) -> dict | None:
   now = json.loads(config.to_json())
   differ = sorted(k for k in now if run["config"].get(k, now[k]) != now[k])
   logging.warning(
-      "%s already holds this run, finished (step %d, total %d; results.json: test top-1 "
-      "error %.4f): nothing trained or tested, its results are returned unchanged%s. To "
-      "train further raise num_epochs or num_train_steps; for a new run use a new --workdir.",
-      workdir, results["steps"], total_steps, results.get("test_top1_error", float("nan")),
-      f" (config fields that differ from the run's: {', '.join(differ)})" if differ else "")
+    "%s already holds this run, finished (step %d, total %d; results.json: test top-1 "
+    "error %.4f): nothing trained or tested, its results are returned unchanged%s. To "
+    "train further raise num_epochs or num_train_steps; for a new run use a new --workdir.",
+    workdir,
+    results["steps"],
+    total_steps,
+    results.get("test_top1_error", float("nan")),
+    f" (config fields that differ from the run's: {', '.join(differ)})" if differ else "",
+  )
   return results
 
 
@@ -267,6 +314,7 @@ class _Run:
   ``state`` is the current ``TrainState`` (replaced by every train step) and ``step`` its
   step; the evaluation helpers below always see the current ones.
   """
+
   config: ml_collections.ConfigDict
   workdir: str
   mesh: Mesh
@@ -317,17 +365,30 @@ class _Run:
   def run_eval(self, variables, split: str) -> dict:
     """Exact metrics of ``variables`` on ``split``."""
     from experiments import input_pipeline
+
     batches = input_pipeline.eval_iterator(
-        self.config, split, batch_size=self.config.eval_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        stats=self.stats)
-    return steps_lib.evaluate(self.eval_step, variables, batches, self.mesh,
-                              self.config.eval_batch_size)
+      self.config,
+      split,
+      batch_size=self.config.eval_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      stats=self.stats,
+    )
+    return steps_lib.evaluate(
+      self.eval_step, variables, batches, self.mesh, self.config.eval_batch_size
+    )
 
   def precise_vars(self, model_vars, step: int) -> dict:
     """``model_vars`` with precise BatchNorm statistics for the model after ``step``."""
-    return precise_model_vars(self.config, model_vars, step, self.steps_per_epoch,
-                              self.bn_stats_step, self.mesh, stats=self.stats)
+    return precise_model_vars(
+      self.config,
+      model_vars,
+      step,
+      self.steps_per_epoch,
+      self.bn_stats_step,
+      self.mesh,
+      stats=self.stats,
+    )
 
   def evaluated_vars(self, step: int) -> dict:
     """The model as evaluated at ``step``: precise BN statistics, or the running ones."""
@@ -345,15 +406,24 @@ class _Run:
     # every other one the running averages a resumed run continues from.
     final = bool(self.n_precise) and step >= self.total_steps
     config = self.config
-    self.ckpts.save(step, self.evaluated_vars(step) if final else self.state.model_vars(),
-                    self.state.train_vars(), {
+    self.ckpts.save(
+      step,
+      self.evaluated_vars(step) if final else self.state.model_vars(),
+      self.state.train_vars(),
+      {
         "batch_stats": "precise" if final else "running_averages",
         "precise_bn_batches": self.n_precise if final else 0,
-        "step": int(step), "epoch": step / self.steps_per_epoch, "model": config.model,
-        "dataset": config.dataset, "global_batch": config.batch_size,
-        "devices": self.mesh.devices.size, "processes": jax.process_count(),
-        "train_wall_time_sec": self.wall_time()},
-        metrics=None if val is None else {checkpointing.BEST_METRIC: val["top1_error"]})
+        "step": int(step),
+        "epoch": step / self.steps_per_epoch,
+        "model": config.model,
+        "dataset": config.dataset,
+        "global_batch": config.batch_size,
+        "devices": self.mesh.devices.size,
+        "processes": jax.process_count(),
+        "train_wall_time_sec": self.wall_time(),
+      },
+      metrics=None if val is None else {checkpointing.BEST_METRIC: val["top1_error"]},
+    )
 
 
 def _run(config, workdir: str, mesh: Mesh) -> dict:
@@ -371,8 +441,9 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
     run.ckpts.close()
     raise
   if preempted:
-    logging.warning("Preempted: checkpoint at step %d saved; rerun the same command to "
-                    "continue.", run.step)
+    logging.warning(
+      "Preempted: checkpoint at step %d saved; rerun the same command to continue.", run.step
+    )
     run.log.close()
     run.ckpts.close()
     return {"preempted": True, "step": run.step}
@@ -383,12 +454,19 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
 def _plan(config, workdir: str, mesh: Mesh) -> _Run:
   """The run's data shapes and sizes; refuses ``test_model="best"`` without validation."""
   from experiments import input_pipeline
+
   info = input_pipeline.dataset_info(config)
   steps_per_epoch = int(input_pipeline.steps_per_epoch(config))
-  run = _Run(config=config, workdir=workdir, mesh=mesh, input_shape=tuple(info.image_shape),
-             num_classes=info.num_classes, steps_per_epoch=steps_per_epoch,
-             total_steps=run_config.total_steps(config, steps_per_epoch),
-             split_sizes=input_pipeline.split_sizes(config))
+  run = _Run(
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    input_shape=tuple(info.image_shape),
+    num_classes=info.num_classes,
+    steps_per_epoch=steps_per_epoch,
+    total_steps=run_config.total_steps(config, steps_per_epoch),
+    split_sizes=input_pipeline.split_sizes(config),
+  )
   if config.test_model == "best" and not run.has_validation:
     raise ValueError(run_config.NO_VALIDATION_FOR_BEST)
   return run
@@ -402,41 +480,56 @@ def _setup(run: _Run):
   schedule = optim.learning_rate_schedule(config, run.steps_per_epoch, run.total_steps)
   tx = optim.make_optimizer(config, schedule)
   run.init_fn, run.train_step, run.eval_step, run.bn_stats_step = _compiled_functions(
-      config, run.spec, run.model, tx, schedule, run.input_shape, run.mesh,
-      (run.steps_per_epoch, run.total_steps))
+    config,
+    run.spec,
+    run.model,
+    tx,
+    schedule,
+    run.input_shape,
+    run.mesh,
+    (run.steps_per_epoch, run.total_steps),
+  )
   run.n_precise = precise_bn_batches(config, run.steps_per_epoch)
   if not run.n_precise:
     _warn_if_too_short_for_momentum(run.spec, run.total_steps)
   run.state = run.init_fn(config.seed)
   replicated = NamedSharding(run.mesh, P())
   run.abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), run.state)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), run.state
+  )
   run.ckpts = checkpointing.RunCheckpoints(
-      run.workdir, keep=config.keep_checkpoints, track_best=run.has_validation,
-      model_spec=dict(json.loads(run.spec.to_json()), input_shape=list(run.input_shape)))
+    run.workdir,
+    keep=config.keep_checkpoints,
+    track_best=run.has_validation,
+    model_spec=dict(json.loads(run.spec.to_json()), input_shape=list(run.input_shape)),
+  )
 
 
 # -------------------------------------------------------------------- restore
 def _restore(run: _Run):
   """The newest intact checkpoint into ``run.state`` (none: a fresh start at step 0)."""
   start_step, model_vars, train_vars, meta = run.ckpts.restore_latest(
-      run.abstract.model_vars(), run.abstract.train_vars())
+    run.abstract.model_vars(), run.abstract.train_vars()
+  )
   run.previous_run = rundir.read_run_file(run.workdir)
   # Only the final checkpoint of a finished run holds precise statistics.
   run.restored_precise = bool(meta) and meta.get("batch_stats") == "precise"
   if run.restored_precise and start_step < run.total_steps:
     logging.warning(
-        "Checkpoint %d is the final one of a finished run and holds precise BatchNorm "
-        "statistics; the running averages continue from them. The parameters train as in "
-        "an uninterrupted run (training normalises with batch statistics), only the "
-        "running averages differ.", start_step)
+      "Checkpoint %d is the final one of a finished run and holds precise BatchNorm "
+      "statistics; the running averages continue from them. The parameters train as in "
+      "an uninterrupted run (training normalises with batch statistics), only the "
+      "running averages differ.",
+      start_step,
+    )
   if start_step is None:
     run.start_step, run.wall_time_before = 0, 0.0
     if jax.process_index() == 0:
       rundir.move_aside_outputs(run.workdir)
     return
-  run.state = steps_lib.TrainState(params=model_vars["params"],
-                                   batch_stats=model_vars["batch_stats"], **train_vars)
+  run.state = steps_lib.TrainState(
+    params=model_vars["params"], batch_stats=model_vars["batch_stats"], **train_vars
+  )
   if int(run.state.step) != start_step:
     raise ValueError(f"checkpoint {start_step} holds step {int(run.state.step)}")
   run.start_step = start_step
@@ -445,46 +538,71 @@ def _restore(run: _Run):
   old_total, total_steps = (run.previous_run or {}).get("total_steps"), run.total_steps
   if old_total is not None and old_total != total_steps:
     logging.warning(
-        "The run so far trained toward %d steps; this config asks for %d: %s. The "
-        "learning-rate schedule follows the new total.", old_total, total_steps,
-        f"continuing from step {start_step} to {total_steps}" if start_step < total_steps
-        else f"step {start_step} is already past it: no more training, the step "
-        f"{start_step} model is tested")
+      "The run so far trained toward %d steps; this config asks for %d: %s. The "
+      "learning-rate schedule follows the new total.",
+      old_total,
+      total_steps,
+      f"continuing from step {start_step} to {total_steps}"
+      if start_step < total_steps
+      else f"step {start_step} is already past it: no more training, the step "
+      f"{start_step} model is tested",
+    )
 
 
 def _record_run(run: _Run):
   """Binds the run's data (fingerprint, mean/std), writes its metadata, prints the summary."""
   from experiments import input_pipeline
+
   config, workdir, start_step = run.config, run.workdir, run.start_step
   # The run's data: its fingerprint must match, and its data.json's mean/std stay.
   data, data_change = input_pipeline.bind_data_spec(
-      config, rk_preprocessing.read_data_spec(workdir) if start_step else None,
-      allow_change=bool(config.get("allow_data_change", False)))
+    config,
+    rk_preprocessing.read_data_spec(workdir) if start_step else None,
+    allow_change=bool(config.get("allow_data_change", False)),
+  )
   if data_change:
     logging.warning("Continuing on new data (config.allow_data_change=True): %s", data_change)
   run.stats = (data["mean"], data["std"])
   if jax.process_index() == 0:
     rk_ckpt.write_model_spec(workdir, run.spec, run.input_shape)
     rk_preprocessing.write_data_spec(workdir, data)
-    run_record = {"identity": run_config.identity(config),
-                  "config": json.loads(config.to_json()), "num_classes": run.num_classes,
-                  "input_shape": list(run.input_shape), "steps_per_epoch": run.steps_per_epoch,
-                  "total_steps": run.total_steps, "data_fingerprint": data["fingerprint"]}
+    run_record = {
+      "identity": run_config.identity(config),
+      "config": json.loads(config.to_json()),
+      "num_classes": run.num_classes,
+      "input_shape": list(run.input_shape),
+      "steps_per_epoch": run.steps_per_epoch,
+      "total_steps": run.total_steps,
+      "data_fingerprint": data["fingerprint"],
+    }
     data_changes = list((run.previous_run or {}).get("data_changes", []))  # kept across sessions
     if data_change:
       data_changes.append({"at_step": int(start_step), "change": data_change})
     if data_changes:
       run_record["data_changes"] = data_changes
-    rundir.write_run_file(workdir, run_record, start_step=start_step,
-                          total_steps=run.total_steps, session=run_config.session_values(config))
+    rundir.write_run_file(
+      workdir,
+      run_record,
+      start_step=start_step,
+      total_steps=run.total_steps,
+      session=run_config.session_values(config),
+    )
   from rknet_jax.counting import count_flops, count_params
+
   run.params = count_params(run.model, run.input_shape)
   run.gflops = count_flops(run.model, run.input_shape) / 1e9
   progress.start_summary(
-      config=config, workdir=workdir, start_step=start_step, total_steps=run.total_steps,
-      steps_per_epoch=run.steps_per_epoch, split_sizes=run.split_sizes,
-      input_shape=run.input_shape, params=run.params, gflops=run.gflops,
-      num_devices=run.mesh.devices.size)
+    config=config,
+    workdir=workdir,
+    start_step=start_step,
+    total_steps=run.total_steps,
+    steps_per_epoch=run.steps_per_epoch,
+    split_sizes=run.split_sizes,
+    input_shape=run.input_shape,
+    params=run.params,
+    gflops=run.gflops,
+    num_devices=run.mesh.devices.size,
+  )
 
 
 # ----------------------------------------------------------------- train loop
@@ -492,28 +610,40 @@ def _train(run: _Run) -> bool:
   """Trains from ``run.start_step`` to ``run.total_steps``, logging, evaluating and saving at
   the steps ``is_time`` says; returns whether SIGTERM stopped it (after a checkpoint)."""
   from experiments import input_pipeline
+
   config, total_steps = run.config, run.total_steps
   run.log = metrics_lib.MetricsLog(run.workdir, run.start_step)
   run.bar = progress.ProgressBar(total_steps, run.start_step)
   run.window = metrics_lib.TrainWindow(
-      run.log, start_step=run.start_step, total_steps=total_steps,
-      steps_per_epoch=run.steps_per_epoch, global_batch=config.batch_size,
-      check=_finite_guard(steps_lib.checked_leaf_names(run.state), run.ckpts), bar=run.bar)
+    run.log,
+    start_step=run.start_step,
+    total_steps=total_steps,
+    steps_per_epoch=run.steps_per_epoch,
+    global_batch=config.batch_size,
+    check=_finite_guard(steps_lib.checked_leaf_names(run.state), run.ckpts),
+    bar=run.bar,
+  )
   train_step = progress.announce_first_call(run.train_step, "compiling the train step", run.bar)
-  run.eval_step = progress.announce_first_call(run.eval_step, "compiling the evaluation step",
-                                               run.bar)
+  run.eval_step = progress.announce_first_call(
+    run.eval_step, "compiling the evaluation step", run.bar
+  )
   run.t_start = clock()
   flag, previous_handler = _install_sigterm()
   preempt_every = 1 if jax.process_count() == 1 else config.log_every_steps
   preempted, it, run.step = False, None, run.start_step
   try:
     it = input_pipeline.train_iterator(
-        config, start_step=run.start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), stats=run.stats)
+      config,
+      start_step=run.start_step,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      stats=run.stats,
+    )
     while run.step < total_steps:
       local = next(it)
-      batch = steps_lib.global_batch({"image": local["image"], "label": local["label"]},
-                                     run.mesh, config.batch_size)
+      batch = steps_lib.global_batch(
+        {"image": local["image"], "label": local["label"]}, run.mesh, config.batch_size
+      )
       run.state, step_metrics = train_step(run.state, batch)
       run.step += 1
       step = run.step
@@ -522,8 +652,11 @@ def _train(run: _Run) -> bool:
         run.window.flush(step)
         run.ckpts.check_for_errors()  # a failed background write stops the run here
       val = _validate_if_due(run)
-      if (val is not None or is_time(step, run.steps_per_epoch, total_steps)
-          or is_time(step, config.checkpoint_every_steps, total_steps)):
+      if (
+        val is not None
+        or is_time(step, run.steps_per_epoch, total_steps)
+        or is_time(step, config.checkpoint_every_steps, total_steps)
+      ):
         run.save(step, val)
       if is_time(step, preempt_every, total_steps, last=False) and _preempted(flag):
         run.save(step)
@@ -547,13 +680,19 @@ def _validate_if_due(run: _Run) -> dict | None:
   """The validation metrics at ``run.step`` when an evaluation is due (logged), else None."""
   step = run.step
   if not run.has_validation or not is_time(
-      step, run.config.eval_every_epochs * run.steps_per_epoch, run.total_steps):
+    step, run.config.eval_every_epochs * run.steps_per_epoch, run.total_steps
+  ):
     return None
   run.window.flush(step)
   val = run.run_eval(run.evaluated_vars(step), "validation")
   run.log.write(step, "validation", {k: val[k] for k in ("loss", "top1_error", "top5_error")})
-  logging.info("step %d validation: top1_err %.4f top5_err %.4f (%d examples)", step,
-               val["top1_error"], val["top5_error"], val["examples"])
+  logging.info(
+    "step %d validation: top1_err %.4f top5_err %.4f (%d examples)",
+    step,
+    val["top1_error"],
+    val["top5_error"],
+    val["examples"],
+  )
   return val
 
 
@@ -563,23 +702,25 @@ def _test(run: _Run) -> dict:
   config, step, n_precise = run.config, run.step, run.n_precise
   which, test_step, test_vars = "final", step, run.evaluated_vars(step)
   # The running averages (None: the state holds a finished run's precise statistics).
-  running_vars = None if run.restored_precise and run.start_step >= step else (
-      run.state.model_vars())
+  running_vars = (
+    None if run.restored_precise and run.start_step >= step else (run.state.model_vars())
+  )
   best = run.ckpts.best_step() if run.has_validation else None
   if config.test_model == "best" and best is not None and best != step:
     which, test_step = "best", best
-    _, test_vars, meta = rk_ckpt.restore_model(run.ckpts.manager, run.abstract.model_vars(),
-                                               step=best)
+    _, test_vars, meta = rk_ckpt.restore_model(
+      run.ckpts.manager, run.abstract.model_vars(), step=best
+    )
     running_vars = None if meta.get("batch_stats") == "precise" else test_vars
     if n_precise:
       test_vars = run.precise_vars(test_vars, best)
   elif config.test_model == "best" and best is not None:
     which = "best"
-  with progress.phase(f"testing the {which} model (step {test_step}) on the test split",
-                      run.bar):
+  with progress.phase(f"testing the {which} model (step {test_step}) on the test split", run.bar):
     test = run.run_eval(test_vars, "test")
-  running_test = (test if not n_precise else
-                  None if running_vars is None else run.run_eval(running_vars, "test"))
+  running_test = (
+    test if not n_precise else None if running_vars is None else run.run_eval(running_vars, "test")
+  )
   run.log.write(step, "test", {k: test[k] for k in ("loss", "top1_error", "top5_error")})
   run.log.close()
   run.ckpts.close()
@@ -590,36 +731,51 @@ def _test(run: _Run) -> dict:
       metrics_lib.plot_curves(run.workdir, rundir.path(run.workdir, rundir.CURVES_FILE))
     except Exception as e:
       logging.warning("could not draw %s: %s", rundir.CURVES_FILE, e)
-  logging.info("Done: test top-1 error %.4f, top-5 %.4f on %d examples (%s model, step %d)",
-               test["top1_error"], test["top5_error"], test["examples"], which, test_step)
+  logging.info(
+    "Done: test top-1 error %.4f, top-5 %.4f on %d examples (%s model, step %d)",
+    test["top1_error"],
+    test["top5_error"],
+    test["examples"],
+    which,
+    test_step,
+  )
   return results
 
 
-def _results(run: _Run, test: dict, running_test: dict | None, *, which: str,
-             test_step: int, best: int | None) -> dict:
+def _results(
+  run: _Run, test: dict, running_test: dict | None, *, which: str, test_step: int, best: int | None
+) -> dict:
   """The ``results.json`` dict of the tested run."""
   config, step = run.config, run.step
   val_hist = [r for r in metrics_lib.read_metrics(run.workdir) if r["split"] == "validation"]
   return {
-      "dataset": config.dataset, "model": config.model, "growth_rate": config.growth_rate,
-      "params": int(run.params), "gflops": float(run.gflops),
-      "steps": int(step), "epochs": step / run.steps_per_epoch,
-      "global_batch": config.batch_size, "devices": int(run.mesh.devices.size),
-      "processes": jax.process_count(),
-      "test_examples": test["examples"], "test_top1_error": test["top1_error"],
-      "test_top5_error": test["top5_error"], "test_loss": test["loss"],
-      "test_model": which, "test_checkpoint_step": int(test_step),
-      # Precise BatchNorm: the test numbers above use statistics re-estimated over this many
-      # training batches (0: the running averages); the running averages' error is below.
-      "precise_bn_batches": run.n_precise,
-      "running_averages_test_top1_error": (None if running_test is None
-                                           else running_test["top1_error"]),
-      "validation_examples": run.validation_examples,
-      "best_validation_step": best,
-      "best_validation_top1_error": (min(r["top1_error"] for r in val_hist)
-                                     if val_hist else None),
-      # Training time of every session that led to the final checkpoint.
-      "train_wall_time_sec": run.wall_time(),
-      # Recipe / data-stream fields a resume changed, with the step they apply from.
-      "changes": (rundir.read_run_file(run.workdir) or {}).get("changes", []),
+    "dataset": config.dataset,
+    "model": config.model,
+    "growth_rate": config.growth_rate,
+    "params": int(run.params),
+    "gflops": float(run.gflops),
+    "steps": int(step),
+    "epochs": step / run.steps_per_epoch,
+    "global_batch": config.batch_size,
+    "devices": int(run.mesh.devices.size),
+    "processes": jax.process_count(),
+    "test_examples": test["examples"],
+    "test_top1_error": test["top1_error"],
+    "test_top5_error": test["top5_error"],
+    "test_loss": test["loss"],
+    "test_model": which,
+    "test_checkpoint_step": int(test_step),
+    # Precise BatchNorm: the test numbers above use statistics re-estimated over this many
+    # training batches (0: the running averages); the running averages' error is below.
+    "precise_bn_batches": run.n_precise,
+    "running_averages_test_top1_error": (
+      None if running_test is None else running_test["top1_error"]
+    ),
+    "validation_examples": run.validation_examples,
+    "best_validation_step": best,
+    "best_validation_top1_error": (min(r["top1_error"] for r in val_hist) if val_hist else None),
+    # Training time of every session that led to the final checkpoint.
+    "train_wall_time_sec": run.wall_time(),
+    # Recipe / data-stream fields a resume changed, with the step they apply from.
+    "changes": (rundir.read_run_file(run.workdir) or {}).get("changes", []),
   }

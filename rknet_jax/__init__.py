@@ -12,46 +12,63 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    # numerics (paper section 3.1, equations 1-3)
-    "ButcherTableau": "rknet_jax.tableaus",
-    "algebraic_order": "rknet_jax.order_conditions",
-    "rk_step": "rknet_jax.rk",
-    "odeint_fixed": "rknet_jax.rk",
-    # Flax Linen building blocks
-    "TableauStep": "rknet_jax.tableau_block",
-    "ConvVectorField": "rknet_jax.tableau_block",
-    "Conv": "rknet_jax.conv",
-    # models (paper section 3.3) and the model zoo
-    "RKNet": "rknet_jax.models",
-    "TableauRKNet": "rknet_jax.models",
-    "DenseNet": "rknet_jax.models",
-    "CliqueNet": "rknet_jax.models",
-    "ERKStep": "rknet_jax.blocks",
-    "IRKStep": "rknet_jax.blocks",
-    "DenseBlock": "rknet_jax.blocks",
-    "CliqueBlock": "rknet_jax.blocks",
-    "RKNetSpec": "rknet_jax.spec",
-    "TableauRKNetSpec": "rknet_jax.spec",
-    "DenseNetSpec": "rknet_jax.spec",
-    "CliqueNetSpec": "rknet_jax.spec",
-    "parse_name": "rknet_jax.registry",
-    "create_model": "rknet_jax.registry",
-    "list_models": "rknet_jax.registry",
-    "erknet_from_densenet": "rknet_jax.registry",
-    "irknet_from_cliquenet": "rknet_jax.registry",
-    # counting in the paper's conventions
-    "count_params": "rknet_jax.counting",
-    "count_flops": "rknet_jax.counting",
-    # training recipe (section 4.1)
-    "paper_sgd": "rknet_jax.optim",
-    # trained models from an experiments workdir
-    "load_checkpoint": "rknet_jax.checkpoint",
+  # numerics (paper section 3.1, equations 1-3)
+  "ButcherTableau": "rknet_jax.tableaus",
+  "algebraic_order": "rknet_jax.order_conditions",
+  "rk_step": "rknet_jax.rk",
+  "odeint_fixed": "rknet_jax.rk",
+  # Flax Linen building blocks
+  "TableauStep": "rknet_jax.tableau_block",
+  "ConvVectorField": "rknet_jax.tableau_block",
+  "Conv": "rknet_jax.conv",
+  # models (paper section 3.3) and the model zoo
+  "RKNet": "rknet_jax.models",
+  "TableauRKNet": "rknet_jax.models",
+  "DenseNet": "rknet_jax.models",
+  "CliqueNet": "rknet_jax.models",
+  "ERKStep": "rknet_jax.blocks",
+  "IRKStep": "rknet_jax.blocks",
+  "DenseBlock": "rknet_jax.blocks",
+  "CliqueBlock": "rknet_jax.blocks",
+  "RKNetSpec": "rknet_jax.spec",
+  "TableauRKNetSpec": "rknet_jax.spec",
+  "DenseNetSpec": "rknet_jax.spec",
+  "CliqueNetSpec": "rknet_jax.spec",
+  "parse_name": "rknet_jax.registry",
+  "create_model": "rknet_jax.registry",
+  "list_models": "rknet_jax.registry",
+  "erknet_from_densenet": "rknet_jax.registry",
+  "irknet_from_cliquenet": "rknet_jax.registry",
+  # counting in the paper's conventions
+  "count_params": "rknet_jax.counting",
+  "count_flops": "rknet_jax.counting",
+  # training recipe (section 4.1)
+  "paper_sgd": "rknet_jax.optim",
+  # trained models from an experiments workdir
+  "load_checkpoint": "rknet_jax.checkpoint",
 }
 
-_SUBMODULES = ("tableaus", "order_conditions", "rk", "tableau_block", "conv",
-               "layers", "blocks", "models", "checks", "spec", "names", "paper", "registry",
-               "counting", "summary", "checkpoint", "preprocessing", "convergence",
-               "optim")
+_SUBMODULES = (
+  "tableaus",
+  "order_conditions",
+  "rk",
+  "tableau_block",
+  "conv",
+  "layers",
+  "blocks",
+  "models",
+  "checks",
+  "spec",
+  "names",
+  "paper",
+  "registry",
+  "counting",
+  "summary",
+  "checkpoint",
+  "preprocessing",
+  "convergence",
+  "optim",
+)
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -13,7 +13,6 @@ Paper section 3.3 (``docs/architecture.md``, "ERK time-step" and "IRK time-step"
   y_{n+1} = y_n + sum_i X_i over the final stage values (Rule 4: m = 1).
 """
 
-
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -47,6 +46,7 @@ class DenseLayer(nn.Module):
     bottleneck_width: w, or None for the plain layer.
     config: shared layer options (:class:`~rknet_jax.layers.LayerConfig`).
   """
+
   growth_rate: int
   bottleneck_width: int | None = None
   config: LayerConfig = LayerConfig()
@@ -58,8 +58,7 @@ class DenseLayer(nn.Module):
     if self.bottleneck_width is None:
       return first(self.growth_rate, (3, 3), config=cfg, name="bn_relu_conv3x3")(inputs, train)
     h = first(self.bottleneck_width, (1, 1), config=cfg, name="bn_relu_conv1x1")(inputs, train)
-    return layers.BNReLUConv(self.growth_rate, (3, 3), config=cfg,
-                             name="bn_relu_conv3x3")(h, train)
+    return layers.BNReLUConv(self.growth_rate, (3, 3), config=cfg, name="bn_relu_conv3x3")(h, train)
 
 
 DENSE_FORMULATIONS = checks.DENSE_FORMULATIONS
@@ -75,6 +74,7 @@ benchmarks.bench_models --dense auto|buffer``)."""
 class _BNVariables(nn.Module):
   """A BatchNorm's variables (:class:`rknet_jax.layers.BNVariables`) for numerics computed
   elsewhere; given batch ``stats`` (mean, var) it folds them into the running averages."""
+
   features: int
 
   @nn.compact
@@ -97,6 +97,7 @@ class _DenseLayerVariables(nn.Module):
   """The variables of a :class:`DenseLayer` under its names (``bn_relu_conv1x1`` with a
   bottleneck, ``bn_relu_conv3x3``; each ``bn`` + ``conv/kernel``) and the dropout keys its
   ``Dropout_0`` modules would draw; with ``stats`` it updates the running averages instead."""
+
   in_features: int
   growth_rate: int
   bottleneck_width: int | None = None
@@ -104,13 +105,15 @@ class _DenseLayerVariables(nn.Module):
   @nn.compact
   def __call__(self, dropout: bool, stats=None, momentum: float = 0.0):
     c, k, w = self.in_features, self.growth_rate, self.bottleneck_width
-    units = ([("bn_relu_conv3x3", c, k, (3, 3))] if w is None else
-             [("bn_relu_conv1x1", c, w, (1, 1)), ("bn_relu_conv3x3", w, k, (3, 3))])
+    units = (
+      [("bn_relu_conv3x3", c, k, (3, 3))]
+      if w is None
+      else [("bn_relu_conv1x1", c, w, (1, 1)), ("bn_relu_conv3x3", w, k, (3, 3))]
+    )
     out = []
     for i, (name, cin, cout, ksize) in enumerate(units):
       unit = _Scope(name=name)
-      out.append(unit(cin, cout, ksize, dropout, None if stats is None else stats[i],
-                      momentum))
+      out.append(unit(cin, cout, ksize, dropout, None if stats is None else stats[i], momentum))
     return dense_buffer.LayerVars(*out)
 
 
@@ -151,6 +154,7 @@ class DenseBlock(nn.Module):
   ``formulation`` None (the default) takes ``config.dense_formulation`` (a model's
   ``dense_formulation`` option, default ``"auto"``).
   """
+
   num_layers: int
   growth_rate: int
   bottleneck_width: int | None = None
@@ -160,13 +164,13 @@ class DenseBlock(nn.Module):
 
   def uses_buffer(self) -> bool:
     """Whether this block runs on the channel buffer (see the class docstring)."""
-    formulation = self.config.dense_formulation if self.formulation is None else (
-        self.formulation)
+    formulation = self.config.dense_formulation if self.formulation is None else (self.formulation)
     checks.check_choice("DenseBlock", "formulation", formulation, DENSE_FORMULATIONS)
     if formulation != "auto":
       return formulation == "buffer"
-    return (self.num_layers > LOOP_MAX_LAYERS
-            or conv_lib.resolve_impl(self.config.conv_impl) == "xla")
+    return (
+      self.num_layers > LOOP_MAX_LAYERS or conv_lib.resolve_impl(self.config.conv_impl) == "xla"
+    )
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -180,10 +184,16 @@ class DenseBlock(nn.Module):
         return feats
       return layers.concat([f.astype(feats[-1].dtype) for f in feats])
     plan = dense_buffer.DenseBlockPlan(
-        in_channels=x.shape[-1], num_layers=self.num_layers, growth_rate=k,
-        bottleneck_width=w, train=train, epsilon=cfg.bn_epsilon,
-        dtype=jnp.dtype(cfg.dtype).name, conv_impl=conv_lib.resolve_impl(cfg.conv_impl),
-        dropout_rate=cfg.dropout_rate)
+      in_channels=x.shape[-1],
+      num_layers=self.num_layers,
+      growth_rate=k,
+      bottleneck_width=w,
+      train=train,
+      epsilon=cfg.bn_epsilon,
+      dtype=jnp.dtype(cfg.dtype).name,
+      conv_impl=conv_lib.resolve_impl(cfg.conv_impl),
+      dropout_rate=cfg.dropout_rate,
+    )
     decls, layer_vars = [], []
     for l in range(self.num_layers):
       decl = _DenseLayerVariables(plan.in_width(l), k, w, name=f"layer{l + 1}")
@@ -194,8 +204,9 @@ class DenseBlock(nn.Module):
       for decl, layer_stats in zip(decls, stats):
         decl(False, layer_stats, cfg.bn_momentum)
     if self.as_list:
-      return [buf[..., :plan.in_width(0)]] + [buf[..., plan.in_width(l):plan.in_width(l) + k]
-                                             for l in range(self.num_layers)]
+      return [buf[..., : plan.in_width(0)]] + [
+        buf[..., plan.in_width(l) : plan.in_width(l) + k] for l in range(self.num_layers)
+      ]
     return buf
 
 
@@ -214,6 +225,7 @@ class ERKStep(nn.Module):
     bottleneck_width: None (plain layers) or the bottleneck width w.
     config: shared layer options.
   """
+
   num_stages: int
   growth_multiplier: int
   growth_rate: int
@@ -224,17 +236,20 @@ class ERKStep(nn.Module):
   def __call__(self, y, train: bool):
     s, m, k = self.num_stages, self.growth_multiplier, self.growth_rate
     if y.shape[-1] != m * k:
-      raise ValueError(f"ERKStep: Rule 1 needs y with m*k = {m}*{k} = {m * k} channels, "
-                       f"got {y.shape[-1]}")
-    feats = DenseBlock(s * m, k, self.bottleneck_width, self.config, as_list=True,
-                       name="dense_block")(y, train)
+      raise ValueError(
+        f"ERKStep: Rule 1 needs y with m*k = {m}*{k} = {m * k} channels, got {y.shape[-1]}"
+      )
+    feats = DenseBlock(
+      s * m, k, self.bottleneck_width, self.config, as_list=True, name="dense_block"
+    )(y, train)
     growths = feats[1:]
-    groups = [layers.concat(growths[i * m:(i + 1) * m]) for i in range(s)]
+    groups = [layers.concat(growths[i * m : (i + 1) * m]) for i in range(s)]
     return _sum([y.astype(groups[0].dtype)] + groups)
 
 
 class _CliqueOptions(nn.Module):
   """The fields a clique block and an IRK time-step share (see :class:`CliqueBlock`)."""
+
   num_stages: int
   growth_rate: int
   bottleneck_width: int | None = None
@@ -281,8 +296,7 @@ class CliqueBlock(_CliqueOptions):
   """
 
   def _check(self):
-    checks.check_choice("CliqueBlock", "update_order", self.update_order,
-                        checks.UPDATE_ORDERS)
+    checks.check_choice("CliqueBlock", "update_order", self.update_order, checks.UPDATE_ORDERS)
     checks.check_int("CliqueBlock", "num_updates", self.num_updates, 0, checks.MAX_UPDATES)
     checks.check_int("CliqueBlock", "num_stages", self.num_stages)
     if self.share_weights and self.num_updates > 0:
@@ -297,8 +311,7 @@ class CliqueBlock(_CliqueOptions):
       stage_one, final, last_input = self._unshared(x0, train)
     if self.num_updates > 0 and self.is_mutable_collection("intermediates"):
       # rk.implicit_residuals reads it from an apply's state (only computed when asked for)
-      self.sow("intermediates", rk_lib.IMPLICIT_RESIDUAL,
-               rk_lib.max_abs_change(last_input, final))
+      self.sow("intermediates", rk_lib.IMPLICIT_RESIDUAL, rk_lib.max_abs_change(last_input, final))
     return stage_one, final
 
   def _shared(self, x0, train):
@@ -312,10 +325,14 @@ class CliqueBlock(_CliqueOptions):
     for i in range(1, s + 1):
       for j in range(0, s + 1):
         if j != i:
-          W[j, i] = self.param(f"W_{j}_{i}", conv_lib.he_normal,
-                               ksize + (c0 if j == 0 else k, wout), jnp.float32)
-    post = ({i: cfg.conv(k, (3, 3), name=f"stage{i}_conv3x3") for i in range(1, s + 1)}
-            if bottleneck else {})
+          W[j, i] = self.param(
+            f"W_{j}_{i}", conv_lib.he_normal, ksize + (c0 if j == 0 else k, wout), jnp.float32
+          )
+    post = (
+      {i: cfg.conv(k, (3, 3), name=f"stage{i}_conv3x3") for i in range(1, s + 1)}
+      if bottleneck
+      else {}
+    )
     seg_cls = cfg.maybe_remat(layers.BNReLUKernelConv, train_argnum=3)
 
     def g(pass_name, i, inputs, sources):
@@ -341,8 +358,10 @@ class CliqueBlock(_CliqueOptions):
 
   def _unshared(self, x0, train):
     s, k = self.num_stages, self.growth_rate
+
     def mk(name):
       return DenseLayer(k, self.bottleneck_width, self.config, name=name)
+
     X = []
     for i in range(s):
       X.append(mk(f"pass1_stage{i + 1}")([x0] + X[:i], train))
@@ -368,10 +387,17 @@ class IRKStep(_CliqueOptions):
   def __call__(self, y, train: bool):
     k = self.growth_rate
     if y.shape[-1] != k:
-      raise ValueError(f"IRKStep: Rules 1 and 4 (m = 1) need y with k = {k} channels, "
-                       f"got {y.shape[-1]}")
+      raise ValueError(
+        f"IRKStep: Rules 1 and 4 (m = 1) need y with k = {k} channels, got {y.shape[-1]}"
+      )
     _, final = CliqueBlock(
-        self.num_stages, k, self.bottleneck_width, num_updates=self.num_updates,
-        update_order=self.update_order, share_weights=self.share_weights, config=self.config,
-        name="clique_block")(y, train)
+      self.num_stages,
+      k,
+      self.bottleneck_width,
+      num_updates=self.num_updates,
+      update_order=self.update_order,
+      share_weights=self.share_weights,
+      config=self.config,
+      name="clique_block",
+    )(y, train)
     return _sum([y.astype(final[0].dtype)] + final)

@@ -48,6 +48,7 @@ class ChecksumError(ValueError):
 
 class Prediction(NamedTuple):
   """What ``predict(images, return_probs=True)`` returns for N images."""
+
   labels: np.ndarray  # int [N]: the most probable class of each image
   class_names: list[str]  # the name of that class (data.json's class_names)
   probabilities: np.ndarray  # float32 [N, num_classes]: softmax of the logits
@@ -56,6 +57,7 @@ class Prediction(NamedTuple):
 
 class CheckpointUnreadable(PermissionError):
   """A checkpoint cannot be read (permissions): not damaged, and left where it is."""
+
 
 # model.json files of the first format, {"name", "kwargs", "input_shape"}, were written
 # when every model's BatchNorm defaulted to these values; they are pinned on reading.
@@ -72,6 +74,7 @@ def write_model_spec(workdir: str, spec, input_shape: Sequence[int]):
   :mod:`rknet_jax.spec`); it is replaced atomically.
   """
   from rknet_jax import registry
+
   data = json.loads(registry.resolve(spec).to_json())
   data["input_shape"] = [int(d) for d in input_shape]
   workdir_files.write_json(workdir_files.path(workdir, MODEL_FILE), data)
@@ -79,14 +82,16 @@ def write_model_spec(workdir: str, spec, input_shape: Sequence[int]):
 
 def read_model_spec(workdir: str) -> dict | None:
   """The ``model.json`` of ``workdir`` as a dict, or None when there is none."""
-  return workdir_files.read_json(workdir_files.path(workdir, MODEL_FILE),
-                                 "the trained model's spec")
+  return workdir_files.read_json(
+    workdir_files.path(workdir, MODEL_FILE), "the trained model's spec"
+  )
 
 
 def saved_spec(data: dict):
   """The spec of a ``model.json`` dict (this format, or the first: name + kwargs)."""
   from rknet_jax import names, registry
   from rknet_jax import spec as spec_lib
+
   data = {k: v for k, v in data.items() if k != "input_shape"}
   if "family" in data:
     return spec_lib.from_json(data)
@@ -106,6 +111,7 @@ def saved_spec(data: dict):
 def model_from_spec(data: dict):
   """The model of a ``model.json`` dict (see :func:`saved_spec`), built, not initialised."""
   from rknet_jax import registry
+
   return registry.create_model(saved_spec(data))
 
 
@@ -113,15 +119,18 @@ def abstract_variables(model, input_shape: Sequence[int], sharding=None):
   """Shapes/dtypes (with ``sharding``) of ``model.init`` variables; nothing is computed."""
   x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
   shapes = jax.eval_shape(
-      lambda x: model.init({"params": jax.random.PRNGKey(0)}, x, train=False), x)
+    lambda x: model.init({"params": jax.random.PRNGKey(0)}, x, train=False), x
+  )
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), dict(shapes))
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), dict(shapes)
+  )
 
 
-def checkpoint_manager(workdir, *, read_only: bool = True,
-                       options: ocp.CheckpointManagerOptions | None = None):
+def checkpoint_manager(
+  workdir, *, read_only: bool = True, options: ocp.CheckpointManagerOptions | None = None
+):
   """An orbax ``CheckpointManager`` on ``workdir/checkpoints`` with this layout's items.
 
   ``workdir`` is any path ``etils.epath`` supports (local, ``gs://``, ...).
@@ -129,9 +138,10 @@ def checkpoint_manager(workdir, *, read_only: bool = True,
   if options is None:
     options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
   return ocp.CheckpointManager(
-      workdir_files.path(workdir, CHECKPOINT_SUBDIR),
-      item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM),
-      options=options)
+    workdir_files.path(workdir, CHECKPOINT_SUBDIR),
+    item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM),
+    options=options,
+  )
 
 
 def _host_array(x) -> np.ndarray:
@@ -148,8 +158,7 @@ def checksums(tree) -> dict:
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     a = _host_array(leaf)
-    out[jax.tree_util.keystr(path)] = (
-        f"{a.dtype.name}{list(a.shape)}:{zlib.crc32(a.tobytes()):08x}")
+    out[jax.tree_util.keystr(path)] = f"{a.dtype.name}{list(a.shape)}:{zlib.crc32(a.tobytes()):08x}"
   return out
 
 
@@ -167,8 +176,9 @@ def verify_checksums(step: int, restored) -> None:
     for path in sorted(set(expected) | set(got)):
       if expected.get(path) != got.get(path):
         raise ChecksumError(
-            f"step {step}: the restored {item} array {path} has checksum {got.get(path)}, "
-            f"saved as {expected.get(path)}: the checkpoint's bytes changed after saving")
+          f"step {step}: the restored {item} array {path} has checksum {got.get(path)}, "
+          f"saved as {expected.get(path)}: the checkpoint's bytes changed after saving"
+        )
 
 
 def _permission_denied(error: BaseException) -> BaseException | None:
@@ -177,8 +187,7 @@ def _permission_denied(error: BaseException) -> BaseException | None:
   e = error
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EACCES,
-                                                                      errno.EPERM):
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EACCES, errno.EPERM):
       return e
     if "Permission denied" in str(e) or "PERMISSION_DENIED" in str(e):
       return e
@@ -205,17 +214,21 @@ def restore_verified(manager, step: int, args):
     denied = _permission_denied(e)
     if denied is not None:
       raise CheckpointUnreadable(
-          f"checkpoint step {step} in {manager.directory} cannot be read ({denied}): it is "
-          "not damaged, and nothing was moved. Fix the files' permissions (or run as their "
-          "owner) and rerun.") from e
+        f"checkpoint step {step} in {manager.directory} cannot be read ({denied}): it is "
+        "not damaged, and nothing was moved. Fix the files' permissions (or run as their "
+        "owner) and rerun."
+      ) from e
     raise
   verify_checksums(step, restored)
   return restored
 
 
-def restore_newest_intact(manager, make_args: Callable[[int], Any],
-                          step: int | None = None,
-                          on_damaged: Callable[[int, Exception], None] | None = None):
+def restore_newest_intact(
+  manager,
+  make_args: Callable[[int], Any],
+  step: int | None = None,
+  on_damaged: Callable[[int, Exception], None] | None = None,
+):
   """Restores the newest checkpoint that reads back completely.
 
   Steps are tried newest first. A step whose restore fails (orbax raises ``ValueError``
@@ -237,16 +250,19 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
   if step is not None:
     if step not in manager.all_steps():
       raise ValueError(
-          f"no checkpoint for step {step} in {manager.directory}; "
-          f"available steps: {sorted(manager.all_steps())}")
+        f"no checkpoint for step {step} in {manager.directory}; "
+        f"available steps: {sorted(manager.all_steps())}"
+      )
     try:
       return step, restore_verified(manager, step, make_args(step))
     except (CheckpointUnreadable, ChecksumError):
       raise
     except Exception as e:
-      raise ValueError(f"checkpoint step {step} in {manager.directory} cannot be restored "
-                       f"({type(e).__name__}: {e}); it is damaged: ask for another step, or "
-                       "none for the newest intact one") from e
+      raise ValueError(
+        f"checkpoint step {step} in {manager.directory} cannot be restored "
+        f"({type(e).__name__}: {e}); it is damaged: ask for another step, or "
+        "none for the newest intact one"
+      ) from e
   for s in sorted(manager.all_steps(), reverse=True):
     try:
       return s, restore_verified(manager, s, make_args(s))
@@ -254,9 +270,13 @@ def restore_newest_intact(manager, make_args: Callable[[int], Any],
       raise
     except Exception as e:
       logging.warning(
-          "Checkpoint step %d in %s is damaged and is skipped (%s: %s); trying the "
-          "previous one. The damaged files are kept for inspection.",
-          s, manager.directory, type(e).__name__, e)
+        "Checkpoint step %d in %s is damaged and is skipped (%s: %s); trying the "
+        "previous one. The damaged files are kept for inspection.",
+        s,
+        manager.directory,
+        type(e).__name__,
+        e,
+      )
       if on_damaged is not None:
         on_damaged(s, e)
   return None, None
@@ -282,8 +302,10 @@ def restore_model(manager, target, step: int | None = None):
     FileNotFoundError: there is no intact checkpoint (``step`` None).
   """
   found, restored = restore_newest_intact(
-      manager, lambda s: ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardRestore(target)}),
-      step=step)
+    manager,
+    lambda s: ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardRestore(target)}),
+    step=step,
+  )
   if found is None:
     raise FileNotFoundError(f"no intact checkpoint in {os.fspath(manager.directory)}")
   return found, restored[MODEL_ITEM], restored.get(META_ITEM) or {}
@@ -324,8 +346,9 @@ def load_checkpoint(workdir: str, step: int | None = None):
   spec = read_model_spec(workdir)
   if spec is None:
     raise FileNotFoundError(
-        f"{os.path.join(workdir, MODEL_FILE)} not found: {workdir!r} is not a workdir "
-        "written by experiments.main / train_and_evaluate")
+      f"{os.path.join(workdir, MODEL_FILE)} not found: {workdir!r} is not a workdir "
+      "written by experiments.main / train_and_evaluate"
+    )
   model = model_from_spec(spec)
   target = abstract_variables(model, spec["input_shape"])
   manager = checkpoint_manager(workdir, read_only=True)
@@ -342,23 +365,26 @@ def load_checkpoint(workdir: str, step: int | None = None):
 
 def _predictor(model, variables, workdir: str):
   """The ``predict`` function :func:`load_checkpoint` returns (see its docstring)."""
+
   @jax.jit
   def _predict(variables, images):
     return model.apply(variables, images, train=False)
 
   data_spec = preprocessing.read_data_spec(workdir)  # checked: a bad field is named here
 
-  def predict(images, preprocess: bool = True, *, return_probs: bool = False,
-              on_out_of_range: str = "raise"):
+  def predict(
+    images, preprocess: bool = True, *, return_probs: bool = False, on_out_of_range: str = "raise"
+  ):
     """Logits ``float32[N, num_classes]`` of raw ``images`` (arrays or image file paths; or
     standardised arrays with ``preprocess=False``), in inference mode; a :class:`Prediction`
     with ``return_probs=True``. See :func:`load_checkpoint`."""
     if preprocess:
       if data_spec is None:
         raise ValueError(
-            f"{os.path.join(workdir, preprocessing.DATA_FILE)} not found (the run predates "
-            "it): standardise the images as in training and call predict(images, "
-            "preprocess=False)")
+          f"{os.path.join(workdir, preprocessing.DATA_FILE)} not found (the run predates "
+          "it): standardise the images as in training and call predict(images, "
+          "preprocess=False)"
+        )
       images = preprocessing.preprocess(images, data_spec, on_out_of_range=on_out_of_range)
     logits = _predict(variables, jnp.asarray(images, jnp.float32))
     if not return_probs:
@@ -366,8 +392,12 @@ def _predictor(model, variables, workdir: str):
     logits = np.asarray(logits)
     labels = np.argmax(logits, axis=-1)
     names = (data_spec or {}).get("class_names") or [str(i) for i in range(logits.shape[-1])]
-    return Prediction(labels=labels, class_names=[names[i] for i in labels],
-                      probabilities=np.asarray(jax.nn.softmax(logits, axis=-1)), logits=logits)
+    return Prediction(
+      labels=labels,
+      class_names=[names[i] for i in labels],
+      probabilities=np.asarray(jax.nn.softmax(logits, axis=-1)),
+      logits=logits,
+    )
 
   predict.data_spec = data_spec
   return predict

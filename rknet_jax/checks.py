@@ -10,11 +10,31 @@ from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["METHODS", "STEMS", "UPDATE_ORDERS", "DTYPES", "IMPLS", "DENSE_FORMULATIONS",
-           "MAX_LAYERS", "MAX_WIDTH", "MAX_UPDATES", "MAX_COUNT", "check_choice", "check_int",
-           "check_optional_int", "check_bool", "check_rate", "check_epsilon",
-           "check_compression", "check_shared_weight_stages", "per_period",
-           "sequence_length", "dtype_name", "check_keywords", "check_size"]
+__all__ = [
+  "METHODS",
+  "STEMS",
+  "UPDATE_ORDERS",
+  "DTYPES",
+  "IMPLS",
+  "DENSE_FORMULATIONS",
+  "MAX_LAYERS",
+  "MAX_WIDTH",
+  "MAX_UPDATES",
+  "MAX_COUNT",
+  "check_choice",
+  "check_int",
+  "check_optional_int",
+  "check_bool",
+  "check_rate",
+  "check_epsilon",
+  "check_compression",
+  "check_shared_weight_stages",
+  "per_period",
+  "sequence_length",
+  "dtype_name",
+  "check_keywords",
+  "check_size",
+]
 
 METHODS = ("explicit", "implicit")
 """RK time-steps of an RKNet: explicit (dense blocks) or implicit (clique blocks)."""
@@ -50,28 +70,36 @@ def check_choice(owner: str, field: str, value, allowed) -> Any:
   """``value`` if it is one of ``allowed``, else ValueError naming both."""
   if isinstance(value, str) and value in allowed:
     return value
-  raise ValueError(f"{owner}: {field}={value!r}: expected one of {tuple(allowed)}"
-                   + _suggest(value, allowed))
+  raise ValueError(
+    f"{owner}: {field}={value!r}: expected one of {tuple(allowed)}" + _suggest(value, allowed)
+  )
 
 
 MAX_COUNT = 1 << 31
 """Bound of the counts that have no natural one (steps, iterations, orders, depths)."""
 
 
-def check_int(owner: str, field: str, value, minimum: int = 1, maximum: int = MAX_WIDTH,
-              note: str = "") -> int:
+def check_int(
+  owner: str, field: str, value, minimum: int = 1, maximum: int = MAX_WIDTH, note: str = ""
+) -> int:
   """``int(value)`` for an integer in [minimum, maximum] (bools, floats and strings
   refused; NumPy integers accepted).  The one integer/range check of the library;
   ``note`` ends the message (what the value means)."""
-  if (isinstance(value, bool) or not hasattr(value, "__index__")
-      or not minimum <= int(value) <= maximum):
-    raise ValueError(f"{owner}: {field}={value!r}: expected an int from {minimum} to "
-                     f"{maximum}" + (f" ({note})" if note else ""))
+  if (
+    isinstance(value, bool)
+    or not hasattr(value, "__index__")
+    or not minimum <= int(value) <= maximum
+  ):
+    raise ValueError(
+      f"{owner}: {field}={value!r}: expected an int from {minimum} to "
+      f"{maximum}" + (f" ({note})" if note else "")
+    )
   return int(value)
 
 
-def check_optional_int(owner: str, field: str, value, minimum: int = 1,
-                       maximum: int = MAX_WIDTH, note: str = ""):
+def check_optional_int(
+  owner: str, field: str, value, minimum: int = 1, maximum: int = MAX_WIDTH, note: str = ""
+):
   """None, or ``check_int(owner, field, value, minimum, maximum, note)``."""
   return None if value is None else check_int(owner, field, value, minimum, maximum, note)
 
@@ -85,33 +113,44 @@ def check_bool(owner: str, field: str, value) -> bool:
 
 def check_rate(owner: str, field: str, value, low_open=False) -> float:
   """``float(value)`` for 0 <= value < 1 (0 < value < 1 with ``low_open``)."""
-  ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-        and (0.0 < value if low_open else 0.0 <= value) and value < 1.0)
+  ok = (
+    not isinstance(value, bool)
+    and isinstance(value, (int, float))
+    and (0.0 < value if low_open else 0.0 <= value)
+    and value < 1.0
+  )
   if not ok:
-    raise ValueError(f"{owner}: {field}={value!r}: expected "
-                     f"{'0 <' if low_open else '0 <='} {field} < 1")
+    raise ValueError(
+      f"{owner}: {field}={value!r}: expected {'0 <' if low_open else '0 <='} {field} < 1"
+    )
   return float(value)
 
 
 def per_period(owner: str, field: str, value, periods: int, maximum: int = MAX_WIDTH):
   """One positive int per period from an int (repeated) or a sequence of ``periods``."""
   if isinstance(value, (str, bytes)):
-    raise ValueError(f"{owner}: {field}={value!r} is a string: expected an int or a "
-                     f"sequence of {periods} ints (one per period), e.g. {field}=36")
+    raise ValueError(
+      f"{owner}: {field}={value!r} is a string: expected an int or a "
+      f"sequence of {periods} ints (one per period), e.g. {field}=36"
+    )
   if hasattr(value, "__index__") and not isinstance(value, bool):
     value = (value,) * periods
   try:
     value = tuple(value)
   except TypeError:
-    raise ValueError(f"{owner}: {field}={value!r}: expected a positive int or a sequence "
-                     f"of {periods} positive ints (one per period)") from None
+    raise ValueError(
+      f"{owner}: {field}={value!r}: expected a positive int or a sequence "
+      f"of {periods} positive ints (one per period)"
+    ) from None
   if len(value) != periods:
-    raise ValueError(f"{owner}: {field}={value!r} has {len(value)} entries, expected "
-                     f"{periods} (one per period)")
+    raise ValueError(
+      f"{owner}: {field}={value!r} has {len(value)} entries, expected {periods} (one per period)"
+    )
   for v in value:
     if isinstance(v, bool) or not hasattr(v, "__index__") or not 1 <= int(v) <= maximum:
-      raise ValueError(f"{owner}: {field}={value!r}: every entry must be an int from 1 to "
-                       f"{maximum}, got {v!r}")
+      raise ValueError(
+        f"{owner}: {field}={value!r}: every entry must be an int from 1 to {maximum}, got {v!r}"
+      )
   return tuple(int(v) for v in value)
 
 
@@ -158,9 +197,11 @@ def check_shared_weight_stages(owner: str, stages) -> None:
   """
   for n, s in enumerate(stages):
     if s < 2:
-      raise ValueError(f"{owner}: a clique block with shared weights needs s >= 2 stages "
-                       f"(equation 6: with s = 1 the update pass has no other stage to read), "
-                       f"got s = {s} in block {n + 1} of stages {tuple(stages)}")
+      raise ValueError(
+        f"{owner}: a clique block with shared weights needs s >= 2 stages "
+        f"(equation 6: with s = 1 the update pass has no other stage to read), "
+        f"got s = {s} in block {n + 1} of stages {tuple(stages)}"
+      )
 
 
 def check_keywords(owner: str, given, allowed) -> None:
@@ -174,5 +215,7 @@ def check_keywords(owner: str, given, allowed) -> None:
 def check_size(owner: str, layers: int) -> None:
   """ValueError when a model of ``layers`` layers exceeds :data:`MAX_LAYERS`."""
   if layers > MAX_LAYERS:
-    raise ValueError(f"{owner}: {layers} layers is more than the {MAX_LAYERS} a model may "
-                     "have (rknet_jax.spec.MAX_LAYERS; the paper's largest has 123)")
+    raise ValueError(
+      f"{owner}: {layers} layers is more than the {MAX_LAYERS} a model may "
+      "have (rknet_jax.spec.MAX_LAYERS; the paper's largest has 123)"
+    )

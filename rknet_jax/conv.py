@@ -73,27 +73,26 @@ def _explicit_padding(padding, in_hw, kernel_hw, strides):
   """``padding`` ("SAME", "VALID" or pairs) as two (low, high) pairs."""
   if isinstance(padding, str):
     if padding.upper() not in ("SAME", "VALID"):
-      raise ValueError(
-          f"padding must be 'SAME', 'VALID' or two (low, high) pairs, got {padding!r}")
+      raise ValueError(f"padding must be 'SAME', 'VALID' or two (low, high) pairs, got {padding!r}")
     return tuple(lax.padtype_to_pads(in_hw, kernel_hw, strides, padding.upper()))
   pads = tuple(tuple(p) for p in padding)
   if len(pads) != 2 or any(len(p) != 2 for p in pads):
-    raise ValueError(
-        f"padding must be 'SAME', 'VALID' or two (low, high) pairs, got {padding!r}")
+    raise ValueError(f"padding must be 'SAME', 'VALID' or two (low, high) pairs, got {padding!r}")
   return tuple((int(lo), int(hi)) for lo, hi in pads)
 
 
 def _xla_conv(x, kernel, strides, pads):
   return lax.conv_general_dilated(
-      x, kernel, window_strides=strides, padding=pads,
-      dimension_numbers=_DIMENSION_NUMBERS)
+    x, kernel, window_strides=strides, padding=pads, dimension_numbers=_DIMENSION_NUMBERS
+  )
 
 
 def _pad_hw(x, pads):
   """Zero-pads (or, for negative pads, crops) the two spatial axes of NHWC ``x``."""
   zero = jnp.zeros((), x.dtype)
-  return lax.pad(x, zero, ((0, 0, 0), (pads[0][0], pads[0][1], 0),
-                           (pads[1][0], pads[1][1], 0), (0, 0, 0)))
+  return lax.pad(
+    x, zero, ((0, 0, 0), (pads[0][0], pads[0][1], 0), (pads[1][0], pads[1][1], 0), (0, 0, 0))
+  )
 
 
 def _conv1x1_dot(x, kernel, strides, pads):
@@ -132,17 +131,17 @@ def _kernel_grad_shifted_dots(x, g, kernel_hw, pads):
   length = n * hp * wp
   # The barriers keep XLA from fusing the pads/reshapes into the concatenations (it
   # would then recompute them per output element, several times slower on CPU).
-  xf = lax.optimization_barrier(
-      jnp.pad(xp.reshape(length, c), ((0, (kh - 1) * wp), (0, 0))))
+  xf = lax.optimization_barrier(jnp.pad(xp.reshape(length, c), ((0, (kh - 1) * wp), (0, 0))))
   gf = jnp.pad(g, ((0, 0), (0, hp - ho), (0, wp - wo), (0, 0))).reshape(length, d)
   gf = lax.optimization_barrier(jnp.pad(gf, ((kw - 1, 0), (0, 0))))
-  xs = lax.concatenate([lax.slice_in_dim(xf, i * wp, i * wp + length, axis=0)
-                        for i in range(kh)], 1)
-  gs = lax.concatenate([lax.slice_in_dim(gf, kw - 1 - j, kw - 1 - j + length, axis=0)
-                        for j in range(kw)], 1)
+  xs = lax.concatenate(
+    [lax.slice_in_dim(xf, i * wp, i * wp + length, axis=0) for i in range(kh)], 1
+  )
+  gs = lax.concatenate(
+    [lax.slice_in_dim(gf, kw - 1 - j, kw - 1 - j + length, axis=0) for j in range(kw)], 1
+  )
   xs, gs = lax.optimization_barrier((xs, gs))
-  prod = lax.dot_general(xs, gs, (((0,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)
+  prod = lax.dot_general(xs, gs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return prod.reshape(kh, c, kw, d).transpose(0, 2, 1, 3)
 
 
@@ -163,8 +162,10 @@ def _conv_custom_bwd(pads, residuals, g):
   # XLA:CPU runs with its fast convolution also inside loop bodies, where its transposed
   # convolution (the autodiff one) falls back to a generic, far slower emitter.
   kh, kw = kernel.shape[:2]
-  back_pads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
-               (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
+  back_pads = (
+    (kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
+    (kw - 1 - pads[1][0], kw - 1 - pads[1][1]),
+  )
   dx = _xla_conv(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), (1, 1), back_pads)
   dkernel = _kernel_grad_shifted_dots(x, g, kernel.shape[:2], pads)
   return dx, dkernel.astype(kernel.dtype)
@@ -173,8 +174,9 @@ def _conv_custom_bwd(pads, residuals, g):
 _conv_custom_kernel_grad.defvjp(_conv_custom_fwd, _conv_custom_bwd)
 
 
-def conv2d(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = "SAME",
-           impl: str = "auto"):
+def conv2d(
+  x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = "SAME", impl: str = "auto"
+):
   """NHWC x HWIO -> NHWC convolution without bias (cross-correlation, as ``lax.conv``).
 
   Args:
@@ -191,11 +193,14 @@ def conv2d(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = "SAME"
   """
   resolved = resolve_impl(impl)
   if x.ndim != 4 or kernel.ndim != 4:
-    raise ValueError(f"conv2d expects NHWC x and HWIO kernel, got shapes {x.shape} "
-                     f"and {kernel.shape}")
+    raise ValueError(
+      f"conv2d expects NHWC x and HWIO kernel, got shapes {x.shape} and {kernel.shape}"
+    )
   if x.shape[3] != kernel.shape[2]:
-    raise ValueError(f"input channels {x.shape[3]} != kernel input channels "
-                     f"{kernel.shape[2]} (kernel shape {kernel.shape})")
+    raise ValueError(
+      f"input channels {x.shape[3]} != kernel input channels "
+      f"{kernel.shape[2]} (kernel shape {kernel.shape})"
+    )
   strides = tuple(int(s) for s in strides)
   if len(strides) != 2 or min(strides) < 1:
     raise ValueError(f"strides must be two positive ints, got {strides}")
@@ -231,18 +236,21 @@ def conv1x1_concat(xs: Sequence[Any], kernel, impl: str = "auto"):
   if not xs:
     raise ValueError("conv1x1_concat needs at least one input")
   if any(x.ndim != 4 or x.shape[:3] != xs[0].shape[:3] for x in xs):
-    raise ValueError(f"conv1x1_concat inputs must be NHWC with equal N, H, W, got "
-                     f"{[x.shape for x in xs]}")
+    raise ValueError(
+      f"conv1x1_concat inputs must be NHWC with equal N, H, W, got {[x.shape for x in xs]}"
+    )
   channels = [x.shape[3] for x in xs]
   if kernel.ndim != 4 or kernel.shape[:2] != (1, 1) or kernel.shape[2] != sum(channels):
-    raise ValueError(f"conv1x1_concat: kernel must be (1, 1, {sum(channels)}, D) for "
-                     f"inputs with channels {channels}, got {kernel.shape}")
+    raise ValueError(
+      f"conv1x1_concat: kernel must be (1, 1, {sum(channels)}, D) for "
+      f"inputs with channels {channels}, got {kernel.shape}"
+    )
   if resolved == "xla" or len(xs) == 1:
     x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)
     return conv2d(x, kernel, impl=resolved)
   y, offset = None, 0
   for x, c in zip(xs, channels):
-    part = lax.dot_general(x, kernel[0, 0, offset:offset + c], (((3,), (0,)), ((), ())))
+    part = lax.dot_general(x, kernel[0, 0, offset : offset + c], (((3,), (0,)), ((), ())))
     y = part if y is None else y + part
     offset += c
   return y
@@ -262,6 +270,7 @@ class Conv(nn.Module):
     kernel_init: initialiser of the HWIO ``kernel`` parameter.
     impl: kernel formulation, see :func:`conv2d`.
   """
+
   features: int
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
@@ -275,12 +284,13 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x):
     kh, kw = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init,
-                        (kh, kw, x.shape[-1], self.features), self.param_dtype)
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
-               self.padding, impl=self.impl)
+    kernel = self.param(
+      "kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype
+    )
+    y = conv2d(
+      x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding, impl=self.impl
+    )
     if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,),
-                        self.param_dtype)
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y

@@ -24,8 +24,7 @@ import numpy as np
 from rknet_jax import checks, order_conditions, rk
 from rknet_jax import tableaus as tableaus_lib
 
-__all__ = ["PROBLEMS", "default_step_counts", "convergence_errors", "measured_order",
-           "order_table"]
+__all__ = ["PROBLEMS", "default_step_counts", "convergence_errors", "measured_order", "order_table"]
 
 _LINEAR_A = np.array([[-0.5, 2.0, 0.0], [-2.0, -0.5, 0.5], [0.0, -0.5, -0.3]])
 _LINEAR_Y0 = np.array([1.0, 0.0, 0.5])
@@ -48,8 +47,10 @@ def _nonlinear_problem():
     return {"u": -2.0 * t * y["u"] ** 2, "v": y["v"] * (b @ jnp.log(y["v"]))}
 
   y0 = {"u": jnp.asarray(1.0, jnp.float64), "v": jnp.asarray(_LOG_Y0)}
-  exact = {"u": jnp.asarray(0.5, jnp.float64),
-           "v": jnp.exp(jax.scipy.linalg.expm(b) @ jnp.log(jnp.asarray(_LOG_Y0)))}
+  exact = {
+    "u": jnp.asarray(0.5, jnp.float64),
+    "v": jnp.exp(jax.scipy.linalg.expm(b) @ jnp.log(jnp.asarray(_LOG_Y0))),
+  }
   return f, y0, exact
 
 
@@ -72,9 +73,13 @@ def default_step_counts(tableau):
   return (8, 12, 16, 24)
 
 
-def convergence_errors(tableau, problem: str = "nonlinear", num_steps=None,
-                       implicit_iterations: int | None = None,
-                       solver: str = "fixed_point"):
+def convergence_errors(
+  tableau,
+  problem: str = "nonlinear",
+  num_steps=None,
+  implicit_iterations: int | None = None,
+  solver: str = "fixed_point",
+):
   """Max-norm errors at t = 1 on a float64 test problem, one per entry of ``num_steps``.
 
   ``problem`` is a key of :data:`PROBLEMS`.  One compilation per call: the step count is
@@ -88,8 +93,14 @@ def convergence_errors(tableau, problem: str = "nonlinear", num_steps=None,
     raise ValueError(f"problem must be one of {sorted(PROBLEMS)}, got {problem!r}")
   num_steps = tuple(num_steps or default_step_counts(tableau))
   for n in num_steps:
-    checks.check_int("convergence", "num_steps entry", n, 1, checks.MAX_COUNT,
-                     "num_steps entries must be positive ints")
+    checks.check_int(
+      "convergence",
+      "num_steps entry",
+      n,
+      1,
+      checks.MAX_COUNT,
+      "num_steps entries must be positive ints",
+    )
   with jax.enable_x64(True):
     f, y0, exact = PROBLEMS[problem]()
 
@@ -98,8 +109,9 @@ def convergence_errors(tableau, problem: str = "nonlinear", num_steps=None,
       h = 1.0 / n.astype(jnp.float64)
 
       def body(k, y):
-        return rk.rk_step(f, k * h, y, h, tableau, implicit_iterations=implicit_iterations,
-                          solver=solver)
+        return rk.rk_step(
+          f, k * h, y, h, tableau, implicit_iterations=implicit_iterations, solver=solver
+        )
 
       y1 = lax.fori_loop(0, n, body, y0)
       diffs = jax.tree_util.tree_map(lambda u, v: jnp.max(jnp.abs(u - v)), y1, exact)
@@ -108,9 +120,13 @@ def convergence_errors(tableau, problem: str = "nonlinear", num_steps=None,
     return np.array([float(error(jnp.asarray(n, jnp.int64))) for n in num_steps])
 
 
-def measured_order(tableau, problem: str = "nonlinear", num_steps=None,
-                   implicit_iterations: int | None = None,
-                   solver: str = "fixed_point") -> float:
+def measured_order(
+  tableau,
+  problem: str = "nonlinear",
+  num_steps=None,
+  implicit_iterations: int | None = None,
+  solver: str = "fixed_point",
+) -> float:
   """Empirical convergence order: least-squares slope of log(error) against log(h).
 
   Uses :func:`convergence_errors` (float64, t in [0, 1], h = 1 / num_steps).
@@ -125,15 +141,26 @@ def measured_order(tableau, problem: str = "nonlinear", num_steps=None,
 def order_table(empirical: bool = True):
   """Rows (header first) of the shipped tableaus: name, kind, stages, declared order,
   algebraic order and, with ``empirical``, the measured slopes on both problems."""
-  header = ["name", "kind", "stages", "declared", "algebraic", "measured (linear)",
-            "measured (nonlinear)"]
+  header = [
+    "name",
+    "kind",
+    "stages",
+    "declared",
+    "algebraic",
+    "measured (linear)",
+    "measured (nonlinear)",
+  ]
   rows = [header]
   for name in tableaus_lib.names():
     t = tableaus_lib.get(name)
-    kind = ("explicit" if t.is_explicit else
-            "DIRK" if t.is_diagonally_implicit else "implicit")
-    row = [name, kind, str(t.num_stages), str(t.order),
-           str(order_conditions.algebraic_order(t, max_order=7))]
+    kind = "explicit" if t.is_explicit else "DIRK" if t.is_diagonally_implicit else "implicit"
+    row = [
+      name,
+      kind,
+      str(t.num_stages),
+      str(t.order),
+      str(order_conditions.algebraic_order(t, max_order=7)),
+    ]
     if empirical:
       row += [f"{measured_order(t, problem=p):.2f}" for p in ("linear", "nonlinear")]
     else:
@@ -145,11 +172,13 @@ def order_table(empirical: bool = True):
 def main(argv=None):
   """``python -m rknet_jax.convergence``: prints :func:`order_table`."""
   parser = argparse.ArgumentParser(
-      prog="python -m rknet_jax.convergence",
-      description="Shipped Butcher tableaus with their declared order, the order from "
-                  "the Butcher order conditions and the measured convergence order.")
-  parser.add_argument("--no-empirical", action="store_true",
-                      help="skip the (slower) measured convergence orders")
+    prog="python -m rknet_jax.convergence",
+    description="Shipped Butcher tableaus with their declared order, the order from "
+    "the Butcher order conditions and the measured convergence order.",
+  )
+  parser.add_argument(
+    "--no-empirical", action="store_true", help="skip the (slower) measured convergence orders"
+  )
   parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
   args = parser.parse_args(argv)
   header, *rows = order_table(empirical=not args.no_empirical)

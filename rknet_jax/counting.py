@@ -49,51 +49,73 @@ import jax.numpy as jnp
 
 from rknet_jax import checks
 
-__all__ = ["count_params", "count_flops", "params_by_module", "flops_by_module",
-           "Counts", "model_counts", "jaxpr_flops"]
+__all__ = [
+  "count_params",
+  "count_flops",
+  "params_by_module",
+  "flops_by_module",
+  "Counts",
+  "model_counts",
+  "jaxpr_flops",
+]
 
 ROOT = ""
 """Key of the breakdowns for work done by the root module itself (not a submodule)."""
 
 # Call-like higher-order primitives: their single sub-jaxpr runs once, on the same shapes.
-_CALL_PRIMITIVES = frozenset({
-    "jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
-    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "named_call",
-    "custom_lin", "xla_call",
-})
+_CALL_PRIMITIVES = frozenset(
+  {
+    "jit",
+    "pjit",
+    "closed_call",
+    "core_call",
+    "remat",
+    "remat2",
+    "checkpoint",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+    "named_call",
+    "custom_lin",
+    "xla_call",
+  }
+)
 # Primitives whose sub-jaxpr sees per-shard shapes: not supported (would undercount).
 _SHARDED_PRIMITIVES = frozenset({"shard_map", "xla_pmap", "pmap"})
 
 
 def _normalize_input_shape(input_shape) -> tuple[int, ...]:
   """Validates ``input_shape`` and returns it as NHWC with a batch dimension."""
-  if (isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__len__") or
-      not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
-              for d in input_shape)):
+  if (
+    isinstance(input_shape, (str, bytes))
+    or not hasattr(input_shape, "__len__")
+    or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in input_shape)
+  ):
     raise ValueError(
-        f"input_shape must be a sequence of ints, (H, W, C) or (N, H, W, C); got "
-        f"{input_shape!r}")
+      f"input_shape must be a sequence of ints, (H, W, C) or (N, H, W, C); got {input_shape!r}"
+    )
   shape = tuple(int(d) for d in input_shape)
   if len(shape) == 3:
     shape = (1,) + shape
   if len(shape) != 4 or any(d <= 0 for d in shape):
     raise ValueError(
-        f"input_shape must be (H, W, C) or (N, H, W, C) with positive sizes (NHWC "
-        f"images); got {input_shape!r}")
+      f"input_shape must be (H, W, C) or (N, H, W, C) with positive sizes (NHWC "
+      f"images); got {input_shape!r}"
+    )
   return shape
 
 
 def _check_model(model):
   if not isinstance(model, nn.Module):
     raise ValueError(
-        f"model must be a flax.linen Module (e.g. from rknet_jax.create_model); got "
-        f"{type(model).__name__}")
+      f"model must be a flax.linen Module (e.g. from rknet_jax.create_model); got "
+      f"{type(model).__name__}"
+    )
 
 
 def _abstract_variables(model, x):
   """``model.init`` under ``jax.eval_shape``: shapes only, nothing is initialised."""
-  return jax.eval_shape(
-      lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x)
+  return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x)
 
 
 # --------------------------------------------------------------------------------------
@@ -143,8 +165,7 @@ def params_by_module(model: nn.Module, input_shape: Sequence[int]) -> dict[str, 
   """Trainable parameters per top-level submodule (``ROOT`` = the root's own ones)."""
   _check_model(model)
   shape = _normalize_input_shape(input_shape)
-  return _params_breakdown(
-      _abstract_variables(model, jax.ShapeDtypeStruct(shape, jnp.float32)))
+  return _params_breakdown(_abstract_variables(model, jax.ShapeDtypeStruct(shape, jnp.float32)))
 
 
 # --------------------------------------------------------------------------------------
@@ -212,8 +233,7 @@ def _counts_inside(subs: Mapping, path: tuple[str, ...]) -> int:
   return sum(inner.values())
 
 
-def _walk(jaxpr, prefix: tuple[str, ...],
-          seen: dict | None = None) -> dict[tuple[str, ...], int]:
+def _walk(jaxpr, prefix: tuple[str, ...], seen: dict | None = None) -> dict[tuple[str, ...], int]:
   """FLOPs of one execution of ``jaxpr``, keyed by module path.
 
   ``seen``, if given, collects every module path in order of first appearance.
@@ -245,14 +265,16 @@ def _walk(jaxpr, prefix: tuple[str, ...],
       if sum(body.values()) or sum(cond.values()):
         where = "/".join(path) or "the top level"
         raise ValueError(
-            f"count_flops: a while_loop at {where} contains convolutions or dots, but "
-            "its trip count is not known statically. Use lax.scan or lax.fori_loop "
-            "with Python-int bounds (which lowers to scan) so the loop can be counted.")
+          f"count_flops: a while_loop at {where} contains convolutions or dots, but "
+          "its trip count is not known statically. Use lax.scan or lax.fori_loop "
+          "with Python-int bounds (which lowers to scan) so the loop can be counted."
+        )
     elif name in _SHARDED_PRIMITIVES:
       if _counts_inside(subs, path):
         raise ValueError(
-            f"count_flops: {name} holds convolutions or dots on per-shard shapes; "
-            "count the unsharded model instead.")
+          f"count_flops: {name} holds convolutions or dots on per-shard shapes; "
+          "count the unsharded model instead."
+        )
     elif name in _CALL_PRIMITIVES and len(subs) == 1:
       # A call: custom_vjp/custom_jvp primal jaxpr, remat, jit, ... run once.
       (js,) = subs.values()
@@ -260,10 +282,11 @@ def _walk(jaxpr, prefix: tuple[str, ...],
         _add(out, _walk(j, path, seen))
     elif _counts_inside(subs, path):
       raise ValueError(
-          f"count_flops: do not know how often the sub-jaxprs of primitive "
-          f"'{name}' (params {sorted(subs)}) run; it holds convolutions or dots. "
-          "Known: scan, cond, while, and call-like primitives "
-          f"{sorted(_CALL_PRIMITIVES)}.")
+        f"count_flops: do not know how often the sub-jaxprs of primitive "
+        f"'{name}' (params {sorted(subs)}) run; it holds convolutions or dots. "
+        "Known: scan, cond, while, and call-like primitives "
+        f"{sorted(_CALL_PRIMITIVES)}."
+      )
   return out
 
 
@@ -280,8 +303,7 @@ def _strip_root(path: tuple[str, ...], root_name: str) -> tuple[str, ...]:
   return path[1:] if path and path[0] == root_name else path
 
 
-def _group(by_path: Mapping[tuple[str, ...], int], root_name: str,
-           depth: int) -> dict[str, int]:
+def _group(by_path: Mapping[tuple[str, ...], int], root_name: str, depth: int) -> dict[str, int]:
   out: dict[str, int] = {}
   for path, v in by_path.items():
     path = _strip_root(path, root_name)
@@ -302,8 +324,7 @@ def _trace(model, input_shape):
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   with nn.override_named_call(True):
     variables = _abstract_variables(model, x)
-    closed = jax.make_jaxpr(
-        lambda v, x: model.apply(v, x, train=False))(variables, x)
+    closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
   seen: dict = {}
   by_path = _walk(closed.jaxpr, (), seen)
   return variables, by_path, list(seen), shape
@@ -322,6 +343,7 @@ class Counts:
     params_by_module: top-level submodule name -> params.
     flops_by_module: top-level submodule name -> FLOPs per image.
   """
+
   input_shape: tuple[int, ...]
   params: int
   flops: Any
@@ -339,8 +361,7 @@ def model_counts(model: nn.Module, input_shape: Sequence[int]) -> Counts:
   """
   variables, by_path, seen, shape = _trace(model, input_shape)
   root_name = model.name or type(model).__name__
-  flops_by = {k: _per_image(v, shape[0])
-              for k, v in _group(by_path, root_name, 1).items()}
+  flops_by = {k: _per_image(v, shape[0]) for k, v in _group(by_path, root_name, 1).items()}
   params_by = _params_breakdown(variables)
   order: dict[str, None] = {}
   for path in seen:
@@ -349,10 +370,14 @@ def model_counts(model: nn.Module, input_shape: Sequence[int]) -> Counts:
       order.setdefault(path[0], None)
   for name in list(params_by) + list(flops_by):  # ROOT, or never seen in the jaxpr
     order.setdefault(name, None)
-  return Counts(input_shape=shape, params=sum(params_by.values()),
-                flops=_per_image(sum(by_path.values()), shape[0]),
-                modules=tuple(order), params_by_module=params_by,
-                flops_by_module=flops_by)
+  return Counts(
+    input_shape=shape,
+    params=sum(params_by.values()),
+    flops=_per_image(sum(by_path.values()), shape[0]),
+    modules=tuple(order),
+    params_by_module=params_by,
+    flops_by_module=flops_by,
+  )
 
 
 def count_flops(model: nn.Module, input_shape: Sequence[int]):
@@ -378,8 +403,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]):
   return _per_image(sum(by_path.values()), shape[0])
 
 
-def flops_by_module(model: nn.Module, input_shape: Sequence[int],
-                    depth: int = 1) -> dict[str, Any]:
+def flops_by_module(model: nn.Module, input_shape: Sequence[int], depth: int = 1) -> dict[str, Any]:
   """FLOPs per image grouped by module path, ``depth`` components below the root.
 
   ``depth=1`` gives top-level submodules (stem, periods, transitions, head);
@@ -389,5 +413,4 @@ def flops_by_module(model: nn.Module, input_shape: Sequence[int],
   checks.check_int("flops_by_module", "depth", depth, 1, checks.MAX_COUNT)
   _, by_path, _, shape = _trace(model, input_shape)
   root_name = model.name or type(model).__name__
-  return {k: _per_image(v, shape[0])
-          for k, v in _group(by_path, root_name, depth).items()}
+  return {k: _per_image(v, shape[0]) for k, v in _group(by_path, root_name, depth).items()}

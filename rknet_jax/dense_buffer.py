@@ -70,6 +70,7 @@ class DenseBlockPlan:
     conv_impl: convolution formulation (:func:`rknet_jax.conv.resolve_impl`, resolved).
     dropout_rate: dropout after every convolution in training (0: none).
   """
+
   in_channels: int
   num_layers: int
   growth_rate: int
@@ -108,6 +109,7 @@ class DenseBlockPlan:
 
 class BNVars(NamedTuple):
   """One BatchNorm's values: params ``scale``, ``bias``; running ``mean``, ``var``."""
+
   scale: Any
   bias: Any
   mean: Any
@@ -116,6 +118,7 @@ class BNVars(NamedTuple):
 
 class ConvUnitVars(NamedTuple):
   """BN -> ReLU -> conv: the BatchNorm, the HWIO kernel, and the dropout key (or None)."""
+
   bn: BNVars
   kernel: Any
   dropout_key: Any = None
@@ -124,6 +127,7 @@ class ConvUnitVars(NamedTuple):
 class LayerVars(NamedTuple):
   """A dense layer: ``first`` reads the prefix (1x1 to w, or 3x3 to k when plain);
   ``second`` is the bottleneck's 3x3 unit (None for plain layers)."""
+
   first: ConvUnitVars
   second: ConvUnitVars | None = None
 
@@ -173,7 +177,7 @@ def _stack_padded(arrays, width: int, axis: int, value: float = 0.0):
   ``value`` and stacked on a new leading axis, as ONE concatenation (per-layer pads would
   each be a kernel of their own, and compile time grows with the number of kernels)."""
   shape = arrays[0].shape
-  lead, trail = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+  lead, trail = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
   parts = []
   for v in arrays:
     parts.append(v.reshape(lead, v.shape[axis] * trail))
@@ -181,7 +185,7 @@ def _stack_padded(arrays, width: int, axis: int, value: float = 0.0):
       parts.append(jnp.full((lead, (width - v.shape[axis]) * trail), value, v.dtype))
   out = jnp.concatenate(parts, axis=1).reshape((lead, len(arrays), width * trail))
   out = jnp.moveaxis(out, 1, 0)
-  return out.reshape((len(arrays),) + shape[:axis] + (width,) + shape[axis + 1:])
+  return out.reshape((len(arrays),) + shape[:axis] + (width,) + shape[axis + 1 :])
 
 
 def _stack(trees):
@@ -194,10 +198,16 @@ def _bucket_vars(plan: DenseBlockPlan, layers, a: int, b: int, with_stats: bool)
   effect on its output, zero gradient), running statistics (eval mode only) mean 0, var 1."""
   width = plan.in_width(b - 1)
   firsts = [layers[l].first for l in range(a, b)]
+
   def vec(field, value=0.0):
     return _stack_padded([getattr(u.bn, field) for u in firsts], width, 0, value)
-  bn = BNVars(vec("scale"), vec("bias"), vec("mean") if with_stats else None,
-              vec("var", 1.0) if with_stats else None)
+
+  bn = BNVars(
+    vec("scale"),
+    vec("bias"),
+    vec("mean") if with_stats else None,
+    vec("var", 1.0) if with_stats else None,
+  )
   keys = None if firsts[0].dropout_key is None else jnp.stack([u.dropout_key for u in firsts])
   first = ConvUnitVars(bn, _stack_padded([u.kernel for u in firsts], width, 2), keys)
   second = None
@@ -233,8 +243,9 @@ def _forward(plan: DenseBlockPlan, x, layers: Sequence[LayerVars], for_backward:
     if not plan.train or not scanned:
       hs = []
       for l in range(a, b):
-        buf, layer_stats, hl = _layer_forward(plan, buf, plan.in_width(l), plan.in_width(l),
-                                              layers[l])
+        buf, layer_stats, hl = _layer_forward(
+          plan, buf, plan.in_width(l), plan.in_width(l), layers[l]
+        )
         stats.append(layer_stats)
         hs.append(hl)
       hidden.append(jnp.stack(hs) if for_backward and hs[0] is not None else None)
@@ -258,8 +269,9 @@ def _dense_block(plan, x, layers):
 
 def _dense_block_fwd(plan, x, layers):
   buf, stats, (hidden, bucket_vars) = _forward(plan, x, layers, for_backward=True)
-  single = tuple(None if bv is not None else layers[a]
-                 for (a, _), bv in zip(plan.buckets(), bucket_vars))
+  single = tuple(
+    None if bv is not None else layers[a] for (a, _), bv in zip(plan.buckets(), bucket_vars)
+  )
   return (buf, stats), (buf, hidden, bucket_vars, single, jnp.zeros((), x.dtype))
 
 
@@ -277,8 +289,9 @@ def _unit_vjp(plan, x, u: ConvUnitVars, ct):
 
 
 def _unpad_unit(d: ConvUnitVars, width: int) -> ConvUnitVars:
-  return ConvUnitVars(BNVars(d.bn.scale[:width], d.bn.bias[:width], None, None),
-                      d.kernel[:, :, :width], None)
+  return ConvUnitVars(
+    BNVars(d.bn.scale[:width], d.bn.bias[:width], None, None), d.kernel[:, :, :width], None
+  )
 
 
 def _in_loop(plan: DenseBlockPlan) -> DenseBlockPlan:
@@ -304,7 +317,8 @@ def _layer_bwd(plan, buf, width, dbuf, xs):
   # kernel rows: no effect on its output, zero gradient).
   dprefix, dfirst = _unit_vjp(plan, buf[..., :width], lv.first, ct)
   dbuf = lax.dynamic_update_slice_in_dim(
-      dbuf, dbuf[..., :width] + dprefix.astype(dbuf.dtype), 0, axis=3)
+    dbuf, dbuf[..., :width] + dprefix.astype(dbuf.dtype), 0, axis=3
+  )
   return dbuf, (dfirst, dsecond)
 
 
@@ -327,8 +341,12 @@ def _accumulating(layer_bwd, carry, xs):
   j, *layer_xs = xs
   dbuf, grads = layer_bwd(dbuf, tuple(layer_xs))
   acc = jax.tree.map(
-      lambda a, g: lax.dynamic_update_index_in_dim(
-          a, lax.dynamic_index_in_dim(a, j, keepdims=False) + g, j, 0), acc, grads)
+    lambda a, g: lax.dynamic_update_index_in_dim(
+      a, lax.dynamic_index_in_dim(a, j, keepdims=False) + g, j, 0
+    ),
+    acc,
+    grads,
+  )
   return (dbuf, acc), None
 
 
@@ -339,25 +357,26 @@ def _dense_block_bwd(plan, res, cts):
   dbuf = cts[0]  # the statistics' cotangents are ignored (never part of a loss)
   dlayers = [None] * plan.num_layers
 
-  for (a, b), hid, bv, lv in reversed(list(zip(plan.buckets(), stacked_hidden, bucket_vars,
-                                               single))):
+  for (a, b), hid, bv, lv in reversed(
+    list(zip(plan.buckets(), stacked_hidden, bucket_vars, single))
+  ):
     if bv is None:  # a bucket of one layer, on its exact width
       dbuf, (dfirst, dsecond) = _layer_bwd(
-          plan, buf, plan.in_width(a), dbuf, (plan.in_width(a), lv,
-                                              None if hid is None else hid[0]))
+        plan, buf, plan.in_width(a), dbuf, (plan.in_width(a), lv, None if hid is None else hid[0])
+      )
       dlayers[a] = LayerVars(dfirst, dsecond)
       continue
     xs = (_offsets(plan, a, b), bv, hid)
     body = functools.partial(_layer_bwd, _in_loop(plan), buf, plan.in_width(b - 1))
     zeros = _zero_accumulators(body, dbuf, xs, b - a)
     (dbuf, (dfirst, dsecond)), _ = lax.scan(
-        functools.partial(_accumulating, body), (dbuf, zeros), (jnp.arange(b - a),) + xs,
-        reverse=True)
+      functools.partial(_accumulating, body), (dbuf, zeros), (jnp.arange(b - a),) + xs, reverse=True
+    )
     for j, l in enumerate(range(a, b)):
       first = jax.tree.map(lambda v, j=j: v[j], dfirst)
       second = None if dsecond is None else jax.tree.map(lambda v, j=j: v[j], dsecond)
       dlayers[l] = LayerVars(_unpad_unit(first, plan.in_width(l)), second)
-  dx = dbuf[..., :plan.in_channels].astype(x_like.dtype)
+  dx = dbuf[..., : plan.in_channels].astype(x_like.dtype)
   return dx, tuple(dlayers)
 
 
@@ -382,16 +401,18 @@ def dense_block(plan: DenseBlockPlan, x, layers: Sequence[LayerVars]):
   """
   layers = tuple(layers)
   if len(layers) != plan.num_layers:
-    raise ValueError(f"dense_block: {len(layers)} layers given, the plan has "
-                     f"{plan.num_layers}")
+    raise ValueError(f"dense_block: {len(layers)} layers given, the plan has {plan.num_layers}")
   if x.shape[-1] != plan.in_channels:
-    raise ValueError(f"dense_block: input has {x.shape[-1]} channels, the plan "
-                     f"{plan.in_channels}")
+    raise ValueError(f"dense_block: input has {x.shape[-1]} channels, the plan {plan.in_channels}")
   for l, lv in enumerate(layers):
     if lv.first.kernel.shape[2] != plan.in_width(l):
-      raise ValueError(f"dense_block: layer {l + 1}'s kernel reads {lv.first.kernel.shape[2]} "
-                       f"channels, its input has {plan.in_width(l)}")
+      raise ValueError(
+        f"dense_block: layer {l + 1}'s kernel reads {lv.first.kernel.shape[2]} "
+        f"channels, its input has {plan.in_width(l)}"
+      )
     if (lv.second is None) != (plan.bottleneck_width is None):
-      raise ValueError(f"dense_block: layer {l + 1} does not match the plan's bottleneck "
-                       f"width {plan.bottleneck_width}")
+      raise ValueError(
+        f"dense_block: layer {l + 1} does not match the plan's bottleneck "
+        f"width {plan.bottleneck_width}"
+      )
   return _dense_block(plan, x, layers)

@@ -25,8 +25,17 @@ import dataclasses
 import importlib
 from typing import Any
 
-__all__ = ["Family", "register", "unregister", "families", "by_spec_name", "of_spec",
-           "of_module", "for_name", "study_labels"]
+__all__ = [
+  "Family",
+  "register",
+  "unregister",
+  "families",
+  "by_spec_name",
+  "of_spec",
+  "of_module",
+  "for_name",
+  "study_labels",
+]
 
 Lazy = str | Callable[..., Any] | type
 
@@ -53,6 +62,7 @@ class Family:
     study_labels: name prefixes the study groups this family's models under.
     converter: the baseline-to-RKNet converter of the paper (or its import text), if any.
   """
+
   spec: type
   module: Lazy
   matches: Callable[[str], bool]
@@ -121,8 +131,10 @@ def of_spec(spec) -> Family:
   _builtins()
   family = _REGISTRY.get(type(spec).__name__)
   if family is None or family.spec is not type(spec):
-    raise ValueError(f"create_model: expected a model name or a spec of a registered family "
-                     f"({', '.join(sorted(_REGISTRY))}), got {type(spec).__name__}")
+    raise ValueError(
+      f"create_model: expected a model name or a spec of a registered family "
+      f"({', '.join(sorted(_REGISTRY))}), got {type(spec).__name__}"
+    )
   return family
 
 

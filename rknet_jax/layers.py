@@ -74,12 +74,27 @@ from rknet_jax import checks
 from rknet_jax import conv as conv_lib
 
 __all__ = [
-    "LayerConfig", "BNVariables", "BatchNormParts", "ConvKernel", "concat", "BNReLUConv",
-    "BNReLUKernelConv",
-    "CifarStem", "ImageNetStem", "make_stem", "ChannelAttention", "Transition",
-    "Postprocessor", "glorot_uniform", "check_images",
-    "RKNET_BN_MOMENTUM", "RKNET_BN_EPSILON", "DENSENET_BN_MOMENTUM", "DENSENET_BN_EPSILON",
-    "CLIQUENET_BN_MOMENTUM", "CLIQUENET_BN_EPSILON",
+  "LayerConfig",
+  "BNVariables",
+  "BatchNormParts",
+  "ConvKernel",
+  "concat",
+  "BNReLUConv",
+  "BNReLUKernelConv",
+  "CifarStem",
+  "ImageNetStem",
+  "make_stem",
+  "ChannelAttention",
+  "Transition",
+  "Postprocessor",
+  "glorot_uniform",
+  "check_images",
+  "RKNET_BN_MOMENTUM",
+  "RKNET_BN_EPSILON",
+  "DENSENET_BN_MOMENTUM",
+  "DENSENET_BN_EPSILON",
+  "CLIQUENET_BN_MOMENTUM",
+  "CLIQUENET_BN_EPSILON",
 ]
 
 RKNET_BN_MOMENTUM = 0.99
@@ -127,6 +142,7 @@ class LayerConfig:
     param_dtype: dtype of the parameters and BatchNorm statistics (float32; the models do
       not change it, float64 serves exact comparisons of a standalone layer in tests).
   """
+
   bn_momentum: float = RKNET_BN_MOMENTUM
   bn_epsilon: float = RKNET_BN_EPSILON
   dtype: Any = jnp.float32
@@ -138,17 +154,34 @@ class LayerConfig:
 
   def batch_norm(self, train: bool, name: str | None = None) -> nn.BatchNorm:
     """Flax BatchNorm with these settings, ``param_dtype`` scale/bias and statistics."""
-    return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                        epsilon=self.bn_epsilon, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=name)
+    return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
 
-  def conv(self, features: int, kernel_size: Sequence[int] = (3, 3),
-           strides: Sequence[int] = (1, 1), padding: conv_lib.Padding = "SAME",
-           name: str | None = None) -> conv_lib.Conv:
+  def conv(
+    self,
+    features: int,
+    kernel_size: Sequence[int] = (3, 3),
+    strides: Sequence[int] = (1, 1),
+    padding: conv_lib.Padding = "SAME",
+    name: str | None = None,
+  ) -> conv_lib.Conv:
     """Bias-free He-normal :class:`rknet_jax.conv.Conv` in ``dtype`` and ``conv_impl``."""
-    return conv_lib.Conv(features, tuple(kernel_size), strides=tuple(strides), padding=padding,
-                         dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv_impl,
-                         name=name)
+    return conv_lib.Conv(
+      features,
+      tuple(kernel_size),
+      strides=tuple(strides),
+      padding=padding,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      impl=self.conv_impl,
+      name=name,
+    )
 
   def dropout(self, x, train: bool):
     """Dropout at ``dropout_rate`` in training; built only when the rate is > 0, so models
@@ -184,6 +217,7 @@ class BNVariables:
   (params ``scale``/``bias``, batch_stats ``mean``/``var``, float32, one per channel), for
   layers that compute the normalisation themselves (:class:`BatchNormParts`, the dense
   block's channel buffer)."""
+
   scale: Any
   bias: Any
   mean: Any  # the flax variables of the running averages (``.value``)
@@ -219,6 +253,7 @@ class BatchNormParts(nn.Module):
 
   Returns the list of normalised parts (in ``config.dtype``), one per input.
   """
+
   config: LayerConfig = LayerConfig()
 
   @nn.compact
@@ -237,15 +272,17 @@ class BatchNormParts(nn.Module):
       means = _split(bn.mean.value, channels)
       variances = _split(bn.var.value, channels)
     scales, biases = _split(bn.scale, channels), _split(bn.bias, channels)
-    return [bn_math.normalize(x, mu, var, scale, bias, cfg.bn_epsilon, cfg.dtype)
-            for x, mu, var, scale, bias in zip(xs, means, variances, scales, biases)]
+    return [
+      bn_math.normalize(x, mu, var, scale, bias, cfg.bn_epsilon, cfg.dtype)
+      for x, mu, var, scale, bias in zip(xs, means, variances, scales, biases)
+    ]
 
 
 def _split(v, sizes):
   """``v`` cut into consecutive slices of the given sizes (static slices)."""
   out, offset = [], 0
   for n in sizes:
-    out.append(v[offset:offset + n])
+    out.append(v[offset : offset + n])
     offset += n
   return out
 
@@ -253,6 +290,7 @@ def _split(v, sizes):
 class ConvKernel(nn.Module):
   """Declares the ``kernel`` parameter :class:`rknet_jax.conv.Conv` would (same name,
   shape, initialiser and rng), for convolutions computed by the caller."""
+
   shape: Sequence[int]
 
   @nn.compact
@@ -274,8 +312,12 @@ def _per_part(xs, kernel_size, strides, config: LayerConfig) -> bool:
   benchmarks/README.md, benchmarks/bench_compile.py).  Both paths have the same variables,
   values and gradients.
   """
-  return (len(xs) > 1 and tuple(kernel_size) == (1, 1) and tuple(strides) == (1, 1)
-          and conv_lib.resolve_impl(config.conv_impl) != "xla")
+  return (
+    len(xs) > 1
+    and tuple(kernel_size) == (1, 1)
+    and tuple(strides) == (1, 1)
+    and conv_lib.resolve_impl(config.conv_impl) != "xla"
+  )
 
 
 def _bn_relu_conv(xs, kernel, strides, train, config: LayerConfig):
@@ -310,6 +352,7 @@ class BNReLUConv(nn.Module):
     strides: conv strides.
     config: shared layer options (dropout after the conv, BatchNorm, dtype, conv formulation).
   """
+
   features: int
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
@@ -333,6 +376,7 @@ class BNReLUKernelConv(nn.Module):
   1x1 kernel and several inputs, BN -> ReLU -> conv runs part by part as in
   :class:`BNReLUConv` (same variables and values).
   """
+
   config: LayerConfig = LayerConfig()
 
   @nn.compact
@@ -340,8 +384,9 @@ class BNReLUKernelConv(nn.Module):
     xs = _as_list(inputs)
     c = sum(x.shape[-1] for x in xs)
     if c != kernel.shape[2]:
-      raise ValueError(f"BNReLUKernelConv: input has {c} channels but the kernel "
-                       f"expects {kernel.shape[2]}")
+      raise ValueError(
+        f"BNReLUKernelConv: input has {c} channels but the kernel expects {kernel.shape[2]}"
+      )
     return _bn_relu_conv(xs, kernel, (1, 1), train, self.config)
 
 
@@ -365,14 +410,19 @@ def check_images(stem: nn.Module, x) -> None:
     bad, looks_nchw = c != expected, h == expected
   if bad:
     channels = f" with {expected} channels" if expected is not None else ""
-    hint = (" -- it looks like NCHW (channels first): transpose it with "
-            "jnp.transpose(x, (0, 2, 3, 1))") if looks_nchw else ""
-    raise ValueError(f"input of shape {shape}: the model takes NHWC images (N, H, W, C)"
-                     f"{channels}{hint}")
+    hint = (
+      (" -- it looks like NCHW (channels first): transpose it with jnp.transpose(x, (0, 2, 3, 1))")
+      if looks_nchw
+      else ""
+    )
+    raise ValueError(
+      f"input of shape {shape}: the model takes NHWC images (N, H, W, C){channels}{hint}"
+    )
 
 
 class CifarStem(nn.Module):
   """CIFAR/SVHN preprocessor: one 3x3 conv, 3 -> ``features``, no BN, no bias."""
+
   features: int
   config: LayerConfig = LayerConfig()
 
@@ -385,14 +435,16 @@ class CifarStem(nn.Module):
 
 class ImageNetStem(nn.Module):
   """ImageNet preprocessor: 7x7/2 conv -> BN -> ReLU -> 3x3/2 max-pool (224 -> 56)."""
+
   features: int
   config: LayerConfig = LayerConfig()
 
   @nn.compact
   def __call__(self, x, train: bool):
     check_images(self, x)
-    x = self.config.conv(self.features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-                         name="conv")(x)
+    x = self.config.conv(
+      self.features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv"
+    )(x)
     x = self.config.batch_norm(train, name="bn")(x)
     x = nn.relu(x)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -415,6 +467,7 @@ class ChannelAttention(nn.Module):
   GAP -> FC(C -> C//2) + ReLU -> FC(C//2 -> C) + sigmoid -> channel-wise product.
   Both FCs have biases (Glorot-uniform weights, zero biases), computed in ``config.dtype``.
   """
+
   config: LayerConfig = LayerConfig()
 
   @nn.compact
@@ -422,9 +475,12 @@ class ChannelAttention(nn.Module):
     c = x.shape[-1]
     if c < 2:
       raise ValueError(f"ChannelAttention needs at least 2 channels, got {c}")
+
     def dense(n, name):
-      return nn.Dense(n, kernel_init=glorot_uniform, dtype=self.config.dtype,
-                                         param_dtype=jnp.float32, name=name)
+      return nn.Dense(
+        n, kernel_init=glorot_uniform, dtype=self.config.dtype, param_dtype=jnp.float32, name=name
+      )
+
     z = jnp.mean(x, axis=(1, 2))
     z = nn.relu(dense(c // 2, "fc1")(z))
     z = nn.sigmoid(dense(c, "fc2")(z))
@@ -441,6 +497,7 @@ class Transition(nn.Module):
     attention: add :class:`ChannelAttention` after the conv (suffix "A").
     config: shared layer options.
   """
+
   features: int
   attention: bool = False
   config: LayerConfig = LayerConfig()
@@ -461,6 +518,7 @@ class Postprocessor(nn.Module):
   several), then one fully connected layer with bias gives the logits.  Pooling and the FC
   run in float32, so the logits are float32 whatever the compute dtype.
   """
+
   num_classes: int
   config: LayerConfig = LayerConfig()
 
@@ -472,6 +530,11 @@ class Postprocessor(nn.Module):
       x = nn.relu(x)
       pooled.append(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
     z = jnp.concatenate(pooled, axis=-1) if len(pooled) > 1 else pooled[0]
-    return nn.Dense(self.num_classes, kernel_init=glorot_uniform,
-                    bias_init=nn.initializers.zeros, dtype=jnp.float32,
-                    param_dtype=jnp.float32, name="fc")(z)
+    return nn.Dense(
+      self.num_classes,
+      kernel_init=glorot_uniform,
+      bias_init=nn.initializers.zeros,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      name="fc",
+    )(z)

@@ -50,9 +50,10 @@ def _check_halvable(x, after: str, input_shape) -> None:
   h, w = x.shape[1:3]
   if min(h, w) < 2:
     raise ValueError(
-        f"input of shape {tuple(input_shape)} is too small for this model: the output of "
-        f"{after} is {h}x{w} and the transition after it halves that to {h // 2}x{w // 2} "
-        "(no pixels left, the logits would be NaN); use larger images or fewer periods")
+      f"input of shape {tuple(input_shape)} is too small for this model: the output of "
+      f"{after} is {h}x{w} and the transition after it halves that to {h // 2}x{w // 2} "
+      "(no pixels left, the logits would be NaN); use larger images or fewer periods"
+    )
 
 
 class _Network(nn.Module):
@@ -71,6 +72,7 @@ class _Network(nn.Module):
     dense_formulation: how dense blocks are computed (:class:`rknet_jax.blocks.DenseBlock`;
       "auto" picks by depth and backend; same values and variables either way).
   """
+
   dropout_rate: float = _keyword(0.0)
   bn_momentum: float = _keyword(layers.RKNET_BN_MOMENTUM)
   bn_epsilon: float = _keyword(layers.RKNET_BN_EPSILON)
@@ -86,8 +88,7 @@ class _Network(nn.Module):
     module checks its options with the spec's one validator.
     """
     family = families.of_module(type(self))
-    return family.spec(**{f.name: getattr(self, f.name)
-                          for f in dataclasses.fields(family.spec)})
+    return family.spec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(family.spec)})
 
   def check(self):
     """Raise ValueError on an invalid configuration (before any array is built)."""
@@ -95,8 +96,13 @@ class _Network(nn.Module):
 
   def layer_config(self) -> LayerConfig:
     """The :class:`LayerConfig` every layer of this model is built with."""
-    return LayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerConfig)
-                          if hasattr(self, f.name)})
+    return LayerConfig(
+      **{
+        f.name: getattr(self, f.name)
+        for f in dataclasses.fields(LayerConfig)
+        if hasattr(self, f.name)
+      }
+    )
 
   def _stem_features(self) -> int:
     """Output channels of the preprocessor (the baselines' ``init_features``)."""
@@ -130,8 +136,9 @@ class _Periods(_Network):
       outputs.append(x)
       if p < P - 1:
         _check_halvable(x, f"period {p + 1}", input_shape)
-        x = layers.Transition(m[p + 1] * k[p + 1], attention=self.attention, config=cfg,
-                              name=f"transition{p + 1}")(x, train)
+        x = layers.Transition(
+          m[p + 1] * k[p + 1], attention=self.attention, config=cfg, name=f"transition{p + 1}"
+        )(x, train)
     used = outputs if self.multiscale else outputs[-1:]
     return layers.Postprocessor(self.num_classes, cfg, name="postprocessor")(used, train)
 
@@ -157,6 +164,7 @@ class RKNet(_Periods):
       options of :class:`_Network`; BatchNorm defaults: the authors' RKCNN code
       (``BatchNorm2d(eps=0.001, momentum=0.01)``: epsilon 1e-3, flax momentum 0.99).
   """
+
   stages: tuple[int, ...]
   steps: tuple[int, ...]
   growth_rate: tuple[int, ...]
@@ -175,8 +183,9 @@ class RKNet(_Periods):
   @property
   def bottleneck_widths(self) -> tuple[int, ...] | None:
     """w per period (None without bottleneck; :func:`rknet_jax.spec.bottleneck_widths`)."""
-    return spec_lib.bottleneck_widths(self.method, self.bottleneck, self.bottleneck_width,
-                                      self.growth_rate)
+    return spec_lib.bottleneck_widths(
+      self.method, self.bottleneck, self.bottleneck_width, self.growth_rate
+    )
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -186,11 +195,19 @@ class RKNet(_Periods):
       del t
       width = None if bw is None else bw[p]
       if self.method == "explicit":
-        return blocks.ERKStep(self.stages[p], self.growth_multipliers[p],
-                              self.growth_rate[p], width, cfg, name=name)
-      return blocks.IRKStep(self.stages[p], self.growth_rate[p], width,
-                            num_updates=self.num_updates, update_order=self.update_order,
-                            share_weights=self.share_weights, config=cfg, name=name)
+        return blocks.ERKStep(
+          self.stages[p], self.growth_multipliers[p], self.growth_rate[p], width, cfg, name=name
+        )
+      return blocks.IRKStep(
+        self.stages[p],
+        self.growth_rate[p],
+        width,
+        num_updates=self.num_updates,
+        update_order=self.update_order,
+        share_weights=self.share_weights,
+        config=cfg,
+        name=name,
+      )
 
     return self._forward(x, train, make_step)
 
@@ -218,6 +235,7 @@ class TableauRKNet(_Periods):
       ``TABLEAU_STEP_OPTIONS``; e.g. learn_coefficients, learn_step_size, step_size).
     (the others as :class:`RKNet`; BatchNorm defaults: the authors' RKCNN code's)
   """
+
   tableau: str
   stages: tuple[int, ...]
   steps: tuple[int, ...]
@@ -232,14 +250,14 @@ class TableauRKNet(_Periods):
   def _step_kwargs(self, p):
     options = dict(self.step_options)
     tab = _get_tableau(self.tableau)
-    options["stage_functions"] = spec_lib.tableau_stage_functions(tab, self.stages[p],
-                                                                  options)
+    options["stage_functions"] = spec_lib.tableau_stage_functions(tab, self.stages[p], options)
     return dict(options, tableau=tab.name, config=self.layer_config())
 
   def check(self):
     """Raise ValueError on an invalid configuration (before any array is built): the spec's
     checks, then the step options' values as :class:`TableauStep` checks them."""
     from rknet_jax import tableau_block
+
     super().check()
     for p in range(len(self.stages)):
       try:
@@ -250,6 +268,7 @@ class TableauRKNet(_Periods):
   @nn.compact
   def __call__(self, x, train: bool = False):
     from rknet_jax import tableau_block
+
     step_cls = self.layer_config().maybe_remat(tableau_block.TableauStep, train_argnum=2)
 
     def make_step(p, t, name):
@@ -262,6 +281,7 @@ class TableauRKNet(_Periods):
 
 def _get_tableau(name):
   from rknet_jax import tableaus
+
   try:
     return tableaus.get(name)
   except KeyError as e:
@@ -284,6 +304,7 @@ class DenseNet(_Network):
       torchvision: BatchNorm defaults eps 1e-5, momentum 0.1).
     (keywords) the other layer options of :class:`_Network`.
   """
+
   block_layers: tuple[int, ...]
   growth_rate: int
   init_features: int
@@ -302,12 +323,14 @@ class DenseNet(_Network):
   def __call__(self, x, train: bool = False):
     x, cfg, input_shape = self._begin(x, train)
     for b, n in enumerate(self.block_layers):
-      x = blocks.DenseBlock(n, self.growth_rate, self.bottleneck_width, cfg,
-                            name=f"block{b + 1}")(x, train)
+      x = blocks.DenseBlock(n, self.growth_rate, self.bottleneck_width, cfg, name=f"block{b + 1}")(
+        x, train
+      )
       if b < len(self.block_layers) - 1:
         _check_halvable(x, f"dense block {b + 1}", input_shape)
-        x = layers.Transition(self.transition_features(x.shape[-1]), config=cfg,
-                              name=f"transition{b + 1}")(x, train)
+        x = layers.Transition(
+          self.transition_features(x.shape[-1]), config=cfg, name=f"transition{b + 1}"
+        )(x, train)
     return layers.Postprocessor(self.num_classes, cfg, name="postprocessor")([x], train)
 
 
@@ -331,6 +354,7 @@ class CliqueNet(_Network):
       epsilon 0.001).
     (keywords) the other layer options of :class:`_Network`.
   """
+
   block_layers: tuple[int, ...]
   growth_rate: tuple[int, ...]
   init_features: int = 64
@@ -352,18 +376,24 @@ class CliqueNet(_Network):
     for b in range(B):
       k = self.growth_rate[b]
       _, final = blocks.CliqueBlock(
-          self.block_layers[b], k, k if self.bottleneck else None,
-          num_updates=self.num_updates, update_order=self.update_order, config=cfg,
-          name=f"block{b + 1}")(x, train)
+        self.block_layers[b],
+        k,
+        k if self.bottleneck else None,
+        num_updates=self.num_updates,
+        update_order=self.update_order,
+        config=cfg,
+        name=f"block{b + 1}",
+      )(x, train)
       transit = layers.concat(final)
       feature = layers.concat([x.astype(transit.dtype), transit])
       if self.compression:
-        feature = layers.BNReLUConv(feature.shape[-1] // 2, (1, 1), config=cfg,
-                                    name=f"compress{b + 1}")(feature, train)
+        feature = layers.BNReLUConv(
+          feature.shape[-1] // 2, (1, 1), config=cfg, name=f"compress{b + 1}"
+        )(feature, train)
       block_features.append(feature)
       if b < B - 1:
         _check_halvable(transit, f"clique block {b + 1}", input_shape)
-        x = layers.Transition(transit.shape[-1], attention=self.attention, config=cfg,
-                              name=f"transition{b + 1}")(transit, train)
-    return layers.Postprocessor(self.num_classes, cfg, name="postprocessor")(
-        block_features, train)
+        x = layers.Transition(
+          transit.shape[-1], attention=self.attention, config=cfg, name=f"transition{b + 1}"
+        )(transit, train)
+    return layers.Postprocessor(self.num_classes, cfg, name="postprocessor")(block_features, train)

@@ -36,27 +36,41 @@ import unicodedata
 from rknet_jax import checks, families
 from rknet_jax import spec as spec_lib
 
-__all__ = ["ParsedName", "parse", "spec_from_name", "check_ascii", "rknet_spec_from_name",
-           "densenet_spec_from_name", "cliquenet_spec_from_name"]
+__all__ = [
+  "ParsedName",
+  "parse",
+  "spec_from_name",
+  "check_ascii",
+  "rknet_spec_from_name",
+  "densenet_spec_from_name",
+  "cliquenet_spec_from_name",
+]
 
 _TERM_FORM = "'s×r' (or 'sxr') with positive integers s and r, e.g. '7×1'"
-_NAME_FORM = ("'<family>-<s×r> <s×r> ...[-<letters>][-k<N>]', e.g. 'ERKNet-7×1 6×1 6×1' or "
-              "'IRKNet-5x1 5x1 5x1-AB-k150' (family ERKNet, IRKNet, RKNet or <tableau>Net)")
+_NAME_FORM = (
+  "'<family>-<s×r> <s×r> ...[-<letters>][-k<N>]', e.g. 'ERKNet-7×1 6×1 6×1' or "
+  "'IRKNet-5x1 5x1 5x1-AB-k150' (family ERKNet, IRKNet, RKNet or <tableau>Net)"
+)
 _RK_FAMILIES = {"ERKNet": "explicit", "IRKNet": "implicit", "RKNet": None}
-BASELINE_FORMS = ("DenseNet-121|161|169|201", "DenseNet-BC-<L>-k<k>", "DenseNet-<L>-k<k>",
-                  "CliqueNet[-ABC]-T<T>-k<k>")
+BASELINE_FORMS = (
+  "DenseNet-121|161|169|201",
+  "DenseNet-BC-<L>-k<k>",
+  "DenseNet-<L>-k<k>",
+  "CliqueNet[-ABC]-T<T>-k<k>",
+)
 _MAX_DIGITS = 7  # longer numbers exceed every bound of rknet_jax.spec
 
 # Letters that look like the ASCII ones a name uses (Cyrillic, Greek) and signs that look
 # like 'x'/'×' or '-'; anything else non-ASCII is named with its Unicode name.
-_LOOKALIKES = dict(zip(
-    "АВЕКМНОРСТХаеосрхукΑΒΕΚΜΝΟΡΤΧΙκοχ✕✖⨯╳−–—‐",
-    "ABEKMHOPCTXaeocpxykABEKMNOPTXIkox××××----"))
+_LOOKALIKES = dict(
+  zip("АВЕКМНОРСТХаеосрхукΑΒΕΚΜΝΟΡΤΧΙκοχ✕✖⨯╳−–—‐", "ABEKMHOPCTXaeocpxykABEKMNOPTXIkox××××----")
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class ParsedName:
   """The parts of an RKNet name (the module docstring)."""
+
   family: str
   stages: tuple
   steps: tuple
@@ -82,17 +96,20 @@ def check_ascii(name: str) -> None:
     ascii_form = unicodedata.normalize("NFKC", c)
     alike = _LOOKALIKES.get(c, ascii_form if ascii_form.isascii() else None)
     raise ValueError(
-        f"model name {name!r}: character {c!r} at position {i} "
-        f"(U+{ord(c):04X} {unicodedata.name(c, 'unnamed')}) is not ASCII"
-        + (f"; did you mean {alike!r}?" if alike else "")
-        + " Names use ASCII letters, digits, '-', spaces and '×' (or 'x').")
+      f"model name {name!r}: character {c!r} at position {i} "
+      f"(U+{ord(c):04X} {unicodedata.name(c, 'unnamed')}) is not ASCII"
+      + (f"; did you mean {alike!r}?" if alike else "")
+      + " Names use ASCII letters, digits, '-', spaces and '×' (or 'x')."
+    )
 
 
 def _number(text, name, what):
   if len(text) > _MAX_DIGITS:
-    raise ValueError(f"model name {name!r}: {what} {text} is too large (bounds: "
-                     f"rknet_jax.spec.MAX_LAYERS = {checks.MAX_LAYERS} layers, "
-                     f"MAX_WIDTH = {checks.MAX_WIDTH} channels)")
+    raise ValueError(
+      f"model name {name!r}: {what} {text} is too large (bounds: "
+      f"rknet_jax.spec.MAX_LAYERS = {checks.MAX_LAYERS} layers, "
+      f"MAX_WIDTH = {checks.MAX_WIDTH} channels)"
+    )
   return int(text)
 
 
@@ -102,19 +119,23 @@ def _parse_term(term: str, name: str):
     raise ValueError(f"model name {name!r}: bad period term {term!r}: expected {_TERM_FORM}")
   s, r = _number(m.group(1), name, "s"), _number(m.group(2), name, "r")
   if s < 1 or r < 1:
-    raise ValueError(f"model name {name!r}: bad period term {term!r}: s and r must be >= 1; "
-                     f"expected {_TERM_FORM}")
+    raise ValueError(
+      f"model name {name!r}: bad period term {term!r}: s and r must be >= 1; expected {_TERM_FORM}"
+    )
   return s, r
 
 
 def _tableau_name(prefix, name):
   from rknet_jax import tableaus
+
   try:
     return tableaus.get(prefix).name
   except KeyError:
-    raise ValueError(f"model name {name!r}: unknown family {prefix + 'Net'!r}: expected "
-                     "ERKNet, IRKNet, RKNet, or <tableau>Net with a tableau of "
-                     f"rknet_jax.tableaus ({', '.join(tableaus.names())})") from None
+    raise ValueError(
+      f"model name {name!r}: unknown family {prefix + 'Net'!r}: expected "
+      "ERKNet, IRKNet, RKNet, or <tableau>Net with a tableau of "
+      f"rknet_jax.tableaus ({', '.join(tableaus.names())})"
+    ) from None
 
 
 def parse(name: str) -> ParsedName:
@@ -130,16 +151,20 @@ def parse(name: str) -> ParsedName:
   tableau = None
   if family not in _RK_FAMILIES:
     if not family.endswith("Net") or len(family) <= 3:
-      raise ValueError(f"model name {name!r}: unknown family {family!r}: expected ERKNet, "
-                       f"IRKNet, RKNet, <tableau>Net or a baseline ({', '.join(BASELINE_FORMS)})")
+      raise ValueError(
+        f"model name {name!r}: unknown family {family!r}: expected ERKNet, "
+        f"IRKNet, RKNet, <tableau>Net or a baseline ({', '.join(BASELINE_FORMS)})"
+      )
     tableau = _tableau_name(family[:-3], name)
   term_text, *tags = rest.split("-")
   terms = term_text.split()
   if not terms:
     raise ValueError(f"model name {name!r}: no period terms: expected {_NAME_FORM}")
   if term_text != " ".join(terms):
-    raise ValueError(f"model name {name!r}: period terms {term_text!r} must be separated by "
-                     f"single spaces, each {_TERM_FORM}")
+    raise ValueError(
+      f"model name {name!r}: period terms {term_text!r} must be separated by "
+      f"single spaces, each {_TERM_FORM}"
+    )
   parsed = [_parse_term(t, name) for t in terms]
   letters, k = "", None
   for i, tag in enumerate(tags):
@@ -152,15 +177,20 @@ def parse(name: str) -> ParsedName:
     elif i == 0 and re.fullmatch(r"[A-Za-z]+", tag):
       allowed = "A" if tableau is not None else "AB"
       if set(tag) - set(allowed) or len(set(tag)) != len(tag):
-        raise ValueError(f"model name {name!r}: bad suffix {tag!r}: letters from {allowed!r}, "
-                         "each at most once (A = attentional transition, B = bottleneck)"
-                         + ("; tableau RKNets take A only" if tableau is not None else ""))
+        raise ValueError(
+          f"model name {name!r}: bad suffix {tag!r}: letters from {allowed!r}, "
+          "each at most once (A = attentional transition, B = bottleneck)"
+          + ("; tableau RKNets take A only" if tableau is not None else "")
+        )
       letters = "".join(c for c in "AB" if c in tag)
     else:
-      raise ValueError(f"model name {name!r}: bad part {tag!r}: expected suffix letters (A, B) "
-                       f"and/or a growth-rate tag 'k<N>'; full form {_NAME_FORM}")
-  return ParsedName(family, tuple(s for s, _ in parsed), tuple(r for _, r in parsed),
-                    letters, k, tableau)
+      raise ValueError(
+        f"model name {name!r}: bad part {tag!r}: expected suffix letters (A, B) "
+        f"and/or a growth-rate tag 'k<N>'; full form {_NAME_FORM}"
+      )
+  return ParsedName(
+    family, tuple(s for s, _ in parsed), tuple(r for _, r in parsed), letters, k, tableau
+  )
 
 
 def _field_names(cls, *excluded):
@@ -212,23 +242,29 @@ def rknet_spec_from_name(name: str, hint: str, fields) -> spec_lib.ModelSpec:
   if p.growth_rate is not None:
     given = fields.setdefault("growth_rate", p.growth_rate)
     if checks.per_period(name, "growth_rate", given, periods) != (p.growth_rate,) * periods:
-      raise ValueError(f"{name}: growth_rate={given!r} contradicts the name's tag "
-                       f"'-k{p.growth_rate}'")
+      raise ValueError(
+        f"{name}: growth_rate={given!r} contradicts the name's tag '-k{p.growth_rate}'"
+      )
   if "growth_rate" not in fields:
-    raise ValueError(f"{name}: growth_rate is required (an int k or one per period), e.g. "
-                     f"create_model({name!r}, growth_rate=36){hint}")
+    raise ValueError(
+      f"{name}: growth_rate is required (an int k or one per period), e.g. "
+      f"create_model({name!r}, growth_rate=36){hint}"
+    )
   if "A" in p.letters:
     if fields.setdefault("attention", True) is not True:
-      raise ValueError(f"{name}: attention={fields['attention']!r} contradicts the name's "
-                       "suffix letter 'A'")
+      raise ValueError(
+        f"{name}: attention={fields['attention']!r} contradicts the name's suffix letter 'A'"
+      )
   if p.tableau is not None:
     return _make(cls, name, dict(stages=p.stages, steps=p.steps, tableau=p.tableau, **fields))
   method = _RK_FAMILIES[p.family]
   if method is not None and fields.setdefault("method", method) != method:
-    raise ValueError(f"{name}: method={fields['method']!r} contradicts the family "
-                     f"{p.family!r} ({method})")
-  return _make(cls, name, dict(stages=p.stages, steps=p.steps, bottleneck="B" in p.letters,
-                               **fields))
+    raise ValueError(
+      f"{name}: method={fields['method']!r} contradicts the family {p.family!r} ({method})"
+    )
+  return _make(
+    cls, name, dict(stages=p.stages, steps=p.steps, bottleneck="B" in p.letters, **fields)
+  )
 
 
 def _make(cls, name, fields):
@@ -238,7 +274,7 @@ def _make(cls, name, fields):
   except ValueError as e:
     prefix = f"{cls.__name__}:"
     if str(e).startswith(prefix):
-      raise ValueError(f"{name}:{str(e)[len(prefix):]}") from None
+      raise ValueError(f"{name}:{str(e)[len(prefix) :]}") from None
     raise
 
 
@@ -250,26 +286,40 @@ def densenet_spec_from_name(name: str, hint: str, fields) -> spec_lib.DenseNetSp
   if m:
     depth = _number(m.group(1), name, "depth")
     if depth not in spec_lib.DENSENET_IMAGENET:
-      raise ValueError(f"{name}: unknown ImageNet DenseNet depth {depth}: expected one of "
-                       f"{sorted(spec_lib.DENSENET_IMAGENET)}, or a CIFAR form "
-                       "'DenseNet-<L>-k<k>' / 'DenseNet-BC-<L>-k<k>'")
+      raise ValueError(
+        f"{name}: unknown ImageNet DenseNet depth {depth}: expected one of "
+        f"{sorted(spec_lib.DENSENET_IMAGENET)}, or a CIFAR form "
+        "'DenseNet-<L>-k<k>' / 'DenseNet-BC-<L>-k<k>'"
+      )
     block_layers, k, init = spec_lib.DENSENET_IMAGENET[depth]
-    arch = dict(block_layers=block_layers, growth_rate=k, init_features=init,
-                bottleneck_width=4 * k, compression=0.5)
-    return _baseline(spec_lib.DenseNetSpec, name, arch, fields,
-                     dict(num_classes=1000, stem="imagenet"))
+    arch = dict(
+      block_layers=block_layers,
+      growth_rate=k,
+      init_features=init,
+      bottleneck_width=4 * k,
+      compression=0.5,
+    )
+    return _baseline(
+      spec_lib.DenseNetSpec, name, arch, fields, dict(num_classes=1000, stem="imagenet")
+    )
   m = re.fullmatch(r"DenseNet-(BC-)?(\d+)-k(\d+)", name)
   if m:
     bc = bool(m.group(1))
     depth, k = _number(m.group(2), name, "depth"), _number(m.group(3), name, "k")
     per = 6 if bc else 3
     if k < 1 or depth <= 4 or (depth - 4) % per:
-      raise ValueError(f"{name}: depth L={depth} needs L - 4 to be a positive multiple of "
-                       f"{per} ({'DenseNet-BC' if bc else 'DenseNet'}: 3 blocks of "
-                       f"(L-4)/{per} layers) and k >= 1")
-    arch = dict(block_layers=((depth - 4) // per,) * 3, growth_rate=k,
-                init_features=2 * k if bc else 16, bottleneck_width=4 * k if bc else None,
-                compression=0.5 if bc else 1.0)
+      raise ValueError(
+        f"{name}: depth L={depth} needs L - 4 to be a positive multiple of "
+        f"{per} ({'DenseNet-BC' if bc else 'DenseNet'}: 3 blocks of "
+        f"(L-4)/{per} layers) and k >= 1"
+      )
+    arch = dict(
+      block_layers=((depth - 4) // per,) * 3,
+      growth_rate=k,
+      init_features=2 * k if bc else 16,
+      bottleneck_width=4 * k if bc else None,
+      compression=0.5 if bc else 1.0,
+    )
     return _baseline(spec_lib.DenseNetSpec, name, arch, fields, {})
   _unknown_baseline(name)
 
@@ -284,23 +334,33 @@ def cliquenet_spec_from_name(name: str, hint: str, fields) -> spec_lib.CliqueNet
   letters = m.group(1) or ""
   T, k = _number(m.group(2), name, "T"), _number(m.group(3), name, "k")
   if set(letters) - set("ABC") or len(set(letters)) != len(letters):
-    raise ValueError(f"{name}: bad CliqueNet options {letters!r}: letters from 'ABC', each "
-                     "at most once (A attention, B bottleneck, C compression)")
+    raise ValueError(
+      f"{name}: bad CliqueNet options {letters!r}: letters from 'ABC', each "
+      "at most once (A attention, B bottleneck, C compression)"
+    )
   # T counts conv layers: 3 blocks of T/3; with B every stage is two layers (1x1, 3x3),
   # so T = 30 with B is 5 stages per block (CliqueNet-ABC T=30: 10.48 M parameters).
   per = 6 if "B" in letters else 3
   if T < 2 * per or T % per or k < 1:
-    raise ValueError(f"{name}: T={T} must be a multiple of {per} and >= {2 * per} (3 blocks "
-                     f"of T/{per} >= 2 stages{', two layers each with B' if per == 6 else ''}"
-                     "), and k >= 1")
-  arch = dict(block_layers=(T // per,) * 3, growth_rate=(k,) * 3, attention="A" in letters,
-              bottleneck="B" in letters, compression="C" in letters)
+    raise ValueError(
+      f"{name}: T={T} must be a multiple of {per} and >= {2 * per} (3 blocks "
+      f"of T/{per} >= 2 stages{', two layers each with B' if per == 6 else ''}"
+      "), and k >= 1"
+    )
+  arch = dict(
+    block_layers=(T // per,) * 3,
+    growth_rate=(k,) * 3,
+    attention="A" in letters,
+    bottleneck="B" in letters,
+    compression="C" in letters,
+  )
   return _baseline(spec_lib.CliqueNetSpec, name, arch, fields, {})
 
 
 def _unknown_baseline(name):
-  raise ValueError(f"model name {name!r}: unknown baseline: expected one of "
-                   f"{', '.join(BASELINE_FORMS)}")
+  raise ValueError(
+    f"model name {name!r}: unknown baseline: expected one of {', '.join(BASELINE_FORMS)}"
+  )
 
 
 def _baseline(cls, name, arch, fields, defaults):
@@ -308,10 +368,15 @@ def _baseline(cls, name, arch, fields, defaults):
   for field, value in fields.items():
     if field in arch:
       implied = arch[field]
-      same = (checks.per_period(name, field, value, len(implied)) == implied
-              if isinstance(implied, tuple) else value == implied)
+      same = (
+        checks.per_period(name, field, value, len(implied)) == implied
+        if isinstance(implied, tuple)
+        else value == implied
+      )
       if not same:
-        raise ValueError(f"{name}: {field}={value!r} contradicts the name ({field} = "
-                         f"{implied!r}); the name fixes the architecture "
-                         f"({', '.join(BASELINE_FORMS)})")
+        raise ValueError(
+          f"{name}: {field}={value!r} contradicts the name ({field} = "
+          f"{implied!r}); the name fixes the architecture "
+          f"({', '.join(BASELINE_FORMS)})"
+        )
   return _make(cls, name, {**defaults, **fields, **arch})

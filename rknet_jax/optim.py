@@ -32,8 +32,7 @@ import flax
 import jax
 import optax
 
-__all__ = ["WEIGHT_DECAY_PARAMS", "BUTCHER_PARAMS", "is_weight", "weight_decay_mask",
-           "paper_sgd"]
+__all__ = ["WEIGHT_DECAY_PARAMS", "BUTCHER_PARAMS", "is_weight", "weight_decay_mask", "paper_sgd"]
 
 WEIGHT_DECAY_PARAMS = ("kernels", "all")
 """Values of ``weight_decay_params``: conv and dense weights only, or every parameter."""
@@ -70,9 +69,14 @@ def weight_decay_mask(params, which: str):
   return flax.traverse_util.unflatten_dict({k: is_weight(k, v) for k, v in flat.items()})
 
 
-def paper_sgd(learning_rate: float | optax.Schedule, *, momentum: float = 0.9,
-              nesterov: bool = True, weight_decay: float = 1e-4,
-              weight_decay_params: str = "kernels") -> optax.GradientTransformation:
+def paper_sgd(
+  learning_rate: float | optax.Schedule,
+  *,
+  momentum: float = 0.9,
+  nesterov: bool = True,
+  weight_decay: float = 1e-4,
+  weight_decay_params: str = "kernels",
+) -> optax.GradientTransformation:
   """SGD + Nesterov momentum with L2 weight decay added to the gradient (section 4.1).
 
   The update is PyTorch's ``SGD(momentum=0.9, nesterov=True, weight_decay=1e-4)``: the
@@ -104,9 +108,10 @@ def paper_sgd(learning_rate: float | optax.Schedule, *, momentum: float = 0.9,
   0.0
   """
   if weight_decay_params not in WEIGHT_DECAY_PARAMS:
-    raise ValueError(f"weight_decay_params={weight_decay_params!r}; allowed: "
-                     f"{WEIGHT_DECAY_PARAMS}")
+    raise ValueError(f"weight_decay_params={weight_decay_params!r}; allowed: {WEIGHT_DECAY_PARAMS}")
   return optax.chain(
-      optax.add_decayed_weights(
-          weight_decay, mask=lambda p: weight_decay_mask(p, weight_decay_params)),
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+    optax.add_decayed_weights(
+      weight_decay, mask=lambda p: weight_decay_mask(p, weight_decay_params)
+    ),
+    optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+  )

@@ -30,8 +30,15 @@ import numpy as np
 from rknet_jax import checks
 from rknet_jax import tableaus as tableaus_lib
 
-__all__ = ["rooted_trees", "tree_size", "tree_density", "elementary_weight",
-           "order_condition_residuals", "algebraic_order", "ORDER_TOLERANCE"]
+__all__ = [
+  "rooted_trees",
+  "tree_size",
+  "tree_density",
+  "elementary_weight",
+  "order_condition_residuals",
+  "algebraic_order",
+  "ORDER_TOLERANCE",
+]
 
 Tree = tuple["Tree", ...]
 
@@ -64,7 +71,7 @@ def rooted_trees(num_nodes: int) -> tuple[Tree, ...]:
     out = {tuple(sorted(tree + ((),)))}  # new leaf at the root
     for k, child in enumerate(tree):
       for grown in grow(child):
-        out.add(tuple(sorted(tree[:k] + (grown,) + tree[k + 1:])))
+        out.add(tuple(sorted(tree[:k] + (grown,) + tree[k + 1 :])))
     return out
 
   trees = set()
@@ -97,8 +104,7 @@ def order_condition_residuals(tableau, order: int) -> list[tuple[Tree, float]]:
   tableau = tableaus_lib.get(tableau)
   order = _positive_int(order, "order")
   a, b, _ = tableau.numpy()
-  return [(t, float(b @ _stage_weights(t, a)) - 1.0 / tree_density(t))
-          for t in rooted_trees(order)]
+  return [(t, float(b @ _stage_weights(t, a)) - 1.0 / tree_density(t)) for t in rooted_trees(order)]
 
 
 def algebraic_order(tableau, max_order: int = 6, tol: float = ORDER_TOLERANCE) -> int:

@@ -38,6 +38,7 @@ class PaperRow:
       "top1" / "top5" (ImageNet, single 224 crop).
     label: the model as the paper's table prints it (default: ``name``).
   """
+
   table: int
   name: str
   model: Mapping[str, object]
@@ -76,10 +77,18 @@ _K36 = {"growth_rate": 36}  # Table 1: k = 36 in every period, m = 1, multiscale
 
 def _t3(m3):
   """Table 3: k = 32, m = 2, 4, 8, m_3, bottleneck width 4k, last period only."""
-  return dict(growth_rate=32, growth_multipliers=(2, 4, 8, m3), bottleneck_width=128,
-              num_classes=1000, stem="imagenet", multiscale=False)
+  return dict(
+    growth_rate=32,
+    growth_multipliers=(2, 4, 8, m3),
+    bottleneck_width=128,
+    num_classes=1000,
+    stem="imagenet",
+    multiscale=False,
+  )
 
 
+# One paper row per line, as the tables print them.
+# fmt: off
 ROWS = (
     # Table 1: CIFAR-10 without augmentation, batch 64.
     PaperRow(1, "ERKNet-6×1 6×1 6×1", _K36, _C10, 64, "0.66", "0.74", {"cifar10": "7.08"}),
@@ -109,6 +118,7 @@ ROWS = (
     PaperRow(3, "ERKNet-3×1 3×1 6×1 2×1-B", _t3(28), ("imagenet2012",), 256, "8.50", "25.51",
              {"top1": "23.14", "top5": "6.66"}, "ERKNet-3×1 3×1 6×1 2×1-B, m_3=28"),
 )
+# fmt: on
 """Every row of Tables 1-3, in the paper's order."""
 
 BASELINES = ("DenseNet-121", "DenseNet-169", "DenseNet-201")

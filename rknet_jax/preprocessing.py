@@ -16,6 +16,7 @@ every image of another size to N x N (:func:`read_image`, :func:`resize_images`)
 ``fingerprint`` identifies the data the run trained on (``experiments/data/fingerprint.py``).
 Files written before ``pixel_range`` or ``fingerprint`` existed still load.
 """
+
 from collections.abc import Sequence
 import math
 import os
@@ -38,8 +39,11 @@ def _spec_problem(spec) -> str | None:
   if missing:
     return f"it lacks {missing} (needs {list(_KEYS)})"
   shape = spec["image_shape"]
-  if (not isinstance(shape, (list, tuple)) or len(shape) != 3
-      or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+  if (
+    not isinstance(shape, (list, tuple))
+    or len(shape) != 3
+    or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+  ):
     return f"image_shape is {shape!r}; expected [H, W, C] positive integers"
   num_classes = spec["num_classes"]
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -49,9 +53,13 @@ def _spec_problem(spec) -> str | None:
     return f"class_names is {names!r}; expected a list of num_classes = {num_classes} names"
   for key in ("mean", "std"):
     values = spec[key]
-    if (not isinstance(values, (list, tuple)) or len(values) != shape[2]
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                   for v in values)):
+    if (
+      not isinstance(values, (list, tuple))
+      or len(values) != shape[2]
+      or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+      )
+    ):
       return f"{key} is {values!r}; expected {shape[2]} finite numbers (one per channel)"
   if any(v <= 0 for v in spec["std"]):
     return f"std is {spec['std']!r}; every channel's std must be > 0"
@@ -60,8 +68,12 @@ def _spec_problem(spec) -> str | None:
     return f"resize is {resize!r}; expected 0 or a positive integer"
   if "pixel_range" in spec:
     r = spec["pixel_range"]
-    if (not isinstance(r, (list, tuple)) or len(r) != 2
-        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in r) or r[0] > r[1]):
+    if (
+      not isinstance(r, (list, tuple))
+      or len(r) != 2
+      or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in r)
+      or r[0] > r[1]
+    ):
       return f"pixel_range is {r!r}; expected [min, max], finite, min <= max"
   return None
 
@@ -70,8 +82,10 @@ def check_data_spec(spec, where: str = DATA_FILE) -> dict:
   """Returns ``spec`` unchanged, or raises ValueError naming the bad or missing field."""
   problem = _spec_problem(spec)
   if problem:
-    raise ValueError(f"{where} (the training preprocessing) cannot be used: {problem}. "
-                     "Restore the file the run wrote.")
+    raise ValueError(
+      f"{where} (the training preprocessing) cannot be used: {problem}. "
+      "Restore the file the run wrote."
+    )
   return spec
 
 
@@ -113,8 +127,7 @@ def range_problem(expected, got) -> str | None:
   if a < lo - span / 2 or b > hi + span / 2:
     return f"[{a:g}, {b:g}] reaches far outside the training range [{lo:g}, {hi:g}]"
   if 0 < b - a < span / 12:
-    return (f"[{a:g}, {b:g}] spans under 1/12 of the training range [{lo:g}, {hi:g}]: "
-            "another scale")
+    return f"[{a:g}, {b:g}] spans under 1/12 of the training range [{lo:g}, {hi:g}]: another scale"
   return None
 
 
@@ -135,12 +148,15 @@ def check_range(images: np.ndarray, spec: dict, on_out_of_range: str = "raise") 
   if problem is None:
     return
   lo, hi = spec["pixel_range"]
-  message = (f"input pixels {problem}: the model was trained on "
-             f"{spec.get('pixel_dtype') or 'raw'} pixels in [{lo:g}, {hi:g}]; give images at "
-             "that scale (or pass on_out_of_range='warn' or 'ignore')")
+  message = (
+    f"input pixels {problem}: the model was trained on "
+    f"{spec.get('pixel_dtype') or 'raw'} pixels in [{lo:g}, {hi:g}]; give images at "
+    "that scale (or pass on_out_of_range='warn' or 'ignore')"
+  )
   if on_out_of_range == "raise":
     raise ValueError(message)
   import warnings
+
   warnings.warn(message, stacklevel=3)
 
 
@@ -150,6 +166,7 @@ def check_range(images: np.ndarray, spec: dict, on_out_of_range: str = "raise") 
 
 def _pil():
   from PIL import Image
+
   return Image
 
 
@@ -171,8 +188,10 @@ def read_image(path, *, shape: Sequence[int], resize: int) -> np.ndarray:
       image = image.convert("L" if channels == 1 else "RGB")
       if image.size != (width, height):
         if not resize:
-          raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} (width x height) "
-                           f"but the dataset's images are {width}x{height}")
+          raise ValueError(
+            f"image {path} is {image.size[0]}x{image.size[1]} (width x height) "
+            f"but the dataset's images are {width}x{height}"
+          )
         image = resize_image(image, height)
       array = np.asarray(image, np.uint8)
   except (OSError, image_lib.DecompressionBombError) as e:
@@ -193,9 +212,12 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
       resized = np.asarray(resize_image(pil, size), np.uint8)
       out.append(resized[..., None] if image.shape[-1] == 1 else resized)
     else:
-      channels = [np.asarray(resize_image(image_lib.fromarray(image[..., c].astype(np.float32),
-                                                              mode="F"), size))
-                  for c in range(image.shape[-1])]
+      channels = [
+        np.asarray(
+          resize_image(image_lib.fromarray(image[..., c].astype(np.float32), mode="F"), size)
+        )
+        for c in range(image.shape[-1])
+      ]
       out.append(np.stack(channels, axis=-1))
   return np.stack(out)
 
@@ -209,8 +231,11 @@ def load_images(images, spec: dict) -> np.ndarray:
   resize = int(spec.get("resize") or 0)
   if isinstance(images, (str, os.PathLike)):
     images = [images]
-  if isinstance(images, (list, tuple)) and images and all(
-      isinstance(p, (str, os.PathLike)) for p in images):
+  if (
+    isinstance(images, (list, tuple))
+    and images
+    and all(isinstance(p, (str, os.PathLike)) for p in images)
+  ):
     return np.stack([read_image(os.fspath(p), shape=shape, resize=resize) for p in images])
   x = np.asarray(images)
   if x.ndim == 3 and shape[-1] == 1:
@@ -241,8 +266,10 @@ def preprocess(images, spec: dict, *, on_out_of_range: str = "raise") -> np.ndar
     hint = ""
     if spec.get("resize"):
       hint = f" (training resized every image to {spec['resize']}x{spec['resize']})"
-    raise ValueError(f"images of shape {np.shape(x)} do not match the training images "
-                     f"[N, {', '.join(map(str, shape))}]{hint}")
+    raise ValueError(
+      f"images of shape {np.shape(x)} do not match the training images "
+      f"[N, {', '.join(map(str, shape))}]{hint}"
+    )
   if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.number):
     raise ValueError(f"images must be numeric raw pixels, got dtype {x.dtype}")
   check_range(x, spec, on_out_of_range)

@@ -15,8 +15,16 @@ from typing import Any
 from rknet_jax import checks, families, models, names, paper
 from rknet_jax import spec as spec_lib
 
-__all__ = ["create_model", "list_models", "parse_name", "build", "resolve", "module_kwargs",
-           "erknet_from_densenet", "irknet_from_cliquenet"]
+__all__ = [
+  "create_model",
+  "list_models",
+  "parse_name",
+  "build",
+  "resolve",
+  "module_kwargs",
+  "erknet_from_densenet",
+  "irknet_from_cliquenet",
+]
 
 
 def list_models():
@@ -48,7 +56,7 @@ def parse_name(name: str, **overrides) -> spec_lib.ModelSpec:
 
 
 def _ready_made_hint(name: str) -> str:
-  """", or a ready-made name such as ..." for an RKNet name with tagged ready-made rows."""
+  """ ", or a ready-made name such as ..." for an RKNet name with tagged ready-made rows."""
   try:
     canonical = names.parse(name).canonical()
   except ValueError:
@@ -106,8 +114,7 @@ def create_model(name: str | spec_lib.ModelSpec, **overrides):
 def module_kwargs(spec: spec_lib.ModelSpec) -> dict[str, Any]:
   """The module fields of a spec: its fields under the same names, the layer options left
   None dropped (the module's default applies) and ``dtype`` as a dtype."""
-  out = {k: v for k, v in spec.fields().items()
-         if not (k in spec_lib.LAYER_OPTIONS and v is None)}
+  out = {k: v for k, v in spec.fields().items() if not (k in spec_lib.LAYER_OPTIONS and v is None)}
   if "dtype" in out:
     out["dtype"] = checks.DTYPES[out["dtype"]]
   return out
@@ -136,8 +143,9 @@ def resolve(spec: spec_lib.ModelSpec) -> spec_lib.ModelSpec:
   """
   module_cls = families.of_spec(spec).module_class()
   defaults = {f.name: f.default for f in dataclasses.fields(module_cls)}
-  filled = {f: defaults[f] for f in spec_lib.LAYER_OPTIONS
-            if getattr(spec, f) is None and f in defaults}
+  filled = {
+    f: defaults[f] for f in spec_lib.LAYER_OPTIONS if getattr(spec, f) is None and f in defaults
+  }
   if "dtype" in filled:
     filled["dtype"] = checks.dtype_name(type(spec).__name__, filled["dtype"])
   return dataclasses.replace(spec, **filled)
@@ -152,12 +160,17 @@ def _as_config(config, cls, what):
   if isinstance(config, str):
     config = parse_name(config)
   if isinstance(config, (spec_lib.ModelSpec, cls)):
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if f.name not in ("parent", "name")}
+    return {
+      f.name: getattr(config, f.name)
+      for f in dataclasses.fields(config)
+      if f.name not in ("parent", "name")
+    }
   if isinstance(config, dict):
     return dict(config)
-  raise ValueError(f"{what}: expected a model name, a {cls.__name__} module or a dict of its "
-                   f"fields, got {type(config).__name__}")
+  raise ValueError(
+    f"{what}: expected a model name, a {cls.__name__} module or a dict of its "
+    f"fields, got {type(config).__name__}"
+  )
 
 
 def erknet_from_densenet(config) -> dict[str, Any]:
@@ -194,20 +207,29 @@ def erknet_from_densenet(config) -> dict[str, Any]:
   stages, ms = [], []
   for n, L in enumerate(block_layers):
     if c % k:
-      raise ValueError(f"erknet_from_densenet: Rule 1 broken: dense block {n + 1} starts "
-                       f"with {c} channels, not m*k for an integer m (k = {k})")
+      raise ValueError(
+        f"erknet_from_densenet: Rule 1 broken: dense block {n + 1} starts "
+        f"with {c} channels, not m*k for an integer m (k = {k})"
+      )
     m = c // k
     if L % m:
-      raise ValueError(f"erknet_from_densenet: Rule 3 broken: dense block {n + 1} has {L} "
-                       f"layers, not s*m for an integer s (m = {c}/{k} = {m})")
+      raise ValueError(
+        f"erknet_from_densenet: Rule 3 broken: dense block {n + 1} has {L} "
+        f"layers, not s*m for an integer s (m = {c}/{k} = {m})"
+      )
     stages.append(L // m)
     ms.append(m)
     if n < len(block_layers) - 1:
       c = int(compression * (c + L * k))
   terms = " ".join(f"{s}×1" for s in stages)
-  out = dict(name=f"ERKNet-{terms}" + ("-B" if width is not None else ""), growth_rate=k,
-             growth_multipliers=tuple(ms), num_classes=cfg.get("num_classes", 10),
-             stem=cfg.get("stem", "cifar"), multiscale=False)
+  out = dict(
+    name=f"ERKNet-{terms}" + ("-B" if width is not None else ""),
+    growth_rate=k,
+    growth_multipliers=tuple(ms),
+    num_classes=cfg.get("num_classes", 10),
+    stem=cfg.get("stem", "cifar"),
+    multiscale=False,
+  )
   if width is not None:
     out["bottleneck_width"] = int(width)
   return out
@@ -233,28 +255,37 @@ def irknet_from_cliquenet(config, *, strict: bool = False) -> dict[str, Any]:
   cfg = _as_config(config, models.CliqueNet, "irknet_from_cliquenet")
   try:
     block_layers = tuple(cfg["block_layers"])
-    ks = checks.per_period("irknet_from_cliquenet", "growth_rate", cfg["growth_rate"],
-                           len(block_layers))
+    ks = checks.per_period(
+      "irknet_from_cliquenet", "growth_rate", cfg["growth_rate"], len(block_layers)
+    )
   except KeyError as e:
     raise ValueError(f"irknet_from_cliquenet: the CliqueNet config lacks {e}") from None
   num_updates = int(cfg.get("num_updates", 1))
   if num_updates < 1:
-    raise ValueError("irknet_from_cliquenet: equation 6 broken: with num_updates = 0 there is "
-                     "no alternate update, stage i never reads stages j > i, and the block is "
-                     "an explicit method (use erknet_from_densenet-style ERKNets)")
+    raise ValueError(
+      "irknet_from_cliquenet: equation 6 broken: with num_updates = 0 there is "
+      "no alternate update, stage i never reads stages j > i, and the block is "
+      "an explicit method (use erknet_from_densenet-style ERKNets)"
+    )
   checks.check_shared_weight_stages("irknet_from_cliquenet", block_layers)
   if strict:
     c = int(cfg.get("init_features", 64))
     for n, s in enumerate(block_layers):
       if c != ks[n]:
-        raise ValueError(f"irknet_from_cliquenet: Rules 1 and 4 broken: block {n + 1} starts "
-                         f"with {c} channels, not m*k with m = 1 (k = {ks[n]})")
+        raise ValueError(
+          f"irknet_from_cliquenet: Rules 1 and 4 broken: block {n + 1} starts "
+          f"with {c} channels, not m*k with m = 1 (k = {ks[n]})"
+        )
       c = s * ks[n]
   letters = ("A" if cfg.get("attention") else "") + ("B" if cfg.get("bottleneck") else "")
   terms = " ".join(f"{s}×1" for s in block_layers)
-  out = dict(name=f"IRKNet-{terms}" + (f"-{letters}" if letters else ""),
-             growth_rate=ks[0] if len(set(ks)) == 1 else ks,
-             num_classes=cfg.get("num_classes", 10), stem=cfg.get("stem", "cifar"),
-             multiscale=True, num_updates=num_updates,
-             update_order=cfg.get("update_order", "gauss_seidel"))
+  out = dict(
+    name=f"IRKNet-{terms}" + (f"-{letters}" if letters else ""),
+    growth_rate=ks[0] if len(set(ks)) == 1 else ks,
+    num_classes=cfg.get("num_classes", 10),
+    stem=cfg.get("stem", "cifar"),
+    multiscale=True,
+    num_updates=num_updates,
+    update_order=cfg.get("update_order", "gauss_seidel"),
+  )
   return out

@@ -49,8 +49,15 @@ import jax.numpy as jnp
 from rknet_jax import checks
 from rknet_jax import tableaus as tableaus_lib
 
-__all__ = ["rk_step", "odeint_fixed", "runge_kutta_step", "default_implicit_iterations",
-           "implicit_residuals", "IMPLICIT_RESIDUAL", "SOLVERS"]
+__all__ = [
+  "rk_step",
+  "odeint_fixed",
+  "runge_kutta_step",
+  "default_implicit_iterations",
+  "implicit_residuals",
+  "IMPLICIT_RESIDUAL",
+  "SOLVERS",
+]
 
 SOLVERS = ("fixed_point", "newton")
 
@@ -63,8 +70,10 @@ their implicit stage solves: :class:`rknet_jax.TableauStep` and the clique block
 
 def max_abs_change(old, new):
   """max |new - old| over every leaf of two sequences of pytrees (float32 scalar)."""
-  diffs = [jnp.max(jnp.abs(jnp.asarray(b, jnp.float32) - jnp.asarray(a, jnp.float32)))
-           for a, b in zip(jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new))]
+  diffs = [
+    jnp.max(jnp.abs(jnp.asarray(b, jnp.float32) - jnp.asarray(a, jnp.float32)))
+    for a, b in zip(jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new))
+  ]
   return jnp.max(jnp.stack(diffs)) if diffs else jnp.zeros((), jnp.float32)
 
 
@@ -98,8 +107,14 @@ def _check_solver(solver):
 
 
 def _check_iterations(implicit_iterations):
-  return checks.check_optional_int("rk_step", "implicit_iterations", implicit_iterations, 1,
-                                   checks.MAX_COUNT, "None or a positive int")
+  return checks.check_optional_int(
+    "rk_step",
+    "implicit_iterations",
+    implicit_iterations,
+    1,
+    checks.MAX_COUNT,
+    "None or a positive int",
+  )
 
 
 def default_implicit_iterations(order: int, solver: str = "fixed_point") -> int:
@@ -115,8 +130,6 @@ def default_implicit_iterations(order: int, solver: str = "fixed_point") -> int:
   while 2 ** (k + 1) - 1 < order:
     k += 1
   return k + 1
-
-
 
 
 def _combine(y, h, coeffs: Sequence[Any], zs: Sequence[Any]):
@@ -146,10 +159,21 @@ def _coefficient_lists(a, b, c):
   return a_rows, [b[i] for i in range(s)], [c[i] for i in range(s)]
 
 
-def runge_kutta_step(stage_fn: Callable[[int, Any, Any], Any], t, y, h, a, b, c, *,
-                     explicit: bool, implicit_iterations: int = 1,
-                     solver: str = "fixed_point", shared_predictor: bool = True,
-                     return_residual: bool = False):
+def runge_kutta_step(
+  stage_fn: Callable[[int, Any, Any], Any],
+  t,
+  y,
+  h,
+  a,
+  b,
+  c,
+  *,
+  explicit: bool,
+  implicit_iterations: int = 1,
+  solver: str = "fixed_point",
+  shared_predictor: bool = True,
+  return_residual: bool = False,
+):
   """One RK step with stage-indexed vector fields z_i = stage_fn(i, t_i, Y_i) (eq. 3-4).
 
   The general form behind :func:`rk_step` and :class:`rknet_jax.TableauStep`: besides
@@ -196,13 +220,15 @@ def runge_kutta_step(stage_fn: Callable[[int, Any, Any], Any], t, y, h, a, b, c,
   if solver == "newton":
     y_next, residual = _newton_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations)
   else:
-    y_next, residual = _fixed_point_step(stage_fn, t, y, h, a_rows, b_list, c_list,
-                                         iterations, shared_predictor, return_residual)
+    y_next, residual = _fixed_point_step(
+      stage_fn, t, y, h, a_rows, b_list, c_list, iterations, shared_predictor, return_residual
+    )
   return (y_next, residual) if return_residual else y_next
 
 
-def _fixed_point_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations,
-                      shared_predictor, with_residual):
+def _fixed_point_step(
+  stage_fn, t, y, h, a_rows, b_list, c_list, iterations, shared_predictor, with_residual
+):
   """Fixed-point iterations of the stage equations from the predictor (module docstring);
   returns y_next and the last iteration's max-abs change (None unless ``with_residual``)."""
   s = len(b_list)
@@ -217,9 +243,12 @@ def _fixed_point_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations,
       zs[i] = stage_fn(i, _stage_time(t, h, c_list[i]), y)  # else z0 is already exact
   residual = None
   for _ in range(iterations):
-    new = [zs[i] if static_rows[i] else
-           stage_fn(i, _stage_time(t, h, c_list[i]), _combine(y, h, a_rows[i], zs))
-           for i in range(s)]
+    new = [
+      zs[i]
+      if static_rows[i]
+      else stage_fn(i, _stage_time(t, h, c_list[i]), _combine(y, h, a_rows[i], zs))
+      for i in range(s)
+    ]
     if with_residual:
       residual = max_abs_change(zs, new)
     zs = new
@@ -238,10 +267,14 @@ def _newton_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations):
   def residual(z_flat):
     z = z_flat.reshape(s, n)
     stage_states = y_flat[None, :] + h * (a_mat @ z)
-    fz = jnp.concatenate([
-        ravel_pytree(stage_fn(i, _stage_time(t, h, c_list[i]),
-                              unravel(stage_states[i].astype(dtype))))[0].astype(dtype)
-        for i in range(s)])
+    fz = jnp.concatenate(
+      [
+        ravel_pytree(
+          stage_fn(i, _stage_time(t, h, c_list[i]), unravel(stage_states[i].astype(dtype)))
+        )[0].astype(dtype)
+        for i in range(s)
+      ]
+    )
     g = z_flat - fz
     return g, g
 
@@ -254,8 +287,17 @@ def _newton_step(stage_fn, t, y, h, a_rows, b_list, c_list, iterations):
   return unravel(y_next.astype(dtype)), jnp.max(jnp.abs(g)).astype(jnp.float32)
 
 
-def rk_step(f: VectorField, t, y, h, tableau, *, implicit_iterations: int | None = None,
-            solver: str = "fixed_point", return_residual: bool = False):
+def rk_step(
+  f: VectorField,
+  t,
+  y,
+  h,
+  tableau,
+  *,
+  implicit_iterations: int | None = None,
+  solver: str = "fixed_point",
+  return_residual: bool = False,
+):
   """One Runge-Kutta step y_{n+1} = y_n + h sum_i b_i z_i (paper eqs. 2-3).
 
   Args:
@@ -305,10 +347,20 @@ def rk_step(f: VectorField, t, y, h, tableau, *, implicit_iterations: int | None
   f = _checked_vector_field(f, y)
   if tableau.is_implicit and iterations is None:
     iterations = default_implicit_iterations(tableau.order, solver)
-  return runge_kutta_step(lambda i, ti, yi: f(ti, yi), t, y, h, tableau.a, tableau.b,
-                          tableau.c, explicit=tableau.is_explicit,
-                          implicit_iterations=iterations or 1, solver=solver,
-                          shared_predictor=True, return_residual=return_residual)
+  return runge_kutta_step(
+    lambda i, ti, yi: f(ti, yi),
+    t,
+    y,
+    h,
+    tableau.a,
+    tableau.b,
+    tableau.c,
+    explicit=tableau.is_explicit,
+    implicit_iterations=iterations or 1,
+    solver=solver,
+    shared_predictor=True,
+    return_residual=return_residual,
+  )
 
 
 def _leaf_name(path) -> str:
@@ -321,9 +373,10 @@ def _check_state(y, what: str = "y"):
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
-          f"{what}{jax.tree_util.keystr(path)} has dtype {dtype}: a Runge-Kutta state "
-          "must be floating point (an integer state would truncate every step); convert "
-          "it first, e.g. jnp.asarray(y, jnp.float32)")
+        f"{what}{jax.tree_util.keystr(path)} has dtype {dtype}: a Runge-Kutta state "
+        "must be floating point (an integer state would truncate every step); convert "
+        "it first, e.g. jnp.asarray(y, jnp.float32)"
+      )
 
 
 def _checked_vector_field(f: VectorField, y) -> VectorField:
@@ -335,27 +388,46 @@ def _checked_vector_field(f: VectorField, y) -> VectorField:
     out = f(t, yi)
     out_tree = jax.tree_util.tree_structure(out)
     if out_tree != jax.tree_util.tree_structure(y):
-      raise ValueError(f"f(t, y) returned a pytree of structure {out_tree}, but the "
-                       f"state y has structure {y_tree}: f must return dy/dt shaped like y")
+      raise ValueError(
+        f"f(t, y) returned a pytree of structure {out_tree}, but the "
+        f"state y has structure {y_tree}: f must return dy/dt shaped like y"
+      )
     for (path, yl), zl in zip(y_leaves, jax.tree_util.tree_leaves(out)):
       if jnp.shape(zl) != jnp.shape(yl):
-        raise ValueError(f"f(t, y) returned shape {jnp.shape(zl)} for "
-                         f"{_leaf_name(path)} of shape {jnp.shape(yl)}: f must return "
-                         "dy/dt with the shape of y (no broadcasting)")
+        raise ValueError(
+          f"f(t, y) returned shape {jnp.shape(zl)} for "
+          f"{_leaf_name(path)} of shape {jnp.shape(yl)}: f must return "
+          "dy/dt with the shape of y (no broadcasting)"
+        )
     return out
 
   return checked
 
 
 def _check_num_steps(num_steps):
-  return checks.check_int("odeint_fixed", "num_steps", num_steps, 1, checks.MAX_COUNT,
-                          "num_steps must be a positive Python int: the number of fixed "
-                          "steps; there is no default step size")
+  return checks.check_int(
+    "odeint_fixed",
+    "num_steps",
+    num_steps,
+    1,
+    checks.MAX_COUNT,
+    "num_steps must be a positive Python int: the number of fixed "
+    "steps; there is no default step size",
+  )
 
 
-def odeint_fixed(f: VectorField, y0, t0, t1, num_steps: int, tableau, *,
-                 implicit_iterations: int | None = None, solver: str = "fixed_point",
-                 return_trajectory: bool = False):
+def odeint_fixed(
+  f: VectorField,
+  y0,
+  t0,
+  t1,
+  num_steps: int,
+  tableau,
+  *,
+  implicit_iterations: int | None = None,
+  solver: str = "fixed_point",
+  return_trajectory: bool = False,
+):
   """Integrates dy/dt = f(t, y) from t0 to t1 with ``num_steps`` equal RK steps (eq. 1-3).
 
   The steps run in a ``lax.scan`` (one compiled step body whatever ``num_steps``); step n
@@ -399,12 +471,14 @@ def odeint_fixed(f: VectorField, y0, t0, t1, num_steps: int, tableau, *,
   h = (t1 - t0) / num_steps
 
   def body(y, n):
-    y_next = rk_step(f, t0 + n * h, y, h, tableau,
-                     implicit_iterations=implicit_iterations, solver=solver)
+    y_next = rk_step(
+      f, t0 + n * h, y, h, tableau, implicit_iterations=implicit_iterations, solver=solver
+    )
     return y_next, (y_next if return_trajectory else None)
 
   y_final, ys = lax.scan(body, y0, jnp.arange(num_steps))
   if not return_trajectory:
     return y_final
   return jax.tree_util.tree_map(
-      lambda first, rest: jnp.concatenate([first[None], rest], axis=0), y0, ys)
+    lambda first, rest: jnp.concatenate([first[None], rest], axis=0), y0, ys
+  )

@@ -51,12 +51,29 @@ from rknet_jax.checks import (
   sequence_length,
 )
 
-__all__ = ["RKNetSpec", "TableauRKNetSpec", "DenseNetSpec", "CliqueNetSpec", "ModelSpec",
-           "from_json", "LAYER_OPTIONS", "DENSENET_IMAGENET", "TABLEAU_STEP_OPTIONS",
-           "bottleneck_widths", "tableau_stage_functions"]
+__all__ = [
+  "RKNetSpec",
+  "TableauRKNetSpec",
+  "DenseNetSpec",
+  "CliqueNetSpec",
+  "ModelSpec",
+  "from_json",
+  "LAYER_OPTIONS",
+  "DENSENET_IMAGENET",
+  "TABLEAU_STEP_OPTIONS",
+  "bottleneck_widths",
+  "tableau_stage_functions",
+]
 
-LAYER_OPTIONS = ("dropout_rate", "bn_momentum", "bn_epsilon", "dtype", "remat", "conv_impl",
-                 "dense_formulation")
+LAYER_OPTIONS = (
+  "dropout_rate",
+  "bn_momentum",
+  "bn_epsilon",
+  "dtype",
+  "remat",
+  "conv_impl",
+  "dense_formulation",
+)
 """Spec fields whose ``None`` means the model class's default."""
 
 
@@ -74,6 +91,7 @@ class ModelSpec:
       accepted and stored by name); conv_impl one of ``checks.IMPLS``; dense_formulation
       one of ``checks.DENSE_FORMULATIONS`` (how dense blocks are computed; same values).
   """
+
   num_classes: int = 10
   stem: str = "cifar"
   dropout_rate: float | None = None
@@ -169,6 +187,7 @@ def _terms(stages, steps):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _PeriodsSpec(ModelSpec):
   """Fields of every RKNet: periods of r time-steps of an s-stage method (section 3.2)."""
+
   stages: tuple[int, ...]
   steps: tuple[int, ...]
   growth_rate: tuple[int, ...]
@@ -182,8 +201,12 @@ class _PeriodsSpec(ModelSpec):
     periods = sequence_length(owner, "stages", self.stages)
     if periods < 1:
       raise ValueError(f"{owner}: needs at least one period, got stages={self.stages!r}")
-    for field, maximum in (("stages", MAX_LAYERS), ("steps", MAX_LAYERS),
-                           ("growth_rate", MAX_WIDTH), ("growth_multipliers", MAX_WIDTH)):
+    for field, maximum in (
+      ("stages", MAX_LAYERS),
+      ("steps", MAX_LAYERS),
+      ("growth_rate", MAX_WIDTH),
+      ("growth_multipliers", MAX_WIDTH),
+    ):
       self._set(field, per_period(owner, field, getattr(self, field), periods, maximum))
     check_bool(owner, "attention", self.attention)
     check_bool(owner, "multiscale", self.multiscale)
@@ -212,6 +235,7 @@ class RKNetSpec(_PeriodsSpec):
     share_weights: clique-block weight sharing between the two passes (the paper and
       CliqueNet: True; the authors' later code: False).
   """
+
   method: str = "explicit"
   bottleneck: bool = False
   bottleneck_width: tuple[int, ...] | None = None
@@ -231,20 +255,28 @@ class RKNetSpec(_PeriodsSpec):
       defaults = {f.name: f.default for f in dataclasses.fields(self)}
       for field in ("num_updates", "update_order", "share_weights"):
         if getattr(self, field) != defaults[field]:
-          raise ValueError(f"{owner}: {field}={getattr(self, field)!r} applies to implicit "
-                           "(IRK) time-steps only, not to explicit ones")
+          raise ValueError(
+            f"{owner}: {field}={getattr(self, field)!r} applies to implicit "
+            "(IRK) time-steps only, not to explicit ones"
+          )
     else:
       if any(m != 1 for m in self.growth_multipliers):
-        raise ValueError(f"{owner}: growth_multipliers={self.growth_multipliers}: Rule 4 of "
-                         "the paper fixes m = 1 in IRKNets (implicit time-steps)")
+        raise ValueError(
+          f"{owner}: growth_multipliers={self.growth_multipliers}: Rule 4 of "
+          "the paper fixes m = 1 in IRKNets (implicit time-steps)"
+        )
       if self.share_weights:
         check_shared_weight_stages(owner, self.stages)
     if self.bottleneck_width is not None:
       if not self.bottleneck:
-        raise ValueError(f"{owner}: bottleneck_width={self.bottleneck_width!r} needs the "
-                         "bottleneck suffix letter 'B' in the name (bottleneck=True)")
-      self._set("bottleneck_width", per_period(owner, "bottleneck_width",
-                                               self.bottleneck_width, len(self.stages)))
+        raise ValueError(
+          f"{owner}: bottleneck_width={self.bottleneck_width!r} needs the "
+          "bottleneck suffix letter 'B' in the name (bottleneck=True)"
+        )
+      self._set(
+        "bottleneck_width",
+        per_period(owner, "bottleneck_width", self.bottleneck_width, len(self.stages)),
+      )
     check_size(owner, self.num_layers)
 
   @property
@@ -252,8 +284,11 @@ class RKNetSpec(_PeriodsSpec):
     """``ERKNet-<s×r ...>[-AB][-k<k>]`` (``-k`` when every period has the same k)."""
     family = "ERKNet" if self.method == "explicit" else "IRKNet"
     letters = ("A" if self.attention else "") + ("B" if self.bottleneck else "")
-    return (f"{family}-{_terms(self.stages, self.steps)}" + (f"-{letters}" if letters else "")
-            + self._k_tag())
+    return (
+      f"{family}-{_terms(self.stages, self.steps)}"
+      + (f"-{letters}" if letters else "")
+      + self._k_tag()
+    )
 
   @property
   def num_layers(self) -> int:
@@ -262,8 +297,7 @@ class RKNetSpec(_PeriodsSpec):
   @property
   def bottleneck_widths(self) -> tuple[int, ...] | None:
     """w per period (None without bottleneck): the given widths, or 4k (ERK) / k (IRK)."""
-    return bottleneck_widths(self.method, self.bottleneck, self.bottleneck_width,
-                             self.growth_rate)
+    return bottleneck_widths(self.method, self.bottleneck, self.bottleneck_width, self.growth_rate)
 
 
 def bottleneck_widths(method, bottleneck, bottleneck_width, growth_rate):
@@ -289,11 +323,13 @@ class TableauRKNetSpec(_PeriodsSpec):
       :class:`~rknet_jax.tableau_block.TableauStep` (a dict is accepted and sorted); the
       model class checks them.
   """
+
   tableau: str
   step_options: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     from rknet_jax import tableaus
+
     super().__post_init__()
     owner = type(self).__name__
     try:
@@ -315,19 +351,30 @@ class TableauRKNetSpec(_PeriodsSpec):
   @property
   def name(self) -> str:
     """``<Tableau>Net-<s×r ...>[-A][-k<k>]``."""
-    family = "_".join(p.upper() if p.startswith("rk") else p.capitalize()
-                      for p in self.tableau.split("_")) + "Net"
-    return (f"{family}-{_terms(self.stages, self.steps)}" + ("-A" if self.attention else "")
-            + self._k_tag())
+    family = (
+      "_".join(p.upper() if p.startswith("rk") else p.capitalize() for p in self.tableau.split("_"))
+      + "Net"
+    )
+    return (
+      f"{family}-{_terms(self.stages, self.steps)}"
+      + ("-A" if self.attention else "")
+      + self._k_tag()
+    )
 
   @property
   def num_layers(self) -> int:
     return sum(s * r * m for s, r, m in zip(self.stages, self.steps, self.growth_multipliers))
 
 
-TABLEAU_STEP_OPTIONS = ("step_size", "learn_coefficients", "learn_step_size",
-                        "implicit_iterations", "hidden_features", "kernel_size",
-                        "stage_functions")
+TABLEAU_STEP_OPTIONS = (
+  "step_size",
+  "learn_coefficients",
+  "learn_step_size",
+  "implicit_iterations",
+  "hidden_features",
+  "kernel_size",
+  "stage_functions",
+)
 """Options of :class:`~rknet_jax.tableau_block.TableauStep` a tableau RKNet passes on."""
 
 
@@ -340,21 +387,29 @@ def tableau_stage_functions(tableau, vector_fields: int, options, owner: str = "
   """
   s, prefix = tableau.num_stages, f"{owner}: " if owner else ""
   if vector_fields not in (1, s):
-    raise ValueError(f"{prefix}a time-step of tableau {tableau.name!r} ({s} stages) has 1 "
-                     f"shared vector field or {s} (one per stage): each term's first number "
-                     f"must be 1 or {s}, got {vector_fields}")
+    raise ValueError(
+      f"{prefix}a time-step of tableau {tableau.name!r} ({s} stages) has 1 "
+      f"shared vector field or {s} (one per stage): each term's first number "
+      f"must be 1 or {s}, got {vector_fields}"
+    )
   wanted = options.get("stage_functions")
   if s == 1:
     return wanted or "per_stage"
   implied = "shared" if vector_fields == 1 else "per_stage"
   if wanted is not None and wanted != implied:
-    raise ValueError(f"{prefix}stage_functions={wanted!r} contradicts the name's term "
-                     f"'{vector_fields}×r' ({implied}) for tableau {tableau.name!r}")
+    raise ValueError(
+      f"{prefix}stage_functions={wanted!r} contradicts the name's term "
+      f"'{vector_fields}×r' ({implied}) for tableau {tableau.name!r}"
+    )
   return implied
 
 
-DENSENET_IMAGENET = {121: ((6, 12, 24, 16), 32, 64), 169: ((6, 12, 32, 32), 32, 64),
-                      201: ((6, 12, 48, 32), 32, 64), 161: ((6, 12, 36, 24), 48, 96)}
+DENSENET_IMAGENET = {
+  121: ((6, 12, 24, 16), 32, 64),
+  169: ((6, 12, 32, 32), 32, 64),
+  201: ((6, 12, 48, 32), 32, 64),
+  161: ((6, 12, 36, 24), 48, 96),
+}
 """ImageNet DenseNets (Huang et al. 2017, Table 1): depth -> (block layers, k, stem width)."""
 
 
@@ -369,6 +424,7 @@ class DenseNetSpec(ModelSpec):
     bottleneck_width: None (plain layers) or w (BC: 4k).
     compression: transition compression theta, 0 < theta <= 1 (BC: 0.5).
   """
+
   block_layers: tuple[int, ...]
   growth_rate: int
   init_features: int
@@ -381,13 +437,13 @@ class DenseNetSpec(ModelSpec):
     blocks = sequence_length(owner, "block_layers", self.block_layers)
     if blocks < 1:
       raise ValueError(f"{owner}: block_layers={self.block_layers!r}: needs at least one block")
-    self._set("block_layers", per_period(owner, "block_layers", self.block_layers, blocks,
-                                         MAX_LAYERS))
+    self._set(
+      "block_layers", per_period(owner, "block_layers", self.block_layers, blocks, MAX_LAYERS)
+    )
     self._set("growth_rate", check_int(owner, "growth_rate", self.growth_rate))
     self._set("init_features", check_int(owner, "init_features", self.init_features))
     if self.bottleneck_width is not None:
-      self._set("bottleneck_width", check_int(owner, "bottleneck_width",
-                                              self.bottleneck_width))
+      self._set("bottleneck_width", check_int(owner, "bottleneck_width", self.bottleneck_width))
     self._set("compression", check_compression(owner, self.compression))
     check_size(owner, self.num_layers)
 
@@ -397,7 +453,12 @@ class DenseNetSpec(ModelSpec):
     k, layers = self.growth_rate, self.block_layers
     for depth, (blocks, kk, init) in DENSENET_IMAGENET.items():
       if (layers, k, self.init_features, self.bottleneck_width, self.compression) == (
-          blocks, kk, init, 4 * kk, 0.5):
+        blocks,
+        kk,
+        init,
+        4 * kk,
+        0.5,
+      ):
         return f"DenseNet-{depth}"
     if len(layers) == 3 and len(set(layers)) == 1:
       n = layers[0]
@@ -405,8 +466,9 @@ class DenseNetSpec(ModelSpec):
         return f"DenseNet-BC-{6 * n + 4}-k{k}"
       if (self.init_features, self.bottleneck_width, self.compression) == (16, None, 1.0):
         return f"DenseNet-{3 * n + 4}-k{k}"
-    raise ValueError(f"DenseNetSpec{dataclasses.astuple(self)[:3]}: no DenseNet name "
-                     "describes this configuration")
+    raise ValueError(
+      f"DenseNetSpec{dataclasses.astuple(self)[:3]}: no DenseNet name describes this configuration"
+    )
 
   @property
   def num_layers(self) -> int:
@@ -425,6 +487,7 @@ class CliqueNetSpec(ModelSpec):
     num_updates: alternate updates (CliqueNet: 1; 0 = stage I only).
     update_order: "gauss_seidel" (CliqueNet) or "jacobi".
   """
+
   block_layers: tuple[int, ...]
   growth_rate: tuple[int, ...]
   init_features: int = 64
@@ -437,11 +500,15 @@ class CliqueNetSpec(ModelSpec):
   def __post_init__(self):
     super().__post_init__()
     owner = type(self).__name__
-    blocks = per_period(owner, "block_layers", self.block_layers,
-                        sequence_length(owner, "block_layers", self.block_layers), MAX_LAYERS)
+    blocks = per_period(
+      owner,
+      "block_layers",
+      self.block_layers,
+      sequence_length(owner, "block_layers", self.block_layers),
+      MAX_LAYERS,
+    )
     if min(blocks) < 2:
-      raise ValueError(f"{owner}: block_layers={blocks}: a clique block needs at least 2 "
-                       "layers")
+      raise ValueError(f"{owner}: block_layers={blocks}: a clique block needs at least 2 layers")
     self._set("block_layers", blocks)
     self._set("growth_rate", per_period(owner, "growth_rate", self.growth_rate, len(blocks)))
     self._set("init_features", check_int(owner, "init_features", self.init_features))
@@ -457,10 +524,12 @@ class CliqueNetSpec(ModelSpec):
     """``CliqueNet[-<letters of ABC>]-T<T>-k<k>`` (T counts conv layers)."""
     blocks, k = self.block_layers, self.growth_rate
     if len(blocks) != 3 or len(set(blocks)) != 1 or len(set(k)) != 1 or self.init_features != 64:
-      raise ValueError(f"CliqueNetSpec{(blocks, k)}: no CliqueNet name describes this "
-                       "configuration")
-    letters = "".join(c for c, on in zip("ABC", (self.attention, self.bottleneck,
-                                                self.compression)) if on)
+      raise ValueError(
+        f"CliqueNetSpec{(blocks, k)}: no CliqueNet name describes this configuration"
+      )
+    letters = "".join(
+      c for c, on in zip("ABC", (self.attention, self.bottleneck, self.compression)) if on
+    )
     T = 3 * blocks[0] * (2 if self.bottleneck else 1)
     return "CliqueNet" + (f"-{letters}" if letters else "") + f"-T{T}-k{k[0]}"
 
@@ -475,6 +544,7 @@ _RK_PREFIX = re.compile(r"(ERKNet|IRKNet|RKNet)-")
 
 def _is_tableau_name(name: str) -> bool:
   from rknet_jax import tableaus
+
   m = re.match(r"([A-Za-z0-9_]+)Net-", name)
   if not m:
     return False
@@ -485,20 +555,40 @@ def _is_tableau_name(name: str) -> bool:
   return True
 
 
-families.register(families.Family(
-    spec=RKNetSpec, module="rknet_jax.models:RKNet",
+families.register(
+  families.Family(
+    spec=RKNetSpec,
+    module="rknet_jax.models:RKNet",
     matches=lambda name: bool(_RK_PREFIX.match(name)),
-    from_name="rknet_jax.names:rknet_spec_from_name", study_labels=("ERKNet", "IRKNet")))
-families.register(families.Family(
-    spec=TableauRKNetSpec, module="rknet_jax.models:TableauRKNet", matches=_is_tableau_name,
-    from_name="rknet_jax.names:rknet_spec_from_name"))
-families.register(families.Family(
-    spec=DenseNetSpec, module="rknet_jax.models:DenseNet",
+    from_name="rknet_jax.names:rknet_spec_from_name",
+    study_labels=("ERKNet", "IRKNet"),
+  )
+)
+families.register(
+  families.Family(
+    spec=TableauRKNetSpec,
+    module="rknet_jax.models:TableauRKNet",
+    matches=_is_tableau_name,
+    from_name="rknet_jax.names:rknet_spec_from_name",
+  )
+)
+families.register(
+  families.Family(
+    spec=DenseNetSpec,
+    module="rknet_jax.models:DenseNet",
     matches=lambda name: name.startswith("DenseNet"),
-    from_name="rknet_jax.names:densenet_spec_from_name", study_labels=("DenseNet",),
-    converter="rknet_jax.registry:erknet_from_densenet"))
-families.register(families.Family(
-    spec=CliqueNetSpec, module="rknet_jax.models:CliqueNet",
+    from_name="rknet_jax.names:densenet_spec_from_name",
+    study_labels=("DenseNet",),
+    converter="rknet_jax.registry:erknet_from_densenet",
+  )
+)
+families.register(
+  families.Family(
+    spec=CliqueNetSpec,
+    module="rknet_jax.models:CliqueNet",
     matches=lambda name: name.startswith("CliqueNet"),
-    from_name="rknet_jax.names:cliquenet_spec_from_name", study_labels=("CliqueNet",),
-    converter="rknet_jax.registry:irknet_from_cliquenet"))
+    from_name="rknet_jax.names:cliquenet_spec_from_name",
+    study_labels=("CliqueNet",),
+    converter="rknet_jax.registry:irknet_from_cliquenet",
+  )
+)

@@ -26,8 +26,8 @@ def _growth_rate(text: str):
     values = [int(v) for v in text.replace(" ", "").split(",") if v]
   except ValueError:
     raise argparse.ArgumentTypeError(
-        f"--growth_rate must be an int or comma-separated ints (one per period); got "
-        f"{text!r}") from None
+      f"--growth_rate must be an int or comma-separated ints (one per period); got {text!r}"
+    ) from None
   if not values:
     raise argparse.ArgumentTypeError(f"--growth_rate is empty: {text!r}")
   return values[0] if len(values) == 1 else tuple(values)
@@ -78,40 +78,57 @@ def format_table(title: str, counts: counting.Counts, group_steps: bool = True) 
   """The per-period table of ``counts`` (see :class:`rknet_jax.counting.Counts`)."""
   table = rows(counts, group_steps)
   width = max([len("module"), len("total")] + [len(r[0]) for r in table])
-  lines = [title,
-           f"input {'x'.join(map(str, counts.input_shape[1:]))} (NHWC, per image); "
-           "params: trainable (BN running stats excluded); "
-           "FLOPs: 2 x multiply-adds of convs and FCs",
-           f"{'module':<{width}}  {'params':>13}  {'params (M)':>10}  {'GFLOPs':>9}"]
+  lines = [
+    title,
+    f"input {'x'.join(map(str, counts.input_shape[1:]))} (NHWC, per image); "
+    "params: trainable (BN running stats excluded); "
+    "FLOPs: 2 x multiply-adds of convs and FCs",
+    f"{'module':<{width}}  {'params':>13}  {'params (M)':>10}  {'GFLOPs':>9}",
+  ]
   rule = "-" * len(lines[-1])
   lines.append(rule)
   for name, p, f in table:
     lines.append(f"{name:<{width}}  {p:>13,}  {p / 1e6:>10.4f}  {f / 1e9:>9.4f}")
   lines.append(rule)
-  lines.append(f"{'total':<{width}}  {counts.params:>13,}  {counts.params / 1e6:>10.4f}  "
-               f"{counts.flops / 1e9:>9.4f}")
+  lines.append(
+    f"{'total':<{width}}  {counts.params:>13,}  {counts.params / 1e6:>10.4f}  "
+    f"{counts.flops / 1e9:>9.4f}"
+  )
   return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m rknet_jax.summary",
-      description="Per-period params / GFLOPs table of a model built by "
-      "rknet_jax.create_model (paper conventions, measured from its jaxpr).")
-  parser.add_argument("name", help="model name, e.g. 'ERKNet-7x1 6x1 6x1' or one of "
-                      "rknet_jax.list_models()")
-  parser.add_argument("--growth_rate", type=_growth_rate, default=None,
-                      help="k: one int, or comma-separated ints, one per period")
+    prog="python -m rknet_jax.summary",
+    description="Per-period params / GFLOPs table of a model built by "
+    "rknet_jax.create_model (paper conventions, measured from its jaxpr).",
+  )
+  parser.add_argument(
+    "name", help="model name, e.g. 'ERKNet-7x1 6x1 6x1' or one of rknet_jax.list_models()"
+  )
+  parser.add_argument(
+    "--growth_rate",
+    type=_growth_rate,
+    default=None,
+    help="k: one int, or comma-separated ints, one per period",
+  )
   parser.add_argument("--num_classes", type=_positive_int, default=None)
-  parser.add_argument("--stem", choices=checks.STEMS, default=None,
-                      help="preprocessor (default: the model's)")
+  parser.add_argument(
+    "--stem", choices=checks.STEMS, default=None, help="preprocessor (default: the model's)"
+  )
   parser.add_argument("--bottleneck_width", type=_positive_int, default=None)
-  parser.add_argument("--image_size", type=_positive_int, default=None,
-                      help="square input side (default 224 for the ImageNet stem, else 32)")
-  parser.add_argument("--channels", type=_positive_int, default=3,
-                      help="input channels (default 3)")
-  parser.add_argument("--steps", action="store_true",
-                      help="one row per time-step instead of per period")
+  parser.add_argument(
+    "--image_size",
+    type=_positive_int,
+    default=None,
+    help="square input side (default 224 for the ImageNet stem, else 32)",
+  )
+  parser.add_argument(
+    "--channels", type=_positive_int, default=3, help="input channels (default 3)"
+  )
+  parser.add_argument(
+    "--steps", action="store_true", help="one row per time-step instead of per period"
+  )
   return parser
 
 
@@ -119,9 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
   args = build_parser().parse_args(argv)
   from rknet_jax import registry
-  kwargs = {k: getattr(args, k) for k in
-            ("growth_rate", "num_classes", "stem", "bottleneck_width")
-            if getattr(args, k) is not None}
+
+  kwargs = {
+    k: getattr(args, k)
+    for k in ("growth_rate", "num_classes", "stem", "bottleneck_width")
+    if getattr(args, k) is not None
+  }
   try:
     model = registry.create_model(args.name, **kwargs)
   except (ValueError, TypeError) as e:

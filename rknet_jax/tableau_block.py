@@ -75,6 +75,7 @@ class ConvVectorField(nn.Module):
 
   Call: ``f(t, y, train=False)`` with y NHWC and t a scalar.
   """
+
   features: int | None = None
   hidden_features: int | None = None
   num_layers: int = 2
@@ -147,6 +148,7 @@ class TableauStep(nn.Module):
     >>> y.shape, sorted(variables["params"])
     ((2, 8, 8, 8), ['f'])
   """
+
   tableau: tableaus_lib.ButcherTableau | str
   step_size: float = 1.0
   time: float = 0.0
@@ -163,19 +165,25 @@ class TableauStep(nn.Module):
     # Validate on construction, before any parameter is created.
     tableaus_lib.get(self.tableau)  # KeyError listing the known names
     if self.stage_functions not in STAGE_FUNCTIONS:
-      raise ValueError(f"stage_functions must be one of {STAGE_FUNCTIONS}, got "
-                       f"{self.stage_functions!r}")
-    if not (isinstance(self.step_size, (int, float, np.floating, np.integer))
-            and not isinstance(self.step_size, bool)
-            and math.isfinite(self.step_size) and self.step_size > 0):
-      raise ValueError(f"step_size must be a positive finite number, got "
-                       f"{self.step_size!r}")
-    checks.check_optional_int("TableauStep", "implicit_iterations", self.implicit_iterations,
-                              1, checks.MAX_COUNT)
+      raise ValueError(
+        f"stage_functions must be one of {STAGE_FUNCTIONS}, got {self.stage_functions!r}"
+      )
+    if not (
+      isinstance(self.step_size, (int, float, np.floating, np.integer))
+      and not isinstance(self.step_size, bool)
+      and math.isfinite(self.step_size)
+      and self.step_size > 0
+    ):
+      raise ValueError(f"step_size must be a positive finite number, got {self.step_size!r}")
+    checks.check_optional_int(
+      "TableauStep", "implicit_iterations", self.implicit_iterations, 1, checks.MAX_COUNT
+    )
     if isinstance(self.vector_field, nn.Module):
-      raise ValueError("vector_field must be a factory (a Module class or "
-                       "functools.partial of one), not a Module instance: got "
-                       f"{type(self.vector_field).__name__} instance")
+      raise ValueError(
+        "vector_field must be a factory (a Module class or "
+        "functools.partial of one), not a Module instance: got "
+        f"{type(self.vector_field).__name__} instance"
+      )
     if self.vector_field is not None and not callable(self.vector_field):
       raise ValueError(f"vector_field must be callable, got {self.vector_field!r}")
     super().__post_init__()
@@ -198,12 +206,12 @@ class TableauStep(nn.Module):
     s = tableau.num_stages
     if tableau.is_explicit:
       return s if self.learn_coefficients else sum(tableau.needed_stages)
-    iterations = self.implicit_iterations or rk_lib.default_implicit_iterations(
-        tableau.order)
+    iterations = self.implicit_iterations or rk_lib.default_implicit_iterations(tableau.order)
     shared = self.stage_functions == "shared"
     predictor = 1 if shared else s
-    zero_rows = [] if self.learn_coefficients else [
-        i for i, zero in enumerate(tableau.zero_rows) if zero]
+    zero_rows = (
+      [] if self.learn_coefficients else [i for i, zero in enumerate(tableau.zero_rows) if zero]
+    )
     # A zero row is evaluated once, at y_n; with a shared f and c_i = 0 that is z0.
     extra = sum(1 for i in zero_rows if not (shared and tableau.c[i] == 0))
     return predictor + extra + (s - len(zero_rows)) * iterations
@@ -212,9 +220,12 @@ class TableauStep(nn.Module):
     if self.vector_field is not None:
       return self.vector_field
     return functools.partial(
-        ConvVectorField, hidden_features=self.hidden_features,
-        kernel_size=tuple(self.kernel_size),
-        time_conditioning=self.stage_functions == "shared", config=self.config)
+      ConvVectorField,
+      hidden_features=self.hidden_features,
+      kernel_size=tuple(self.kernel_size),
+      time_conditioning=self.stage_functions == "shared",
+      config=self.config,
+    )
 
   @nn.compact
   def __call__(self, y, train: bool = False, t=None):
@@ -227,8 +238,10 @@ class TableauStep(nn.Module):
     t = self.time if t is None else t
 
     if self.learn_coefficients:
+
       def from_tableau(values):
         return lambda key, shape, dtype: jnp.asarray(values, dtype).reshape(shape)
+
       a = self.param("a", from_tableau(tableau.a), (s, s), param_dtype).astype(dtype)
       b = self.param("b", from_tableau(tableau.b), (s,), param_dtype).astype(dtype)
       if shared:
@@ -240,9 +253,11 @@ class TableauStep(nn.Module):
 
     if self.learn_step_size:
       log_h = self.param(
-          "log_step_size",
-          lambda key, shape, dtype: jnp.full(shape, math.log(self.step_size), dtype),
-          (), param_dtype)
+        "log_step_size",
+        lambda key, shape, dtype: jnp.full(shape, math.log(self.step_size), dtype),
+        (),
+        param_dtype,
+      )
       h = jnp.exp(log_h).astype(dtype)
     else:
       h = self.step_size
@@ -250,6 +265,7 @@ class TableauStep(nn.Module):
     factory = self._factory()
     if shared:
       f = factory(name="f")
+
       def stage_fn(i, ti, yi):
         return f(ti, yi, train=train)
     else:
@@ -262,13 +278,22 @@ class TableauStep(nn.Module):
 
     iterations = None
     if tableau.is_implicit:
-      iterations = (self.implicit_iterations
-                    or rk_lib.default_implicit_iterations(tableau.order))
+      iterations = self.implicit_iterations or rk_lib.default_implicit_iterations(tableau.order)
     report = tableau.is_implicit and self.is_mutable_collection("intermediates")
     out = rk_lib.runge_kutta_step(
-        stage_fn, t, y, h, a, b, c, explicit=tableau.is_explicit,
-        implicit_iterations=iterations or 1, solver="fixed_point",
-        shared_predictor=shared, return_residual=report)
+      stage_fn,
+      t,
+      y,
+      h,
+      a,
+      b,
+      c,
+      explicit=tableau.is_explicit,
+      implicit_iterations=iterations or 1,
+      solver="fixed_point",
+      shared_predictor=shared,
+      return_residual=report,
+    )
     if not report:
       return out
     y_next, residual = out  # rk_lib.implicit_residuals reads it from an apply's state

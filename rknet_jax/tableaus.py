@@ -35,11 +35,31 @@ import math
 import numpy as np
 
 __all__ = [
-    "ButcherTableau", "get", "names", "aliases",
-    "EULER", "MIDPOINT", "HEUN", "RALSTON", "KUTTA3", "HEUN3", "SSPRK3", "RK4", "RK38",
-    "DOPRI5", "BACKWARD_EULER", "IMPLICIT_MIDPOINT", "TRAPEZOID", "CRANK_NICOLSON",
-    "GAUSS_LEGENDRE2", "GAUSS_LEGENDRE3", "RADAU_IIA2", "RADAU_IIA3", "LOBATTO_IIIC2",
-    "LOBATTO_IIIC3", "SDIRK2",
+  "ButcherTableau",
+  "get",
+  "names",
+  "aliases",
+  "EULER",
+  "MIDPOINT",
+  "HEUN",
+  "RALSTON",
+  "KUTTA3",
+  "HEUN3",
+  "SSPRK3",
+  "RK4",
+  "RK38",
+  "DOPRI5",
+  "BACKWARD_EULER",
+  "IMPLICIT_MIDPOINT",
+  "TRAPEZOID",
+  "CRANK_NICOLSON",
+  "GAUSS_LEGENDRE2",
+  "GAUSS_LEGENDRE3",
+  "RADAU_IIA2",
+  "RADAU_IIA3",
+  "LOBATTO_IIIC2",
+  "LOBATTO_IIIC3",
+  "SDIRK2",
 ]
 
 # Consistency tolerance for the row-sum (c_i = sum_j a_ij) and sum(b) = 1 checks.  The
@@ -52,8 +72,7 @@ def _as_float_tuple(values, what):
   try:
     return tuple(float(v) for v in values)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"ButcherTableau: {what} must be a sequence of numbers, "
-                     f"got {values!r}") from e
+    raise ValueError(f"ButcherTableau: {what} must be a sequence of numbers, got {values!r}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +96,7 @@ class ButcherTableau:
       a coefficient is NaN or infinite, a row of a does not sum to the matching c_i,
       b does not sum to 1, or order is not a positive integer.
   """
+
   a: tuple[tuple[float, ...], ...]
   b: tuple[float, ...]
   c: tuple[float, ...]
@@ -88,8 +108,9 @@ class ButcherTableau:
     try:
       rows = tuple(self.a)
     except TypeError as e:
-      raise ValueError(f"ButcherTableau {self.name!r}: a must be a sequence of rows, "
-                       f"got {self.a!r}") from e
+      raise ValueError(
+        f"ButcherTableau {self.name!r}: a must be a sequence of rows, got {self.a!r}"
+      ) from e
     a = tuple(_as_float_tuple(row, f"row {i} of a") for i, row in enumerate(rows))
     b = _as_float_tuple(self.b, "b")
     c = _as_float_tuple(self.c, "c")
@@ -99,32 +120,45 @@ class ButcherTableau:
     bad_rows = [i for i, row in enumerate(a) if len(row) != s]
     if bad_rows:
       raise ValueError(
-          f"ButcherTableau {self.name!r}: a must be square (s x s with s = {s} rows), "
-          f"but rows {bad_rows} have lengths {[len(a[i]) for i in bad_rows]}")
+        f"ButcherTableau {self.name!r}: a must be square (s x s with s = {s} rows), "
+        f"but rows {bad_rows} have lengths {[len(a[i]) for i in bad_rows]}"
+      )
     if len(b) != s:
-      raise ValueError(f"ButcherTableau {self.name!r}: b has {len(b)} entries, "
-                       f"expected s = {s} (the number of rows of a)")
+      raise ValueError(
+        f"ButcherTableau {self.name!r}: b has {len(b)} entries, "
+        f"expected s = {s} (the number of rows of a)"
+      )
     if len(c) != s:
-      raise ValueError(f"ButcherTableau {self.name!r}: c has {len(c)} entries, "
-                       f"expected s = {s} (the number of rows of a)")
+      raise ValueError(
+        f"ButcherTableau {self.name!r}: c has {len(c)} entries, "
+        f"expected s = {s} (the number of rows of a)"
+      )
     for label, values in (("a", [v for row in a for v in row]), ("b", b), ("c", c)):
       if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"ButcherTableau {self.name!r}: {label} contains NaN or "
-                         f"infinite entries: {values}")
+        raise ValueError(
+          f"ButcherTableau {self.name!r}: {label} contains NaN or infinite entries: {values}"
+        )
     for i, (row, ci) in enumerate(zip(a, c)):
       row_sum = math.fsum(row)
       if abs(row_sum - ci) > _CONSISTENCY_TOL * max(1.0, abs(ci)):
         raise ValueError(
-            f"ButcherTableau {self.name!r}: row {i} of a sums to {row_sum!r} but "
-            f"c[{i}] = {ci!r}; a Runge-Kutta tableau needs c_i = sum_j a_ij")
+          f"ButcherTableau {self.name!r}: row {i} of a sums to {row_sum!r} but "
+          f"c[{i}] = {ci!r}; a Runge-Kutta tableau needs c_i = sum_j a_ij"
+        )
     b_sum = math.fsum(b)
     if abs(b_sum - 1.0) > _CONSISTENCY_TOL:
-      raise ValueError(f"ButcherTableau {self.name!r}: b sums to {b_sum!r}, expected 1 "
-                       "(consistency, the first-order condition)")
-    if (isinstance(self.order, bool) or not isinstance(self.order, (int, np.integer))
-        or self.order < 1):
-      raise ValueError(f"ButcherTableau {self.name!r}: order must be a positive int, "
-                       f"got {self.order!r}")
+      raise ValueError(
+        f"ButcherTableau {self.name!r}: b sums to {b_sum!r}, expected 1 "
+        "(consistency, the first-order condition)"
+      )
+    if (
+      isinstance(self.order, bool)
+      or not isinstance(self.order, (int, np.integer))
+      or self.order < 1
+    ):
+      raise ValueError(
+        f"ButcherTableau {self.name!r}: order must be a positive int, got {self.order!r}"
+      )
     object.__setattr__(self, "a", a)
     object.__setattr__(self, "b", b)
     object.__setattr__(self, "c", c)
@@ -138,8 +172,9 @@ class ButcherTableau:
   @property
   def is_explicit(self) -> bool:
     """True when a is strictly lower triangular (an ERK method, paper section 3.1)."""
-    return all(self.a[i][j] == 0.0 for i in range(self.num_stages)
-               for j in range(i, self.num_stages))
+    return all(
+      self.a[i][j] == 0.0 for i in range(self.num_stages) for j in range(i, self.num_stages)
+    )
 
   @property
   def needed_stages(self) -> tuple[bool, ...]:
@@ -171,19 +206,20 @@ class ButcherTableau:
 
   def numpy(self, dtype=np.float64):
     """Returns (a, b, c) as NumPy arrays of shapes (s, s), (s,), (s,)."""
-    return (np.asarray(self.a, dtype), np.asarray(self.b, dtype),
-            np.asarray(self.c, dtype))
+    return (np.asarray(self.a, dtype), np.asarray(self.b, dtype), np.asarray(self.c, dtype))
 
   def arrays(self, dtype=None):
     """Returns (a, b, c) as ``jax.numpy`` arrays (default dtype: JAX's default float)."""
     import jax.numpy as jnp
-    return (jnp.asarray(self.a, dtype), jnp.asarray(self.b, dtype),
-            jnp.asarray(self.c, dtype))
+
+    return (jnp.asarray(self.a, dtype), jnp.asarray(self.b, dtype), jnp.asarray(self.c, dtype))
 
   def __str__(self):
     width = 10
+
     def fmt(v):
       return f"{v:>{width}.6g}"
+
     lines = [f"{self.name} (order {self.order}, {self.num_stages} stages)"]
     for ci, row in zip(self.c, self.a):
       lines.append(fmt(ci) + " |" + "".join(fmt(v) for v in row))
@@ -193,7 +229,8 @@ class ButcherTableau:
 
 
 # ----------------------------------------------------------------------------------------
-# Explicit methods.
+# Explicit methods.  (Laid out by hand: each tableau reads as its rows.)
+# fmt: off
 
 EULER = ButcherTableau(
     a=((0.0,),), b=(1.0,), c=(0.0,), name="euler", order=1,
@@ -317,34 +354,57 @@ SDIRK2 = ButcherTableau(
               "(3 + sqrt 3)/6, A-stable (Norsett 1974, Crouzeix 1975); [HW] section "
               "IV.6")
 
+# fmt: on
+
 # Canonical name -> tableau, in presentation order (explicit first).
-_TABLEAUS = {t.name: t for t in (
-    EULER, MIDPOINT, HEUN, RALSTON, KUTTA3, HEUN3, SSPRK3, RK4, RK38, DOPRI5,
-    BACKWARD_EULER, IMPLICIT_MIDPOINT, TRAPEZOID, GAUSS_LEGENDRE2, GAUSS_LEGENDRE3,
-    RADAU_IIA2, RADAU_IIA3, LOBATTO_IIIC2, LOBATTO_IIIC3, SDIRK2)}
+_TABLEAUS = {
+  t.name: t
+  for t in (
+    EULER,
+    MIDPOINT,
+    HEUN,
+    RALSTON,
+    KUTTA3,
+    HEUN3,
+    SSPRK3,
+    RK4,
+    RK38,
+    DOPRI5,
+    BACKWARD_EULER,
+    IMPLICIT_MIDPOINT,
+    TRAPEZOID,
+    GAUSS_LEGENDRE2,
+    GAUSS_LEGENDRE3,
+    RADAU_IIA2,
+    RADAU_IIA3,
+    LOBATTO_IIIC2,
+    LOBATTO_IIIC3,
+    SDIRK2,
+  )
+}
 
 # Alternative spellings accepted by get() (after normalisation, see _normalise).
 _ALIASES = {
-    "forward_euler": "euler",
-    "explicit_euler": "euler",
-    "explicit_midpoint": "midpoint",
-    "ralston2": "ralston",
-    "ssp33": "ssprk3",
-    "classic_rk4": "rk4",
-    "three_eighths": "rk38",
-    "3/8": "rk38",
-    "dormand_prince": "dopri5",
-    "dormand_prince5": "dopri5",
-    "implicit_euler": "backward_euler",
-    "crank_nicolson": "trapezoid",
-    "implicit_trapezoid": "trapezoid",
-    "gauss2": "gauss_legendre2",
-    "gauss3": "gauss_legendre3",
-    "radau2": "radau_iia2",
-    "radau3": "radau_iia3",
-    "radau5": "radau_iia3",
-    "lobatto2": "lobatto_iiic2",
-    "lobatto3": "lobatto_iiic3",
+  "forward_euler": "euler",
+  "explicit_euler": "euler",
+  "explicit_midpoint": "midpoint",
+  "ralston2": "ralston",
+  "ssp33": "ssprk3",
+  "classic_rk4": "rk4",
+  "three_eighths": "rk38",
+  "3/8": "rk38",
+  "dormand_prince": "dopri5",
+  "dormand_prince5": "dopri5",
+  "implicit_euler": "backward_euler",
+  "crank_nicolson": "trapezoid",
+  "implicit_trapezoid": "trapezoid",
+  "gauss2": "gauss_legendre2",
+  "gauss3": "gauss_legendre3",
+  "radau2": "radau_iia2",
+  "radau3": "radau_iia3",
+  "radau5": "radau_iia3",
+  "lobatto2": "lobatto_iiic2",
+  "lobatto3": "lobatto_iiic3",
 }
 
 
@@ -360,8 +420,9 @@ def needed_stages(a, b, is_zero=is_static_zero) -> tuple[bool, ...]:
   s = len(b)
   needed = [False] * s
   for i in reversed(range(s)):
-    needed[i] = not is_zero(b[i]) or any(needed[k] and not is_zero(a[k][i])
-                                         for k in range(i + 1, s))
+    needed[i] = not is_zero(b[i]) or any(
+      needed[k] and not is_zero(a[k][i]) for k in range(i + 1, s)
+    )
   return tuple(needed)
 
 
@@ -400,6 +461,7 @@ def get(name) -> ButcherTableau:
   key = _normalise(name)
   key = _ALIASES.get(key, key)
   if key not in _TABLEAUS:
-    raise KeyError(f"unknown Butcher tableau {name!r}; known names: {names()}; "
-                   f"aliases: {sorted(_ALIASES)}")
+    raise KeyError(
+      f"unknown Butcher tableau {name!r}; known names: {names()}; aliases: {sorted(_ALIASES)}"
+    )
   return _TABLEAUS[key]

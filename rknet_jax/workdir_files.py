@@ -36,8 +36,9 @@ def read_json(file: epath.Path, what: str) -> dict | None:
     out = json.loads(text)
   except ValueError as e:
     raise ValueError(
-        f"{os.fspath(file)} ({what}) is not valid JSON ({e}); it was cut or edited. Restore "
-        "it from a copy, or delete it: a run rewrites it once its checkpoint restores.") from e
+      f"{os.fspath(file)} ({what}) is not valid JSON ({e}); it was cut or edited. Restore "
+      "it from a copy, or delete it: a run rewrites it once its checkpoint restores."
+    ) from e
   if not isinstance(out, dict):
     raise ValueError(f"{os.fspath(file)} ({what}) holds {type(out).__name__}, not an object")
   return out

@@ -5,6 +5,7 @@ Eight virtual CPU devices, so data-parallel sharding is tested on a one-CPU mach
 of every end-to-end test), ``data_config`` (the same on another dataset), ``digits_splits``
 and ``write_image_folder`` (datasets made from scikit-learn's digits).
 """
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "")
@@ -54,8 +55,14 @@ def data_config():
   6 steps and no mid-run checkpoint (the data-source tests)."""
 
   def make(dataset, **overrides):
-    defaults = dict(dataset=dataset, validation_size=0, batch_size=32, num_train_steps=6,
-                    log_every_steps=3, checkpoint_every_steps=100)
+    defaults = dict(
+      dataset=dataset,
+      validation_size=0,
+      batch_size=32,
+      num_train_steps=6,
+      log_every_steps=3,
+      checkpoint_every_steps=100,
+    )
     return _tiny_config(**{**defaults, **overrides})
 
   return make
@@ -66,8 +73,7 @@ def digits_splits():
   """scikit-learn's digits as the runner loads them: (train, test) splits, no hold-out."""
   from experiments import input_pipeline
 
-  splits = input_pipeline.load_splits(
-      {"dataset": "digits", "batch_size": 8, "validation_size": 0})
+  splits = input_pipeline.load_splits({"dataset": "digits", "batch_size": 8, "validation_size": 0})
   return splits.train, splits.test
 
 

@@ -92,9 +92,12 @@ ENTRY %main (a: f32[8]) -> f32[16] {
 """
   ops = bench_aot.collectives(hlo)
   assert [(o.kind, o.bytes, o.in_loop, o.dtypes, o.dims) for o in ops] == [
-      ("all-reduce", 16, True, ("f32",), (4,)), ("all-gather", 64, False, ("u32",), (16,))]
+    ("all-reduce", 16, True, ("f32",), (4,)),
+    ("all-gather", 64, False, ("u32",), (16,)),
+  ]
 
 
 def jax_leaves(tree):
   import jax
+
   return jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "is_fully_replicated"))

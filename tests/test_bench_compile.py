@@ -11,15 +11,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "benchmarks.bench_compile", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout, check=True)
+  return subprocess.run(
+    [sys.executable, "-m", "benchmarks.bench_compile", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=True,
+  )
 
 
 @pytest.mark.slow
 def test_compile_table_row_and_json(tmp_path):
   out = tmp_path / "r.json"
-  done = _run("--tables", "compile", "--models", "DenseNet-BC-16-k8", "--batch", "2",
-              "--json_out", str(out))
+  done = _run(
+    "--tables", "compile", "--models", "DenseNet-BC-16-k8", "--batch", "2", "--json_out", str(out)
+  )
   rows = [l for l in done.stdout.splitlines() if l.startswith("| DenseNet-BC-16-k8 |")]
   assert len(rows) == 1, done.stdout
   (result,) = json.loads(out.read_text())

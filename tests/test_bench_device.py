@@ -3,6 +3,7 @@
 On these CPU-only machines it runs its ``--smoke`` cases (tiny models); the real cases are
 the same code with other models and shapes, run on a GPU.
 """
+
 import os
 import subprocess
 import sys
@@ -18,9 +19,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_smoke_run_prints_a_row_per_case_with_numbers(tmp_path):
   out_json = tmp_path / "records.json"
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.bench_device", "--smoke", "--steps", "2",
-       "--warmup", "1", "--dtypes", "float32", "bfloat16", "--json", str(out_json)],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.bench_device",
+      "--smoke",
+      "--steps",
+      "2",
+      "--warmup",
+      "1",
+      "--dtypes",
+      "float32",
+      "bfloat16",
+      "--json",
+      str(out_json),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [line for line in proc.stdout.splitlines() if line.startswith("| ERKNet")]
   assert len(rows) == 4  # train + infer, two dtypes
@@ -32,8 +50,17 @@ def test_smoke_run_prints_a_row_per_case_with_numbers(tmp_path):
 
 
 def test_table_reports_errors_and_mfu():
-  ok = {"model": "M", "shape": [8, 8, 3], "mode": "train", "batch": 4, "dtype": "float32",
-        "compile_s": 1.5, "images_per_s": 100.0, "peak_bytes": 2e9, "achieved_tflops": 10.0}
+  ok = {
+    "model": "M",
+    "shape": [8, 8, 3],
+    "mode": "train",
+    "batch": 4,
+    "dtype": "float32",
+    "compile_s": 1.5,
+    "images_per_s": 100.0,
+    "peak_bytes": 2e9,
+    "achieved_tflops": 10.0,
+  }
   bad = dict(ok, error="timed out after 240 s")
   text = bench_device.table([ok, bad], peak_tflops=100.0)
   assert "| M | 8x8x3 | train | 4 | float32 | 1.5 | 100 | 2.00 | 10.00 |" in text
@@ -43,6 +70,7 @@ def test_table_reports_errors_and_mfu():
 def test_model_flops_per_case_follow_the_paper_convention():
   """The MFU numerator: the CIFAR case's forward FLOPs equal rknet_jax.count_flops."""
   import rknet_jax
+
   name, kwargs, shape, _, _ = bench_device.CASES[0]
   model = rknet_jax.create_model(name, **kwargs)
   assert rknet_jax.count_params(model, shape) == 302_446  # benchmarks/README.md's network

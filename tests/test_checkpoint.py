@@ -5,6 +5,7 @@ Real subprocesses of ``python -m experiments.main`` on digits with a tiny ERKNet
 goes through every kind of interruption in turn and must end with exactly (bit for bit)
 the parameters, metrics and results of an uninterrupted run of the same command.
 """
+
 import json
 import os
 import queue
@@ -28,22 +29,41 @@ TIMEOUT = 240  # seconds any one child may take
 
 
 def command(workdir):
-  return [sys.executable, "-m", "experiments.main",
-          "--config=experiments/configs/digits.py", f"--workdir={workdir}",
-          "--config.model=ERKNet-1x1 1x1", "--config.growth_rate=4",
-          f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
-          "--config.checkpoint_every_steps=4", "--config.keep_checkpoints=2",
-          "--config.eval_batch_size=72", "--config.prefetch=1"]
+  return [
+    sys.executable,
+    "-m",
+    "experiments.main",
+    "--config=experiments/configs/digits.py",
+    f"--workdir={workdir}",
+    "--config.model=ERKNet-1x1 1x1",
+    "--config.growth_rate=4",
+    f"--config.num_train_steps={STEPS}",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=4",
+    "--config.keep_checkpoints=2",
+    "--config.eval_batch_size=72",
+    "--config.prefetch=1",
+  ]
 
 
 class Child:
   """A training subprocess whose log lines are read by a thread (bounded waits)."""
 
   def __init__(self, workdir, extra=()):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    self.proc = subprocess.Popen(command(workdir) + list(extra), cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      PYTHONUNBUFFERED="1",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    self.proc = subprocess.Popen(
+      command(workdir) + list(extra),
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
     self.lines, self.log = queue.Queue(), []
     threading.Thread(target=self._read, daemon=True).start()
 
@@ -102,8 +122,7 @@ def finished_run(workdir):
   """Final params (load_checkpoint), metrics without timings, results without timings."""
   _, variables, _ = rknet_jax.load_checkpoint(workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    metrics = [{k: v for k, v in json.loads(l).items() if not k.startswith("time_")}
-               for l in f]
+    metrics = [{k: v for k, v in json.loads(l).items() if not k.startswith("time_")} for l in f]
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   results.pop("train_wall_time_sec")
@@ -120,13 +139,11 @@ def assert_same_run(a, b):
 
 
 def checkpoint_steps(workdir):
-  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-                if s.isdigit())
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
 
 
 @pytest.mark.slow
-def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
-    tmp_path, children):
+def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(tmp_path, children):
   ref_dir, work = str(tmp_path / "reference"), str(tmp_path / "interrupted")
   ref_child = children(ref_dir)
 
@@ -194,10 +211,14 @@ def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
 
   # The evaluation CLI reproduces the run's exact test numbers from its final checkpoint.
   out = subprocess.run(
-      [sys.executable, "-m", "experiments.evaluate", f"--workdir={ref_dir}"], cwd=REPO,
-      env=dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2"),
-      capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+    [sys.executable, "-m", "experiments.evaluate", f"--workdir={ref_dir}"],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    check=True,
+  ).stdout
   evaluated = json.loads(out.strip().splitlines()[-1])
   assert evaluated["step"] == STEPS and evaluated["examples"] == 360
   assert evaluated["top1_error"] == reference[2]["test_top1_error"]
@@ -232,7 +253,8 @@ def make_read_only(folder):
 
 @pytest.mark.slow
 def test_a_checkpoint_folder_turning_read_only_mid_run_stops_the_process_within_seconds(
-    tmp_path, children):
+  tmp_path, children
+):
   """Writable at start (checked), read-only from the first save on: every write fails in
   orbax's thread, and orbax's waiting threads would block a normal exit forever. The run must
   exit non-zero naming the failed write; the workdir lock is released."""

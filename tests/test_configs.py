@@ -1,5 +1,6 @@
 """Configs (every paper table row, SVHN, digits), command-line overrides, config validation,
 the learning-rate schedules and the weight-decay mask of the runner (experiments/optim.py)."""
+
 import glob
 import importlib
 import json
@@ -18,13 +19,28 @@ from rknet_jax import paper, registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
-REQUIRED = ("model", "dataset", "batch_size", "num_epochs", "learning_rate", "seed",
-            "checkpoint_every_steps", "growth_rate", "data_dir", "validation_size", "augment",
-            "image_size", "download")
+REQUIRED = (
+  "model",
+  "dataset",
+  "batch_size",
+  "num_epochs",
+  "learning_rate",
+  "seed",
+  "checkpoint_every_steps",
+  "growth_rate",
+  "data_dir",
+  "validation_size",
+  "augment",
+  "image_size",
+  "download",
+)
 
 # (configs/paper.py argument, row) for every dataset of every paper table row.
-TABLE_ROWS = [(f"{row.key}:{ds}" if ds != row.datasets[0] else row.key, row, ds)
-              for row in paper.ROWS for ds in row.datasets]
+TABLE_ROWS = [
+  (f"{row.key}:{ds}" if ds != row.datasets[0] else row.key, row, ds)
+  for row in paper.ROWS
+  for ds in row.datasets
+]
 COMMAND = re.compile(r"python -m experiments\.main (?:[^`\n]|\\\n)*")
 
 
@@ -35,8 +51,11 @@ def load(spec):
 
 
 def config_files():
-  return sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
-                if not f.endswith("__init__.py"))
+  return sorted(
+    os.path.basename(f)[:-3]
+    for f in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+    if not f.endswith("__init__.py")
+  )
 
 
 def documented_commands():
@@ -52,8 +71,10 @@ def documented_commands():
 def test_every_documented_command_parses_and_builds(command):
   args = [a for a in command.split()[3:] if a.startswith("--config")]
   config = parse(*(a.replace("experiments/configs", CONFIG_DIR) for a in args))
-  assert (config.dataset in input_pipeline.DATASETS + input_pipeline.TFDS_SHORT_NAMES
-          or config.dataset.startswith(input_pipeline.PREFIXES)), config.dataset
+  assert (
+    config.dataset in input_pipeline.DATASETS + input_pipeline.TFDS_SHORT_NAMES
+    or config.dataset.startswith(input_pipeline.PREFIXES)
+  ), config.dataset
   run_config.build_model(config, 10)  # the name parses and the options are accepted
 
 
@@ -72,8 +93,10 @@ def test_every_config_has_the_fields_its_command_and_a_known_model(name):
     assert field in config, f"{name} lacks config.{field}"
   assert f"--config=experiments/configs/{name}.py" in module.__doc__
   assert "python -m experiments.main" in module.__doc__
-  assert (config.dataset in input_pipeline.DATASETS + input_pipeline.TFDS_SHORT_NAMES
-          or config.dataset.startswith(input_pipeline.PREFIXES)), config.dataset
+  assert (
+    config.dataset in input_pipeline.DATASETS + input_pipeline.TFDS_SHORT_NAMES
+    or config.dataset.startswith(input_pipeline.PREFIXES)
+  ), config.dataset
   run_config.build_model(config, 10)  # the name parses and the options are accepted
   if name != "default":
     src = open(os.path.join(CONFIG_DIR, name + ".py")).read()
@@ -97,18 +120,21 @@ def test_table_rows_follow_the_paper_recipe(arg, row, dataset):
 
   num_classes = {"imagenet2012": 1000, "cifar100": 100}.get(dataset, 10)
   spec = run_config.model_spec(c, num_classes)
-  assert spec == registry.resolve(row.spec.replace(
-      num_classes=num_classes, dropout_rate=c.model_kwargs.dropout_rate))
+  assert spec == registry.resolve(
+    row.spec.replace(num_classes=num_classes, dropout_rate=c.model_kwargs.dropout_rate)
+  )
   if dataset == "imagenet2012":
     assert c.num_epochs == 90 and c.augment and c.image_size == 224
     assert spec.stem == "imagenet" and spec.dropout_rate == 0.0
     assert [lr_at(e) for e in (0, 29.99, 30, 59.99, 60, 89.99)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+      [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    )
   else:
     assert c.num_epochs == 300 and not c.augment and spec.stem == "cifar"
     assert spec.dropout_rate == 0.2
     assert [lr_at(e) for e in (0, 149.99, 150, 224.99, 225, 299.99)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+      [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    )
   if float(row.params_m) < 10 and dataset == row.datasets[0]:  # large ones: paper_tables
     params = rknet_jax.count_params(run_config.build_model(c, num_classes), row.input_shape)
     decimals = len(row.params_m.split(".")[1])
@@ -135,18 +161,26 @@ def parse(*args):
   """Parses a command line the way experiments.main does (config_flags)."""
   argv = ["prog", *args]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   fv(argv)
   return fv.config
 
 
 def test_command_line_overrides():
-  c = parse(f"--config={CONFIG_DIR}/digits.py", "--config.num_epochs=1", "--config.seed=7",
-            "--config.model=ERKNet-2x1 2x1")
+  c = parse(
+    f"--config={CONFIG_DIR}/digits.py",
+    "--config.num_epochs=1",
+    "--config.seed=7",
+    "--config.model=ERKNet-2x1 2x1",
+  )
   assert (c.num_epochs, c.seed, c.model) == (1, 7, "ERKNet-2x1 2x1")
-  c = parse(f"--config={CONFIG_DIR}/digits.py", "--config.model_kwargs.dropout_rate=0.2",
-            "--config.model_kwargs.growth_multipliers=(2,3)")
+  c = parse(
+    f"--config={CONFIG_DIR}/digits.py",
+    "--config.model_kwargs.dropout_rate=0.2",
+    "--config.model_kwargs.growth_multipliers=(2,3)",
+  )
   model = run_config.build_model(c, 10)
   assert model.dropout_rate == 0.2 and tuple(model.growth_multipliers) == (2, 3)
   c = parse(f"--config={CONFIG_DIR}/paper.py:table2_irknet_5x1_5x1_5x1_ab_k150:cifar100")
@@ -162,7 +196,9 @@ def tiny(**overrides):
   return c
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     ({"model": "ERKNet-7y1 6x1"}, "7y1"),
     ({"model": "ResNet-50"}, "ResNet-50"),
     ({"dataset": "mnsit"}, "Unknown dataset 'mnsit'.*cifar10.*mnist"),
@@ -174,11 +210,12 @@ def tiny(**overrides):
     ({"eval_batch_size": 100}, "eval_batch_size=100 .* not divisible by the 8 devices"),
     ({"lr_schedule": "poly"}, "unknown lr_schedule 'poly'"),
     ({"test_model": "best", "validation_size": 0}, "validation split"),
-])
-def test_bad_configs_fail_before_any_compilation_or_data(tmp_path, monkeypatch, overrides,
-                                                         match):
+  ],
+)
+def test_bad_configs_fail_before_any_compilation_or_data(tmp_path, monkeypatch, overrides, match):
   def forbidden(*a, **k):
     raise AssertionError("compiled or loaded data before validating the config")
+
   monkeypatch.setattr(jax, "jit", forbidden)
   monkeypatch.setattr(input_pipeline, "train_iterator", forbidden)
   monkeypatch.setattr(input_pipeline, "steps_per_epoch", forbidden)
@@ -200,8 +237,9 @@ def test_unwritable_workdir_and_workdir_of_another_model(tmp_path, monkeypatch):
   # The probe write catches what permission bits would not tell root.
   readonly = tmp_path / "readonly"
   readonly.mkdir()
-  monkeypatch.setattr(rundir, "probe_write", lambda d: (_ for _ in ()).throw(
-      OSError(30, "Read-only file system")))
+  monkeypatch.setattr(
+    rundir, "probe_write", lambda d: (_ for _ in ()).throw(OSError(30, "Read-only file system"))
+  )
   with pytest.raises(ValueError, match="readonly' is not writable: .*Read-only file system"):
     train.train_and_evaluate(tiny(), str(readonly))
   monkeypatch.undo()
@@ -209,8 +247,9 @@ def test_unwritable_workdir_and_workdir_of_another_model(tmp_path, monkeypatch):
   # A workdir whose run.json records another model (as train_and_evaluate writes it).
   workdir = tmp_path / "run"
   workdir.mkdir()
-  (workdir / rundir.RUN_FILE).write_text(json.dumps(
-      {"identity": run_config.identity(tiny(model="ERKNet-2x1 2x1"))}))
+  (workdir / rundir.RUN_FILE).write_text(
+    json.dumps({"identity": run_config.identity(tiny(model="ERKNet-2x1 2x1"))})
+  )
   with pytest.raises(ValueError, match=r"different model .*ERKNet-2x1 2x1.*ERKNet-1x1 1x1"):
     train.train_and_evaluate(tiny(), str(workdir))
   run_config.validate_config(tiny(model="ERKNet-2x1 2x1", num_epochs=5), str(workdir))
@@ -220,7 +259,8 @@ def test_step_schedule_warmup_and_cosine():
   c = tiny(learning_rate=0.1)
   s = optim.learning_rate_schedule(c, 10, 100)  # decays at steps 50 and 75
   assert [float(s(i)) for i in (0, 49, 50, 74, 75, 99)] == pytest.approx(
-      [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+  )
   c.lr_decay_fractions = (0.3,)
   assert float(optim.learning_rate_schedule(c, 10, 100)(30)) == pytest.approx(0.01)
   c = tiny(warmup_epochs=1.0)
@@ -240,8 +280,9 @@ def test_step_schedule_warmup_and_cosine():
 def test_weight_decay_applies_to_conv_and_dense_kernels_only():
   c = tiny()
   model = run_config.build_model(c, 10)
-  params = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.PRNGKey(0)}, np.zeros((1, 8, 8, 1)), train=False))["params"]
+  params = jax.eval_shape(
+    lambda: model.init({"params": jax.random.PRNGKey(0)}, np.zeros((1, 8, 8, 1)), train=False)
+  )["params"]
   flat = jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(params, "kernels"))[0]
   decayed = {jax.tree_util.keystr(p) for p, v in flat if v}
   kept = {jax.tree_util.keystr(p) for p, v in flat if not v}
@@ -250,8 +291,7 @@ def test_weight_decay_applies_to_conv_and_dense_kernels_only():
   assert all(jax.tree.leaves(optim.weight_decay_mask(params, "all")))
   # The decay itself: zero gradient, lr 0.1, wd 0.5 -> kernel moves by -0.1*0.5*w; BN not.
   tx = optim.make_optimizer(tiny(weight_decay=0.5, momentum=0.0, nesterov=False), 0.1)
-  p = {"conv": {"kernel": np.ones((1, 3), np.float32)},
-       "bn": {"scale": np.ones(2, np.float32)}}
+  p = {"conv": {"kernel": np.ones((1, 3), np.float32)}, "bn": {"scale": np.ones(2, np.float32)}}
   updates, _ = tx.update(jax.tree.map(np.zeros_like, p), tx.init(p), p)
   np.testing.assert_allclose(updates["conv"]["kernel"], -0.05)
   np.testing.assert_allclose(updates["bn"]["scale"], 0.0)

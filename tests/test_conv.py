@@ -5,7 +5,6 @@ rounding), for strides 1/2, SAME/VALID/explicit padding, 1x1/3x3/7x7 kernels, un
 and vmap; forward FLOPs seen by the jaxpr walker are the same for every formulation.
 """
 
-
 import chex
 import jax
 from jax import lax
@@ -18,18 +17,25 @@ from rknet_jax.conv import Conv, conv2d
 
 IMPLS = ("xla", "dot1x1", "dot")
 CASES = [  # (kernel size, stride, padding)
-    (1, 1, "SAME"), (1, 2, "SAME"), (1, 1, ((1, 0), (0, 2))),
-    (3, 1, "SAME"), (3, 1, "VALID"), (3, 1, ((2, 0), (1, 3))), (3, 2, "SAME"),
-    (3, 2, "VALID"), (7, 1, "SAME"), (7, 2, ((3, 3), (3, 3))),
+  (1, 1, "SAME"),
+  (1, 2, "SAME"),
+  (1, 1, ((1, 0), (0, 2))),
+  (3, 1, "SAME"),
+  (3, 1, "VALID"),
+  (3, 1, ((2, 0), (1, 3))),
+  (3, 2, "SAME"),
+  (3, 2, "VALID"),
+  (7, 1, "SAME"),
+  (7, 2, ((3, 3), (3, 3))),
 ]
 # The 7x7 (ImageNet stem) cases compile the longest: the full suite only.
-SLOW_7X7 = [pytest.param(*case, marks=pytest.mark.slow) if case[0] == 7 else case
-            for case in CASES]
+SLOW_7X7 = [pytest.param(*case, marks=pytest.mark.slow) if case[0] == 7 else case for case in CASES]
 
 
 def _ref(x, k, stride, padding):
-  return lax.conv_general_dilated(x, k, (stride, stride), padding,
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return lax.conv_general_dilated(
+    x, k, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def _inputs(ks, dtype, n=2, h=11, w=9, c=5, d=4):
@@ -53,9 +59,12 @@ def test_float32_matches_lax_conv(ks, stride, padding):
   @jax.jit
   def all_impls(x, k):
     ref = _out_and_grads(lambda a, b: _ref(a, b, stride, padding), x, k, kg)
-    return ref, {impl: _out_and_grads(
-        lambda a, b, impl=impl: conv2d(a, b, (stride, stride), padding, impl=impl),
-        x, k, kg) for impl in IMPLS}
+    return ref, {
+      impl: _out_and_grads(
+        lambda a, b, impl=impl: conv2d(a, b, (stride, stride), padding, impl=impl), x, k, kg
+      )
+      for impl in IMPLS
+    }
 
   ref, got = all_impls(x, k)
   for impl in IMPLS:
@@ -66,22 +75,33 @@ def test_float32_matches_lax_conv(ks, stride, padding):
       assert err <= 1e-5 * scale + 1e-6, (impl, name, err, scale)
 
 
-@pytest.mark.parametrize("ks,stride,padding",
-                         [(1, 2, "SAME"), (3, 1, "SAME"), (3, 1, ((2, 0), (1, 3))),
-                          pytest.param(7, 1, "VALID", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "ks,stride,padding",
+  [
+    (1, 2, "SAME"),
+    (3, 1, "SAME"),
+    (3, 1, ((2, 0), (1, 3))),
+    pytest.param(7, 1, "VALID", marks=pytest.mark.slow),
+  ],
+)
 def test_bfloat16_matches_lax_conv_within_rounding(ks, stride, padding):
   x, k, kg = _inputs(ks, jnp.bfloat16)
+
   def up(t):
     return t.astype(jnp.float32)
+
   # float32 reference on the same (bf16-representable) inputs and cotangent.
-  ref_fn = jax.jit(lambda a, b: _out_and_grads(lambda a_, b_: _ref(a_, b_, stride, padding),
-                                                a, b, kg))
+  ref_fn = jax.jit(
+    lambda a, b: _out_and_grads(lambda a_, b_: _ref(a_, b_, stride, padding), a, b, kg)
+  )
   ref = ref_fn(up(x), up(k))
   lax_bf16 = ref_fn(x, k)
   for impl in IMPLS:
-    got = jax.jit(lambda a, b, impl=impl: _out_and_grads(
-        lambda a_, b_: conv2d(a_, b_, (stride, stride), padding, impl=impl),
-        a, b, kg))(x, k)
+    got = jax.jit(
+      lambda a, b, impl=impl: _out_and_grads(
+        lambda a_, b_: conv2d(a_, b_, (stride, stride), padding, impl=impl), a, b, kg
+      )
+    )(x, k)
     for name, r, lb, v in zip(("y", "dx", "dk"), ref, lax_bf16, got):
       assert v.dtype == jnp.bfloat16 and v.shape == r.shape, (impl, name)
       scale = float(jnp.max(jnp.abs(r)))
@@ -95,18 +115,22 @@ def test_bfloat16_matches_lax_conv_within_rounding(ks, stride, padding):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_vmap_over_inputs_and_kernels(impl):
   x, k, kg = _inputs(3, jnp.float32, n=2, h=7, w=6)
-  xs = jnp.stack([x, 2 * x + 1])             # vmapped input batch
-  ks = jnp.stack([k, -k * 0.5])              # vmapped kernels
+  xs = jnp.stack([x, 2 * x + 1])  # vmapped input batch
+  ks = jnp.stack([k, -k * 0.5])  # vmapped kernels
   w = jax.random.normal(kg, (2, 2, 7, 6, 4))
 
   def loss(conv, xs, ks):
     ys = jax.vmap(lambda a, b: conv(a, b))(xs, ks)
     return jnp.sum(ys * w)
 
-  ref = jax.jit(jax.value_and_grad(
-      lambda a, b: loss(lambda u, v: _ref(u, v, 1, "SAME"), a, b), argnums=(0, 1)))
-  got = jax.jit(jax.value_and_grad(
-      lambda a, b: loss(lambda u, v: conv2d(u, v, impl=impl), a, b), argnums=(0, 1)))
+  ref = jax.jit(
+    jax.value_and_grad(lambda a, b: loss(lambda u, v: _ref(u, v, 1, "SAME"), a, b), argnums=(0, 1))
+  )
+  got = jax.jit(
+    jax.value_and_grad(
+      lambda a, b: loss(lambda u, v: conv2d(u, v, impl=impl), a, b), argnums=(0, 1)
+    )
+  )
   (lr, (gxr, gkr)), (lg, (gxg, gkg)) = ref(xs, ks), got(xs, ks)
   np.testing.assert_allclose(lg, lr, rtol=1e-5)
   np.testing.assert_allclose(gxg, gxr, rtol=1e-5, atol=1e-5)
@@ -120,8 +144,10 @@ def test_vmap_over_inputs_and_kernels(impl):
 def test_second_order_input_gradient_through_custom_vjp():
   # Hessian-vector products w.r.t. the input go through the custom VJP's bwd.
   x, k, _ = _inputs(3, jnp.float32, n=1, h=5, w=5, c=2, d=3)
+
   def f(conv):
     return lambda a: jnp.sum(jnp.tanh(conv(a, k)) ** 2)
+
   ref = jax.grad(f(lambda a, b: _ref(a, b, 1, "SAME")))(x)
   got = jax.grad(f(lambda a, b: conv2d(a, b, impl="dot")))(x)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
@@ -138,20 +164,25 @@ def test_kernel_gradient_formulation_directly():
   ref = jax.vjp(lambda b: _ref(x, b, 1, pads), k)[1](g)[0]
   got = conv_lib._kernel_grad_shifted_dots(x, g, (3, 5), pads)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(conv2d(x, k, padding=pads, impl="dot"), y, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(conv2d(x, k, padding=pads, impl="dot"), y, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_flops_identical_for_every_impl():
   from rknet_jax.counting import jaxpr_flops
+
   x = jnp.zeros((2, 8, 8, 6))
   for ks, stride, padding in CASES:
     k = jnp.zeros((ks, ks, 6, 4))
-    counts = {impl: jaxpr_flops(jax.make_jaxpr(
-        lambda a, b, impl=impl, s=stride, p=padding: conv2d(a, b, (s, s), p, impl=impl))(x, k))
-              for impl in IMPLS}
+    counts = {
+      impl: jaxpr_flops(
+        jax.make_jaxpr(
+          lambda a, b, impl=impl, s=stride, p=padding: conv2d(a, b, (s, s), p, impl=impl)
+        )(x, k)
+      )
+      for impl in IMPLS
+    }
     ho, wo = _ref(x, k, stride, padding).shape[1:3]
-    expected = 2 * 2 * ho * wo * ks * ks * 6 * 4   # padding included
+    expected = 2 * 2 * ho * wo * ks * ks * 6 * 4  # padding included
     assert counts == {impl: expected for impl in IMPLS}, (ks, stride, padding, counts)
 
 
@@ -172,6 +203,7 @@ def test_formulation_is_a_model_option_not_module_state():
   """No module-level default to change: ``conv_impl`` is a field of the model, so two models
   differing only in it are different (hash) keys of a jit cache and trace differently."""
   from rknet_jax import registry
+
   assert not hasattr(conv_lib, "set_default_impl") and not hasattr(conv_lib, "default_impl")
   auto = registry.create_model("ERKNet-2×1-B", growth_rate=4)
   xla = auto.clone(conv_impl="xla")
@@ -181,11 +213,9 @@ def test_formulation_is_a_model_option_not_module_state():
   texts = {}
   for model in (auto, xla):
     variables = jax.eval_shape(lambda x, m=model: m.init(jax.random.key(0), x), x)
-    texts[model.conv_impl] = str(jax.make_jaxpr(
-        lambda v, x, m=model: m.apply(v, x))(variables, x))
+    texts[model.conv_impl] = str(jax.make_jaxpr(lambda v, x, m=model: m.apply(v, x))(variables, x))
   # The bottleneck's 1x1 convolutions are dots under "auto" on the CPU, convolutions under xla.
-  assert (texts["auto"].count("conv_general_dilated")
-          < texts["xla"].count("conv_general_dilated"))
+  assert texts["auto"].count("conv_general_dilated") < texts["xla"].count("conv_general_dilated")
   with pytest.raises(ValueError, match="'cudnn'"):
     auto.clone(conv_impl="cudnn").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
 
@@ -193,6 +223,7 @@ def test_formulation_is_a_model_option_not_module_state():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_conv1x1_concat_equals_conv_of_concatenation(impl):
   from rknet_jax.counting import jaxpr_flops
+
   keys = jax.random.split(jax.random.PRNGKey(4), 4)
   xs = [jax.random.normal(kk, (2, 5, 6, c)) for kk, c in zip(keys[:3], (3, 4, 2))]
   k = jax.random.normal(keys[3], (1, 1, 9, 5))
@@ -202,6 +233,7 @@ def test_conv1x1_concat_equals_conv_of_concatenation(impl):
 
   def got(xs, k):
     return conv_lib.conv1x1_concat(xs, k, impl=impl)
+
   y, vjp = jax.vjp(got, xs, k)
   yr, vjpr = jax.vjp(ref, xs, k)
   np.testing.assert_allclose(y, yr, rtol=1e-5, atol=1e-5)

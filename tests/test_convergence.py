@@ -1,4 +1,5 @@
 """Tests for rknet_jax.convergence: the measured-order tool."""
+
 import pytest
 
 from rknet_jax import convergence
@@ -40,11 +41,16 @@ def test_library_modules_import_without_cycles():
   import pathlib
 
   import rknet_jax
+
   root = pathlib.Path(rknet_jax.__file__).parent
   for module in ("tableaus", "order_conditions", "rk"):
     tree = ast.parse((root / f"{module}.py").read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and node.module == "rknet_jax" for alias in node.names}
+    imported = {
+      alias.name
+      for node in ast.walk(tree)
+      if isinstance(node, ast.ImportFrom) and node.module == "rknet_jax"
+      for alias in node.names
+    }
     assert "convergence" not in imported, module
     if module != "rk":
       assert "rk" not in imported, module

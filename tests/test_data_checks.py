@@ -4,6 +4,7 @@ Each test names the silent wrong answer it used to give ("before") and asserts t
 the right answer now. Datasets are built from scikit-learn's digits in temporary folders;
 training runs use the tiny ERKNet of conftest.py for a few steps.
 """
+
 import json
 import os
 import shutil
@@ -25,8 +26,12 @@ from rknet_jax import preprocessing
 def digits_arrays(digits_splits):
   """digits as npz arrays (fresh per test: tests edit them)."""
   train_split, test_split = digits_splits
-  return dict(train_images=train_split.images[..., 0], train_labels=train_split.labels,
-              test_images=test_split.images[..., 0], test_labels=test_split.labels)
+  return dict(
+    train_images=train_split.images[..., 0],
+    train_labels=train_split.labels,
+    test_images=test_split.images[..., 0],
+    test_labels=test_split.labels,
+  )
 
 
 def _npz(path, **arrays):
@@ -46,7 +51,8 @@ def _refused(dataset, pattern):
 
 
 def test_labels_that_do_not_fit_int32_or_are_not_whole_are_refused_before_the_cast(
-    digits_arrays, tmp_path):
+  digits_arrays, tmp_path
+):
   """Before: labels were cast to int32 unchecked, 2**32+3 trained as class 3 and 2**31 became
   negative (a NaN later blamed on the learning rate)."""
   d = digits_arrays
@@ -54,17 +60,23 @@ def test_labels_that_do_not_fit_int32_or_are_not_whole_are_refused_before_the_ca
   for i, value in ((7, 2**32 + 3), (11, 2**31)):
     bad = labels.copy()
     bad[i] = value
-    message = _refused(_npz(tmp_path / f"big{i}.npz", **dict(d, train_labels=bad)),
-                       rf"train_labels\[{i}\] = {value} is not a valid label")
+    message = _refused(
+      _npz(tmp_path / f"big{i}.npz", **dict(d, train_labels=bad)),
+      rf"train_labels\[{i}\] = {value} is not a valid label",
+    )
     assert f"big{i}.npz" in message
   big_float = d["train_labels"].astype(np.float64)
   big_float[3] = 2.0**40
-  _refused(_npz(tmp_path / "bigf.npz", **dict(d, train_labels=big_float)),
-           r"train_labels\[3\] = 1099511627776.0 is not a valid label")
+  _refused(
+    _npz(tmp_path / "bigf.npz", **dict(d, train_labels=big_float)),
+    r"train_labels\[3\] = 1099511627776.0 is not a valid label",
+  )
   half = d["test_labels"].astype(np.float32)
   half[5] = 2.5
-  _refused(_npz(tmp_path / "half.npz", **dict(d, test_labels=half)),
-           r"test_labels\[5\] = 2.5 is not a whole number")
+  _refused(
+    _npz(tmp_path / "half.npz", **dict(d, test_labels=half)),
+    r"test_labels\[5\] = 2.5 is not a whole number",
+  )
   # Whole-number floats are labels like any other.
   ip.clear_cache()
   ok = _npz(tmp_path / "float.npz", **dict(d, train_labels=d["train_labels"].astype(float)))
@@ -80,53 +92,65 @@ def test_one_class_of_training_labels_is_refused(digits_arrays, tmp_path):
   """Before: an npz whose labels are all 0 trained a 1-class model and reported test top-1
   error 0.0000."""
   d = digits_arrays
-  zeros = dict(d, train_labels=np.zeros_like(d["train_labels"]),
-               test_labels=np.zeros_like(d["test_labels"]))
-  _refused(_npz(tmp_path / "zeros.npz", **zeros),
-           r"every training label is 0 \(1437 images\): a classifier needs training examples "
-           "of at least 2 classes")
+  zeros = dict(
+    d, train_labels=np.zeros_like(d["train_labels"]), test_labels=np.zeros_like(d["test_labels"])
+  )
+  _refused(
+    _npz(tmp_path / "zeros.npz", **zeros),
+    r"every training label is 0 \(1437 images\): a classifier needs training examples "
+    "of at least 2 classes",
+  )
   # class_names do not make one present class into ten.
   named = dict(zeros, class_names=np.array([str(i) for i in range(10)]))
   _refused(_npz(tmp_path / "named.npz", **named), "every training label is 0")
 
 
 def test_splits_at_another_scale_or_dtype_than_train_are_refused_naming_both(
-    digits_arrays, tmp_path):
+  digits_arrays, tmp_path
+):
   """Before: train images as float 0..1 with test images as uint8 0..255 were accepted; the
   reported test error was 0.90 against 0.28 for the same data at one scale."""
   d = digits_arrays
-  as_unit = dict(d, train_images=d["train_images"] / 16.0,
-                 test_images=(d["test_images"] * 15).astype(np.uint8))
-  message = _refused(_npz(tmp_path / "mixed.npz", **as_unit),
-                     r"test images are uint8 in \[0, 240\] but train images are float32 in "
-                     r"\[0, 1\]")
+  as_unit = dict(
+    d, train_images=d["train_images"] / 16.0, test_images=(d["test_images"] * 15).astype(np.uint8)
+  )
+  message = _refused(
+    _npz(tmp_path / "mixed.npz", **as_unit),
+    r"test images are uint8 in \[0, 240\] but train images are float32 in "
+    r"\[0, 1\]",
+  )
   assert "one dtype and one pixel scale" in message
   # Same dtype, other scale: float 0..1 train, float 0..255 test; and the reverse.
-  floats = dict(d, train_images=d["train_images"] / 16.0,
-                test_images=d["test_images"] * 15.0)
-  _refused(_npz(tmp_path / "floats.npz", **floats),
-           r"test images are float32 in \[0, 240\] .*reaches far outside the training range "
-           r"\[0, 1\]")
+  floats = dict(d, train_images=d["train_images"] / 16.0, test_images=d["test_images"] * 15.0)
+  _refused(
+    _npz(tmp_path / "floats.npz", **floats),
+    r"test images are float32 in \[0, 240\] .*reaches far outside the training range "
+    r"\[0, 1\]",
+  )
   reverse = dict(d, train_images=d["train_images"] * 15.0, test_images=d["test_images"] / 16.0)
-  _refused(_npz(tmp_path / "reverse.npz", **reverse),
-           r"test images are float32 in \[0, 1\] .*spans under 1/12 of the training range "
-           r"\[0, 240\]")
+  _refused(
+    _npz(tmp_path / "reverse.npz", **reverse),
+    r"test images are float32 in \[0, 1\] .*spans under 1/12 of the training range "
+    r"\[0, 240\]",
+  )
   val = dict(d, validation_images=d["test_images"] * 15, validation_labels=d["test_labels"])
   _refused(_npz(tmp_path / "val.npz", **val), r"validation images are uint8 in \[0, 240\]")
   # One scale everywhere (digits as floats 0..1) is fine.
   ip.clear_cache()
   fine = dict(d, train_images=d["train_images"] / 16.0, test_images=d["test_images"] / 16.0)
-  assert "1437 train" in ip.preflight({"dataset": _npz(tmp_path / "fine.npz", **fine),
-                                       "batch_size": 2})
+  assert "1437 train" in ip.preflight(
+    {"dataset": _npz(tmp_path / "fine.npz", **fine), "batch_size": 2}
+  )
 
 
 def test_non_finite_pixels_are_refused_naming_split_and_image(digits_arrays, tmp_path):
   d = digits_arrays
   test = d["test_images"].astype(np.float32)
   test[17, 3, 4] = np.inf
-  _refused(_npz(tmp_path / "inf.npz", **dict(d, train_images=d["train_images"] * 1.0,
-                                             test_images=test)),
-           r"test image 17 holds a non-finite pixel \(inf\)")
+  _refused(
+    _npz(tmp_path / "inf.npz", **dict(d, train_images=d["train_images"] * 1.0, test_images=test)),
+    r"test image 17 holds a non-finite pixel \(inf\)",
+  )
 
 
 def test_every_in_memory_source_passes_the_same_check():
@@ -140,11 +164,9 @@ def test_every_in_memory_source_passes_the_same_check():
   names = ("a", "b")
   base.check_official(base.Official(split([0, 1, 0, 1]), split([1, 1, 0, 0]), None, names), "x")
   with pytest.raises(ValueError, match=r"x: test label \[2\] = 2 is not a valid label \(0..1"):
-    base.check_official(base.Official(split([0, 1, 0, 1]), split([1, 1, 2, 0]), None, names),
-                        "x")
+    base.check_official(base.Official(split([0, 1, 0, 1]), split([1, 1, 2, 0]), None, names), "x")
   with pytest.raises(ValueError, match="every training label is 1"):
-    base.check_official(base.Official(split([1, 1, 1, 1]), split([1, 1, 0, 0]), None, names),
-                        "x")
+    base.check_official(base.Official(split([1, 1, 1, 1]), split([1, 1, 0, 0]), None, names), "x")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,14 +175,18 @@ def test_every_in_memory_source_passes_the_same_check():
 
 def _swap_train_images(d):
   """The same test split with other training images (so other mean/std), one file size more."""
-  swapped = dict(d, train_images=np.clip(d["train_images"].astype(np.int64) + 2, 0, 16)
-                 .astype(np.uint8), extra=np.zeros(3))
+  swapped = dict(
+    d,
+    train_images=np.clip(d["train_images"].astype(np.int64) + 2, 0, 16).astype(np.uint8),
+    extra=np.zeros(3),
+  )
   return swapped
 
 
 @pytest.mark.slow
 def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(
-    data_config, digits_arrays, tmp_path):
+  data_config, digits_arrays, tmp_path
+):
   """Before: replacing the npz at the same path and resuming continued silently on the new
   data and rewrote data.json's mean/std; evaluate after the swap recomputed mean/std from the
   new file (0.85 vs 0.78)."""
@@ -178,19 +204,29 @@ def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(
   ip.clear_cache()
   _npz(path, **_swap_train_images(d))
   new_size = os.path.getsize(path)
-  with pytest.raises(ip.DataChanged,
-                     match=rf"the npz file {path} changed since this run started: size "
-                           rf"{old_size} bytes -> {new_size} bytes, sha256 \w+\.\.\. -> \w+"
-                           r"\.\.\..*config.allow_data_change=True"):
+  with pytest.raises(
+    ip.DataChanged,
+    match=rf"the npz file {path} changed since this run started: size "
+    rf"{old_size} bytes -> {new_size} bytes, sha256 \w+\.\.\. -> \w+"
+    r"\.\.\..*config.allow_data_change=True",
+  ):
     train.train_and_evaluate(data_config(dataset, num_train_steps=9), workdir)
-  with pytest.raises(ip.DataChanged, match="Refusing to evaluate on other data.*"
-                                           "--allow_data_change"):
+  with pytest.raises(
+    ip.DataChanged, match="Refusing to evaluate on other data.*--allow_data_change"
+  ):
     evaluate_lib.evaluate_checkpoint(workdir)
   # Other classes cannot continue even when asked.
   with pytest.raises(ip.DataChanged, match=r"class_names \['0', '1', '2'\] differ .* \(not even"):
-    ip.bind_data_spec(data_config(_npz(tmp_path / "three.npz", **dict(
-        d, train_labels=d["train_labels"] % 3, test_labels=d["test_labels"] % 3))), spec,
-                      allow_change=True)
+    ip.bind_data_spec(
+      data_config(
+        _npz(
+          tmp_path / "three.npz",
+          **dict(d, train_labels=d["train_labels"] % 3, test_labels=d["test_labels"] % 3),
+        )
+      ),
+      spec,
+      allow_change=True,
+    )
   # Asked for: evaluate standardises with the run's data.json, not the new file's statistics,
   # so the unchanged test split scores exactly as before the swap.
   assert ip.dataset_info(config).mean != pytest.approx(spec["mean"])
@@ -198,7 +234,8 @@ def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(
   assert after["top1_error"] == before["top1_error"] and after["loss"] == before["loss"]
   # Resume asked for: continues on the new data with the run's mean/std, says so in run.json.
   results = train.train_and_evaluate(
-      data_config(dataset, num_train_steps=9, allow_data_change=True), workdir)
+    data_config(dataset, num_train_steps=9, allow_data_change=True), workdir
+  )
   assert results["steps"] == 9
   resumed = preprocessing.read_data_spec(workdir)
   assert resumed["mean"] == spec["mean"] and resumed["std"] == spec["std"]
@@ -209,16 +246,14 @@ def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(
   assert run["data_changes"][0]["at_step"] == 6
   assert f"size {old_size} bytes -> {new_size} bytes" in run["data_changes"][0]["change"]
   # The new data are now the run's: a plain resume continues.
-  assert train.train_and_evaluate(data_config(dataset, num_train_steps=12), workdir)[
-      "steps"] == 12
+  assert train.train_and_evaluate(data_config(dataset, num_train_steps=12), workdir)["steps"] == 12
   ip.clear_cache()
 
 
 def test_folder_fingerprint_follows_the_image_files_only(write_image_folder, tmp_path):
   images = (np.arange(6 * 64).reshape(6, 8, 8) % 256).astype(np.uint8)
   root = tmp_path / "data"
-  write_image_folder(
-      root, {"train": (images[:4], [0, 1, 0, 1]), "test": (images[4:], [0, 1])})
+  write_image_folder(root, {"train": (images[:4], [0, 1, 0, 1]), "test": (images[4:], [0, 1])})
   settings = ip._settings({"dataset": f"folder:{root}", "batch_size": 2})
   first = fingerprint_lib.fingerprint(settings)
   assert first["files"] == 6
@@ -227,21 +262,24 @@ def test_folder_fingerprint_follows_the_image_files_only(write_image_folder, tmp
   assert fingerprint_lib.describe_change(first, fingerprint_lib.fingerprint(settings)) is None
   Image.fromarray(images[0]).save(root / "train" / "c1" / "extra.png")
   change = fingerprint_lib.describe_change(first, fingerprint_lib.fingerprint(settings))
-  assert change.startswith(f"the image files of {root} changed since this run started: "
-                           "files 6 -> 7, bytes ")
+  assert change.startswith(
+    f"the image files of {root} changed since this run started: files 6 -> 7, bytes "
+  )
   # A copy of the same npz elsewhere is the same data; digits are fixed.
   np.savez(tmp_path / "a.npz", x=np.arange(3))
   shutil.copy(tmp_path / "a.npz", tmp_path / "b.npz")
-  a, b = (fingerprint_lib.fingerprint(ip._settings(
-      {"dataset": f"npz:{tmp_path / n}", "batch_size": 2})) for n in ("a.npz", "b.npz"))
+  a, b = (
+    fingerprint_lib.fingerprint(ip._settings({"dataset": f"npz:{tmp_path / n}", "batch_size": 2}))
+    for n in ("a.npz", "b.npz")
+  )
   assert a["path"] != b["path"] and fingerprint_lib.describe_change(a, b) is None
   digits = ip.data_fingerprint({"dataset": "digits", "batch_size": 2})
   assert digits == ip.data_fingerprint({"dataset": "digits", "batch_size": 4})
 
 
 def test_a_workdir_without_fingerprint_or_pixel_range_still_resumes_and_predicts(
-    data_config, tmp_path,
-                                                                                 caplog):
+  data_config, tmp_path, caplog
+):
   """Older data.json files (no fingerprint, no pixel range) load, predict and resume; the
   resume records the fingerprint and keeps mean/std."""
   workdir = str(tmp_path / "run")
@@ -309,7 +347,9 @@ def test_predict_returns_class_names_and_probabilities(digits_run):
   np.testing.assert_allclose(out.logits, logits)
 
 
-@pytest.mark.parametrize("edit, field", [
+@pytest.mark.parametrize(
+  "edit, field",
+  [
     ({"std": [0.0]}, r"std is \[0.0\]; every channel's std must be > 0"),
     ({"std": [-1.0]}, "std is"),
     ({"mean": [float("nan")]}, "mean is"),
@@ -317,9 +357,11 @@ def test_predict_returns_class_names_and_probabilities(digits_run):
     ({"class_names": ["a"]}, "class_names is"),
     ({"pixel_range": [16, 0]}, "pixel_range is"),
     ({"std": None}, r"it lacks \['std'\]"),
-])
-def test_a_damaged_data_json_is_an_error_at_load_naming_the_field(digits_run, tmp_path, edit,
-                                                                  field):
+  ],
+)
+def test_a_damaged_data_json_is_an_error_at_load_naming_the_field(
+  digits_run, tmp_path, edit, field
+):
   """Before: a data.json edited to std [0.0] loaded and predicted at chance with only a numpy
   warning."""
   workdir = str(tmp_path / "run")
@@ -331,21 +373,26 @@ def test_a_damaged_data_json_is_an_error_at_load_naming_the_field(digits_run, tm
   spec = {k: v for k, v in spec.items() if v is not None}
   with open(file, "w") as f:
     json.dump(spec, f)
-  with pytest.raises(ValueError, match=r"data.json \(the training preprocessing\) cannot be "
-                                       "used: " + field):
+  with pytest.raises(
+    ValueError,
+    match=r"data.json \(the training preprocessing\) cannot be "
+    "used: " + field,
+  ):
     rknet_jax.load_checkpoint(workdir)
   with pytest.raises(ValueError, match=field):
     evaluate_lib.evaluate_checkpoint(workdir)
 
 
 def test_predict_reads_image_files_and_applies_the_training_resize(
-    data_config, write_image_folder, tmp_path):
+  data_config, write_image_folder, tmp_path
+):
   """Before: predict took arrays only and did not apply the resize data.json records."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (40, 12, 12), dtype=np.uint8)
   root = tmp_path / "data"
   dataset = write_image_folder(
-      root, {"train": (images[:32], np.arange(32) % 2), "test": (images[32:], np.arange(8) % 2)})
+    root, {"train": (images[:32], np.arange(32) % 2), "test": (images[32:], np.arange(8) % 2)}
+  )
   # One training image of another size: config.resize=8 resizes every 12x12 image to 8x8.
   Image.fromarray(images[0][:10, :10]).save(root / "train" / "c0" / "small.png")
   config = data_config(dataset, resize=8, num_train_steps=3, batch_size=8)

@@ -18,6 +18,7 @@ from rknet_jax.layers import LayerConfig
 
 class _LoopDenseBlock(nn.Module):
   """The previous DenseBlock: layer l is a DenseLayer on the list [x, g_1, .., g_{l-1}]."""
+
   num_layers: int
   growth_rate: int
   bottleneck_width: int = None
@@ -27,8 +28,11 @@ class _LoopDenseBlock(nn.Module):
   def __call__(self, x, train):
     feats = [x]
     for l in range(self.num_layers):
-      feats.append(blocks.DenseLayer(self.growth_rate, self.bottleneck_width, self.config,
-                                     name=f"layer{l + 1}")(list(feats), train))
+      feats.append(
+        blocks.DenseLayer(
+          self.growth_rate, self.bottleneck_width, self.config, name=f"layer{l + 1}"
+        )(list(feats), train)
+      )
     return jnp.concatenate(feats, axis=-1)
 
 
@@ -40,11 +44,13 @@ def _perturbed(variables, seed=3):
   """Parameters and running statistics away from their initial values, so that BN scale,
   bias, mean and var all matter."""
   rng = np.random.default_rng(seed)
+
   def bump(path, v):
     keys = [getattr(p, "key", "") for p in path]
     if keys[-1] == "var":
       return v + jnp.asarray(rng.uniform(0.1, 0.5, v.shape), v.dtype)
     return v + jnp.asarray(0.1 * rng.standard_normal(v.shape), v.dtype)
+
   return jax.tree_util.tree_map_with_path(bump, variables)
 
 
@@ -54,12 +60,19 @@ def _max_rel(a, b):
 
 def _run(model, variables, x, train, rngs):
   def loss(params, x):
-    out, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                           train=train, mutable=["batch_stats"], rngs=rngs)
+    out, upd = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      x,
+      train=train,
+      mutable=["batch_stats"],
+      rngs=rngs,
+    )
     weights = jnp.arange(out.shape[-1], dtype=out.dtype)
     return jnp.sum(jnp.sin(out) * weights), (out, upd)
+
   (value, (out, upd)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-      variables["params"], x)
+    variables["params"], x
+  )
   return value, out, upd, grads
 
 
@@ -79,10 +92,12 @@ def test_the_shapes_used_below_have_scanned_buckets():
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("bottleneck", [None, pytest.param(4, marks=SLOW)],
-                         ids=["plain", "bottleneck"])
-@pytest.mark.parametrize("dropout", [0.0, pytest.param(0.3, marks=SLOW)],
-                         ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize(
+  "bottleneck", [None, pytest.param(4, marks=SLOW)], ids=["plain", "bottleneck"]
+)
+@pytest.mark.parametrize(
+  "dropout", [0.0, pytest.param(0.3, marks=SLOW)], ids=["no_dropout", "dropout"]
+)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train):
   cfg = LayerConfig(dropout_rate=dropout)
@@ -99,7 +114,7 @@ def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train
   v_new, out_new, upd_new, g_new = _run(new, variables, x, train, rngs)
   v_old, out_old, upd_old, g_old = _run(old, variables, x, train, rngs)
   assert out_new.shape == (x.shape[:3] + (_C0 + _L * _K,))
-  assert _max_rel(out_new, out_old) < 1e-6          # dropout masks included
+  assert _max_rel(out_new, out_old) < 1e-6  # dropout masks included
   np.testing.assert_allclose(v_new, v_old, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):  # params and input
     assert a.shape == b.shape
@@ -110,8 +125,9 @@ def test_buffer_block_equals_the_loop_of_dense_layers(bottleneck, dropout, train
       np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("bottleneck", [None, pytest.param(4, marks=SLOW)],
-                         ids=["plain", "bottleneck"])
+@pytest.mark.parametrize(
+  "bottleneck", [None, pytest.param(4, marks=SLOW)], ids=["plain", "bottleneck"]
+)
 def test_buffer_block_with_xla_convolutions_equals_the_loop(bottleneck):
   """The GPU/TPU formulation (XLA's native convolutions, also inside the backward scans)."""
   cfg = LayerConfig(conv_impl="xla", dropout_rate=0.2)
@@ -139,23 +155,33 @@ def test_bfloat16_block_follows_the_float32_one():
   _, out16, _, g16 = _run(bf16, variables, x.astype(jnp.bfloat16), True, {})
   assert out16.dtype == jnp.bfloat16
   assert _max_rel(out16.astype(jnp.float32), out32) < 0.05
-  assert _max_rel(g16[0]["layer1"]["bn_relu_conv1x1"]["conv"]["kernel"],
-                  g32[0]["layer1"]["bn_relu_conv1x1"]["conv"]["kernel"]) < 0.1
+  assert (
+    _max_rel(
+      g16[0]["layer1"]["bn_relu_conv1x1"]["conv"]["kernel"],
+      g32[0]["layer1"]["bn_relu_conv1x1"]["conv"]["kernel"],
+    )
+    < 0.1
+  )
 
 
 def _train_temp_bytes(num_layers):
   block = blocks.DenseBlock(num_layers, 8, 16, formulation="buffer")
   x = jax.ShapeDtypeStruct((8, 16, 16, 16), jnp.float32)
-  variables = jax.eval_shape(lambda: block.init(jax.random.PRNGKey(0),
-                                                jnp.zeros((1, 16, 16, 16)), train=False))
+  variables = jax.eval_shape(
+    lambda: block.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 16)), train=False)
+  )
 
   def loss(params, batch_stats, x):
-    out, upd = block.apply({"params": params, "batch_stats": batch_stats}, x,
-                           train=True, mutable=["batch_stats"])
-    return jnp.sum(out ** 2), upd
+    out, upd = block.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
+    return jnp.sum(out**2), upd
 
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 2), has_aux=True)).lower(
-      variables["params"], variables["batch_stats"], x).compile()
+  compiled = (
+    jax.jit(jax.grad(loss, argnums=(0, 2), has_aux=True))
+    .lower(variables["params"], variables["batch_stats"], x)
+    .compile()
+  )
   return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -188,8 +214,9 @@ def test_mismatched_layers_are_named():
   with pytest.raises(ValueError, match="1 layers given, the plan has 2"):
     dense_buffer.dense_block(plan, jnp.zeros((1, 3, 3, 4)), [dense_buffer.LayerVars(unit)])
   with pytest.raises(ValueError, match="layer 2's kernel reads 4 channels, its input has 6"):
-    dense_buffer.dense_block(plan, jnp.zeros((1, 3, 3, 4)),
-                             [dense_buffer.LayerVars(unit), dense_buffer.LayerVars(unit)])
+    dense_buffer.dense_block(
+      plan, jnp.zeros((1, 3, 3, 4)), [dense_buffer.LayerVars(unit), dense_buffer.LayerVars(unit)]
+    )
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -202,8 +229,15 @@ def test_deep_erk_steps_use_the_buffer_block_with_or_without_remat(remat):
   variables = step.init(jax.random.PRNGKey(0), y, train=False)
 
   def loss(q):
-    return jnp.sum(step.apply({"params": q, "batch_stats": variables["batch_stats"]}, y,
-                              train=True, mutable=["batch_stats"])[0])
+    return jnp.sum(
+      step.apply(
+        {"params": q, "batch_stats": variables["batch_stats"]},
+        y,
+        train=True,
+        mutable=["batch_stats"],
+      )[0]
+    )
+
   assert "custom_vjp_call" in str(jax.make_jaxpr(loss)(variables["params"]))
   grad_jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
   assert "checkpoint" not in grad_jaxpr and "remat" not in grad_jaxpr
@@ -214,8 +248,7 @@ def test_deep_erk_steps_use_the_buffer_block_with_or_without_remat(remat):
 
 def test_unknown_formulation_is_named():
   with pytest.raises(ValueError, match="formulation='scan'.*'auto', 'buffer', 'loop'"):
-    blocks.DenseBlock(2, 2, formulation="scan").init(jax.random.PRNGKey(0), _x(4),
-                                                     train=False)
+    blocks.DenseBlock(2, 2, formulation="scan").init(jax.random.PRNGKey(0), _x(4), train=False)
 
 
 def test_dense_formulation_is_a_model_option():
@@ -225,8 +258,10 @@ def test_dense_formulation_is_a_model_option():
   from rknet_jax import registry
 
   x = _x(3)
-  models = {f: registry.create_model("ERKNet-2x1", growth_rate=4, dense_formulation=f)
-            for f in ("loop", "buffer")}
+  models = {
+    f: registry.create_model("ERKNet-2x1", growth_rate=4, dense_formulation=f)
+    for f in ("loop", "buffer")
+  }
   variables = models["loop"].init(jax.random.PRNGKey(0), x, train=False)
   logits = {f: m.apply(variables, x, train=False) for f, m in models.items()}
   np.testing.assert_allclose(logits["buffer"], logits["loop"], rtol=1e-5, atol=1e-5)

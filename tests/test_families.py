@@ -18,6 +18,7 @@ from rknet_jax.checks import check_int, per_period
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ToyNetSpec(spec_lib.ModelSpec):
   """A toy family: ``ToyNet-<depth>`` = a stem and ``depth`` convolutions of ``width``."""
+
   depth: int
   width: tuple[int, ...] = 4
 
@@ -37,6 +38,7 @@ class ToyNetSpec(spec_lib.ModelSpec):
 
 class ToyNet(models._Network):  # noqa: SLF001 -- the base every family module extends
   """The toy family's module: its fields carry the spec's names."""
+
   depth: int = 1
   width: tuple[int, ...] = (4,)
   num_classes: int = 10
@@ -63,9 +65,15 @@ def _toy_from_name(name, hint, fields):
 
 @pytest.fixture
 def toy_family():
-  family = families.register(families.Family(
-      spec=ToyNetSpec, module=ToyNet, matches=lambda name: name.startswith("ToyNet"),
-      from_name=_toy_from_name, study_labels=("ToyNet",)))
+  family = families.register(
+    families.Family(
+      spec=ToyNetSpec,
+      module=ToyNet,
+      matches=lambda name: name.startswith("ToyNet"),
+      from_name=_toy_from_name,
+      study_labels=("ToyNet",),
+    )
+  )
   yield family
   families.unregister(family.name)
 
@@ -94,22 +102,29 @@ def test_a_toy_family_is_one_registration(toy_family):
 def test_builtin_families_and_unknown_names():
   assert families.study_labels() == ("ERKNet", "IRKNet", "DenseNet", "CliqueNet")
   assert [f.name for f in families.families()][:4] == [
-      "RKNetSpec", "TableauRKNetSpec", "DenseNetSpec", "CliqueNetSpec"]
+    "RKNetSpec",
+    "TableauRKNetSpec",
+    "DenseNetSpec",
+    "CliqueNetSpec",
+  ]
   assert families.by_spec_name("DenseNetSpec").convert("DenseNet-121")["name"] == (
-      "ERKNet-3×1 3×1 3×1 1×1-B")
+    "ERKNet-3×1 3×1 3×1 1×1-B"
+  )
   assert families.of_module(models.CliqueNet).spec is spec_lib.CliqueNetSpec
   with pytest.raises(ValueError, match="unknown family 'ToyNet'"):
     registry.parse_name("ToyNet-2")
-  old = spec_lib.from_json({"family": "CliqueNetSpec", "block_layers": [2, 2],
-                           "growth_rates": [4, 4]})  # a module-style key of older files
+  old = spec_lib.from_json(
+    {"family": "CliqueNetSpec", "block_layers": [2, 2], "growth_rates": [4, 4]}
+  )  # a module-style key of older files
   assert old == spec_lib.CliqueNetSpec(block_layers=(2, 2), growth_rate=4)
   with pytest.raises(ValueError, match="registered already"):
     families.register(families.by_spec_name("RKNetSpec"))
 
 
 def test_a_module_checks_its_options_with_its_spec():
-  model = models.RKNet(stages=(2,), steps=(1,), growth_rate=(4,), growth_multipliers=(2,),
-                       method="implicit")
+  model = models.RKNet(
+    stages=(2,), steps=(1,), growth_rate=(4,), growth_multipliers=(2,), method="implicit"
+  )
   with pytest.raises(ValueError, match="Rule 4"):
     model.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)), train=False)
   # A module's spec is the spec it was built from, defaults resolved.
@@ -120,10 +135,13 @@ def test_a_module_checks_its_options_with_its_spec():
 
 
 def test_the_spec_layer_imports_no_flax():
-  code = ("import sys; import rknet_jax.spec, rknet_jax.names, rknet_jax.paper; "
-          "spec = rknet_jax.names.spec_from_name('ERKNet-2x1', growth_rate=4); "
-          "loaded = sorted(m for m in sys.modules if m == 'flax' or m.startswith('flax.')); "
-          "print(spec.name, loaded)")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       check=True).stdout.strip()
+  code = (
+    "import sys; import rknet_jax.spec, rknet_jax.names, rknet_jax.paper; "
+    "spec = rknet_jax.names.spec_from_name('ERKNet-2x1', growth_rate=4); "
+    "loaded = sorted(m for m in sys.modules if m == 'flax' or m.startswith('flax.')); "
+    "print(spec.name, loaded)"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, check=True
+  ).stdout.strip()
   assert out == "ERKNet-2×1-k4 []", out

@@ -1,4 +1,5 @@
 """experiments/huge_pages.py: the CLI turns glibc's huge pages on itself."""
+
 import os
 import subprocess
 import sys
@@ -10,13 +11,16 @@ from experiments import huge_pages
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("environ, platform, expected", [
+@pytest.mark.parametrize(
+  "environ, platform, expected",
+  [
     ({}, "linux", huge_pages.TUNABLE),
     ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "linux", None),  # the user's, kept
     ({"RKNET_HUGE_PAGES": "0"}, "linux", None),
     ({"RKNET_HUGE_PAGES": "off"}, "linux", None),
     ({}, "darwin", None),
-])
+  ],
+)
 def test_when_the_environment_changes(environ, platform, expected):
   env = huge_pages.huge_pages_env(environ, platform)
   assert (env or {}).get("GLIBC_TUNABLES") == expected
@@ -25,11 +29,17 @@ def test_when_the_environment_changes(environ, platform, expected):
 
 
 def _probe(**extra):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", "RKNET_HUGE_PAGES")}
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RKNET_HUGE_PAGES")}
   env.update(extra)
-  out = subprocess.run([sys.executable, "-m", "experiments.huge_pages"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=60, check=True)
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments.huge_pages"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=True,
+  )
   return out.stdout.strip()
 
 
@@ -43,5 +53,5 @@ def test_the_process_reexecutes_itself_once_with_huge_pages():
 def test_the_command_line_entry_points_call_it():
   for module in ("main", "study"):
     src = open(os.path.join(REPO, "experiments", f"{module}.py")).read()
-    main_block = src[src.index('if __name__ == "__main__":'):]
+    main_block = src[src.index('if __name__ == "__main__":') :]
     assert "huge_pages.reexec_with_huge_pages()" in main_block, module

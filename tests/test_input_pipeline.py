@@ -1,4 +1,5 @@
 """Tests for experiments/input_pipeline.py: no network; tfds.testing.mock_data and digits only."""
+
 import itertools
 import os
 
@@ -30,11 +31,17 @@ def assert_batches_equal(a, b):
 
 
 def concat_hosts(config, step, num_steps, process_count):
-  per_host = [take(ip.train_iterator(config, start_step=step, process_index=p,
-                                     process_count=process_count), num_steps)
-              for p in range(process_count)]
-  return [{k: np.concatenate([h[i][k] for h in per_host]) for k in per_host[0][i]}
-          for i in range(num_steps)]
+  per_host = [
+    take(
+      ip.train_iterator(config, start_step=step, process_index=p, process_count=process_count),
+      num_steps,
+    )
+    for p in range(process_count)
+  ]
+  return [
+    {k: np.concatenate([h[i][k] for h in per_host]) for k in per_host[0][i]}
+    for i in range(num_steps)
+  ]
 
 
 def raw(images):
@@ -47,15 +54,29 @@ def raw(images):
 
 
 def test_unknown_dataset_lists_known_ones():
-  for call in (lambda: ip.dataset_info("mnsit"),
-               lambda: ip.preflight({"dataset": "mnsit", "batch_size": 8}),
-               lambda: ip.train_iterator({"dataset": "mnsit", "batch_size": 8}, start_step=0,
-                                         process_index=0, process_count=1),
-               lambda: ip.check_dataset_name("mnsit")):
+  for call in (
+    lambda: ip.dataset_info("mnsit"),
+    lambda: ip.preflight({"dataset": "mnsit", "batch_size": 8}),
+    lambda: ip.train_iterator(
+      {"dataset": "mnsit", "batch_size": 8}, start_step=0, process_index=0, process_count=1
+    ),
+    lambda: ip.check_dataset_name("mnsit"),
+  ):
     with pytest.raises(ValueError, match="mnsit") as e:
       call()
-    for name in ("cifar10", "cifar100", "svhn_cropped", "imagenet2012", "digits", "mnist",
-                 "fashion_mnist", "kmnist", "tfds:NAME", "npz:FILE", "folder:PATH"):
+    for name in (
+      "cifar10",
+      "cifar100",
+      "svhn_cropped",
+      "imagenet2012",
+      "digits",
+      "mnist",
+      "fashion_mnist",
+      "kmnist",
+      "tfds:NAME",
+      "npz:FILE",
+      "folder:PATH",
+    ):
       assert name in str(e.value)
 
 
@@ -71,12 +92,12 @@ def test_dataset_info():
 def test_bad_config_values_are_named():
   base = {"dataset": "digits", "batch_size": 32}
   cases = [
-      (dict(base, batch_size=0), "batch_size"),
-      (dict(base, validation_size=1437), "validation_size=1437"),
-      (dict(base, validation_size=-1), "validation_size"),
-      (dict(base, augment=True), "augment"),
-      (dict(base, svhn_extra=True), "svhn_extra"),
-      ({"batch_size": 32}, "dataset"),
+    (dict(base, batch_size=0), "batch_size"),
+    (dict(base, validation_size=1437), "validation_size=1437"),
+    (dict(base, validation_size=-1), "validation_size"),
+    (dict(base, augment=True), "augment"),
+    (dict(base, svhn_extra=True), "svhn_extra"),
+    ({"batch_size": 32}, "dataset"),
   ]
   for config, pattern in cases:
     with pytest.raises(ValueError, match=pattern):
@@ -88,8 +109,9 @@ def test_bad_config_values_are_named():
   with pytest.raises(ValueError, match="'train'"):
     ip.eval_iterator(base, "train", batch_size=8, process_index=0, process_count=1)
   with pytest.raises(ValueError, match="validation_size=0"):
-    ip.eval_iterator(dict(base, validation_size=0), "validation", batch_size=8, process_index=0,
-                     process_count=1)
+    ip.eval_iterator(
+      dict(base, validation_size=0), "validation", batch_size=8, process_index=0, process_count=1
+    )
 
 
 def test_preflight_names_missing_tfds_dataset_dir(tmp_path):
@@ -147,11 +169,13 @@ def test_digits_splits_sizes_disjoint_and_seeded():
   np.testing.assert_array_equal(other.test.images, splits.test.images)
   assert len(ip.load_splits(dict(config, validation_size=0)).train) == 1437
   # The digits standardisation constants are the statistics of all 1,797 images.
-  everything = np.concatenate([splits.train.images, splits.validation.images,
-                               splits.test.images]).astype(np.float64)
+  everything = np.concatenate(
+    [splits.train.images, splits.validation.images, splits.test.images]
+  ).astype(np.float64)
   info = ip.dataset_info("digits")
-  np.testing.assert_allclose([everything.mean(), everything.std()], [info.mean[0], info.std[0]],
-                             rtol=1e-9)
+  np.testing.assert_allclose(
+    [everything.mean(), everything.std()], [info.mean[0], info.std[0]], rtol=1e-9
+  )
   # All ten classes appear in every split.
   for split in (splits.train, splits.validation, splits.test):
     assert set(split.labels) == set(range(10))
@@ -160,8 +184,9 @@ def test_digits_splits_sizes_disjoint_and_seeded():
 def test_digits_epoch_covers_train_set_once():
   config = {"dataset": "digits", "batch_size": 64, "seed": 3}
   steps = ip.steps_per_epoch(config)
-  batches = take(ip.train_iterator(config, start_step=0, process_index=0, process_count=1),
-                 steps + 1)
+  batches = take(
+    ip.train_iterator(config, start_step=0, process_index=0, process_count=1), steps + 1
+  )
   train = ip.load_splits(config).train
   flat = train.images.reshape(len(train), -1).astype(np.float32)
   info = ip.dataset_info("digits")
@@ -185,15 +210,31 @@ def test_digits_epoch_covers_train_set_once():
 def test_digits_exact_count_eval_8_hosts():
   # 1,003 real examples held out as validation, batch 64 over 8 simulated hosts.
   config = {"dataset": "digits", "batch_size": 32, "validation_size": 1003}
-  check_exact_eval(config, "validation", 1003, batch_size=64, process_count=8,
-                   labels=ip.load_splits(config).validation.labels)
+  check_exact_eval(
+    config,
+    "validation",
+    1003,
+    batch_size=64,
+    process_count=8,
+    labels=ip.load_splits(config).validation.labels,
+  )
 
 
 def check_exact_eval(config, split, num_examples, *, batch_size, process_count, labels=None):
   local = batch_size // process_count
-  per_host = [list(ip.eval_iterator(config, split, batch_size=batch_size, process_index=p,
-                                    process_count=process_count, with_index=True))
-              for p in range(process_count)]
+  per_host = [
+    list(
+      ip.eval_iterator(
+        config,
+        split,
+        batch_size=batch_size,
+        process_index=p,
+        process_count=process_count,
+        with_index=True,
+      )
+    )
+    for p in range(process_count)
+  ]
   num_batches = -(-num_examples // batch_size)
   assert all(len(h) == num_batches for h in per_host)
   counted, indices = 0.0, []
@@ -220,8 +261,14 @@ def check_exact_eval(config, split, num_examples, *, batch_size, process_count, 
 # ------------------------------------------------------------------------------------------------
 # CIFAR-10 under tfds.testing.mock_data.
 
-CIFAR = {"dataset": "cifar10", "batch_size": 16, "seed": 5, "validation_size": 10,
-         "data_dir": "/nonexistent/never/read", "download": False}
+CIFAR = {
+  "dataset": "cifar10",
+  "batch_size": 16,
+  "seed": 5,
+  "validation_size": 10,
+  "data_dir": "/nonexistent/never/read",
+  "download": False,
+}
 
 
 @pytest.fixture
@@ -263,8 +310,9 @@ def test_cifar_determinism_resume_and_hosts(mock_cifar):
     config = dict(CIFAR, augment=augment)
     run = take(ip.train_iterator(config, start_step=0, process_index=0, process_count=1), 13)
     # Same seed -> same batches.
-    assert_batches_equal(run, take(ip.train_iterator(config, start_step=0, process_index=0,
-                                                     process_count=1), 13))
+    assert_batches_equal(
+      run, take(ip.train_iterator(config, start_step=0, process_index=0, process_count=1), 13)
+    )
     # Resuming at step 7 (inside epoch 1; 5 steps per epoch) continues the same sequence,
     # across the next epoch boundary.
     resumed = take(ip.train_iterator(config, start_step=7, process_index=0, process_count=1), 6)
@@ -273,25 +321,31 @@ def test_cifar_determinism_resume_and_hosts(mock_cifar):
     for hosts in (2, 4):
       assert_batches_equal(run[3:7], concat_hosts(config, 3, 4, hosts))
     # Another seed -> another order.
-    other = take(ip.train_iterator(dict(config, seed=6), start_step=0, process_index=0,
-                                   process_count=1), 2)
+    other = take(
+      ip.train_iterator(dict(config, seed=6), start_step=0, process_index=0, process_count=1), 2
+    )
     assert not np.array_equal(other[0]["image"], run[0]["image"])
 
 
 def test_cifar_augmentation_is_pad4_crop_and_flip(mock_cifar):
   del mock_cifar
   plain = take(ip.train_iterator(CIFAR, start_step=0, process_index=0, process_count=1), 3)
-  aug = take(ip.train_iterator(dict(CIFAR, augment=True), start_step=0, process_index=0,
-                               process_count=1), 3)
+  aug = take(
+    ip.train_iterator(dict(CIFAR, augment=True), start_step=0, process_index=0, process_count=1), 3
+  )
   flips, offsets = 0, set()
   for p, a in zip(plain, aug):
     np.testing.assert_array_equal(p["label"], a["label"])  # same order, augmented images
     assert not np.array_equal(p["image"], a["image"])
     for x, y in zip(np.round(raw(p["image"])), np.round(raw(a["image"]))):
       padded = np.pad(x, ((4, 4), (4, 4), (0, 0)))
-      found = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
-               if np.array_equal(y, (lambda c: c[:, ::-1] if f else c)(
-                   padded[dy:dy + 32, dx:dx + 32]))]
+      found = [
+        (dy, dx, f)
+        for dy in range(9)
+        for dx in range(9)
+        for f in (False, True)
+        if np.array_equal(y, (lambda c: c[:, ::-1] if f else c)(padded[dy : dy + 32, dx : dx + 32]))
+      ]
       assert found, "augmented image is not a flipped/unflipped pad-4 crop of the original"
       flips += found[0][2]
       offsets.add(found[0][:2])
@@ -301,20 +355,34 @@ def test_cifar_augmentation_is_pad4_crop_and_flip(mock_cifar):
 def test_cifar_exact_count_eval_1003_examples_8_hosts():
   with tfds.testing.mock_data(num_examples=1003):
     config = dict(CIFAR, validation_size=0)
-    check_exact_eval(config, "test", 1003, batch_size=64, process_count=8,
-                     labels=ip.load_splits(config).test.labels)
+    check_exact_eval(
+      config,
+      "test",
+      1003,
+      batch_size=64,
+      process_count=8,
+      labels=ip.load_splits(config).test.labels,
+    )
     # Eval images are standardised like training images.
-    b = next(iter(ip.eval_iterator(config, "test", batch_size=64, process_index=0,
-                                   process_count=8)))
+    b = next(
+      iter(ip.eval_iterator(config, "test", batch_size=64, process_index=0, process_count=8))
+    )
     np.testing.assert_allclose(raw(b["image"]), np.round(raw(b["image"])), atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------
 # ImageNet under tfds.testing.mock_data (random JPEGs of 5..50 pixels a side).
 
-IMAGENET = {"dataset": "imagenet2012", "batch_size": 8, "seed": 1, "validation_size": 10,
-            "image_size": 32, "shuffle_buffer": 16, "data_dir": "/nonexistent/never/read",
-            "augment": None}
+IMAGENET = {
+  "dataset": "imagenet2012",
+  "batch_size": 8,
+  "seed": 1,
+  "validation_size": 10,
+  "image_size": 32,
+  "shuffle_buffer": 16,
+  "data_dir": "/nonexistent/never/read",
+  "augment": None,
+}
 
 
 @pytest.mark.slow
@@ -328,26 +396,34 @@ def test_imagenet_pipeline_shapes_determinism_resume_hosts():
       assert b["label"].shape == (8,) and b["label"].dtype == np.int32
       assert np.isfinite(b["image"]).all()
     # An epoch visits every example once: its labels are a permutation of the split's labels.
-    split_labels = np.array([int(ex["label"]) for ex in tfds.as_numpy(
-        tfds.builder("imagenet2012").as_dataset(split="train"))])
+    split_labels = np.array(
+      [
+        int(ex["label"])
+        for ex in tfds.as_numpy(tfds.builder("imagenet2012").as_dataset(split="train"))
+      ]
+    )
     np.testing.assert_array_equal(
-        np.sort(np.concatenate([b["label"] for b in run[:3]])), np.sort(split_labels))
+      np.sort(np.concatenate([b["label"] for b in run[:3]])), np.sort(split_labels)
+    )
     # Same seed -> same batches; resume inside epoch 1 continues the sequence.
     again = take(ip.train_iterator(IMAGENET, start_step=0, process_index=0, process_count=1), 5)
     assert_batches_equal(run, again)
-    assert_batches_equal(run[4:], take(ip.train_iterator(IMAGENET, start_step=4, process_index=0,
-                                                         process_count=1), 1))
+    assert_batches_equal(
+      run[4:], take(ip.train_iterator(IMAGENET, start_step=4, process_index=0, process_count=1), 1)
+    )
     assert_batches_equal(run[2:4], concat_hosts(IMAGENET, 2, 2, 2))
-    other = take(ip.train_iterator(dict(IMAGENET, seed=2), start_step=0, process_index=0,
-                                   process_count=1), 1)
+    other = take(
+      ip.train_iterator(dict(IMAGENET, seed=2), start_step=0, process_index=0, process_count=1), 1
+    )
     assert not np.array_equal(other[0]["image"], run[0]["image"])
     # Epochs differ in order (or at least in augmentation).
     assert not np.array_equal(run[0]["image"], run[3]["image"])
     # Exact-count eval (mock splits all hold the same 24 examples): batch 8 on 2 hosts, and
     # batch 16 on 4 hosts (last global batch half padding).
     check_exact_eval(IMAGENET, "test", 24, batch_size=8, process_count=2, labels=split_labels)
-    check_exact_eval(IMAGENET, "validation", 24, batch_size=16, process_count=4,
-                     labels=split_labels)
+    check_exact_eval(
+      IMAGENET, "validation", 24, batch_size=16, process_count=4, labels=split_labels
+    )
 
 
 def test_imagenet_host_shards_mode_is_deterministic_and_resumable():
@@ -356,17 +432,19 @@ def test_imagenet_host_shards_mode_is_deterministic_and_resumable():
     for p in range(2):
       run = take(ip.train_iterator(config, start_step=1, process_index=p, process_count=2), 4)
       assert all(b["image"].shape == (4, 32, 32, 3) for b in run)
-      resumed = take(ip.train_iterator(config, start_step=3, process_index=p, process_count=2),
-                     2)
+      resumed = take(ip.train_iterator(config, start_step=3, process_index=p, process_count=2), 2)
       assert_batches_equal(run[2:], resumed)
     # The two hosts read different shards with different orders and augmentations.
-    h0, h1 = (take(ip.train_iterator(config, start_step=0, process_index=p, process_count=2), 1)
-              for p in range(2))
+    h0, h1 = (
+      take(ip.train_iterator(config, start_step=0, process_index=p, process_count=2), 1)
+      for p in range(2)
+    )
     assert not np.array_equal(h0[0]["image"], h1[0]["image"])
 
 
 def test_imagenet_eval_preprocessing_centre_crop_and_standardisation():
   from experiments.data import imagenet
+
   info = ip.dataset_info("imagenet2012")
   mean, std = np.asarray(info.mean), np.asarray(info.std)
   # A 300x400 image: left half one colour, right half another; the 224 centre crop of the
@@ -382,12 +460,17 @@ def test_imagenet_eval_preprocessing_centre_crop_and_standardisation():
   np.testing.assert_allclose(restored[:, -100:].mean((0, 1)), (20, 220, 140), atol=3)
   # Training crops: right size, values of a jittered/lit image around the source colours.
   seed = tf.constant([3, 4], tf.int64)
-  crops = [imagenet.train_preprocess(tf, data, tf.constant([3, i], tf.int64), image_size=64,
-                                     mean=info.mean, std=info.std).numpy() for i in range(8)]
+  crops = [
+    imagenet.train_preprocess(
+      tf, data, tf.constant([3, i], tf.int64), image_size=64, mean=info.mean, std=info.std
+    ).numpy()
+    for i in range(8)
+  ]
   assert all(c.shape == (64, 64, 3) for c in crops)
   assert len({c.tobytes() for c in crops}) == 8
-  again = imagenet.train_preprocess(tf, data, seed, image_size=64, mean=info.mean,
-                                    std=info.std).numpy()
+  again = imagenet.train_preprocess(
+    tf, data, seed, image_size=64, mean=info.mean, std=info.std
+  ).numpy()
   np.testing.assert_array_equal(again, crops[4])
   restored = np.stack(crops) * std + mean
   assert restored.min() > -0.6 * 255 and restored.max() < 1.6 * 255

@@ -1,4 +1,5 @@
 """experiments/tools/mnist_to_npz.py: the four MNIST IDX files -> the npz the runner reads."""
+
 import gzip
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from experiments.tools import mnist_to_npz
 
 def _write_idx(path, array, gz):
   header = (0x800 + array.ndim).to_bytes(4, "big") + b"".join(
-      d.to_bytes(4, "big") for d in array.shape)
+    d.to_bytes(4, "big") for d in array.shape
+  )
   data = header + array.astype(np.uint8).tobytes()
   if gz:
     with gzip.open(str(path) + ".gz", "wb") as f:
@@ -23,10 +25,12 @@ def _write_idx(path, array, gz):
 
 def _tiny_mnist(folder, n_train=12, n_test=5, gz=True):
   rng = np.random.default_rng(0)
-  arrays = {"train_images": rng.integers(0, 256, (n_train, 28, 28)),
-            "train_labels": np.arange(n_train) % 10,
-            "test_images": rng.integers(0, 256, (n_test, 28, 28)),
-            "test_labels": np.arange(n_test) % 10}
+  arrays = {
+    "train_images": rng.integers(0, 256, (n_train, 28, 28)),
+    "train_labels": np.arange(n_train) % 10,
+    "test_images": rng.integers(0, 256, (n_test, 28, 28)),
+    "test_labels": np.arange(n_test) % 10,
+  }
   for key, stem in mnist_to_npz.FILES.items():
     _write_idx(folder / stem, arrays[key], gz=gz and key != "test_labels")  # mixed on purpose
   return arrays
@@ -35,9 +39,18 @@ def _tiny_mnist(folder, n_train=12, n_test=5, gz=True):
 def test_converts_idx_files_into_the_runners_npz(tmp_path):
   arrays = _tiny_mnist(tmp_path)
   out = tmp_path / "mnist.npz"
-  proc = subprocess.run([sys.executable, "-m", "experiments.tools.mnist_to_npz",
-                         f"--idx_dir={tmp_path}", f"--out={out}"], capture_output=True, text=True,
-                        check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.tools.mnist_to_npz",
+      f"--idx_dir={tmp_path}",
+      f"--out={out}",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr
   assert "12 train / 5 test images of shape (28, 28, 1)" in proc.stdout
   with np.load(out) as data:

@@ -51,8 +51,9 @@ def test_every_ready_made_model_builds_and_follows_the_contract(name):
   model, (variables, train_logits, eval_logits, updates) = _traced(name)
   assert set(variables) == {"params", "batch_stats"}
   assert set(updates) == {"batch_stats"}
-  assert (jax.tree_util.tree_structure(updates["batch_stats"])
-          == jax.tree_util.tree_structure(variables["batch_stats"]))
+  assert jax.tree_util.tree_structure(updates["batch_stats"]) == jax.tree_util.tree_structure(
+    variables["batch_stats"]
+  )
   for logits in (train_logits, eval_logits):
     assert logits.shape == (2, model.num_classes)
     assert logits.dtype == jnp.float32
@@ -93,14 +94,16 @@ def _run(model, x, train, variables=None, rngs=None):
   if variables is None:
     variables = _init(model, x)
   if train:
-    return variables, model.apply(variables, x, train=True, mutable=["batch_stats"],
-                                  rngs=rngs or {})
+    return variables, model.apply(
+      variables, x, train=True, mutable=["batch_stats"], rngs=rngs or {}
+    )
   return variables, model.apply(variables, x, train=False)
 
 
 # Small ready-made models (Table 1) run for real at a small input (8x8: three periods).
-@pytest.mark.parametrize("name", [n for n in registry.list_models()
-                                  if n in list(PAPER_PARAMS_M)[:8]])
+@pytest.mark.parametrize(
+  "name", [n for n in registry.list_models() if n in list(PAPER_PARAMS_M)[:8]]
+)
 def test_small_ready_made_models_run(name):
   model = registry.create_model(name)
   x = _images((2, 8, 8, 3))
@@ -115,23 +118,32 @@ def test_small_ready_made_models_run(name):
 
 # Models that exercise every feature, small enough to run: (name, create_model kwargs, shape)
 FEATURE_MODELS = [
-    ("ERKNet-2×1 1×2-AB", dict(growth_rate=(4, 6), growth_multipliers=(2, 1),
-                               bottleneck_width=5), (2, 8, 8, 3)),
-    ("IRKNet-3×1 2×2-AB", dict(growth_rate=4, num_updates=2), (2, 8, 8, 3)),
-    ("IRKNet-2×1 3×1-B", dict(growth_rate=4, share_weights=False, update_order="jacobi",
-                              multiscale=False), (2, 8, 8, 3)),
-    ("RKNet-1×1 2×1", dict(growth_rate=4, method="implicit", share_weights=False),
-     (2, 8, 8, 3)),
-    ("ERKNet-2×1 1×1-B", dict(growth_rate=4, growth_multipliers=(2, 2), stem="imagenet",
-                              num_classes=5, multiscale=False), (2, 32, 32, 3)),
-    ("RK4Net-4×1 4×1", dict(growth_rate=4), (2, 8, 8, 3)),
-    ("DenseNet-BC-16-k4", {}, (2, 8, 8, 3)),
-    ("CliqueNet-ABC-T12-k4", {}, (2, 8, 8, 3)),
+  (
+    "ERKNet-2×1 1×2-AB",
+    dict(growth_rate=(4, 6), growth_multipliers=(2, 1), bottleneck_width=5),
+    (2, 8, 8, 3),
+  ),
+  ("IRKNet-3×1 2×2-AB", dict(growth_rate=4, num_updates=2), (2, 8, 8, 3)),
+  (
+    "IRKNet-2×1 3×1-B",
+    dict(growth_rate=4, share_weights=False, update_order="jacobi", multiscale=False),
+    (2, 8, 8, 3),
+  ),
+  ("RKNet-1×1 2×1", dict(growth_rate=4, method="implicit", share_weights=False), (2, 8, 8, 3)),
+  (
+    "ERKNet-2×1 1×1-B",
+    dict(
+      growth_rate=4, growth_multipliers=(2, 2), stem="imagenet", num_classes=5, multiscale=False
+    ),
+    (2, 32, 32, 3),
+  ),
+  ("RK4Net-4×1 4×1", dict(growth_rate=4), (2, 8, 8, 3)),
+  ("DenseNet-BC-16-k4", {}, (2, 8, 8, 3)),
+  ("CliqueNet-ABC-T12-k4", {}, (2, 8, 8, 3)),
 ]
 
 
-@pytest.mark.parametrize("name,kwargs,shape", FEATURE_MODELS,
-                         ids=[n for n, _, _ in FEATURE_MODELS])
+@pytest.mark.parametrize("name,kwargs,shape", FEATURE_MODELS, ids=[n for n, _, _ in FEATURE_MODELS])
 def test_train_and_eval_differ_only_through_batch_norm(name, kwargs, shape):
   # With momentum 0 the running statistics become the batch statistics of the training
   # pass; eval mode on the same batch must then reproduce the training logits exactly.
@@ -141,8 +153,7 @@ def test_train_and_eval_differ_only_through_batch_norm(name, kwargs, shape):
   _, (train_logits, updates) = _run(model, x, train=True, variables=variables)
   assert bool(jnp.all(jnp.isfinite(train_logits)))
   assert float(jnp.max(jnp.abs(eval_before - train_logits))) > 1e-4
-  _, eval_after = _run(model, x, train=False,
-                       variables={"params": variables["params"], **updates})
+  _, eval_after = _run(model, x, train=False, variables={"params": variables["params"], **updates})
   np.testing.assert_allclose(eval_after, train_logits, rtol=2e-4, atol=2e-4)
 
 
@@ -191,10 +202,15 @@ def test_whole_model_remat_equivalence():
 
   def step(model):
     def loss(params):
-      logits, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                x, train=True, mutable=["batch_stats"],
-                                rngs={"dropout": jax.random.PRNGKey(3)})
+      logits, upd = model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": jax.random.PRNGKey(3)},
+      )
       return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels]), upd
+
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
   (l0, u0), g0 = step(plain)
@@ -211,6 +227,7 @@ def test_whole_model_remat_equivalence():
 
 def test_batch_norm_defaults_follow_each_familys_published_code():
   from rknet_jax import layers, models
+
   # RKNets: the authors' RKCNN code, BatchNorm2d(eps=0.001, momentum=0.01).
   rk = registry.create_model("ERKNet-2×1 1×1", growth_rate=4)
   tab = registry.create_model("RK4Net-1×1 1×1", growth_rate=4)
@@ -226,8 +243,17 @@ def test_batch_norm_defaults_follow_each_familys_published_code():
   assert (dense.bn_momentum, dense.bn_epsilon) == (0.9, 1e-5)
   assert (clique.bn_momentum, clique.bn_epsilon) == (0.999, 1e-3)
   # The layer options stay plain keywords of every model.
-  custom = models.DenseNet((2,), 4, 8, dropout_rate=0.1, bn_momentum=0.5, bn_epsilon=1e-4,
-                           dtype=jnp.bfloat16, remat=True, conv_impl="xla")
+  custom = models.DenseNet(
+    (2,),
+    4,
+    8,
+    dropout_rate=0.1,
+    bn_momentum=0.5,
+    bn_epsilon=1e-4,
+    dtype=jnp.bfloat16,
+    remat=True,
+    conv_impl="xla",
+  )
   assert custom.layer_config() == layers.LayerConfig(0.5, 1e-4, jnp.bfloat16, 0.1, True, "xla")
 
 
@@ -243,61 +269,88 @@ def test_default_batch_norm_settings_reach_every_layer():
   outs = [_run(m, x, True, variables)[1] for m in (default, explicit, other)]
   chex.assert_trees_all_equal(outs[0], outs[1])
   assert float(jnp.max(jnp.abs(outs[0][0] - outs[2][0]))) > 1e-4
+
   # The first BatchNorm reads the stem's output (no BatchNorm before it): from a zero
   # running mean, one update gives (1 - momentum) * batch mean.
   def first(out):
-    return (
-        out[1]["batch_stats"]["period1_step1"]["clique_block"]["pass1_stage1"]["bn"])
-  np.testing.assert_allclose(first(outs[0])["mean"], first(outs[2])["mean"] * 0.01 / 0.1,
-                             rtol=1e-5, atol=1e-8)
+    return out[1]["batch_stats"]["period1_step1"]["clique_block"]["pass1_stage1"]["bn"]
+
+  np.testing.assert_allclose(
+    first(outs[0])["mean"], first(outs[2])["mean"] * 0.01 / 0.1, rtol=1e-5, atol=1e-8
+  )
 
 
 # The checkpoint layout: parameter paths and shapes of a small model exercising the
 # ImageNet stem, bottleneck dense layers, attention and the multiscale head.  Checkpoints
 # written before the layer options moved into LayerConfig have exactly these.
 LAYOUT_PARAMS = {
-    "stem/conv/kernel": (7, 7, 3, 4), "stem/bn/scale": (4,), "stem/bn/bias": (4,),
-    "transition1/bn_relu_conv/bn/scale": (4,), "transition1/bn_relu_conv/bn/bias": (4,),
-    "transition1/bn_relu_conv/conv/kernel": (1, 1, 4, 4),
-    "transition1/attention/fc1/kernel": (4, 2), "transition1/attention/fc1/bias": (2,),
-    "transition1/attention/fc2/kernel": (2, 4), "transition1/attention/fc2/bias": (4,),
-    "postprocessor/bn_0/scale": (4,), "postprocessor/bn_0/bias": (4,),
-    "postprocessor/bn_1/scale": (4,), "postprocessor/bn_1/bias": (4,),
-    "postprocessor/fc/kernel": (8, 10), "postprocessor/fc/bias": (10,),
+  "stem/conv/kernel": (7, 7, 3, 4),
+  "stem/bn/scale": (4,),
+  "stem/bn/bias": (4,),
+  "transition1/bn_relu_conv/bn/scale": (4,),
+  "transition1/bn_relu_conv/bn/bias": (4,),
+  "transition1/bn_relu_conv/conv/kernel": (1, 1, 4, 4),
+  "transition1/attention/fc1/kernel": (4, 2),
+  "transition1/attention/fc1/bias": (2,),
+  "transition1/attention/fc2/kernel": (2, 4),
+  "transition1/attention/fc2/bias": (4,),
+  "postprocessor/bn_0/scale": (4,),
+  "postprocessor/bn_0/bias": (4,),
+  "postprocessor/bn_1/scale": (4,),
+  "postprocessor/bn_1/bias": (4,),
+  "postprocessor/fc/kernel": (8, 10),
+  "postprocessor/fc/bias": (10,),
 }
-for _step, _layer, _c in (("period1_step1", "layer1", 4), ("period2_step1", "layer1", 4),
-                          ("period2_step1", "layer2", 8)):
+for _step, _layer, _c in (
+  ("period1_step1", "layer1", 4),
+  ("period2_step1", "layer1", 4),
+  ("period2_step1", "layer2", 8),
+):
   _prefix = f"{_step}/dense_block/{_layer}/"
-  LAYOUT_PARAMS.update({
-      _prefix + "bn_relu_conv1x1/bn/scale": (_c,), _prefix + "bn_relu_conv1x1/bn/bias": (_c,),
+  LAYOUT_PARAMS.update(
+    {
+      _prefix + "bn_relu_conv1x1/bn/scale": (_c,),
+      _prefix + "bn_relu_conv1x1/bn/bias": (_c,),
       _prefix + "bn_relu_conv1x1/conv/kernel": (1, 1, _c, 8),
-      _prefix + "bn_relu_conv3x3/bn/scale": (8,), _prefix + "bn_relu_conv3x3/bn/bias": (8,),
-      _prefix + "bn_relu_conv3x3/conv/kernel": (3, 3, 8, 4)})
+      _prefix + "bn_relu_conv3x3/bn/scale": (8,),
+      _prefix + "bn_relu_conv3x3/bn/bias": (8,),
+      _prefix + "bn_relu_conv3x3/conv/kernel": (3, 3, 8, 4),
+    }
+  )
 
 
 def test_checkpoint_layout_is_unchanged():
-  model = registry.create_model("ERKNet-1×1 2×1-AB", growth_rate=4, bottleneck_width=8,
-                                stem="imagenet")
+  model = registry.create_model(
+    "ERKNet-1×1 2×1-AB", growth_rate=4, bottleneck_width=8, stem="imagenet"
+  )
   v = jax.eval_shape(lambda: _init(model, jnp.zeros((1, 32, 32, 3))))
+
   def flat(tree):
-    return {"/".join(k.key for k in path): leaf.shape
-                         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+      "/".join(k.key for k in path): leaf.shape
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
   assert flat(v["params"]) == LAYOUT_PARAMS
   # Running statistics: mean and var for every BatchNorm scale.
   bns = {p.rsplit("/", 1)[0] for p in LAYOUT_PARAMS if p.endswith("/scale")}
   assert flat(v["batch_stats"]) == {
-      f"{bn}/{stat}": LAYOUT_PARAMS[f"{bn}/scale"] for bn in bns for stat in ("mean", "var")}
+    f"{bn}/{stat}": LAYOUT_PARAMS[f"{bn}/scale"] for bn in bns for stat in ("mean", "var")
+  }
 
 
 # --------------------------------------------------------------------------------------
 # Input that does not fit the model is refused while tracing
 
 
-@pytest.mark.parametrize("name,kwargs,unit", [
+@pytest.mark.parametrize(
+  "name,kwargs,unit",
+  [
     ("ERKNet-1×1 1×1 1×1", dict(growth_rate=4), "period 2"),
     ("DenseNet-BC-16-k4", {}, "dense block 2"),
     ("CliqueNet-T12-k4", {}, "clique block 2"),
-])
+  ],
+)
 def test_too_deep_for_the_input_names_the_period_and_size(name, kwargs, unit):
   model = registry.create_model(name, **kwargs)
   # Three periods: 4x4 -> 2x2 -> 1x1 works (finite logits) ...
@@ -318,8 +371,9 @@ def test_nchw_or_wrong_channels_are_refused_naming_shape_and_layout():
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), nhwc)
   with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\).*NHWC.*with 3 channels.*NCHW"):
     jax.eval_shape(lambda v, x: model.apply(v, x), variables, nchw)
-  with pytest.raises(ValueError,
-                     match=r"\(2, 8, 8, 1\).*NHWC.*with 3 channels(?! -- it looks like NCHW)"):
+  with pytest.raises(
+    ValueError, match=r"\(2, 8, 8, 1\).*NHWC.*with 3 channels(?! -- it looks like NCHW)"
+  ):
     jax.eval_shape(lambda v, x: model.apply(v, x), variables, _images((2, 8, 8, 1)))
   with pytest.raises(ValueError, match=r"\(8, 8, 3\).*\(N, H, W, C\)"):
     jax.eval_shape(lambda v, x: model.apply(v, x), variables, nhwc[0])

@@ -5,6 +5,7 @@ the job has a 4-device global mesh and each host feeds half of every global batc
 per-step training losses must equal those of one process driving 4 devices with the same
 global batch.
 """
+
 import json
 import os
 import socket
@@ -20,9 +21,16 @@ from experiments.configs import digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
-OVERRIDES = {"model": "ERKNet-1x1 1x1", "growth_rate": 4, "num_train_steps": STEPS,
-             "log_every_steps": 1, "checkpoint_every_steps": 3, "validation_size": 0,
-             "eval_batch_size": 64, "prefetch": 1}
+OVERRIDES = {
+  "model": "ERKNet-1x1 1x1",
+  "growth_rate": 4,
+  "num_train_steps": STEPS,
+  "log_every_steps": 1,
+  "checkpoint_every_steps": 3,
+  "validation_size": 0,
+  "eval_batch_size": 64,
+  "prefetch": 1,
+}
 
 
 def free_port():
@@ -41,11 +49,23 @@ def train_losses(workdir):
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
   workdir = str(tmp_path / "two_hosts")
   port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  cmd = [sys.executable, "-m", "experiments.main", "--config=experiments/configs/digits.py",
-         f"--workdir={workdir}", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-         "--num_processes=2", "--initialization_timeout=120"]
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  )
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.main",
+    "--config=experiments/configs/digits.py",
+    f"--workdir={workdir}",
+    "--distributed",
+    f"--coordinator_address=127.0.0.1:{port}",
+    "--num_processes=2",
+    "--initialization_timeout=120",
+  ]
   cmd += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   procs, logs = [], [tmp_path / f"process_{i}.log" for i in range(2)]
   try:
@@ -53,8 +73,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
       # Each process logs to a file: a pipe read only after the other process ends could fill
       # up and block its writer, while the other process waits for it in a collective.
       with open(logs[i], "w") as log:
-        procs.append(subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env,
-                                      stdout=log, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+          subprocess.Popen(
+            cmd + [f"--process_id={i}"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+          )
+        )
     for p in procs:
       p.wait(timeout=300)
   finally:

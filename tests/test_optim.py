@@ -2,6 +2,7 @@
 of every model family, found here independently of parameter names by following each
 parameter through the traced model to the kernel operand of a convolution or matrix product.
 """
+
 import doctest
 
 import jax
@@ -17,26 +18,30 @@ from rknet_jax import optim, registry
 
 # (name, create_model kwargs, input shape): every family and variant with its own weights.
 FAMILIES = [
-    ("ERKNet-2x1 1x1", dict(growth_rate=4), (2, 8, 8, 1)),
-    ("ERKNet-2x1 1x2-B", dict(growth_rate=4, growth_multipliers=(1, 2)), (2, 8, 8, 1)),
-    ("ERKNet-2x1 1x1-AB", dict(growth_rate=4, bottleneck_width=5), (2, 8, 8, 3)),
-    ("ERKNet-9x1-B", dict(growth_rate=4), (2, 8, 8, 1)),  # 9 layers: the buffer block
-    ("IRKNet-2x1 2x1", dict(growth_rate=4), (2, 8, 8, 1)),
-    ("IRKNet-3x1 2x1-AB", dict(growth_rate=4, num_updates=2), (2, 8, 8, 3)),
-    ("IRKNet-2x1 2x1-B", dict(growth_rate=4, share_weights=False, num_updates=2),
-     (2, 8, 8, 1)),
-    ("RKNet-1x1 2x1", dict(growth_rate=4, method="implicit", share_weights=False),
-     (2, 8, 8, 1)),
-    ("DenseNet-BC-16-k4", {}, (2, 8, 8, 3)),
-    ("DenseNet-22-k4", {}, (2, 8, 8, 3)),
-    ("DenseNet-BC-58-k4", {}, (2, 8, 8, 3)),  # 9 layers per block: the buffer formulation
-    ("CliqueNet-T12-k4", {}, (2, 8, 8, 3)),
-    ("CliqueNet-ABC-T12-k4", {}, (2, 8, 8, 3)),
-    ("RK4Net-4x1 4x1-A", dict(growth_rate=4), (2, 8, 8, 3)),
-    ("RK4Net-1x1 1x1", dict(growth_rate=4, learn_coefficients=True, learn_step_size=True),
-     (2, 8, 8, 1)),
-    ("Gauss_Legendre2Net-2x1", dict(growth_rate=4, learn_coefficients=True,
-                                    learn_step_size=True), (2, 8, 8, 1)),
+  ("ERKNet-2x1 1x1", dict(growth_rate=4), (2, 8, 8, 1)),
+  ("ERKNet-2x1 1x2-B", dict(growth_rate=4, growth_multipliers=(1, 2)), (2, 8, 8, 1)),
+  ("ERKNet-2x1 1x1-AB", dict(growth_rate=4, bottleneck_width=5), (2, 8, 8, 3)),
+  ("ERKNet-9x1-B", dict(growth_rate=4), (2, 8, 8, 1)),  # 9 layers: the buffer block
+  ("IRKNet-2x1 2x1", dict(growth_rate=4), (2, 8, 8, 1)),
+  ("IRKNet-3x1 2x1-AB", dict(growth_rate=4, num_updates=2), (2, 8, 8, 3)),
+  ("IRKNet-2x1 2x1-B", dict(growth_rate=4, share_weights=False, num_updates=2), (2, 8, 8, 1)),
+  ("RKNet-1x1 2x1", dict(growth_rate=4, method="implicit", share_weights=False), (2, 8, 8, 1)),
+  ("DenseNet-BC-16-k4", {}, (2, 8, 8, 3)),
+  ("DenseNet-22-k4", {}, (2, 8, 8, 3)),
+  ("DenseNet-BC-58-k4", {}, (2, 8, 8, 3)),  # 9 layers per block: the buffer formulation
+  ("CliqueNet-T12-k4", {}, (2, 8, 8, 3)),
+  ("CliqueNet-ABC-T12-k4", {}, (2, 8, 8, 3)),
+  ("RK4Net-4x1 4x1-A", dict(growth_rate=4), (2, 8, 8, 3)),
+  (
+    "RK4Net-1x1 1x1",
+    dict(growth_rate=4, learn_coefficients=True, learn_step_size=True),
+    (2, 8, 8, 1),
+  ),
+  (
+    "Gauss_Legendre2Net-2x1",
+    dict(growth_rate=4, learn_coefficients=True, learn_step_size=True),
+    (2, 8, 8, 1),
+  ),
 ]
 
 
@@ -45,8 +50,7 @@ def _params_reaching_kernel_operands(model, shape):
   dot_general in the traced eval-mode forward pass (through any reshape, slice, pad,
   concatenate, convert or sub-jaxpr): the conv and dense weights, found without names."""
   x = jnp.ones(shape, jnp.float32)
-  variables = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, x,
-                                                train=False))
+  variables = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, x, train=False))
   flat, treedef = jax.tree_util.tree_flatten_with_path(variables["params"])
   paths = [tuple(k.key for k in p) for p, _ in flat]
 
@@ -100,8 +104,10 @@ def test_kernels_are_exactly_the_conv_and_dense_weights(name, kwargs, shape):
   mask = optim.weight_decay_mask(tree, "kernels")
   decayed = {p for p in paths if _get(mask, p)}
   assert weights, "the trace found no weights"
-  assert decayed == weights, (f"decayed but not a weight: {sorted(decayed - weights)}; "
-                              f"weight not decayed: {sorted(weights - decayed)}")
+  assert decayed == weights, (
+    f"decayed but not a weight: {sorted(decayed - weights)}; "
+    f"weight not decayed: {sorted(weights - decayed)}"
+  )
   # Nothing else is decayed: in particular no BN scale/bias, bias or Butcher coefficient.
   for p in set(paths) - decayed:
     assert p[-1] in ("scale", "bias") + optim.BUTCHER_PARAMS, p
@@ -119,18 +125,18 @@ def _get(tree, path):
 # Decayed / total parameters on 8x8x1 digits (10 classes), before (leaves named "kernel") and
 # with weight decay by role.
 COUNTS = [
-    ("IRKNet-3x1 3x1 3x1", dict(growth_rate=20), 1_580, 98_780, 100_430),
-    ("CliqueNet-T6-k24", {}, 8_224, 108_448, 110_330),
-    ("ERKNet-3x1 3x1 3x1-B", dict(growth_rate=16), 102_512, 102_512, 104_410),
+  ("IRKNet-3x1 3x1 3x1", dict(growth_rate=20), 1_580, 98_780, 100_430),
+  ("CliqueNet-T6-k24", {}, 8_224, 108_448, 110_330),
+  ("ERKNet-3x1 3x1 3x1-B", dict(growth_rate=16), 102_512, 102_512, 104_410),
 ]
 
 
-@pytest.mark.parametrize("name,kwargs,by_name,by_role,total", COUNTS,
-                         ids=[c[0] for c in COUNTS])
+@pytest.mark.parametrize("name,kwargs,by_name,by_role,total", COUNTS, ids=[c[0] for c in COUNTS])
 def test_decayed_parameter_counts(name, kwargs, by_name, by_role, total):
   model = registry.create_model(name, num_classes=10, **kwargs)
-  params = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
-                                             jnp.ones((1, 8, 8, 1)), train=False))["params"]
+  params = jax.eval_shape(
+    lambda: model.init({"params": jax.random.PRNGKey(0)}, jnp.ones((1, 8, 8, 1)), train=False)
+  )["params"]
   sizes = jax.tree.map(lambda v: int(np.prod(v.shape)), params)
   assert sum(jax.tree.leaves(sizes)) == total
   flat = jax.tree_util.tree_flatten_with_path(sizes)[0]
@@ -148,8 +154,10 @@ def test_paper_sgd_is_torch_sgd_with_nesterov_and_decay():
   """Two steps against the PyTorch SGD formulas written out: d = g + wd*w (masked),
   buf = mu*buf + d, update = -lr*(d + mu*buf)."""
   lr, mu, wd = 0.1, 0.9, 0.01
-  w = {"conv": {"kernel": np.full((1, 1, 2, 2), 2.0, np.float32)},
-       "bn": {"scale": np.full((2,), 3.0, np.float32)}}
+  w = {
+    "conv": {"kernel": np.full((1, 1, 2, 2), 2.0, np.float32)},
+    "bn": {"scale": np.full((2,), 3.0, np.float32)},
+  }
   g = jax.tree.map(lambda a: np.full_like(a, 0.5), w)
   tx = optim.paper_sgd(optax.constant_schedule(lr), momentum=mu, weight_decay=wd)
   state = tx.init(w)

@@ -1,4 +1,5 @@
 """Tests for rknet_jax.order_conditions (paper section 3.1)."""
+
 import math
 
 import numpy as np
@@ -33,14 +34,13 @@ def test_densities_satisfy_the_counting_identity(n):
       out *= math.factorial(k) * symmetry(child) ** k
     return out
 
-  total = sum(math.factorial(n) // (oc.tree_density(t) * symmetry(t))
-              for t in oc.rooted_trees(n))
+  total = sum(math.factorial(n) // (oc.tree_density(t) * symmetry(t)) for t in oc.rooted_trees(n))
   assert total == math.factorial(n - 1)
 
 
 def test_tall_and_bushy_tree_densities_and_weights():
   tall4 = ((((),),),)  # a chain of 4 nodes: root -> node -> node -> leaf
-  bushy4 = ((), (), ())   # root with 3 leaves
+  bushy4 = ((), (), ())  # root with 3 leaves
   assert oc.tree_size(tall4) == 4 and oc.tree_density(tall4) == 24
   assert oc.tree_size(bushy4) == 4 and oc.tree_density(bushy4) == 4
   a, b, c = tableaus.RK4.numpy()
@@ -64,8 +64,7 @@ def test_perturbed_rk4_loses_order():
   a = [list(row) for row in tableaus.RK4.a]
   a[2][1] += delta
   a[2][0] -= delta
-  perturbed = ButcherTableau(a=a, b=tableaus.RK4.b, c=tableaus.RK4.c,
-                             name="rk4_perturbed", order=4)
+  perturbed = ButcherTableau(a=a, b=tableaus.RK4.b, c=tableaus.RK4.c, name="rk4_perturbed", order=4)
   assert oc.algebraic_order(perturbed) < 4
   assert oc.algebraic_order(perturbed) == 2
   residuals = dict(oc.order_condition_residuals(perturbed, 3))
@@ -92,8 +91,11 @@ def test_max_order_caps_the_search_and_is_validated():
 
 
 def test_residuals_of_order_conditions_up_to_six_for_gauss3_are_tiny():
-  worst = max(abs(r) for p in range(1, 7)
-              for _, r in oc.order_condition_residuals(tableaus.GAUSS_LEGENDRE3, p))
+  worst = max(
+    abs(r)
+    for p in range(1, 7)
+    for _, r in oc.order_condition_residuals(tableaus.GAUSS_LEGENDRE3, p)
+  )
   assert worst < 1e-14
   # ... and some seventh-order condition fails clearly.
   assert max(abs(r) for _, r in oc.order_condition_residuals("gauss_legendre3", 7)) > 1e-6

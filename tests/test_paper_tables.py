@@ -3,6 +3,7 @@
 Counting all 16 models traces each once (``eval_shape`` of init, ``make_jaxpr`` of apply);
 no array of their size is allocated.
 """
+
 import dataclasses
 
 import pytest

@@ -4,6 +4,7 @@ A tiny archive in CIFAR-10's real binary format is served by a local HTTP server
 TFDS downloads it (checksum registered and verified), extracts it, writes its records, and the
 input pipeline reads it back. Offline behaviour is tested against a closed and a silent port.
 """
+
 import functools
 import http.server
 import io
@@ -29,6 +30,7 @@ NUM_TEST = 3
 
 def _cifar10_archive(rng):
   """cifar-10-binary.tar.gz bytes and the (images, labels) of its train and test splits."""
+
   def records(n):
     images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n, dtype=np.uint8)
@@ -49,8 +51,11 @@ def _cifar10_archive(rng):
       info = tarfile.TarInfo("cifar-10-batches-bin/" + name)
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
-  return buffer.getvalue(), (np.concatenate(train_images), np.concatenate(train_labels)), (
-      test_images, test_labels)
+  return (
+    buffer.getvalue(),
+    (np.concatenate(train_images), np.concatenate(train_labels)),
+    (test_images, test_labels),
+  )
 
 
 def _examples(images, labels):
@@ -74,15 +79,16 @@ def fixture_served_folder(tmp_path):
 
 def _point_cifar10_at(monkeypatch, url, url_info=None):
   """Makes TFDS's cifar10 builder download from `url` (its checksum registered if given)."""
-  for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-              "all_proxy"):
+  for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
     monkeypatch.delenv(var, raising=False)
   original = CIFAR10._cifar_info.fget
-  monkeypatch.setattr(CIFAR10, "_cifar_info", property(lambda self: original(self)._replace(
-      url=url)))
+  monkeypatch.setattr(
+    CIFAR10, "_cifar_info", property(lambda self: original(self)._replace(url=url))
+  )
   if url_info is None:  # a registered URL whose file was never downloaded
-    url_info = tfds.core.download.checksums.UrlInfo(size=1, checksum="0" * 64,
-                                                    filename="cifar-10-binary.tar.gz")
+    url_info = tfds.core.download.checksums.UrlInfo(
+      size=1, checksum="0" * 64, filename="cifar-10-binary.tar.gz"
+    )
   monkeypatch.setattr(CIFAR10, "url_infos", {url: url_info})
 
 
@@ -96,7 +102,8 @@ def test_download_prepare_and_load_real_cifar10_format(tmp_path, served_folder, 
   (tmp_path / "copy.tar.gz").write_bytes(archive)
   url_info = checksum(tfds.core.Path(tmp_path / "copy.tar.gz"))
   url_info = tfds.core.download.checksums.UrlInfo(
-      size=url_info.size, checksum=url_info.checksum, filename="cifar-10-binary.tar.gz")
+    size=url_info.size, checksum=url_info.checksum, filename="cifar-10-binary.tar.gz"
+  )
   _point_cifar10_at(monkeypatch, url, url_info)
   data_dir = tmp_path / "data"
 
@@ -105,8 +112,13 @@ def test_download_prepare_and_load_real_cifar10_format(tmp_path, served_folder, 
   assert builder.info.splits["train"].num_examples == 5 * RECORDS_PER_BATCH
   assert builder.info.features["label"].names[:2] == ["class_0", "class_1"]
 
-  config = {"dataset": "cifar10", "batch_size": 2, "data_dir": str(data_dir),
-            "validation_size": 0, "download": False}
+  config = {
+    "dataset": "cifar10",
+    "batch_size": 2,
+    "data_dir": str(data_dir),
+    "validation_size": 0,
+    "download": False,
+  }
   assert "prepared TFDS dataset" in ip.preflight(config)
   ip.clear_cache()
   splits = ip.load_splits(config)
@@ -130,18 +142,30 @@ def test_offline_download_fails_fast_with_one_clear_message(tmp_path, monkeypatc
   url = f"http://127.0.0.1:{_closed_port()}/cifar-10-binary.tar.gz"
   _point_cifar10_at(monkeypatch, url)
   data_dir = tmp_path / "data"
-  config = {"dataset": "cifar10", "batch_size": 2, "data_dir": str(data_dir),
-            "validation_size": 0, "download": True}
+  config = {
+    "dataset": "cifar10",
+    "batch_size": 2,
+    "data_dir": str(data_dir),
+    "validation_size": 0,
+    "download": True,
+  }
   start = time.monotonic()
   with pytest.raises(prepare.DownloadUnavailableError) as e:
     ip.load_splits(config)  # the path config.download=True takes in training
   assert time.monotonic() - start < 30
   message = str(e.value)
-  for part in ("'cifar10'", url, "python -m experiments.prepare_data --dataset=cifar10",
-               str(data_dir / "cifar10"), "copy"):
+  for part in (
+    "'cifar10'",
+    url,
+    "python -m experiments.prepare_data --dataset=cifar10",
+    str(data_dir / "cifar10"),
+    "copy",
+  ):
     assert part in message
-  assert not (data_dir / "cifar10").exists() or not tfds.builder(
-      "cifar10", data_dir=str(data_dir)).is_prepared()
+  assert (
+    not (data_dir / "cifar10").exists()
+    or not tfds.builder("cifar10", data_dir=str(data_dir)).is_prepared()
+  )
 
 
 def test_silent_server_times_out_within_the_probe_timeout(tmp_path, monkeypatch):
@@ -158,14 +182,36 @@ def test_silent_server_times_out_within_the_probe_timeout(tmp_path, monkeypatch)
 
 def test_prepare_data_command_and_errors(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-m", "experiments.prepare_data",
-                        f"--dataset=digits,npz:{tmp_path}/d.npz", f"--data_dir={tmp_path}"],
-                       capture_output=True, text=True, env=env, timeout=300, check=False)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.prepare_data",
+      f"--dataset=digits,npz:{tmp_path}/d.npz",
+      f"--data_dir={tmp_path}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr
   assert "digits: nothing to prepare" in out.stdout and "npz:" in out.stdout
-  out = subprocess.run([sys.executable, "-m", "experiments.prepare_data", "--dataset=cifar11",
-                        f"--data_dir={tmp_path}"], capture_output=True, text=True, env=env,
-                       timeout=300, check=False)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.prepare_data",
+      "--dataset=cifar11",
+      f"--data_dir={tmp_path}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode == 1 and "Unknown TFDS dataset 'cifar11'" in out.stderr
   assert "Traceback" not in out.stderr
   with pytest.raises(ValueError, match="Unknown TFDS dataset 'cifar11'"):

@@ -1,6 +1,7 @@
 """What the log shows: progress lines, the bar, the learning rate at the logged step, phases,
 the start summary and the third-party records that are filtered (experiments/progress.py and
 metrics.TrainWindow)."""
+
 import io
 import json
 import logging as pylogging
@@ -13,20 +14,24 @@ from experiments import metrics, progress
 
 
 class _Tty(io.StringIO):
-
   def isatty(self):
     return True
 
 
 def _window(tmp_path, bar=None):
   log = metrics.MetricsLog(str(tmp_path), 0)
-  return log, metrics.TrainWindow(log, start_step=0, total_steps=6, steps_per_epoch=3,
-                                  global_batch=4, bar=bar)
+  return log, metrics.TrainWindow(
+    log, start_step=0, total_steps=6, steps_per_epoch=3, global_batch=4, bar=bar
+  )
 
 
 def _step_metrics(lr, loss=1.0):
-  return {"loss": np.float32(loss), "top1_error": np.float32(0.5),
-          "learning_rate": np.float32(lr), "finite": np.ones(2, bool)}
+  return {
+    "loss": np.float32(loss),
+    "top1_error": np.float32(0.5),
+    "learning_rate": np.float32(lr),
+    "finite": np.ones(2, bool),
+  }
 
 
 def test_logged_learning_rate_is_the_value_at_the_step_not_a_window_mean(tmp_path, caplog):
@@ -95,20 +100,36 @@ def test_first_call_is_announced_with_its_time_once(caplog):
 
 
 def test_start_summary_names_model_data_schedule_devices_and_workdir():
-  config = ml_collections.ConfigDict(dict(
-      model="ERKNet-3x1 3x1", dataset="digits", growth_rate=16, batch_size=64,
-      learning_rate=0.1, lr_schedule="step"))
+  config = ml_collections.ConfigDict(
+    dict(
+      model="ERKNet-3x1 3x1",
+      dataset="digits",
+      growth_rate=16,
+      batch_size=64,
+      learning_rate=0.1,
+      lr_schedule="step",
+    )
+  )
   text = progress.start_summary(
-      config=config, workdir="/tmp/w", start_step=0, total_steps=300, steps_per_epoch=20,
-      split_sizes={"train": 1293, "validation": 144, "test": 360}, input_shape=(8, 8, 1),
-      params=28858, gflops=0.002264, num_devices=1)
+    config=config,
+    workdir="/tmp/w",
+    start_step=0,
+    total_steps=300,
+    steps_per_epoch=20,
+    split_sizes={"train": 1293, "validation": 144, "test": 360},
+    input_shape=(8, 8, 1),
+    params=28858,
+    gflops=0.002264,
+    num_devices=1,
+  )
   assert text.splitlines() == [
-      "Run: ERKNet-3x1 3x1 on digits, from scratch",
-      "  model     ERKNet-3x1 3x1 (k = 16): 28,858 parameters, 0.002264 GFLOPs per 8x8x1 image",
-      "  data      digits: 1,293 train / 144 validation / 360 test examples; batch 64",
-      "  schedule  300 steps = 15 epochs of 20 steps; learning rate 0.1 (step)",
-      text.splitlines()[4],
-      "  workdir   /tmp/w (full config: run.json)"]
+    "Run: ERKNet-3x1 3x1 on digits, from scratch",
+    "  model     ERKNet-3x1 3x1 (k = 16): 28,858 parameters, 0.002264 GFLOPs per 8x8x1 image",
+    "  data      digits: 1,293 train / 144 validation / 360 test examples; batch 64",
+    "  schedule  300 steps = 15 epochs of 20 steps; learning rate 0.1 (step)",
+    text.splitlines()[4],
+    "  workdir   /tmp/w (full config: run.json)",
+  ]
   assert text.splitlines()[4].startswith("  devices   1 x cpu (cpu), 1 process")
 
 

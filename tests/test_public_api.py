@@ -1,4 +1,5 @@
 """The lazily imported public API resolves, and every public symbol is documented."""
+
 import importlib
 import inspect
 
@@ -18,12 +19,26 @@ def test_unknown_attribute_raises_attribute_error():
     rknet_jax.no_such_thing  # noqa: B018
 
 
-@pytest.mark.parametrize("module", [
-    "rknet_jax.tableaus", "rknet_jax.order_conditions", "rknet_jax.rk",
-    "rknet_jax.tableau_block", "rknet_jax.conv", "rknet_jax.layers",
-    "rknet_jax.blocks", "rknet_jax.models", "rknet_jax.checks", "rknet_jax.spec",
-    "rknet_jax.names", "rknet_jax.paper", "rknet_jax.registry",
-    "rknet_jax.counting", "rknet_jax.checkpoint"])
+@pytest.mark.parametrize(
+  "module",
+  [
+    "rknet_jax.tableaus",
+    "rknet_jax.order_conditions",
+    "rknet_jax.rk",
+    "rknet_jax.tableau_block",
+    "rknet_jax.conv",
+    "rknet_jax.layers",
+    "rknet_jax.blocks",
+    "rknet_jax.models",
+    "rknet_jax.checks",
+    "rknet_jax.spec",
+    "rknet_jax.names",
+    "rknet_jax.paper",
+    "rknet_jax.registry",
+    "rknet_jax.counting",
+    "rknet_jax.checkpoint",
+  ],
+)
 def test_public_functions_and_classes_are_documented(module):
   mod = importlib.import_module(module)
   missing = []
@@ -39,9 +54,12 @@ def test_spec_layers_import_no_model_code():
   """checks, spec and names stay below the modules (which may use them): no import cycle."""
   import subprocess
   import sys
-  code = ("import sys, rknet_jax.names, rknet_jax.paper; "
-          "print(sorted(m for m in ('rknet_jax.models', 'rknet_jax.blocks', 'rknet_jax.layers', "
-          "'rknet_jax.registry') if m in sys.modules))")
+
+  code = (
+    "import sys, rknet_jax.names, rknet_jax.paper; "
+    "print(sorted(m for m in ('rknet_jax.models', 'rknet_jax.blocks', 'rknet_jax.layers', "
+    "'rknet_jax.registry') if m in sys.modules))"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
 
@@ -50,6 +68,7 @@ def _pyproject():
   import pathlib
 
   import tomllib
+
   return tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
 
 
@@ -60,6 +79,7 @@ def test_library_install_declares_exactly_what_rknet_jax_imports():
   import pathlib
   import re
   import sys
+
   project = _pyproject()["project"]
   declared = {re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
   # import name -> distribution name, where they differ
@@ -71,8 +91,11 @@ def test_library_install_declares_exactly_what_rknet_jax_imports():
         imported |= {a.name.split(".")[0] for a in node.names}
       elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
         imported.add(node.module.split(".")[0])
-  third_party = {distribution.get(m, m) for m in imported
-                 if m not in sys.stdlib_module_names and m != "rknet_jax"}
+  third_party = {
+    distribution.get(m, m)
+    for m in imported
+    if m not in sys.stdlib_module_names and m != "rknet_jax"
+  }
   # optax: the library's optimiser (the paper's SGD); flax depends on it anyway.
   assert third_party <= declared, f"imported but not declared: {third_party - declared}"
   unused = declared - third_party - {"optax"}
@@ -85,15 +108,18 @@ def test_library_install_declares_exactly_what_rknet_jax_imports():
 
 def test_one_version_string():
   assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {
-      "attr": "rknet_jax.__version__"}
+    "attr": "rknet_jax.__version__"
+  }
   assert "version" in _pyproject()["project"]["dynamic"]
 
 
-@pytest.mark.parametrize("name", ["rk_step", "odeint_fixed", "create_model", "count_params",
-                                  "TableauStep"])
+@pytest.mark.parametrize(
+  "name", ["rk_step", "odeint_fixed", "create_model", "count_params", "TableauStep"]
+)
 def test_docstring_examples_run(name):
   """The doctested examples of the main entry points (what an editor shows on hover)."""
   import doctest
+
   obj = getattr(rknet_jax, name)
   tests = doctest.DocTestFinder(recurse=False).find(obj, name, globs={})
   assert tests and tests[0].examples, f"rknet_jax.{name} has no doctest example"
@@ -108,9 +134,13 @@ def test_type_checking_imports_are_the_lazy_exports():
   they name exactly the lazily exported symbols and submodules, from the same modules."""
   import ast
   import pathlib
+
   tree = ast.parse(pathlib.Path(rknet_jax.__file__).read_text())
-  block = next(node for node in tree.body if isinstance(node, ast.If)
-               and getattr(node.test, "id", None) == "TYPE_CHECKING")
+  block = next(
+    node
+    for node in tree.body
+    if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+  )
   seen = {}
   for node in block.body:
     for alias in node.names:

@@ -4,6 +4,7 @@ A fenced block preceded by ``<!-- readme-test: REASON -->`` needs data, a finish
 time: its Python must parse, and each of its commands must name a runnable module and existing
 config files. Every other block runs here as written.
 """
+
 import importlib.util
 import os
 import pathlib
@@ -25,18 +26,22 @@ def readme_blocks():
   text = README.read_text()
   blocks = []
   for match in re.finditer(r"```(\w*)\n(.*?)```", text, flags=re.S):
-    before = text[:match.start()]
+    before = text[: match.start()]
     marker = MARKER.search(before)
-    blocks.append((match.group(1), match.group(2), marker.group(1) if marker else None,
-                   before.count("\n") + 1))
+    blocks.append(
+      (match.group(1), match.group(2), marker.group(1) if marker else None, before.count("\n") + 1)
+    )
   return blocks
 
 
 def _commands(code):
   """Shell commands of a block: continuation lines joined, comments dropped."""
   joined = code.replace("\\\n", " ")
-  return [shlex.split(line, comments=True) for line in joined.splitlines()
-          if line.strip() and shlex.split(line, comments=True)]
+  return [
+    shlex.split(line, comments=True)
+    for line in joined.splitlines()
+    if line.strip() and shlex.split(line, comments=True)
+  ]
 
 
 def _check_command_targets(argv):
@@ -80,15 +85,19 @@ def test_install_and_test_commands_are_what_ci_runs():
   ci = (ROOT / ".ci" / "run").read_text()
   text = README.read_text()
   assert "pip install -r requirements.txt" in ci and "`pip install -r requirements.txt`" in text
-  test_lines = [code.strip() for lang, code, marker, _ in readme_blocks()
-                if not marker and "pytest" in code]
-  assert test_lines == ["ruff check . && python -m pytest -n 2 -q"]
+  test_lines = [
+    code.strip() for lang, code, marker, _ in readme_blocks() if not marker and "pytest" in code
+  ]
+  assert test_lines == ["ruff check . && ruff format --check . && python -m pytest -n 2 -q"]
   assert test_lines[0] in ci.splitlines()
 
 
 def _shell_blocks():
-  return [(code, line) for lang, code, marker, line in readme_blocks()
-          if lang == "" and not marker and "pytest" not in code]
+  return [
+    (code, line)
+    for lang, code, marker, line in readme_blocks()
+    if lang == "" and not marker and "pytest" not in code
+  ]
 
 
 @pytest.mark.slow
@@ -97,15 +106,23 @@ def test_unmarked_commands_run(code, line):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   for argv in _commands(code):
     assert argv[0] == "python", f"README line {line}: {argv}"
-    out = subprocess.run([sys.executable] + argv[1:], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300, check=False)
+    out = subprocess.run(
+      [sys.executable] + argv[1:],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+    )
     assert out.returncode == 0, f"README line {line}: {argv}\n{out.stderr[-2000:]}"
     assert out.stdout.strip()
 
 
 def _python_blocks():
-  return [(code, line) for lang, code, marker, line in readme_blocks()
-          if lang == "python" and not marker]
+  return [
+    (code, line) for lang, code, marker, line in readme_blocks() if lang == "python" and not marker
+  ]
 
 
 @pytest.mark.slow
@@ -138,6 +155,7 @@ def test_every_unmarked_python_block_is_run_by_a_test():
 
 def test_reproducing_page_table_is_the_paper_module_table():
   from experiments import paper_tables
+
   assert paper_tables.markdown() in (ROOT / "docs" / "reproducing.md").read_text()
 
 
@@ -156,6 +174,7 @@ def test_tableaus_page_is_the_convergence_command_output():
   """docs/tableaus.md holds `python -m rknet_jax.convergence --markdown`: every row's declared
   and algebraic orders exactly, and the measured orders of a few tableaus recomputed here."""
   from rknet_jax import convergence
+
   text = (ROOT / "docs" / "tableaus.md").read_text()
   table = text.split("<!-- generated: python -m rknet_jax.convergence --markdown -->\n", 1)[1]
   table = table.split("<!-- end generated -->", 1)[0]
@@ -172,13 +191,18 @@ def test_tableaus_page_is_the_convergence_command_output():
 
 def test_tracked_text_is_self_contained():
   """No path outside the repository and no tracker numbers in code, docs or tests."""
-  outside = re.compile("|".join([r"\.\./" + "shared", "shared" + r"/(paper|data)/",
-                                 "[Ii]ssues?" + r" #?[0-9]+"]))
+  outside = re.compile(
+    "|".join([r"\.\./" + "shared", "shared" + r"/(paper|data)/", "[Ii]ssues?" + r" #?[0-9]+"])
+  )
   bad = []
   for path in ROOT.rglob("*"):
     parts = path.relative_to(ROOT).parts
-    if (path.is_dir() or parts[0].startswith(".") or "__pycache__" in parts or
-        path.suffix not in (".py", ".md", ".toml", ".txt", ".cfg")):
+    if (
+      path.is_dir()
+      or parts[0].startswith(".")
+      or "__pycache__" in parts
+      or path.suffix not in (".py", ".md", ".toml", ".txt", ".cfg")
+    ):
       continue
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
       if outside.search(line):

@@ -3,6 +3,7 @@
 Every test of this module runs with 64-bit JAX enabled (autouse fixture below) so that
 convergence slopes are not polluted by float32 round-off; float32 is tested explicitly.
 """
+
 import re
 
 import jax
@@ -27,10 +28,9 @@ def _x64():
 # ---------------------------------------------------------------------------------------
 # Test problems with closed-form solutions (independent of those in rknet_jax.rk).
 
-LIN_A = np.array([[-0.4, 1.5, 0.0, 0.2],
-                  [-1.5, -0.4, 0.3, 0.0],
-                  [0.0, -0.3, -0.2, 1.0],
-                  [-0.2, 0.0, -1.0, -0.1]])
+LIN_A = np.array(
+  [[-0.4, 1.5, 0.0, 0.2], [-1.5, -0.4, 0.3, 0.0], [0.0, -0.3, -0.2, 1.0], [-0.2, 0.0, -1.0, -0.1]]
+)
 LIN_Y0 = np.array([1.0, -0.5, 0.25, 0.75])
 T_END = 1.0
 
@@ -64,16 +64,20 @@ def nonlinear_exact():
 
 
 PROBLEMS = {
-    "linear": (linear_f, lambda: jnp.asarray(LIN_Y0), linear_exact),
-    "nonlinear": (nonlinear_f,
-                  lambda: (jnp.asarray(NONLIN_Y0[0]), jnp.asarray(NONLIN_Y0[1])),
-                  nonlinear_exact),
+  "linear": (linear_f, lambda: jnp.asarray(LIN_Y0), linear_exact),
+  "nonlinear": (
+    nonlinear_f,
+    lambda: (jnp.asarray(NONLIN_Y0[0]), jnp.asarray(NONLIN_Y0[1])),
+    nonlinear_exact,
+  ),
 }
 
 
 def max_error(y, exact):
-  return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-             for a, b in zip(jax.tree_util.tree_leaves(y), jax.tree_util.tree_leaves(exact)))
+  return max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    for a, b in zip(jax.tree_util.tree_leaves(y), jax.tree_util.tree_leaves(exact))
+  )
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
@@ -109,9 +113,12 @@ def test_one_step_equals_exact_rk_solution_of_linear_system(name):
   expected = LIN_Y0 + h * np.kron(b, np.eye(n)) @ z
   # h ||L|| ||A|| ~ 0.1: 20 fixed-point iterations contract the iteration error far
   # below 1e-14; Newton is exact after one iteration for linear f.
-  step = jax.jit(lambda y, solver, k: rk.rk_step(linear_f, 0.0, y, h, tableau,
-                                                 implicit_iterations=k, solver=solver),
-                 static_argnums=(1, 2))
+  step = jax.jit(
+    lambda y, solver, k: rk.rk_step(
+      linear_f, 0.0, y, h, tableau, implicit_iterations=k, solver=solver
+    ),
+    static_argnums=(1, 2),
+  )
   got = step(jnp.asarray(LIN_Y0), "fixed_point", 20)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-14)
   if tableau.is_implicit:
@@ -126,6 +133,7 @@ def _grad_problem(tableau):
   def loss(y0, h, theta):
     def f(t, y):
       return theta * jnp.tanh(m @ y) + jnp.cos(2.0 * t) * y
+
     # Three iterations keep compilation fast; convergence is tested elsewhere.
     y1 = rk.rk_step(f, 0.3, y0, h, tableau, implicit_iterations=3)
     return jnp.sum(y1**2) + jnp.sum(jnp.sin(y1))
@@ -153,11 +161,11 @@ def test_gradients_match_finite_differences_without_recompiling(name):
   minus = value_and_grad(y0 - eps * direction, h, theta)[0]
   fd = (plus - minus) / (2 * eps)
   np.testing.assert_allclose(float(g_y @ direction), float(fd), rtol=1e-7, atol=1e-9)
-  fd_h = (value_and_grad(y0, h + eps, theta)[0]
-          - value_and_grad(y0, h - eps, theta)[0]) / (2 * eps)
+  fd_h = (value_and_grad(y0, h + eps, theta)[0] - value_and_grad(y0, h - eps, theta)[0]) / (2 * eps)
   np.testing.assert_allclose(float(g_h), float(fd_h), rtol=1e-7, atol=1e-9)
-  fd_theta = (value_and_grad(y0, h, theta + eps)[0]
-              - value_and_grad(y0, h, theta - eps)[0]) / (2 * eps)
+  fd_theta = (value_and_grad(y0, h, theta + eps)[0] - value_and_grad(y0, h, theta - eps)[0]) / (
+    2 * eps
+  )
   np.testing.assert_allclose(float(g_theta), float(fd_theta), rtol=1e-7, atol=1e-9)
   assert abs(float(g_h)) > 1e-3 and abs(float(g_theta)) > 1e-3
   # Seven calls with new values of the same shapes and dtypes: traced and compiled once.
@@ -204,8 +212,9 @@ def test_odeint_fixed_equals_repeated_rk_step_and_returns_trajectory():
   np.testing.assert_allclose(float(final[0]), float(y[0]), atol=1e-14)
   traj = rk.odeint_fixed(f, y0, t0, t1, n, "rk38", return_trajectory=True)
   assert traj[0].shape == (n + 1,) and traj[1].shape == (n + 1, 2)
-  np.testing.assert_allclose(np.asarray(traj[1]),
-                             np.stack([np.asarray(m[1]) for m in manual]), atol=1e-14)
+  np.testing.assert_allclose(
+    np.asarray(traj[1]), np.stack([np.asarray(m[1]) for m in manual]), atol=1e-14
+  )
   # Backwards in time retraces the solution.
   back = rk.odeint_fixed(f, final, t1, t0, 64, "rk4")
   forward_fine = rk.odeint_fixed(f, y0, t0, t1, 64, "rk4")
@@ -216,8 +225,9 @@ def test_odeint_fixed_equals_repeated_rk_step_and_returns_trajectory():
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, None, "10"])
 def test_odeint_fixed_rejects_bad_num_steps(bad):
-  with pytest.raises(ValueError,
-                     match=re.escape(f"num_steps={bad!r}") + ".*must be a positive Python int"):
+  with pytest.raises(
+    ValueError, match=re.escape(f"num_steps={bad!r}") + ".*must be a positive Python int"
+  ):
     rk.odeint_fixed(linear_f, jnp.asarray(LIN_Y0), 0.0, 1.0, bad, "rk4")
 
 
@@ -250,9 +260,9 @@ def test_vmap_matches_per_example_steps(name):
   hs = jnp.linspace(0.05, 0.25, 5)
   batched = jax.vmap(lambda y, h: rk.rk_step(linear_f, 0.0, y, h, name))(ys, hs)
   for i in range(5):
-    np.testing.assert_allclose(np.asarray(batched[i]),
-                               np.asarray(rk.rk_step(linear_f, 0.0, ys[i], hs[i], name)),
-                               atol=1e-14)
+    np.testing.assert_allclose(
+      np.asarray(batched[i]), np.asarray(rk.rk_step(linear_f, 0.0, ys[i], hs[i], name)), atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("name", ["dopri5", "radau_iia3"])
@@ -285,9 +295,13 @@ def test_fixed_point_iteration_count_sets_the_order():
   ns = (8, 12, 16, 24)
 
   def slope(iterations):
-    errors = [max_error(rk.odeint_fixed(f, y0, 0.0, T_END, n, "gauss_legendre3",
-                                        implicit_iterations=iterations), exact)
-              for n in ns]
+    errors = [
+      max_error(
+        rk.odeint_fixed(f, y0, 0.0, T_END, n, "gauss_legendre3", implicit_iterations=iterations),
+        exact,
+      )
+      for n in ns
+    ]
     return np.polyfit(np.log(1.0 / np.asarray(ns, np.float64)), np.log(errors), 1)[0]
 
   assert abs(slope(2) - 3) < 0.3
@@ -307,8 +321,7 @@ def test_newton_agrees_with_fixed_point_and_differentiates():
 
   g = jax.jit(jax.grad(loss))(y0[1])
   eps = 1e-6
-  fd = [(loss(y0[1].at[i].add(eps)) - loss(y0[1].at[i].add(-eps))) / (2 * eps)
-        for i in range(2)]
+  fd = [(loss(y0[1].at[i].add(eps)) - loss(y0[1].at[i].add(-eps))) / (2 * eps) for i in range(2)]
   np.testing.assert_allclose(np.asarray(g), np.asarray(fd), rtol=1e-7)
 
 
@@ -320,6 +333,7 @@ def test_default_iterations():
 # ---------------------------------------------------------------------------------------
 # Bad input: clear errors before anything runs.
 
+
 def test_integer_state_is_rejected_not_truncated():
   """Before: odeint_fixed of y' = -y from the int array [1, 2] returned [0, 0]."""
   with pytest.raises(TypeError, match=r"y0 has dtype int.*floating point"):
@@ -328,20 +342,24 @@ def test_integer_state_is_rejected_not_truncated():
     rk.rk_step(lambda t, y: y, 0.0, {"a": jnp.ones(2), "b": jnp.arange(3)}, 0.1, "euler")
   # The same state as floats integrates: y(1) = exp(-1) y0.
   y1 = rk.odeint_fixed(lambda t, y: -y, jnp.array([1.0, 2.0]), 0.0, 1.0, 20, "rk4")
-  np.testing.assert_allclose(np.asarray(y1), np.exp(-1.0) * np.array([1.0, 2.0]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(y1), np.exp(-1.0) * np.array([1.0, 2.0]), rtol=1e-6)
 
 
-@pytest.mark.parametrize("f, match", [
+@pytest.mark.parametrize(
+  "f, match",
+  [
     (lambda t, y: jnp.sum(y), r"returned shape \(\) for y of shape \(3,\)"),
     (lambda t, y: (y, y), r"returned a pytree of structure"),
     (lambda t, y: y[:2], r"returned shape \(2,\) for y of shape \(3,\)"),
-])
+  ],
+)
 def test_vector_field_of_wrong_shape_or_structure_is_named(f, match):
   """Before: a scalar f broadcast silently and a tuple failed deep inside JAX."""
-  for call in (lambda: rk.rk_step(f, 0.0, jnp.ones(3), 0.1, "rk4"),
-               lambda: rk.odeint_fixed(f, jnp.ones(3), 0.0, 1.0, 4, "rk4"),
-               lambda: rk.rk_step(f, 0.0, jnp.ones(3), 0.1, "gauss_legendre2")):
+  for call in (
+    lambda: rk.rk_step(f, 0.0, jnp.ones(3), 0.1, "rk4"),
+    lambda: rk.odeint_fixed(f, jnp.ones(3), 0.0, 1.0, 4, "rk4"),
+    lambda: rk.rk_step(f, 0.0, jnp.ones(3), 0.1, "gauss_legendre2"),
+  ):
     with pytest.raises(ValueError, match=match):
       call()
 
@@ -355,20 +373,25 @@ def test_vector_field_leaf_shape_error_names_the_leaf():
 def test_implicit_solves_report_their_residual():
   """A fixed-point or Newton solve stopped too early reports a large final residual, a
   converged one a small one; the step's value is the same with or without the report."""
+
   def f(t, y):
     return -4.0 * y + jnp.sin(t)
 
   y = jnp.linspace(-1.0, 1.0, 5)
-  few, r_few = rk.rk_step(f, 0.0, y, 0.2, "gauss_legendre2", implicit_iterations=1,
-                          return_residual=True)
-  many, r_many = rk.rk_step(f, 0.0, y, 0.2, "gauss_legendre2", implicit_iterations=30,
-                            return_residual=True)
+  few, r_few = rk.rk_step(
+    f, 0.0, y, 0.2, "gauss_legendre2", implicit_iterations=1, return_residual=True
+  )
+  many, r_many = rk.rk_step(
+    f, 0.0, y, 0.2, "gauss_legendre2", implicit_iterations=30, return_residual=True
+  )
   assert float(r_few) > 0.1 and float(r_many) < 1e-5, (float(r_few), float(r_many))
-  np.testing.assert_array_equal(few, rk.rk_step(f, 0.0, y, 0.2, "gauss_legendre2",
-                                                implicit_iterations=1))
+  np.testing.assert_array_equal(
+    few, rk.rk_step(f, 0.0, y, 0.2, "gauss_legendre2", implicit_iterations=1)
+  )
   assert float(jnp.max(jnp.abs(many - few))) > 1e-4
-  _, r_newton = rk.rk_step(f, 0.0, y, 0.2, "gauss_legendre2", implicit_iterations=3,
-                           solver="newton", return_residual=True)
+  _, r_newton = rk.rk_step(
+    f, 0.0, y, 0.2, "gauss_legendre2", implicit_iterations=3, solver="newton", return_residual=True
+  )
   assert float(r_newton) < 1e-5
   _, r_explicit = rk.rk_step(f, 0.0, y, 0.2, "rk4", return_residual=True)
   assert r_explicit is None

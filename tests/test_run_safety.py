@@ -3,6 +3,7 @@ lock and metadata, outputs kept aside, clear errors for bad numbers and damaged 
 
 In-process runs of a tiny ERKNet on digits (the ``tiny_config`` fixture of conftest.py).
 """
+
 import json
 import logging
 import os
@@ -24,8 +25,7 @@ from rknet_jax import checkpoint as rk_ckpt
 
 
 def checkpoint_steps(workdir):
-  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-                if s.isdigit())
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
 
 
 def strip_model_spec_from_checkpoints(workdir):
@@ -55,9 +55,11 @@ def overflow_running_variances_after(bad_step, monkeypatch):
     def wrapped(state, batch):
       state, m = step(state, batch)
       if int(state.step) == bad_step:
-        state = state.replace(batch_stats=jax.tree_util.tree_map_with_path(
-            lambda p, x: x * jnp.inf if "var" in jax.tree_util.keystr(p) else x,
-            state.batch_stats))
+        state = state.replace(
+          batch_stats=jax.tree_util.tree_map_with_path(
+            lambda p, x: x * jnp.inf if "var" in jax.tree_util.keystr(p) else x, state.batch_stats
+          )
+        )
       return state, m
 
     return wrapped
@@ -66,8 +68,9 @@ def overflow_running_variances_after(bad_step, monkeypatch):
   monkeypatch.setattr(train, "_FN_CACHE", {})
 
 
-def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_result(tiny_config,
-    tmp_path, monkeypatch):
+def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_result(
+  tiny_config, tmp_path, monkeypatch
+):
   """What learning_rate=100 does on digits: running variances overflow, the loss does not.
 
   The step is wrapped to overflow the running variances after step 3 (train-mode BN uses
@@ -76,8 +79,13 @@ def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_resul
   """
   overflow_running_variances_after(3, monkeypatch)
   workdir = str(tmp_path / "run")
-  config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=2,
-                       log_every_steps=4, lr_schedule="constant")
+  config = tiny_config(
+    validation_size=0,
+    num_train_steps=8,
+    checkpoint_every_steps=2,
+    log_every_steps=4,
+    lr_schedule="constant",
+  )
   with pytest.raises(train.NonFiniteError) as e:
     train.train_and_evaluate(config, workdir)
   message = str(e.value)
@@ -96,8 +104,13 @@ def test_a_resumed_run_that_breaks_keeps_the_good_checkpoints(tiny_config, tmp_p
   """A regression: a good run resumed with a huge learning rate wrote NaN checkpoints, and
   keep-last-K deleted the good ones. The state breaks (finite loss) after step 9 here."""
   workdir = str(tmp_path / "run")
-  config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=2,
-                       keep_checkpoints=2, lr_schedule="constant")
+  config = tiny_config(
+    validation_size=0,
+    num_train_steps=8,
+    checkpoint_every_steps=2,
+    keep_checkpoints=2,
+    lr_schedule="constant",
+  )
   train.train_and_evaluate(config, workdir)
   assert checkpoint_steps(workdir) == [6, 8]
   good = {s: rknet_jax.load_checkpoint(workdir, step=s)[1] for s in (6, 8)}
@@ -128,6 +141,7 @@ def rot_one_bit_of_the_saved_weights(workdir, step):
   save time can tell.)
   """
   import orbax.checkpoint as ocp
+
   spec = rk_ckpt.read_model_spec(workdir)
   target = rk_ckpt.abstract_variables(rk_ckpt.model_from_spec(spec), spec["input_shape"])
   item = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "model")
@@ -142,11 +156,13 @@ def rot_one_bit_of_the_saved_weights(workdir, step):
   checkpointer.close()
 
 
-def test_a_flipped_bit_in_the_newest_checkpoint_is_detected_and_the_previous_used(tiny_config,
-    tmp_path, caplog):
+def test_a_flipped_bit_in_the_newest_checkpoint_is_detected_and_the_previous_used(
+  tiny_config, tmp_path, caplog
+):
   workdir = str(tmp_path / "run")
-  config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=4,
-                       lr_schedule="constant")
+  config = tiny_config(
+    validation_size=0, num_train_steps=8, checkpoint_every_steps=4, lr_schedule="constant"
+  )
   train.train_and_evaluate(config, workdir)
   _, final, _ = rknet_jax.load_checkpoint(workdir, step=8)
   _, previous, _ = rknet_jax.load_checkpoint(workdir, step=4)
@@ -161,8 +177,7 @@ def test_a_flipped_bit_in_the_newest_checkpoint_is_detected_and_the_previous_use
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, workdir)
   assert "Resumed from checkpoint step 4" in caplog.text
-  assert any(d.startswith("8-") for d in os.listdir(os.path.join(workdir,
-                                                                 "damaged_checkpoints")))
+  assert any(d.startswith("8-") for d in os.listdir(os.path.join(workdir, "damaged_checkpoints")))
   _, again, _ = rknet_jax.load_checkpoint(workdir, step=8)
   for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
@@ -183,7 +198,8 @@ def test_checksums_are_recorded_for_every_array_and_catch_any_change():
 
 # ------------------------------------------------------------------ one run per workdir
 def test_a_live_holder_refuses_a_second_run_and_a_stale_lock_is_taken_over(
-    tiny_config, tmp_path, caplog):
+  tiny_config, tmp_path, caplog
+):
   workdir = tmp_path / "run"
   workdir.mkdir()
   lock_file = workdir / rundir.LOCK_FILE
@@ -192,8 +208,11 @@ def test_a_live_holder_refuses_a_second_run_and_a_stale_lock_is_taken_over(
     record = {"host": socket.gethostname(), "pid": holder.pid, "started": "2026-01-01T00:00"}
     lock_file.write_text(json.dumps(record))
     config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
-    with pytest.raises(rundir.WorkdirBusy, match=rf"host {record['host']}, pid {holder.pid}, "
-                       r"started 2026-01-01T00:00"):
+    with pytest.raises(
+      rundir.WorkdirBusy,
+      match=rf"host {record['host']}, pid {holder.pid}, "
+      r"started 2026-01-01T00:00",
+    ):
       train.train_and_evaluate(config, str(workdir))
     assert not (workdir / rundir.RUN_FILE).exists()  # the refused run wrote nothing
     assert json.loads(lock_file.read_text()) == record
@@ -218,8 +237,9 @@ def test_metadata_is_written_only_after_the_restore_succeeded(tiny_config, tmp_p
   train.train_and_evaluate(config, str(workdir))
   model_json = (workdir / rk_ckpt.MODEL_FILE).read_text()
   (workdir / rundir.RUN_FILE).unlink()
-  other = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant",
-                      model="ERKNet-2x1 1x1")
+  other = tiny_config(
+    validation_size=0, num_train_steps=4, lr_schedule="constant", model="ERKNet-2x1 1x1"
+  )
   # model.json is compared as a resolved spec before anything is touched.
   with pytest.raises(ValueError, match=r"different model .*stages: workdir has \[1, 1\]"):
     train.train_and_evaluate(other, str(workdir))
@@ -227,14 +247,18 @@ def test_metadata_is_written_only_after_the_restore_succeeded(tiny_config, tmp_p
   assert not (workdir / rundir.RUN_FILE).exists()
   # With model.json gone too, the checkpoints' own spec (in their meta) tells.
   (workdir / rk_ckpt.MODEL_FILE).unlink()
-  with pytest.raises(ValueError, match=r"different model \(checkpoint step 4: .*stages: "
-                     r"workdir has \[1, 1\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"different model \(checkpoint step 4: .*stages: "
+    r"workdir has \[1, 1\]",
+  ):
     train.train_and_evaluate(other, str(workdir))
   # Checkpoints written before they recorded their spec: only the restore can tell; it
   # fails, nothing is written.
   strip_model_spec_from_checkpoints(str(workdir))
-  with pytest.raises(checkpointing.RestoreError,
-                     match="none of the checkpoints .* can be restored"):
+  with pytest.raises(
+    checkpointing.RestoreError, match="none of the checkpoints .* can be restored"
+  ):
     train.train_and_evaluate(other, str(workdir))
   assert not (workdir / rk_ckpt.MODEL_FILE).exists()
   assert not (workdir / rundir.RUN_FILE).exists()
@@ -264,8 +288,8 @@ def test_outputs_without_checkpoints_are_moved_aside_never_overwritten(tiny_conf
 
 
 def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(
-    tiny_config, tmp_path, caplog,
-                                                                       monkeypatch):
+  tiny_config, tmp_path, caplog, monkeypatch
+):
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
   real, calls = train.clock, []
@@ -273,6 +297,7 @@ def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(
   def first_session_takes_1000_s():
     calls.append(None)
     return real() + (1000.0 if len(calls) > 1 else 0.0)
+
   monkeypatch.setattr(train, "clock", first_session_takes_1000_s)
   first = train.train_and_evaluate(config, workdir)
   monkeypatch.undo()
@@ -292,8 +317,9 @@ def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(
 
 # ------------------------------------------- a run is bound to its recipe and its model
 @pytest.mark.slow
-def test_a_recipe_change_on_resume_warns_and_run_json_keeps_each_sessions_values(tiny_config,
-    tmp_path, caplog):
+def test_a_recipe_change_on_resume_warns_and_run_json_keeps_each_sessions_values(
+  tiny_config, tmp_path, caplog
+):
   """Changing the optimiser on resume continues (lowering the learning rate after a
   non-finite stop is a fix), warns, and never makes run.json claim one value for the run."""
   workdir = str(tmp_path / "run")
@@ -309,8 +335,9 @@ def test_a_recipe_change_on_resume_warns_and_run_json_keeps_each_sessions_values
   sessions = [h["session"] for h in run["history"]]
   assert [(s["learning_rate"], s["momentum"]) for s in sessions] == [(0.1, 0.9), (0.05, 0.8)]
   assert run["changes"] == [
-      {"step": 4, "field": "learning_rate", "from": 0.1, "to": 0.05},
-      {"step": 4, "field": "momentum", "from": 0.9, "to": 0.8}]
+    {"step": 4, "field": "learning_rate", "from": 0.1, "to": 0.05},
+    {"step": 4, "field": "momentum", "from": 0.9, "to": 0.8},
+  ]
   assert results["changes"] == run["changes"]
   # Another session with the same values changes nothing more; a weight-decay change is
   # recorded from its own step.
@@ -322,11 +349,13 @@ def test_a_recipe_change_on_resume_warns_and_run_json_keeps_each_sessions_values
 
 
 @pytest.mark.parametrize("field,value", [("dropout_rate", 0.2), ("bn_momentum", 0.5)])
-def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_nothing(tiny_config,
-    tmp_path, field, value):
+def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_nothing(
+  tiny_config, tmp_path, field, value
+):
   workdir = str(tmp_path / "run")
-  config = tiny_config(validation_size=0, num_train_steps=4, checkpoint_every_steps=2,
-                       lr_schedule="constant")
+  config = tiny_config(
+    validation_size=0, num_train_steps=4, checkpoint_every_steps=2, lr_schedule="constant"
+  )
   train.train_and_evaluate(config, workdir)
   model_json = rk_ckpt.read_model_spec(workdir)
   metas = checkpointing.checkpoint_metas(workdir)
@@ -337,8 +366,11 @@ def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_no
   other = tiny_config(validation_size=0, num_train_steps=8, lr_schedule="constant")
   other.model_kwargs[field] = value
   old = model_json[field]
-  with pytest.raises(ValueError, match=rf"different model \(checkpoint step 4: {field}: "
-                     rf"workdir has {old}, config has {value}\)"):
+  with pytest.raises(
+    ValueError,
+    match=rf"different model \(checkpoint step 4: {field}: "
+    rf"workdir has {old}, config has {value}\)",
+  ):
     train.train_and_evaluate(other, workdir)
   assert rk_ckpt.read_model_spec(workdir) is None  # not rewritten
   assert (tmp_path / "run" / rundir.RUN_FILE).read_text() == run_json
@@ -346,14 +378,18 @@ def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_no
 
 def test_a_model_json_that_does_not_match_the_checkpoints_says_so(tiny_config, tmp_path, caplog):
   from experiments import evaluate
+
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
   train.train_and_evaluate(config, workdir)
   edited = dict(rk_ckpt.read_model_spec(workdir), growth_rate=[8, 8])
   rk_ckpt.write_model_spec(workdir, rk_ckpt.saved_spec(edited), edited["input_shape"])
-  with pytest.raises(ValueError, match=r"model.json does not match the model the checkpoints "
-                     r"were trained as \(checkpoint step 4: growth_rate: checkpoint has "
-                     r"\[4, 4\], model.json has \[8, 8\]\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"model.json does not match the model the checkpoints "
+    r"were trained as \(checkpoint step 4: growth_rate: checkpoint has "
+    r"\[4, 4\], model.json has \[8, 8\]\)",
+  ):
     evaluate.evaluate_checkpoint(workdir)
   # Training with the checkpoints' model resumes, names the stale file and rewrites it.
   config.num_train_steps = 6
@@ -366,17 +402,21 @@ def test_a_model_json_that_does_not_match_the_checkpoints_says_so(tiny_config, t
 
 # ------------------------------------------------------- no empty or repeated results
 def test_a_config_that_trains_zero_steps_is_refused_before_any_work(
-    tiny_config, tmp_path, monkeypatch):
+  tiny_config, tmp_path, monkeypatch
+):
   monkeypatch.setattr(jax, "jit", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
   config = tiny_config(num_train_steps=-1)
   with config.unlocked():  # a config file may give a fraction of an epoch
     del config["num_epochs"]
     config.num_epochs = 0.01
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
-  with pytest.raises(ValueError, match=rf"config.num_epochs=0.01 gives 0 training steps "
-                     rf"\(0.01 x {steps_per_epoch} steps per epoch at batch 64, rounded down\)"
-                     r": nothing would be trained. Use config.num_epochs >= \S+ \(one step\), "
-                     "or set config.num_train_steps") as e:
+  with pytest.raises(
+    ValueError,
+    match=rf"config.num_epochs=0.01 gives 0 training steps "
+    rf"\(0.01 x {steps_per_epoch} steps per epoch at batch 64, rounded down\)"
+    r": nothing would be trained. Use config.num_epochs >= \S+ \(one step\), "
+    "or set config.num_train_steps",
+  ) as e:
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
   suggested = float(re.search(r">= (\S+) \(one step\)", str(e.value)).group(1))
@@ -384,14 +424,16 @@ def test_a_config_that_trains_zero_steps_is_refused_before_any_work(
   assert run_config.total_steps(config, steps_per_epoch) == 1
 
 
-def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(tiny_config,
-    tmp_path, caplog, monkeypatch):
+def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(
+  tiny_config, tmp_path, caplog, monkeypatch
+):
   workdir = tmp_path / "run"
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
   first = train.train_and_evaluate(config, str(workdir))
   files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-  monkeypatch.setattr(train, "_compiled_functions",
-                      lambda *a, **k: (_ for _ in ()).throw(AssertionError("compiled")))
+  monkeypatch.setattr(
+    train, "_compiled_functions", lambda *a, **k: (_ for _ in ()).throw(AssertionError("compiled"))
+  )
   for change in ({}, {"learning_rate": 0.01, "log_every_steps": 2}):
     for k, v in change.items():
       config[k] = v
@@ -400,11 +442,13 @@ def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(tiny_c
       again = train.train_and_evaluate(config, str(workdir))
     assert again == first
     assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files
-    finished = [r.getMessage() for r in caplog.records if "already holds this run" in
-                r.getMessage()]
+    finished = [
+      r.getMessage() for r in caplog.records if "already holds this run" in r.getMessage()
+    ]
     assert len(finished) == 1 and "nothing trained or tested" in finished[0]
-    assert ("config fields that differ from the run's: learning_rate, log_every_steps"
-            in finished[0]) == bool(change)
+    assert (
+      "config fields that differ from the run's: learning_rate, log_every_steps" in finished[0]
+    ) == bool(change)
   # A total below the trained steps: the first rerun tests the step 4 model (and says
   # so); a second one changes nothing.
   monkeypatch.undo()
@@ -416,7 +460,9 @@ def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(tiny_c
 
 
 # ------------------------------------------------------------------ clear errors
-@pytest.mark.parametrize("field,value,match", [
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("momentum", 1.5, r"config.momentum must be a finite number in \[0, 1\); got 1.5"),
     ("momentum", -0.1, "momentum"),
     ("warmup_epochs", -1, r"config.warmup_epochs must be a finite number in \[0, inf\); got -1"),
@@ -433,11 +479,14 @@ def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(tiny_c
     ("growth_rate", 0, r"growth_rate=\(0, 0\): every entry must be an int from 1"),
     ("prefetch", 0, "prefetch must be a positive integer; got 0"),
     ("lr_decay_fractions", (0.5, 1.5), "lr_decay_fractions must lie in"),
-])
-def test_numeric_fields_out_of_range_fail_before_any_compilation(tiny_config, tmp_path, monkeypatch,
-                                                                 field, value, match):
+  ],
+)
+def test_numeric_fields_out_of_range_fail_before_any_compilation(
+  tiny_config, tmp_path, monkeypatch, field, value, match
+):
   def forbidden(*a, **k):
     raise AssertionError("compiled or loaded data before validating the config")
+
   monkeypatch.setattr(jax, "jit", forbidden)
   monkeypatch.setattr(input_pipeline, "steps_per_epoch", forbidden)
   config = tiny_config()
@@ -452,16 +501,21 @@ def test_truncated_run_json_is_named_and_explained(tiny_config, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / rundir.RUN_FILE).write_text('{"identity": {"model": "ERK')
-  with pytest.raises(ValueError, match=r"run.json \(the run's config and history\) is not "
-                     r"valid JSON .*delete it"):
+  with pytest.raises(
+    ValueError,
+    match=r"run.json \(the run's config and history\) is not "
+    r"valid JSON .*delete it",
+  ):
     run_config.validate_config(tiny_config(), str(workdir))
   from experiments import evaluate
+
   with pytest.raises(ValueError, match="run.json .* is not valid JSON"):
     evaluate.evaluate_checkpoint(str(workdir))
 
 
-def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(tiny_config,
-    tmp_path, monkeypatch):
+def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(
+  tiny_config, tmp_path, monkeypatch
+):
   workdir = str(tmp_path / "run")
   config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
   train.train_and_evaluate(config, workdir)
@@ -469,21 +523,26 @@ def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(tiny_c
 
   def denied(self, step, args=None):  # what a chmod 000 gives a non-root user
     raise PermissionError(13, "Permission denied", path)
+
   import orbax.checkpoint as ocp
+
   monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
   os.remove(os.path.join(workdir, "results.json"))  # not finished: it restores
-  with pytest.raises(rk_ckpt.CheckpointUnreadable,
-                     match=r"step 4 .* cannot be read .*Permission denied.*not damaged"):
+  with pytest.raises(
+    rk_ckpt.CheckpointUnreadable, match=r"step 4 .* cannot be read .*Permission denied.*not damaged"
+  ):
     train.train_and_evaluate(config, workdir)
   assert checkpoint_steps(workdir) == [4]
   assert not os.path.exists(os.path.join(workdir, "damaged_checkpoints"))
 
 
-def test_a_damaged_checkpoint_that_cannot_be_moved_aside_gives_a_clear_error(tiny_config,
-    tmp_path, monkeypatch):
+def test_a_damaged_checkpoint_that_cannot_be_moved_aside_gives_a_clear_error(
+  tiny_config, tmp_path, monkeypatch
+):
   workdir = str(tmp_path / "run")
-  config = tiny_config(validation_size=0, num_train_steps=8, checkpoint_every_steps=4,
-                       lr_schedule="constant")
+  config = tiny_config(
+    validation_size=0, num_train_steps=8, checkpoint_every_steps=4, lr_schedule="constant"
+  )
   train.train_and_evaluate(config, workdir)
   rot_one_bit_of_the_saved_weights(workdir, 8)
   os.remove(os.path.join(workdir, "results.json"))  # not finished: it restores
@@ -491,15 +550,20 @@ def test_a_damaged_checkpoint_that_cannot_be_moved_aside_gives_a_clear_error(tin
 
   def cannot_rename(self, target):
     raise OSError(30, "Read-only file system", os.fspath(self))
+
   monkeypatch.setattr(type(epath.Path(workdir)), "rename", cannot_rename)
-  with pytest.raises(RuntimeError, match=r"step 8 .* is damaged .*could not be moved aside "
-                     r".*Read-only file system.*by hand"):
+  with pytest.raises(
+    RuntimeError,
+    match=r"step 8 .* is damaged .*could not be moved aside "
+    r".*Read-only file system.*by hand",
+  ):
     train.train_and_evaluate(config, workdir)
   assert checkpoint_steps(workdir) == [4, 8]
 
 
 def test_checkpoints_folder_that_cannot_be_written_is_refused_at_start(
-    tiny_config, tmp_path, monkeypatch):
+  tiny_config, tmp_path, monkeypatch
+):
   monkeypatch.setattr(jax, "jit", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
   workdir = tmp_path / "run"
   workdir.mkdir()
@@ -507,9 +571,15 @@ def test_checkpoints_folder_that_cannot_be_written_is_refused_at_start(
   with pytest.raises(ValueError, match="checkpoints' cannot be created"):
     train.train_and_evaluate(tiny_config(), str(workdir))
   real = rundir.probe_write
-  monkeypatch.setattr(rundir, "probe_write", lambda d: (
-      (_ for _ in ()).throw(OSError(30, "Read-only file system")) if d.name == "checkpoints"
-      else real(d)))
+  monkeypatch.setattr(
+    rundir,
+    "probe_write",
+    lambda d: (
+      (_ for _ in ()).throw(OSError(30, "Read-only file system"))
+      if d.name == "checkpoints"
+      else real(d)
+    ),
+  )
   (workdir / "checkpoints").unlink()
   with pytest.raises(ValueError, match="checkpoints' is not writable: .*Read-only"):
     train.train_and_evaluate(tiny_config(), str(workdir))
@@ -528,19 +598,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_main(*args, timeout=300):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
   env["JAX_PLATFORMS"] = "cpu"
-  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.main", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 @pytest.mark.slow
 def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
   """A regression: this exited 0 reporting 0.90 test error, with NaN weights in its checkpoint."""
   workdir = str(tmp_path / "run")
-  proc = run_main("--config=experiments/configs/digits.py", f"--workdir={workdir}",
-                  "--config.learning_rate=100")
+  proc = run_main(
+    "--config=experiments/configs/digits.py", f"--workdir={workdir}", "--config.learning_rate=100"
+  )
   assert proc.returncode == 1, proc.stderr[-3000:]
-  assert re.search(r"error: non-finite training state at step \d+ .*first "
-                   r"non-finite leaf \S+.*Check the input data", proc.stderr), proc.stderr[-3000:]
+  assert re.search(
+    r"error: non-finite training state at step \d+ .*first "
+    r"non-finite leaf \S+.*Check the input data",
+    proc.stderr,
+  ), proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(os.path.join(workdir, "results.json"))
   if os.path.exists(os.path.join(workdir, "checkpoints")) and checkpoint_steps(workdir):
@@ -548,8 +628,9 @@ def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
 
 
 def test_a_config_file_that_does_not_exist_is_one_line(tmp_path):
-  proc = run_main("--config=experiments/configs/no_such_config.py",
-                  f"--workdir={tmp_path / 'run'}", timeout=120)
+  proc = run_main(
+    "--config=experiments/configs/no_such_config.py", f"--workdir={tmp_path / 'run'}", timeout=120
+  )
   assert proc.returncode == 1
   lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
   assert len(lines) == 1, lines

@@ -4,6 +4,7 @@ The ``gs://`` file system is faked: ``etils.epath.testing.mock_epath`` routes ev
 ``gs://bucket/...`` path to fsspec's in-memory file system (a second, non-``os`` file system),
 so the workdir checks, lock, metadata, outputs and metrics are exercised without a network.
 """
+
 import contextlib
 import json
 import os
@@ -32,7 +33,8 @@ def gs_in_memory():
     def call(original, path, *args, **kwargs):
       if not os.fspath(path).startswith("gs://"):
         return original(path, *args, **kwargs)
-      return memory_fn(os.fspath(path)[len("gs:/"):], *args, **kwargs)
+      return memory_fn(os.fspath(path)[len("gs:/") :], *args, **kwargs)
+
     call.__name__ = fn_name
     return call
 
@@ -42,19 +44,26 @@ def gs_in_memory():
     fs.makedirs(p, exist_ok=True)
 
   def rename(p, dst):
-    fs.mv(p, os.fspath(dst)[len("gs:/"):], recursive=True)
+    fs.mv(p, os.fspath(dst)[len("gs:/") :], recursive=True)
 
   # With TensorFlow imported, epath sends gs:// to tf.io.gfile, past the mocked backends.
-  with mock.patch.object(gpath, "_is_tf_installed", lambda: False), epath_testing.mock_epath(
-      open=on_gs("open", fs.open), exists=on_gs("exists", fs.exists),
+  with (
+    mock.patch.object(gpath, "_is_tf_installed", lambda: False),
+    epath_testing.mock_epath(
+      open=on_gs("open", fs.open),
+      exists=on_gs("exists", fs.exists),
       isdir=on_gs("isdir", fs.isdir),
-      listdir=on_gs("listdir", lambda p: [os.path.basename(x.rstrip("/"))
-                                          for x in fs.ls(p, detail=False)]),
+      listdir=on_gs(
+        "listdir", lambda p: [os.path.basename(x.rstrip("/")) for x in fs.ls(p, detail=False)]
+      ),
       makedirs=on_gs("makedirs", makedirs),
       mkdir=on_gs("mkdir", lambda p, exist_ok=False: makedirs(p, exist_ok)),
-      remove=on_gs("remove", fs.rm_file), rename=on_gs("rename", rename),
+      remove=on_gs("remove", fs.rm_file),
+      rename=on_gs("rename", rename),
       replace=on_gs("replace", rename),
-      rmtree=on_gs("rmtree", lambda p: fs.rm(p, recursive=True))):
+      rmtree=on_gs("rmtree", lambda p: fs.rm(p, recursive=True)),
+    ),
+  ):
     yield fs
 
 
@@ -119,8 +128,13 @@ def test_workdir_checks_lock_metadata_and_outputs_on_any_file_system(tiny_config
   saved = rk_ckpt.read_model_spec(path)
   assert saved["input_shape"] == [8, 8, 1]
   assert rk_ckpt.saved_spec(saved) == spec
-  data = {"image_shape": [8, 8, 1], "num_classes": 10, "class_names": list("0123456789"),
-          "mean": [4.9], "std": [6.0]}
+  data = {
+    "image_shape": [8, 8, 1],
+    "num_classes": 10,
+    "class_names": list("0123456789"),
+    "mean": [4.9],
+    "std": [6.0],
+  }
   preprocessing.write_data_spec(path, data)
   assert preprocessing.read_data_spec(path) == data
   with pytest.raises(ValueError, match=r"different model .*stages"):
@@ -158,18 +172,22 @@ def test_concurrent_takeovers_of_a_stale_lock_never_both_win(tmp_path):
   import multiprocessing
   import subprocess
   import sys
+
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()  # a pid that no longer runs: its lock is stale
-  stale = json.dumps({"host": socket.gethostname(), "pid": dead.pid,
-                      "started": "2026-01-01T00:00:00"})
+  stale = json.dumps(
+    {"host": socket.gethostname(), "pid": dead.pid, "started": "2026-01-01T00:00:00"}
+  )
   lock_file = os.path.join(workdir, rundir.LOCK_FILE)
   ctx = multiprocessing.get_context("fork")
   for workers, trials in ((2, 300), (3, 100)):
     barrier, results = ctx.Barrier(workers + 1), ctx.Queue()
-    procs = [ctx.Process(target=_take_over_in_step, args=(workdir, barrier, results, trials))
-             for _ in range(workers)]
+    procs = [
+      ctx.Process(target=_take_over_in_step, args=(workdir, barrier, results, trials))
+      for _ in range(workers)
+    ]
     for p in procs:
       p.start()
     winners = []
@@ -183,5 +201,7 @@ def test_concurrent_takeovers_of_a_stale_lock_never_both_win(tmp_path):
     finally:
       for p in procs:
         p.join(30)
-    assert winners == [1] * trials, (f"{workers} workers: {winners.count(0)} trials without "
-                                     f"a winner, {sum(w > 1 for w in winners)} with several")
+    assert winners == [1] * trials, (
+      f"{workers} workers: {winners.count(0)} trials without "
+      f"a winner, {sum(w > 1 for w in winners)} with several"
+    )

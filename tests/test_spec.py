@@ -12,13 +12,20 @@ from rknet_jax import checkpoint, paper, registry
 from rknet_jax import spec as spec_lib
 
 SPECS = [
-    registry.parse_name("ERKNet-3x1 3x1 6x1 2x1-B"),
-    registry.parse_name("IRKNet-2x1 3x2-AB", growth_rate=(4, 6), num_updates=2,
-                        update_order="jacobi", share_weights=False, dropout_rate=0.2,
-                        dtype=jnp.bfloat16, bn_epsilon=1e-3),
-    registry.parse_name("RK4Net-1x2 4x1-A", growth_rate=8, learn_step_size=True),
-    registry.parse_name("DenseNet-BC-100-k12", num_classes=100),
-    registry.parse_name("CliqueNet-AB-T30-k150", num_updates=0),
+  registry.parse_name("ERKNet-3x1 3x1 6x1 2x1-B"),
+  registry.parse_name(
+    "IRKNet-2x1 3x2-AB",
+    growth_rate=(4, 6),
+    num_updates=2,
+    update_order="jacobi",
+    share_weights=False,
+    dropout_rate=0.2,
+    dtype=jnp.bfloat16,
+    bn_epsilon=1e-3,
+  ),
+  registry.parse_name("RK4Net-1x2 4x1-A", growth_rate=8, learn_step_size=True),
+  registry.parse_name("DenseNet-BC-100-k12", num_classes=100),
+  registry.parse_name("CliqueNet-AB-T30-k150", num_updates=0),
 ]
 
 
@@ -27,11 +34,24 @@ def test_json_round_trip_and_name_round_trip(spec):
   assert spec_lib.from_json(spec.to_json()) == spec
   resolved = registry.resolve(spec)
   assert spec_lib.from_json(resolved.to_json()) == resolved
-  assert None not in [getattr(resolved, f) for f in spec_lib.LAYER_OPTIONS
-                      if f in {g.name for g in dataclasses.fields(type(registry.build(spec)))}]
+  assert None not in [
+    getattr(resolved, f)
+    for f in spec_lib.LAYER_OPTIONS
+    if f in {g.name for g in dataclasses.fields(type(registry.build(spec)))}
+  ]
   # the name reads back into the same spec once the fields it cannot say are given again
-  said = {"stages", "steps", "attention", "bottleneck", "method", "tableau", "block_layers",
-          "init_features", "compression", "step_options"}
+  said = {
+    "stages",
+    "steps",
+    "attention",
+    "bottleneck",
+    "method",
+    "tableau",
+    "block_layers",
+    "init_features",
+    "compression",
+    "step_options",
+  }
   if not isinstance(spec, spec_lib.RKNetSpec | spec_lib.TableauRKNetSpec):
     said |= {"bottleneck_width", "growth_rate"}
   rest = {k: v for k, v in spec.fields().items() if k not in said}
@@ -66,8 +86,11 @@ def test_validation_happens_when_a_spec_is_made():
     spec_lib.DenseNetSpec(block_layers=(2,), growth_rate=4, init_features=8, stem="svhn")
   with pytest.raises(ValueError, match="needs at least one block"):
     spec_lib.DenseNetSpec(block_layers=(), growth_rate=4, init_features=8)
-  with pytest.raises(ValueError, match=r"dtype='float64': expected one of \('float32', "
-                     r"'bfloat16', 'float16'\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"dtype='float64': expected one of \('float32', "
+    r"'bfloat16', 'float16'\)",
+  ):
     spec_lib.CliqueNetSpec(block_layers=(2,), growth_rate=4, dtype="float64")
   with pytest.raises(ValueError, match=r"conv_impl='fast'.*\('auto'"):
     spec_lib.CliqueNetSpec(block_layers=(2,), growth_rate=4, conv_impl="fast")
@@ -92,28 +115,34 @@ def test_growth_rate_as_a_string_is_refused_not_split_into_characters():
     registry.create_model("ERKNet-3x1 3x1", growth_rate=36, growth_multipliers="12")
 
 
-@pytest.mark.parametrize("name,char,meant", [
+@pytest.mark.parametrize(
+  "name,char,meant",
+  [
     ("IRКNet-3x1 3x1", "U+041A CYRILLIC CAPITAL LETTER KA", "'K'"),
     ("ERKNet-3х1", "U+0445 CYRILLIC SMALL LETTER HA", "'x'"),
     ("ERKNet-3✕1", "U+2715 MULTIPLICATION X", "'×'"),
     ("ERKNet-3x1−A", "U+2212 MINUS SIGN", "'-'"),
     ("ERKNet-３x1", "U+FF13 FULLWIDTH DIGIT THREE", "'3'"),
     ("DenseNet‐121", "U+2010 HYPHEN", "'-'"),
-])
+  ],
+)
 def test_look_alike_non_ascii_letters_get_a_hint(name, char, meant):
   with pytest.raises(ValueError) as info:
     registry.create_model(name, growth_rate=4)
   assert char in str(info.value) and f"did you mean {meant}?" in str(info.value)
 
 
-@pytest.mark.parametrize("name,match", [
+@pytest.mark.parametrize(
+  "name,match",
+  [
     ("ERKNet-99999999999999999999x1", "s 99999999999999999999 is too large"),
     ("ERKNet-1001x1", "stages=.*from 1 to 1000"),
     ("ERKNet-500x1 500x1 1x1", "1001 layers is more than the 1000"),
     ("ERKNet-10x1-k999999", "k 999999 is too large|growth_rate"),
     ("DenseNet-BC-99999999-k24", "depth 99999999 is too large"),
     ("DenseNet-BC-6010-k24", "1001 layers|block_layers"),
-])
+  ],
+)
 def test_absurd_sizes_fail_at_once_naming_the_bound(name, match):
   start = time.perf_counter()
   with pytest.raises(ValueError, match=match):
@@ -135,10 +164,21 @@ def test_paper_rows_are_the_ready_made_models():
 
 
 def test_model_json_old_format_still_loads_with_its_batch_norm(tmp_path):
-  old = {"name": "ERKNet-2x1 2x1", "input_shape": [8, 8, 1],
-         "kwargs": {"growth_rate": 4, "num_classes": 10, "stem": "cifar", "dtype": "float32",
-                    "remat": False, "num_updates": 1, "update_order": "gauss_seidel",
-                    "share_weights": True, "dropout_rate": 0.0}}
+  old = {
+    "name": "ERKNet-2x1 2x1",
+    "input_shape": [8, 8, 1],
+    "kwargs": {
+      "growth_rate": 4,
+      "num_classes": 10,
+      "stem": "cifar",
+      "dtype": "float32",
+      "remat": False,
+      "num_updates": 1,
+      "update_order": "gauss_seidel",
+      "share_weights": True,
+      "dropout_rate": 0.0,
+    },
+  }
   (tmp_path / checkpoint.MODEL_FILE).write_text(json.dumps(old))
   spec = checkpoint.saved_spec(checkpoint.read_model_spec(str(tmp_path)))
   assert (spec.bn_epsilon, spec.bn_momentum) == (1e-5, 0.9)  # the defaults it was made with

@@ -1,4 +1,5 @@
 """Tests for experiments/study.py: models x seeds as ordinary runs, reused on rerun."""
+
 import json
 import os
 
@@ -11,11 +12,23 @@ MODELS = "ERKNet-2x1 2x1|growth_rate=8,DenseNet-BC-16-k8|growth_rate=8"
 
 
 def test_rows_name_only_the_overrides_that_differ():
-  recs = [{"model": "A", "entry": "A|k=1|m=2", "overrides": {"k": 1, "m": 2},
-           "runs": [{"test_top1_error": 0.1, "params": 10, "gflops": 1.0, "seed": 0}]},
-          {"model": "A", "entry": "A|k=1|m=3", "overrides": {"k": 1, "m": 3},
-           "runs": [{"test_top1_error": 0.3, "params": 10, "gflops": 1.0, "seed": 0},
-                    {"test_top1_error": 0.5, "params": 10, "gflops": 1.0, "seed": 1}]}]
+  recs = [
+    {
+      "model": "A",
+      "entry": "A|k=1|m=2",
+      "overrides": {"k": 1, "m": 2},
+      "runs": [{"test_top1_error": 0.1, "params": 10, "gflops": 1.0, "seed": 0}],
+    },
+    {
+      "model": "A",
+      "entry": "A|k=1|m=3",
+      "overrides": {"k": 1, "m": 3},
+      "runs": [
+        {"test_top1_error": 0.3, "params": 10, "gflops": 1.0, "seed": 0},
+        {"test_top1_error": 0.5, "params": 10, "gflops": 1.0, "seed": 1},
+      ],
+    },
+  ]
   s = study.summarise(recs)
   assert [r["name"] for r in s] == ["A (m=2)", "A (m=3)"]
   assert s[0]["std_test_top1_error"] == 0.0
@@ -33,19 +46,26 @@ def _tiny_config():
 
 
 def test_parse_models_entries_and_overrides():
-  parsed = study.parse_models("ERKNet-2x1 2x1 | growth_rate=8 | dropout_rate=0.2, "
-                              "RK4Net-1x2 1x2|learn_coefficients=True")
-  assert parsed[0] == ("ERKNet-2x1 2x1 | growth_rate=8 | dropout_rate=0.2",
-                       "ERKNet-2x1 2x1", {"growth_rate": 8, "dropout_rate": 0.2})
+  parsed = study.parse_models(
+    "ERKNet-2x1 2x1 | growth_rate=8 | dropout_rate=0.2, RK4Net-1x2 1x2|learn_coefficients=True"
+  )
+  assert parsed[0] == (
+    "ERKNet-2x1 2x1 | growth_rate=8 | dropout_rate=0.2",
+    "ERKNet-2x1 2x1",
+    {"growth_rate": 8, "dropout_rate": 0.2},
+  )
   assert parsed[1][1:] == ("RK4Net-1x2 1x2", {"learn_coefficients": True})
 
 
-@pytest.mark.parametrize("text, match", [
+@pytest.mark.parametrize(
+  "text, match",
+  [
     ("", "--models is empty"),
     ("ERKNet-2x1,,DenseNet-BC-16-k8", "empty entry"),
     ("ERKNet-2x1|growth_rate", "not field=value"),
     ("ERKNet-2x1,ERKNet-2x1", "twice"),
-])
+  ],
+)
 def test_parse_models_errors(text, match):
   with pytest.raises(ValueError, match=match):
     study.parse_models(text)
@@ -55,8 +75,9 @@ def test_bad_entry_or_seed_count_fails_before_any_training(tmp_path, monkeypatch
   calls = []
   monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: calls.append(a))
   with pytest.raises(ValueError, match=r"--models entry 'DenseNet-BC-16-k8': .*contradicts"):
-    study.run_study(_tiny_config(), str(tmp_path), "ERKNet-2x1 2x1|growth_rate=8,"
-                    "DenseNet-BC-16-k8", 2)  # digits' growth_rate 16 contradicts k8
+    study.run_study(
+      _tiny_config(), str(tmp_path), "ERKNet-2x1 2x1|growth_rate=8,DenseNet-BC-16-k8", 2
+    )  # digits' growth_rate 16 contradicts k8
   with pytest.raises(ValueError, match="--seeds=0"):
     study.run_study(_tiny_config(), str(tmp_path), MODELS, 0)
   with pytest.raises(ValueError, match="NoSuchNet-1"):
@@ -83,22 +104,29 @@ def test_tiny_study_trains_then_reuses_runs(tmp_path, monkeypatch):
 
   monkeypatch.setattr(train, "train_and_evaluate", counting)
   summary = study.run_study(_tiny_config(), workdir, MODELS, 2)
-  assert sorted(calls) == [("DenseNet-BC-16-k8", 0), ("DenseNet-BC-16-k8", 1),
-                           ("ERKNet-2x1 2x1", 0), ("ERKNet-2x1 2x1", 1)]
+  assert sorted(calls) == [
+    ("DenseNet-BC-16-k8", 0),
+    ("DenseNet-BC-16-k8", 1),
+    ("ERKNet-2x1 2x1", 0),
+    ("ERKNet-2x1 2x1", 1),
+  ]
   with open(os.path.join(workdir, study.STUDY_JSON)) as f:
     saved = json.load(f)
   assert saved["seeds"] == 2 and [m["model"] for m in saved["models"]] == [
-      "ERKNet-2x1 2x1", "DenseNet-BC-16-k8"]
+    "ERKNet-2x1 2x1",
+    "DenseNet-BC-16-k8",
+  ]
   for rec in saved["models"]:
     assert len(rec["test_top1_errors"]) == 2 and rec["params"] > 1000
-    assert rec["mean_test_top1_error"] == pytest.approx(
-        sum(rec["test_top1_errors"]) / 2)
+    assert rec["mean_test_top1_error"] == pytest.approx(sum(rec["test_top1_errors"]) / 2)
   erk, dense = saved["models"]
   assert erk["family"] == "ERKNet" and dense["family"] == "DenseNet"
   assert erk["params"] != dense["params"]
   # Different seeds are different runs (init and data order differ).
-  assert erk["test_top1_errors"][0] != erk["test_top1_errors"][1] or \
-      dense["test_top1_errors"][0] != dense["test_top1_errors"][1]
+  assert (
+    erk["test_top1_errors"][0] != erk["test_top1_errors"][1]
+    or dense["test_top1_errors"][0] != dense["test_top1_errors"][1]
+  )
   assert saved["common_overrides"] == {"growth_rate": 8} and saved["epochs"] > 0
   md = open(os.path.join(workdir, study.STUDY_MD)).read()
   assert md.startswith("digits, 2 seeds, ") and "all models: growth_rate=8" in md
@@ -119,8 +147,9 @@ def test_tiny_study_trains_then_reuses_runs(tmp_path, monkeypatch):
   assert calls == [] and again == summary
 
   # An interrupted run (no results.json yet) is resumed; the others are reused.
-  os.remove(os.path.join(study.run_dir(workdir, "DenseNet-BC-16-k8|growth_rate=8", 1),
-                         study.RESULTS_FILE))
+  os.remove(
+    os.path.join(study.run_dir(workdir, "DenseNet-BC-16-k8|growth_rate=8", 1), study.RESULTS_FILE)
+  )
   third = study.run_study(_tiny_config(), workdir, MODELS, 2)
   assert calls == [("DenseNet-BC-16-k8", 1)]
   assert third[1]["test_top1_errors"] == summary[1]["test_top1_errors"]
@@ -186,11 +215,14 @@ def test_rerun_continues_longer_runs_and_refuses_another_config(tmp_path, monkey
   # nothing in the study's directory changes.
   before = _snapshot(workdir)
   directory = study.run_dir(workdir, models, 0)
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       rf"^study: {directory} was trained with another config \(learning_rate: 0\.1 there, "
-      r"0\.05 now\).*new --workdir.*delete")):
-    study.run_study(config(num_epochs=2, log_every_steps=3, learning_rate=0.05), workdir,
-                    models, 1)
+      r"0\.05 now\).*new --workdir.*delete"
+    ),
+  ):
+    study.run_study(config(num_epochs=2, log_every_steps=3, learning_rate=0.05), workdir, models, 1)
   assert calls == [1, 2, 2] and _snapshot(workdir) == before
 
 
@@ -211,10 +243,16 @@ def test_plan_run_from_the_recorded_config_and_results(tmp_path):
   assert study.plan_run(config, str(directory))[0] == study.CONTINUE
   config.num_train_steps, config.prefetch = 8, 3
   assert study.plan_run(config, str(directory)) == (
-      study.CONTINUE, {"num_train_steps": (4, 8), "prefetch": (2, 3)}, None)
+    study.CONTINUE,
+    {"num_train_steps": (4, 8), "prefetch": (2, 3)},
+    None,
+  )
   config.batch_size, config.model_kwargs.dropout_rate = 32, 0.1
-  with pytest.raises(ValueError, match=r"run was trained with another config \(batch_size: 64 "
-                     r"there, 32 now, model_kwargs.dropout_rate: None there, 0.1 now\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"run was trained with another config \(batch_size: 64 "
+    r"there, 32 now, model_kwargs.dropout_rate: None there, 0.1 now\)",
+  ):
     study.plan_run(config, str(directory))
 
 
@@ -222,7 +260,10 @@ def test_outputs_without_a_run_file_are_not_reused(tmp_path):
   directory = tmp_path / "run"
   directory.mkdir()
   (directory / study.RESULTS_FILE).write_text(json.dumps({"test_top1_error": 0.1}))
-  with pytest.raises(ValueError, match=r"results.json but no run.json: the config it was "
-                     "trained with is unknown"):
+  with pytest.raises(
+    ValueError,
+    match=r"results.json but no run.json: the config it was "
+    "trained with is unknown",
+  ):
     study.plan_run(_tiny_config(), str(directory))
   assert study.plan_run(_tiny_config(), str(tmp_path / "new")) == (study.TRAIN, {}, None)

@@ -1,4 +1,5 @@
 """Tests for rknet_jax.tableaus (paper section 3.1)."""
+
 import dataclasses
 import math
 
@@ -11,26 +12,26 @@ from rknet_jax.tableaus import ButcherTableau
 
 # (name, literature order, stages, kind).
 EXPECTED = [
-    ("euler", 1, 1, "explicit"),
-    ("midpoint", 2, 2, "explicit"),
-    ("heun", 2, 2, "explicit"),
-    ("ralston", 2, 2, "explicit"),
-    ("kutta3", 3, 3, "explicit"),
-    ("heun3", 3, 3, "explicit"),
-    ("ssprk3", 3, 3, "explicit"),
-    ("rk4", 4, 4, "explicit"),
-    ("rk38", 4, 4, "explicit"),
-    ("dopri5", 5, 7, "explicit"),
-    ("backward_euler", 1, 1, "dirk"),
-    ("implicit_midpoint", 2, 1, "dirk"),
-    ("trapezoid", 2, 2, "dirk"),
-    ("gauss_legendre2", 4, 2, "implicit"),
-    ("gauss_legendre3", 6, 3, "implicit"),
-    ("radau_iia2", 3, 2, "implicit"),
-    ("radau_iia3", 5, 3, "implicit"),
-    ("lobatto_iiic2", 2, 2, "implicit"),
-    ("lobatto_iiic3", 4, 3, "implicit"),
-    ("sdirk2", 3, 2, "dirk"),
+  ("euler", 1, 1, "explicit"),
+  ("midpoint", 2, 2, "explicit"),
+  ("heun", 2, 2, "explicit"),
+  ("ralston", 2, 2, "explicit"),
+  ("kutta3", 3, 3, "explicit"),
+  ("heun3", 3, 3, "explicit"),
+  ("ssprk3", 3, 3, "explicit"),
+  ("rk4", 4, 4, "explicit"),
+  ("rk38", 4, 4, "explicit"),
+  ("dopri5", 5, 7, "explicit"),
+  ("backward_euler", 1, 1, "dirk"),
+  ("implicit_midpoint", 2, 1, "dirk"),
+  ("trapezoid", 2, 2, "dirk"),
+  ("gauss_legendre2", 4, 2, "implicit"),
+  ("gauss_legendre3", 6, 3, "implicit"),
+  ("radau_iia2", 3, 2, "implicit"),
+  ("radau_iia3", 5, 3, "implicit"),
+  ("lobatto_iiic2", 2, 2, "implicit"),
+  ("lobatto_iiic3", 4, 3, "implicit"),
+  ("sdirk2", 3, 2, "dirk"),
 ]
 
 
@@ -73,8 +74,9 @@ def test_unknown_name_raises_key_error_listing_known_names():
 
 
 def test_tableau_is_frozen_hashable_and_stores_float_tuples():
-  t = ButcherTableau(a=np.array([[0, 0], [1, 0]]), b=[0.5, 0.5], c=np.array([0, 1]),
-                     name="heun_copy", order=2)
+  t = ButcherTableau(
+    a=np.array([[0, 0], [1, 0]]), b=[0.5, 0.5], c=np.array([0, 1]), name="heun_copy", order=2
+  )
   assert t.a == ((0.0, 0.0), (1.0, 0.0)) and isinstance(t.a[1][0], float)
   assert t.b == (0.5, 0.5) and t.c == (0.0, 1.0)
   assert hash(t) == hash(ButcherTableau(a=t.a, b=t.b, c=t.c, name="heun_copy", order=2))
@@ -92,7 +94,9 @@ def test_arrays_and_numpy_helpers():
   assert "rk4" in str(tableaus.RK4)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(a=[[0, 0], [1]], b=[0.5, 0.5], c=[0, 1]), "square"),
     (dict(a=[[0, 0, 0], [1, 0, 0]], b=[0.5, 0.5], c=[0, 1]), "square"),
     (dict(a=[], b=[], c=[]), "no stages"),
@@ -106,7 +110,8 @@ def test_arrays_and_numpy_helpers():
     (dict(a=[[0, 0], [1, 0]], b=[0.5, 0.5], c=[0, 1], order=2.0), "order"),
     (dict(a=[[0, 0], [1, 0]], b=[0.5, 0.5], c=[0, 1], order=True), "order"),
     (dict(a=[[0, 0], [1, 0]], b="ab", c=[0, 1]), "b must be a sequence of numbers"),
-])
+  ],
+)
 def test_inconsistent_tableaus_raise_value_error(kwargs, match):
   kwargs.setdefault("order", 1)
   with pytest.raises(ValueError, match=match):

@@ -4,6 +4,7 @@ eval, end-to-end runs, resume.
 Tiny models (k = 4, one or two periods) and few steps keep every test to seconds; the
 eight virtual CPU devices come from tests/conftest.py.
 """
+
 import json
 import logging
 import os
@@ -30,8 +31,13 @@ def test_eight_devices_give_the_losses_and_params_of_one_device(tiny_config):
   model = run_config.build_model(config, info.num_classes)
   schedule = optim.learning_rate_schedule(config, 20, 100)
   tx = optim.make_optimizer(config, schedule)
-  batches = [b for _, b in zip(range(3), input_pipeline.train_iterator(
-      config, start_step=0, process_index=0, process_count=1))]
+  batches = [
+    b
+    for _, b in zip(
+      range(3),
+      input_pipeline.train_iterator(config, start_step=0, process_index=0, process_count=1),
+    )
+  ]
   results = {}
   for n in (1, 8):
     mesh = steps_lib.make_mesh(jax.devices()[:n])
@@ -56,20 +62,26 @@ def test_exact_eval_counts_1003_examples_at_batch_64_on_8_devices(tiny_config):
     info = input_pipeline.dataset_info("cifar10")
     model = run_config.build_model(config, info.num_classes)
     mesh = steps_lib.make_mesh()
-    variables = steps_lib.create_train_state(model, optim.make_optimizer(config, 0.1),
-                                         info.image_shape, 1, mesh).model_vars()
+    variables = steps_lib.create_train_state(
+      model, optim.make_optimizer(config, 0.1), info.image_shape, 1, mesh
+    ).model_vars()
     assert mesh.devices.size == 8
-    batches = input_pipeline.eval_iterator(config, "test", batch_size=64, process_index=0,
-                                           process_count=1)
+    batches = input_pipeline.eval_iterator(
+      config, "test", batch_size=64, process_index=0, process_count=1
+    )
     out = steps_lib.evaluate(steps_lib.make_eval_step(model, mesh), variables, batches, mesh, 64)
     assert out["examples"] == 1003
     # Reference: every example once, no padding, plain numpy.
     images, labels = [], []
-    for b in input_pipeline.eval_iterator(config, "test", batch_size=1003, process_index=0,
-                                          process_count=1):
+    for b in input_pipeline.eval_iterator(
+      config, "test", batch_size=1003, process_index=0, process_count=1
+    ):
       images.append(b["image"]), labels.append(b["label"])
-    logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
-        jax.device_get(variables), np.concatenate(images)))
+    logits = np.asarray(
+      jax.jit(lambda v, x: model.apply(v, x, train=False))(
+        jax.device_get(variables), np.concatenate(images)
+      )
+    )
     labels = np.concatenate(labels)
     assert len(labels) == 1003
     top1 = np.mean(np.argmax(logits, -1) != labels)
@@ -82,16 +94,24 @@ def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tiny_confi
   workdir = str(tmp_path / "run")
   config = tiny_config(test_model="best", num_train_steps=40, keep_checkpoints=2)
   results = train.train_and_evaluate(config, workdir)
-  for key in ("dataset", "model", "params", "gflops", "steps", "test_examples",
-              "test_top1_error", "test_top5_error", "test_model"):
+  for key in (
+    "dataset",
+    "model",
+    "params",
+    "gflops",
+    "steps",
+    "test_examples",
+    "test_top1_error",
+    "test_top5_error",
+    "test_model",
+  ):
     assert key in results
   with open(os.path.join(workdir, "results.json")) as f:
     on_disk = json.load(f)
   assert on_disk["test_top1_error"] == results["test_top1_error"]
   assert on_disk["test_examples"] == 360 and on_disk["steps"] == 40
   assert on_disk["test_model"] == "best"
-  assert on_disk["params"] == rknet_jax.count_params(
-      run_config.build_model(config, 10), (8, 8, 1))
+  assert on_disk["params"] == rknet_jax.count_params(run_config.build_model(config, 10), (8, 8, 1))
   assert on_disk["gflops"] > 0
   assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
   assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -99,8 +119,7 @@ def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tiny_confi
   assert {r["split"] for r in recs} == {"train", "validation", "test"}
   assert all(np.isfinite(r["loss"]) for r in recs)
   # Checkpoints: epoch ends (20, 40) and every 5 steps; keep last 2 + the best one.
-  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-                 if s.isdigit())
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps[-2:] == [35, 40]
   best = on_disk["best_validation_step"]
   val = {r["step"]: r["top1_error"] for r in recs if r["split"] == "validation"}
@@ -114,14 +133,18 @@ def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tiny_confi
   # load_checkpoint: the final model (8-device checkpoint) on one device.
   model, variables, predict = rknet_jax.load_checkpoint(workdir)
   assert set(variables) == {"params", "batch_stats"}
-  test = next(iter(input_pipeline.eval_iterator(config, "test", batch_size=360,
-                                                process_index=0, process_count=1)))
+  test = next(
+    iter(
+      input_pipeline.eval_iterator(config, "test", batch_size=360, process_index=0, process_count=1)
+    )
+  )
   logits = np.asarray(predict(test["image"], preprocess=False))  # already standardised
   assert logits.shape == (360, 10) and logits.dtype == np.float32
   final = evaluate_lib.evaluate_checkpoint(workdir)
   assert final["step"] == 40
   assert np.mean(np.argmax(logits, -1) != test["label"]) == pytest.approx(
-      final["top1_error"], abs=1e-9)
+    final["top1_error"], abs=1e-9
+  )
   assert model.num_classes == 10
 
 
@@ -150,8 +173,14 @@ def test_checkpoints_move_between_8_and_1_devices_and_match(tiny_config, tmp_pat
 
 def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tiny_config, tmp_path):
   workdir = str(tmp_path / "nan")
-  config = tiny_config(learning_rate=1e30, weight_decay=0.0, checkpoint_every_steps=1,
-                       log_every_steps=1, lr_schedule="constant", validation_size=0)
+  config = tiny_config(
+    learning_rate=1e30,
+    weight_decay=0.0,
+    checkpoint_every_steps=1,
+    log_every_steps=1,
+    lr_schedule="constant",
+    validation_size=0,
+  )
   with pytest.raises(FloatingPointError, match=r"non-finite training state at step (\d+)") as e:
     train.train_and_evaluate(config, workdir)
   bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
@@ -164,23 +193,38 @@ def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tiny_con
     shutil.rmtree(os.path.join(workdir, "checkpoints", str(s), "model"))
   with pytest.raises(RuntimeError, match="none of the checkpoints .* can be restored"):
     train.train_and_evaluate(config, workdir)
-  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-                if s.isdigit()) == sorted(steps)
+  assert sorted(
+    int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()
+  ) == sorted(steps)
   assert not os.path.exists(os.path.join(workdir, "damaged_checkpoints"))
 
 
-@pytest.mark.parametrize("dataset,model,stem,size,dtype", [
+@pytest.mark.parametrize(
+  "dataset,model,stem,size,dtype",
+  [
     ("cifar10", "ERKNet-1x1 1x1", "cifar", 32, "bfloat16"),
     ("imagenet2012", "ERKNet-1x1 1x1-B", "imagenet", 32, "float32"),
-])
+  ],
+)
 @pytest.mark.slow
 def test_mock_data_end_to_end(tiny_config, tmp_path, dataset, model, stem, size, dtype):
   """The tfds pipelines (CIFAR-10 in memory, ImageNet via tf.data) drive a few steps."""
   with tfds.testing.mock_data(num_examples=80):
-    config = tiny_config(dataset=dataset, model=model, stem=stem, image_size=size, dtype=dtype,
-                         validation_size=16, batch_size=16, eval_batch_size=16,
-                         num_train_steps=3, data_dir="/nonexistent", download=False,
-                         shuffle_buffer=16, augment=dataset == "imagenet2012")
+    config = tiny_config(
+      dataset=dataset,
+      model=model,
+      stem=stem,
+      image_size=size,
+      dtype=dtype,
+      validation_size=16,
+      batch_size=16,
+      eval_batch_size=16,
+      num_train_steps=3,
+      data_dir="/nonexistent",
+      download=False,
+      shuffle_buffer=16,
+      augment=dataset == "imagenet2012",
+    )
     r = train.train_and_evaluate(config, str(tmp_path / dataset))
   assert r["steps"] == 3 and r["dataset"] == dataset
   assert r["test_examples"] == 80

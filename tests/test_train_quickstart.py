@@ -1,4 +1,5 @@
 """The README quickstart, run exactly as written: a real RKNet on digits, >= 95% accuracy."""
+
 import json
 import os
 import subprocess
@@ -17,9 +18,19 @@ def test_readme_quickstart_reaches_95_percent_on_digits(tmp_path):
   env["JAX_PLATFORMS"] = "cpu"
   start = time.time()
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.main", "--config=experiments/configs/digits.py",
-       f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True,
-      timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "experiments.main",
+      "--config=experiments/configs/digits.py",
+      f"--workdir={workdir}",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   elapsed = time.time() - start
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(os.path.join(workdir, "results.json")) as f:

@@ -26,7 +26,8 @@ def get_config():
   # "cifar": 3x3 conv preprocessor (also SVHN, digits); "imagenet": 7x7/2 conv + BN + max-pool.
   config.stem = config_dict.placeholder(str)  # None = the name's ("cifar" but for Table 3)
   # E.g. --config.model_kwargs.dropout_rate=0.2 or --config.model_kwargs.num_updates=2.
-  config.model_kwargs = ml_collections.ConfigDict({
+  config.model_kwargs = ml_collections.ConfigDict(
+    {
       "growth_multipliers": config_dict.placeholder(tuple),  # m per period (Table 3)
       "bottleneck_width": config_dict.placeholder(int),  # "B" names; default 4k / k
       "attention": config_dict.placeholder(bool),  # default: the name has "A"
@@ -37,7 +38,8 @@ def get_config():
       "dropout_rate": config_dict.placeholder(float),  # after every conv; model default 0
       "bn_momentum": config_dict.placeholder(float),  # flax convention; model default
       "bn_epsilon": config_dict.placeholder(float),  # model default
-  })
+    }
+  )
   config.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (logits stay float32)
   config.remat = False  # rematerialise each time-step in the backward pass (saves memory)
 

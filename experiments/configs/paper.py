@@ -29,8 +29,10 @@ AUTHORS_DROPOUT = {"cifar10": 0.2, "cifar100": 0.2, "imagenet2012": 0.0}
 def get_config(row_and_dataset=None):
   """The config of a paper row: ``"<row key>"`` or ``"<row key>:<dataset>"``."""
   if not row_and_dataset:
-    raise ValueError("experiments/configs/paper.py needs a row: --config=experiments/configs/"
-                     "paper.py:<row key>, one of " + ", ".join(r.key for r in paper.ROWS))
+    raise ValueError(
+      "experiments/configs/paper.py needs a row: --config=experiments/configs/"
+      "paper.py:<row key>, one of " + ", ".join(r.key for r in paper.ROWS)
+    )
   key, _, dataset = row_and_dataset.partition(":")
   row = paper.row(key)
   dataset = dataset or row.datasets[0]

@@ -5,6 +5,7 @@ answers everything the runner asks: `info`, `preflight()`, `split_sizes()`, `tra
 from any step, and padded `eval_batches(...)`. Adding a source means one module with one
 `Dataset` subclass (see `in_memory.InMemoryDataset`, `imagenet.ImagenetDataset`).
 """
+
 import abc
 from collections.abc import Iterator
 import dataclasses
@@ -23,6 +24,7 @@ class DatasetInfo(NamedTuple):
   are the per-channel statistics used for standardisation, in raw pixel units (0..255; digits
   0..16); `class_names[i]` names label i (empty when not known without loading the data).
   """
+
   name: str
   num_classes: int
   image_shape: tuple[int, int, int]
@@ -60,19 +62,22 @@ class Dataset(abc.ABC):
     """{"train", "validation", "test"} example counts (train after any hold-out)."""
 
   @abc.abstractmethod
-  def train_batches(self, *, start_step: int, process_index: int,
-                    process_count: int) -> Iterator[dict]:
+  def train_batches(
+    self, *, start_step: int, process_index: int, process_count: int
+  ) -> Iterator[dict]:
     """This host's part of global training batches start_step, start_step + 1, ... forever."""
 
   @abc.abstractmethod
-  def eval_batches(self, split: str, *, batch_size: int, process_index: int,
-                   process_count: int, with_index: bool) -> Iterator[dict]:
+  def eval_batches(
+    self, split: str, *, batch_size: int, process_index: int, process_count: int, with_index: bool
+  ) -> Iterator[dict]:
     """Padded, masked batches covering `split` ("validation" or "test") once over all hosts."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
   """One split in memory. `ids` are positions in the official split the examples come from."""
+
   images: np.ndarray  # [N, H, W, C], uint8 (or the float values of an npz file)
   labels: np.ndarray  # int32 [N]
   ids: np.ndarray  # int64 [N]
@@ -84,6 +89,7 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class Splits:
   """Train (after the validation hold-out), validation and test splits in memory."""
+
   train: Split
   validation: Split
   test: Split
@@ -93,6 +99,7 @@ class Splits:
 class Official:
   """What an in-memory source reads: its official splits (validation: None when it has none,
   then one is held out of train) and the class names (label i is `class_names[i]`)."""
+
   train: Split
   test: Split
   validation: Split | None
@@ -110,21 +117,26 @@ def labels_int32(labels, what: str) -> np.ndarray:
   that int32 holds (a float like 3.0 is accepted; 3.5, NaN, -1 or 2**31 are refused, naming
   ``what[index] = value``), so no label wraps or truncates into another class."""
   y = np.asarray(labels)
-  if y.dtype == np.bool_ or not (np.issubdtype(y.dtype, np.integer)
-                                 or np.issubdtype(y.dtype, np.floating)):
+  if y.dtype == np.bool_ or not (
+    np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)
+  ):
     raise ValueError(f"{what} has dtype {y.dtype}; expected integers (class indices)")
   if np.issubdtype(y.dtype, np.floating):
     with np.errstate(invalid="ignore"):
       bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
     if bad.size:
-      raise ValueError(f"{what}[{bad[0]}] = {float(y[bad[0]])} is not a whole number; labels "
-                       "are class indices 0, 1, ..., K-1")
+      raise ValueError(
+        f"{what}[{bad[0]}] = {float(y[bad[0]])} is not a whole number; labels "
+        "are class indices 0, 1, ..., K-1"
+      )
   bad = np.flatnonzero((y < 0) | (y > _INT32_MAX))
   if bad.size:
     value = y[bad[0]]
     value = int(value) if np.issubdtype(y.dtype, np.integer) else float(value)
-    raise ValueError(f"{what}[{bad[0]}] = {value} is not a valid label (class indices are "
-                     f"0..K-1, at most {_INT32_MAX})")
+    raise ValueError(
+      f"{what}[{bad[0]}] = {value} is not a valid label (class indices are "
+      f"0..K-1, at most {_INT32_MAX})"
+    )
   return y.astype(np.int32)
 
 
@@ -152,14 +164,17 @@ def check_official(official: "Official", where: str) -> None:
     y = np.asarray(split.labels)
     bad = np.flatnonzero((y < 0) | (y >= num_classes))
     if bad.size:
-      raise ValueError(f"{where}: {name} label [{bad[0]}] = {int(y[bad[0]])} is not a valid "
-                       f"label (0..{num_classes - 1}, the training classes)")
+      raise ValueError(
+        f"{where}: {name} label [{bad[0]}] = {int(y[bad[0]])} is not a valid "
+        f"label (0..{num_classes - 1}, the training classes)"
+      )
   present = np.unique(np.asarray(official.train.labels))
   if len(present) < 2:
     raise ValueError(
-        f"{where}: every training label is {int(present[0])} ({len(official.train)} images): "
-        "a classifier needs training examples of at least 2 classes (a 1-class model reports "
-        "0 error without learning anything)")
+      f"{where}: every training label is {int(present[0])} ({len(official.train)} images): "
+      "a classifier needs training examples of at least 2 classes (a 1-class model reports "
+      "0 error without learning anything)"
+    )
   ranges = {}
   for name, split in splits:
     if not isinstance(split.images, np.ndarray):
@@ -170,8 +185,10 @@ def check_official(official: "Official", where: str) -> None:
       if not finite.all():
         i = int(np.flatnonzero(~finite)[0])
         value = x[i][~np.isfinite(x[i])].reshape(-1)[0]
-        raise ValueError(f"{where}: {name} image {i} holds a non-finite pixel ({value}); "
-                         "every pixel must be a finite number")
+        raise ValueError(
+          f"{where}: {name} image {i} holds a non-finite pixel ({value}); "
+          "every pixel must be a finite number"
+        )
     ranges[name] = pixel_range(x)
   if "train" not in ranges:
     return
@@ -180,6 +197,8 @@ def check_official(official: "Official", where: str) -> None:
     problem = preprocessing.range_problem((lo, hi), (a, b))
     if _dtype_kind(dtype) != _dtype_kind(train_dtype) or problem:
       raise ValueError(
-          f"{where}: {name} images are {dtype} in [{a:g}, {b:g}] but train images are "
-          f"{train_dtype} in [{lo:g}, {hi:g}]" + (f" ({problem})" if problem else "") +
-          ": store every split with one dtype and one pixel scale")
+        f"{where}: {name} images are {dtype} in [{a:g}, {b:g}] but train images are "
+        f"{train_dtype} in [{lo:g}, {hi:g}]"
+        + (f" ({problem})" if problem else "")
+        + ": store every split with one dtype and one pixel scale"
+      )

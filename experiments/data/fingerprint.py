@@ -13,6 +13,7 @@ user asks to continue on new data (`config.allow_data_change=True`).
 
 Only contents count: the same file under another path has the same fingerprint.
 """
+
 import hashlib
 import os
 
@@ -21,9 +22,12 @@ from experiments.data import in_memory, prepare, tfds_utils
 
 _CHUNK = 1 << 20
 # The fields that identify the data's contents, per kind (others, such as the path, inform).
-_COMPARED = {"npz": ("size", "sha256"), "folder": ("files", "bytes", "sha256"),
-             "tfds": ("name", "version", "splits", "svhn_extra"),
-             "digits": ("test_size", "split_seed")}
+_COMPARED = {
+  "npz": ("size", "sha256"),
+  "folder": ("files", "bytes", "sha256"),
+  "tfds": ("name", "version", "splits", "svhn_extra"),
+  "digits": ("test_size", "split_seed"),
+}
 
 
 def _sha256_of_file(path: str) -> str:
@@ -47,24 +51,40 @@ def fingerprint(settings) -> dict:
   """The fingerprint (module docstring) of the data `settings` (a parsed config) reads."""
   s = settings
   if s.source == "npz":
-    return {"kind": "npz", "path": s.target, "size": os.path.getsize(s.target),
-            "sha256": _sha256_of_file(s.target)}
+    return {
+      "kind": "npz",
+      "path": s.target,
+      "size": os.path.getsize(s.target),
+      "sha256": _sha256_of_file(s.target),
+    }
   if s.source == "folder":
     listing = _folder_listing(s.target)
     digest = hashlib.sha256("".join(f"{p}\t{n}\t{t}\n" for p, n, t in listing).encode())
-    return {"kind": "folder", "path": s.target, "files": len(listing),
-            "bytes": sum(n for _, n, _ in listing), "sha256": digest.hexdigest()}
+    return {
+      "kind": "folder",
+      "path": s.target,
+      "files": len(listing),
+      "bytes": sum(n for _, n, _ in listing),
+      "sha256": digest.hexdigest(),
+    }
   if s.source == "digits":
-    return {"kind": "digits", "source": "scikit-learn load_digits",
-            "test_size": in_memory.DIGITS_TEST_SIZE,
-            "split_seed": in_memory._DIGITS_SPLIT_SEED}
+    return {
+      "kind": "digits",
+      "source": "scikit-learn load_digits",
+      "test_size": in_memory.DIGITS_TEST_SIZE,
+      "split_seed": in_memory._DIGITS_SPLIT_SEED,
+    }
   if tfds_utils.tfds_is_mocked():
     builder = tfds_utils.import_tfds().builder(s.target, data_dir=s.data_dir)
   else:
     builder = prepare.builder_for(s.target, s.data_dir)
-  return {"kind": "tfds", "name": builder.name, "version": str(builder.info.version),
-          "splits": {k: int(v.num_examples) for k, v in sorted(builder.info.splits.items())},
-          "svhn_extra": bool(s.svhn_extra)}
+  return {
+    "kind": "tfds",
+    "name": builder.name,
+    "version": str(builder.info.version),
+    "splits": {k: int(v.num_examples) for k, v in sorted(builder.info.splits.items())},
+    "svhn_extra": bool(s.svhn_extra),
+  }
 
 
 def describe_change(old: dict | None, new: dict) -> str | None:
@@ -83,10 +103,14 @@ def describe_change(old: dict | None, new: dict) -> str | None:
   def show(value):
     return value[:12] + "..." if isinstance(value, str) and len(value) == 64 else value
 
-  what = {"npz": f"the npz file {new.get('path')}",
-          "folder": f"the image files of {new.get('path')}",
-          "tfds": f"TFDS dataset {new.get('name')}"}.get(kind, "the data")
+  what = {
+    "npz": f"the npz file {new.get('path')}",
+    "folder": f"the image files of {new.get('path')}",
+    "tfds": f"TFDS dataset {new.get('name')}",
+  }.get(kind, "the data")
   units = {"size": " bytes", "bytes": " bytes"}
-  diffs = ", ".join(f"{f} {show(old.get(f))}{units.get(f, '')} -> {show(new.get(f))}"
-                    f"{units.get(f, '')}" for f in changed)
+  diffs = ", ".join(
+    f"{f} {show(old.get(f))}{units.get(f, '')} -> {show(new.get(f))}{units.get(f, '')}"
+    for f in changed
+  )
   return f"{what} changed since this run started: {diffs}"

@@ -25,6 +25,7 @@ prefetch thread), so order, resumption and exact evaluation are those of in-memo
 Errors name the offending file or folder: unreadable image, class folder without images, a
 class in test/ or validation/ that train/ lacks, a size that differs, 16-bit or float pixels.
 """
+
 import os
 
 from absl import logging
@@ -34,8 +35,18 @@ from experiments.data import base
 from rknet_jax import preprocessing
 
 # Image files by name (lower-cased): torchvision ImageFolder's list plus GIF; PIL decodes all.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
-                    ".pgm")
+IMAGE_EXTENSIONS = (
+  ".png",
+  ".jpg",
+  ".jpeg",
+  ".bmp",
+  ".gif",
+  ".webp",
+  ".tif",
+  ".tiff",
+  ".ppm",
+  ".pgm",
+)
 _SKIPPED_EXAMPLES = 3  # skipped entries named in the log line
 IN_MEMORY_BYTES = 4 << 30  # decoded uint8 pixels held in memory; larger datasets stream
 _GRAY_MODES = ("1", "L", "LA")
@@ -44,6 +55,7 @@ _COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"
 
 def _pil():
   from PIL import Image
+
   return Image
 
 
@@ -57,8 +69,7 @@ def _listing(folder, *, classes: bool):
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
     is_dir = os.path.isdir(path)
-    wanted = (is_dir if classes else
-              os.path.isfile(path) and name.lower().endswith(IMAGE_EXTENSIONS))
+    wanted = is_dir if classes else os.path.isfile(path) and name.lower().endswith(IMAGE_EXTENSIONS)
     if wanted and not name.startswith("."):
       kept.append(name)
     else:
@@ -89,9 +100,15 @@ def _log_skipped(root, skipped):
   visible = [p for p in skipped if not os.path.basename(p.rstrip("/")).startswith(".")]
   examples = (visible + [p for p in skipped if p not in visible])[:_SKIPPED_EXAMPLES]
   log = logging.warning if visible else logging.info
-  log("folder:%s: skipped %d entries that are not images (%d hidden), e.g. %s; images are "
-      "files ending in %s", root, len(skipped), len(skipped) - len(visible),
-      ", ".join(repr(p) for p in examples), " ".join(IMAGE_EXTENSIONS))
+  log(
+    "folder:%s: skipped %d entries that are not images (%d hidden), e.g. %s; images are "
+    "files ending in %s",
+    root,
+    len(skipped),
+    len(skipped) - len(visible),
+    ", ".join(repr(p) for p in examples),
+    " ".join(IMAGE_EXTENSIONS),
+  )
 
 
 def _header(path):
@@ -103,8 +120,10 @@ def _header(path):
   except (OSError, ValueError, image_lib.DecompressionBombError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from None
   if mode not in _GRAY_MODES + _COLOUR_MODES:
-    raise ValueError(f"image {path} has PIL mode {mode!r} (16-bit or float pixels); only 8-bit "
-                     "grayscale or colour images are supported")
+    raise ValueError(
+      f"image {path} has PIL mode {mode!r} (16-bit or float pixels); only 8-bit "
+      "grayscale or colour images are supported"
+    )
   return mode, (height, width)
 
 
@@ -134,8 +153,9 @@ class FileImages:
     idx = np.asarray(idx)
     out = np.empty(idx.shape + self.shape[1:], np.uint8)
     for j, i in enumerate(idx.reshape(-1)):
-      out.reshape((-1,) + self.shape[1:])[j] = decode(self.paths[i], shape=self.shape[1:],
-                                                      resize=self._resize)
+      out.reshape((-1,) + self.shape[1:])[j] = decode(
+        self.paths[i], shape=self.shape[1:], resize=self._resize
+      )
     return out
 
   def subset(self, idx):
@@ -154,15 +174,19 @@ def _scan_split(root, split, classes, size, resize, skipped):
   for name in names:
     class_dir = os.path.join(folder, name)
     if name not in classes:
-      raise ValueError(f"class folder {class_dir} has no counterpart in {root}/train/ (training "
-                       f"classes: {', '.join(sorted(classes))})")
+      raise ValueError(
+        f"class folder {class_dir} has no counterpart in {root}/train/ (training "
+        f"classes: {', '.join(sorted(classes))})"
+      )
     files, other = _listing(class_dir, classes=False)
     here += [os.path.join(split, name, n) for n in other]
     if not files:
       example = next((n for n in other if not n.startswith(".")), other[0]) if other else ""
       found = f"only {len(other)} other entries, e.g. {example!r}" if other else "it is empty"
-      raise ValueError(f"class folder {class_dir} has no images ({found}): every class needs "
-                       f"at least one image file ({' '.join(IMAGE_EXTENSIONS)})")
+      raise ValueError(
+        f"class folder {class_dir} has no images ({found}): every class needs "
+        f"at least one image file ({' '.join(IMAGE_EXTENSIONS)})"
+      )
     for f in files:
       path = os.path.join(class_dir, f)
       mode, hw = _header(path)
@@ -170,16 +194,19 @@ def _scan_split(root, split, classes, size, resize, skipped):
         size[0] = (resize, resize) if resize else hw
       if hw != size[0] and not resize:
         raise ValueError(
-            f"image {path} is {hw[1]}x{hw[0]} (width x height) but the first training image is "
-            f"{size[0][1]}x{size[0][0]}: set config.resize=N to resize every image to N x N, or "
-            "give all images one size")
+          f"image {path} is {hw[1]}x{hw[0]} (width x height) but the first training image is "
+          f"{size[0][1]}x{size[0][0]}: set config.resize=N to resize every image to N x N, or "
+          "give all images one size"
+        )
       paths.append(path)
       labels.append(classes[name])
       gray.append(mode in _GRAY_MODES)
   if not paths:
     found = f" (only {len(here)} other entries, e.g. {here[0]!r})" if here else ""
-    raise ValueError(f"{folder} holds no images{found}: expected {folder}/<class>/<image> with "
-                     f"image files ending in {' '.join(IMAGE_EXTENSIONS)}")
+    raise ValueError(
+      f"{folder} holds no images{found}: expected {folder}/<class>/<image> with "
+      f"image files ending in {' '.join(IMAGE_EXTENSIONS)}"
+    )
   skipped.extend(here)
   return paths, labels, gray
 
@@ -189,9 +216,11 @@ def load(settings) -> base.Official:
   root = settings.target
   for required in ("train", "test"):
     if not os.path.isdir(os.path.join(root, required)):
-      raise FileNotFoundError(f"{os.path.join(root, required)} not found: config.dataset=folder:"
-                              f"{root} needs {root}/train/<class>/<image> and "
-                              f"{root}/test/<class>/<image>")
+      raise FileNotFoundError(
+        f"{os.path.join(root, required)} not found: config.dataset=folder:"
+        f"{root} needs {root}/train/<class>/<image> and "
+        f"{root}/test/<class>/<image>"
+      )
   names, _ = _listing(os.path.join(root, "train"), classes=True)
   if not names:
     raise ValueError(f"{root}/train has no class folders: expected {root}/train/<class>/<image>")
@@ -199,9 +228,11 @@ def load(settings) -> base.Official:
   size = [None]  # (H, W) of every image, fixed by the first training image (or by resize)
   resize = int(settings.resize or 0)
   skipped = []
-  scanned = {split: _scan_split(root, split, classes, size, resize, skipped)
-             for split in ("train", "test", "validation")
-             if split != "validation" or os.path.isdir(os.path.join(root, split))}
+  scanned = {
+    split: _scan_split(root, split, classes, size, resize, skipped)
+    for split in ("train", "test", "validation")
+    if split != "validation" or os.path.isdir(os.path.join(root, split))
+  }
   _log_skipped(root, skipped)
   channels = 1 if all(all(gray) for _, _, gray in scanned.values()) else 3
   shape = tuple(size[0]) + (channels,)
@@ -215,5 +246,9 @@ def load(settings) -> base.Official:
       images = images[np.arange(len(paths))]
     return base.Split(images, np.asarray(labels, np.int32), np.arange(len(labels), dtype=np.int64))
 
-  return base.Official(split("train"), split("test"),
-                       split("validation") if "validation" in scanned else None, tuple(names))
+  return base.Official(
+    split("train"),
+    split("test"),
+    split("validation") if "validation" in scanned else None,
+    tuple(names),
+  )

@@ -19,15 +19,14 @@ minutes on local SSD, and zero cost when resuming at an epoch boundary. On many 
 reading everything everywhere costs too much I/O, `host_shards=True` makes each host read only
 its `tfds.even_splits` shard (global batches then depend on the host count).
 """
+
 import numpy as np
 
 from experiments.data import base, prepare, tfds_utils
 
 # AlexNet's PCA of ImageNet RGB pixels in [0, 1] (as in fb.resnet.torch).
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
-              (-0.5808, -0.0045, -0.8140),
-              (-0.5836, -0.6948, 0.4203))
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 LIGHTING_STD = 0.1
 JITTER = 0.4  # brightness, contrast and saturation factors drawn from U(1 - 0.4, 1 + 0.4)
 CROP_SCALE = (0.08, 1.0)
@@ -78,18 +77,26 @@ def train_preprocess(tf, image_bytes, seed, *, image_size: int, mean, std):
   seeds = tf.random.experimental.stateless_split(seed, num=7)
   shape = tf.image.extract_jpeg_shape(image_bytes)
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seeds[0],
-      min_object_covered=0.0, aspect_ratio_range=CROP_RATIO, area_range=CROP_SCALE,
-      max_attempts=10, use_image_if_no_bounding_boxes=True)
+    shape,
+    bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+    seed=seeds[0],
+    min_object_covered=0.0,
+    aspect_ratio_range=CROP_RATIO,
+    area_range=CROP_SCALE,
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
+  )
   oy, ox, _ = tf.unstack(begin)
   h, w, _ = tf.unstack(size)
   image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([oy, ox, h, w]), channels=3)
   image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
   image = tf.clip_by_value(image / 255.0, 0.0, 1.0)
+
   # Photometric distortions (fb.resnet.torch ColorJitter, fixed order): blend with black,
   # with the mean grey level, and with the grey image.
   def u(s):
     return tf.random.stateless_uniform([], s, 1.0 - JITTER, 1.0 + JITTER)
+
   image = image * u(seeds[1])
   a = u(seeds[2])
   image = image * a + tf.reduce_mean(_grayscale(tf, image)) * (1.0 - a)
@@ -117,7 +124,7 @@ def eval_preprocess(tf, image_bytes, *, image_size: int, mean, std):
   image = tf.image.resize(image, new, method="bilinear", antialias=True)
   oy = (new[0] - image_size) // 2
   ox = (new[1] - image_size) // 2
-  image = image[oy:oy + image_size, ox:ox + image_size, :]
+  image = image[oy : oy + image_size, ox : ox + image_size, :]
   image = tf.clip_by_value(image / 255.0, 0.0, 1.0)
   image = _standardise(tf, image, mean, std)
   image.set_shape([image_size, image_size, 3])
@@ -127,21 +134,40 @@ def eval_preprocess(tf, image_bytes, *, image_size: int, mean, std):
 def _read(builder, split, *, shuffle_seed=None):
   tfds = tfds_utils.import_tfds()
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
-  return tfds_utils.as_dataset(builder, split=split, shuffle_files=shuffle_seed is not None,
-                            decoders={"image": tfds.decode.SkipDecoding()},
-                            read_config=read_config)
+  return tfds_utils.as_dataset(
+    builder,
+    split=split,
+    shuffle_files=shuffle_seed is not None,
+    decoders={"image": tfds.decode.SkipDecoding()},
+    read_config=read_config,
+  )
 
 
 def _host_filter(tf, batch_size, start, local):
   def keep(i, unused_example):
     pos = i % batch_size
     return tf.logical_and(pos >= start, pos < start + local)
+
   return keep
 
 
-def train_batches(builder, *, split: str, num_examples: int, batch_size: int, seed: int,
-                  start_step: int, process_index: int, process_count: int, augment: bool,
-                  image_size: int, shuffle_buffer: int, mean, std, host_shards: bool = False):
+def train_batches(
+  builder,
+  *,
+  split: str,
+  num_examples: int,
+  batch_size: int,
+  seed: int,
+  start_step: int,
+  process_index: int,
+  process_count: int,
+  augment: bool,
+  image_size: int,
+  shuffle_buffer: int,
+  mean,
+  std,
+  host_shards: bool = False,
+):
   """Yields this host's slice of global batch s, s = start_step, ... forever (see module doc).
 
   host_shards=True (for many hosts): host p reads only `tfds.even_splits(split, P)[p]`, shuffled
@@ -152,14 +178,35 @@ def train_batches(builder, *, split: str, num_examples: int, batch_size: int, se
   """
   if host_shards and process_count > 1:
     return _sharded_train_batches(
-        builder, split=split, num_examples=num_examples, batch_size=batch_size, seed=seed,
-        start_step=start_step, process_index=process_index, process_count=process_count,
-        augment=augment, image_size=image_size, shuffle_buffer=shuffle_buffer, mean=mean,
-        std=std)
+      builder,
+      split=split,
+      num_examples=num_examples,
+      batch_size=batch_size,
+      seed=seed,
+      start_step=start_step,
+      process_index=process_index,
+      process_count=process_count,
+      augment=augment,
+      image_size=image_size,
+      shuffle_buffer=shuffle_buffer,
+      mean=mean,
+      std=std,
+    )
   return _global_train_batches(
-      builder, split=split, num_examples=num_examples, batch_size=batch_size, seed=seed,
-      start_step=start_step, process_index=process_index, process_count=process_count,
-      augment=augment, image_size=image_size, shuffle_buffer=shuffle_buffer, mean=mean, std=std)
+    builder,
+    split=split,
+    num_examples=num_examples,
+    batch_size=batch_size,
+    seed=seed,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+    augment=augment,
+    image_size=image_size,
+    shuffle_buffer=shuffle_buffer,
+    mean=mean,
+    std=std,
+  )
 
 
 def _train_map_fn(tf, *, seed, augment, image_size, mean, std):
@@ -168,17 +215,37 @@ def _train_map_fn(tf, *, seed, augment, image_size, mean, std):
 
   def preprocess(i, example):
     if augment:
-      image = train_preprocess(tf, example["image"], tf.stack([tf.constant(aug_seed, tf.int64), i]),
-                               image_size=image_size, mean=mean, std=std)
+      image = train_preprocess(
+        tf,
+        example["image"],
+        tf.stack([tf.constant(aug_seed, tf.int64), i]),
+        image_size=image_size,
+        mean=mean,
+        std=std,
+      )
     else:
       image = eval_preprocess(tf, example["image"], image_size=image_size, mean=mean, std=std)
     return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
   return preprocess
 
 
-def _global_train_batches(builder, *, split, num_examples, batch_size, seed, start_step,
-                          process_index, process_count, augment, image_size, shuffle_buffer,
-                          mean, std):
+def _global_train_batches(
+  builder,
+  *,
+  split,
+  num_examples,
+  batch_size,
+  seed,
+  start_step,
+  process_index,
+  process_count,
+  augment,
+  image_size,
+  shuffle_buffer,
+  mean,
+  std,
+):
   tf = tfds_utils.import_tf()
   steps = num_examples // batch_size
   if steps == 0:
@@ -187,8 +254,9 @@ def _global_train_batches(builder, *, split, num_examples, batch_size, seed, sta
   start = process_index * local
   per_epoch = steps * batch_size
   epoch, k = divmod(start_step, steps)
-  preprocess = _train_map_fn(tf, seed=seed, augment=augment, image_size=image_size, mean=mean,
-                             std=std)
+  preprocess = _train_map_fn(
+    tf, seed=seed, augment=augment, image_size=image_size, mean=mean, std=std
+  )
   while True:
     epoch_seed = _seed_word(seed, _TAG_EPOCH, epoch)
     ds = _read(builder, split, shuffle_seed=epoch_seed)
@@ -203,9 +271,22 @@ def _global_train_batches(builder, *, split, num_examples, batch_size, seed, sta
     epoch, k = epoch + 1, 0
 
 
-def _sharded_train_batches(builder, *, split, num_examples, batch_size, seed, start_step,
-                           process_index, process_count, augment, image_size, shuffle_buffer,
-                           mean, std):
+def _sharded_train_batches(
+  builder,
+  *,
+  split,
+  num_examples,
+  batch_size,
+  seed,
+  start_step,
+  process_index,
+  process_count,
+  augment,
+  image_size,
+  shuffle_buffer,
+  mean,
+  std,
+):
   tf = tfds_utils.import_tf()
   tfds = tfds_utils.import_tfds()
   steps = num_examples // batch_size
@@ -215,8 +296,9 @@ def _sharded_train_batches(builder, *, split, num_examples, batch_size, seed, st
   shard = tfds.even_splits(split, n=process_count)[process_index]
   per_epoch = steps * local  # <= the shard's floor(N/P) examples
   epoch, k = divmod(start_step, steps)
-  preprocess = _train_map_fn(tf, seed=seed, augment=augment, image_size=image_size, mean=mean,
-                             std=std)
+  preprocess = _train_map_fn(
+    tf, seed=seed, augment=augment, image_size=image_size, mean=mean, std=std
+  )
 
   def number(j, example):  # host record j -> global example number step * B + row
     step, row = j // local, j % local
@@ -235,9 +317,19 @@ def _sharded_train_batches(builder, *, split, num_examples, batch_size, seed, st
     epoch, k = epoch + 1, 0
 
 
-def eval_batches(builder, *, split: str, num_examples: int, batch_size: int,
-                 process_index: int, process_count: int, image_size: int, mean, std,
-                 with_index: bool):
+def eval_batches(
+  builder,
+  *,
+  split: str,
+  num_examples: int,
+  batch_size: int,
+  process_index: int,
+  process_count: int,
+  image_size: int,
+  mean,
+  std,
+  with_index: bool,
+):
   """Yields padded, masked batches covering `split` exactly once across all hosts."""
   tf = tfds_utils.import_tf()
   local = batch_size // process_count
@@ -248,10 +340,11 @@ def eval_batches(builder, *, split: str, num_examples: int, batch_size: int,
   pad = num_batches * local - mine
 
   def preprocess(i, example):
-    out = {"image": eval_preprocess(tf, example["image"], image_size=image_size, mean=mean,
-                                    std=std),
-           "label": tf.cast(example["label"], tf.int32),
-           "mask": tf.constant(1.0, tf.float32)}
+    out = {
+      "image": eval_preprocess(tf, example["image"], image_size=image_size, mean=mean, std=std),
+      "label": tf.cast(example["label"], tf.int32),
+      "mask": tf.constant(1.0, tf.float32),
+    }
     if with_index:
       out["index"] = i
     return out
@@ -259,8 +352,11 @@ def eval_batches(builder, *, split: str, num_examples: int, batch_size: int,
   ds = _read(builder, split).take(num_examples).enumerate()
   ds = ds.filter(_host_filter(tf, batch_size, start, local))
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  padding = {"image": tf.zeros([image_size, image_size, 3], tf.float32),
-             "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32)}
+  padding = {
+    "image": tf.zeros([image_size, image_size, 3], tf.float32),
+    "label": tf.constant(0, tf.int32),
+    "mask": tf.constant(0.0, tf.float32),
+  }
   if with_index:
     padding["index"] = tf.constant(-1, tf.int64)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
@@ -284,8 +380,12 @@ class ImagenetDataset(base.Dataset):
 
   def _builder(self):
     s = self._s
-    return prepare.get_builder(s.target, s.data_dir, download=s.download,
-                               manual_dir=s.manual_dir or prepare.default_manual_dir(s.data_dir))
+    return prepare.get_builder(
+      s.target,
+      s.data_dir,
+      download=s.download,
+      manual_dir=s.manual_dir or prepare.default_manual_dir(s.data_dir),
+    )
 
   @property
   def info(self) -> base.DatasetInfo:
@@ -297,24 +397,44 @@ class ImagenetDataset(base.Dataset):
   def split_sizes(self) -> dict:
     builder = self._builder()
     train, validation, test = splits(self._s.validation_size)
-    return {"train": split_size(builder, train),
-            "validation": split_size(builder, validation) if validation else 0,
-            "test": split_size(builder, test)}
+    return {
+      "train": split_size(builder, train),
+      "validation": split_size(builder, validation) if validation else 0,
+      "test": split_size(builder, test),
+    }
 
   def train_batches(self, *, start_step, process_index, process_count):
     s, builder = self._s, self._builder()
     split = splits(s.validation_size)[0]
     return train_batches(
-        builder, split=split, num_examples=split_size(builder, split), batch_size=s.batch_size,
-        seed=s.seed, start_step=start_step, process_index=process_index,
-        process_count=process_count, augment=s.augment, image_size=s.image_size,
-        shuffle_buffer=s.shuffle_buffer, mean=self._info.mean, std=self._info.std,
-        host_shards=s.host_shards)
+      builder,
+      split=split,
+      num_examples=split_size(builder, split),
+      batch_size=s.batch_size,
+      seed=s.seed,
+      start_step=start_step,
+      process_index=process_index,
+      process_count=process_count,
+      augment=s.augment,
+      image_size=s.image_size,
+      shuffle_buffer=s.shuffle_buffer,
+      mean=self._info.mean,
+      std=self._info.std,
+      host_shards=s.host_shards,
+    )
 
   def eval_batches(self, split, *, batch_size, process_index, process_count, with_index):
     s, builder = self._s, self._builder()
     name = dict(zip(("validation", "test"), splits(s.validation_size)[1:]))[split]
     return eval_batches(
-        builder, split=name, num_examples=split_size(builder, name), batch_size=batch_size,
-        process_index=process_index, process_count=process_count, image_size=s.image_size,
-        mean=self._info.mean, std=self._info.std, with_index=with_index)
+      builder,
+      split=name,
+      num_examples=split_size(builder, name),
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      image_size=s.image_size,
+      mean=self._info.mean,
+      std=self._info.std,
+      with_index=with_index,
+    )

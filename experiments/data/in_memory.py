@@ -5,6 +5,7 @@ The whole official split is held as uint8 numpy arrays (CIFAR-10 train: 150 MB).
 `images[permutation[...]]`, so the order, the held-out validation split and the augmentation are
 pure functions of integers (seeds, step, position) and resuming at any step is free and exact.
 """
+
 import math
 import os
 import threading
@@ -49,6 +50,7 @@ def clear_cache():
 def _load_digits():
   """scikit-learn's bundled 8x8 digits (offline), values 0..16, with the fixed test split."""
   from sklearn import datasets
+
   digits = datasets.load_digits()
   images = np.asarray(digits.images, np.float64)
   if not np.array_equal(images, np.round(images)) or images.min() < 0 or images.max() > 16:
@@ -58,8 +60,10 @@ def _load_digits():
   order = _rng(_DIGITS_SPLIT_SEED).permutation(len(labels))
   test, train = np.sort(order[:DIGITS_TEST_SIZE]), np.sort(order[DIGITS_TEST_SIZE:])
   # ids: positions in sklearn's array (train and test ids are disjoint by construction).
-  return (base.Split(images[train], labels[train], train.astype(np.int64)),
-          base.Split(images[test], labels[test], test.astype(np.int64)))
+  return (
+    base.Split(images[train], labels[train], train.astype(np.int64)),
+    base.Split(images[test], labels[test], test.astype(np.int64)),
+  )
 
 
 def _supervised_keys(builder):
@@ -67,11 +71,16 @@ def _supervised_keys(builder):
   features = builder.info.features
   image_key, label_key = keys[0], keys[1]
   tfds = tfds_utils.import_tfds()
-  if (image_key not in features or label_key not in features
-      or not isinstance(features[image_key], tfds.features.Image)
-      or not isinstance(features[label_key], tfds.features.ClassLabel)):
-    raise ValueError(f"TFDS dataset {builder.name!r} is not an image-classification dataset "
-                     f"(needs an Image feature and a ClassLabel feature; has {features})")
+  if (
+    image_key not in features
+    or label_key not in features
+    or not isinstance(features[image_key], tfds.features.Image)
+    or not isinstance(features[label_key], tfds.features.ClassLabel)
+  ):
+    raise ValueError(
+      f"TFDS dataset {builder.name!r} is not an image-classification dataset "
+      f"(needs an Image feature and a ClassLabel feature; has {features})"
+    )
   return image_key, label_key
 
 
@@ -98,13 +107,16 @@ def load_tfds(settings) -> base.Official:
   builder = prepare.get_builder(settings.target, settings.data_dir, download=settings.download)
   splits = set(builder.info.splits)
   if splits and ("train" not in splits or "test" not in splits):  # (mock data lists none)
-    raise ValueError(f"TFDS dataset {settings.target!r} has splits {sorted(splits)}; the runner "
-                     "needs 'train' and 'test'")
+    raise ValueError(
+      f"TFDS dataset {settings.target!r} has splits {sorted(splits)}; the runner "
+      "needs 'train' and 'test'"
+    )
   train_split = "train+extra" if settings.svhn_extra else "train"
   _, label_key = _supervised_keys(builder)
   names = tuple(builder.info.features[label_key].names)
-  return base.Official(_read_tfds_split(builder, train_split), _read_tfds_split(builder, "test"),
-                       None, names)
+  return base.Official(
+    _read_tfds_split(builder, train_split), _read_tfds_split(builder, "test"), None, names
+  )
 
 
 def load_digits(unused_settings) -> base.Official:
@@ -125,8 +137,10 @@ def _source_token(settings):
     exists = os.path.exists(settings.target)  # (the loader names a missing path)
     return (settings.target, os.path.getmtime(settings.target) if exists else None)
   core = tfds_utils.import_tfds().core
-  return (core.dataset_builder.DatasetBuilder.as_dataset,
-          core.dataset_builder.FileReaderBuilder._as_dataset)
+  return (
+    core.dataset_builder.DatasetBuilder.as_dataset,
+    core.dataset_builder.FileReaderBuilder._as_dataset,
+  )
 
 
 def _cached(cache, key, make, max_entries=2):
@@ -145,14 +159,18 @@ def holdout(official_train: base.Split, validation_size: int, split_seed: int):
   """Splits the official training set into disjoint (train, validation) by a seeded permutation."""
   n = len(official_train)
   if not 0 <= validation_size < n:
-    raise ValueError(f"validation_size={validation_size} must be in [0, {n}) for this dataset "
-                     f"({n} official training examples)")
+    raise ValueError(
+      f"validation_size={validation_size} must be in [0, {n}) for this dataset "
+      f"({n} official training examples)"
+    )
   order = _rng(split_seed, _TAG_VALIDATION).permutation(n)
   val, train = np.sort(order[:validation_size]), np.sort(order[validation_size:])
+
   def take(idx):
     images = official_train.images
     images = images.subset(idx) if hasattr(images, "subset") else images[idx]  # (file-backed)
     return base.Split(images, official_train.labels[idx], official_train.ids[idx])
+
   return take(train), take(val)
 
 
@@ -222,8 +240,9 @@ class InMemoryDataset(base.Dataset):
     if official.validation is not None:
       if s.validation_size:
         raise ValueError(
-            f"{s.dataset} has its own validation split ({len(official.validation)} examples), "
-            f"used as is: set config.validation_size=0, not {s.validation_size}")
+          f"{s.dataset} has its own validation split ({len(official.validation)} examples), "
+          f"used as is: set config.validation_size=0, not {s.validation_size}"
+        )
       return base.Splits(official.train, official.validation, official.test)
     train, validation = holdout(official.train, s.validation_size, s.split_seed)
     return base.Splits(train, validation, official.test)
@@ -253,35 +272,61 @@ class InMemoryDataset(base.Dataset):
     official, splits = self.official(), self.splits()
     mean, std = self.stats()
     return base.DatasetInfo(
-        self._s.dataset, len(official.class_names), tuple(official.train.images.shape[1:]),
-        len(splits.train), len(splits.validation), len(splits.test), mean, std,
-        official.class_names, tuple(self.pixel_range()),
-        np.dtype(official.train.images.dtype).name)
+      self._s.dataset,
+      len(official.class_names),
+      tuple(official.train.images.shape[1:]),
+      len(splits.train),
+      len(splits.validation),
+      len(splits.test),
+      mean,
+      std,
+      official.class_names,
+      tuple(self.pixel_range()),
+      np.dtype(official.train.images.dtype).name,
+    )
 
   def preflight(self) -> str:
     if self._preflight is not None:
       return self._preflight(self._s)
     info = self.info
-    return (f"{self._s.dataset}: {info.train_size} train / {info.validation_size} validation / "
-            f"{info.test_size} test images of {info.image_shape}, {info.num_classes} classes")
+    return (
+      f"{self._s.dataset}: {info.train_size} train / {info.validation_size} validation / "
+      f"{info.test_size} test images of {info.image_shape}, {info.num_classes} classes"
+    )
 
   def split_sizes(self) -> dict:
     splits = self.splits()
-    return {"train": len(splits.train), "validation": len(splits.validation),
-            "test": len(splits.test)}
+    return {
+      "train": len(splits.train),
+      "validation": len(splits.validation),
+      "test": len(splits.test),
+    }
 
   def train_batches(self, *, start_step, process_index, process_count):
     mean, std = self.stats()
     return train_batches(
-        self.splits().train, mean=mean, std=std, batch_size=self._s.batch_size,
-        seed=self._s.seed, start_step=start_step, process_index=process_index,
-        process_count=process_count, augment=self._s.augment)
+      self.splits().train,
+      mean=mean,
+      std=std,
+      batch_size=self._s.batch_size,
+      seed=self._s.seed,
+      start_step=start_step,
+      process_index=process_index,
+      process_count=process_count,
+      augment=self._s.augment,
+    )
 
   def eval_batches(self, split, *, batch_size, process_index, process_count, with_index):
     mean, std = self.stats()
-    return eval_batches(getattr(self.splits(), split), mean=mean, std=std,
-                        batch_size=batch_size, process_index=process_index,
-                        process_count=process_count, with_index=with_index)
+    return eval_batches(
+      getattr(self.splits(), split),
+      mean=mean,
+      std=std,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      with_index=with_index,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,8 +350,9 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return _rng(seed, _TAG_EPOCH, epoch).permutation(n)
 
 
-def pad_crop_flip(images: np.ndarray, *, seed: int, step: int, start: int, global_batch: int,
-                  pad: int = 4) -> np.ndarray:
+def pad_crop_flip(
+  images: np.ndarray, *, seed: int, step: int, start: int, global_batch: int, pad: int = 4
+) -> np.ndarray:
   """Standard CIFAR augmentation: zero-pad by `pad`, random HxW crop, random horizontal flip.
 
   The random numbers are drawn for the whole global batch from (seed, step), and rows
@@ -315,18 +361,28 @@ def pad_crop_flip(images: np.ndarray, *, seed: int, step: int, start: int, globa
   """
   n, h, w, _ = images.shape
   rng = _rng(seed, _TAG_AUGMENT, step)
-  offsets = rng.integers(0, 2 * pad + 1, size=(global_batch, 2))[start:start + n]
-  flips = (rng.random(global_batch) < 0.5)[start:start + n]
+  offsets = rng.integers(0, 2 * pad + 1, size=(global_batch, 2))[start : start + n]
+  flips = (rng.random(global_batch) < 0.5)[start : start + n]
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   out = np.empty_like(images)
   for j, ((dy, dx), flip) in enumerate(zip(offsets, flips)):
-    crop = padded[j, dy:dy + h, dx:dx + w]
+    crop = padded[j, dy : dy + h, dx : dx + w]
     out[j] = crop[:, ::-1] if flip else crop
   return out
 
 
-def train_batches(train: base.Split, *, mean, std, batch_size: int, seed: int, start_step: int,
-                  process_index: int, process_count: int, augment: bool):
+def train_batches(
+  train: base.Split,
+  *,
+  mean,
+  std,
+  batch_size: int,
+  seed: int,
+  start_step: int,
+  process_index: int,
+  process_count: int,
+  augment: bool,
+):
   """Yields this host's slice of global batch s, s = start_step, start_step + 1, ... forever.
 
   Global batch s holds examples permutation_e[k*B:(k+1)*B] with e, k = divmod(s, steps_per_epoch)
@@ -345,7 +401,7 @@ def train_batches(train: base.Split, *, mean, std, batch_size: int, seed: int, s
     e, k = divmod(step, steps)
     if e != epoch:
       epoch, perm = e, epoch_permutation(seed, e, n)
-    idx = perm[k * batch_size + start:k * batch_size + start + local]
+    idx = perm[k * batch_size + start : k * batch_size + start + local]
     images = train.images[idx]
     if augment:
       images = pad_crop_flip(images, seed=seed, step=step, start=start, global_batch=batch_size)
@@ -353,8 +409,9 @@ def train_batches(train: base.Split, *, mean, std, batch_size: int, seed: int, s
     step += 1
 
 
-def host_slot_positions(num_examples: int, *, batch_size: int, process_index: int,
-                        process_count: int):
+def host_slot_positions(
+  num_examples: int, *, batch_size: int, process_index: int, process_count: int
+):
   """Split positions of this host's eval slots, batch by batch; positions >= N are padding.
 
   Global eval batch k holds positions [k*B, (k+1)*B); host p owns [k*B + p*b, k*B + (p+1)*b)
@@ -366,21 +423,30 @@ def host_slot_positions(num_examples: int, *, batch_size: int, process_index: in
   return base + np.arange(local)[None, :]  # [num_batches, local]
 
 
-def eval_batches(split: base.Split, *, mean, std, batch_size: int, process_index: int,
-                 process_count: int, with_index: bool):
+def eval_batches(
+  split: base.Split,
+  *,
+  mean,
+  std,
+  batch_size: int,
+  process_index: int,
+  process_count: int,
+  with_index: bool,
+):
   """Yields padded, masked batches that cover `split` exactly once across all hosts."""
   n = len(split)
-  positions = host_slot_positions(n, batch_size=batch_size, process_index=process_index,
-                                  process_count=process_count)
+  positions = host_slot_positions(
+    n, batch_size=batch_size, process_index=process_index, process_count=process_count
+  )
   for pos in positions:
     valid = pos < n
     idx = np.where(valid, pos, 0)
     images = standardise(split.images[idx], mean, std)
     images[~valid] = 0.0
     batch = {
-        "image": images,
-        "label": np.where(valid, split.labels[idx], 0).astype(np.int32),
-        "mask": valid.astype(np.float32),
+      "image": images,
+      "label": np.where(valid, split.labels[idx], 0).astype(np.int32),
+      "mask": valid.astype(np.float32),
     }
     if with_index:
       batch["index"] = np.where(valid, pos, -1).astype(np.int64)

@@ -9,6 +9,7 @@ training label + 1; test and validation labels must be training classes. Every s
 checked like any in-memory source's (`base.check_official`: at least 2 training classes, finite
 pixels, one dtype and pixel scale for all splits).
 """
+
 import os
 import zipfile
 
@@ -24,15 +25,18 @@ def _images(path, data, key, shape=None):
   if x.ndim == 3:
     x = x[..., None]
   if x.ndim != 4 or min(x.shape) == 0:
-    raise ValueError(f"{path}: {key} has shape {data[key].shape}; expected a non-empty "
-                     "(N, H, W) or (N, H, W, C) array")
+    raise ValueError(
+      f"{path}: {key} has shape {data[key].shape}; expected a non-empty "
+      "(N, H, W) or (N, H, W, C) array"
+    )
   if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
     raise ValueError(f"{path}: {key} has dtype {x.dtype}; expected uint8 or a float dtype")
   if np.issubdtype(x.dtype, np.floating):  # (non-finite values: base.check_official)
     x = x.astype(np.float32)
   if shape is not None and x.shape[1:] != shape:
-    raise ValueError(f"{path}: {key} images are {x.shape[1:]} (H, W, C) but the training "
-                     f"images are {shape}")
+    raise ValueError(
+      f"{path}: {key} images are {x.shape[1:]} (H, W, C) but the training images are {shape}"
+    )
   return x
 
 
@@ -43,8 +47,10 @@ def _labels(path, data, key, n, num_classes=None):
   y = base.labels_int32(y, f"{path}: {key}")  # checked before the cast: nothing wraps
   bad = np.flatnonzero(y >= num_classes) if num_classes else np.zeros(0, int)
   if bad.size:
-    raise ValueError(f"{path}: {key}[{bad[0]}] = {y[bad[0]]} is not a valid label "
-                     f"(0..{num_classes - 1}, the training classes)")
+    raise ValueError(
+      f"{path}: {key}[{bad[0]}] = {y[bad[0]]} is not a valid label "
+      f"(0..{num_classes - 1}, the training classes)"
+    )
   return y
 
 
@@ -60,8 +66,10 @@ def _check_magic(path):
     head = f.read(8)
   if not head.startswith(_ZIP_MAGIC + (_NPY_MAGIC,)):
     kind = "an empty file" if not head else f"a file starting with {head!r}"
-    raise ValueError(f"{path} is not an .npz archive ({kind}; an .npz file is the zip archive "
-                     "numpy.savez writes): config.dataset=npz:FILE needs such a file")
+    raise ValueError(
+      f"{path} is not an .npz archive ({kind}; an .npz file is the zip archive "
+      "numpy.savez writes): config.dataset=npz:FILE needs such a file"
+    )
 
 
 def load(settings) -> base.Official:
@@ -79,9 +87,11 @@ def load(settings) -> base.Official:
   with data:
     missing = [k for k in REQUIRED if k not in data.files]
     if missing:
-      raise ValueError(f"{path} lacks {missing}; it has {sorted(data.files)} and needs "
-                       f"{list(REQUIRED)} (optional: validation_images, validation_labels, "
-                       "class_names)")
+      raise ValueError(
+        f"{path} lacks {missing}; it has {sorted(data.files)} and needs "
+        f"{list(REQUIRED)} (optional: validation_images, validation_labels, "
+        "class_names)"
+      )
     has_val = "validation_images" in data.files or "validation_labels" in data.files
     if has_val and not {"validation_images", "validation_labels"} <= set(data.files):
       raise ValueError(f"{path}: give both validation_images and validation_labels, or neither")
@@ -91,8 +101,9 @@ def load(settings) -> base.Official:
     if "class_names" in data.files:
       names = tuple(str(c) for c in data["class_names"].reshape(-1))
       if train_y.size and len(names) <= train_y.max():
-        raise ValueError(f"{path}: class_names has {len(names)} names but train_labels go up to "
-                         f"{train_y.max()}")
+        raise ValueError(
+          f"{path}: class_names has {len(names)} names but train_labels go up to {train_y.max()}"
+        )
     num_classes = len(names) if names else int(train_y.max()) + 1
     names = names or tuple(str(i) for i in range(num_classes))
 
@@ -101,5 +112,9 @@ def load(settings) -> base.Official:
       y = _labels(path, data, f"{prefix}_labels", len(x), num_classes)
       return base.Split(x, y, np.arange(len(y), dtype=np.int64))
 
-    return base.Official(base.Split(train_x, train_y, np.arange(len(train_y), dtype=np.int64)),
-                         split("test"), split("validation") if has_val else None, names)
+    return base.Official(
+      base.Split(train_x, train_y, np.arange(len(train_y), dtype=np.int64)),
+      split("test"),
+      split("validation") if has_val else None,
+      names,
+    )

@@ -1,4 +1,5 @@
 """A background thread that runs a batch generator ahead of the training loop."""
+
 import queue
 import threading
 
@@ -41,8 +42,12 @@ class Prefetcher:
     self._queue = queue.Queue(maxsize=size)
     self._stop = threading.Event()
     self._finished = False
-    self._thread = threading.Thread(target=_produce, args=(iterable, self._queue, self._stop),
-                                    daemon=True, name="input-pipeline-prefetch")
+    self._thread = threading.Thread(
+      target=_produce,
+      args=(iterable, self._queue, self._stop),
+      daemon=True,
+      name="input-pipeline-prefetch",
+    )
     self._thread.start()
 
   def __iter__(self):

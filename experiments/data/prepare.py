@@ -12,6 +12,7 @@ already in the download cache or the manual folder, and raises `DownloadUnavaila
 naming the dataset, the URL and how to prepare the data on another machine. Downloads that fail
 later are reported with the same message.
 """
+
 import os
 import urllib.parse
 
@@ -32,19 +33,23 @@ def command(name: str, data_dir, manual_dir=None) -> str:
 
 
 def _offline_message(name, url, reason, data_dir_root) -> str:
-  return (f"Cannot download dataset {name!r}: {url} could not be reached ({reason}). This "
-          f"machine looks offline or firewalled; nothing was retried. Prepare the data on a "
-          f"machine with internet access: `{command(name, 'DIR')}`, then copy the folder "
-          f"DIR/{name} to {os.path.join(str(data_dir_root), name)} here (or point "
-          f"--config.data_dir at the copy) and rerun with --config.download=False.")
+  return (
+    f"Cannot download dataset {name!r}: {url} could not be reached ({reason}). This "
+    f"machine looks offline or firewalled; nothing was retried. Prepare the data on a "
+    f"machine with internet access: `{command(name, 'DIR')}`, then copy the folder "
+    f"DIR/{name} to {os.path.join(str(data_dir_root), name)} here (or point "
+    f"--config.data_dir at the copy) and rerun with --config.download=False."
+  )
 
 
 def _reason(error) -> str:
   """A short cause of a failed request: name lookup failed, connection refused, ..."""
   text = str(error)
-  for marker, reason in (("NameResolutionError", "host name lookup failed"),
-                         ("Connection refused", "connection refused"),
-                         ("Network is unreachable", "network is unreachable")):
+  for marker, reason in (
+    ("NameResolutionError", "host name lookup failed"),
+    ("Connection refused", "connection refused"),
+    ("Network is unreachable", "network is unreachable"),
+  ):
     if marker in text:
       return f"{type(error).__name__}: {reason}"
   return type(error).__name__
@@ -57,8 +62,9 @@ def _is_cached(builder, url, url_info, manual_dir) -> bool:
   names = [tfds.core.download.resource.get_dl_fname(url, url_info.checksum)]
   candidates = [os.path.join(download_dir, n) for n in names]
   if url_info.filename:
-    candidates.append(os.path.join(str(manual_dir or os.path.join(download_dir, "manual")),
-                                   url_info.filename))
+    candidates.append(
+      os.path.join(str(manual_dir or os.path.join(download_dir, "manual")), url_info.filename)
+    )
   return any(os.path.exists(c) for c in candidates)
 
 
@@ -70,6 +76,7 @@ def check_reachable(builder, *, manual_dir=None, timeout: float = PROBE_TIMEOUT_
   Datasets without registered URLs, or downloaded by hand (ImageNet), are not probed.
   """
   import requests
+
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
     return
   url_infos = builder.url_infos or {}
@@ -89,20 +96,25 @@ def check_reachable(builder, *, manual_dir=None, timeout: float = PROBE_TIMEOUT_
       if isinstance(e, requests.exceptions.Timeout):
         reason += f", no answer within {timeout:g} s"
       raise DownloadUnavailableError(
-          _offline_message(builder.name, url, reason, builder.data_dir_root)) from None
+        _offline_message(builder.name, url, reason, builder.data_dir_root)
+      ) from None
 
 
 def check_manual_files(name: str, manual_dir) -> None:
   """ImageNet: raises FileNotFoundError naming the tar files missing from `manual_dir`."""
   if name != "imagenet2012":
     return
-  missing = [os.path.join(manual_dir, f) for f in IMAGENET_MANUAL_FILES
-             if not os.path.isfile(os.path.join(manual_dir, f))]
+  missing = [
+    os.path.join(manual_dir, f)
+    for f in IMAGENET_MANUAL_FILES
+    if not os.path.isfile(os.path.join(manual_dir, f))
+  ]
   if missing:
     raise FileNotFoundError(
-        f"imagenet2012 cannot be prepared: missing {', '.join(missing)}. Download "
-        f"{' and '.join(IMAGENET_MANUAL_FILES)} from https://image-net.org/download-images "
-        f"into {manual_dir} (or pass another manual_dir); TFDS cannot download them.")
+      f"imagenet2012 cannot be prepared: missing {', '.join(missing)}. Download "
+      f"{' and '.join(IMAGENET_MANUAL_FILES)} from https://image-net.org/download-images "
+      f"into {manual_dir} (or pass another manual_dir); TFDS cannot download them."
+    )
 
 
 def default_manual_dir(data_dir) -> str:
@@ -116,13 +128,14 @@ def builder_for(name: str, data_dir):
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"Unknown TFDS dataset {name!r} (see "
-                     "https://www.tensorflow.org/datasets/catalog/overview for the names): "
-                     f"{str(e).splitlines()[0]}") from None
+    raise ValueError(
+      f"Unknown TFDS dataset {name!r} (see "
+      "https://www.tensorflow.org/datasets/catalog/overview for the names): "
+      f"{str(e).splitlines()[0]}"
+    ) from None
 
 
-def prepare(name: str, data_dir=None, *, manual_dir=None,
-            probe_timeout: float = PROBE_TIMEOUT_S):
+def prepare(name: str, data_dir=None, *, manual_dir=None, probe_timeout: float = PROBE_TIMEOUT_S):
   """Downloads and prepares TFDS dataset `name` in `data_dir` (no-op when already prepared).
 
   Args:
@@ -145,13 +158,15 @@ def prepare(name: str, data_dir=None, *, manual_dir=None,
   check_manual_files(builder.name, manual_dir)
   check_reachable(builder, manual_dir=manual_dir, timeout=probe_timeout)
   import requests
+
   config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
   try:
     builder.download_and_prepare(download_config=config)
   except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
     url = getattr(getattr(e, "request", None), "url", None) or "a download server"
     raise DownloadUnavailableError(
-        _offline_message(builder.name, url, _reason(e), builder.data_dir_root)) from e
+      _offline_message(builder.name, url, _reason(e), builder.data_dir_root)
+    ) from e
   return builder
 
 
@@ -169,7 +184,8 @@ def get_builder(name: str, data_dir, *, download: bool, manual_dir=None):
     return builder
   if not download:
     raise FileNotFoundError(
-        f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and config.download is "
-        f"False: prepare it once with `{command(name, builder.data_dir_root, manual_dir)}` "
-        "(or set config.download=True).")
+      f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and config.download is "
+      f"False: prepare it once with `{command(name, builder.data_dir_root, manual_dir)}` "
+      "(or set config.download=True)."
+    )
   return prepare(name, data_dir, manual_dir=manual_dir)

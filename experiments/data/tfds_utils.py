@@ -3,6 +3,7 @@
 TensorFlow is only used for tf.data and image decoding. It is imported lazily, and the first
 import hides every GPU/TPU from it, so that it never allocates accelerator memory that JAX needs.
 """
+
 import os
 import threading
 
@@ -21,6 +22,7 @@ def import_tf():
   with _TF_LOCK:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
+
     if not _TF_READY:
       for kind in ("GPU", "TPU"):
         try:
@@ -32,9 +34,10 @@ def import_tf():
       visible = [d for d in tf.config.get_visible_devices() if d.device_type != "CPU"]
       if visible:
         raise RuntimeError(
-            f"TensorFlow was initialised before the input pipeline and can see {visible}; "
-            "it would compete with JAX for accelerator memory. Import experiments.input_pipeline "
-            "(or call tf.config.set_visible_devices([], 'GPU')) before any TensorFlow use.")
+          f"TensorFlow was initialised before the input pipeline and can see {visible}; "
+          "it would compete with JAX for accelerator memory. Import experiments.input_pipeline "
+          "(or call tf.config.set_visible_devices([], 'GPU')) before any TensorFlow use."
+        )
       _TF_READY = True
     return tf
 
@@ -43,6 +46,7 @@ def import_tfds():
   """Imports tensorflow_datasets after TensorFlow has been kept off the accelerators."""
   import_tf()
   import tensorflow_datasets as tfds
+
   return tfds
 
 
@@ -70,6 +74,9 @@ def as_dataset(builder, **kwargs):
   with _AS_DATASET_LOCK:
     if tfds_is_mocked():
       return builder._as_dataset(
-          split=kwargs["split"], decoders=kwargs.get("decoders"),
-          read_config=kwargs.get("read_config"), shuffle_files=kwargs.get("shuffle_files", False))
+        split=kwargs["split"],
+        decoders=kwargs.get("decoders"),
+        read_config=kwargs.get("read_config"),
+        shuffle_files=kwargs.get("shuffle_files", False),
+      )
     return builder.as_dataset(**kwargs)

@@ -16,6 +16,7 @@ Output: ``train_images`` uint8 (60000, 28, 28, 1), ``train_labels`` int64 (60000
 
 An existing ``--out`` file is never overwritten.
 """
+
 import argparse
 import gzip
 import os
@@ -24,10 +25,10 @@ import sys
 import numpy as np
 
 FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
+  "train_images": "train-images-idx3-ubyte",
+  "train_labels": "train-labels-idx1-ubyte",
+  "test_images": "t10k-images-idx3-ubyte",
+  "test_labels": "t10k-labels-idx1-ubyte",
 }
 # IDX magic numbers: 0x00000801 (unsigned bytes, 1 dimension), 0x00000803 (3 dimensions).
 _MAGIC = {1: 0x801, 3: 0x803}
@@ -40,13 +41,17 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     data = f.read()
   magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
   if magic != _MAGIC[ndim]:
-    raise ValueError(f"{path}: not an IDX file of {ndim}-dimensional uint8 data "
-                     f"(magic {magic!r}, expected {_MAGIC[ndim]:#x})")
-  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-  body = data[4 + 4 * ndim:]
+    raise ValueError(
+      f"{path}: not an IDX file of {ndim}-dimensional uint8 data "
+      f"(magic {magic!r}, expected {_MAGIC[ndim]:#x})"
+    )
+  shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+  body = data[4 + 4 * ndim :]
   if len(body) != int(np.prod(shape)):
-    raise ValueError(f"{path}: header says shape {shape} ({int(np.prod(shape))} bytes), the file "
-                     f"holds {len(body)} bytes (cut or damaged)")
+    raise ValueError(
+      f"{path}: header says shape {shape} ({int(np.prod(shape))} bytes), the file "
+      f"holds {len(body)} bytes (cut or damaged)"
+    )
   return np.frombuffer(body, np.uint8).reshape(shape)
 
 
@@ -56,8 +61,10 @@ def _find(idx_dir: str, stem: str) -> str:
     path = os.path.join(idx_dir, name)
     if os.path.exists(path):
       return path
-  raise FileNotFoundError(f"{idx_dir}: no {stem} or {stem}.gz (the four MNIST IDX files "
-                          f"{', '.join(FILES.values())} are needed)")
+  raise FileNotFoundError(
+    f"{idx_dir}: no {stem} or {stem}.gz (the four MNIST IDX files "
+    f"{', '.join(FILES.values())} are needed)"
+  )
 
 
 def convert(idx_dir: str, out: str) -> dict:
@@ -81,8 +88,9 @@ def convert(idx_dir: str, out: str) -> dict:
 
 def main(argv=None):
   """``python -m experiments.tools.mnist_to_npz --idx_dir=DIR --out=FILE``."""
-  parser = argparse.ArgumentParser(prog="python -m experiments.tools.mnist_to_npz",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.tools.mnist_to_npz", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--idx_dir", required=True, help="folder with the four MNIST IDX files")
   parser.add_argument("--out", required=True, help="npz file to write (must not exist)")
   args = parser.parse_args(argv)
@@ -91,8 +99,10 @@ def main(argv=None):
   except (OSError, ValueError) as e:
     print(f"mnist_to_npz: {e}", file=sys.stderr)
     return 1
-  print(f"{args.out}: {len(arrays['train_labels'])} train / {len(arrays['test_labels'])} test "
-        f"images of shape {arrays['train_images'].shape[1:]}")
+  print(
+    f"{args.out}: {len(arrays['train_labels'])} train / {len(arrays['test_labels'])} test "
+    f"images of shape {arrays['train_images'].shape[1:]}"
+  )
   return 0
 
 
