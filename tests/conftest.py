@@ -6,7 +6,10 @@ of every end-to-end test), ``data_config`` (the same on another dataset), ``digi
 and ``write_image_folder`` (datasets made from scikit-learn's digits).
 """
 
+import faulthandler
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -20,6 +23,46 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest  # noqa: E402  (after the environment above, like every JAX import)
+
+_CRASH_DIR = os.environ.setdefault(
+  "RKNET_TEST_CRASH_DIR", os.path.join(tempfile.gettempdir(), f"rknet-test-crashes-{os.getpid()}")
+)
+
+
+def pytest_sessionstart(session):
+  """Every test process writes a fatal error's stacks (all threads) to a file of its own, so
+  a worker that dies in C code (XLA, TensorFlow) is explained in the summary of the process
+  that survives it, not lost with the worker's output."""
+  os.makedirs(_CRASH_DIR, exist_ok=True)
+  worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+  # After pytest's own faulthandler set-up (configure time), which writes to the worker's
+  # stderr that pytest-xdist does not relay when the worker dies.
+  session.config._crash_log = open(os.path.join(_CRASH_DIR, f"{worker}.log"), "w")
+  faulthandler.enable(file=session.config._crash_log, all_threads=True)
+
+
+def _crash_report(text: str) -> str:
+  """faulthandler's dump, shortened: the fatal error line and the innermost frames of every
+  other thread, then more of the crashing thread's (last, next to the test summary)."""
+  blocks = text.strip().split("\n\n")
+
+  def head(block, n):
+    return "\n".join(line for line in block.splitlines()[:n] if "/pluggy/" not in line)
+
+  current = [head(b, 24) for b in blocks if b.startswith("Current thread")]
+  others = [head(b, 4) for b in blocks if not b.startswith("Current thread")]
+  return "\n\n".join(others + current) + "\n"
+
+
+def pytest_terminal_summary(terminalreporter):
+  for name in sorted(os.listdir(_CRASH_DIR)) if os.path.isdir(_CRASH_DIR) else ():
+    with open(os.path.join(_CRASH_DIR, name)) as f:
+      text = f.read()
+    if text.strip():
+      terminalreporter.section(f"fatal error in test process {name[:-4]}")
+      terminalreporter.write(_crash_report(text))
+  if "PYTEST_XDIST_WORKER" not in os.environ:  # the process that started the others
+    shutil.rmtree(_CRASH_DIR, ignore_errors=True)
 
 
 def _tiny_config(**overrides):
