@@ -3,9 +3,8 @@
 XLA:CPU compiles on its own threads; glibc keeps what the compiler frees in those threads'
 malloc arenas, where the training step (run from other threads) cannot reuse it. The step's
 scratch memory then comes on top of it.  ``malloc_trim(0)`` after each compilation returns
-it: training ERKNet-6x1 6x1 6x1-B (k = w = 36, batch 64) on CPU peaks at 1.19 GB RSS instead
-of 1.60 GB, at the same speed (``python -m benchmarks.bench_models --modes train --remat off
---malloc thp runner``).
+it, at the same speed: the peak-RSS numbers, and the command that measures them, are in
+``benchmarks/README.md`` ("Peak RSS: the compiler's freed memory").
 
 :func:`install` registers a ``jax.monitoring`` listener for the backend-compile event that
 calls glibc's ``malloc_trim(0)``.  It is installed once per process (the runner calls it at

@@ -6,8 +6,8 @@ once, hands them to the run's checks and logs their means with images/s and the 
 
 The TensorBoard writer emits the standard event-file format (TFRecord-framed ``Event``
 protos, ``brain.Event:2``) with TensorBoard's own protos and record framing, so it needs
-the ``tensorboard`` package but not TensorFlow (importing TensorFlow costs ~8 s, more
-than the whole digits quickstart spends compiling).
+the ``tensorboard`` package but not TensorFlow (importing TensorFlow takes longer than the
+whole digits quickstart spends compiling).
 """
 
 from collections.abc import Callable

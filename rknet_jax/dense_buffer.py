@@ -296,8 +296,8 @@ def _unpad_unit(d: ConvUnitVars, width: int) -> ConvUnitVars:
 
 def _in_loop(plan: DenseBlockPlan) -> DenseBlockPlan:
   """The plan for backward scan bodies.  XLA:CPU runs the 3x3 kernel-gradient convolution
-  inside a loop body with its generic emitter (about 10 times slower than the same
-  convolution outside a loop, measured on ERKNet-6x1 6x1 6x1-B), so on CPU ("dot1x1") the
+  inside a loop body with its generic emitter (several times slower than the same
+  convolution outside a loop), so on CPU ("dot1x1") the
   bodies use the shifted-dot formulation ``"dot"`` of :mod:`rknet_jax.conv` (same values,
   its kernel gradient is matrix products); XLA's native convolution elsewhere."""
   if plan.conv_impl == "dot1x1":
