@@ -286,13 +286,13 @@ def test_folder_errors_name_the_file_or_folder(write_image_folder, tmp_path):
 def test_tfds_short_names_and_prefix_read_28x28_gray_with_computed_statistics():
   with tfds.testing.mock_data(num_examples=40):
     for name in ("mnist", "tfds:fashion_mnist", "kmnist"):
-      config = {"dataset": name, "batch_size": 8}
-      assert "mock_data" in ip.preflight(config)
-      info = ip.dataset_info(config)
+      data = ip.load({"dataset": name, "batch_size": 8})
+      assert "mock_data" in data.preflight()
+      info = data.info
       assert info.image_shape == (28, 28, 1) and info.num_classes == 10
-      train_images = ip.load_splits(config).train.images
+      train_images = data.splits().train.images
       assert info.mean == pytest.approx((train_images.mean(),))
-      batch = next(iter(ip.train_iterator(config, start_step=0, process_index=0, process_count=1)))
+      batch = next(iter(data.train_iterator(start_step=0, process_index=0, process_count=1)))
       assert batch["image"].shape == (8, 28, 28, 1)
 
 
