@@ -564,16 +564,16 @@ def _record_run(run: _Run):
   """Binds the run's data (fingerprint, mean/std), writes its metadata, prints the summary."""
   config, workdir, start_step = run.config, run.workdir, run.start_step
   # The run's data: its fingerprint must match, and its data.json's mean/std stay.
-  data, data_change = run.data.bind_data_spec(
+  data_json, data_change = run.data.bind_data_spec(
     rk_preprocessing.read_data_spec(workdir) if start_step else None,
     allow_change=bool(config.get("allow_data_change", False)),
   )
   if data_change:
     logging.warning("Continuing on new data (config.allow_data_change=True): %s", data_change)
-  run.stats = (data["mean"], data["std"])
+  run.stats = (data_json["mean"], data_json["std"])
   if jax.process_index() == 0:
     rk_ckpt.write_model_spec(workdir, run.spec, run.input_shape)
-    rk_preprocessing.write_data_spec(workdir, data)
+    rk_preprocessing.write_data_spec(workdir, data_json)
     run_record = {
       "identity": run_config.identity(config),
       "config": json.loads(config.to_json()),
@@ -581,7 +581,7 @@ def _record_run(run: _Run):
       "input_shape": list(run.input_shape),
       "steps_per_epoch": run.steps_per_epoch,
       "total_steps": run.total_steps,
-      "data_fingerprint": data["fingerprint"],
+      "data_fingerprint": data_json["fingerprint"],
     }
     data_changes = list((run.previous_run or {}).get("data_changes", []))  # kept across sessions
     if data_change:
