@@ -74,7 +74,8 @@ def evaluate_checkpoint(
     raise ValueError(
       f"eval batch {config.eval_batch_size} is not divisible by the {mesh.devices.size} devices"
     )
-  input_pipeline.preflight(config)
+  data = input_pipeline.load(config)  # this evaluation's data: read once
+  data.preflight()
   from rknet_jax import preprocessing
 
   recorded = preprocessing.read_data_spec(workdir)  # (checked: a bad field is an error)
@@ -86,8 +87,7 @@ def evaluate_checkpoint(
     )
     stats = None
   else:
-    input_pipeline.bind_data_spec(
-      config,
+    data.bind_data_spec(
       recorded,
       allow_change=allow_data_change,
       what="to evaluate",
@@ -122,10 +122,10 @@ def evaluate_checkpoint(
       steps.make_bn_stats_step(model, mesh),
       mesh,
       stats=stats,
+      data=data,
     )
   eval_step = steps.make_eval_step(model, mesh)
-  batches = input_pipeline.eval_iterator(
-    config,
+  batches = data.eval_iterator(
     split,
     batch_size=config.eval_batch_size,
     process_index=jax.process_index(),

@@ -46,10 +46,14 @@ Config fields read (a `ml_collections.ConfigDict` or a dict; those after `seed` 
   resize: folder datasets only: 0 (default) requires one image size; N resizes images of another
     size to N x N.
 
-Structure. `load(config)` reads the config once into a `Dataset` (experiments/data/base.py:
-info, preflight, split sizes, training batches from any step, padded eval batches), implemented
-by `in_memory.InMemoryDataset` (digits, TFDS, npz, folder) and `imagenet.ImagenetDataset`; the
-functions below are thin wrappers that keep the runner's calls unchanged.
+Structure. `load(config)` reads the config once into the run's `RunData`: the parsed config and
+its source, a `Dataset` (experiments/data/base.py: info, preflight, split sizes, training
+batches from any step, padded eval batches) implemented by `in_memory.InMemoryDataset` (digits,
+TFDS, npz, folder) and `imagenet.ImagenetDataset`. The data are read on first use and kept by
+that object, so a run (`experiments.train`) and an evaluation (`experiments.evaluate`) build
+one each and load, check, summarise and fingerprint their data once. The functions that take a
+config (`preflight(config)`, `train_iterator(config, ...)`, ...) build their own `RunData` per
+call: for scripts and tests.
 
 Determinism and resumption. Digits, CIFAR, SVHN and the other sources above except ImageNet are
 held in host memory as arrays (large folders: as file lists decoded batch by batch); epoch e
@@ -417,28 +421,197 @@ def _check_stats(stats):
   return mean, std
 
 
-def _dataset(s: _Settings, stats=None) -> Dataset:
-  """The source of `s`; `stats` = (mean, std) replaces the dataset's own standardisation (a
-  resumed run or an evaluation uses its data.json's, never statistics of the current data)."""
+def _dataset(s: _Settings) -> Dataset:
+  """The source of `s`, standardising with the dataset's published mean/std when it has them
+  (else with those of its official training split)."""
   spec = _SPECS.get(s.dataset)
   mean, std = (spec.mean, spec.std) if spec else (None, None)
-  if stats is not None:
-    mean, std = _check_stats(stats)
   if s.source == "imagenet":
     info = dataset_info("imagenet2012", image_size=s.image_size)
-    return imagenet_lib.ImagenetDataset(s, info._replace(mean=mean, std=std), _preflight_tfds)
+    return imagenet_lib.ImagenetDataset(s, info, _preflight_tfds)
   return in_memory.InMemoryDataset(
     s, _IN_MEMORY_LOADERS[s.source], preflight=_PREFLIGHTS.get(s.source), mean=mean, std=std
   )
 
 
-def load(config) -> Dataset:
-  """Reads `config` once (all checks before any data is touched) into its `Dataset`."""
-  return _dataset(_settings(config))
+class DataChanged(ValueError):
+  """The data differ from those a run trained on (its data.json fingerprint)."""
+
+
+_CONTINUE_FIX = (
+  "set config.allow_data_change=True to continue on these data (with the run's mean/std)"
+)
+
+
+class RunData:
+  """The data of one run (or one evaluation), built once from its config by `load(config)`.
+
+  It holds the parsed config (`settings`) and the source (`dataset`, a `base.Dataset`), and
+  answers everything the run asks of its data: the preflight, the facts (`info`,
+  `split_sizes`, `steps_per_epoch`, `fingerprint`, `data_spec`), training batches from any
+  step, exact evaluation passes and precise-BatchNorm batches. The data are read on first use
+  and kept by this object: the official splits are loaded and checked once, the validation
+  split is carved once, mean/std and the fingerprint are computed once, however many batches
+  and passes the run asks for. There is no module-level cache: the next run (or
+  `experiments.evaluate`) builds its own `RunData` and sees the data as they are then.
+  """
+
+  def __init__(self, settings: _Settings, dataset: Dataset):
+    self.settings = settings
+    self.dataset = dataset
+    self._fingerprint = None
+
+  def preflight(self) -> str:
+    """See the module function `preflight`."""
+    return self.dataset.preflight()
+
+  @property
+  def info(self) -> DatasetInfo:
+    """Sizes, shape, classes and standardisation constants (see `dataset_info`)."""
+    return self.dataset.info
+
+  def split_sizes(self) -> dict:
+    """{"train", "validation", "test"} example counts (train after the hold-out)."""
+    return self.dataset.split_sizes()
+
+  def steps_per_epoch(self) -> int:
+    """Training steps per epoch: train_examples // batch_size (the remainder is dropped)."""
+    s, n = self.settings, self.split_sizes()["train"]
+    if n < s.batch_size:
+      raise ValueError(
+        f"batch_size={s.batch_size} exceeds the {n} training examples of {s.dataset}"
+      )
+    return n // s.batch_size
+
+  def fingerprint(self) -> dict:
+    """What identifies the data (experiments/data/fingerprint.py), computed once."""
+    if self._fingerprint is None:
+      self._fingerprint = fingerprint_lib.fingerprint(self.settings)
+    return self._fingerprint
+
+  def data_spec(self) -> dict:
+    """See the module function `data_spec`."""
+    s, info = self.settings, self.info
+    names = list(info.class_names) or [str(i) for i in range(info.num_classes)]
+    spec = {
+      "dataset": s.dataset,
+      "image_shape": [int(d) for d in info.image_shape],
+      "num_classes": int(info.num_classes),
+      "class_names": names,
+      "mean": [float(v) for v in info.mean],
+      "std": [float(v) for v in info.std],
+      "resize": s.resize,
+      "fingerprint": self.fingerprint(),
+    }
+    if info.pixel_range:
+      spec.update(pixel_range=[float(v) for v in info.pixel_range], pixel_dtype=info.pixel_dtype)
+    return spec
+
+  def bind_data_spec(
+    self,
+    previous: dict | None,
+    *,
+    allow_change: bool = False,
+    what: str = "resuming",
+    fix: str = _CONTINUE_FIX,
+  ):
+    """See the module function `bind_data_spec`."""
+    current = self.data_spec()
+    if previous is None:
+      return current, None
+    new = current["fingerprint"]
+    change = fingerprint_lib.describe_change(previous.get("fingerprint"), new)
+    if change and not allow_change:
+      raise DataChanged(
+        f"{change}. Refusing {what} on other data than the run's: restore the original data, "
+        f"use a new workdir, or {fix}."
+      )
+    for key in ("image_shape", "class_names"):
+      if change and previous.get(key) != current[key]:
+        raise DataChanged(
+          f"{change}; the new data's {key} {current[key]} differ from the run's "
+          f"{previous.get(key)}, so the run cannot continue on them (not even "
+          "with config.allow_data_change=True): use a new workdir"
+        )
+    spec = dict(previous)
+    if change or "fingerprint" not in previous:
+      if "fingerprint" not in previous:
+        from absl import logging
+
+        logging.warning(
+          "data.json has no data fingerprint (written by an older version): the "
+          "data cannot be checked against the run's"
+        )
+      spec["fingerprint"] = new
+    for key in ("pixel_range", "pixel_dtype"):
+      if key not in spec and key in current:
+        spec[key] = current[key]
+    return spec, change
+
+  def train_iterator(self, *, start_step: int, process_index: int, process_count: int, stats=None):
+    """See the module function `train_iterator`."""
+    s = self.settings
+    process_index, process_count = _check_hosts(s.batch_size, process_index, process_count)
+    start_step = _int("start_step", start_step, 0)
+    batches = self.dataset.train_batches(
+      start_step=start_step,
+      process_index=process_index,
+      process_count=process_count,
+      stats=None if stats is None else _check_stats(stats),
+    )
+    return prefetch_lib.Prefetcher(batches, size=s.prefetch)
+
+  def eval_iterator(
+    self,
+    split: str,
+    *,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    with_index: bool = False,
+    stats=None,
+  ):
+    """See the module function `eval_iterator`."""
+    if split not in EVAL_SPLITS:
+      raise ValueError(f"Unknown eval split {split!r}; expected one of {EVAL_SPLITS}")
+    s = self.settings
+    batch_size = _int("eval batch_size", batch_size, 1)
+    process_index, process_count = _check_hosts(
+      batch_size, process_index, process_count, what="eval batch_size"
+    )
+    stats = None if stats is None else _check_stats(stats)
+    if split == "validation" and self.split_sizes()["validation"] == 0:
+      raise ValueError(f"config.validation_size=0: {s.dataset} has no validation split to evaluate")
+    batches = self.dataset.eval_batches(
+      split,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      with_index=with_index,
+      stats=stats,
+    )
+    return prefetch_lib.Prefetcher(batches, size=s.prefetch)
+
+  def splits(self) -> base.Splits:
+    """See the module function `load_splits`."""
+    if not isinstance(self.dataset, in_memory.InMemoryDataset):
+      raise ValueError(f"{self.settings.dataset} is streamed with tf.data, not held in memory")
+    return self.dataset.splits()
+
+
+def load(config) -> RunData:
+  """Reads `config` once (all checks before any data is touched) into the run's `RunData`.
+
+  Nothing is read yet: the data are read on first use and kept by the returned object, so a
+  run builds it once and asks it everything (`experiments.train`, `experiments.evaluate`).
+  """
+  s = _settings(config)
+  return RunData(s, _dataset(s))
 
 
 # ------------------------------------------------------------------------------------------------
-# The runner's functions (thin wrappers over `load(config)`).
+# The same questions for a config: each call builds its own `RunData` (scripts and tests; a run
+# builds one with `load` and asks it everything).
 
 
 def preflight(config) -> str:
@@ -459,11 +632,7 @@ def split_sizes(config) -> dict:
 
 def steps_per_epoch(config) -> int:
   """Training steps per epoch: train_examples // batch_size (the remainder is dropped)."""
-  s = _settings(config)
-  n = _dataset(s).split_sizes()["train"]
-  if n < s.batch_size:
-    raise ValueError(f"batch_size={s.batch_size} exceeds the {n} training examples of {s.dataset}")
-  return n // s.batch_size
+  return load(config).steps_per_epoch()
 
 
 def data_fingerprint(config) -> dict:
@@ -480,31 +649,7 @@ def data_spec(config) -> dict:
   `fingerprint` identifies the data (`data_fingerprint`). The runner saves it as
   workdir/data.json.
   """
-  s = _settings(config)
-  info = _dataset(s).info
-  names = list(info.class_names) or [str(i) for i in range(info.num_classes)]
-  spec = {
-    "dataset": s.dataset,
-    "image_shape": [int(d) for d in info.image_shape],
-    "num_classes": int(info.num_classes),
-    "class_names": names,
-    "mean": [float(v) for v in info.mean],
-    "std": [float(v) for v in info.std],
-    "resize": s.resize,
-    "fingerprint": fingerprint_lib.fingerprint(s),
-  }
-  if info.pixel_range:
-    spec.update(pixel_range=[float(v) for v in info.pixel_range], pixel_dtype=info.pixel_dtype)
-  return spec
-
-
-class DataChanged(ValueError):
-  """The data differ from those a run trained on (its data.json fingerprint)."""
-
-
-_CONTINUE_FIX = (
-  "set config.allow_data_change=True to continue on these data (with the run's mean/std)"
-)
+  return load(config).data_spec()
 
 
 def bind_data_spec(
@@ -528,37 +673,7 @@ def bind_data_spec(
     (spec, change): the spec to use and save, and the description of an allowed data change
     (None when the data are the run's).
   """
-  current = data_spec(config)
-  if previous is None:
-    return current, None
-  new = current["fingerprint"]
-  change = fingerprint_lib.describe_change(previous.get("fingerprint"), new)
-  if change and not allow_change:
-    raise DataChanged(
-      f"{change}. Refusing {what} on other data than the run's: restore the original data, "
-      f"use a new workdir, or {fix}."
-    )
-  for key in ("image_shape", "class_names"):
-    if change and previous.get(key) != current[key]:
-      raise DataChanged(
-        f"{change}; the new data's {key} {current[key]} differ from the run's "
-        f"{previous.get(key)}, so the run cannot continue on them (not even "
-        "with config.allow_data_change=True): use a new workdir"
-      )
-  spec = dict(previous)
-  if change or "fingerprint" not in previous:
-    if "fingerprint" not in previous:
-      from absl import logging
-
-      logging.warning(
-        "data.json has no data fingerprint (written by an older version): the "
-        "data cannot be checked against the run's"
-      )
-    spec["fingerprint"] = new
-  for key in ("pixel_range", "pixel_dtype"):
-    if key not in spec and key in current:
-      spec[key] = current[key]
-  return spec, change
+  return load(config).bind_data_spec(previous, allow_change=allow_change, what=what, fix=fix)
 
 
 def train_iterator(config, *, start_step: int, process_index: int, process_count: int, stats=None):
@@ -572,13 +687,9 @@ def train_iterator(config, *, start_step: int, process_index: int, process_count
   `stats` = (mean, std) standardises with those (a resumed run's data.json) instead of the
   dataset's own.
   """
-  s = _settings(config)
-  process_index, process_count = _check_hosts(s.batch_size, process_index, process_count)
-  start_step = _int("start_step", start_step, 0)
-  batches = _dataset(s, stats).train_batches(
-    start_step=start_step, process_index=process_index, process_count=process_count
+  return load(config).train_iterator(
+    start_step=start_step, process_index=process_index, process_count=process_count, stats=stats
   )
-  return prefetch_lib.Prefetcher(batches, size=s.prefetch)
 
 
 def eval_iterator(
@@ -600,24 +711,14 @@ def eval_iterator(
   "index": int64[b], the example's position in the split (-1 for padding). `stats` = (mean,
   std) standardises with those (a run's data.json) instead of the dataset's own.
   """
-  if split not in EVAL_SPLITS:
-    raise ValueError(f"Unknown eval split {split!r}; expected one of {EVAL_SPLITS}")
-  s = _settings(config)
-  batch_size = _int("eval batch_size", batch_size, 1)
-  process_index, process_count = _check_hosts(
-    batch_size, process_index, process_count, what="eval batch_size"
-  )
-  ds = _dataset(s, stats)
-  if split == "validation" and ds.split_sizes()["validation"] == 0:
-    raise ValueError(f"config.validation_size=0: {s.dataset} has no validation split to evaluate")
-  batches = ds.eval_batches(
+  return load(config).eval_iterator(
     split,
     batch_size=batch_size,
     process_index=process_index,
     process_count=process_count,
     with_index=with_index,
+    stats=stats,
   )
-  return prefetch_lib.Prefetcher(batches, size=s.prefetch)
 
 
 def load_splits(config) -> base.Splits:
@@ -626,12 +727,4 @@ def load_splits(config) -> base.Splits:
   `ids` are positions in the official split each example comes from, so train and validation ids
   are disjoint. For inspection and tests; training uses `train_iterator`.
   """
-  ds = load(config)
-  if not isinstance(ds, in_memory.InMemoryDataset):
-    raise ValueError(f"{ds.info.name} is streamed with tf.data, not held in memory")
-  return ds.splits()
-
-
-def clear_cache():
-  """Frees the in-memory copies of datasets loaded by this process."""
-  in_memory.clear_cache()
+  return load(config).splits()

@@ -31,7 +31,7 @@ def main(argv):
 
   metrics.console_logging()
   del argv
-  from experiments import input_pipeline, optim, run_config, steps, train
+  from experiments import optim, run_config, steps, train
   from experiments.configs import default
   from experiments.data import tfds_utils
 
@@ -79,7 +79,6 @@ def main(argv):
     tempfile.TemporaryDirectory() as workdir,
     tfds.testing.mock_data(num_examples=c.batch_size * (c.num_train_steps + 1)),
   ):
-    input_pipeline.clear_cache()
     train.train_and_evaluate(c, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       recs = [json.loads(l) for l in f]

@@ -141,15 +141,24 @@ def precise_bn_first_batch(step: int, steps_per_epoch: int) -> int:
 
 
 def precise_model_vars(
-  config, model_vars, step: int, steps_per_epoch: int, bn_stats_step, mesh, *, stats=None
+  config,
+  model_vars,
+  step: int,
+  steps_per_epoch: int,
+  bn_stats_step,
+  mesh,
+  *,
+  stats=None,
+  data=None,
 ) -> dict:
   """``model_vars`` with BatchNorm statistics re-estimated for its parameters over
-  ``precise_bn_batches`` training batches (``steps.precise_batch_stats``), standardised with
-  ``stats`` (the run's ``data.json`` mean/std; None: the data's own)."""
+  ``precise_bn_batches`` training batches (``steps.precise_batch_stats``) of ``data`` (the
+  run's ``input_pipeline.RunData``; None: built from ``config``), standardised with ``stats``
+  (the run's ``data.json`` mean/std; None: the data's own)."""
   from experiments import input_pipeline
 
-  it = input_pipeline.train_iterator(
-    config,
+  data = input_pipeline.load(config) if data is None else data
+  it = data.train_iterator(
     start_step=precise_bn_first_batch(step, steps_per_epoch),
     process_index=jax.process_index(),
     process_count=jax.process_count(),
@@ -245,12 +254,13 @@ def train_and_evaluate(
 
   run_config.validate_config(config, workdir, mesh)  # pure: raises before any side effect
   compiler_memory.install()  # peak RSS: the compiler's freed memory goes back to the OS
-  input_pipeline.preflight(config)
-  run_config.total_steps(config, input_pipeline.steps_per_epoch(config))  # 0 steps: refused
+  data = input_pipeline.load(config)  # the run's data: read once, asked everything
+  data.preflight()
+  run_config.total_steps(config, data.steps_per_epoch())  # 0 steps: refused
   rundir.prepare(workdir, subdirs=(rk_ckpt.CHECKPOINT_SUBDIR,))
   lock = _take_workdir(workdir)
   try:
-    return _run(config, workdir, steps_lib.make_mesh() if mesh is None else mesh)
+    return _run(config, workdir, steps_lib.make_mesh() if mesh is None else mesh, data)
   finally:
     lock.release()
 
@@ -312,12 +322,15 @@ class _Run:
   """One run's pieces, handed from phase to phase: setup, restore, train loop, final test.
 
   ``state`` is the current ``TrainState`` (replaced by every train step) and ``step`` its
-  step; the evaluation helpers below always see the current ones.
+  step; the evaluation helpers below always see the current ones. ``data`` is the run's
+  ``input_pipeline.RunData``, built once: every batch, evaluation pass and precise-BN batch
+  comes from it.
   """
 
   config: ml_collections.ConfigDict
   workdir: str
   mesh: Mesh
+  data: Any
   input_shape: tuple
   num_classes: int
   steps_per_epoch: int
@@ -364,10 +377,7 @@ class _Run:
 
   def run_eval(self, variables, split: str) -> dict:
     """Exact metrics of ``variables`` on ``split``."""
-    from experiments import input_pipeline
-
-    batches = input_pipeline.eval_iterator(
-      self.config,
+    batches = self.data.eval_iterator(
       split,
       batch_size=self.config.eval_batch_size,
       process_index=jax.process_index(),
@@ -388,6 +398,7 @@ class _Run:
       self.bn_stats_step,
       self.mesh,
       stats=self.stats,
+      data=self.data,
     )
 
   def evaluated_vars(self, step: int) -> dict:
@@ -426,9 +437,9 @@ class _Run:
     )
 
 
-def _run(config, workdir: str, mesh: Mesh) -> dict:
+def _run(config, workdir: str, mesh: Mesh, data) -> dict:
   """``train_and_evaluate`` once the config is checked and the workdir is ours."""
-  run = _plan(config, workdir, mesh)
+  run = _plan(config, workdir, mesh, data)
   finished = _finished_results(config, workdir, run.total_steps)
   if finished is not None:
     return finished
@@ -451,21 +462,21 @@ def _run(config, workdir: str, mesh: Mesh) -> dict:
 
 
 # ---------------------------------------------------------------------- setup
-def _plan(config, workdir: str, mesh: Mesh) -> _Run:
-  """The run's data shapes and sizes; refuses ``test_model="best"`` without validation."""
-  from experiments import input_pipeline
-
-  info = input_pipeline.dataset_info(config)
-  steps_per_epoch = int(input_pipeline.steps_per_epoch(config))
+def _plan(config, workdir: str, mesh: Mesh, data) -> _Run:
+  """The run's data shapes and sizes (from ``data``, the run's ``input_pipeline.RunData``);
+  refuses ``test_model="best"`` without validation."""
+  info = data.info
+  steps_per_epoch = int(data.steps_per_epoch())
   run = _Run(
     config=config,
     workdir=workdir,
     mesh=mesh,
+    data=data,
     input_shape=tuple(info.image_shape),
     num_classes=info.num_classes,
     steps_per_epoch=steps_per_epoch,
     total_steps=run_config.total_steps(config, steps_per_epoch),
-    split_sizes=input_pipeline.split_sizes(config),
+    split_sizes=data.split_sizes(),
   )
   if config.test_model == "best" and not run.has_validation:
     raise ValueError(run_config.NO_VALIDATION_FOR_BEST)
@@ -551,21 +562,18 @@ def _restore(run: _Run):
 
 def _record_run(run: _Run):
   """Binds the run's data (fingerprint, mean/std), writes its metadata, prints the summary."""
-  from experiments import input_pipeline
-
   config, workdir, start_step = run.config, run.workdir, run.start_step
   # The run's data: its fingerprint must match, and its data.json's mean/std stay.
-  data, data_change = input_pipeline.bind_data_spec(
-    config,
+  data_json, data_change = run.data.bind_data_spec(
     rk_preprocessing.read_data_spec(workdir) if start_step else None,
     allow_change=bool(config.get("allow_data_change", False)),
   )
   if data_change:
     logging.warning("Continuing on new data (config.allow_data_change=True): %s", data_change)
-  run.stats = (data["mean"], data["std"])
+  run.stats = (data_json["mean"], data_json["std"])
   if jax.process_index() == 0:
     rk_ckpt.write_model_spec(workdir, run.spec, run.input_shape)
-    rk_preprocessing.write_data_spec(workdir, data)
+    rk_preprocessing.write_data_spec(workdir, data_json)
     run_record = {
       "identity": run_config.identity(config),
       "config": json.loads(config.to_json()),
@@ -573,7 +581,7 @@ def _record_run(run: _Run):
       "input_shape": list(run.input_shape),
       "steps_per_epoch": run.steps_per_epoch,
       "total_steps": run.total_steps,
-      "data_fingerprint": data["fingerprint"],
+      "data_fingerprint": data_json["fingerprint"],
     }
     data_changes = list((run.previous_run or {}).get("data_changes", []))  # kept across sessions
     if data_change:
@@ -609,8 +617,6 @@ def _record_run(run: _Run):
 def _train(run: _Run) -> bool:
   """Trains from ``run.start_step`` to ``run.total_steps``, logging, evaluating and saving at
   the steps ``is_time`` says; returns whether SIGTERM stopped it (after a checkpoint)."""
-  from experiments import input_pipeline
-
   config, total_steps = run.config, run.total_steps
   run.log = metrics_lib.MetricsLog(run.workdir, run.start_step)
   run.bar = progress.ProgressBar(total_steps, run.start_step)
@@ -632,8 +638,7 @@ def _train(run: _Run) -> bool:
   preempt_every = 1 if jax.process_count() == 1 else config.log_every_steps
   preempted, it, run.step = False, None, run.start_step
   try:
-    it = input_pipeline.train_iterator(
-      config,
+    it = run.data.train_iterator(
       start_step=run.start_step,
       process_index=jax.process_index(),
       process_count=jax.process_count(),

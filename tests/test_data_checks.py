@@ -40,7 +40,6 @@ def _npz(path, **arrays):
 
 
 def _refused(dataset, pattern):
-  ip.clear_cache()
   with pytest.raises(ValueError, match=pattern) as e:
     ip.preflight({"dataset": dataset, "batch_size": 2})
   return str(e.value)
@@ -78,7 +77,6 @@ def test_labels_that_do_not_fit_int32_or_are_not_whole_are_refused_before_the_ca
     r"test_labels\[5\] = 2.5 is not a whole number",
   )
   # Whole-number floats are labels like any other.
-  ip.clear_cache()
   ok = _npz(tmp_path / "float.npz", **dict(d, train_labels=d["train_labels"].astype(float)))
   splits = ip.load_splits({"dataset": ok, "batch_size": 2})
   np.testing.assert_array_equal(splits.train.labels, d["train_labels"])
@@ -136,7 +134,6 @@ def test_splits_at_another_scale_or_dtype_than_train_are_refused_naming_both(
   val = dict(d, validation_images=d["test_images"] * 15, validation_labels=d["test_labels"])
   _refused(_npz(tmp_path / "val.npz", **val), r"validation images are uint8 in \[0, 240\]")
   # One scale everywhere (digits as floats 0..1) is fine.
-  ip.clear_cache()
   fine = dict(d, train_images=d["train_images"] / 16.0, test_images=d["test_images"] / 16.0)
   assert "1437 train" in ip.preflight(
     {"dataset": _npz(tmp_path / "fine.npz", **fine), "batch_size": 2}
@@ -201,7 +198,6 @@ def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(
   before = evaluate_lib.evaluate_checkpoint(workdir)
   old_size = os.path.getsize(path)
 
-  ip.clear_cache()
   _npz(path, **_swap_train_images(d))
   new_size = os.path.getsize(path)
   with pytest.raises(
@@ -247,7 +243,6 @@ def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(
   assert f"size {old_size} bytes -> {new_size} bytes" in run["data_changes"][0]["change"]
   # The new data are now the run's: a plain resume continues.
   assert train.train_and_evaluate(data_config(dataset, num_train_steps=12), workdir)["steps"] == 12
-  ip.clear_cache()
 
 
 def test_folder_fingerprint_follows_the_image_files_only(write_image_folder, tmp_path):
@@ -409,4 +404,3 @@ def test_predict_reads_image_files_and_applies_the_training_resize(
   raw = np.stack([np.asarray(Image.open(f)) for f in files])
   np.testing.assert_allclose(np.asarray(predict(raw)), from_files, rtol=1e-5, atol=1e-5)
   assert predict(files[0], return_probs=True).class_names[0] in ("c0", "c1")
-  ip.clear_cache()

@@ -286,15 +286,14 @@ def test_folder_errors_name_the_file_or_folder(write_image_folder, tmp_path):
 def test_tfds_short_names_and_prefix_read_28x28_gray_with_computed_statistics():
   with tfds.testing.mock_data(num_examples=40):
     for name in ("mnist", "tfds:fashion_mnist", "kmnist"):
-      config = {"dataset": name, "batch_size": 8}
-      assert "mock_data" in ip.preflight(config)
-      info = ip.dataset_info(config)
+      data = ip.load({"dataset": name, "batch_size": 8})
+      assert "mock_data" in data.preflight()
+      info = data.info
       assert info.image_shape == (28, 28, 1) and info.num_classes == 10
-      train_images = ip.load_splits(config).train.images
+      train_images = data.splits().train.images
       assert info.mean == pytest.approx((train_images.mean(),))
-      batch = next(iter(ip.train_iterator(config, start_step=0, process_index=0, process_count=1)))
+      batch = next(iter(data.train_iterator(start_step=0, process_index=0, process_count=1)))
       assert batch["image"].shape == (8, 28, 28, 1)
-      ip.clear_cache()
 
 
 def test_predict_on_raw_images_reproduces_the_runs_test_error(data_config, tmp_path):
@@ -341,7 +340,6 @@ def test_large_folder_streams_from_files_with_the_batches_of_memory(
   }
 
   def batches():
-    ip.clear_cache()
     train_batches = list(
       itertools.islice(ip.train_iterator(config, start_step=5, process_index=0, process_count=1), 4)
     )
@@ -359,4 +357,3 @@ def test_large_folder_streams_from_files_with_the_batches_of_memory(
   assert streamed[2] == in_memory[2]  # same statistics, shape, sizes
   for a, b in zip(jax.tree.leaves(streamed[:2]), jax.tree.leaves(in_memory[:2])):
     np.testing.assert_array_equal(a, b)
-  ip.clear_cache()

@@ -30,10 +30,18 @@ def assert_batches_equal(a, b):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
+def _data(config_or_data):
+  """A config's `RunData` (built once by the caller, or here)."""
+  if isinstance(config_or_data, ip.RunData):
+    return config_or_data
+  return ip.load(config_or_data)
+
+
 def concat_hosts(config, step, num_steps, process_count):
+  data = _data(config)  # read once for every host (each host of a real run reads its own)
   per_host = [
     take(
-      ip.train_iterator(config, start_step=step, process_index=p, process_count=process_count),
+      data.train_iterator(start_step=step, process_index=p, process_count=process_count),
       num_steps,
     )
     for p in range(process_count)
@@ -222,10 +230,10 @@ def test_digits_exact_count_eval_8_hosts():
 
 def check_exact_eval(config, split, num_examples, *, batch_size, process_count, labels=None):
   local = batch_size // process_count
+  data = _data(config)  # read once for every host (each host of a real run reads its own)
   per_host = [
     list(
-      ip.eval_iterator(
-        config,
+      data.eval_iterator(
         split,
         batch_size=batch_size,
         process_index=p,
@@ -308,18 +316,22 @@ def test_cifar_determinism_resume_and_hosts(mock_cifar):
   del mock_cifar
   for augment in (False, True):
     config = dict(CIFAR, augment=augment)
-    run = take(ip.train_iterator(config, start_step=0, process_index=0, process_count=1), 13)
-    # Same seed -> same batches.
+    data = ip.load(config)
+    run = take(data.train_iterator(start_step=0, process_index=0, process_count=1), 13)
+    # Same seed -> same batches (from the same data object, and from a new one).
+    assert_batches_equal(
+      run, take(data.train_iterator(start_step=0, process_index=0, process_count=1), 13)
+    )
     assert_batches_equal(
       run, take(ip.train_iterator(config, start_step=0, process_index=0, process_count=1), 13)
     )
     # Resuming at step 7 (inside epoch 1; 5 steps per epoch) continues the same sequence,
     # across the next epoch boundary.
-    resumed = take(ip.train_iterator(config, start_step=7, process_index=0, process_count=1), 6)
+    resumed = take(data.train_iterator(start_step=7, process_index=0, process_count=1), 6)
     assert_batches_equal(run[7:], resumed)
     # Host slices concatenate to the one-host global batch, for 2 and 4 hosts.
     for hosts in (2, 4):
-      assert_batches_equal(run[3:7], concat_hosts(config, 3, 4, hosts))
+      assert_batches_equal(run[3:7], concat_hosts(data, 3, 4, hosts))
     # Another seed -> another order.
     other = take(
       ip.train_iterator(dict(config, seed=6), start_step=0, process_index=0, process_count=1), 2
@@ -354,19 +366,12 @@ def test_cifar_augmentation_is_pad4_crop_and_flip(mock_cifar):
 
 def test_cifar_exact_count_eval_1003_examples_8_hosts():
   with tfds.testing.mock_data(num_examples=1003):
-    config = dict(CIFAR, validation_size=0)
+    data = ip.load(dict(CIFAR, validation_size=0))
     check_exact_eval(
-      config,
-      "test",
-      1003,
-      batch_size=64,
-      process_count=8,
-      labels=ip.load_splits(config).test.labels,
+      data, "test", 1003, batch_size=64, process_count=8, labels=data.splits().test.labels
     )
     # Eval images are standardised like training images.
-    b = next(
-      iter(ip.eval_iterator(config, "test", batch_size=64, process_index=0, process_count=8))
-    )
+    b = next(iter(data.eval_iterator("test", batch_size=64, process_index=0, process_count=8)))
     np.testing.assert_allclose(raw(b["image"]), np.round(raw(b["image"])), atol=1e-3)
 
 

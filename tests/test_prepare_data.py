@@ -120,7 +120,6 @@ def test_download_prepare_and_load_real_cifar10_format(tmp_path, served_folder, 
     "download": False,
   }
   assert "prepared TFDS dataset" in ip.preflight(config)
-  ip.clear_cache()
   splits = ip.load_splits(config)
   # TFDS stores the examples in its own (key-hashed) order: compare as sets of (image, label).
   assert _examples(splits.train.images, splits.train.labels) == _examples(train_x, train_y)
@@ -129,7 +128,6 @@ def test_download_prepare_and_load_real_cifar10_format(tmp_path, served_folder, 
   # A second prepare is a no-op (nothing is downloaded again).
   (folder / "cifar-10-binary.tar.gz").unlink()
   assert prepare.prepare("cifar10", str(data_dir)).is_prepared()
-  ip.clear_cache()
 
 
 def _closed_port():

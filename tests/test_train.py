@@ -5,6 +5,7 @@ Tiny models (k = 4, one or two periods) and few steps keep every test to seconds
 eight virtual CPU devices come from tests/conftest.py.
 """
 
+import collections
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ import pytest
 from experiments import evaluate as evaluate_lib
 from experiments import input_pipeline, optim, run_config, train
 from experiments import steps as steps_lib
-from experiments.data import tfds_utils
+from experiments.data import fingerprint as fingerprint_lib
+from experiments.data import in_memory, tfds_utils
 import rknet_jax
 
 tfds = tfds_utils.import_tfds()
@@ -146,6 +148,57 @@ def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tiny_confi
     final["top1_error"], abs=1e-9
   )
   assert model.num_classes == 10
+
+
+def test_a_run_and_an_evaluation_each_read_their_data_once(
+  tiny_config, digits_splits, tmp_path, monkeypatch
+):
+  """One ``train_and_evaluate`` call (new or resumed, with validation and precise BN) and one
+  ``evaluate_checkpoint`` call each load and check the official splits once, carve the
+  validation split once, and compute mean/std and the file's SHA-256 once (npz: no published
+  statistics; digits: neither statistics nor a file to hash)."""
+  train_split, test_split = digits_splits
+  path = tmp_path / "digits.npz"
+  np.savez(
+    path,
+    train_images=train_split.images,
+    train_labels=train_split.labels,
+    test_images=test_split.images,
+    test_labels=test_split.labels,
+  )
+  calls = collections.Counter()
+
+  def counted(name, fn):
+    def wrapper(*args, **kwargs):
+      calls[name] += 1
+      return fn(*args, **kwargs)
+
+    return wrapper
+
+  for source in ("digits", "npz"):
+    loader = input_pipeline._IN_MEMORY_LOADERS[source]
+    monkeypatch.setitem(input_pipeline._IN_MEMORY_LOADERS, source, counted("load", loader))
+  monkeypatch.setattr(in_memory, "holdout", counted("holdout", in_memory.holdout))
+  monkeypatch.setattr(in_memory, "image_summary", counted("mean/std", in_memory.image_summary))
+  sha256 = fingerprint_lib._sha256_of_file
+  monkeypatch.setattr(fingerprint_lib, "_sha256_of_file", counted("sha256", sha256))
+  once = {"load": 1, "holdout": 1}
+  for dataset, steps, expected in (
+    ("digits", 6, once),
+    (f"npz:{path}", 6, dict(once, **{"mean/std": 1, "sha256": 1})),
+    (f"npz:{path}", 12, dict(once, **{"mean/std": 1, "sha256": 1})),  # resumed at step 6
+  ):
+    calls.clear()
+    config = tiny_config(
+      dataset=dataset, num_train_steps=steps, precise_bn_batches=4, keep_checkpoints=10
+    )
+    results = train.train_and_evaluate(config, str(tmp_path / dataset.split(":")[0]))
+    assert results["steps"] == steps and results["validation_examples"] == 144
+    assert calls == expected, (dataset, steps)
+  calls.clear()
+  out = evaluate_lib.evaluate_checkpoint(str(tmp_path / "npz"), step=10)  # precise BN again
+  assert out["examples"] == 360 and out["batch_stats"] == "precise"
+  assert calls == {"load": 1, "holdout": 1, "mean/std": 1, "sha256": 1}
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """The one interface every data source implements, and the facts it reports.
 
-A source is built once from the parsed config (`experiments.input_pipeline.load`) and then
-answers everything the runner asks: `info`, `preflight()`, `split_sizes()`, `train_batches(...)`
-from any step, and padded `eval_batches(...)`. Adding a source means one module with one
-`Dataset` subclass (see `in_memory.InMemoryDataset`, `imagenet.ImagenetDataset`).
+A source is built once per run from the parsed config (`experiments.input_pipeline.load`,
+which wraps it in the run's `RunData`) and then answers everything the run asks: `info`,
+`preflight()`, `split_sizes()`, `train_batches(...)` from any step, and padded
+`eval_batches(...)`. It reads its data on first use and keeps what it read (the object is the
+only cache). Adding a source means one module with one `Dataset` subclass (see
+`in_memory.InMemoryDataset`, `imagenet.ImagenetDataset`).
 """
 
 import abc
@@ -63,15 +65,25 @@ class Dataset(abc.ABC):
 
   @abc.abstractmethod
   def train_batches(
-    self, *, start_step: int, process_index: int, process_count: int
+    self, *, start_step: int, process_index: int, process_count: int, stats=None
   ) -> Iterator[dict]:
-    """This host's part of global training batches start_step, start_step + 1, ... forever."""
+    """This host's part of global training batches start_step, start_step + 1, ... forever.
+
+    `stats` = (mean, std) standardises with those (a run's data.json) instead of `info`'s."""
 
   @abc.abstractmethod
   def eval_batches(
-    self, split: str, *, batch_size: int, process_index: int, process_count: int, with_index: bool
+    self,
+    split: str,
+    *,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    with_index: bool,
+    stats=None,
   ) -> Iterator[dict]:
-    """Padded, masked batches covering `split` ("validation" or "test") once over all hosts."""
+    """Padded, masked batches covering `split` ("validation" or "test") once over all hosts
+    (`stats` as in `train_batches`)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -371,21 +371,33 @@ class ImagenetDataset(base.Dataset):
     settings: the parsed config (`experiments.input_pipeline`).
     info: the static `DatasetInfo` (sizes with the default hold-out, mean/std).
     preflight: settings -> str, the availability check.
+
+  The TFDS builder (preparing the dataset when `config.download` asks) and the split sizes are
+  made on first use and kept by this object.
   """
 
   def __init__(self, settings, info: base.DatasetInfo, preflight):
     self._s = settings
     self._info = info
     self._preflight = preflight
+    self._builder_made = None
+    self._sizes = {}
 
   def _builder(self):
-    s = self._s
-    return prepare.get_builder(
-      s.target,
-      s.data_dir,
-      download=s.download,
-      manual_dir=s.manual_dir or prepare.default_manual_dir(s.data_dir),
-    )
+    if self._builder_made is None:
+      s = self._s
+      self._builder_made = prepare.get_builder(
+        s.target,
+        s.data_dir,
+        download=s.download,
+        manual_dir=s.manual_dir or prepare.default_manual_dir(s.data_dir),
+      )
+    return self._builder_made
+
+  def _split_size(self, split: str) -> int:
+    if split not in self._sizes:
+      self._sizes[split] = split_size(self._builder(), split)
+    return self._sizes[split]
 
   @property
   def info(self) -> base.DatasetInfo:
@@ -395,21 +407,21 @@ class ImagenetDataset(base.Dataset):
     return self._preflight(self._s)
 
   def split_sizes(self) -> dict:
-    builder = self._builder()
     train, validation, test = splits(self._s.validation_size)
     return {
-      "train": split_size(builder, train),
-      "validation": split_size(builder, validation) if validation else 0,
-      "test": split_size(builder, test),
+      "train": self._split_size(train),
+      "validation": self._split_size(validation) if validation else 0,
+      "test": self._split_size(test),
     }
 
-  def train_batches(self, *, start_step, process_index, process_count):
-    s, builder = self._s, self._builder()
+  def train_batches(self, *, start_step, process_index, process_count, stats=None):
+    s = self._s
     split = splits(s.validation_size)[0]
+    mean, std = stats or (self._info.mean, self._info.std)
     return train_batches(
-      builder,
+      self._builder(),
       split=split,
-      num_examples=split_size(builder, split),
+      num_examples=self._split_size(split),
       batch_size=s.batch_size,
       seed=s.seed,
       start_step=start_step,
@@ -418,23 +430,26 @@ class ImagenetDataset(base.Dataset):
       augment=s.augment,
       image_size=s.image_size,
       shuffle_buffer=s.shuffle_buffer,
-      mean=self._info.mean,
-      std=self._info.std,
+      mean=mean,
+      std=std,
       host_shards=s.host_shards,
     )
 
-  def eval_batches(self, split, *, batch_size, process_index, process_count, with_index):
-    s, builder = self._s, self._builder()
+  def eval_batches(
+    self, split, *, batch_size, process_index, process_count, with_index, stats=None
+  ):
+    s = self._s
     name = dict(zip(("validation", "test"), splits(s.validation_size)[1:]))[split]
+    mean, std = stats or (self._info.mean, self._info.std)
     return eval_batches(
-      builder,
+      self._builder(),
       split=name,
-      num_examples=split_size(builder, name),
+      num_examples=self._split_size(name),
       batch_size=batch_size,
       process_index=process_index,
       process_count=process_count,
       image_size=s.image_size,
-      mean=self._info.mean,
-      std=self._info.std,
+      mean=mean,
+      std=std,
       with_index=with_index,
     )

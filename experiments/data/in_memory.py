@@ -7,8 +7,6 @@ pure functions of integers (seeds, step, position) and resuming at any step is f
 """
 
 import math
-import os
-import threading
 
 import numpy as np
 
@@ -33,18 +31,7 @@ def _rng(*words: int) -> np.random.Generator:
 
 
 # ------------------------------------------------------------------------------------------------
-# Loading (cached per process and per data source).
-
-_CACHE_LOCK = threading.Lock()
-_OFFICIAL_CACHE = {}
-_SPLITS_CACHE = {}
-
-
-def clear_cache():
-  """Drops the in-memory copies of loaded datasets."""
-  with _CACHE_LOCK:
-    _OFFICIAL_CACHE.clear()
-    _SPLITS_CACHE.clear()
+# Loading.
 
 
 def _load_digits():
@@ -125,36 +112,6 @@ def load_digits(unused_settings) -> base.Official:
   return base.Official(train, test, None, tuple(str(i) for i in range(10)))
 
 
-def _source_token(settings):
-  """Identifies where data comes from, so a cache never serves stale or mocked arrays.
-
-  Files: their path and modification time. TFDS: the loading functions in effect
-  (`tfds.testing.mock_data` installs new ones in each context).
-  """
-  if settings.source == "digits":
-    return "sklearn"
-  if settings.source in ("npz", "folder"):
-    exists = os.path.exists(settings.target)  # (the loader names a missing path)
-    return (settings.target, os.path.getmtime(settings.target) if exists else None)
-  core = tfds_utils.import_tfds().core
-  return (
-    core.dataset_builder.DatasetBuilder.as_dataset,
-    core.dataset_builder.FileReaderBuilder._as_dataset,
-  )
-
-
-def _cached(cache, key, make, max_entries=2):
-  with _CACHE_LOCK:
-    if key in cache:
-      return cache[key]
-  value = make()
-  with _CACHE_LOCK:
-    if len(cache) >= max_entries:  # bounded host memory: usually one dataset per process
-      cache.clear()
-    cache[key] = value
-  return value
-
-
 def holdout(official_train: base.Split, validation_size: int, split_seed: int):
   """Splits the official training set into disjoint (train, validation) by a seeded permutation."""
   n = len(official_train)
@@ -209,11 +166,14 @@ class InMemoryDataset(base.Dataset):
     settings: the parsed config (`experiments.input_pipeline`).
     load: settings -> `base.Official` (digits, TFDS, npz, folder readers).
     preflight: settings -> str, the cheap availability check (default: load the data).
-    mean, std: fixed standardisation constants (default: computed on the official train split;
-      a resumed run or an evaluation passes its own `data.json`'s).
+    mean, std: the dataset's published standardisation constants (default: computed on the
+      official train split).
 
-  The loaded data passes `base.check_official` (labels, classes, finite pixels, one dtype and
-  scale for every split) once, before anything trains on it.
+  The data are read on first use and kept by this object: the official splits are loaded and
+  pass `base.check_official` (labels, classes, finite pixels, one dtype and scale for every
+  split) once, the validation split is carved once and the statistics are computed once,
+  however many batches and facts are asked for. Nothing is kept anywhere else: a new object
+  reads the data as they are then.
   """
 
   def __init__(self, settings, load, *, preflight=None, mean=None, std=None):
@@ -222,21 +182,25 @@ class InMemoryDataset(base.Dataset):
     self._preflight = preflight
     self._stats = (tuple(mean), tuple(std)) if mean is not None else None
     self._range = None
+    self._official = None
+    self._splits = None
 
   def official(self) -> base.Official:
-    s = self._s
-    key = (s.source, s.target, s.data_dir, s.svhn_extra, s.resize, _source_token(s))
-
-    def load_and_check():
-      official = self._load(s)
-      base.check_official(official, s.dataset)
-      return official
-
-    return _cached(_OFFICIAL_CACHE, key, load_and_check)
+    """The official splits, read and checked on the first call."""
+    if self._official is None:
+      official = self._load(self._s)
+      base.check_official(official, self._s.dataset)
+      self._official = official
+    return self._official
 
   def splits(self) -> base.Splits:
+    """Train (after the hold-out), validation and test, carved on the first call."""
+    if self._splits is None:
+      self._splits = self._carve(self.official())
+    return self._splits
+
+  def _carve(self, official: base.Official) -> base.Splits:
     s = self._s
-    official = self.official()
     if official.validation is not None:
       if s.validation_size:
         raise ValueError(
@@ -257,6 +221,7 @@ class InMemoryDataset(base.Dataset):
       self._range = base.pixel_range(images)[1:]
 
   def stats(self):
+    """The dataset's own per-channel (mean, std)."""
     if self._stats is None:
       self._summarise()
     return self._stats
@@ -302,8 +267,8 @@ class InMemoryDataset(base.Dataset):
       "test": len(splits.test),
     }
 
-  def train_batches(self, *, start_step, process_index, process_count):
-    mean, std = self.stats()
+  def train_batches(self, *, start_step, process_index, process_count, stats=None):
+    mean, std = stats or self.stats()
     return train_batches(
       self.splits().train,
       mean=mean,
@@ -316,8 +281,10 @@ class InMemoryDataset(base.Dataset):
       augment=self._s.augment,
     )
 
-  def eval_batches(self, split, *, batch_size, process_index, process_count, with_index):
-    mean, std = self.stats()
+  def eval_batches(
+    self, split, *, batch_size, process_index, process_count, with_index, stats=None
+  ):
+    mean, std = stats or self.stats()
     return eval_batches(
       getattr(self.splits(), split),
       mean=mean,
