@@ -224,6 +224,36 @@ def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh, sc
   return _FN_CACHE[key]
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSteps:
+  """The model, optimiser and jitted steps ``train_and_evaluate`` trains and evaluates with."""
+
+  spec: Any
+  model: Any
+  schedule: Any
+  tx: Any
+  init_fn: Any
+  train_step: Any
+  eval_step: Any
+  bn_stats_step: Any
+
+
+def build_steps(
+  config, num_classes: int, input_shape, mesh, steps_per_epoch: int, total_steps: int
+):
+  """The run's model (``run_config``), optimiser and schedule (``optim``) and jitted steps
+  (``steps``): the one place they are put together, for ``train_and_evaluate`` and for the
+  benchmarks that time what it runs (``benchmarks/runner_steps.py``)."""
+  spec = run_config.model_spec(config, num_classes)
+  model = run_config.build_model(config, num_classes)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch, total_steps)
+  tx = optim.make_optimizer(config, schedule)
+  fns = _compiled_functions(
+    config, spec, model, tx, schedule, input_shape, mesh, (steps_per_epoch, total_steps)
+  )
+  return RunSteps(spec, model, schedule, tx, *fns)
+
+
 # -------------------------------------------------------------------------- the run
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh | None = None
@@ -475,20 +505,12 @@ def _plan(config, workdir: str, mesh: Mesh) -> _Run:
 def _setup(run: _Run):
   """Model, optimiser, compiled steps, the initial state and the checkpoint manager."""
   config = run.config
-  run.spec = run_config.model_spec(config, run.num_classes)
-  run.model = run_config.build_model(config, run.num_classes)
-  schedule = optim.learning_rate_schedule(config, run.steps_per_epoch, run.total_steps)
-  tx = optim.make_optimizer(config, schedule)
-  run.init_fn, run.train_step, run.eval_step, run.bn_stats_step = _compiled_functions(
-    config,
-    run.spec,
-    run.model,
-    tx,
-    schedule,
-    run.input_shape,
-    run.mesh,
-    (run.steps_per_epoch, run.total_steps),
+  built = build_steps(
+    config, run.num_classes, run.input_shape, run.mesh, run.steps_per_epoch, run.total_steps
   )
+  run.spec, run.model = built.spec, built.model
+  run.init_fn, run.train_step = built.init_fn, built.train_step
+  run.eval_step, run.bn_stats_step = built.eval_step, built.bn_stats_step
   run.n_precise = precise_bn_batches(config, run.steps_per_epoch)
   if not run.n_precise:
     _warn_if_too_short_for_momentum(run.spec, run.total_steps)
