@@ -58,12 +58,13 @@ RESULTS_FILE = rundir.RESULTS_FILE
 # The training length: a run recorded with another value is continued toward the new total
 # by the runner (or, when already past it, tested again), never retrained from scratch.
 LENGTH_FIELDS = ("num_epochs", "num_train_steps")
-# Fields that do not change what a run computes (logging, checkpoint cadence and retention,
-# input prefetch, the exact padded evaluation's batch, where prepared data is found): a run
-# recorded with other values is handed to the runner again and records the new ones. Any
-# field not listed here or in LENGTH_FIELDS must be equal for a run to be reused.
+# Fields that do not change what a run computes (logging and its warnings, checkpoint cadence
+# and retention, input prefetch, the exact padded evaluation's batch, where prepared data is
+# found): a run recorded with other values is handed to the runner again and records the new
+# ones. Any field not listed here or in LENGTH_FIELDS must be equal for a run to be reused.
 RESULT_NEUTRAL_FIELDS = (
   "log_every_steps",
+  "implicit_residual_tolerance",
   "checkpoint_every_steps",
   "keep_checkpoints",
   "prefetch",

@@ -86,6 +86,65 @@ def _finite_guard(leaf_names, ckpts):
   return check
 
 
+def _implicit_residual_watch(tolerance: float, model, input_shape):
+  """``check(step, host_metrics)`` warning once per run when an implicit stage solve ended
+  with a final residual above ``tolerance`` (``config.implicit_residual_tolerance``): which
+  solve, at which step, and what makes it converge. Does nothing for explicit models."""
+  warned = False
+
+  def check(step, m):
+    nonlocal warned
+    if warned or not m.get(steps_lib.IMPLICIT_RESIDUAL_MAX, 0.0) > tolerance:
+      return
+    warned = True
+    residuals = np.asarray(m[steps_lib.IMPLICIT_RESIDUALS], np.float64)
+    paths = steps_lib.implicit_solve_paths(model, input_shape)
+    worst = int(np.argmax(residuals))
+    solve = paths[worst] if len(paths) == len(residuals) else f"number {worst + 1}"
+    logging.warning(
+      "Step %d: the implicit stage solve of block %s did not converge: its final residual "
+      "(max |change| of the stage values in the last iteration) is %.3g > "
+      "config.implicit_residual_tolerance=%g (%d of %d solves above it). The block computes "
+      "an approximation of its implicit Runge-Kutta step, not the step. %s Warned once per "
+      "run; metrics.jsonl records %s at every logged step.",
+      step,
+      solve,
+      residuals[worst],
+      tolerance,
+      int(np.sum(residuals > tolerance)),
+      len(residuals),
+      _implicit_remedy(model),
+      steps_lib.IMPLICIT_RESIDUAL_MAX,
+    )
+
+  return check
+
+
+def _implicit_remedy(model) -> str:
+  """What makes the implicit solves of ``model`` converge, in config fields."""
+  if hasattr(model.spec(), "tableau"):  # fixed-point iterations of a Butcher tableau
+    return (
+      "To converge: more fixed-point iterations (config.model_kwargs.implicit_iterations), a "
+      "smaller step size (config.model_kwargs.step_size: the iteration contracts when the step "
+      "size times the vector field's Lipschitz constant is small), or an explicit tableau."
+    )
+  return (
+    "The clique block's alternate updates iterate learned maps that need not contract: more "
+    "updates (config.model_kwargs.num_updates) help only if the residual falls with them; "
+    "explicit time-steps (an ERKNet, or method='explicit') have no solve."
+  )
+
+
+def _checks(*checks):
+  """One ``check(step, host_metrics)`` running ``checks`` in order."""
+
+  def check(step, m):
+    for c in checks:
+      c(step, m)
+
+  return check
+
+
 # Errors with which a run stops itself (the CLI prints their message and exits 1).
 RUN_STOPPED = (
   NonFiniteError,
@@ -642,7 +701,10 @@ def _train(run: _Run) -> bool:
     total_steps=total_steps,
     steps_per_epoch=run.steps_per_epoch,
     global_batch=config.batch_size,
-    check=_finite_guard(steps_lib.checked_leaf_names(run.state), run.ckpts),
+    check=_checks(
+      _finite_guard(steps_lib.checked_leaf_names(run.state), run.ckpts),
+      _implicit_residual_watch(config.implicit_residual_tolerance, run.model, run.input_shape),
+    ),
     bar=run.bar,
   )
   train_step = progress.announce_first_call(run.train_step, "compiling the train step", run.bar)
