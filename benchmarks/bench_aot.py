@@ -7,8 +7,8 @@
 
 ``jax.experimental.topologies.get_topology_desc`` gives compile-only devices of a TPU
 topology (``libtpu`` installed, run with ``JAX_PLATFORMS=cpu``); the runner's own train and
-eval steps (``experiments/steps.py``: ``make_init_fn``, ``make_train_step``,
-``make_eval_step``, the optimiser of ``experiments/optim.py``, the model of
+eval steps (``benchmarks/runner_steps.py``: ``experiments/steps.py``'s ``make_init_fn``,
+``make_train_step``, ``make_eval_step``, the optimiser of ``experiments/optim.py``, the model of
 ``experiments/run_config.py``) are lowered on a mesh of them (``steps.make_mesh``) at a
 paper row's batch and image size (``experiments/configs/paper.py``) and compiled by the real
 TPU compiler.  Per case it reports: compile time; per-chip HBM (arguments, temporaries,
@@ -23,7 +23,7 @@ to on TPU); ``--formulation`` picks the dense blocks' buffer scans or the loop o
 
 import argparse
 from collections.abc import Sequence
-import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -177,65 +177,39 @@ def row_config(row, dtype: str, batch: int = 0):
   return config
 
 
-@contextlib.contextmanager
-def dense_formulation(formulation: str):
-  """Every dense block built inside runs as ``formulation``: ``"buffer"`` (the channel
-  buffer's scans, ``rknet_jax/dense_buffer.py``), ``"loop"`` (the loop of layers) or
-  ``"auto"`` (``DenseBlock``'s own choice)."""
-  from rknet_jax import blocks
-
-  if formulation not in FORMULATIONS + ("auto",):
-    raise ValueError(f"formulation must be one of {FORMULATIONS + ('auto',)}, got {formulation!r}")
-  uses_buffer = blocks.DenseBlock.uses_buffer
-  if formulation != "auto":
-    blocks.DenseBlock.uses_buffer = lambda self: formulation == "buffer"
-  try:
-    yield
-  finally:
-    blocks.DenseBlock.uses_buffer = uses_buffer
-
-
 def compile_steps(
   config, input_shape, mesh, formulation: str = "buffer", which: Sequence[str] = ("train", "eval")
 ) -> dict:
-  """Lowers and compiles the runner's train and/or eval step for ``mesh``; per step: the
-  compiled executable and its compile time (lowering included)."""
+  """Lowers and compiles the runner's train and/or eval step for ``mesh``, its dense blocks as
+  ``formulation`` (the model option ``dense_formulation``: ``"buffer"``, ``"loop"`` or
+  ``"auto"``); per step: the compiled executable and its compile time (lowering included)."""
   import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
-  from experiments import optim, run_config
-  from experiments import steps as steps_lib
+  from benchmarks import runner_steps
 
-  num_classes = NUM_CLASSES[config.dataset]
+  config = copy.deepcopy(config)
+  config.model_kwargs.dense_formulation = formulation
   steps_per_epoch = max(TRAIN_SIZES[config.dataset] // config.batch_size, 1)
-  schedule = optim.learning_rate_schedule(
-    config, steps_per_epoch, int(config.num_epochs * steps_per_epoch)
+  built, _ = runner_steps.build(
+    config,
+    input_shape,
+    num_classes=NUM_CLASSES[config.dataset],
+    mesh=mesh,
+    steps_per_epoch=steps_per_epoch,
+    total_steps=int(config.num_epochs * steps_per_epoch),
   )
-  tx = optim.make_optimizer(config, schedule)
-  with dense_formulation(formulation):
-    model = run_config.build_model(config, num_classes)
-    init_fn = steps_lib.make_init_fn(model, tx, input_shape, mesh)
-    state = jax.eval_shape(lambda: init_fn(0))
-    data = NamedSharding(mesh, P("data"))
-    out = {}
-    for step in which:
-      b = config.batch_size if step == "train" else config.eval_batch_size
-      batch = {
-        "image": jax.ShapeDtypeStruct((b,) + tuple(input_shape), jnp.float32, sharding=data),
-        "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data),
-      }
-      t0 = time.perf_counter()
-      if step == "train":
-        fn = steps_lib.make_train_step(model, tx, schedule, mesh, state)
-        lowered = fn.lower(state, batch)
-      else:
-        batch["mask"] = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=data)
-        fn = steps_lib.make_eval_step(model, mesh)
-        lowered = fn.lower(state.model_vars(), batch)
-      compiled = lowered.compile()
-      out[step] = {"compiled": compiled, "compile_s": time.perf_counter() - t0, "batch": b}
+  state = jax.eval_shape(lambda: built.init_fn(0))
+  out = {}
+  for step in which:
+    b = config.batch_size if step == "train" else config.eval_batch_size
+    batch = runner_steps.batch_shapes(input_shape, b, mesh, eval_batch=step != "train")
+    t0 = time.perf_counter()
+    if step == "train":
+      lowered = built.train_step.lower(state, batch)
+    else:
+      lowered = built.eval_step.lower(state.model_vars(), batch)
+    compiled = lowered.compile()
+    out[step] = {"compiled": compiled, "compile_s": time.perf_counter() - t0, "batch": b}
   return out
 
 

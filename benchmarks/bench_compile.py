@@ -2,8 +2,10 @@
 
 Nothing is allocated: parameters come from ``jax.eval_shape`` of ``init`` and the jitted
 steps are lowered and compiled from abstract shapes (``jax.ShapeDtypeStruct``), so even the
-ImageNet models compile on a small machine.  The train step is forward + backward + optax
-SGD (Nesterov 0.9, weight decay 1e-4) + BatchNorm statistics (``benchmarks/steps.py``).
+ImageNet models compile on a small machine.  The steps are the runner's own
+(``benchmarks/runner_steps.py``): the train step is forward + backward + the paper's SGD
+(Nesterov 0.9, weight decay 1e-4) + BatchNorm statistics + the step's metrics; inference is
+the evaluation step.
 Every case runs in its own subprocess with a time limit (``--timeout``), so one slow model
 cannot stall the table and no compilation cache is shared between cases.
 
@@ -29,10 +31,6 @@ import time
 MEMORY_MODELS = ("DenseNet-BC-40-k12", "DenseNet-BC-64-k12", "DenseNet-BC-100-k12")
 
 
-def _input_shape(model):
-  return (224, 224, 3) if getattr(model, "stem", "cifar") == "imagenet" else (32, 32, 3)
-
-
 def _hlo_instructions(compiled) -> int:
   """Instructions in the optimised HLO module(s) (lines of the text that assign a value)."""
   text = compiled.as_text()
@@ -40,45 +38,34 @@ def _hlo_instructions(compiled) -> int:
 
 
 def measure(name, batch, conv_impl, infer=True):
-  """Compile the train step (and inference) of ``name`` at ``batch``; a JSON-able dict."""
+  """Compile the runner's train step (and eval step) of ``name`` at ``batch``; a JSON-able
+  dict."""
   import jax
-  import jax.numpy as jnp
 
-  from benchmarks import steps as bench_steps
+  from benchmarks import runner_steps
   import rknet_jax
 
-  overrides = {} if conv_impl is None else {"conv_impl": conv_impl}
-  model = rknet_jax.create_model(name, **overrides)
-  shape = _input_shape(model)
-  x = jax.ShapeDtypeStruct((batch,) + shape, jnp.float32)
-  y = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  variables = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)
-  )
-  tx = bench_steps.paper_sgd()
-  opt_state = jax.eval_shape(tx.init, variables["params"])
+  config = runner_steps.model_config(name, conv_impl=conv_impl)
+  shape = runner_steps.image_shape(config)
+  built, mesh = runner_steps.build(config, shape)
+  state = jax.eval_shape(lambda: built.init_fn(0))
   t0 = time.perf_counter()
-  compiled = (
-    jax.jit(bench_steps.train_step_fn(model, tx), donate_argnums=(0, 1, 2))
-    .lower(variables["params"], variables["batch_stats"], opt_state, x, y)
-    .compile()
-  )
+  compiled = built.train_step.lower(state, runner_steps.batch_shapes(shape, batch, mesh)).compile()
   t1 = time.perf_counter()
   mem = compiled.memory_analysis()
   out = {
     "model": name,
     "batch": batch,
     "conv_impl": conv_impl or "auto",
-    "params_m": rknet_jax.count_params(model, shape) / 1e6,
+    "params_m": rknet_jax.count_params(built.model, shape) / 1e6,
     "train_compile_s": t1 - t0,
     "train_hlo": _hlo_instructions(compiled),
     "train_temp_gb": (mem.temp_size_in_bytes / 1e9) if mem is not None else None,
   }
   if infer:
     t2 = time.perf_counter()
-    jax.jit(bench_steps.infer_fn(model)).lower(
-      variables["params"], variables["batch_stats"], x
-    ).compile()
+    eval_batch = runner_steps.batch_shapes(shape, batch, mesh, eval_batch=True)
+    built.eval_step.lower(state.model_vars(), eval_batch).compile()
     out["infer_compile_s"] = time.perf_counter() - t2
   return out
 

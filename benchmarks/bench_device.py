@@ -4,16 +4,18 @@
   python -m benchmarks.bench_device --smoke          # tiny models, any backend (a test runs it)
 
 Cases, each in float32 and bfloat16 compute, each in its own subprocess
-so that the peak device memory belongs to that case alone:
+so that the peak device memory belongs to that case alone; each times the runner's own train
+or evaluation step (``benchmarks/runner_steps.py``):
 
 * ERKNet-6x1 6x1 6x1-B, k = w = 36, CIFAR 32x32x3: training step at batch 64, inference at
   batch 256;
 * ERKNet-3x1 3x1 4x1 2x1-B (Table 3), ImageNet 224x224x3: training and inference at batch 64.
 
-Every case runs with each dense-block formulation of ``--dense`` (default: ``buffer`` and
-``loop``: the channel buffer's scans that ``DenseBlock`` picks on GPU/TPU, and the loop of
-layers it picks on CPU for shallow blocks), so the first run on a GPU settles which is
-faster there; the model column names the formulation.
+Every case runs with each dense-block formulation of ``--dense`` (the models'
+``dense_formulation`` option; default: ``buffer`` and ``loop``: the channel buffer's scans
+that ``DenseBlock`` picks on GPU/TPU, and the loop of layers it picks on CPU for shallow
+blocks), so the first run on a GPU settles which is faster there; the model column names the
+formulation.
 
 Per case: compile time of the jitted step (lowering + XLA), images/s (median over the timed
 steps after warm-up), peak device memory (``memory_stats()['peak_bytes_in_use']`` where the
@@ -46,52 +48,32 @@ TRAIN_FLOPS_FACTOR = 3  # forward + backward ~ 3 forward passes
 
 
 def _worker(case: dict, steps: int, warmup: int) -> dict:
-  """Measures one case in this process; returns one JSON-able record."""
-  from benchmarks.bench_aot import dense_formulation
-  import rknet_jax
+  """Measures one case (the runner's train or eval step) in this process; one record."""
+  from benchmarks import runner_steps
 
-  with dense_formulation(case.get("dense", "auto")):
-    model = rknet_jax.create_model(case["model"], dtype=case["dtype"], **case["kwargs"])
-    return _measure(case, model, steps, warmup)
+  config = runner_steps.model_config(
+    case["model"], dtype=case["dtype"], dense_formulation=case.get("dense"), **case["kwargs"]
+  )
+  return _measure(case, config, steps, warmup)
 
 
-def _measure(case: dict, model, steps: int, warmup: int) -> dict:
-  """Compiles and times ``case`` with ``model`` (inside the caller's formulation)."""
+def _measure(case: dict, config, steps: int, warmup: int) -> dict:
+  """Compiles and times ``case``'s step of the model of ``config``."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
 
-  from benchmarks import steps as bench_steps
+  from benchmarks import runner_steps
   import rknet_jax
 
   shape, batch = tuple(case["shape"]), case["batch"]
-  flops = float(rknet_jax.count_flops(model, shape))
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.standard_normal((batch,) + shape, dtype=np.float32))
-  labels = jnp.asarray(rng.integers(0, model.num_classes, batch), dtype=jnp.int32)
-  variables = jax.jit(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x, train=False))(
-    images[:1]
+  built, mesh = runner_steps.build(config, shape)
+  flops = float(rknet_jax.count_flops(built.model, shape))
+  state = built.init_fn(0)
+  data = runner_steps.random_batch(
+    shape, batch, built.model.num_classes, mesh, eval_batch=case["mode"] != "train"
   )
-  params, stats = variables["params"], variables["batch_stats"]
-  if case["mode"] == "train":
-    tx = bench_steps.paper_sgd()
-    state = (params, stats, tx.init(params))
-    fn = jax.jit(bench_steps.train_step_fn(model, tx), donate_argnums=(0, 1, 2))
-    inputs, factor = (images, labels), TRAIN_FLOPS_FACTOR
-
-    def run(state):
-      *state, loss = compiled(*state, *inputs)
-      return tuple(state), loss
-  else:
-    state = (params, stats)
-    fn = jax.jit(bench_steps.infer_fn(model))
-    inputs, factor = (images,), 1
-
-    def run(state):
-      return state, compiled(*state, *inputs)
-
+  factor = TRAIN_FLOPS_FACTOR if case["mode"] == "train" else 1
   t0 = time.perf_counter()
-  compiled = fn.lower(*state, *inputs).compile()
+  _, run = runner_steps.compile_step(built, mesh, case["mode"], state, data)
   compile_s = time.perf_counter() - t0
   times = []
   for i in range(warmup + steps):

@@ -4,10 +4,11 @@ For every selected configuration (model x conv formulation x remat) it measures,
 a fresh subprocess so that the peak resident set size (RSS) belongs to that one
 configuration:
 
-* train: a full jitted training step (forward, backward, optax SGD with Nesterov momentum
-  0.9 and weight decay 1e-4 -- the paper's section 4.1 -- and the BatchNorm statistics
-  update; parameters, statistics and optimiser state donated) at batch 64;
-* infer: the jitted eval-mode forward pass at batch 256.
+* train: the runner's jitted training step (``benchmarks/runner_steps.py``: forward,
+  backward, the paper's SGD of section 4.1 -- Nesterov momentum 0.9, weight decay 1e-4 --,
+  the BatchNorm statistics update, the step's metrics; the state donated) at batch 64;
+* infer: the runner's jitted evaluation step (eval-mode forward pass, masked loss and top-1 /
+  top-5 sums) at batch 256.
 
 Reported per configuration: images/s (batch / median wall-clock step time after
 warm-up), CPU s/step (median user+system CPU time of the step, all threads: a proxy for
@@ -63,21 +64,19 @@ PYTORCH_REFERENCE = {"train_img_s": 81.0, "infer_img_s": (127.0, 136.0), "peak_r
 # --------------------------------------------------------------------------------------
 # Worker: one configuration, in its own process.
 # --------------------------------------------------------------------------------------
-def _build(model_name, remat, dtype_name, impl, dense="auto"):
-  import jax.numpy as jnp
+def _config(args):
+  """The runner's config of the worker's model (k = w = 36 for "-B" names)."""
+  from benchmarks import runner_steps
 
-  import rknet_jax
-
-  kwargs = dict(
+  return runner_steps.model_config(
+    args.model,
     growth_rate=GROWTH_RATE,
-    remat=remat,
-    dtype=jnp.dtype(dtype_name),
-    conv_impl=impl,
-    dense_formulation=dense,
+    bottleneck_width=BOTTLENECK_WIDTH if args.model.endswith("-B") else None,
+    remat=args.remat,
+    dtype=args.dtype,
+    conv_impl=args.impl,
+    dense_formulation=args.dense,
   )
-  if model_name.endswith("-B"):
-    kwargs["bottleneck_width"] = BOTTLENECK_WIDTH
-  return rknet_jax.create_model(model_name, **kwargs)
 
 
 def _cpu_seconds():
@@ -86,100 +85,85 @@ def _cpu_seconds():
   return usage.ru_utime + usage.ru_stime
 
 
-def _worker(args):
-  """Runs one configuration and prints one JSON line."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from benchmarks import steps as bench_steps
-  from rknet_jax import conv as conv_lib
-
-  if args.malloc == "keep":
+def _set_malloc(malloc: str):
+  """Applies ``--malloc keep`` / ``runner`` inside the worker (``thp`` is an env variable)."""
+  if malloc == "keep":
     from benchmarks.cpu_allocator import keep_freed_memory
 
     if not keep_freed_memory():
       raise RuntimeError("--malloc keep needs glibc's mallopt")
-  if args.malloc == "runner":
+  if malloc == "runner":
     from experiments import compiler_memory
 
     if not compiler_memory.install():
       raise RuntimeError("--malloc runner needs glibc's malloc_trim")
-  model = _build(args.model, args.remat, args.dtype, args.impl, args.dense)
-  batch = args.batch
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.standard_normal((batch, 32, 32, 3), dtype=np.float32))
-  labels = jnp.asarray(rng.integers(0, model.num_classes, batch), dtype=jnp.int32)
-  variables = jax.jit(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x, train=False))(
-    images[:1]
-  )
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
-  if args.mode == "train":
-    tx = bench_steps.paper_sgd()
-    opt_state = tx.init(params)
-    train_step = bench_steps.train_step_fn(model, tx)
-    step = jax.jit(train_step, donate_argnums=(0, 1, 2))
-    state = (params, batch_stats, opt_state)
-    t0 = time.perf_counter()
-    compiled = step.lower(*state, images, labels).compile()
-    compile_s = time.perf_counter() - t0
 
-    def run(state):
-      *state, loss = compiled(*state, images, labels)
-      return tuple(state), loss
-  else:
-    infer = bench_steps.infer_fn(model)
-    step = jax.jit(infer)
-    state = (params, batch_stats)
-    t0 = time.perf_counter()
-    compiled = step.lower(*state, images).compile()
-    compile_s = time.perf_counter() - t0
+def _time_steps(run, state, warmup: int, steps: int) -> dict:
+  """Runs ``warmup`` + ``steps`` steps; wall and CPU seconds of the timed ones, page faults."""
+  import jax
+  import numpy as np
 
-    def run(state):
-      return state, compiled(*state, images)
-
-  mem = compiled.memory_analysis()
-  temp_bytes = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
-  times, cpu_times, faults = [], [], 0
-  for i in range(args.warmup + args.steps):
-    if i == args.warmup:
+  times, cpu_times = [], []
+  for i in range(warmup + steps):
+    if i == warmup:
       faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0, c0 = time.perf_counter(), _cpu_seconds()
     state, out = run(state)
     jax.block_until_ready(out)
-    if i >= args.warmup:
+    if i >= warmup:
       times.append(time.perf_counter() - t0)
       cpu_times.append(_cpu_seconds() - c0)
     if not np.all(np.isfinite(np.asarray(out, np.float32))):
       raise FloatingPointError(f"non-finite output at step {i}")
-  median = statistics.median(times)
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-  print(
-    json.dumps(
-      {
-        "model": args.model,
-        "impl": args.impl,
-        "resolved_impl": conv_lib.resolve_impl(args.impl),
-        "remat": args.remat,
-        "mode": args.mode,
-        "batch": batch,
-        "dtype": args.dtype,
-        "params": num_params,
-        "compile_s": compile_s,
-        "step_s": times,
-        "median_step_s": median,
-        "img_s": batch / median,
-        "median_cpu_s": statistics.median(cpu_times),
-        "malloc": args.malloc,
-        "page_faults_per_step": faults / args.steps,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "xla_temp_gb": None if temp_bytes is None else temp_bytes / 2**30,
-        "backend": jax.default_backend(),
-      }
-    )
+  return {"step_s": times, "cpu_s": cpu_times, "page_faults_per_step": faults / steps}
+
+
+def _worker(args):
+  """Runs one configuration (the runner's train or eval step) and prints one JSON line."""
+  import jax
+  import numpy as np
+
+  from benchmarks import runner_steps
+  from rknet_jax import conv as conv_lib
+
+  _set_malloc(args.malloc)
+  shape = (32, 32, 3)
+  built, mesh = runner_steps.build(_config(args), shape)
+  state = built.init_fn(0)
+  batch = runner_steps.random_batch(
+    shape, args.batch, built.model.num_classes, mesh, eval_batch=args.mode != "train"
   )
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+  t0 = time.perf_counter()
+  compiled, run = runner_steps.compile_step(built, mesh, args.mode, state, batch)
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  temp_bytes = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+  timed = _time_steps(run, state, args.warmup, args.steps)
+  median = statistics.median(timed["step_s"])
+  record = {
+    "model": args.model,
+    "impl": args.impl,
+    "resolved_impl": conv_lib.resolve_impl(args.impl),
+    "remat": args.remat,
+    "mode": args.mode,
+    "batch": args.batch,
+    "dtype": args.dtype,
+    "params": num_params,
+    "compile_s": compile_s,
+    "step_s": timed["step_s"],
+    "median_step_s": median,
+    "img_s": args.batch / median,
+    "median_cpu_s": statistics.median(timed["cpu_s"]),
+    "malloc": args.malloc,
+    "page_faults_per_step": timed["page_faults_per_step"],
+    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    "xla_temp_gb": None if temp_bytes is None else temp_bytes / 2**30,
+    "backend": jax.default_backend(),
+  }
+  print(json.dumps(record))
 
 
 # --------------------------------------------------------------------------------------
@@ -361,11 +345,11 @@ def main(argv=None):
   parser.add_argument(
     "--dense",
     default="auto",
-    choices=["auto", "buffer"],
-    help="the models' dense_formulation: 'auto' = DenseBlock's choice (on "
+    choices=["auto", "buffer", "loop"],
+    help="the models' dense_formulation option: 'auto' = DenseBlock's choice (on "
     "CPU the loop of layers for blocks of at most blocks.LOOP_MAX_LAYERS "
     "layers); 'buffer' = every block on the channel buffer "
-    "(rknet_jax/dense_buffer.py)",
+    "(rknet_jax/dense_buffer.py); 'loop' = every block as the loop of layers",
   )
   parser.add_argument("--train_batch", type=int, default=64)
   parser.add_argument("--infer_batch", type=int, default=256)

@@ -47,28 +47,10 @@ def evaluate_checkpoint(
   differs from the run's raise ``input_pipeline.DataChanged`` unless ``allow_data_change``.
   """
   import jax
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
-  from experiments import (
-    checkpointing,
-    input_pipeline,
-    run_config,
-    rundir,
-    steps,
-  )
-  from rknet_jax import checkpoint as rk_ckpt
+  from experiments import input_pipeline, steps
 
-  run = rundir.read_run_file(workdir)
-  if run is None:
-    raise FileNotFoundError(
-      f"{os.fspath(rundir.path(workdir, rundir.RUN_FILE))} not found: not a training workdir"
-    )
-  config = run_config.config_from_run(run)
-  if batch_size is not None:
-    config.eval_batch_size = batch_size
-  if data_dir is not None:
-    config.data_dir = data_dir
+  run, config = _run_and_config(workdir, batch_size, data_dir)
   mesh = steps.make_mesh() if mesh is None else mesh
   if config.eval_batch_size % mesh.devices.size:
     raise ValueError(
@@ -76,54 +58,14 @@ def evaluate_checkpoint(
     )
   data = input_pipeline.load(config)  # this evaluation's data: read once
   data.preflight()
-  from rknet_jax import preprocessing
-
-  recorded = preprocessing.read_data_spec(workdir)  # (checked: a bad field is an error)
-  if recorded is None:
-    logging.warning(
-      "%s has no data.json (written by an older version): standardising with "
-      "statistics of the current data",
-      workdir,
-    )
-    stats = None
-  else:
-    data.bind_data_spec(
-      recorded,
-      allow_change=allow_data_change,
-      what="to evaluate",
-      fix="pass --allow_data_change (allow_data_change=True) to evaluate on them with the "
-      "run's mean/std",
-    )
-    stats = (recorded["mean"], recorded["std"])
-  saved = rk_ckpt.read_model_spec(workdir)  # the model as trained (defaults frozen)
-  checkpointing.check_model_file(workdir, saved)  # names an edited or foreign model.json
-  model = (
-    rk_ckpt.model_from_spec(saved)
-    if saved is not None
-    else run_config.build_model(config, run["num_classes"])
-  )
-  target = rk_ckpt.abstract_variables(model, run["input_shape"], sharding=NamedSharding(mesh, P()))
-  manager = rk_ckpt.checkpoint_manager(workdir, read_only=True)
-  try:
-    found, variables, meta = rk_ckpt.restore_model(manager, target, step=step)
-  finally:
-    manager.close()
+  stats = _run_data_stats(data, workdir, allow_data_change)
+  model = _trained_model(workdir, config, run)
+  found, variables, meta = _restore_variables(workdir, model, run, mesh, step)
   # A run with precise BatchNorm evaluated every checkpoint with statistics re-estimated for
   # its weights (the final one holds them): recompute them the same way.
   precise = "precise_bn_batches" in run["config"] and config.precise_bn_batches > 0
   if precise and meta.get("batch_stats") != "precise":
-    from experiments import train
-
-    variables = train.precise_model_vars(
-      config,
-      variables,
-      int(found),
-      int(run["steps_per_epoch"]),
-      steps.make_bn_stats_step(model, mesh),
-      mesh,
-      stats=stats,
-      data=data,
-    )
+    variables = _precise_variables(config, run, model, variables, int(found), mesh, stats, data)
   eval_step = steps.make_eval_step(model, mesh)
   batches = data.eval_iterator(
     split,
@@ -141,6 +83,91 @@ def evaluate_checkpoint(
     batch_stats="precise" if precise else "running_averages",
   )
   return out
+
+
+def _run_and_config(workdir: str, batch_size, data_dir):
+  """The workdir's ``run.json`` and its config, with the evaluation's overrides."""
+  from experiments import run_config, rundir
+
+  run = rundir.read_run_file(workdir)
+  if run is None:
+    raise FileNotFoundError(
+      f"{os.fspath(rundir.path(workdir, rundir.RUN_FILE))} not found: not a training workdir"
+    )
+  config = run_config.config_from_run(run)
+  if batch_size is not None:
+    config.eval_batch_size = batch_size
+  if data_dir is not None:
+    config.data_dir = data_dir
+  return run, config
+
+
+def _run_data_stats(data, workdir: str, allow_data_change: bool):
+  """The run's mean/std (``data.json``), after checking the data are the run's; None for a
+  workdir without ``data.json`` (statistics of the current data, with a warning)."""
+  from rknet_jax import preprocessing
+
+  recorded = preprocessing.read_data_spec(workdir)  # (checked: a bad field is an error)
+  if recorded is None:
+    logging.warning(
+      "%s has no data.json (written by an older version): standardising with "
+      "statistics of the current data",
+      workdir,
+    )
+    return None
+  data.bind_data_spec(
+    recorded,
+    allow_change=allow_data_change,
+    what="to evaluate",
+    fix="pass --allow_data_change (allow_data_change=True) to evaluate on them with the "
+    "run's mean/std",
+  )
+  return (recorded["mean"], recorded["std"])
+
+
+def _trained_model(workdir: str, config, run: dict):
+  """The model as trained: the workdir's ``model.json`` (checked against the checkpoints),
+  else the run's config."""
+  from experiments import checkpointing, run_config
+  from rknet_jax import checkpoint as rk_ckpt
+
+  saved = rk_ckpt.read_model_spec(workdir)  # the model as trained (defaults frozen)
+  checkpointing.check_model_file(workdir, saved)  # names an edited or foreign model.json
+  if saved is not None:
+    return rk_ckpt.model_from_spec(saved)
+  return run_config.build_model(config, run["num_classes"])
+
+
+def _restore_variables(workdir: str, model, run: dict, mesh, step):
+  """``(step, variables, meta)`` of checkpoint ``step`` (None: the newest intact one),
+  replicated on ``mesh``, read without writing anything."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from rknet_jax import checkpoint as rk_ckpt
+
+  target = rk_ckpt.abstract_variables(model, run["input_shape"], sharding=NamedSharding(mesh, P()))
+  manager = rk_ckpt.checkpoint_manager(workdir, read_only=True)
+  try:
+    return rk_ckpt.restore_model(manager, target, step=step)
+  finally:
+    manager.close()
+
+
+def _precise_variables(config, run: dict, model, variables, step: int, mesh, stats, data):
+  """``variables`` with the precise BatchNorm statistics the run evaluated ``step`` with."""
+  from experiments import steps, train
+
+  return train.precise_model_vars(
+    config,
+    variables,
+    step,
+    int(run["steps_per_epoch"]),
+    steps.make_bn_stats_step(model, mesh),
+    mesh,
+    stats=stats,
+    data=data,
+  )
 
 
 def main(argv):

@@ -24,8 +24,10 @@ import jax
 import numpy as np
 
 from experiments import rundir
+from experiments import steps as steps_lib
 
 METRICS_FILE = rundir.METRICS_FILE
+IMPLICIT_RESIDUAL_MAX = steps_lib.IMPLICIT_RESIDUAL_MAX  # logged as the window's largest
 
 
 class _QuietOrbax(pylogging.Filter):
@@ -174,7 +176,8 @@ class TrainWindow:
   host values to ``check(step, values)`` (which may raise), writes the window's means with
   images/s and the elapsed time, and logs a progress line with the ETA. The learning rate
   written and logged is the one of the flushed step (a schedule's value at that step, not a
-  mean over the window). ``bar`` (a ``progress.ProgressBar``) is advanced by ``add`` and
+  mean over the window); ``implicit_residual_max`` (models with implicit stages) is the
+  window's largest. ``bar`` (a ``progress.ProgressBar``) is advanced by ``add`` and
   cleared before each log line.
   """
 
@@ -221,20 +224,26 @@ class TrainWindow:
     }
     if "learning_rate" in mean:  # the rate at the logged step, not the window's mean
       mean["learning_rate"] = float(fetched[-1]["learning_rate"])
+    if IMPLICIT_RESIDUAL_MAX in mean:  # the worst solve of the window, not a mean
+      mean[IMPLICIT_RESIDUAL_MAX] = float(max(m[IMPLICIT_RESIDUAL_MAX] for m in fetched))
     eta = (self.total_steps - step) * dt / max(len(fetched), 1)
     mean.update(time_images_per_sec=ips, time_elapsed_sec=now - self.t_start)
     self.log.write(step, "train", mean)
     if self.bar is not None:
       self.bar.clear()
       self.bar.status = f"loss {mean['loss']:.4f}"
+    implicit = (
+      f"  implicit_res {mean[IMPLICIT_RESIDUAL_MAX]:.3g}" if IMPLICIT_RESIDUAL_MAX in mean else ""
+    )
     logging.info(
-      "step %d/%d (epoch %.2f)  loss %.4f  top1_err %.4f  lr %.4g  %.1f img/s  ETA %s",
+      "step %d/%d (epoch %.2f)  loss %.4f  top1_err %.4f  lr %.4g%s  %.1f img/s  ETA %s",
       step,
       self.total_steps,
       step / self.steps_per_epoch,
       mean["loss"],
       mean["top1_error"],
       mean["learning_rate"],
+      implicit,
       ips,
       fmt_time(eta),
     )

@@ -70,6 +70,15 @@ NUMERIC_FIELDS = (
   ("lr_decay_factor", "real", 0, False, 1, True, "step-decay factor"),
   ("lr_decay_every_epochs", "real", 0, True, _INF, False, "epochs between step decays"),
   ("prefetch", "int", 1, True, _INF, False, "batches prepared ahead"),
+  (
+    "implicit_residual_tolerance",
+    "real",
+    0,
+    False,
+    _INF,
+    False,
+    "implicit-solve residual above which the run warns",
+  ),
   ("shuffle_buffer", "int", 1, True, _INF, False, "ImageNet shuffle buffer"),
   (
     "precise_bn_batches",

@@ -25,6 +25,8 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
+from rknet_jax import rk as rk_lib
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -137,12 +139,53 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def make_train_step(model, tx, schedule, mesh: Mesh, state_example: TrainState):
+IMPLICIT_RESIDUAL_MAX = "implicit_residual_max"
+"""Train metric: the largest final residual of the step's implicit stage solves."""
+IMPLICIT_RESIDUALS = "implicit_residuals"
+"""Train metric: the final residual of each implicit solve, in ``implicit_solve_paths`` order."""
+
+
+def _implicit_residuals(updates) -> dict:
+  """``{module path: residual}`` sown in an apply's ``updates`` (empty for explicit models)."""
+  return rk_lib.implicit_residuals(updates.get("intermediates", {}))
+
+
+def implicit_solve_paths(model, input_shape) -> list:
+  """Module paths of ``model``'s implicit stage solves (clique blocks, implicit tableau steps),
+  in the order of the train step's ``implicit_residuals`` metric; empty for explicit models.
+  Traced abstractly (no compilation, no arrays)."""
+  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+
+  def apply(x):
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    _, updates = model.apply(variables, x, train=False, mutable=["intermediates"])
+    return _implicit_residuals(updates)
+
+  with jax.threefry_partitionable(False):
+    return sorted(jax.eval_shape(apply, x))
+
+
+def make_train_step(
+  model,
+  tx,
+  schedule,
+  mesh: Mesh,
+  state_example: TrainState,
+  report_implicit_residuals: bool = True,
+):
   """Jitted ``(state, batch) -> (state, metrics)``; state donated, batch sharded.
 
   ``metrics``: ``loss``, ``top1_error``, ``learning_rate`` (scalars) and ``finite`` (one bool
-  per leaf of the new state's ``checked()``, see ``checked_leaf_names``).
+  per leaf of the new state's ``checked()``, see ``checked_leaf_names``). For a model with
+  implicit stages (IRKNet and CliqueNet clique blocks with updates, implicit tableau steps)
+  also ``implicit_residual_max`` (the largest final residual of the step's implicit solves:
+  the max-abs change of the stage values in a solve's last iteration,
+  :func:`rknet_jax.rk.implicit_residuals`) and ``implicit_residuals`` (each solve's, in
+  :func:`implicit_solve_paths` order). Reporting reads values the forward pass computes and
+  changes nothing else; an explicit model sows nothing, so its step is the same program as
+  with ``report_implicit_residuals=False``.
   """
+  collections = ["batch_stats"] + (["intermediates"] if report_implicit_residuals else [])
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
   state_sharding = jax.tree.map(lambda _: replicated, state_example)
@@ -155,13 +198,15 @@ def make_train_step(model, tx, schedule, mesh: Mesh, state_example: TrainState):
         {"params": params, "batch_stats": state.batch_stats},
         batch["image"],
         train=True,
-        mutable=["batch_stats"],
+        mutable=collections,
         rngs={"dropout": dropout_key},
       )
       loss = cross_entropy(logits, batch["label"]).mean()
-      return loss, (logits, updates["batch_stats"])
+      return loss, (logits, updates["batch_stats"], _implicit_residuals(updates))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, batch_stats, residuals)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -169,6 +214,10 @@ def make_train_step(model, tx, schedule, mesh: Mesh, state_example: TrainState):
       "top1_error": jnp.mean(jnp.argmax(logits, -1) != batch["label"]),
       "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
     }
+    if residuals:  # known at trace time: an explicit model has none
+      per_solve = jnp.stack([residuals[path] for path in sorted(residuals)]).astype(jnp.float32)
+      metrics[IMPLICIT_RESIDUALS] = per_solve
+      metrics[IMPLICIT_RESIDUAL_MAX] = jnp.max(per_solve)
     new_state = state.replace(
       step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )

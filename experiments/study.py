@@ -58,12 +58,13 @@ RESULTS_FILE = rundir.RESULTS_FILE
 # The training length: a run recorded with another value is continued toward the new total
 # by the runner (or, when already past it, tested again), never retrained from scratch.
 LENGTH_FIELDS = ("num_epochs", "num_train_steps")
-# Fields that do not change what a run computes (logging, checkpoint cadence and retention,
-# input prefetch, the exact padded evaluation's batch, where prepared data is found): a run
-# recorded with other values is handed to the runner again and records the new ones. Any
-# field not listed here or in LENGTH_FIELDS must be equal for a run to be reused.
+# Fields that do not change what a run computes (logging and its warnings, checkpoint cadence
+# and retention, input prefetch, the exact padded evaluation's batch, where prepared data is
+# found): a run recorded with other values is handed to the runner again and records the new
+# ones. Any field not listed here or in LENGTH_FIELDS must be equal for a run to be reused.
 RESULT_NEUTRAL_FIELDS = (
   "log_every_steps",
+  "implicit_residual_tolerance",
   "checkpoint_every_steps",
   "keep_checkpoints",
   "prefetch",
@@ -439,35 +440,15 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> list[dict]:
   """
   models = parse_models(models_text)
   plans = check_entries(base, models, seeds, workdir)
-  from absl import logging
-
-  from experiments import train
-
   records, configs = [], []
   for entry, name, overrides in models:
     runs, row_configs = [], []
     for seed in range(seeds):
       config = entry_config(base, name, overrides, seed)
       directory = run_dir(workdir, entry, seed)
-      action, differences, results = plans[(entry, seed)]
-      if action == REUSE:
-        logging.info("study: reusing %s, seed %d (%s)", entry, seed, directory)
-      else:
-        why = {TRAIN: "training", RESUME: "resuming", CONTINUE: "continuing (or testing again)"}[
-          action
-        ]
-        logging.info(
-          "study: %s %s, seed %d in %s%s",
-          why,
-          entry,
-          seed,
-          directory,
-          f" ({_describe(differences)})" if differences else "",
-        )
-        results = train.train_and_evaluate(config, directory)
-        if results.get("preempted"):
-          logging.warning("study: preempted during %s seed %d; rerun to resume", entry, seed)
-          return []
+      results = _train_or_reuse(config, directory, entry, seed, plans[(entry, seed)])
+      if results is None:
+        return []
       run = rundir.read_run_file(directory) or {}
       runs.append(dict(results, seed=seed, workdir=directory, continued=_is_continued(run)))
       row_configs.append(recorded_config(run) if run else flat_config(config))
@@ -477,6 +458,39 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> list[dict]:
   for rec, row in zip(records, row_overrides):
     rec["config_overrides"] = row
   summary = summarise(records)
+  _write_study(workdir, base, base_config, records, summary, seeds)
+  return summary
+
+
+def _train_or_reuse(config, directory: str, entry: str, seed: int, plan) -> dict | None:
+  """The results of one (model, seed) run as ``plan`` (``plan_run``) says: reused, or from
+  ``train_and_evaluate`` (trained, resumed or continued); None when it was preempted."""
+  from absl import logging
+
+  from experiments import train
+
+  action, differences, results = plan
+  if action == REUSE:
+    logging.info("study: reusing %s, seed %d (%s)", entry, seed, directory)
+    return results
+  why = {TRAIN: "training", RESUME: "resuming", CONTINUE: "continuing (or testing again)"}
+  logging.info(
+    "study: %s %s, seed %d in %s%s",
+    why[action],
+    entry,
+    seed,
+    directory,
+    f" ({_describe(differences)})" if differences else "",
+  )
+  results = train.train_and_evaluate(config, directory)
+  if results.get("preempted"):
+    logging.warning("study: preempted during %s seed %d; rerun to resume", entry, seed)
+    return None
+  return results
+
+
+def _write_study(workdir: str, base, base_config: dict, records, summary, seeds: int):
+  """Writes study.json, study.md (table, caption, notes) and study.png of ``summary``."""
   common = _common_overrides(records)
   epochs = {e for s in summary for e in s["epochs"]}
   epochs = epochs.pop() if len(epochs) == 1 else None
@@ -488,19 +502,6 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> list[dict]:
     + f", batch {batch}"
     + (", all models: " + _fields_text(common) if common else "")
   )
-  shown = {k: v for k, v in _non_default(base_config).items() if k not in RESULT_NEUTRAL_FIELDS}
-  notes = [
-    f"Config of every run, where it differs from experiments/configs/default.py: "
-    f"{_fields_text(shown)}."
-  ]
-  continued = sum(s["continued_runs"] for s in summary)
-  if continued:
-    notes.append(
-      f"{continued} of {sum(len(s['seeds']) for s in summary)} runs were trained "
-      "toward another total first and then continued from their checkpoint (the "
-      "learning-rate schedule follows the new total from there): not the same as "
-      "runs of this length from scratch."
-    )
   with open(os.path.join(workdir, STUDY_JSON), "w") as f:
     json.dump(
       {
@@ -516,9 +517,27 @@ def run_study(base, workdir: str, models_text: str, seeds: int) -> list[dict]:
       indent=2,
     )
   with open(os.path.join(workdir, STUDY_MD), "w") as f:
-    f.write(markdown_table(summary, caption, notes))
+    f.write(markdown_table(summary, caption, _notes(base_config, summary)))
   plot(summary, os.path.join(workdir, STUDY_PNG), title=f"{dataset}, {seeds} seeds")
-  return summary
+
+
+def _notes(base_config: dict, summary) -> list[str]:
+  """The notes under study.md's table: the shared config's non-default fields, and how many
+  runs were continued toward another total."""
+  shown = {k: v for k, v in _non_default(base_config).items() if k not in RESULT_NEUTRAL_FIELDS}
+  notes = [
+    f"Config of every run, where it differs from experiments/configs/default.py: "
+    f"{_fields_text(shown)}."
+  ]
+  continued = sum(s["continued_runs"] for s in summary)
+  if continued:
+    notes.append(
+      f"{continued} of {sum(len(s['seeds']) for s in summary)} runs were trained "
+      "toward another total first and then continued from their checkpoint (the "
+      "learning-rate schedule follows the new total from there): not the same as "
+      "runs of this length from scratch."
+    )
+  return notes
 
 
 def main(argv):

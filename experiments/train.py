@@ -86,6 +86,65 @@ def _finite_guard(leaf_names, ckpts):
   return check
 
 
+def _implicit_residual_watch(tolerance: float, model, input_shape):
+  """``check(step, host_metrics)`` warning once per run when an implicit stage solve ended
+  with a final residual above ``tolerance`` (``config.implicit_residual_tolerance``): which
+  solve, at which step, and what makes it converge. Does nothing for explicit models."""
+  warned = False
+
+  def check(step, m):
+    nonlocal warned
+    if warned or not m.get(steps_lib.IMPLICIT_RESIDUAL_MAX, 0.0) > tolerance:
+      return
+    warned = True
+    residuals = np.asarray(m[steps_lib.IMPLICIT_RESIDUALS], np.float64)
+    paths = steps_lib.implicit_solve_paths(model, input_shape)
+    worst = int(np.argmax(residuals))
+    solve = paths[worst] if len(paths) == len(residuals) else f"number {worst + 1}"
+    logging.warning(
+      "Step %d: the implicit stage solve of block %s did not converge: its final residual "
+      "(max |change| of the stage values in the last iteration) is %.3g > "
+      "config.implicit_residual_tolerance=%g (%d of %d solves above it). The block computes "
+      "an approximation of its implicit Runge-Kutta step, not the step. %s Warned once per "
+      "run; metrics.jsonl records %s at every logged step.",
+      step,
+      solve,
+      residuals[worst],
+      tolerance,
+      int(np.sum(residuals > tolerance)),
+      len(residuals),
+      _implicit_remedy(model),
+      steps_lib.IMPLICIT_RESIDUAL_MAX,
+    )
+
+  return check
+
+
+def _implicit_remedy(model) -> str:
+  """What makes the implicit solves of ``model`` converge, in config fields."""
+  if hasattr(model.spec(), "tableau"):  # fixed-point iterations of a Butcher tableau
+    return (
+      "To converge: more fixed-point iterations (config.model_kwargs.implicit_iterations), a "
+      "smaller step size (config.model_kwargs.step_size: the iteration contracts when the step "
+      "size times the vector field's Lipschitz constant is small), or an explicit tableau."
+    )
+  return (
+    "The clique block's alternate updates iterate learned maps that need not contract: more "
+    "updates (config.model_kwargs.num_updates) help only if the residual falls with them; "
+    "explicit time-steps (an ERKNet, or method='explicit') have no solve."
+  )
+
+
+def _checks(*checks):
+  """One ``check(step, host_metrics)`` running ``checks`` in order."""
+
+  def check(step, m):
+    for c in checks:
+      c(step, m)
+
+  return check
+
+
 # Errors with which a run stops itself (the CLI prints their message and exits 1).
 RUN_STOPPED = (
   NonFiniteError,
@@ -231,6 +290,36 @@ def _compiled_functions(config, spec, model, tx, schedule, input_shape, mesh, sc
       steps_lib.make_bn_stats_step(model, mesh),
     )
   return _FN_CACHE[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSteps:
+  """The model, optimiser and jitted steps ``train_and_evaluate`` trains and evaluates with."""
+
+  spec: Any
+  model: Any
+  schedule: Any
+  tx: Any
+  init_fn: Any
+  train_step: Any
+  eval_step: Any
+  bn_stats_step: Any
+
+
+def build_steps(
+  config, num_classes: int, input_shape, mesh, steps_per_epoch: int, total_steps: int
+):
+  """The run's model (``run_config``), optimiser and schedule (``optim``) and jitted steps
+  (``steps``): the one place they are put together, for ``train_and_evaluate`` and for the
+  benchmarks that time what it runs (``benchmarks/runner_steps.py``)."""
+  spec = run_config.model_spec(config, num_classes)
+  model = run_config.build_model(config, num_classes)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch, total_steps)
+  tx = optim.make_optimizer(config, schedule)
+  fns = _compiled_functions(
+    config, spec, model, tx, schedule, input_shape, mesh, (steps_per_epoch, total_steps)
+  )
+  return RunSteps(spec, model, schedule, tx, *fns)
 
 
 # -------------------------------------------------------------------------- the run
@@ -486,20 +575,12 @@ def _plan(config, workdir: str, mesh: Mesh, data) -> _Run:
 def _setup(run: _Run):
   """Model, optimiser, compiled steps, the initial state and the checkpoint manager."""
   config = run.config
-  run.spec = run_config.model_spec(config, run.num_classes)
-  run.model = run_config.build_model(config, run.num_classes)
-  schedule = optim.learning_rate_schedule(config, run.steps_per_epoch, run.total_steps)
-  tx = optim.make_optimizer(config, schedule)
-  run.init_fn, run.train_step, run.eval_step, run.bn_stats_step = _compiled_functions(
-    config,
-    run.spec,
-    run.model,
-    tx,
-    schedule,
-    run.input_shape,
-    run.mesh,
-    (run.steps_per_epoch, run.total_steps),
+  built = build_steps(
+    config, run.num_classes, run.input_shape, run.mesh, run.steps_per_epoch, run.total_steps
   )
+  run.spec, run.model = built.spec, built.model
+  run.init_fn, run.train_step = built.init_fn, built.train_step
+  run.eval_step, run.bn_stats_step = built.eval_step, built.bn_stats_step
   run.n_precise = precise_bn_batches(config, run.steps_per_epoch)
   if not run.n_precise:
     _warn_if_too_short_for_momentum(run.spec, run.total_steps)
@@ -626,7 +707,10 @@ def _train(run: _Run) -> bool:
     total_steps=total_steps,
     steps_per_epoch=run.steps_per_epoch,
     global_batch=config.batch_size,
-    check=_finite_guard(steps_lib.checked_leaf_names(run.state), run.ckpts),
+    check=_checks(
+      _finite_guard(steps_lib.checked_leaf_names(run.state), run.ckpts),
+      _implicit_residual_watch(config.implicit_residual_tolerance, run.model, run.input_shape),
+    ),
     bar=run.bar,
   )
   train_step = progress.announce_first_call(run.train_step, "compiling the train step", run.bar)

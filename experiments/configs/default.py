@@ -16,7 +16,15 @@ from ml_collections import config_dict
 def get_config():
   """Returns the default configuration (Table 1 row 1: ERKNet-6x1 6x1 6x1, k=36, CIFAR-10)."""
   config = ml_collections.ConfigDict()
+  _model_fields(config)
+  _data_fields(config)
+  _optimisation_fields(config)
+  _evaluation_fields(config)
+  return config
 
+
+def _model_fields(config):
+  """The model: its name and the options of ``rknet_jax.create_model``."""
   # ---- model: rknet_jax.create_model(model, growth_rate=..., stem=..., dtype=..., remat=...,
   # **model_kwargs). A ready-made name (rknet_jax.list_models(): the paper's rows) brings its
   # row's k, m, bottleneck widths, stem and multiscale; unset (None) fields keep the name's
@@ -43,6 +51,9 @@ def get_config():
   config.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (logits stay float32)
   config.remat = False  # rematerialise each time-step in the backward pass (saves memory)
 
+
+def _data_fields(config):
+  """The data: dataset, splits, input pipeline, batch sizes and seed."""
   # ---- data (read by experiments/input_pipeline.py; see its docstring)
   # cifar10 | cifar100 | svhn_cropped | imagenet2012 | digits | mnist | fashion_mnist | kmnist
   # | tfds:NAME | npz:FILE | folder:PATH  (experiments/input_pipeline.py)
@@ -68,6 +79,9 @@ def get_config():
   config.eval_batch_size = 256  # global; the last batch is padded and masked
   config.seed = 0  # seeds parameter init, dropout and the order of the training data
 
+
+def _optimisation_fields(config):
+  """The optimiser and its learning-rate schedule (section 4.1)."""
   # ---- optimisation (section 4.1): SGD, Nesterov momentum 0.9, weight decay 1e-4
   config.num_epochs = 300
   config.num_train_steps = -1  # > 0 overrides num_epochs * steps_per_epoch (for tests)
@@ -90,6 +104,9 @@ def get_config():
   # PyTorch's SGD(weight_decay=...) in the authors' code does (the paper configs, paper.py).
   config.weight_decay_params = "kernels"
 
+
+def _evaluation_fields(config):
+  """Evaluation, logging and checkpoints."""
   # ---- evaluation, logging, checkpoints
   # Precise BatchNorm (Wu & Johnson 2021): before each validation and the test, and in the
   # final checkpoint, the BN statistics are re-estimated for the current weights as the exact
@@ -100,7 +117,9 @@ def get_config():
   config.precise_bn_batches = 50
   config.eval_every_epochs = 1  # validation (if validation_size > 0) every N epochs
   config.log_every_steps = 100
+  # Models with implicit stages (IRKNet, CliqueNet, implicit tableaus) log the largest final
+  # residual of their stage solves (implicit_residual_max); above this, one warning per run.
+  config.implicit_residual_tolerance = 1e-2
   config.checkpoint_every_steps = 1000  # plus one at the end of every epoch
   config.keep_checkpoints = 3  # keep the last K checkpoints, plus the validation-best one
   config.test_model = "final"  # report test error of the "final" or validation-"best" model
-  return config
