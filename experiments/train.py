@@ -87,10 +87,15 @@ def _finite_guard(leaf_names, ckpts):
 
 
 def _implicit_residual_watch(tolerance: float, model, input_shape):
-  """``check(step, host_metrics)`` warning once per run when an implicit stage solve ended
-  with a final residual above ``tolerance`` (``config.implicit_residual_tolerance``): which
-  solve, at which step, and what makes it converge. Does nothing for explicit models."""
-  warned = False
+  """``check(step, host_metrics)`` warning once per run when an implicit tableau's stage
+  solve ended with a final residual above ``tolerance`` (``config.implicit_residual_tolerance``):
+  which solve, at which step, and what makes it converge.
+
+  Only tableau RKNets are judged: their fixed-point iterations are meant to solve the stage
+  equations. A clique block (IRKNet, CliqueNet) runs the paper's fixed number of alternate
+  updates of learned maps that need not contract (section 3.3.2); its residual is logged, not
+  warned about, since no setting makes it converge. Explicit models report nothing."""
+  warned = not hasattr(model.spec(), "tableau")
 
   def check(step, m):
     nonlocal warned
@@ -105,7 +110,10 @@ def _implicit_residual_watch(tolerance: float, model, input_shape):
       "Step %d: the implicit stage solve of block %s did not converge: its final residual "
       "(max |change| of the stage values in the last iteration) is %.3g > "
       "config.implicit_residual_tolerance=%g (%d of %d solves above it). The block computes "
-      "an approximation of its implicit Runge-Kutta step, not the step. %s Warned once per "
+      "an approximation of its implicit Runge-Kutta step, not the step. To converge: more "
+      "fixed-point iterations (config.model_kwargs.implicit_iterations), a smaller step size "
+      "(config.model_kwargs.step_size: the iteration contracts when the step size times the "
+      "vector field's Lipschitz constant is small), or an explicit tableau. Warned once per "
       "run; metrics.jsonl records %s at every logged step.",
       step,
       solve,
@@ -113,26 +121,10 @@ def _implicit_residual_watch(tolerance: float, model, input_shape):
       tolerance,
       int(np.sum(residuals > tolerance)),
       len(residuals),
-      _implicit_remedy(model),
       steps_lib.IMPLICIT_RESIDUAL_MAX,
     )
 
   return check
-
-
-def _implicit_remedy(model) -> str:
-  """What makes the implicit solves of ``model`` converge, in config fields."""
-  if hasattr(model.spec(), "tableau"):  # fixed-point iterations of a Butcher tableau
-    return (
-      "To converge: more fixed-point iterations (config.model_kwargs.implicit_iterations), a "
-      "smaller step size (config.model_kwargs.step_size: the iteration contracts when the step "
-      "size times the vector field's Lipschitz constant is small), or an explicit tableau."
-    )
-  return (
-    "The clique block's alternate updates iterate learned maps that need not contract: more "
-    "updates (config.model_kwargs.num_updates) help only if the residual falls with them; "
-    "explicit time-steps (an ERKNet, or method='explicit') have no solve."
-  )
 
 
 def _checks(*checks):

@@ -65,6 +65,21 @@ def test_a_converging_solve_is_logged_without_a_warning(tiny_config, tmp_path, c
   assert _warnings(caplog) == []
 
 
+def test_a_clique_block_run_is_logged_without_a_warning(tiny_config, tmp_path, caplog):
+  """IRKNet's alternate updates need not converge (the paper runs a fixed number): its
+  residual is recorded, far above the tolerance, and no setting is blamed for it."""
+  config = tiny_config(
+    model="IRKNet-2x1 2x1", validation_size=0, num_train_steps=4, precise_bn_batches=0
+  )
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, str(tmp_path))
+  records = _train_records(str(tmp_path))
+  assert records and all(
+    r["implicit_residual_max"] > config.implicit_residual_tolerance for r in records
+  )
+  assert _warnings(caplog) == []
+
+
 def test_an_explicit_run_has_no_residual_metric(tiny_config, tmp_path, caplog):
   config = tiny_config(validation_size=0, num_train_steps=4, precise_bn_batches=0)
   with caplog.at_level(logging.WARNING):

@@ -20,6 +20,8 @@ reading everything everywhere costs too much I/O, `host_shards=True` makes each 
 its `tfds.even_splits` shard (global batches then depend on the host count).
 """
 
+import dataclasses
+
 import numpy as np
 
 from experiments.data import base, prepare, tfds_utils
@@ -151,24 +153,27 @@ def _host_filter(tf, batch_size, start, local):
   return keep
 
 
-def train_batches(
-  builder,
-  *,
-  split: str,
-  num_examples: int,
-  batch_size: int,
-  seed: int,
-  start_step: int,
-  process_index: int,
-  process_count: int,
-  augment: bool,
-  image_size: int,
-  shuffle_buffer: int,
-  mean,
-  std,
-  host_shards: bool = False,
-):
-  """Yields this host's slice of global batch s, s = start_step, ... forever (see module doc).
+@dataclasses.dataclass(frozen=True)
+class TrainStream:
+  """What one host's stream of training batches is made of (see :func:`train_batches`)."""
+
+  split: str
+  num_examples: int
+  batch_size: int
+  seed: int
+  start_step: int
+  process_index: int
+  process_count: int
+  augment: bool
+  image_size: int
+  shuffle_buffer: int
+  mean: tuple
+  std: tuple
+
+
+def train_batches(builder, stream: TrainStream, *, host_shards: bool = False):
+  """Yields this host's slice of global batch s, s = stream.start_step, ... forever (see
+  module doc).
 
   host_shards=True (for many hosts): host p reads only `tfds.even_splits(split, P)[p]`, shuffled
   with seed (seed, epoch, p), and its b = B/P rows of batch s are its records
@@ -176,138 +181,72 @@ def train_batches(
   N // B; each batch is still a pure function of (seed, s) for a fixed P, but the global batches
   depend on P (so a run must be resumed with the same host count).
   """
-  if host_shards and process_count > 1:
-    return _sharded_train_batches(
-      builder,
-      split=split,
-      num_examples=num_examples,
-      batch_size=batch_size,
-      seed=seed,
-      start_step=start_step,
-      process_index=process_index,
-      process_count=process_count,
-      augment=augment,
-      image_size=image_size,
-      shuffle_buffer=shuffle_buffer,
-      mean=mean,
-      std=std,
+  if stream.num_examples // stream.batch_size == 0:
+    raise ValueError(
+      f"batch_size={stream.batch_size} exceeds the {stream.num_examples} training examples"
     )
-  return _global_train_batches(
-    builder,
-    split=split,
-    num_examples=num_examples,
-    batch_size=batch_size,
-    seed=seed,
-    start_step=start_step,
-    process_index=process_index,
-    process_count=process_count,
-    augment=augment,
-    image_size=image_size,
-    shuffle_buffer=shuffle_buffer,
-    mean=mean,
-    std=std,
-  )
+  if host_shards and stream.process_count > 1:
+    return _sharded_train_batches(builder, stream)
+  return _global_train_batches(builder, stream)
 
 
-def _train_map_fn(tf, *, seed, augment, image_size, mean, std):
+def _train_map_fn(tf, t: TrainStream):
   """(global example number i, record) -> {"image", "label"}; augmentation seeded by (seed, i)."""
-  aug_seed = _seed_word(seed, _TAG_AUGMENT)
+  aug_seed = _seed_word(t.seed, _TAG_AUGMENT)
 
   def preprocess(i, example):
-    if augment:
+    if t.augment:
+      seed = tf.stack([tf.constant(aug_seed, tf.int64), i])
       image = train_preprocess(
-        tf,
-        example["image"],
-        tf.stack([tf.constant(aug_seed, tf.int64), i]),
-        image_size=image_size,
-        mean=mean,
-        std=std,
+        tf, example["image"], seed, image_size=t.image_size, mean=t.mean, std=t.std
       )
     else:
-      image = eval_preprocess(tf, example["image"], image_size=image_size, mean=mean, std=std)
+      image = eval_preprocess(tf, example["image"], image_size=t.image_size, mean=t.mean, std=t.std)
     return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
   return preprocess
 
 
-def _global_train_batches(
-  builder,
-  *,
-  split,
-  num_examples,
-  batch_size,
-  seed,
-  start_step,
-  process_index,
-  process_count,
-  augment,
-  image_size,
-  shuffle_buffer,
-  mean,
-  std,
-):
+def _global_train_batches(builder, t: TrainStream):
   tf = tfds_utils.import_tf()
-  steps = num_examples // batch_size
-  if steps == 0:
-    raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples")
-  local = batch_size // process_count
-  start = process_index * local
-  per_epoch = steps * batch_size
-  epoch, k = divmod(start_step, steps)
-  preprocess = _train_map_fn(
-    tf, seed=seed, augment=augment, image_size=image_size, mean=mean, std=std
-  )
+  steps = t.num_examples // t.batch_size
+  local = t.batch_size // t.process_count
+  start = t.process_index * local
+  per_epoch = steps * t.batch_size
+  epoch, k = divmod(t.start_step, steps)
+  preprocess = _train_map_fn(tf, t)
   while True:
-    epoch_seed = _seed_word(seed, _TAG_EPOCH, epoch)
-    ds = _read(builder, split, shuffle_seed=epoch_seed)
-    ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    epoch_seed = _seed_word(t.seed, _TAG_EPOCH, epoch)
+    ds = _read(builder, t.split, shuffle_seed=epoch_seed)
+    ds = ds.shuffle(t.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
     ds = ds.take(per_epoch).enumerate(start=epoch * per_epoch)  # i = step * B + position
     if k:
-      ds = ds.skip(k * batch_size)
-    ds = ds.filter(_host_filter(tf, batch_size, start, local))
+      ds = ds.skip(k * t.batch_size)
+    ds = ds.filter(_host_filter(tf, t.batch_size, start, local))
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     yield from ds.as_numpy_iterator()
     epoch, k = epoch + 1, 0
 
 
-def _sharded_train_batches(
-  builder,
-  *,
-  split,
-  num_examples,
-  batch_size,
-  seed,
-  start_step,
-  process_index,
-  process_count,
-  augment,
-  image_size,
-  shuffle_buffer,
-  mean,
-  std,
-):
+def _sharded_train_batches(builder, t: TrainStream):
   tf = tfds_utils.import_tf()
   tfds = tfds_utils.import_tfds()
-  steps = num_examples // batch_size
-  if steps == 0:
-    raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples")
-  local = batch_size // process_count
-  shard = tfds.even_splits(split, n=process_count)[process_index]
+  steps = t.num_examples // t.batch_size
+  local = t.batch_size // t.process_count
+  shard = tfds.even_splits(t.split, n=t.process_count)[t.process_index]
   per_epoch = steps * local  # <= the shard's floor(N/P) examples
-  epoch, k = divmod(start_step, steps)
-  preprocess = _train_map_fn(
-    tf, seed=seed, augment=augment, image_size=image_size, mean=mean, std=std
-  )
+  epoch, k = divmod(t.start_step, steps)
+  preprocess = _train_map_fn(tf, t)
 
   def number(j, example):  # host record j -> global example number step * B + row
     step, row = j // local, j % local
-    return step * batch_size + process_index * local + row, example
+    return step * t.batch_size + t.process_index * local + row, example
 
   while True:
-    epoch_seed = _seed_word(seed, _TAG_EPOCH, epoch, process_index)
+    epoch_seed = _seed_word(t.seed, _TAG_EPOCH, epoch, t.process_index)
     ds = _read(builder, shard, shuffle_seed=epoch_seed)
-    ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    ds = ds.shuffle(t.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
     ds = ds.take(per_epoch).enumerate(start=epoch * per_epoch)
     if k:
       ds = ds.skip(k * local)
@@ -418,8 +357,7 @@ class ImagenetDataset(base.Dataset):
     s = self._s
     split = splits(s.validation_size)[0]
     mean, std = stats or (self._info.mean, self._info.std)
-    return train_batches(
-      self._builder(),
+    stream = TrainStream(
       split=split,
       num_examples=self._split_size(split),
       batch_size=s.batch_size,
@@ -430,10 +368,10 @@ class ImagenetDataset(base.Dataset):
       augment=s.augment,
       image_size=s.image_size,
       shuffle_buffer=s.shuffle_buffer,
-      mean=mean,
-      std=std,
-      host_shards=s.host_shards,
+      mean=tuple(mean),
+      std=tuple(std),
     )
+    return train_batches(self._builder(), stream, host_shards=s.host_shards)
 
   def eval_batches(
     self, split, *, batch_size, process_index, process_count, with_index, stats=None
