@@ -117,23 +117,15 @@ def _scaled(values, scale=255.0):
 
 # Per-channel mean/std of each official training split (CIFAR/SVHN/ImageNet: the widely used
 # published values; digits: computed from all 1,797 images, checked by a test).
+# One dataset per line: num_classes, image shape, official train / default validation / test
+# sizes, per-channel mean and std, augment by default, held in memory.
 # fmt: off
-_SPECS = {  # num_classes, image shape, train / validation / test sizes, mean, std, flags
-  "digits": _Spec(10, (8, 8, 1), 1797 - in_memory.DIGITS_TEST_SIZE, 144,
-                  in_memory.DIGITS_TEST_SIZE, (4.884164579855314,), (6.016787548672236,),
-                  False, True),
-  "cifar10": _Spec(10, (32, 32, 3), 50_000, 5_000, 10_000,
-                   _scaled((0.4914, 0.4822, 0.4465)), _scaled((0.2470, 0.2435, 0.2616)),
-                   False, True),
-  "cifar100": _Spec(100, (32, 32, 3), 50_000, 5_000, 10_000,
-                    _scaled((0.5071, 0.4865, 0.4409)), _scaled((0.2673, 0.2564, 0.2762)),
-                    False, True),
-  "svhn_cropped": _Spec(10, (32, 32, 3), 73_257, 5_000, 26_032,
-                        _scaled((0.4377, 0.4438, 0.4728)), _scaled((0.1980, 0.2010, 0.1970)),
-                        False, True),
-  "imagenet2012": _Spec(1000, (224, 224, 3), 1_281_167, 10_000, 50_000,
-                        _scaled((0.485, 0.456, 0.406)), _scaled((0.229, 0.224, 0.225)),
-                        True, False),
+_SPECS = {
+  "digits": _Spec(10, (8, 8, 1), 1797 - in_memory.DIGITS_TEST_SIZE, 144, in_memory.DIGITS_TEST_SIZE, (4.884164579855314,), (6.016787548672236,), False, True),  # noqa: E501
+  "cifar10": _Spec(10, (32, 32, 3), 50_000, 5_000, 10_000, _scaled((0.4914, 0.4822, 0.4465)), _scaled((0.2470, 0.2435, 0.2616)), False, True),  # noqa: E501
+  "cifar100": _Spec(100, (32, 32, 3), 50_000, 5_000, 10_000, _scaled((0.5071, 0.4865, 0.4409)), _scaled((0.2673, 0.2564, 0.2762)), False, True),  # noqa: E501
+  "svhn_cropped": _Spec(10, (32, 32, 3), 73_257, 5_000, 26_032, _scaled((0.4377, 0.4438, 0.4728)), _scaled((0.1980, 0.2010, 0.1970)), False, True),  # noqa: E501
+  "imagenet2012": _Spec(1000, (224, 224, 3), 1_281_167, 10_000, 50_000, _scaled((0.485, 0.456, 0.406)), _scaled((0.229, 0.224, 0.225)), True, False),  # noqa: E501
 }
 # fmt: on
 DATASETS = tuple(_SPECS)
