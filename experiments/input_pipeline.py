@@ -14,8 +14,8 @@ Datasets (paper section 4.1, plus `digits` for an offline quickstart):
 | `folder:PATH` | PNG/JPEG in PATH/{train,test[,validation]}/<class>/ (experiments/data/folder.py) |
 
 Paper datasets use the published per-channel mean/std; every other source computes them from
-its official training split. `data_spec(config)` returns them with the image shape and class
-names as JSON (the runner saves it as `workdir/data.json`; `rknet_jax.load_checkpoint`'s
+its official training split. `load(config).data_spec()` returns them with the image shape and
+class names as JSON (the runner saves it as `workdir/data.json`; `rknet_jax.load_checkpoint`'s
 `predict` applies it to raw images).
 
 Config fields read (a `ml_collections.ConfigDict` or a dict; those after `seed` are optional):
@@ -444,7 +444,14 @@ class RunData:
     return self._fingerprint
 
   def data_spec(self) -> dict:
-    """See the module function `data_spec`."""
+    """The preprocessing of this config's training, as JSON (see `rknet_jax.preprocessing`).
+
+    {"dataset", "image_shape", "num_classes", "class_names", "mean", "std", "resize",
+    "pixel_range", "pixel_dtype", "fingerprint"}: the network input is (raw - mean) / std per
+    channel, raw pixels as the dataset stores them, in [min, max] = pixel_range of training;
+    `fingerprint` identifies the data (`data_fingerprint`). The runner saves it as
+    workdir/data.json.
+    """
     s, info = self.settings, self.info
     names = list(info.class_names) or [str(i) for i in range(info.num_classes)]
     spec = {
@@ -469,7 +476,19 @@ class RunData:
     what: str = "resuming",
     fix: str = _CONTINUE_FIX,
   ):
-    """See the module function `bind_data_spec`."""
+    """The data.json a run continues with, given the one it wrote before (None: a new run).
+
+    A new run gets `data_spec()`. A continuing run keeps its own spec, mean/std above all
+    (the network was trained on them; they are never recomputed from the current data), and its
+    data must have the recorded fingerprint: `DataChanged`, naming what changed, unless
+    `allow_change` (then the new fingerprint is recorded; new data with other classes or image
+    shape are refused even then). A spec written before fingerprints
+    or pixel ranges existed gains them, with a warning that the data could not be checked.
+
+    Returns:
+      (spec, change): the spec to use and save, and the description of an allowed data change
+      (None when the data are the run's).
+    """
     current = self.data_spec()
     if previous is None:
       return current, None
@@ -503,7 +522,16 @@ class RunData:
     return spec, change
 
   def train_iterator(self, *, start_step: int, process_index: int, process_count: int, stats=None):
-    """See the module function `train_iterator`."""
+    """Yields this host's part of global training batches start_step, start_step + 1, ... forever.
+
+    Each item is {"image": float32[B/P, H, W, C], "label": int32[B/P]} with B = config.batch_size
+    and P = process_count; host p gets rows [p*B/P, (p+1)*B/P) of the global batch, and global
+    batch s is a pure function of (config.seed, s), so a run resumed at `start_step` sees exactly
+    the batches an uninterrupted run would. Batches are prepared by a background thread; call
+    `.close()` on the returned iterator to stop it early (garbage collection also does).
+    `stats` = (mean, std) standardises with those (a resumed run's data.json) instead of the
+    dataset's own.
+    """
     s = self.settings
     process_index, process_count = _check_hosts(s.batch_size, process_index, process_count)
     start_step = _int("start_step", start_step, 0)
@@ -525,7 +553,15 @@ class RunData:
     with_index: bool = False,
     stats=None,
   ):
-    """See the module function `eval_iterator`."""
+    """Yields padded, masked batches that cover `split` exactly once across all hosts.
+
+    Items are {"image": float32[b, H, W, C], "label": int32[b], "mask": float32[b]} with
+    b = batch_size // process_count; padding rows have zero image, label 0 and mask 0. Every host
+    yields ceil(N / batch_size) batches. `split` is "validation" (held out of the official training
+    split, or the source's own) or "test" (the official test split). with_index=True adds
+    "index": int64[b], the example's position in the split (-1 for padding). `stats` = (mean,
+    std) standardises with those (a run's data.json) instead of the dataset's own.
+    """
     if split not in EVAL_SPLITS:
       raise ValueError(f"Unknown eval split {split!r}; expected one of {EVAL_SPLITS}")
     s = self.settings
@@ -594,85 +630,15 @@ def data_fingerprint(config) -> dict:
   return fingerprint_lib.fingerprint(_settings(config))
 
 
-def data_spec(config) -> dict:
-  """The preprocessing of this config's training, as JSON (see `rknet_jax.preprocessing`).
-
-  {"dataset", "image_shape", "num_classes", "class_names", "mean", "std", "resize",
-  "pixel_range", "pixel_dtype", "fingerprint"}: the network input is (raw - mean) / std per
-  channel, raw pixels as the dataset stores them, in [min, max] = pixel_range of training;
-  `fingerprint` identifies the data (`data_fingerprint`). The runner saves it as
-  workdir/data.json.
-  """
-  return load(config).data_spec()
+def train_iterator(config, **kwargs):
+  """``load(config).train_iterator(**kwargs)`` (see :meth:`RunData.train_iterator`), for
+  scripts and tests that need no more of the data."""
+  return load(config).train_iterator(**kwargs)
 
 
-def bind_data_spec(
-  config,
-  previous: dict | None,
-  *,
-  allow_change: bool = False,
-  what: str = "resuming",
-  fix: str = _CONTINUE_FIX,
-):
-  """The data.json a run continues with, given the one it wrote before (None: a new run).
-
-  A new run gets `data_spec(config)`. A continuing run keeps its own spec, mean/std above all
-  (the network was trained on them; they are never recomputed from the current data), and its
-  data must have the recorded fingerprint: `DataChanged`, naming what changed, unless
-  `allow_change` (then the new fingerprint is recorded; new data with other classes or image
-  shape are refused even then). A spec written before fingerprints
-  or pixel ranges existed gains them, with a warning that the data could not be checked.
-
-  Returns:
-    (spec, change): the spec to use and save, and the description of an allowed data change
-    (None when the data are the run's).
-  """
-  return load(config).bind_data_spec(previous, allow_change=allow_change, what=what, fix=fix)
-
-
-def train_iterator(config, *, start_step: int, process_index: int, process_count: int, stats=None):
-  """Yields this host's part of global training batches start_step, start_step + 1, ... forever.
-
-  Each item is {"image": float32[B/P, H, W, C], "label": int32[B/P]} with B = config.batch_size
-  and P = process_count; host p gets rows [p*B/P, (p+1)*B/P) of the global batch, and global
-  batch s is a pure function of (config.seed, s), so a run resumed at `start_step` sees exactly
-  the batches an uninterrupted run would. Batches are prepared by a background thread; call
-  `.close()` on the returned iterator to stop it early (garbage collection also does).
-  `stats` = (mean, std) standardises with those (a resumed run's data.json) instead of the
-  dataset's own.
-  """
-  return load(config).train_iterator(
-    start_step=start_step, process_index=process_index, process_count=process_count, stats=stats
-  )
-
-
-def eval_iterator(
-  config,
-  split: str,
-  *,
-  batch_size: int,
-  process_index: int,
-  process_count: int,
-  with_index: bool = False,
-  stats=None,
-):
-  """Yields padded, masked batches that cover `split` exactly once across all hosts.
-
-  Items are {"image": float32[b, H, W, C], "label": int32[b], "mask": float32[b]} with
-  b = batch_size // process_count; padding rows have zero image, label 0 and mask 0. Every host
-  yields ceil(N / batch_size) batches. `split` is "validation" (held out of the official training
-  split, or the source's own) or "test" (the official test split). with_index=True adds
-  "index": int64[b], the example's position in the split (-1 for padding). `stats` = (mean,
-  std) standardises with those (a run's data.json) instead of the dataset's own.
-  """
-  return load(config).eval_iterator(
-    split,
-    batch_size=batch_size,
-    process_index=process_index,
-    process_count=process_count,
-    with_index=with_index,
-    stats=stats,
-  )
+def eval_iterator(config, split: str, **kwargs):
+  """``load(config).eval_iterator(split, **kwargs)`` (see :meth:`RunData.eval_iterator`)."""
+  return load(config).eval_iterator(split, **kwargs)
 
 
 def load_splits(config) -> base.Splits:

@@ -213,15 +213,9 @@ def test_resume_and_evaluate_on_a_replaced_npz_are_refused_unless_asked(
     evaluate_lib.evaluate_checkpoint(workdir)
   # Other classes cannot continue even when asked.
   with pytest.raises(ip.DataChanged, match=r"class_names \['0', '1', '2'\] differ .* \(not even"):
-    ip.bind_data_spec(
-      data_config(
-        _npz(
-          tmp_path / "three.npz",
-          **dict(d, train_labels=d["train_labels"] % 3, test_labels=d["test_labels"] % 3),
-        )
-      ),
-      spec,
-      allow_change=True,
+    three = dict(d, train_labels=d["train_labels"] % 3, test_labels=d["test_labels"] % 3)
+    ip.load(data_config(_npz(tmp_path / "three.npz", **three))).bind_data_spec(
+      spec, allow_change=True
     )
   # Asked for: evaluate standardises with the run's data.json, not the new file's statistics,
   # so the unchanged test split scores exactly as before the swap.
