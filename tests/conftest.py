@@ -16,8 +16,9 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 # XLA:CPU aborts the process ("Termination timeout ... Exiting to ensure a consistent program
 # state") when the devices of a collective do not all reach it in time. Eight virtual devices
-# per test process on two loaded cores can be that slow (two test runs here died so, in the
-# precise-BN pass); a real deadlock still ends, after 300 s.
+# per test process on two loaded cores can be that slow: two loaded test runs aborted from an
+# XLA thread while the precise-BN step (BatchNorm statistics all-reduced over the devices) ran.
+# A real deadlock still ends, after 300 s.
 COLLECTIVE_TIMEOUTS = (
   " --xla_cpu_collective_call_terminate_timeout_seconds=300"
   " --xla_cpu_collective_timeout_seconds=300"
