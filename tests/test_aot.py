@@ -14,9 +14,8 @@ import pytest
 from benchmarks import bench_aot
 from experiments import steps as steps_lib
 from experiments.configs import default
-from rknet_jax import blocks
+from rknet_jax import blocks, registry
 from rknet_jax import conv as conv_lib
-from rknet_jax import registry
 
 _TOPOLOGY, _SLICES, _BATCH = "v5e:2x2", 2, 40  # 5 examples per chip: no parameter dim
 # XLA:TPU splits a cross-slice all-reduce of more than this many bytes over the slice's chips
