@@ -9,6 +9,8 @@ import collections
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import pytest
 
 from benchmarks import bench_aot
@@ -16,6 +18,7 @@ from experiments import steps as steps_lib
 from experiments.configs import default
 from rknet_jax import blocks, registry
 from rknet_jax import conv as conv_lib
+from rknet_jax import dropout as dropout_lib
 
 _TOPOLOGY, _SLICES, _BATCH = "v5e:2x2", 2, 40  # 5 examples per chip: no parameter dim
 # XLA:TPU splits a cross-slice all-reduce of more than this many bytes over the slice's chips
@@ -36,7 +39,9 @@ def _compile_train(devices, compiler_options=None):
   config.batch_size = _BATCH
   config.model_kwargs.dropout_rate = 0.2  # conv_impl, dense_formulation: "auto"
   mesh = steps_lib.make_mesh(devices)
-  out = bench_aot.compile_steps(config, (32, 32, 3), mesh, "auto", ["train"], compiler_options)
+  # 40x40 images: the first feature maps are as wide as the global batch (see
+  # test_dropout_draws_no_collective_when_batch_and_spatial_sizes_meet).
+  out = bench_aot.compile_steps(config, (40, 40, 3), mesh, "auto", ["train"], compiler_options)
   return out["train"]
 
 
@@ -96,9 +101,8 @@ def test_train_step_fits_and_only_reduces_gradients(compiled_train):
   assert all(op.after_dcn for op in ops if op.kind == "all-gather")
   for op in ops:
     assert not {_BATCH, _BATCH // 8} & set(op.dims), op
-  # Random bits are drawn shard-locally: at most the threefry counters of the batch index
-  # (a few u32 per example) cross chips, never bits of an activation's size.
-  assert all(op.bytes <= 4 * 4 * _BATCH for op in ops if "u32" in op.dtypes)
+  # Random bits and their counters are drawn shard-locally: nothing on u32 crosses chips.
+  assert not [op for op in ops if "u32" in op.dtypes]
 
 
 @pytest.mark.slow
@@ -113,6 +117,28 @@ def test_no_all_gather_but_the_compilers_split_of_cross_slice_reductions(devices
   assert set(kinds) == {"all-reduce", "dcn-send"}, kinds
   split = bench_aot.collectives(compiled_train["compiled"].as_text())
   assert kinds["all-reduce"] == sum(op.kind == "all-reduce" for op in split)
+
+
+def test_dropout_draws_no_collective_when_batch_and_spatial_sizes_meet(devices):
+  """Global batch 16 on 16x16 maps, one slice of 4 chips: the TPU compiler all-reduces u32
+  counters for ``jax.random.bernoulli`` of the activation's shape (flax's dropout draw), not
+  for :func:`rknet_jax.dropout.keep_mask` (the same bits)."""
+  mesh = steps_lib.make_mesh([d for d in devices if d.slice_index == 0])
+  data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  x = jax.ShapeDtypeStruct((16, 16, 16, 12), jnp.float32)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+  def u32_collectives(draw):
+    def f(x, key):
+      with jax.threefry_partitionable(True):
+        return jnp.where(draw(key, 0.8, x.shape), x, 0.0).sum()
+
+    jitted = jax.jit(f, in_shardings=(data, replicated), out_shardings=replicated)
+    ops = bench_aot.collectives(jitted.lower(x, key).compile().as_text())
+    return [op for op in ops if "u32" in op.dtypes]
+
+  assert u32_collectives(jax.random.bernoulli)
+  assert not u32_collectives(dropout_lib.keep_mask)
 
 
 def test_state_replicated_and_batch_sharded(compiled_train):
