@@ -15,7 +15,9 @@ TPU compiler.  Per case it reports: compile time; per-chip HBM (arguments, tempo
 outputs) against the chip's capacity; XLA's FLOPs per chip and step (``cost_analysis``,
 which counts a while-loop body ONCE: the dense blocks' scans make it an undercount) beside
 the paper-convention model FLOPs (3 x forward per training image); the collectives (kind,
-count, bytes, how many inside while loops, any on u32 data); and a roofline lower bound on
+count, bytes, how many inside while loops, any on u32 data; on several slices the sends to
+the other slice, ``dcn-send``, and the all-gathers of their results, "after DCN"); and a
+roofline lower bound on
 the step time, max(FLOPs / peak, bytes accessed / HBM bandwidth), with the images/s it
 allows.  The model's options are the row's (``conv_impl="auto"`` resolves from the mesh's
 TPU devices to XLA's native convolutions, ``steps.model_for_mesh``); ``--formulation`` picks

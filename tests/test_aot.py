@@ -21,9 +21,9 @@ from rknet_jax import conv as conv_lib
 from rknet_jax import dropout as dropout_lib
 
 _TOPOLOGY, _SLICES, _BATCH = "v5e:2x2", 2, 40  # 5 examples per chip: no parameter dim
-# XLA:TPU splits a cross-slice all-reduce of more than this many bytes over the slice's chips
-# (each sends 1/n over the data-centre network, then the n pieces are all-gathered); this
-# value turns the split off.
+# XLA:TPU splits a cross-slice all-reduce above a size threshold over the slice's chips (each
+# sends 1/n over the data-centre network, then the n pieces are all-gathered); this value of
+# the threshold turns the split off for the model below on v5e 2x2 slices.
 _NO_DCN_SPLIT = {"xla_tpu_split_local_ar_for_dcn_ar_threshold": 2**40}
 
 
