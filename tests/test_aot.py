@@ -175,6 +175,38 @@ ENTRY %main (a: f32[8]) -> f32[16] {
   ]
 
 
+def test_collectives_parser_marks_gathers_of_cross_slice_transfers():
+  """A send to the other slice is a ``dcn-send`` of its data array; an all-gather of what
+  came back (through tuple elements, bitcasts, copies) is ``after_dcn``; one of a value
+  computed from it together with other data is not."""
+  hlo = """HloModule m
+
+ENTRY %main (a: f32[3,8,128], b: f32[3,8,128]) -> f32[12,8,128] {
+  %a = f32[3,8,128]{2,1,0} parameter(0)
+  %b = f32[3,8,128]{2,1,0} parameter(1)
+  %tok = token[] after-all()
+  %send = (f32[3,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%a, %tok), MEGASCALE
+  %recv = (f32[3,8,128]{2,1,0:T(8,128)}, u32[], token[]) recv(%tok), MEGASCALE
+  %done = (f32[3,8,128]{2,1,0}, token[]) recv-done(%recv), MEGASCALE
+  %gte = f32[3,8,128]{2,1,0} get-tuple-element(%done), index=0
+  %cp = f32[3,8,128]{2,1,0} copy(%gte)
+  %g1 = f32[12,8,128]{2,1,0} all-gather(%cp), dimensions={0}
+  %sum = f32[3,8,128]{2,1,0} add(%gte, %b)
+  ROOT %g2 = f32[12,8,128]{2,1,0} all-gather(%sum), dimensions={0}
+}
+""".replace(
+    "MEGASCALE", 'frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime"}'
+  )
+  ops = bench_aot.collectives(hlo)
+  assert [(o.kind, o.bytes, o.dtypes, o.dims, o.after_dcn) for o in ops] == [
+    ("dcn-send", 3 * 8 * 128 * 4, ("f32",), (3, 8, 128), False),
+    ("all-gather", 12 * 8 * 128 * 4, ("f32",), (12, 8, 128), True),
+    ("all-gather", 12 * 8 * 128 * 4, ("f32",), (12, 8, 128), False),
+  ]
+  summary = bench_aot.collective_summary(ops)
+  assert summary["all-gather"]["after_dcn"] == 1 and summary["dcn-send"]["count"] == 1
+
+
 def jax_leaves(tree):
   import jax
 
