@@ -15,10 +15,13 @@ TPU compiler.  Per case it reports: compile time; per-chip HBM (arguments, tempo
 outputs) against the chip's capacity; XLA's FLOPs per chip and step (``cost_analysis``,
 which counts a while-loop body ONCE: the dense blocks' scans make it an undercount) beside
 the paper-convention model FLOPs (3 x forward per training image); the collectives (kind,
-count, bytes, how many inside while loops, any on u32 data); and a roofline lower bound on
+count, bytes, how many inside while loops, any on u32 data; on several slices the sends to
+the other slice, ``dcn-send``, and the all-gathers of their results, "after DCN"); and a
+roofline lower bound on
 the step time, max(FLOPs / peak, bytes accessed / HBM bandwidth), with the images/s it
-allows.  Convolutions are XLA's native ones (``conv_impl="xla"``, what ``"auto"`` resolves
-to on TPU); ``--formulation`` picks the dense blocks' buffer scans or the loop of layers.
+allows.  The model's options are the row's (``conv_impl="auto"`` resolves from the mesh's
+TPU devices to XLA's native convolutions, ``steps.model_for_mesh``); ``--formulation`` picks
+the dense blocks' buffer scans or the loop of layers.
 """
 
 import argparse
@@ -71,7 +74,11 @@ _CALLEE = re.compile(
   r"(?:,\s*%[\w.\-]+)*)"
 )
 _COLLECTIVE = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_DCN_SEND = re.compile(r"= (\(.+?\)) send\(")
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(([^)]*)\)")
+_DCN_DEPTH = 8
+"""Ops walked back from a collective's operands looking for a cross-slice transfer."""
 
 
 @dataclasses.dataclass
@@ -84,13 +91,69 @@ class Collective:
   in_loop: bool
   name: str
   dims: tuple = ()
+  after_dcn: bool = False
+  """Its operand is, a few ops up (``_DCN_DEPTH``), the result of a transfer between slices
+  over the data-centre network (a ``recv-done`` of the megascale runtime): on several
+  slices XLA:TPU splits a cross-slice all-reduce into a reduction within the slice, an
+  exchange of 1/n of it per chip between slices and an all-gather of the n pieces within
+  the slice; this marks that all-gather."""
+
+
+def _instructions(hlo_text: str) -> dict:
+  """name -> (opcode, operand names, whether it receives data from another slice)."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m:
+      operands = tuple(re.findall(r"%([\w.\-]+)", m.group(3)))
+      out[m.group(1)] = (m.group(2), operands, "xla_megascale" in line)
+  return out
+
+
+def _after_dcn(instructions: dict, name: str) -> bool:
+  """Whether an operand of ``name`` is a cross-slice ``recv-done``'s result moved by at most
+  ``_DCN_DEPTH`` single-operand ops (tuple element, bitcast, copy, slice: no arithmetic
+  that mixes it with other values)."""
+  stack = [(o, 1) for o in instructions.get(name, ("", ()))[1]]
+  while stack:
+    n, depth = stack.pop()
+    opcode, operands, megascale = instructions.get(n, ("", (), False))
+    if opcode == "recv-done" and megascale:
+      return True
+    if depth < _DCN_DEPTH and len(operands) == 1:
+      stack.append((operands[0], depth + 1))
+  return False
+
+
+def _collective_of_line(line: str, instructions: dict) -> Collective | None:
+  """The collective (or cross-slice send, kind ``"dcn-send"``) an HLO line defines."""
+  m = _COLLECTIVE.search(line)
+  if m:
+    result, kind, largest = m.group(1), m.group(2), bool(m.group(3)) and m.group(2) != "all-reduce"
+  elif "xla_megascale" in line and _DCN_SEND.search(line):  # (data, u32[], token[])
+    result, kind, largest = _DCN_SEND.search(line).group(1).split(", ")[0], "dcn-send", True
+  else:
+    return None
+  shapes = [
+    (t, math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[t])
+    for t, dims in _SHAPE.findall(result)
+  ]
+  size = max(s for _, s in shapes) if largest else sum(s for _, s in shapes)
+  name = line.split("=")[0].strip().lstrip("%")
+  dims = tuple(int(d) for _, ds in _SHAPE.findall(result) for d in ds.split(",") if d)
+  dtypes = tuple(sorted({t for t, _ in shapes}))
+  return Collective(kind, size, dtypes, False, name, dims, _after_dcn(instructions, name))
 
 
 def collectives(hlo_text: str) -> list[Collective]:
-  """Every collective of a compiled (post-optimisation) HLO module's text: its kind, the
+  """Every collective of a compiled (post-optimisation) HLO module's text, and every send
+  to another slice over the data-centre network (kind ``"dcn-send"``: the array this chip
+  sends, in its padded layout): its kind, the
   bytes of its result (async ``-start`` ops: the largest array of the result tuple), its
-  element types, whether it sits in a while loop's body (any depth of calls), and the
-  dimensions of its result's arrays (all concatenated)."""
+  element types, whether it sits in a while loop's body (any depth of calls), the
+  dimensions of its result's arrays (all concatenated) and whether it follows a transfer
+  between slices (``Collective.after_dcn``)."""
+  instructions = _instructions(hlo_text)
   comp_of_op, callees, current = [], {}, None
   for line in hlo_text.splitlines():
     m = _COMPUTATION.match(line)
@@ -105,25 +168,9 @@ def collectives(hlo_text: str) -> list[Collective]:
     for group in _CALLEE.findall(line):
       for name in re.findall(r"%?([\w.\-]+)", group):
         callees[current].add(("call", name))
-    m = _COLLECTIVE.search(line)
-    if m:
-      shapes = [
-        (t, math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[t])
-        for t, dims in _SHAPE.findall(m.group(1))
-      ]
-      size = (
-        max(s for _, s in shapes)
-        if m.group(3) and m.group(2) != "all-reduce"
-        else sum(s for _, s in shapes)
-      )
-      name = line.split("=")[0].strip().lstrip("%")
-      dims = tuple(int(d) for _, ds in _SHAPE.findall(m.group(1)) for d in ds.split(",") if d)
-      comp_of_op.append(
-        (
-          current,
-          Collective(m.group(2), size, tuple(sorted({t for t, _ in shapes})), False, name, dims),
-        )
-      )
+    op = _collective_of_line(line, instructions)
+    if op is not None:
+      comp_of_op.append((current, op))
   in_loop, stack = set(), [b for c in callees.values() for k, b in c if k == "loop"]
   while stack:
     c = stack.pop()
@@ -136,17 +183,19 @@ def collectives(hlo_text: str) -> list[Collective]:
 
 def collective_summary(ops: Sequence[Collective]) -> dict[str, dict]:
   """Per kind: count, of which in loops, bytes (all; of those in loops, counted once per
-  loop body), and the count on u32 data."""
+  loop body), the count on u32 data and the count after a cross-slice transfer."""
   out = {}
   for op in ops:
     s = out.setdefault(
-      op.kind, {"count": 0, "in_loop": 0, "bytes": 0, "in_loop_bytes": 0, "u32": 0}
+      op.kind,
+      {"count": 0, "in_loop": 0, "bytes": 0, "in_loop_bytes": 0, "u32": 0, "after_dcn": 0},
     )
     s["count"] += 1
     s["in_loop"] += op.in_loop
     s["bytes"] += op.bytes
     s["in_loop_bytes"] += op.bytes if op.in_loop else 0
     s["u32"] += "u32" in op.dtypes
+    s["after_dcn"] += op.after_dcn
   return out
 
 
@@ -165,12 +214,11 @@ def chip_specs(topology: str):
 
 
 def row_config(row, dtype: str, batch: int = 0):
-  """The runner's config of a paper row (its first dataset), GPU/TPU convolutions."""
+  """The runner's config of a paper row (its first dataset) at ``dtype`` [and ``batch``]."""
   from experiments.configs import paper as paper_configs
 
   config = paper_configs.get_config(row.key)
   config.dtype = dtype
-  config.model_kwargs.conv_impl = "xla"
   if batch:
     config.batch_size = batch
     config.eval_batch_size = batch
@@ -178,11 +226,18 @@ def row_config(row, dtype: str, batch: int = 0):
 
 
 def compile_steps(
-  config, input_shape, mesh, formulation: str = "buffer", which: Sequence[str] = ("train", "eval")
+  config,
+  input_shape,
+  mesh,
+  formulation: str = "buffer",
+  which: Sequence[str] = ("train", "eval"),
+  compiler_options: dict | None = None,
 ) -> dict:
   """Lowers and compiles the runner's train and/or eval step for ``mesh``, its dense blocks as
   ``formulation`` (the model option ``dense_formulation``: ``"buffer"``, ``"loop"`` or
-  ``"auto"``); per step: the compiled executable and its compile time (lowering included)."""
+  ``"auto"``), with the XLA ``compiler_options`` (e.g.
+  ``{"xla_tpu_split_local_ar_for_dcn_ar_threshold": 2**40}``); per step: the compiled
+  executable and its compile time (lowering included)."""
   import jax
 
   from benchmarks import runner_steps
@@ -208,7 +263,7 @@ def compile_steps(
       lowered = built.train_step.lower(state, batch)
     else:
       lowered = built.eval_step.lower(state.model_vars(), batch)
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options)
     out[step] = {"compiled": compiled, "compile_s": time.perf_counter() - t0, "batch": b}
   return out
 
@@ -254,6 +309,7 @@ def _collectives_cell(summary: dict) -> str:
   parts = []
   for kind, s in sorted(summary.items()):
     u32 = f", {s['u32']} u32" if s["u32"] else ""
+    u32 += f", {s['after_dcn']} after DCN" if s.get("after_dcn") else ""
     parts.append(
       f"{kind} {s['count']} ({s['in_loop']} in loops{u32}; "
       f"{s['bytes'] / 2**20:.2f} MiB, in loops {s.get('in_loop_bytes', 0) / 2**20:.3f})"
@@ -328,9 +384,12 @@ def run(args) -> list:
           "topology": args.topology,
           "num_slices": args.num_slices,
           "chips": chips,
+          "xla_options": args.xla_options,
         }
         try:
-          compiled = compile_steps(config, row.input_shape, mesh, formulation, args.steps)
+          compiled = compile_steps(
+            config, row.input_shape, mesh, formulation, args.steps, args.xla_options
+          )
         except Exception as e:  # one failing cell
           records += [
             dict(base, step=s, batch=0, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -377,8 +436,20 @@ def _parse(argv):
   parser.add_argument(
     "--batch", type=int, default=0, help="global batch (default: the row's paper batch)"
   )
+  parser.add_argument(
+    "--xla_option",
+    action="append",
+    default=[],
+    help="NAME=VALUE, an XLA/TPU compiler option for every compile (repeatable)",
+  )
   parser.add_argument("--json", default="", help="also write the records to this file")
   args = parser.parse_args(argv)
+  args.xla_options = {}
+  for item in args.xla_option:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+      parser.error(f"--xla_option={item!r}: expected NAME=VALUE")
+    args.xla_options[name] = int(value) if re.fullmatch(r"-?\d+", value) else value
   chip = args.topology.split(":")[0]
   if chip not in CHIPS or ":" not in args.topology:
     parser.error(
@@ -407,6 +478,28 @@ def _parse(argv):
   return args
 
 
+def _check_xla_options(devices, options: dict) -> None:
+  """Exits with one line if the TPU compiler rejects ``options`` (a trivial compile)."""
+  if not options:
+    return
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from experiments import steps as steps_lib
+
+  replicated = NamedSharding(steps_lib.make_mesh(devices), P())
+  try:
+    jax.jit(lambda x: x + 1, in_shardings=replicated, out_shardings=replicated).lower(
+      jax.ShapeDtypeStruct((8,), jnp.float32)
+    ).compile(options)
+  except Exception as e:  # the compiler's own message says which option
+    sys.exit(
+      f"bench_aot: --xla_option {options}: rejected by the compiler: {str(e).splitlines()[0]}"
+    )
+
+
 def main(argv=None):
   """Parses the flags, checks batch divisibility, compiles every case, prints the table."""
   args = _parse(argv)
@@ -420,6 +513,7 @@ def main(argv=None):
           f"{len(devices)} chips of {args.num_slices} x {args.topology}; pass --batch "
           "with a multiple of the chip count"
         )
+  _check_xla_options(devices, args.xla_options)
   t0 = time.time()
   records = run(args)
   peak, bw, cap = chip_specs(args.topology)

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
+from rknet_jax import conv as conv_lib
 from rknet_jax import rk as rk_lib
 
 
@@ -95,6 +96,21 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",))
 
 
+def model_for_mesh(model, mesh: Mesh):
+  """``model`` with ``conv_impl="auto"`` resolved for the platform of ``mesh``'s devices.
+
+  ``"auto"`` (:func:`rknet_jax.conv.resolve_impl`) would otherwise be decided from the
+  host's default backend when the step is traced, which is not the target when the mesh's
+  devices are not that backend's (compile-only TPU devices of an ahead-of-time compile on
+  a CPU host).  Dense blocks' ``dense_formulation="auto"`` follows the resolved convolution
+  (:meth:`rknet_jax.blocks.DenseBlock.uses_buffer`), so it follows the same platform.  Same
+  variables either way; every step builder of this module applies it.
+  """
+  platform = mesh.devices.flat[0].platform
+  impl = conv_lib.resolve_impl(model.conv_impl, platform=platform)
+  return model if impl == model.conv_impl else model.clone(conv_impl=impl)
+
+
 def make_init_fn(model, tx, input_shape, mesh: Mesh):
   """Jitted ``seed -> TrainState``, created directly as replicated arrays on ``mesh``.
 
@@ -103,6 +119,7 @@ def make_init_fn(model, tx, input_shape, mesh: Mesh):
   (the state is replicated, so partitioning the random bits buys nothing here).
   """
   replicated = NamedSharding(mesh, P())
+  model = model_for_mesh(model, mesh)
 
   def init(seed):
     key = jax.random.PRNGKey(seed)
@@ -189,6 +206,7 @@ def make_train_step(
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
   state_sharding = jax.tree.map(lambda _: replicated, state_example)
+  model = model_for_mesh(model, mesh)
 
   def step_fn(state: TrainState, batch):
     dropout_key = jax.random.fold_in(state.rng, state.step)
@@ -243,6 +261,7 @@ def make_eval_step(model, mesh: Mesh):
   """Jitted masked sums over a padded global batch: every real example counts once."""
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
+  model = model_for_mesh(model, mesh)
 
   def eval_fn(variables, batch):
     logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
@@ -319,7 +338,7 @@ def make_bn_stats_step(model, mesh: Mesh):
   """
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
-  stats_model = model.clone(bn_momentum=0.0, dropout_rate=0.0, remat=False)
+  stats_model = model_for_mesh(model, mesh).clone(bn_momentum=0.0, dropout_rate=0.0, remat=False)
 
   def stats_fn(variables, images):
     # Zero running averages: the result depends on the parameters and images only.

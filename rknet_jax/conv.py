@@ -21,9 +21,10 @@ activations and HWIO kernels; they differ only in how XLA is asked to compute th
   (the shifted copies cost more than the layout copies XLA makes), so it is an
   opt-in experiment, not the CPU default.
 ``"auto"`` (the default)
-  ``"dot1x1"`` when JAX's default backend is the CPU (the fastest formulation measured
-  there for the paper's CIFAR models), ``"xla"`` on GPU/TPU; decided when the function
-  is traced.
+  ``"dot1x1"`` on the CPU (the fastest formulation measured there for the paper's CIFAR
+  models), ``"xla"`` on GPU/TPU; decided by :func:`resolve_impl`, from JAX's default backend
+  when the function is traced, or from the target devices' platform where the caller
+  resolves it first (the runner does for its mesh: ``experiments/steps.py``).
 
 There is no module-level default to change: the formulation is an argument (``impl``)
 of every function here, and in the models the option ``conv_impl`` (held by
@@ -56,16 +57,20 @@ Padding = str | Sequence[tuple[int, int]]
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
-def resolve_impl(impl: str = "auto") -> str:
+def resolve_impl(impl: str = "auto", platform: str | None = None) -> str:
   """The concrete formulation (``"xla"``, ``"dot1x1"`` or ``"dot"``) ``impl`` stands for.
 
-  ``"auto"`` means ``"dot1x1"`` on the CPU backend and ``"xla"`` on GPU/TPU
-  (``jax.default_backend()`` when called, i.e. at trace time).
+  ``"auto"`` means ``"dot1x1"`` on the CPU and ``"xla"`` on GPU/TPU.  ``platform`` is the
+  platform the computation is compiled for (a device's ``platform``: ``"cpu"``, ``"gpu"``,
+  ``"tpu"``); None means ``jax.default_backend()`` when called, i.e. at trace time.  A
+  program compiled for other devices than the host's default backend (a TPU mesh of
+  compile-only devices on a CPU host) passes its devices' platform.
   """
   if impl not in IMPLS:
     raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "dot1x1" if jax.default_backend() == "cpu" else "xla"
+    platform = jax.default_backend() if platform is None else platform
+    return "dot1x1" if platform == "cpu" else "xla"
   return impl
 
 

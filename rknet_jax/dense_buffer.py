@@ -29,9 +29,9 @@ inside a loop body it cannot.  The training forward pass scans the same buckets 
 compiled body per bucket); the eval-mode forward pass runs each layer on its exact width.
 
 Same values as the concatenation formulation: BatchNorm arithmetic is flax's
-(:mod:`rknet_jax.batch_norm`), dropout masks are ``jax.random.bernoulli`` with the caller's keys, as
-``flax.linen.Dropout``.  The batch statistics returned for the running averages are not
-differentiated (their cotangents are ignored): BatchNorm running averages are never part of
+(:mod:`rknet_jax.batch_norm`), dropout masks are ``flax.linen.Dropout``'s with the caller's
+keys (:mod:`rknet_jax.dropout`).  The batch statistics returned for the running averages are
+not differentiated (their cotangents are ignored): BatchNorm running averages are never part of
 a loss.
 """
 
@@ -47,6 +47,7 @@ import jax.numpy as jnp
 
 from rknet_jax import batch_norm as bn_math
 from rknet_jax import conv as conv_lib
+from rknet_jax import dropout as dropout_lib
 
 __all__ = ["DenseBlockPlan", "BNVars", "ConvUnitVars", "LayerVars", "dense_block"]
 
@@ -132,19 +133,54 @@ class LayerVars(NamedTuple):
   second: ConvUnitVars | None = None
 
 
-def _unit(plan: DenseBlockPlan, x, scale, bias, kernel, stats, key):
+@jax.custom_vjp
+def _saved_moments(x, mean, var):
+  """``bn_math.moments(x)`` whose values ``(mean, var)`` the forward pass already computed:
+  the same values and cotangent of ``x``, without the batch reduction (on a data-sharded
+  batch an all-reduce in every iteration of a backward scan).  ``mean`` and ``var`` get no
+  cotangent."""
+  del x
+  return mean, var
+
+
+def _saved_moments_fwd(x, mean, var):
+  return (mean, var), (x, mean, var)
+
+
+def _saved_moments_bwd(res, cts):
+  """The cotangent of ``x`` autodiff gives ``bn_math.moments``: mean = E[x], var =
+  max(0, E[x^2] - mean^2), so dx = (ct_mean - 2 mean g) / n + 2 x g / n with g = ct_var
+  where the variance is positive (0 where clipped)."""
+  x, mean, var = res
+  ct_mean, ct_var = cts
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  n = math.prod(x.shape[:-1])
+  g = jnp.where(var > 0.0, ct_var, 0.0)
+  dx = (ct_mean - 2.0 * mean * g) / n + (g / n) * 2.0 * x32
+  return dx.astype(x.dtype), jnp.zeros_like(mean), jnp.zeros_like(var)
+
+
+_saved_moments.defvjp(_saved_moments_fwd, _saved_moments_bwd)
+
+
+def _unit(plan: DenseBlockPlan, x, scale, bias, kernel, stats, key, saved=None):
   """BN -> ReLU -> conv [-> dropout] of ``x``; returns (output, (batch mean, batch var)).
 
   ``stats`` is the (mean, var) pair to normalise with in eval mode (ignored in training,
-  where the batch's own statistics are used and returned)."""
+  where the batch's own statistics are used and returned).  ``saved``: in training, the
+  batch statistics of this ``x`` from the forward pass, for the backward pass's rebuild
+  (:func:`_saved_moments`)."""
   dtype = jnp.dtype(plan.dtype)
-  mean, var = bn_math.moments(x) if plan.train else stats
+  if not plan.train:
+    mean, var = stats
+  elif saved is None:
+    mean, var = bn_math.moments(x)
+  else:
+    mean, var = _saved_moments(x, *saved)
   a = jax.nn.relu(bn_math.normalize(x, mean, var, scale, bias, plan.epsilon, dtype))
   y = conv_lib.conv2d(a, kernel.astype(dtype), impl=plan.conv_impl)
   if plan.dropout:
-    keep = 1.0 - plan.dropout_rate
-    mask = jax.random.bernoulli(key, p=keep, shape=y.shape)
-    y = lax.select(mask, y / keep, jnp.zeros_like(y))
+    y = dropout_lib.dropout(y, key, plan.dropout_rate)
   return y, (mean, var)
 
 
@@ -247,13 +283,13 @@ def _forward(plan: DenseBlockPlan, x, layers: Sequence[LayerVars], for_backward:
           plan, buf, plan.in_width(l), plan.in_width(l), layers[l]
         )
         stats.append(layer_stats)
-        hs.append(hl)
-      hidden.append(jnp.stack(hs) if for_backward and hs[0] is not None else None)
+        hs.append(None if hl is None else (hl, layer_stats[1]))
+      hidden.append(_stack(hs) if for_backward and hs[0] is not None else None)
       continue
 
     body = functools.partial(_scan_forward, plan, plan.in_width(b - 1))
     buf, (bucket_stats, hl) = lax.scan(body, buf, (_offsets(plan, a, b), bv))
-    hidden.append(hl)
+    hidden.append(None if hl is None else (hl, bucket_stats[1]))
     for j, l in enumerate(range(a, b)):
       c = plan.in_width(l)
       layer_stats = jax.tree.map(lambda v, j=j: v[j], bucket_stats)
@@ -275,13 +311,14 @@ def _dense_block_fwd(plan, x, layers):
   return (buf, stats), (buf, hidden, bucket_vars, single, jnp.zeros((), x.dtype))
 
 
-def _unit_vjp(plan, x, u: ConvUnitVars, ct):
+def _unit_vjp(plan, x, u: ConvUnitVars, ct, saved=None):
   """Cotangents of (x, scale, bias, kernel) of one BN -> ReLU -> conv unit, rebuilding
-  its BN -> ReLU from ``x`` (the forward convolution is dead code XLA removes)."""
+  its BN -> ReLU from ``x`` (the forward convolution is dead code XLA removes) and, given
+  ``saved``, with the forward pass's batch statistics of ``x``."""
   stats, key = (u.bn.mean, u.bn.var), u.dropout_key
 
   def f(x, scale, bias, kernel):
-    return _unit(plan, x, scale, bias, kernel, stats, key)[0]
+    return _unit(plan, x, scale, bias, kernel, stats, key, saved)[0]
 
   _, vjp = jax.vjp(f, x, u.bn.scale, u.bn.bias, u.kernel)
   dx, dscale, dbias, dkernel = vjp(ct.astype(jnp.dtype(plan.dtype)))
@@ -307,12 +344,18 @@ def _in_loop(plan: DenseBlockPlan) -> DenseBlockPlan:
 
 def _layer_bwd(plan, buf, width, dbuf, xs):
   """One layer's backward step: (dbuf, (first, second) cotangents).  ``xs`` = (the layer's
-  input width c, its LayerVars read from ``width`` channels, its bottleneck output)."""
-  c, lv, h = xs
+  input width c, its LayerVars read from ``width`` channels, (its bottleneck output, that
+  output's batch statistics) or None)."""
+  c, lv, hidden = xs
   ct = lax.dynamic_slice_in_dim(dbuf, c, plan.growth_rate, axis=3)
   dsecond = None
   if lv.second is not None:
-    ct, dsecond = _unit_vjp(plan, h, lv.second, ct)
+    h, saved = hidden
+    # The bottleneck output differs per layer: recomputing its statistics would reduce
+    # over the batch in every iteration; the forward pass's are reused.  (The first unit's
+    # input, a fixed-width prefix of the final buffer, is the same in every iteration of a
+    # bucket: XLA computes its statistics once, outside the loop.)
+    ct, dsecond = _unit_vjp(plan, h, lv.second, ct, saved if plan.train else None)
   # The layer's input, rebuilt from the final buffer (channels it does not read meet zero
   # kernel rows: no effect on its output, zero gradient).
   dprefix, dfirst = _unit_vjp(plan, buf[..., :width], lv.first, ct)
@@ -361,8 +404,9 @@ def _dense_block_bwd(plan, res, cts):
     list(zip(plan.buckets(), stacked_hidden, bucket_vars, single))
   ):
     if bv is None:  # a bucket of one layer, on its exact width
+      one = None if hid is None else jax.tree.map(lambda v: v[0], hid)
       dbuf, (dfirst, dsecond) = _layer_bwd(
-        plan, buf, plan.in_width(a), dbuf, (plan.in_width(a), lv, None if hid is None else hid[0])
+        plan, buf, plan.in_width(a), dbuf, (plan.in_width(a), lv, one)
       )
       dlayers[a] = LayerVars(dfirst, dsecond)
       continue

@@ -72,6 +72,7 @@ import jax.numpy as jnp
 from rknet_jax import batch_norm as bn_math
 from rknet_jax import checks
 from rknet_jax import conv as conv_lib
+from rknet_jax import dropout as dropout_lib
 
 __all__ = [
   "LayerConfig",
@@ -184,10 +185,11 @@ class LayerConfig:
     )
 
   def dropout(self, x, train: bool):
-    """Dropout at ``dropout_rate`` in training; built only when the rate is > 0, so models
-    without dropout need no 'dropout' rng."""
+    """Dropout at ``dropout_rate`` in training (:class:`rknet_jax.dropout.Dropout`: flax's
+    masks); built only when the rate is > 0, so models without dropout need no 'dropout'
+    rng."""
     if self.dropout_rate > 0.0:
-      x = nn.Dropout(rate=self.dropout_rate, deterministic=not train)(x)
+      x = dropout_lib.Dropout(rate=self.dropout_rate, deterministic=not train)(x)
     return x
 
   def maybe_remat(self, layer_cls, train_argnum: int):

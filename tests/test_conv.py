@@ -190,6 +190,13 @@ def test_auto_resolves_by_backend_at_trace_time():
   assert jax.default_backend() == "cpu"
   assert conv_lib.resolve_impl("auto") == "dot1x1" == conv_lib.resolve_impl()
   assert conv_lib.resolve_impl("xla") == "xla"
+  # A target platform given by the caller (a mesh's devices) overrides the default backend.
+  assert [conv_lib.resolve_impl("auto", p) for p in ("cpu", "gpu", "tpu")] == [
+    "dot1x1",
+    "xla",
+    "xla",
+  ]
+  assert conv_lib.resolve_impl("dot", "tpu") == "dot"
   x, k, _ = _inputs(3, jnp.float32, n=1, h=4, w=4)
   assert "custom_vjp" not in str(jax.make_jaxpr(lambda a, b: conv2d(a, b, impl="xla"))(x, k))
   assert "custom_vjp" in str(jax.make_jaxpr(lambda a, b: conv2d(a, b, impl="dot"))(x, k))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rknet_jax import batch_norm as bn_math
 from rknet_jax import blocks, dense_buffer
 from rknet_jax.layers import LayerConfig
 
@@ -269,3 +270,25 @@ def test_dense_formulation_is_a_model_option():
     jaxpr = str(jax.make_jaxpr(lambda v, m=m: m.apply(v, x, train=False))(variables))
     assert ("custom_vjp_call" in jaxpr) == (f == "buffer"), f
   assert blocks.DenseBlock(2, 2, config=LayerConfig(dense_formulation="buffer")).uses_buffer()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_saved_moments_have_the_values_and_cotangent_of_moments(dtype):
+  """The backward pass's rebuild of a bottleneck BatchNorm reuses the forward pass's batch
+  statistics: same values, same cotangent of the input as differentiating the moments."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 5, 5, 7)) * 3.0 + 1.5
+  x = x.at[..., 2].set(0.25).astype(dtype)  # a constant channel: variance clipped at 0
+  cts = (
+    jax.random.normal(jax.random.PRNGKey(1), (7,)),
+    jax.random.normal(jax.random.PRNGKey(2), (7,)),
+  )
+  want, vjp_want = jax.vjp(bn_math.moments, x)
+  got, vjp_got = jax.vjp(lambda x: dense_buffer._saved_moments(x, *want), x)
+  chex.assert_trees_all_equal(got, want)
+  (dx_want,), (dx_got,) = vjp_want(cts), vjp_got(cts)
+  assert dx_got.dtype == dtype
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(
+    np.asarray(dx_got, np.float32), np.asarray(dx_want, np.float32), rtol=tol, atol=tol
+  )
+  assert float(jnp.abs(dx_want.astype(jnp.float32)).max()) > 1e-3  # not trivially zero
