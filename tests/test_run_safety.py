@@ -592,24 +592,16 @@ def test_is_time_fires_every_n_steps_and_at_the_last():
 
 
 # ------------------------------------------------------------------ the command line
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_main(*args, timeout=300):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-  env["JAX_PLATFORMS"] = "cpu"
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.main", *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
+@pytest.fixture
+def run_main(run_python):
+  """``python -m experiments.main *args`` on one CPU device."""
+  return lambda *args, timeout=300: run_python(
+    "-m", "experiments.main", *args, unset=("XLA_FLAGS",), timeout=timeout
   )
 
 
 @pytest.mark.slow
-def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
+def test_digits_with_learning_rate_100_exits_1_without_a_result(run_main, tmp_path):
   """A regression: this exited 0 reporting 0.90 test error, with NaN weights in its checkpoint."""
   workdir = str(tmp_path / "run")
   proc = run_main(
@@ -627,7 +619,7 @@ def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
     assert_all_finite(rknet_jax.load_checkpoint(workdir)[1])
 
 
-def test_a_config_file_that_does_not_exist_is_one_line(tmp_path):
+def test_a_config_file_that_does_not_exist_is_one_line(run_main, tmp_path):
   proc = run_main(
     "--config=experiments/configs/no_such_config.py", f"--workdir={tmp_path / 'run'}", timeout=120
   )
