@@ -2,12 +2,14 @@
 
 Eight virtual CPU devices, so data-parallel sharding is tested on a one-CPU machine
 (set before JAX is imported by any test module). Fixtures: ``tiny_config`` (the runner config
-of every end-to-end test), ``data_config`` (the same on another dataset), ``digits_splits``
+of every end-to-end test), ``resumable_config`` (the same for runs that resume),
+``data_config`` (the same on another dataset), ``digits_splits``
 and ``write_image_folder`` (datasets made from scikit-learn's digits), ``run_python`` (the
 command-line tests' child processes).
 """
 
 import faulthandler
+import functools
 import os
 import shutil
 import subprocess
@@ -96,6 +98,14 @@ def _tiny_config(**overrides):
 def tiny_config():
   """The runner config of every end-to-end test: ``tiny_config(**overrides)``."""
   return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def resumable_config():
+  """``resumable_config(**overrides)``: the tiny config with no hold-out and a constant
+  learning rate, so a run stopped, resumed or continued takes the steps one run would (the
+  checkpoint and run-safety tests)."""
+  return functools.partial(_tiny_config, validation_size=0, lr_schedule="constant")
 
 
 @pytest.fixture(scope="session")
