@@ -2,10 +2,9 @@
 
 Eight virtual CPU devices, so data-parallel sharding is tested on a one-CPU machine
 (set before JAX is imported by any test module). Fixtures: ``tiny_config`` (the runner config
-of every end-to-end test), ``resumable_config`` (the same for runs that resume),
-``data_config`` (the same on another dataset), ``digits_splits``
-and ``write_image_folder`` (datasets made from scikit-learn's digits), ``run_python`` (the
-command-line tests' child processes).
+of every end-to-end test), ``resumable_config`` (the same for runs that stop and resume),
+``data_config`` (the same on another dataset), ``digits_splits`` and ``write_image_folder``
+(datasets made from scikit-learn's digits), ``run_python`` (a command in a child process).
 """
 
 import faulthandler
