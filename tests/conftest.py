@@ -2,13 +2,17 @@
 
 Eight virtual CPU devices, so data-parallel sharding is tested on a one-CPU machine
 (set before JAX is imported by any test module). Fixtures: ``tiny_config`` (the runner config
-of every end-to-end test), ``data_config`` (the same on another dataset), ``digits_splits``
-and ``write_image_folder`` (datasets made from scikit-learn's digits).
+of every end-to-end test), ``resumable_config`` (the same for runs that stop and resume),
+``data_config`` (the same on another dataset), ``digits_splits`` and ``write_image_folder``
+(datasets made from scikit-learn's digits), ``run_python`` (a command in a child process).
 """
 
 import faulthandler
+import functools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
@@ -35,6 +39,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest  # noqa: E402  (after the environment above, like every JAX import)
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CRASH_DIR = os.environ.setdefault(
   "RKNET_TEST_CRASH_DIR", os.path.join(tempfile.gettempdir(), f"rknet-test-crashes-{os.getpid()}")
 )
@@ -76,23 +81,25 @@ def pytest_terminal_summary(terminalreporter):
     shutil.rmtree(_CRASH_DIR, ignore_errors=True)
 
 
+# What the tiny config changes in the digits quickstart (experiments/configs/digits.py).
+_TINY_OVERRIDES = {
+  "model": "ERKNet-1x1 1x1",
+  "growth_rate": 4,
+  "eval_batch_size": 64,
+  "num_epochs": 300,  # the default's (num_train_steps decides the length)
+  "num_train_steps": 12,
+  "log_every_steps": 4,
+  "checkpoint_every_steps": 5,
+  "prefetch": 1,
+}
+
+
 def _tiny_config(**overrides):
   """ERKNet-1x1 1x1, k = 4, on digits: compiles and trains in about a second."""
-  from experiments.configs import default
+  from experiments.configs import digits
 
-  c = default.get_config()
-  c.model = "ERKNet-1x1 1x1"
-  c.growth_rate = 4
-  c.dataset = "digits"
-  c.download = False
-  c.validation_size = 144
-  c.batch_size = 64
-  c.eval_batch_size = 64
-  c.num_train_steps = 12
-  c.log_every_steps = 4
-  c.checkpoint_every_steps = 5
-  c.prefetch = 1
-  for k, v in overrides.items():
+  c = digits.get_config()
+  for k, v in {**_TINY_OVERRIDES, **overrides}.items():
     c[k] = v
   return c
 
@@ -101,6 +108,14 @@ def _tiny_config(**overrides):
 def tiny_config():
   """The runner config of every end-to-end test: ``tiny_config(**overrides)``."""
   return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def resumable_config():
+  """``resumable_config(**overrides)``: the tiny config with no hold-out and a constant
+  learning rate, so a run stopped, resumed or continued takes the steps one run would (the
+  checkpoint and run-safety tests)."""
+  return functools.partial(_tiny_config, validation_size=0, lr_schedule="constant")
 
 
 @pytest.fixture(scope="session")
@@ -150,3 +165,22 @@ def _write_image_folder(root, splits, *, mode="L", ext="png", size=None):
 def write_image_folder():
   """``write_image_folder(root, splits, mode=, ext=, size=)`` -> the ``folder:`` dataset."""
   return _write_image_folder
+
+
+def _run_python(*args, env=None, unset=(), timeout=300, check=False):
+  """``python *args`` in a child process from the repository root, on the CPU: its
+  ``CompletedProcess`` with the output as text. ``env`` sets variables, ``unset`` removes them
+  (XLA_FLAGS, for one CPU device instead of this process's eight)."""
+  environ = {k: v for k, v in os.environ.items() if k not in unset}
+  environ.update({"JAX_PLATFORMS": "cpu", **(env or {})})
+  command = [sys.executable, *args]
+  return subprocess.run(
+    command, cwd=REPO, env=environ, capture_output=True, text=True, timeout=timeout, check=check
+  )
+
+
+@pytest.fixture(scope="session")
+def run_python():
+  """``run_python(*args, env=None, unset=(), timeout=300, check=False)``: ``python *args``
+  from the repository root with JAX on the CPU (the command-line tests)."""
+  return _run_python

@@ -5,8 +5,6 @@ the same code with other models and shapes, run on a GPU.
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -16,27 +14,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_smoke_run_prints_a_row_per_case_with_numbers(tmp_path):
+def test_smoke_run_prints_a_row_per_case_with_numbers(run_python, tmp_path):
   out_json = tmp_path / "records.json"
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "benchmarks.bench_device",
-      "--smoke",
-      "--steps",
-      "2",
-      "--warmup",
-      "1",
-      "--dtypes",
-      "float32",
-      "bfloat16",
-      "--json",
-      str(out_json),
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
+  proc = run_python(
+    "-m",
+    "benchmarks.bench_device",
+    *"--smoke --steps 2 --warmup 1 --dtypes float32 bfloat16".split(),
+    f"--json={out_json}",
     timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]

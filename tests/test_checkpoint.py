@@ -143,7 +143,9 @@ def checkpoint_steps(workdir):
 
 
 @pytest.mark.slow
-def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(tmp_path, children):
+def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(
+  run_python, tmp_path, children
+):
   ref_dir, work = str(tmp_path / "reference"), str(tmp_path / "interrupted")
   ref_child = children(ref_dir)
 
@@ -210,12 +212,12 @@ def test_sigterm_sigkill_and_damaged_checkpoint_end_like_an_uninterrupted_run(tm
   assert_same_run(finished_run(work), reference)
 
   # The evaluation CLI reproduces the run's exact test numbers from its final checkpoint.
-  out = subprocess.run(
-    [sys.executable, "-m", "experiments.evaluate", f"--workdir={ref_dir}"],
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"),
-    capture_output=True,
-    text=True,
+  two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  out = run_python(
+    "-m",
+    "experiments.evaluate",
+    f"--workdir={ref_dir}",
+    env=two_devices,
     timeout=TIMEOUT,
     check=True,
   ).stdout

@@ -5,16 +5,10 @@ Mostly in-process (the helpers every entry point uses); a few real subprocesses 
 main, evaluate and study print no traceback for a clear refusal.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from experiments import cli, study, train
 from experiments.configs import digits
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_config_typos_get_did_you_mean():
@@ -109,17 +103,10 @@ def test_study_override_typos_get_did_you_mean(tmp_path):
     )
 
 
-def run_cli(module, *args, timeout=300):
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cli.VERBOSE_ENV)}
-  env["JAX_PLATFORMS"] = "cpu"
-  return subprocess.run(
-    [sys.executable, "-m", module, *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+@pytest.fixture
+def run_cli(run_python):
+  """``python -m module *args`` on one CPU device, without a verbose switch from outside."""
+  return lambda module, *args: run_python("-m", module, *args, unset=("XLA_FLAGS", cli.VERBOSE_ENV))
 
 
 def error_lines(proc):
@@ -128,7 +115,7 @@ def error_lines(proc):
   return [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
 
 
-def test_the_entry_points_refuse_in_one_line_without_a_traceback(tmp_path):
+def test_the_entry_points_refuse_in_one_line_without_a_traceback(run_cli, tmp_path):
   config = "--config=experiments/configs/digits.py"
   # A config typo (was: an ml_collections traceback).
   lines = error_lines(

@@ -237,46 +237,44 @@ def test_folder_errors_name_the_file_or_folder(write_image_folder, tmp_path):
     write_image_folder(root, {"train": gray(4), "test": gray(2)})
     return root
 
+  def refused(root, match, error=ValueError):
+    with pytest.raises(error, match=match):
+      ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
+
   root = make("unreadable")
   (root / "train" / "c0" / "broken.png").write_bytes(b"\x89PNG not really")
-  with pytest.raises(ValueError, match=r"cannot read image .*unreadable/train/c0/broken.png"):
-    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
+  refused(root, r"cannot read image .*unreadable/train/c0/broken.png")
   root = make("empty")
   (root / "train" / "c7").mkdir()
-  with pytest.raises(
-    ValueError,
-    match=r"class folder .*empty/train/c7 has no images \(it is "
+  refused(
+    root,
+    r"class folder .*empty/train/c7 has no images \(it is "
     r"empty\): every class needs at least one image file \(.png .jpg",
-  ):
-    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
+  )
   root = make("notes_only")
   (root / "train" / "c9").mkdir()
   (root / "train" / "c9" / "notes.txt").write_text("hello")
   (root / "train" / "c9" / ".hidden.png").write_bytes(b"")
-  with pytest.raises(
-    ValueError,
-    match=r"class folder .*notes_only/train/c9 has no images \(only "
+  refused(
+    root,
+    r"class folder .*notes_only/train/c9 has no images \(only "
     r"2 other entries, e.g. 'notes.txt'\)",
-  ):
-    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
+  )
   root = make("no_test_images")
   for picture in (root / "test").glob("c*/*.png"):
     picture.unlink()
   for class_dir in (root / "test").iterdir():
     class_dir.rmdir()
   (root / "test" / "README").write_text("to do")
-  with pytest.raises(
-    ValueError,
-    match=r"no_test_images/test holds no images \(only 1 other "
+  refused(
+    root,
+    r"no_test_images/test holds no images \(only 1 other "
     r"entries, e.g. 'test/README'\): expected .*/test/<class>/<image>",
-  ):
-    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
+  )
   root = make("extra_class")
   write_image_folder(root, {"test": (np.zeros((1, 8, 8), np.uint8), [5])})
-  with pytest.raises(ValueError, match=r"extra_class/test/c5 has no counterpart"):
-    ip.preflight({"dataset": f"folder:{root}", "batch_size": 2})
-  with pytest.raises(FileNotFoundError, match=r"nowhere/train not found"):
-    ip.preflight({"dataset": f"folder:{tmp_path / 'nowhere'}", "batch_size": 2})
+  refused(root, r"extra_class/test/c5 has no counterpart")
+  refused(tmp_path / "nowhere", r"nowhere/train not found", FileNotFoundError)
 
 
 # ------------------------------------------------------------------------------------------------

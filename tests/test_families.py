@@ -2,8 +2,6 @@
 
 import dataclasses
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -134,14 +132,12 @@ def test_a_module_checks_its_options_with_its_spec():
   assert registry.build(spec).spec() == resolved
 
 
-def test_the_spec_layer_imports_no_flax():
+def test_the_spec_layer_imports_no_flax(run_python):
   code = (
     "import sys; import rknet_jax.spec, rknet_jax.names, rknet_jax.paper; "
     "spec = rknet_jax.names.spec_from_name('ERKNet-2x1', growth_rate=4); "
     "loaded = sorted(m for m in sys.modules if m == 'flax' or m.startswith('flax.')); "
     "print(spec.name, loaded)"
   )
-  out = subprocess.run(
-    [sys.executable, "-c", code], capture_output=True, text=True, check=True
-  ).stdout.strip()
+  out = run_python("-c", code, check=True).stdout.strip()
   assert out == "ERKNet-2×1-k4 []", out

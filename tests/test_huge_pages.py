@@ -1,7 +1,6 @@
 """experiments/huge_pages.py: the CLI turns glibc's huge pages on itself."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -28,26 +27,16 @@ def test_when_the_environment_changes(environ, platform, expected):
     assert {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"} == environ
 
 
-def _probe(**extra):
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RKNET_HUGE_PAGES")}
-  env.update(extra)
-  out = subprocess.run(
-    [sys.executable, "-m", "experiments.huge_pages"],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=60,
-    check=True,
-  )
-  return out.stdout.strip()
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables: Linux only")
-def test_the_process_reexecutes_itself_once_with_huge_pages():
-  assert _probe() == huge_pages.TUNABLE
-  assert _probe(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == "glibc.malloc.arena_max=2"
-  assert _probe(RKNET_HUGE_PAGES="0") == "unset"
+def test_the_process_reexecutes_itself_once_with_huge_pages(run_python):
+  def probe(**env):  # what the child's GLIBC_TUNABLES is after it started
+    unset = ("GLIBC_TUNABLES", "RKNET_HUGE_PAGES")
+    out = run_python("-m", "experiments.huge_pages", env=env, unset=unset, timeout=60, check=True)
+    return out.stdout.strip()
+
+  assert probe() == huge_pages.TUNABLE
+  assert probe(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == "glibc.malloc.arena_max=2"
+  assert probe(RKNET_HUGE_PAGES="0") == "unset"
 
 
 def test_the_command_line_entry_points_call_it():

@@ -5,6 +5,7 @@ Models with implicit stages (here a Gauss-Legendre tableau RKNet and an IRKNet) 
 the same program as without reporting and log no such metric.
 """
 
+import functools
 import logging
 
 import jax
@@ -19,14 +20,17 @@ IMPLICIT = "Gauss_Legendre2Net-1x1 1x1"  # two implicit time-steps, 4 channels a
 WARNING = "did not converge"
 
 
-def _implicit_config(tiny_config, **model_kwargs):
-  config = tiny_config(
-    model=IMPLICIT,
-    validation_size=0,
-    num_train_steps=8,
-    checkpoint_every_steps=100,
-    precise_bn_batches=0,
+@pytest.fixture
+def short_config(tiny_config):
+  """The tiny config with no hold-out, no mid-run checkpoint and no precise BN (the
+  residuals logged are the train step's)."""
+  return functools.partial(
+    tiny_config, validation_size=0, checkpoint_every_steps=100, precise_bn_batches=0
   )
+
+
+def _implicit_config(short_config, **model_kwargs):
+  config = short_config(model=IMPLICIT, num_train_steps=8)
   for k, v in model_kwargs.items():
     config.model_kwargs[k] = v
   return config
@@ -40,8 +44,8 @@ def _warnings(caplog):
   return [r.getMessage() for r in caplog.records if WARNING in r.getMessage()]
 
 
-def test_too_few_iterations_are_logged_and_warned_about_once(tiny_config, tmp_path, caplog):
-  config = _implicit_config(tiny_config, implicit_iterations=1)
+def test_too_few_iterations_are_logged_and_warned_about_once(short_config, tmp_path, caplog):
+  config = _implicit_config(short_config, implicit_iterations=1)
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, str(tmp_path))
   records = _train_records(str(tmp_path))
@@ -55,8 +59,8 @@ def test_too_few_iterations_are_logged_and_warned_about_once(tiny_config, tmp_pa
   assert f"config.implicit_residual_tolerance={tolerance:g}" in message
 
 
-def test_a_converging_solve_is_logged_without_a_warning(tiny_config, tmp_path, caplog):
-  config = _implicit_config(tiny_config, step_size=0.1)
+def test_a_converging_solve_is_logged_without_a_warning(short_config, tmp_path, caplog):
+  config = _implicit_config(short_config, step_size=0.1)
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, str(tmp_path))
   records = _train_records(str(tmp_path))
@@ -65,12 +69,10 @@ def test_a_converging_solve_is_logged_without_a_warning(tiny_config, tmp_path, c
   assert _warnings(caplog) == []
 
 
-def test_a_clique_block_run_is_logged_without_a_warning(tiny_config, tmp_path, caplog):
+def test_a_clique_block_run_is_logged_without_a_warning(short_config, tmp_path, caplog):
   """IRKNet's alternate updates need not converge (the paper runs a fixed number): its
   residual is recorded, far above the tolerance, and no setting is blamed for it."""
-  config = tiny_config(
-    model="IRKNet-2x1 2x1", validation_size=0, num_train_steps=4, precise_bn_batches=0
-  )
+  config = short_config(model="IRKNet-2x1 2x1", num_train_steps=4)
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, str(tmp_path))
   records = _train_records(str(tmp_path))
@@ -80,8 +82,8 @@ def test_a_clique_block_run_is_logged_without_a_warning(tiny_config, tmp_path, c
   assert _warnings(caplog) == []
 
 
-def test_an_explicit_run_has_no_residual_metric(tiny_config, tmp_path, caplog):
-  config = tiny_config(validation_size=0, num_train_steps=4, precise_bn_batches=0)
+def test_an_explicit_run_has_no_residual_metric(short_config, tmp_path, caplog):
+  config = short_config(num_train_steps=4)
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, str(tmp_path))
   records = _train_records(str(tmp_path))

@@ -1,8 +1,6 @@
 """experiments/tools/mnist_to_npz.py: the four MNIST IDX files -> the npz the runner reads."""
 
 import gzip
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -36,21 +34,10 @@ def _tiny_mnist(folder, n_train=12, n_test=5, gz=True):
   return arrays
 
 
-def test_converts_idx_files_into_the_runners_npz(tmp_path):
+def test_converts_idx_files_into_the_runners_npz(run_python, tmp_path):
   arrays = _tiny_mnist(tmp_path)
   out = tmp_path / "mnist.npz"
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.tools.mnist_to_npz",
-      f"--idx_dir={tmp_path}",
-      f"--out={out}",
-    ],
-    capture_output=True,
-    text=True,
-    check=False,
-  )
+  proc = run_python("-m", "experiments.tools.mnist_to_npz", f"--idx_dir={tmp_path}", f"--out={out}")
   assert proc.returncode == 0, proc.stderr
   assert "12 train / 5 test images of shape (28, 28, 1)" in proc.stdout
   with np.load(out) as data:

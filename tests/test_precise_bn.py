@@ -223,17 +223,13 @@ def test_runs_are_deterministic_resume_bit_identically_and_export_precise_statis
 
 
 @pytest.mark.slow
-def test_continuing_a_finished_run_trains_the_same_weights(tiny_config, tmp_path, caplog):
+def test_continuing_a_finished_run_trains_the_same_weights(resumable_config, tmp_path, caplog):
   """The finished run's final checkpoint holds precise statistics; continuing from it says
   so, trains the same parameters and ends with the same precise statistics."""
-  config = tiny_config(
-    num_train_steps=12, lr_schedule="constant", validation_size=0, precise_bn_batches=4
-  )
+  config = resumable_config(num_train_steps=12, precise_bn_batches=4)
   ref, cont = str(tmp_path / "ref"), str(tmp_path / "cont")
   train.train_and_evaluate(config, ref)
-  short = tiny_config(
-    num_train_steps=6, lr_schedule="constant", validation_size=0, precise_bn_batches=4
-  )
+  short = resumable_config(num_train_steps=6, precise_bn_batches=4)
   train.train_and_evaluate(short, cont)
   with caplog.at_level(logging.WARNING):
     result = train.train_and_evaluate(config, cont)

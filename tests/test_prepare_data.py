@@ -8,10 +8,7 @@ input pipeline reads it back. Offline behaviour is tested against a closed and a
 import functools
 import http.server
 import io
-import os
 import socket
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -178,38 +175,12 @@ def test_silent_server_times_out_within_the_probe_timeout(tmp_path, monkeypatch)
     assert time.monotonic() - start < 10
 
 
-def test_prepare_data_command_and_errors(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.prepare_data",
-      f"--dataset=digits,npz:{tmp_path}/d.npz",
-      f"--data_dir={tmp_path}",
-    ],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
-    check=False,
-  )
+def test_prepare_data_command_and_errors(run_python, tmp_path):
+  prepare_data = ("-m", "experiments.prepare_data", f"--data_dir={tmp_path}")
+  out = run_python(*prepare_data, f"--dataset=digits,npz:{tmp_path}/d.npz")
   assert out.returncode == 0, out.stderr
   assert "digits: nothing to prepare" in out.stdout and "npz:" in out.stdout
-  out = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.prepare_data",
-      "--dataset=cifar11",
-      f"--data_dir={tmp_path}",
-    ],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
-    check=False,
-  )
+  out = run_python(*prepare_data, "--dataset=cifar11")
   assert out.returncode == 1 and "Unknown TFDS dataset 'cifar11'" in out.stderr
   assert "Traceback" not in out.stderr
   with pytest.raises(ValueError, match="Unknown TFDS dataset 'cifar11'"):

@@ -50,17 +50,14 @@ def test_public_functions_and_classes_are_documented(module):
   assert not missing, f"{module}: undocumented public symbols {missing}"
 
 
-def test_spec_layers_import_no_model_code():
+def test_spec_layers_import_no_model_code(run_python):
   """checks, spec and names stay below the modules (which may use them): no import cycle."""
-  import subprocess
-  import sys
-
   code = (
     "import sys, rknet_jax.names, rknet_jax.paper; "
     "print(sorted(m for m in ('rknet_jax.models', 'rknet_jax.blocks', 'rknet_jax.layers', "
     "'rknet_jax.registry') if m in sys.modules))"
   )
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  out = run_python("-c", code, check=True)
   assert out.stdout.strip() == "[]"
 
 

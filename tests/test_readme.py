@@ -6,12 +6,9 @@ config files. Every other block runs here as written.
 """
 
 import importlib.util
-import os
 import pathlib
 import re
 import shlex
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -102,19 +99,10 @@ def _shell_blocks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("code,line", _shell_blocks(), ids=lambda v: str(v)[:40])
-def test_unmarked_commands_run(code, line):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+def test_unmarked_commands_run(run_python, code, line):
   for argv in _commands(code):
     assert argv[0] == "python", f"README line {line}: {argv}"
-    out = subprocess.run(
-      [sys.executable] + argv[1:],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
-    )
+    out = run_python(*argv[1:], env={"PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, f"README line {line}: {argv}\n{out.stderr[-2000:]}"
     assert out.stdout.strip()
 

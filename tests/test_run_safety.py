@@ -69,7 +69,7 @@ def overflow_running_variances_after(bad_step, monkeypatch):
 
 
 def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_result(
-  tiny_config, tmp_path, monkeypatch
+  resumable_config, tmp_path, monkeypatch
 ):
   """What learning_rate=100 does on digits: running variances overflow, the loss does not.
 
@@ -79,13 +79,7 @@ def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_resul
   """
   overflow_running_variances_after(3, monkeypatch)
   workdir = str(tmp_path / "run")
-  config = tiny_config(
-    validation_size=0,
-    num_train_steps=8,
-    checkpoint_every_steps=2,
-    log_every_steps=4,
-    lr_schedule="constant",
-  )
+  config = resumable_config(num_train_steps=8, checkpoint_every_steps=2, log_every_steps=4)
   with pytest.raises(train.NonFiniteError) as e:
     train.train_and_evaluate(config, workdir)
   message = str(e.value)
@@ -100,17 +94,13 @@ def test_finite_loss_with_non_finite_bn_statistics_stops_the_run_without_a_resul
 
 
 @pytest.mark.slow
-def test_a_resumed_run_that_breaks_keeps_the_good_checkpoints(tiny_config, tmp_path, monkeypatch):
+def test_a_resumed_run_that_breaks_keeps_the_good_checkpoints(
+  resumable_config, tmp_path, monkeypatch
+):
   """A regression: a good run resumed with a huge learning rate wrote NaN checkpoints, and
   keep-last-K deleted the good ones. The state breaks (finite loss) after step 9 here."""
   workdir = str(tmp_path / "run")
-  config = tiny_config(
-    validation_size=0,
-    num_train_steps=8,
-    checkpoint_every_steps=2,
-    keep_checkpoints=2,
-    lr_schedule="constant",
-  )
+  config = resumable_config(num_train_steps=8, checkpoint_every_steps=2, keep_checkpoints=2)
   train.train_and_evaluate(config, workdir)
   assert checkpoint_steps(workdir) == [6, 8]
   good = {s: rknet_jax.load_checkpoint(workdir, step=s)[1] for s in (6, 8)}
@@ -157,12 +147,10 @@ def rot_one_bit_of_the_saved_weights(workdir, step):
 
 
 def test_a_flipped_bit_in_the_newest_checkpoint_is_detected_and_the_previous_used(
-  tiny_config, tmp_path, caplog
+  resumable_config, tmp_path, caplog
 ):
   workdir = str(tmp_path / "run")
-  config = tiny_config(
-    validation_size=0, num_train_steps=8, checkpoint_every_steps=4, lr_schedule="constant"
-  )
+  config = resumable_config(num_train_steps=8, checkpoint_every_steps=4)
   train.train_and_evaluate(config, workdir)
   _, final, _ = rknet_jax.load_checkpoint(workdir, step=8)
   _, previous, _ = rknet_jax.load_checkpoint(workdir, step=4)
@@ -198,7 +186,7 @@ def test_checksums_are_recorded_for_every_array_and_catch_any_change():
 
 # ------------------------------------------------------------------ one run per workdir
 def test_a_live_holder_refuses_a_second_run_and_a_stale_lock_is_taken_over(
-  tiny_config, tmp_path, caplog
+  resumable_config, tmp_path, caplog
 ):
   workdir = tmp_path / "run"
   workdir.mkdir()
@@ -207,7 +195,7 @@ def test_a_live_holder_refuses_a_second_run_and_a_stale_lock_is_taken_over(
   try:
     record = {"host": socket.gethostname(), "pid": holder.pid, "started": "2026-01-01T00:00"}
     lock_file.write_text(json.dumps(record))
-    config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+    config = resumable_config(num_train_steps=4)
     with pytest.raises(
       rundir.WorkdirBusy,
       match=rf"host {record['host']}, pid {holder.pid}, "
@@ -231,15 +219,13 @@ def test_a_live_holder_refuses_a_second_run_and_a_stale_lock_is_taken_over(
   assert not lock_file.exists()
 
 
-def test_metadata_is_written_only_after_the_restore_succeeded(tiny_config, tmp_path):
+def test_metadata_is_written_only_after_the_restore_succeeded(resumable_config, tmp_path):
   workdir = tmp_path / "run"
-  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  config = resumable_config(num_train_steps=4)
   train.train_and_evaluate(config, str(workdir))
   model_json = (workdir / rk_ckpt.MODEL_FILE).read_text()
   (workdir / rundir.RUN_FILE).unlink()
-  other = tiny_config(
-    validation_size=0, num_train_steps=4, lr_schedule="constant", model="ERKNet-2x1 1x1"
-  )
+  other = resumable_config(num_train_steps=4, model="ERKNet-2x1 1x1")
   # model.json is compared as a resolved spec before anything is touched.
   with pytest.raises(ValueError, match=r"different model .*stages: workdir has \[1, 1\]"):
     train.train_and_evaluate(other, str(workdir))
@@ -265,9 +251,9 @@ def test_metadata_is_written_only_after_the_restore_succeeded(tiny_config, tmp_p
   assert checkpoint_steps(str(workdir)) == [4]
 
 
-def test_outputs_without_checkpoints_are_moved_aside_never_overwritten(tiny_config, tmp_path):
+def test_outputs_without_checkpoints_are_moved_aside_never_overwritten(resumable_config, tmp_path):
   workdir = tmp_path / "run"
-  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  config = resumable_config(num_train_steps=4)
   train.train_and_evaluate(config, str(workdir))
   old_results = (workdir / "results.json").read_text()
   old_metrics = (workdir / "metrics.jsonl").read_text()
@@ -288,10 +274,10 @@ def test_outputs_without_checkpoints_are_moved_aside_never_overwritten(tiny_conf
 
 
 def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(
-  tiny_config, tmp_path, caplog, monkeypatch
+  resumable_config, tmp_path, caplog, monkeypatch
 ):
   workdir = str(tmp_path / "run")
-  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  config = resumable_config(num_train_steps=4)
   real, calls = train.clock, []
 
   def first_session_takes_1000_s():
@@ -318,12 +304,12 @@ def test_rerun_with_more_steps_continues_says_so_and_keeps_the_history(
 # ------------------------------------------- a run is bound to its recipe and its model
 @pytest.mark.slow
 def test_a_recipe_change_on_resume_warns_and_run_json_keeps_each_sessions_values(
-  tiny_config, tmp_path, caplog
+  resumable_config, tmp_path, caplog
 ):
   """Changing the optimiser on resume continues (lowering the learning rate after a
   non-finite stop is a fix), warns, and never makes run.json claim one value for the run."""
   workdir = str(tmp_path / "run")
-  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  config = resumable_config(num_train_steps=4)
   train.train_and_evaluate(config, workdir)
   config.num_train_steps = 8
   config.learning_rate, config.momentum = 0.05, 0.8
@@ -350,12 +336,10 @@ def test_a_recipe_change_on_resume_warns_and_run_json_keeps_each_sessions_values
 
 @pytest.mark.parametrize("field,value", [("dropout_rate", 0.2), ("bn_momentum", 0.5)])
 def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_nothing(
-  tiny_config, tmp_path, field, value
+  resumable_config, tmp_path, field, value
 ):
   workdir = str(tmp_path / "run")
-  config = tiny_config(
-    validation_size=0, num_train_steps=4, checkpoint_every_steps=2, lr_schedule="constant"
-  )
+  config = resumable_config(num_train_steps=4, checkpoint_every_steps=2)
   train.train_and_evaluate(config, workdir)
   model_json = rk_ckpt.read_model_spec(workdir)
   metas = checkpointing.checkpoint_metas(workdir)
@@ -363,7 +347,7 @@ def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_no
   assert all(m[checkpointing.MODEL_SPEC_KEY] == model_json for m in metas.values())
   os.remove(os.path.join(workdir, rk_ckpt.MODEL_FILE))
   run_json = (tmp_path / "run" / rundir.RUN_FILE).read_text()
-  other = tiny_config(validation_size=0, num_train_steps=8, lr_schedule="constant")
+  other = resumable_config(num_train_steps=8)
   other.model_kwargs[field] = value
   old = model_json[field]
   with pytest.raises(
@@ -376,11 +360,13 @@ def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_no
   assert (tmp_path / "run" / rundir.RUN_FILE).read_text() == run_json
 
 
-def test_a_model_json_that_does_not_match_the_checkpoints_says_so(tiny_config, tmp_path, caplog):
+def test_a_model_json_that_does_not_match_the_checkpoints_says_so(
+  resumable_config, tmp_path, caplog
+):
   from experiments import evaluate
 
   workdir = str(tmp_path / "run")
-  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  config = resumable_config(num_train_steps=4)
   train.train_and_evaluate(config, workdir)
   edited = dict(rk_ckpt.read_model_spec(workdir), growth_rate=[8, 8])
   rk_ckpt.write_model_spec(workdir, rk_ckpt.saved_spec(edited), edited["input_shape"])
@@ -425,10 +411,10 @@ def test_a_config_that_trains_zero_steps_is_refused_before_any_work(
 
 
 def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(
-  tiny_config, tmp_path, caplog, monkeypatch
+  resumable_config, tmp_path, caplog, monkeypatch
 ):
   workdir = tmp_path / "run"
-  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  config = resumable_config(num_train_steps=4)
   first = train.train_and_evaluate(config, str(workdir))
   files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
   monkeypatch.setattr(
@@ -514,10 +500,10 @@ def test_truncated_run_json_is_named_and_explained(tiny_config, tmp_path):
 
 
 def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(
-  tiny_config, tmp_path, monkeypatch
+  resumable_config, tmp_path, monkeypatch
 ):
   workdir = str(tmp_path / "run")
-  config = tiny_config(validation_size=0, num_train_steps=4, lr_schedule="constant")
+  config = resumable_config(num_train_steps=4)
   train.train_and_evaluate(config, workdir)
   path = os.path.join(workdir, "checkpoints", "4", "model")
 
@@ -537,12 +523,10 @@ def test_unreadable_checkpoint_is_not_called_damaged_and_nothing_is_moved(
 
 
 def test_a_damaged_checkpoint_that_cannot_be_moved_aside_gives_a_clear_error(
-  tiny_config, tmp_path, monkeypatch
+  resumable_config, tmp_path, monkeypatch
 ):
   workdir = str(tmp_path / "run")
-  config = tiny_config(
-    validation_size=0, num_train_steps=8, checkpoint_every_steps=4, lr_schedule="constant"
-  )
+  config = resumable_config(num_train_steps=8, checkpoint_every_steps=4)
   train.train_and_evaluate(config, workdir)
   rot_one_bit_of_the_saved_weights(workdir, 8)
   os.remove(os.path.join(workdir, "results.json"))  # not finished: it restores
@@ -592,24 +576,16 @@ def test_is_time_fires_every_n_steps_and_at_the_last():
 
 
 # ------------------------------------------------------------------ the command line
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_main(*args, timeout=300):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-  env["JAX_PLATFORMS"] = "cpu"
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.main", *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
+@pytest.fixture
+def run_main(run_python):
+  """``python -m experiments.main *args`` on one CPU device."""
+  return lambda *args, timeout=300: run_python(
+    "-m", "experiments.main", *args, unset=("XLA_FLAGS",), timeout=timeout
   )
 
 
 @pytest.mark.slow
-def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
+def test_digits_with_learning_rate_100_exits_1_without_a_result(run_main, tmp_path):
   """A regression: this exited 0 reporting 0.90 test error, with NaN weights in its checkpoint."""
   workdir = str(tmp_path / "run")
   proc = run_main(
@@ -627,7 +603,7 @@ def test_digits_with_learning_rate_100_exits_1_without_a_result(tmp_path):
     assert_all_finite(rknet_jax.load_checkpoint(workdir)[1])
 
 
-def test_a_config_file_that_does_not_exist_is_one_line(tmp_path):
+def test_a_config_file_that_does_not_exist_is_one_line(run_main, tmp_path):
   proc = run_main(
     "--config=experiments/configs/no_such_config.py", f"--workdir={tmp_path / 'run'}", timeout=120
   )

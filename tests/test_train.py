@@ -202,9 +202,9 @@ def test_a_run_and_an_evaluation_each_read_their_data_once(
 
 
 @pytest.mark.slow
-def test_checkpoints_move_between_8_and_1_devices_and_match(tiny_config, tmp_path, caplog):
+def test_checkpoints_move_between_8_and_1_devices_and_match(resumable_config, tmp_path, caplog):
   """6 steps on 8 devices then 6 on 1 (and 1 then 8) = 12 steps on 1 device."""
-  config = tiny_config(lr_schedule="constant", validation_size=0, checkpoint_every_steps=6)
+  config = resumable_config(checkpoint_every_steps=6)
   first = config.copy_and_resolve_references()
   first.num_train_steps = 6
   one, eight = steps_lib.make_mesh(jax.devices()[:1]), steps_lib.make_mesh()
@@ -224,15 +224,10 @@ def test_checkpoints_move_between_8_and_1_devices_and_match(tiny_config, tmp_pat
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
-def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(tiny_config, tmp_path):
+def test_non_finite_loss_stops_naming_the_step_without_checkpointing_it(resumable_config, tmp_path):
   workdir = str(tmp_path / "nan")
-  config = tiny_config(
-    learning_rate=1e30,
-    weight_decay=0.0,
-    checkpoint_every_steps=1,
-    log_every_steps=1,
-    lr_schedule="constant",
-    validation_size=0,
+  config = resumable_config(
+    learning_rate=1e30, weight_decay=0.0, checkpoint_every_steps=1, log_every_steps=1
   )
   with pytest.raises(FloatingPointError, match=r"non-finite training state at step (\d+)") as e:
     train.train_and_evaluate(config, workdir)

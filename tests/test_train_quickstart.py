@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -12,23 +10,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_readme_quickstart_reaches_95_percent_on_digits(tmp_path):
+def test_readme_quickstart_reaches_95_percent_on_digits(run_python, tmp_path):
   workdir = str(tmp_path / "rknet_digits")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-  env["JAX_PLATFORMS"] = "cpu"
   start = time.time()
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.main",
-      "--config=experiments/configs/digits.py",
-      f"--workdir={workdir}",
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
+  proc = run_python(
+    "-m",
+    "experiments.main",
+    "--config=experiments/configs/digits.py",
+    f"--workdir={workdir}",
+    unset=("XLA_FLAGS",),  # one CPU device
     timeout=600,
   )
   elapsed = time.time() - start
