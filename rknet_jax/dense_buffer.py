@@ -29,8 +29,8 @@ inside a loop body it cannot.  The training forward pass scans the same buckets 
 compiled body per bucket); the eval-mode forward pass runs each layer on its exact width.
 
 Same values as the concatenation formulation: BatchNorm arithmetic is flax's
-(:mod:`rknet_jax.batch_norm`), dropout masks are ``jax.random.bernoulli`` with the caller's keys, as
-``flax.linen.Dropout``.  The batch statistics returned for the running averages are not
+(:mod:`rknet_jax.batch_norm`), dropout is :func:`rknet_jax.dropout.dropout` with the caller's keys
+(``flax.linen.Dropout``'s values).  The batch statistics returned for the running averages are not
 differentiated (their cotangents are ignored): BatchNorm running averages are never part of
 a loss.
 """
@@ -47,6 +47,7 @@ import jax.numpy as jnp
 
 from rknet_jax import batch_norm as bn_math
 from rknet_jax import conv as conv_lib
+from rknet_jax import dropout as dropout_lib
 
 __all__ = ["DenseBlockPlan", "BNVars", "ConvUnitVars", "LayerVars", "dense_block"]
 
@@ -142,9 +143,7 @@ def _unit(plan: DenseBlockPlan, x, scale, bias, kernel, stats, key):
   a = jax.nn.relu(bn_math.normalize(x, mean, var, scale, bias, plan.epsilon, dtype))
   y = conv_lib.conv2d(a, kernel.astype(dtype), impl=plan.conv_impl)
   if plan.dropout:
-    keep = 1.0 - plan.dropout_rate
-    mask = jax.random.bernoulli(key, p=keep, shape=y.shape)
-    y = lax.select(mask, y / keep, jnp.zeros_like(y))
+    y = dropout_lib.dropout(y, plan.dropout_rate, key)
   return y, (mean, var)
 
 

@@ -72,6 +72,7 @@ import jax.numpy as jnp
 from rknet_jax import batch_norm as bn_math
 from rknet_jax import checks
 from rknet_jax import conv as conv_lib
+from rknet_jax import dropout as dropout_lib
 
 __all__ = [
   "LayerConfig",
@@ -115,6 +116,21 @@ CLIQUENET_BN_EPSILON = 1e-3
 
 glorot_uniform = nn.initializers.xavier_uniform()
 """FC initialiser of the paper (section 4.1: Xavier, Glorot & Bengio 2010)."""
+
+
+class Dropout(nn.Module):
+  """``flax.linen.Dropout`` (same automatic name ``Dropout_<n>``, so the same 'dropout' rng
+  at the same path, and the same values) through :func:`rknet_jax.dropout.dropout`, whose
+  mask XLA computes once instead of inside every consumer (see there)."""
+
+  rate: float
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    return dropout_lib.dropout(x, self.rate, self.make_rng("dropout"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +203,7 @@ class LayerConfig:
     """Dropout at ``dropout_rate`` in training; built only when the rate is > 0, so models
     without dropout need no 'dropout' rng."""
     if self.dropout_rate > 0.0:
-      x = nn.Dropout(rate=self.dropout_rate, deterministic=not train)(x)
+      x = Dropout(rate=self.dropout_rate, deterministic=not train)(x)
     return x
 
   def maybe_remat(self, layer_cls, train_argnum: int):
