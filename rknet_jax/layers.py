@@ -12,6 +12,8 @@ section 3.2 / 4.2 of the paper:
 * :class:`BNReLUKernelConv` -- the same with a kernel handed in by the caller, so that a
   clique block can share (slices of) one set of filters between its two passes.
 * :class:`BatchNormParts` -- BatchNorm of a channel concatenation computed part by part.
+* :class:`Dropout` -- ``flax.linen.Dropout``'s rng and values, its mask computed once
+  (:mod:`rknet_jax.dropout`).
 * :class:`CifarStem`, :class:`ImageNetStem` -- the preprocessors.
 * :class:`ChannelAttention`, :class:`Transition` -- the (attentional) transition layers.
 * :class:`Postprocessor` -- per-period BN -> ReLU -> global average pool, with or without
@@ -76,6 +78,7 @@ from rknet_jax import dropout as dropout_lib
 
 __all__ = [
   "LayerConfig",
+  "Dropout",
   "BNVariables",
   "BatchNormParts",
   "ConvKernel",
