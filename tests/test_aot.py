@@ -6,6 +6,7 @@ here are those a TPU VM would run.
 """
 
 import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -211,3 +212,44 @@ def jax_leaves(tree):
   import jax
 
   return jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "is_fully_replicated"))
+
+
+def _fusions_with(hlo: str, pattern: str) -> set[str]:
+  """Names of the fusion instructions whose fused computations (any depth) match ``pattern``."""
+  comps, current = {}, None
+  for line in hlo.splitlines():
+    m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
+    if m:
+      current = comps.setdefault(m.group(1), [])
+    elif current is not None:
+      current.append(line)
+
+  def holds(name, seen=()):
+    lines = comps.get(name, [])
+    return any(re.search(pattern, l) for l in lines) or any(
+      holds(c, seen + (name,))
+      for l in lines
+      for c in re.findall(r"calls=%?([\w.\-]+)", l)
+      if c not in seen
+    )
+
+  return {
+    m.group(1)
+    for lines in comps.values()
+    for l in lines
+    if (m := re.match(r"^\s+(?:ROOT )?%?([\w.\-]+) = .* fusion\(.*calls=%?([\w.\-]+)", l))
+    and holds(m.group(2))
+  }
+
+
+def test_dropout_masks_are_computed_once_not_inside_consumers(compiled_train):
+  # rknet_jax.dropout: the mask's threefry behind an optimisation barrier, so XLA computes
+  # each mask in a fusion of its own instead of recomputing the random bits inside every
+  # fusion that reads the dropped-out activations (convolutions, BatchNorm, the dense
+  # buffer's updates: the slowest fusions to compile, benchmarks/README.md).  Without the
+  # barrier, 5 of this step's 8 fusions with random bits also multiply (they apply the mask).
+  hlo = compiled_train["compiled"].as_text()
+  random_bits = _fusions_with(hlo, r"\bxor\(")
+  consumers = _fusions_with(hlo, r"\b(convolution|multiply|reduce|dynamic-update-slice)\(")
+  assert random_bits and consumers  # both still there, apart
+  assert not random_bits & consumers, sorted(random_bits & consumers)
