@@ -363,7 +363,10 @@ def precise_batch_stats(bn_stats_step, variables, batches, mesh, global_batch_si
   for local in batches:
     images = global_batch({"image": local["image"]}, mesh, global_batch_size)["image"]
     stats = bn_stats_step(variables, images)
-    total = stats if total is None else _tree_add(total, stats)
+    # One batch in flight at a time (the pass is short): a test worker on eight virtual CPU
+    # devices aborted inside this loop, never in training, while its programs were queued
+    # asynchronously; the cause is not known.
+    total = jax.block_until_ready(stats if total is None else _tree_add(total, stats))
     count += 1
   if total is None:
     raise ValueError("precise BatchNorm statistics need at least one training batch")

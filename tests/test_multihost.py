@@ -53,9 +53,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     os.environ,
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
-    XLA_FLAGS="--xla_force_host_platform_device_count=2"
-    + " --xla_cpu_collective_call_terminate_timeout_seconds=300"
-    + " --xla_cpu_collective_timeout_seconds=300",
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
   )
   cmd = [
     sys.executable,
