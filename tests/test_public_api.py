@@ -64,7 +64,10 @@ def test_spec_layers_import_no_model_code(run_python):
 def _pyproject():
   import pathlib
 
-  import tomllib
+  try:
+    import tomllib
+  except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
   return tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
 
@@ -101,6 +104,26 @@ def test_library_install_declares_exactly_what_rknet_jax_imports():
   packages = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
   assert packages == ["rknet_jax", "rknet_jax.*"]
   assert {"train", "dev"} <= set(project["optional-dependencies"])
+
+
+def test_every_declared_dependency_is_pinned_in_requirements():
+  """`pip install -r requirements.txt` (CI's install) is the library and both extras, pinned:
+  a dependency added to pyproject.toml but not pinned there would be missing in CI."""
+  import pathlib
+  import re
+
+  def name(spec):
+    return re.split(r"[\[<>=!~; ]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  lines = (root / "requirements.txt").read_text().splitlines()
+  pinned = {name(l) for l in lines if l.strip() and not l.startswith("#")}
+  project = _pyproject()["project"]
+  declared = list(project["dependencies"])
+  for deps in project["optional-dependencies"].values():
+    declared += [d for d in deps if "python_version < '3.11'" not in d]  # CI runs 3.11
+  missing = {name(d) for d in declared} - pinned - {"rknet-jax"}
+  assert not missing, f"in pyproject.toml but not pinned in requirements.txt: {missing}"
 
 
 def test_one_version_string():
