@@ -95,7 +95,9 @@ def _implicit_residual_watch(tolerance: float, model, input_shape):
   equations. A clique block (IRKNet, CliqueNet) runs the paper's fixed number of alternate
   updates of learned maps that need not contract (section 3.3.2); its residual is logged, not
   warned about, since no setting makes it converge. Explicit models report nothing."""
-  warned = not hasattr(model.spec(), "tableau")
+  if not hasattr(model.spec(), "tableau"):
+    return lambda step, m: None
+  warned = False
 
   def check(step, m):
     nonlocal warned
