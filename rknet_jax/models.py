@@ -21,10 +21,11 @@ are not NHWC with the stem's channel count (:func:`rknet_jax.layers.check_images
 images too small for the number of periods (a transition would halve a 1-pixel map to none).
 
 Layer options: every model takes ``dropout_rate``, ``bn_momentum``, ``bn_epsilon``,
-``dtype``, ``remat`` and ``conv_impl`` as keyword fields (:class:`_Network`), turns them into
-one :class:`~rknet_jax.layers.LayerConfig` and hands that down to every layer.  The BatchNorm
-defaults follow each family's published code (RKNets: the authors' RKCNN code; DenseNet and
-CliqueNet: their own authors' code; sources in :mod:`rknet_jax.layers`).
+``dtype``, ``remat``, ``conv_impl`` and ``dense_formulation`` as keyword fields
+(:class:`_Network`), turns them into one :class:`~rknet_jax.layers.LayerConfig` and hands
+that down to every layer.  The BatchNorm defaults follow each family's published code
+(RKNets: the authors' RKCNN code; DenseNet and CliqueNet: their own authors' code; sources in
+:mod:`rknet_jax.layers`).
 """
 
 import dataclasses
@@ -68,7 +69,8 @@ class _Network(nn.Module):
     dtype: compute dtype (params stay float32, logits are float32).
     remat: rematerialise the memory-heavy segments (jax.checkpoint; same results).
     conv_impl: convolution formulation (:mod:`rknet_jax.conv`; "auto" picks by backend at
-      trace time).
+      trace time, or by the target devices' platform where the caller resolves it first, as
+      the runner does: ``experiments.steps.model_for_mesh``).
     dense_formulation: how dense blocks are computed (:class:`rknet_jax.blocks.DenseBlock`;
       "auto" picks by depth and backend; same values and variables either way).
   """
@@ -160,9 +162,10 @@ class RKNet(_Periods):
     attention: attentional transitions ("A").
     multiscale: postprocess every period (multiscale feature strategy) or the last only.
     num_updates, update_order, share_weights: IRK options (see ``CliqueBlock``).
-    (keywords) dropout_rate, bn_momentum, bn_epsilon, dtype, remat, conv_impl: the layer
-      options of :class:`_Network`; BatchNorm defaults: the authors' RKCNN code
-      (``BatchNorm2d(eps=0.001, momentum=0.01)``: epsilon 1e-3, flax momentum 0.99).
+    (keywords) dropout_rate, bn_momentum, bn_epsilon, dtype, remat, conv_impl,
+      dense_formulation: the layer options of :class:`_Network`; BatchNorm defaults: the
+      authors' RKCNN code (``BatchNorm2d(eps=0.001, momentum=0.01)``: epsilon 1e-3, flax
+      momentum 0.99).
   """
 
   stages: tuple[int, ...]

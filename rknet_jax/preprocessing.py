@@ -1,7 +1,7 @@
 """The training-time preprocessing of a run, saved as ``data.json`` and applied to raw images.
 
 A workdir written by ``experiments.train`` holds ``data.json`` (made by
-``experiments.input_pipeline.data_spec``)::
+``experiments.input_pipeline.load(config).data_spec()``)::
 
   {"dataset": "digits", "image_shape": [8, 8, 1], "num_classes": 10,
    "class_names": ["0", ..., "9"], "mean": [4.88], "std": [6.02], "resize": 0,

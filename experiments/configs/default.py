@@ -49,7 +49,7 @@ def _model_fields(config):
     }
   )
   config.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (logits stay float32)
-  config.remat = False  # rematerialise each time-step in the backward pass (saves memory)
+  config.remat = False  # recompute the memory-heavy segments in the backward pass (docs/models.md)
 
 
 def _data_fields(config):
