@@ -20,6 +20,7 @@ and rerunning a finished run (same total steps, results written) returns its
 ``results.json`` without training, testing or writing anything.
 """
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -490,7 +491,9 @@ class _Run:
       return self.state.model_vars()
     if step not in self.precise_cache:
       self.precise_cache.clear()
-      self.precise_cache[step] = self.precise_vars(self.state.model_vars(), step)
+      # The final model's pass is announced (the last silent gap otherwise); validations are not.
+      with _precise_phase(self) if step >= self.total_steps else contextlib.nullcontext():
+        self.precise_cache[step] = self.precise_vars(self.state.model_vars(), step)
     return self.precise_cache[step]
 
   def save(self, step: int, val: dict | None = None):
@@ -711,6 +714,9 @@ def _train(run: _Run) -> bool:
   run.eval_step = progress.announce_first_call(
     run.eval_step, "compiling the evaluation step", run.bar
   )
+  run.bn_stats_step = progress.announce_first_call(
+    run.bn_stats_step, "compiling the BatchNorm statistics step", run.bar
+  )
   run.t_start = clock()
   flag, previous_handler = _install_sigterm()
   preempt_every = 1 if jax.process_count() == 1 else config.log_every_steps
@@ -796,14 +802,16 @@ def _test(run: _Run) -> dict:
     )
     running_vars = None if meta.get("batch_stats") == "precise" else test_vars
     if n_precise:
-      test_vars = run.precise_vars(test_vars, best)
+      with _precise_phase(run):
+        test_vars = run.precise_vars(test_vars, best)
   elif config.test_model == "best" and best is not None:
     which = "best"
   with progress.phase(f"testing the {which} model (step {test_step}) on the test split", run.bar):
     test = run.run_eval(test_vars, "test")
-  running_test = (
-    test if not n_precise else None if running_vars is None else run.run_eval(running_vars, "test")
-  )
+  running_test = test if not n_precise else None
+  if n_precise and running_vars is not None:
+    with progress.phase("testing the running-average BatchNorm statistics too", run.bar):
+      running_test = run.run_eval(running_vars, "test")
   run.log.write(step, "test", {k: test[k] for k in ("loss", "top1_error", "top5_error")})
   run.log.close()
   run.ckpts.close()
@@ -823,6 +831,12 @@ def _test(run: _Run) -> dict:
     test_step,
   )
   return results
+
+
+def _precise_phase(run: _Run):
+  """A re-estimation of BatchNorm statistics as a logged phase (``progress.phase``)."""
+  n = precise_bn_batches(run.config, run.steps_per_epoch)
+  return progress.phase(f"re-estimating BatchNorm statistics over {n} training batches", run.bar)
 
 
 def _results(

@@ -34,6 +34,10 @@ def test_readme_quickstart_reaches_95_percent_on_digits(run_python, tmp_path):
   assert "Run: ERKNet-3x1 3x1 on digits, from scratch" in proc.stderr
   assert "Compiling the train step: done in" in proc.stderr
   assert "Testing the final model (step 300) on the test split" in proc.stderr
+  # Precise BatchNorm (the digits default) is announced, with the running averages' test pass.
+  assert "Re-estimating BatchNorm statistics over 20 training batches: done in" in proc.stderr
+  assert "Compiling the BatchNorm statistics step: done in" in proc.stderr
+  assert "Testing the running-average BatchNorm statistics too: done in" in proc.stderr
   assert "Config:" not in proc.stderr and "weight_decay_params" not in proc.stderr
   with open(os.path.join(workdir, "run.json")) as f:
     assert json.load(f)["config"]["weight_decay_params"] == "kernels"
