@@ -377,6 +377,20 @@ def test_a_model_json_that_does_not_match_the_checkpoints_says_so(
     r"\[4, 4\], model.json has \[8, 8\]\)",
   ):
     evaluate.evaluate_checkpoint(workdir)
+  # The library's loader says the same (was: the checkpoint called damaged, then "no intact
+  # checkpoint"; an edit that kept the shapes loaded silently).
+  with pytest.raises(ValueError, match=r"model.json does not match .* growth_rate: checkpoint"):
+    rknet_jax.load_checkpoint(workdir)
+  # A model.json that is no spec at all is named too (was: a TypeError traceback).
+  model_file = os.path.join(workdir, rk_ckpt.MODEL_FILE)
+  good = (tmp_path / "run" / rk_ckpt.MODEL_FILE).read_text()
+  with open(model_file, "w") as f:
+    json.dump({"family": "DenseNetSpec", "name": "DenseNet-121"}, f)
+  for load in (rknet_jax.load_checkpoint, evaluate.evaluate_checkpoint):
+    with pytest.raises(ValueError, match=rf"{re.escape(model_file)} is not a model spec .*block"):
+      load(workdir)
+  with open(model_file, "w") as f:
+    f.write(good)
   # Training with the checkpoints' model resumes, names the stale file and rewrites it.
   config.num_train_steps = 6
   with caplog.at_level(logging.WARNING):
