@@ -115,13 +115,15 @@ def _run_data_stats(data, workdir: str, allow_data_change: bool):
       workdir,
     )
     return None
-  data.bind_data_spec(
+  _, change = data.bind_data_spec(
     recorded,
     allow_change=allow_data_change,
     what="to evaluate",
     fix="pass --allow_data_change (allow_data_change=True) to evaluate on them with the "
     "run's mean/std",
   )
+  if change:
+    logging.warning("Evaluating on other data than the run's (allow_data_change): %s", change)
   return (recorded["mean"], recorded["std"])
 
 
