@@ -416,7 +416,8 @@ def load_checkpoint(workdir: str, step: int | None = None):
       is skipped with a warning).
 
   Returns:
-    ``(model, variables, predict)``: the Flax module (rebuilt from ``model.json``), its
+    ``(model, variables, predict)``: the Flax module (rebuilt from ``model.json``, or
+    without it from the spec each checkpoint records), its
     ``{"params", "batch_stats"}`` on the default device, and ``predict`` (jitted, inference
     mode)::
 
@@ -441,11 +442,19 @@ def load_checkpoint(workdir: str, step: int | None = None):
       trained as (their ``meta`` records it), named with the fields that differ.
   """
   spec = read_model_spec(workdir)
-  if spec is None:
-    raise FileNotFoundError(
-      f"{os.path.join(workdir, MODEL_FILE)} not found: {workdir!r} is not a workdir "
-      "written by experiments.main / train_and_evaluate"
+  if spec is None:  # each checkpoint records its spec: a deleted model.json loses nothing
+    trained = trained_spec(workdir)
+    if trained is None:
+      raise FileNotFoundError(
+        f"{os.path.join(workdir, MODEL_FILE)} not found: {workdir!r} is not a workdir "
+        "written by experiments.main / train_and_evaluate"
+      )
+    logging.warning(
+      "%s not found: rebuilding the model from the spec checkpoint step %d recorded",
+      os.path.join(workdir, MODEL_FILE),
+      trained[0],
     )
+    spec = trained[1]
   check_model_file(workdir, spec)  # an edited or foreign model.json is named, not "damaged"
   model = model_from_spec(spec, os.fspath(workdir_files.path(workdir, MODEL_FILE)))
   target = abstract_variables(model, spec["input_shape"])

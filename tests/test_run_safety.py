@@ -346,6 +346,10 @@ def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_no
   assert sorted(metas) == [2, 4]
   assert all(m[checkpointing.MODEL_SPEC_KEY] == model_json for m in metas.values())
   os.remove(os.path.join(workdir, rk_ckpt.MODEL_FILE))
+  # The library's loader rebuilds the model from a checkpoint's spec (was: "not a workdir
+  # written by experiments.main").
+  model, _, _ = rknet_jax.load_checkpoint(workdir)
+  assert getattr(model, field) == model_json[field]
   run_json = (tmp_path / "run" / rundir.RUN_FILE).read_text()
   other = resumable_config(num_train_steps=8)
   other.model_kwargs[field] = value
