@@ -478,6 +478,7 @@ def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(
     ("lr_decay_every_epochs", -3, "lr_decay_every_epochs"),
     ("num_epochs", -1, r"num_epochs must be a finite number in \[0, inf\)"),
     ("num_train_steps", -5, r"num_train_steps must be an integer in \[-1, inf\)"),
+    ("num_train_steps", 0, "num_train_steps=0 would train nothing"),  # was: num_epochs ran
     ("keep_checkpoints", 0, "keep_checkpoints must be a positive integer; got 0"),
     ("log_every_steps", True, "log_every_steps must be a positive integer; got True"),
     ("growth_rate", 0, r"growth_rate=\(0, 0\): every entry must be an int from 1"),
