@@ -27,7 +27,6 @@ thread) stops the run with ``CheckpointWriteError`` within a step of being repor
 ``close`` shuts orbax's threads down even then, so the process exits instead of hanging.
 """
 
-import json
 import logging
 import os
 import time
@@ -42,7 +41,7 @@ from rknet_jax import checkpoint as rk_ckpt
 
 DAMAGED_SUBDIR = "damaged_checkpoints"
 BEST_METRIC = "validation_top1_error"
-MODEL_SPEC_KEY = "model_spec"  # in each step's meta: the resolved spec + input shape
+MODEL_SPEC_KEY = rk_ckpt.MODEL_SPEC_KEY  # in each step's meta: the resolved spec + input shape
 
 
 class CheckpointWriteError(RuntimeError):
@@ -262,77 +261,9 @@ class RunCheckpoints:
 
 
 # ------------------------------------------------------------------ what was trained
-def checkpoint_metas(workdir: str) -> dict[int, dict | None]:
-  """Each committed step's ``meta`` item (None where it cannot be read); no array is read.
-
-  Reads the item's JSON file directly (orbax's JSON handler writes ``<step>/meta/metadata``;
-  uncommitted saves live in temporary folders whose names are not a step number), which is
-  quick and logs nothing. Empty when the workdir has no checkpoints folder.
-  """
-  folder = rundir.path(workdir, rk_ckpt.CHECKPOINT_SUBDIR)
-  if not folder.is_dir():
-    return {}
-  out = {}
-  for step_dir in folder.iterdir():
-    if not step_dir.name.isdigit():
-      continue
-    try:
-      meta = json.loads((step_dir / rk_ckpt.META_ITEM / "metadata").read_text())
-    except (OSError, ValueError):
-      meta = None
-    out[int(step_dir.name)] = meta if isinstance(meta, dict) else None
-  return dict(sorted(out.items()))
-
-
-def trained_spec(workdir: str):
-  """``(step, spec dict)`` of the newest checkpoint that recorded its model spec, or None."""
-  specs = {
-    s: m[MODEL_SPEC_KEY]
-    for s, m in checkpoint_metas(workdir).items()
-    if m is not None and MODEL_SPEC_KEY in m
-  }
-  if not specs:
-    return None
-  step = max(specs)
-  return step, specs[step]
-
-
-def resolved_spec(data: dict) -> dict:
-  """A ``model.json``-style dict as the resolved spec's JSON (every default filled in),
-  without ``input_shape``: two of them are the same model exactly when they are equal."""
-  from rknet_jax import registry
-
-  return json.loads(registry.resolve(rk_ckpt.saved_spec(data)).to_json())
-
-
-def spec_differences(old: dict, new: dict) -> dict[str, tuple]:
-  """``{field: (old value, new value)}`` where two resolved spec dicts differ (the derived
-  ``name`` only when nothing else does)."""
-  diff = {
-    k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-  }
-  if len(diff) > 1:
-    diff.pop("name", None)
-  return diff
-
-
-def check_model_file(workdir: str, saved: dict | None):
-  """Raises ``ValueError`` when ``model.json`` (``saved``) is not the model the checkpoints
-  were trained as (their ``meta`` records it), naming the fields that differ."""
-  trained = trained_spec(workdir)
-  if saved is None or trained is None:
-    return
-  step, spec = trained
-  diff = spec_differences(resolved_spec(spec), resolved_spec(saved))
-  if spec.get("input_shape") != saved.get("input_shape"):
-    diff["input_shape"] = (spec.get("input_shape"), saved.get("input_shape"))
-  if diff:
-    detail = "; ".join(
-      f"{k}: checkpoint has {a!r}, model.json has {b!r}" for k, (a, b) in diff.items()
-    )
-    raise ValueError(
-      f"{os.fspath(rundir.path(workdir, rk_ckpt.MODEL_FILE))} does not match the model the "
-      f"checkpoints were trained as (checkpoint step {step}: {detail}): it was edited or "
-      "copied from another run. Put the run's own model.json back (rerunning its training "
-      "command rewrites it)."
-    )
+# Defined with the reader (rknet_jax.checkpoint: load_checkpoint checks model.json too).
+checkpoint_metas = rk_ckpt.checkpoint_metas
+trained_spec = rk_ckpt.trained_spec
+resolved_spec = rk_ckpt.resolved_spec
+spec_differences = rk_ckpt.spec_differences
+check_model_file = rk_ckpt.check_model_file

@@ -115,26 +115,28 @@ def _run_data_stats(data, workdir: str, allow_data_change: bool):
       workdir,
     )
     return None
-  data.bind_data_spec(
+  _, change = data.bind_data_spec(
     recorded,
     allow_change=allow_data_change,
     what="to evaluate",
     fix="pass --allow_data_change (allow_data_change=True) to evaluate on them with the "
     "run's mean/std",
   )
+  if change:
+    logging.warning("Evaluating on other data than the run's (allow_data_change): %s", change)
   return (recorded["mean"], recorded["std"])
 
 
 def _trained_model(workdir: str, config, run: dict):
   """The model as trained: the workdir's ``model.json`` (checked against the checkpoints),
   else the run's config."""
-  from experiments import checkpointing, run_config
+  from experiments import checkpointing, run_config, rundir
   from rknet_jax import checkpoint as rk_ckpt
 
   saved = rk_ckpt.read_model_spec(workdir)  # the model as trained (defaults frozen)
   checkpointing.check_model_file(workdir, saved)  # names an edited or foreign model.json
   if saved is not None:
-    return rk_ckpt.model_from_spec(saved)
+    return rk_ckpt.model_from_spec(saved, os.fspath(rundir.path(workdir, rk_ckpt.MODEL_FILE)))
   return run_config.build_model(config, run["num_classes"])
 
 

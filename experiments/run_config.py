@@ -209,6 +209,11 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh 
   input_pipeline.check_dataset_name(config.dataset)
   for field in NUMERIC_FIELDS:
     _check_number(config, *field)
+  if config.num_train_steps == 0:  # not "unset" (-1): asking for no training at all
+    raise ValueError(
+      "config.num_train_steps=0 would train nothing: give a positive number of steps, or -1 "
+      "to train config.num_epochs epochs"
+    )
   if not config.num_epochs > 0 and not config.num_train_steps > 0:
     raise ValueError(
       f"config.num_epochs must be positive (or config.num_train_steps set); "

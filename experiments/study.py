@@ -146,7 +146,13 @@ def entry_config(base, name: str, overrides: dict[str, Any], seed: int):
           f"--models entry for {name!r}: set {key!r} with --models/--seeds, not as an override"
         )
       if key in config and not isinstance(config[key], type(config.model_kwargs)):
-        config[key] = value
+        try:
+          config[key] = value
+        except TypeError:  # ml_collections keeps a field's type (int -> float is allowed)
+          raise ValueError(
+            f"--models entry for {name!r}: {key}={value!r} is of type {type(value).__name__}, "
+            f"but config.{key} is of type {type(config[key]).__name__} (now {config[key]!r})"
+          ) from None
       else:
         config.model_kwargs[key] = value
   return config

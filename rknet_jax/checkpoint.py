@@ -40,6 +40,7 @@ MODEL_ITEM = "model"
 TRAIN_ITEM = "train"
 META_ITEM = "meta"
 CHECKSUMS_KEY = "checksums"
+MODEL_SPEC_KEY = "model_spec"  # in each step's meta: the resolved spec + input shape
 
 
 class ChecksumError(ValueError):
@@ -87,8 +88,23 @@ def read_model_spec(workdir: str) -> dict | None:
   )
 
 
-def saved_spec(data: dict):
-  """The spec of a ``model.json`` dict (this format, or the first: name + kwargs)."""
+def saved_spec(data: dict, source: str = MODEL_FILE):
+  """The spec of a ``model.json`` dict (this format, or the first: name + kwargs).
+
+  ``ValueError`` naming ``source`` (the file) for a dict that is no model spec (a field
+  missing, unknown or of the wrong type: a file edited or copied from elsewhere).
+  """
+  try:
+    return _saved_spec(data)
+  except (TypeError, KeyError, ValueError, AttributeError) as e:
+    raise ValueError(
+      f"{source} is not a model spec this version can read ({type(e).__name__}: {e}): it "
+      "was edited or copied from elsewhere. Put the run's own model.json back (rerunning its "
+      "training command rewrites it)."
+    ) from e
+
+
+def _saved_spec(data: dict):
   from rknet_jax import names, registry
   from rknet_jax import spec as spec_lib
 
@@ -108,11 +124,91 @@ def saved_spec(data: dict):
   return registry.parse_name(name, **kwargs)
 
 
-def model_from_spec(data: dict):
+def model_from_spec(data: dict, source: str = MODEL_FILE):
   """The model of a ``model.json`` dict (see :func:`saved_spec`), built, not initialised."""
   from rknet_jax import registry
 
-  return registry.create_model(saved_spec(data))
+  return registry.create_model(saved_spec(data, source))
+
+
+# ------------------------------------------------------------------ what was trained
+def checkpoint_metas(workdir: str) -> dict[int, dict | None]:
+  """Each committed step's ``meta`` item (None where it cannot be read); no array is read.
+
+  Reads the item's JSON file directly (orbax's JSON handler writes ``<step>/meta/metadata``;
+  uncommitted saves live in temporary folders whose names are not a step number), which is
+  quick and logs nothing. Empty when the workdir has no checkpoints folder.
+  """
+  folder = workdir_files.path(workdir, CHECKPOINT_SUBDIR)
+  if not folder.is_dir():
+    return {}
+  out = {}
+  for step_dir in folder.iterdir():
+    if not step_dir.name.isdigit():
+      continue
+    try:
+      meta = json.loads((step_dir / META_ITEM / "metadata").read_text())
+    except (OSError, ValueError):
+      meta = None
+    out[int(step_dir.name)] = meta if isinstance(meta, dict) else None
+  return dict(sorted(out.items()))
+
+
+def trained_spec(workdir: str):
+  """``(step, spec dict)`` of the newest checkpoint that recorded its model spec, or None."""
+  specs = {
+    s: m[MODEL_SPEC_KEY]
+    for s, m in checkpoint_metas(workdir).items()
+    if m is not None and MODEL_SPEC_KEY in m
+  }
+  if not specs:
+    return None
+  step = max(specs)
+  return step, specs[step]
+
+
+def resolved_spec(data: dict, source: str = MODEL_FILE) -> dict:
+  """A ``model.json``-style dict as the resolved spec's JSON (every default filled in),
+  without ``input_shape``: two of them are the same model exactly when they are equal."""
+  from rknet_jax import registry
+
+  return json.loads(registry.resolve(saved_spec(data, source)).to_json())
+
+
+def spec_differences(old: dict, new: dict) -> dict[str, tuple]:
+  """``{field: (old value, new value)}`` where two resolved spec dicts differ (the derived
+  ``name`` only when nothing else does)."""
+  diff = {
+    k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+  }
+  if len(diff) > 1:
+    diff.pop("name", None)
+  return diff
+
+
+def check_model_file(workdir: str, saved: dict | None):
+  """Raises ``ValueError`` when ``model.json`` (``saved``) is not the model the checkpoints
+  were trained as (each step's ``meta`` records it, ``MODEL_SPEC_KEY``), naming the fields
+  that differ, or is no model spec at all."""
+  file = os.fspath(workdir_files.path(workdir, MODEL_FILE))
+  trained = trained_spec(workdir)
+  if saved is None or trained is None:
+    return
+  step, spec = trained
+  diff = spec_differences(
+    resolved_spec(spec, f"the model spec of checkpoint step {step}"), resolved_spec(saved, file)
+  )
+  if spec.get("input_shape") != saved.get("input_shape"):
+    diff["input_shape"] = (spec.get("input_shape"), saved.get("input_shape"))
+  if diff:
+    detail = "; ".join(
+      f"{k}: checkpoint has {a!r}, model.json has {b!r}" for k, (a, b) in diff.items()
+    )
+    raise ValueError(
+      f"{file} does not match the model the checkpoints were trained as (checkpoint step "
+      f"{step}: {detail}): it was edited or copied from another run. Put the run's own "
+      "model.json back (rerunning its training command rewrites it)."
+    )
 
 
 def abstract_variables(model, input_shape: Sequence[int], sharding=None):
@@ -320,7 +416,8 @@ def load_checkpoint(workdir: str, step: int | None = None):
       is skipped with a warning).
 
   Returns:
-    ``(model, variables, predict)``: the Flax module (rebuilt from ``model.json``), its
+    ``(model, variables, predict)``: the Flax module (rebuilt from ``model.json``, or
+    without it from the spec each checkpoint records), its
     ``{"params", "batch_stats"}`` on the default device, and ``predict`` (jitted, inference
     mode)::
 
@@ -341,15 +438,25 @@ def load_checkpoint(workdir: str, step: int | None = None):
 
   Raises:
     ValueError: a ``data.json`` with a missing or bad field (std <= 0, non-finite mean, ...),
-      named.
+      named; a ``model.json`` that is no model spec or not the model the checkpoints were
+      trained as (their ``meta`` records it), named with the fields that differ.
   """
   spec = read_model_spec(workdir)
-  if spec is None:
-    raise FileNotFoundError(
-      f"{os.path.join(workdir, MODEL_FILE)} not found: {workdir!r} is not a workdir "
-      "written by experiments.main / train_and_evaluate"
+  if spec is None:  # each checkpoint records its spec: a deleted model.json loses nothing
+    trained = trained_spec(workdir)
+    if trained is None:
+      raise FileNotFoundError(
+        f"{os.path.join(workdir, MODEL_FILE)} not found: {workdir!r} is not a workdir "
+        "written by experiments.main / train_and_evaluate"
+      )
+    logging.warning(
+      "%s not found: rebuilding the model from the spec checkpoint step %d recorded",
+      os.path.join(workdir, MODEL_FILE),
+      trained[0],
     )
-  model = model_from_spec(spec)
+    spec = trained[1]
+  check_model_file(workdir, spec)  # an edited or foreign model.json is named, not "damaged"
+  model = model_from_spec(spec, os.fspath(workdir_files.path(workdir, MODEL_FILE)))
   target = abstract_variables(model, spec["input_shape"])
   manager = checkpoint_manager(workdir, read_only=True)
   try:

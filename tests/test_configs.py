@@ -189,6 +189,15 @@ def test_command_line_overrides():
     parse(f"--config={CONFIG_DIR}/digits.py", "--config.num_epoch=1")
 
 
+@pytest.mark.parametrize("name", config_files())
+def test_every_config_takes_a_fraction_of_an_epoch_on_the_command_line(name):
+  """Before: num_epochs was an int field, so --config.num_epochs=0.5 failed with "invalid
+  literal for int()" and the 0-steps refusal's own advice (num_epochs >= 0.03) could not be
+  typed."""
+  path = f"{CONFIG_DIR}/{name}.py" + (f":{paper.ROWS[0].key}" if name == "paper" else "")
+  assert parse(f"--config={path}", "--config.num_epochs=0.5").num_epochs == 0.5
+
+
 def tiny(**overrides):
   c = load("digits")[1]
   c.model, c.growth_rate = "ERKNet-1x1 1x1", 4

@@ -187,3 +187,14 @@ def test_prepare_data_command_and_errors(run_python, tmp_path):
     prepare.prepare("cifar11", str(tmp_path))
   with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar"):
     prepare.prepare("imagenet2012", str(tmp_path))
+
+
+def test_a_name_tfds_cannot_parse_is_one_line():
+  """Before: a look-alike letter (Cyrillic 'с', U+0441) in --dataset printed TFDS's 20-line
+  grammar of builder names as the error."""
+  with pytest.raises(ValueError) as e:
+    prepare.builder_for("\u0441ifar10", None)
+  assert str(e.value) == (
+    "'\u0441ifar10' is not a TFDS dataset name (TFDS cannot parse it): names are ASCII, like "
+    "cifar10, mnist or NAME/CONFIG:VERSION"
+  )

@@ -346,6 +346,10 @@ def test_each_checkpoint_holds_its_model_spec_so_a_deleted_model_json_changes_no
   assert sorted(metas) == [2, 4]
   assert all(m[checkpointing.MODEL_SPEC_KEY] == model_json for m in metas.values())
   os.remove(os.path.join(workdir, rk_ckpt.MODEL_FILE))
+  # The library's loader rebuilds the model from a checkpoint's spec (was: "not a workdir
+  # written by experiments.main").
+  model, _, _ = rknet_jax.load_checkpoint(workdir)
+  assert getattr(model, field) == model_json[field]
   run_json = (tmp_path / "run" / rundir.RUN_FILE).read_text()
   other = resumable_config(num_train_steps=8)
   other.model_kwargs[field] = value
@@ -377,6 +381,20 @@ def test_a_model_json_that_does_not_match_the_checkpoints_says_so(
     r"\[4, 4\], model.json has \[8, 8\]\)",
   ):
     evaluate.evaluate_checkpoint(workdir)
+  # The library's loader says the same (was: the checkpoint called damaged, then "no intact
+  # checkpoint"; an edit that kept the shapes loaded silently).
+  with pytest.raises(ValueError, match=r"model.json does not match .* growth_rate: checkpoint"):
+    rknet_jax.load_checkpoint(workdir)
+  # A model.json that is no spec at all is named too (was: a TypeError traceback).
+  model_file = os.path.join(workdir, rk_ckpt.MODEL_FILE)
+  good = (tmp_path / "run" / rk_ckpt.MODEL_FILE).read_text()
+  with open(model_file, "w") as f:
+    json.dump({"family": "DenseNetSpec", "name": "DenseNet-121"}, f)
+  for load in (rknet_jax.load_checkpoint, evaluate.evaluate_checkpoint):
+    with pytest.raises(ValueError, match=rf"{re.escape(model_file)} is not a model spec .*block"):
+      load(workdir)
+  with open(model_file, "w") as f:
+    f.write(good)
   # Training with the checkpoints' model resumes, names the stale file and rewrites it.
   config.num_train_steps = 6
   with caplog.at_level(logging.WARNING):
@@ -460,6 +478,7 @@ def test_rerunning_a_finished_run_changes_nothing_and_returns_its_results(
     ("lr_decay_every_epochs", -3, "lr_decay_every_epochs"),
     ("num_epochs", -1, r"num_epochs must be a finite number in \[0, inf\)"),
     ("num_train_steps", -5, r"num_train_steps must be an integer in \[-1, inf\)"),
+    ("num_train_steps", 0, "num_train_steps=0 would train nothing"),  # was: num_epochs ran
     ("keep_checkpoints", 0, "keep_checkpoints must be a positive integer; got 0"),
     ("log_every_steps", True, "log_every_steps must be a positive integer; got True"),
     ("growth_rate", 0, r"growth_rate=\(0, 0\): every entry must be an int from 1"),

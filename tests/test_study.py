@@ -82,6 +82,13 @@ def test_bad_entry_or_seed_count_fails_before_any_training(tmp_path, monkeypatch
     study.run_study(_tiny_config(), str(tmp_path), MODELS, 0)
   with pytest.raises(ValueError, match="NoSuchNet-1"):
     study.run_study(_tiny_config(), str(tmp_path), "ERKNet-2x1 2x1,NoSuchNet-1", 1)
+  # An override of another type than its field (was: an ml_collections TypeError traceback).
+  with pytest.raises(
+    ValueError,
+    match=r"--models entry for 'ERKNet-2x1 2x1': batch_size=1.5 is of type float, but "
+    r"config.batch_size is of type int \(now 64\)",
+  ):
+    study.run_study(_tiny_config(), str(tmp_path), "ERKNet-2x1 2x1|batch_size=1.5", 1)
   assert not calls
   assert not os.path.exists(os.path.join(tmp_path, study.RUNS_DIR))
 

@@ -83,7 +83,7 @@ def _data_fields(config):
 def _optimisation_fields(config):
   """The optimiser and its learning-rate schedule (section 4.1)."""
   # ---- optimisation (section 4.1): SGD, Nesterov momentum 0.9, weight decay 1e-4
-  config.num_epochs = 300
+  config.num_epochs = 300.0  # a float, so the command line takes fractions (=0.5)
   config.num_train_steps = -1  # > 0 overrides num_epochs * steps_per_epoch (for tests)
   config.learning_rate = 0.1
   # "step": lr x lr_decay_factor at each of lr_decay_fractions of training (CIFAR: 50%, 75%),

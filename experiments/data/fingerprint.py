@@ -109,8 +109,10 @@ def describe_change(old: dict | None, new: dict) -> str | None:
     "tfds": f"TFDS dataset {new.get('name')}",
   }.get(kind, "the data")
   units = {"size": " bytes", "bytes": " bytes"}
+  labels = {"bytes": "total size"}  # not "bytes 11200 bytes -> ..."
   diffs = ", ".join(
-    f"{f} {show(old.get(f))}{units.get(f, '')} -> {show(new.get(f))}{units.get(f, '')}"
+    f"{labels.get(f, f)} {show(old.get(f))}{units.get(f, '')} -> "
+    f"{show(new.get(f))}{units.get(f, '')}"
     for f in changed
   )
   return f"{what} changed since this run started: {diffs}"

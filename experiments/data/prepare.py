@@ -133,6 +133,14 @@ def builder_for(name: str, data_dir):
       "https://www.tensorflow.org/datasets/catalog/overview for the names): "
       f"{str(e).splitlines()[0]}"
     ) from None
+  except ValueError as e:
+    if not str(e).startswith("Parsing builder name string"):
+      raise
+    # TFDS's message is a 20-line grammar of builder names; its first line says enough.
+    raise ValueError(
+      f"{name!r} is not a TFDS dataset name (TFDS cannot parse it): names are ASCII, like "
+      "cifar10, mnist or NAME/CONFIG:VERSION"
+    ) from None
 
 
 def prepare(name: str, data_dir=None, *, manual_dir=None, probe_timeout: float = PROBE_TIMEOUT_S):
