@@ -473,7 +473,7 @@ class RunData:
     previous: dict | None,
     *,
     allow_change: bool = False,
-    what: str = "resuming",
+    what: str = "to resume",
     fix: str = _CONTINUE_FIX,
   ):
     """The data.json a run continues with, given the one it wrote before (None: a new run).

@@ -97,9 +97,6 @@ def main(argv):
   from experiments import metrics
 
   metrics.console_logging()
-  from experiments import progress
-
-  progress.quiet_third_party_logs()
   initialize_distributed()
   from experiments import (
     cli,

@@ -42,15 +42,21 @@ class _QuietOrbax(pylogging.Filter):
       record.levelno >= pylogging.WARNING
       and "did not provide metrics" not in message
       and "directory is read only" not in message
+      and "read_only=True" not in message  # a checkpoint opened for reading
     )
 
 
 def console_logging():
-  """absl INFO logging on the console, without orbax's per-checkpoint INFO lines."""
+  """absl INFO logging on the console (every CLI entry point), without orbax's per-checkpoint
+  INFO lines or the other libraries' records that ask nothing of the user
+  (``progress.THIRD_PARTY_NOISE``)."""
+  from experiments import progress  # imports this module
+
   logging.set_verbosity(logging.INFO)
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
     handler.addFilter(_QuietOrbax())
+  progress.quiet_third_party_logs()
 
 
 class TensorBoardWriter:

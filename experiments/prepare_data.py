@@ -39,6 +39,9 @@ def tfds_name(name: str) -> str:
 
 def main(argv):
   del argv
+  from experiments import metrics
+
+  metrics.console_logging()
   for name in _DATASET.value:
     if name.startswith(NO_PREPARATION):
       print(f"{name}: nothing to prepare (read directly from scikit-learn or the given path)")

@@ -2,13 +2,16 @@
 the start summary and the third-party records that are filtered (experiments/progress.py and
 metrics.TrainWindow)."""
 
+import ast
 import io
 import json
 import logging as pylogging
+import os
 
 from absl import logging
 import ml_collections
 import numpy as np
+import pytest
 
 from experiments import metrics, progress
 
@@ -144,3 +147,22 @@ def test_third_party_noise_is_dropped_by_logger_message_and_level_only():
   assert noise.filter(record("jax._src.xla_bridge", pylogging.WARNING, tpu))  # more severe
   assert noise.filter(record("experiments.train", pylogging.INFO, tpu))  # another logger
   assert noise.filter(record("jax._src.xla_bridge", pylogging.INFO, "Other message"))
+
+
+@pytest.mark.parametrize("module", ["main", "evaluate", "study", "prepare_data", "throughput"])
+def test_every_entry_point_sets_up_the_console_through_one_function(module):
+  """The console set-up (orbax chatter and third-party noise dropped) is metrics.console_logging,
+  and every command-line entry point calls it."""
+  handler = logging.get_absl_handler()
+  saved = list(handler.filters)
+  try:
+    metrics.console_logging()
+    assert any(isinstance(f, progress.ThirdPartyNoise) for f in handler.filters)
+  finally:
+    handler.filters[:] = saved
+  # Read, not imported: the entry points define absl flags of the same names.
+  path = os.path.join(os.path.dirname(metrics.__file__), f"{module}.py")
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  (main,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+  assert "metrics.console_logging()" in ast.unparse(main)
