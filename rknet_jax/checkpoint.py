@@ -231,12 +231,27 @@ def checkpoint_manager(
 
   ``workdir`` is any path ``etils.epath`` supports (local, ``gs://``, ...).
   """
-  if options is None:
-    options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
-  return ocp.CheckpointManager(
-    workdir_files.path(workdir, CHECKPOINT_SUBDIR),
-    item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM),
-    options=options,
+  absl_logger = logging.getLogger("absl")  # orbax logs through absl
+  absl_logger.addFilter(_read_only_notices)
+  try:
+    if options is None:
+      options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
+    return ocp.CheckpointManager(
+      workdir_files.path(workdir, CHECKPOINT_SUBDIR),
+      item_names=(MODEL_ITEM, TRAIN_ITEM, META_ITEM),
+      options=options,
+    )
+  finally:
+    absl_logger.removeFilter(_read_only_notices)
+
+
+def _read_only_notices(record: logging.LogRecord) -> bool:
+  """False for orbax's two warnings that a manager opened for reading is read-only (what was
+  asked for; every load_checkpoint and evaluate printed them)."""
+  message = record.getMessage()
+  return not (
+    message.startswith("CheckpointManagerOptions.read_only=True")
+    or message.startswith("Given directory is read only")
   )
 
 

@@ -92,7 +92,9 @@ def test_exact_eval_counts_1003_examples_at_batch_64_on_8_devices(tiny_config):
     assert out["top5_error"] == pytest.approx(top5, abs=1e-9)
 
 
-def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tiny_config, tmp_path):
+def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(
+  tiny_config, tmp_path, caplog
+):
   workdir = str(tmp_path / "run")
   config = tiny_config(test_model="best", num_train_steps=40, keep_checkpoints=2)
   results = train.train_and_evaluate(config, workdir)
@@ -133,7 +135,9 @@ def test_digits_end_to_end_results_files_evaluate_and_load_checkpoint(tiny_confi
   assert out["examples"] == 360
   assert out["top1_error"] == pytest.approx(on_disk["test_top1_error"], abs=1e-9)
   # load_checkpoint: the final model (8-device checkpoint) on one device.
-  model, variables, predict = rknet_jax.load_checkpoint(workdir)
+  with caplog.at_level(logging.WARNING):
+    model, variables, predict = rknet_jax.load_checkpoint(workdir)
+  assert "read only" not in caplog.text and "read_only" not in caplog.text  # orbax's notices
   assert set(variables) == {"params", "batch_stats"}
   test = next(
     iter(
