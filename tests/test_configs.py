@@ -113,7 +113,7 @@ def test_table_rows_follow_the_paper_recipe(arg, row, dataset):
   # where the paper is silent, the authors' code: decay on every parameter, dropout 0.2
   assert c.weight_decay_params == "all"
   spe = 100
-  sched = optim.learning_rate_schedule(c, spe, c.num_epochs * spe)
+  sched = optim.learning_rate_schedule(c, spe, run_config.total_steps(c, spe))
 
   def lr_at(epoch):
     return float(sched(int(epoch * spe)))
