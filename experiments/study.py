@@ -381,6 +381,16 @@ def markdown_table(summary: Sequence[dict], caption: str = "", notes: Sequence[s
   return "\n".join(lines) + "\n"
 
 
+def y_axis(summary: Sequence[dict]) -> tuple[str, float]:
+  """The plot's error axis (%): ("linear", top) when every seed is within 5x the typical
+  error, else ("symlog", linear threshold) so one diverged seed does not flatten the rest."""
+  errors = [100 * e for s in summary for e in s["test_top1_errors"]]
+  typical = max(float(np.median([100 * s["mean_test_top1_error"] for s in summary])), 0.1)
+  if max(errors) > 5 * typical:
+    return "symlog", typical
+  return "linear", 1.15 * max(errors)
+
+
 def plot(summary: Sequence[dict], path: str, title: str = ""):
   """``study.png``: test error (%) against parameters, mean +- std, a marker per family."""
   import matplotlib
@@ -407,8 +417,12 @@ def plot(summary: Sequence[dict], path: str, title: str = ""):
       color=bar[0].get_color(),
       marker=_MARKERS[s["family"]],
     )
-  ax.set_yscale("symlog", linthresh=1.0)  # one diverged seed does not flatten the rest
-  ax.set_ylim(bottom=0)
+  scale, value = y_axis(summary)
+  if scale == "symlog":
+    ax.set_yscale("symlog", linthresh=value)
+    ax.set_ylim(bottom=0)
+  else:
+    ax.set_ylim(0, value)
   ax.set_xlabel("parameters")
   ax.set_ylabel("test top-1 error (%): mean ± std, and each seed")
   if title:

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from experiments import study, train
@@ -274,3 +275,13 @@ def test_outputs_without_a_run_file_are_not_reused(tmp_path):
   ):
     study.plan_run(_tiny_config(), str(directory))
   assert study.plan_run(_tiny_config(), str(tmp_path / "new")) == (study.TRAIN, {}, None)
+
+
+def test_the_plot_axis_is_linear_unless_a_seed_diverged():
+  def row(*errors):
+    return {"test_top1_errors": errors, "mean_test_top1_error": float(np.mean(errors))}
+
+  # Every error under 1% (a symlog axis with threshold 1 showed a single tick here).
+  assert study.y_axis([row(0.0086), row(0.0069, 0.0071)]) == ("linear", pytest.approx(0.989))
+  scale, threshold = study.y_axis([row(0.0086), row(0.0069), row(0.3, 0.02)])
+  assert scale == "symlog" and threshold == pytest.approx(0.86)
